@@ -1,0 +1,474 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * redirect: send outbound TCP connect()s from a cgroup to a local proxy, and
+ * answer the proxy's SO_ORIGINAL_DST / IP6T_SO_ORIGINAL_DST as iptables
+ * REDIRECT would.
+ *
+ * connect4/6 record cookie -> original destination. A getsockopt program
+ * cannot read the cookie of the proxy's accepted socket (and that socket is
+ * not the client's), so sockops re-keys the record by the connection's
+ * 4-tuple once it is established, and getsockopt looks it up by its own
+ * 4-tuple. STATE_CB removes the record when the connection closes.
+ */
+#include "lib/common.h"
+#include "redirect.h"
+
+#define SOL_IP 0
+#define SOL_IPV6 41
+#define SO_ORIGINAL_DST 80 /* IP6T_SO_ORIGINAL_DST has the same number */
+#define PAGE_SIZE 4096
+
+/* Configuration, set by user space before load. */
+const volatile __u32 proxy_ip4;	   /* network order */
+const volatile __u32 proxy_ip6[4]; /* network order */
+const volatile __u16 proxy_port;   /* network order */
+const volatile __u32 proxy_mark;   /* 0: no mark check */
+const volatile __u32 proxy_tgid;   /* 0: no process check */
+const volatile __u32 excluded_uid;
+const volatile __u8 has_excluded_uid;
+const volatile __u8 include_v4_active;
+const volatile __u8 include_v6_active;
+const volatile __u8 emit_events;
+
+/* Destination ports (host order) whose connections are redirected. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 1024);
+	__type(key, __u16);
+	__type(value, __u8);
+} redirect_ports SEC(".maps");
+
+/* Destinations to redirect only (when include_v*_active) and never. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, 1024);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct cidr_v4_key);
+	__type(value, __u8);
+} include_v4 SEC(".maps"), exclude_v4 SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, 1024);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct cidr_v6_key);
+	__type(value, __u8);
+} include_v6 SEC(".maps"), exclude_v6 SEC(".maps");
+
+/* Socket cookie -> original destination, from connect until established
+ * (or closed). LRU: a connect() that fails before the kernel calls sockops
+ * leaves its entry to age out. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, __u64);
+	__type(value, struct endpoint);
+} orig_dst_by_cookie SEC(".maps");
+
+/* Connection 4-tuple (proxy side) -> original destination, while open. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct conn_tuple);
+	__type(value, struct endpoint);
+} orig_dst_by_tuple SEC(".maps");
+
+/* One record per redirect or bypass decision, when emit_events is set. */
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 256 * 1024);
+} events SEC(".maps");
+
+/* enum redirect_stat counters. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, STAT_COUNT);
+	__type(key, __u32);
+	__type(value, __u64);
+} stats SEC(".maps");
+
+/* Keep the shared types in BTF so that the skeleton generates them for Rust. */
+struct redirect_event unused_redirect_event __attribute__((unused));
+enum redirect_action unused_redirect_action __attribute__((unused));
+enum bypass_reason unused_bypass_reason __attribute__((unused));
+enum redirect_stat unused_redirect_stat __attribute__((unused));
+
+struct sockaddr_in_orig {
+	__u16 family;
+	__u16 port;
+	__u32 addr;
+	__u8 zero[8];
+};
+
+struct sockaddr_in6_orig {
+	__u16 family;
+	__u16 port;
+	__u32 flowinfo;
+	__u32 addr[4];
+	__u32 scope_id;
+};
+
+static __always_inline void emit(struct bpf_sock_addr *ctx, __u8 action, __u8 reason,
+				 const struct endpoint *original, const struct endpoint *target,
+				 __u64 cookie)
+{
+	struct redirect_event *event;
+	__u64 pid_tgid = bpf_get_current_pid_tgid();
+
+	if (!emit_events)
+		return;
+	event = bpf_ringbuf_reserve(&events, sizeof(*event), 0);
+	if (!event) {
+		stat_add(&stats, STAT_EVENTS_LOST, 1);
+		return;
+	}
+	event->timestamp_ns = bpf_ktime_get_ns();
+	event->cookie = cookie;
+	event->pid = pid_tgid >> 32;
+	event->uid = (__u32)bpf_get_current_uid_gid();
+	event->action = action;
+	event->reason = reason;
+	__builtin_memset(event->pad, 0, sizeof(event->pad));
+	bpf_get_current_comm(event->comm, sizeof(event->comm));
+	event->original = *original;
+	event->target = *target;
+	bpf_ringbuf_submit(event, 0);
+}
+
+static __always_inline int cidr_blocks(const struct endpoint *dst)
+{
+	if (dst->family == ADDR_FAMILY_INET) {
+		struct cidr_v4_key key = {.prefixlen = 32, .addr = dst->ip[0]};
+
+		if (bpf_map_lookup_elem(&exclude_v4, &key))
+			return REASON_EXCLUDED_CIDR;
+		if (include_v4_active && !bpf_map_lookup_elem(&include_v4, &key))
+			return REASON_NOT_INCLUDED;
+		return REASON_NONE;
+	}
+	struct cidr_v6_key key = {.prefixlen = 128};
+
+	__builtin_memcpy(key.addr, dst->ip, sizeof(key.addr));
+	if (bpf_map_lookup_elem(&exclude_v6, &key))
+		return REASON_EXCLUDED_CIDR;
+	if (include_v6_active && !bpf_map_lookup_elem(&include_v6, &key))
+		return REASON_NOT_INCLUDED;
+	return REASON_NONE;
+}
+
+/* The proxy endpoint for a destination of the given family. */
+static __always_inline void proxy_endpoint(struct endpoint *proxy, __u16 family)
+{
+	if (family == ADDR_FAMILY_INET) {
+		endpoint_set_v4(proxy, proxy_ip4, proxy_port);
+		return;
+	}
+	proxy->family = ADDR_FAMILY_INET6;
+	proxy->ip[0] = proxy_ip6[0];
+	proxy->ip[1] = proxy_ip6[1];
+	proxy->ip[2] = proxy_ip6[2];
+	proxy->ip[3] = proxy_ip6[3];
+	proxy->port = proxy_port;
+}
+
+static __always_inline int endpoint_equal(const struct endpoint *a, const struct endpoint *b)
+{
+	return a->family == b->family && a->port == b->port && a->ip[0] == b->ip[0] &&
+	       a->ip[1] == b->ip[1] && a->ip[2] == b->ip[2] && a->ip[3] == b->ip[3];
+}
+
+/* Fail open: with nothing listening on the proxy address the connection
+ * keeps its original destination instead of being refused. */
+static __always_inline int proxy_is_listening(struct bpf_sock_addr *ctx,
+					      const struct endpoint *proxy)
+{
+	struct bpf_sock_tuple tuple = {};
+	struct bpf_sock *sk;
+	__u32 tuple_size;
+
+	if (proxy->family == ADDR_FAMILY_INET) {
+		tuple.ipv4.daddr = proxy->ip[0];
+		tuple.ipv4.dport = proxy->port;
+		tuple_size = sizeof(tuple.ipv4);
+	} else {
+		__builtin_memcpy(tuple.ipv6.daddr, proxy->ip, sizeof(tuple.ipv6.daddr));
+		tuple.ipv6.dport = proxy->port;
+		tuple_size = sizeof(tuple.ipv6);
+	}
+	sk = bpf_sk_lookup_tcp(ctx, &tuple, tuple_size, BPF_F_CURRENT_NETNS, 0);
+	if (!sk)
+		return 0;
+	bpf_sk_release(sk);
+	return 1;
+}
+
+/* Who is connecting: the excluded user, the proxy itself, or a socket the
+ * proxy marked never go back to the proxy. */
+static __always_inline int caller_bypasses(struct bpf_sock_addr *ctx)
+{
+	struct bpf_sock *sk = ctx->sk;
+
+	if (has_excluded_uid && (__u32)bpf_get_current_uid_gid() == excluded_uid)
+		return REASON_EXCLUDED_USER;
+	if (proxy_tgid && bpf_get_current_pid_tgid() >> 32 == proxy_tgid)
+		return REASON_PROXY_PROCESS;
+	if (proxy_mark && sk && sk->mark == proxy_mark)
+		return REASON_PROXY_MARK;
+	return REASON_NONE;
+}
+
+/**
+ * decide() - redirect @original to @proxy, or say why not
+ *
+ * Returns REASON_NONE to redirect, or a bypass reason. Counts the decision.
+ */
+static __always_inline int decide(struct bpf_sock_addr *ctx, const struct endpoint *original,
+				  const struct endpoint *proxy, int is_loopback)
+{
+	int reason = caller_bypasses(ctx);
+
+	if (reason == REASON_NONE && is_loopback)
+		reason = REASON_LOOPBACK;
+	if (reason == REASON_NONE && endpoint_equal(original, proxy))
+		reason = REASON_PROXY_ADDRESS;
+	if (reason == REASON_NONE)
+		reason = cidr_blocks(original);
+	if (reason == REASON_NONE && !proxy_is_listening(ctx, proxy))
+		reason = REASON_NO_PROXY;
+	return reason;
+}
+
+static __always_inline int port_matches(__u16 port_net)
+{
+	__u16 port = bpf_ntohs(port_net);
+
+	return bpf_map_lookup_elem(&redirect_ports, &port) != NULL;
+}
+
+/**
+ * handle_connect() - common part of connect4 and connect6
+ *
+ * Returns 1 when the caller must rewrite the destination to @proxy.
+ */
+static __always_inline int handle_connect(struct bpf_sock_addr *ctx,
+					  const struct endpoint *original,
+					  const struct endpoint *proxy, int is_loopback)
+{
+	__u64 cookie;
+	int reason;
+
+	stat_add(&stats, STAT_TCP_CONNECTS, 1);
+	if (!port_matches(original->port)) {
+		stat_add(&stats, STAT_OTHER_PORT, 1);
+		return 0;
+	}
+	cookie = bpf_get_socket_cookie(ctx);
+	reason = decide(ctx, original, proxy, is_loopback);
+	if (reason != REASON_NONE) {
+		stat_add(&stats, STAT_BYPASSED + reason, 1);
+		emit(ctx, ACTION_BYPASS, reason, original, original, cookie);
+		return 0;
+	}
+	bpf_map_update_elem(&orig_dst_by_cookie, &cookie, original, BPF_ANY);
+	stat_add(&stats, STAT_REDIRECTED, 1);
+	emit(ctx, ACTION_REDIRECT, REASON_NONE, original, proxy, cookie);
+	return 1;
+}
+
+SEC("cgroup/connect4")
+int redirect_connect4(struct bpf_sock_addr *ctx)
+{
+	struct endpoint original, proxy;
+
+	if (ctx->type != SOCK_STREAM)
+		return SYS_PROCEED;
+	endpoint_set_v4(&original, ctx->user_ip4, (__u16)ctx->user_port);
+	proxy_endpoint(&proxy, ADDR_FAMILY_INET);
+	if (handle_connect(ctx, &original, &proxy, ipv4_is_loopback(original.ip[0]))) {
+		ctx->user_ip4 = proxy.ip[0];
+		ctx->user_port = proxy.port;
+	}
+	return SYS_PROCEED;
+}
+
+SEC("cgroup/connect6")
+int redirect_connect6(struct bpf_sock_addr *ctx)
+{
+	struct endpoint original, proxy;
+	__u32 ip[4];
+	int is_loopback;
+
+	if (ctx->type != SOCK_STREAM)
+		return SYS_PROCEED;
+	/* user_ip6 only allows 4-byte loads, one word at a time. */
+	ip[0] = ctx->user_ip6[0];
+	ip[1] = ctx->user_ip6[1];
+	ip[2] = ctx->user_ip6[2];
+	ip[3] = ctx->user_ip6[3];
+	/* A dual-stack socket connecting to ::ffff:a.b.c.d speaks IPv4: it is
+	 * matched, recorded and redirected as IPv4, to the IPv4 proxy. */
+	endpoint_set_v6(&original, ip, (__u16)ctx->user_port);
+	proxy_endpoint(&proxy, original.family);
+	if (original.family == ADDR_FAMILY_INET)
+		is_loopback = ipv4_is_loopback(original.ip[0]);
+	else
+		is_loopback = ipv6_is_loopback(original.ip);
+	if (!handle_connect(ctx, &original, &proxy, is_loopback))
+		return SYS_PROCEED;
+	if (proxy.family == ADDR_FAMILY_INET) {
+		ctx->user_ip6[0] = 0;
+		ctx->user_ip6[1] = 0;
+		ctx->user_ip6[2] = bpf_htonl(0x0000ffff);
+		ctx->user_ip6[3] = proxy.ip[0];
+	} else {
+		ctx->user_ip6[0] = proxy.ip[0];
+		ctx->user_ip6[1] = proxy.ip[1];
+		ctx->user_ip6[2] = proxy.ip[2];
+		ctx->user_ip6[3] = proxy.ip[3];
+	}
+	ctx->user_port = proxy.port;
+	return SYS_PROCEED;
+}
+
+/* The client's connection as the proxy's accepted socket will see it: the
+ * client's remote end is the proxy's local end. */
+static __always_inline void tuple_from_client(struct bpf_sock_ops *skops, struct conn_tuple *key)
+{
+	/* remote_port holds the network-order port in its upper 16 bits;
+	 * bpf_ntohl() yields it in host order on either endianness. */
+	__u16 remote_port = bpf_htons((__u16)bpf_ntohl(skops->remote_port));
+	__u16 local_port = bpf_htons((__u16)skops->local_port);
+
+	if (skops->family == ADDR_FAMILY_INET) {
+		endpoint_set_v4(&key->local, skops->remote_ip4, remote_port);
+		endpoint_set_v4(&key->peer, skops->local_ip4, local_port);
+		return;
+	}
+	__u32 remote[4] = {skops->remote_ip6[0], skops->remote_ip6[1], skops->remote_ip6[2],
+			   skops->remote_ip6[3]};
+	__u32 local[4] = {skops->local_ip6[0], skops->local_ip6[1], skops->local_ip6[2],
+			  skops->local_ip6[3]};
+
+	endpoint_set_v6(&key->local, remote, remote_port);
+	endpoint_set_v6(&key->peer, local, local_port);
+}
+
+SEC("sockops")
+int redirect_sockops(struct bpf_sock_ops *skops)
+{
+	struct conn_tuple key = {};
+	struct endpoint *original;
+	__u64 cookie;
+
+	switch (skops->op) {
+	case BPF_SOCK_OPS_TCP_CONNECT_CB:
+		/* Ask for state changes on redirected sockets only, so that a
+		 * connect() that fails still removes its cookie record. */
+		cookie = bpf_get_socket_cookie(skops);
+		if (bpf_map_lookup_elem(&orig_dst_by_cookie, &cookie))
+			bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags |
+								 BPF_SOCK_OPS_STATE_CB_FLAG);
+		break;
+	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB:
+		cookie = bpf_get_socket_cookie(skops);
+		original = bpf_map_lookup_elem(&orig_dst_by_cookie, &cookie);
+		if (!original)
+			break;
+		tuple_from_client(skops, &key);
+		bpf_map_update_elem(&orig_dst_by_tuple, &key, original, BPF_ANY);
+		bpf_map_delete_elem(&orig_dst_by_cookie, &cookie);
+		stat_add(&stats, STAT_ORIG_DST_REKEYED, 1);
+		break;
+	case BPF_SOCK_OPS_STATE_CB:
+		if (skops->args[1] != BPF_TCP_CLOSE)
+			break;
+		cookie = bpf_get_socket_cookie(skops);
+		bpf_map_delete_elem(&orig_dst_by_cookie, &cookie);
+		tuple_from_client(skops, &key);
+		if (bpf_map_delete_elem(&orig_dst_by_tuple, &key) == 0)
+			stat_add(&stats, STAT_ORIG_DST_REMOVED, 1);
+		break;
+	}
+	return 1;
+}
+
+/* The proxy's accepted socket: local = proxy, peer = client. */
+static __always_inline void tuple_from_accepted(struct bpf_sock *sk, struct conn_tuple *key)
+{
+	__u16 local_port = bpf_htons((__u16)sk->src_port);
+	__u16 peer_port = sk->dst_port;
+
+	if (sk->family == ADDR_FAMILY_INET) {
+		endpoint_set_v4(&key->local, sk->src_ip4, local_port);
+		endpoint_set_v4(&key->peer, sk->dst_ip4, peer_port);
+		return;
+	}
+	__u32 local[4] = {sk->src_ip6[0], sk->src_ip6[1], sk->src_ip6[2], sk->src_ip6[3]};
+	__u32 peer[4] = {sk->dst_ip6[0], sk->dst_ip6[1], sk->dst_ip6[2], sk->dst_ip6[3]};
+
+	endpoint_set_v6(&key->local, local, local_port);
+	endpoint_set_v6(&key->peer, peer, peer_port);
+}
+
+/* Writes the answer; returns 0 when the caller's buffer cannot hold it. */
+static __always_inline int answer_orig_dst(struct bpf_sockopt *ctx, const struct endpoint *orig)
+{
+	void *optval = ctx->optval;
+	void *optval_end = ctx->optval_end;
+
+	if (ctx->level == SOL_IP) {
+		struct sockaddr_in_orig *sin = optval;
+
+		if (orig->family != ADDR_FAMILY_INET || (void *)(sin + 1) > optval_end)
+			return 0;
+		sin->family = ADDR_FAMILY_INET;
+		sin->port = orig->port;
+		sin->addr = orig->ip[0];
+		__builtin_memset(sin->zero, 0, sizeof(sin->zero));
+		ctx->optlen = sizeof(*sin);
+		return 1;
+	}
+	struct sockaddr_in6_orig *sin6 = optval;
+
+	if (orig->family != ADDR_FAMILY_INET6 || (void *)(sin6 + 1) > optval_end)
+		return 0;
+	sin6->family = ADDR_FAMILY_INET6;
+	sin6->port = orig->port;
+	sin6->flowinfo = 0;
+	__builtin_memcpy(sin6->addr, orig->ip, sizeof(sin6->addr));
+	sin6->scope_id = 0;
+	ctx->optlen = sizeof(*sin6);
+	return 1;
+}
+
+SEC("cgroup/getsockopt")
+int redirect_getsockopt(struct bpf_sockopt *ctx)
+{
+	struct conn_tuple key = {};
+	struct endpoint *original;
+	struct bpf_sock *sk;
+
+	/* The program sees only the first page of a larger buffer; optlen = 0
+	 * tells the kernel to keep its own answer (iptables-save needs this). */
+	if (ctx->optlen > PAGE_SIZE) {
+		ctx->optlen = 0;
+		return 1;
+	}
+	if (ctx->optname != SO_ORIGINAL_DST || (ctx->level != SOL_IP && ctx->level != SOL_IPV6))
+		return 1;
+	sk = ctx->sk;
+	if (!sk)
+		return 1;
+	tuple_from_accepted(sk, &key);
+	original = bpf_map_lookup_elem(&orig_dst_by_tuple, &key);
+	if (!original || !answer_orig_dst(ctx, original))
+		return 1;
+	/* Separate 32-bit stores: clang would otherwise merge optlen and
+	 * retval into one 64-bit store, which the verifier rejects. */
+	barrier();
+	ctx->retval = 0;
+	stat_add(&stats, STAT_ORIG_DST_ANSWERED, 1);
+	return 1;
+}
+
+char LICENSE[] SEC("license") = "GPL";

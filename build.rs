@@ -1,0 +1,44 @@
+//! Compiles every `bpf/*.bpf.c` into a BPF object and a Rust skeleton in
+//! `OUT_DIR/<name>.skel.rs`.
+
+use std::env;
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use libbpf_cargo::SkeletonBuilder;
+
+fn main() {
+    let out_dir = PathBuf::from(env::var_os("OUT_DIR").expect("OUT_DIR is set by cargo"));
+    let arch = env::var("CARGO_CFG_TARGET_ARCH").expect("CARGO_CFG_TARGET_ARCH is set by cargo");
+    // The UAPI headers include <asm/types.h>, which Debian keeps under the
+    // multiarch directory; clang -target bpf does not look there by itself.
+    let multiarch = format!("/usr/include/{arch}-linux-gnu");
+
+    println!("cargo:rerun-if-changed=include");
+    println!("cargo:rerun-if-changed=bpf/lib");
+    for entry in fs::read_dir("bpf").expect("bpf/ directory") {
+        let path = entry.expect("readable bpf/ entry").path();
+        let Some(name) = bpf_program_name(&path) else {
+            continue;
+        };
+        println!("cargo:rerun-if-changed={}", path.display());
+        SkeletonBuilder::new()
+            .source(&path)
+            .clang_args([
+                "-Wall",
+                "-Werror",
+                "-Iinclude",
+                "-Ibpf",
+                "-I",
+                multiarch.as_str(),
+            ])
+            .build_and_generate(out_dir.join(format!("{name}.skel.rs")))
+            .unwrap_or_else(|err| panic!("building {}: {err:#}", path.display()));
+    }
+}
+
+/// `bpf/port_nat.bpf.c` -> `Some("port_nat")`; anything else -> `None`.
+fn bpf_program_name(path: &Path) -> Option<String> {
+    let file = path.file_name()?.to_str()?;
+    file.strip_suffix(".bpf.c").map(str::to_owned)
+}

@@ -1,0 +1,18 @@
+//! proxy-redirect: transparent TCP steering with eBPF.
+//!
+//! One module per subcommand (`redirect`, `proxy`, `demo`), on top of shared
+//! modules for cgroups, privileges, BPF links, maps, events and output.
+
+pub mod bpf;
+pub mod cgroup;
+pub mod cli;
+pub mod demo;
+pub mod events;
+pub mod links;
+pub mod maps;
+pub mod netns;
+pub mod privileges;
+pub mod proxy;
+pub mod redirect;
+pub mod shutdown;
+pub mod sockopt;

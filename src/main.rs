@@ -1,0 +1,67 @@
+//! The `proxy-redirect` command line: parse, dispatch, report errors in one line.
+
+use std::io::IsTerminal;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use proxy_redirect::{demo, proxy, redirect};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "proxy-redirect",
+    version,
+    about = "Steer TCP traffic transparently with eBPF: no iptables, no change to the applications",
+    long_about = None,
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Send outbound TCP connections of a cgroup to a local proxy (cgroup connect4/6)
+    Redirect(redirect::RedirectArgs),
+    /// Run the built-in transparent proxy alone (works behind iptables REDIRECT too)
+    Proxy(proxy::ProxyArgs),
+    /// Show `redirect` end to end in private namespaces and a child cgroup, then clean up
+    Demo(demo::DemoArgs),
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(err) if !err.use_stderr() => {
+            // --help and --version
+            let _ = err.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(err) => {
+            // clap's first line says what is wrong; the usage lines after it
+            // are what --help is for.
+            let rendered = err.render().to_string();
+            eprintln!("{}", rendered.lines().next().unwrap_or("invalid arguments"));
+            return ExitCode::from(2);
+        }
+    };
+    let result = match &cli.command {
+        Command::Redirect(args) => redirect::run(args),
+        Command::Proxy(args) => proxy::run(args),
+        Command::Demo(args) => demo::run(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,46 @@
+//! Typed access to BPF maps for `Plain` keys and values.
+
+use anyhow::{Context, Result};
+use libbpf_rs::{MapCore, MapFlags};
+use plain::Plain;
+
+pub fn update<K: Plain, V: Plain>(map: &dyn MapCore, key: &K, value: &V) -> Result<()> {
+    // SAFETY: Plain types are plain old data with no padding surprises.
+    let (key, value) = unsafe { (plain::as_bytes(key), plain::as_bytes(value)) };
+    map.update(key, value, MapFlags::ANY)
+        .with_context(|| format!("updating map {}", map.name().to_string_lossy()))
+}
+
+/// Every entry of a hash map (a snapshot; entries may change meanwhile).
+pub fn entries<K: Plain + Copy, V: Plain + Copy>(map: &dyn MapCore) -> Result<Vec<(K, V)>> {
+    let mut out = Vec::new();
+    for key_bytes in map.keys() {
+        let Some(value_bytes) = map.lookup(&key_bytes, MapFlags::ANY)? else {
+            continue; // deleted since the key was listed
+        };
+        let key = *plain::from_bytes::<K>(&key_bytes)
+            .ok()
+            .context("key size")?;
+        let value = *plain::from_bytes::<V>(&value_bytes)
+            .ok()
+            .context("value size")?;
+        out.push((key, value));
+    }
+    Ok(out)
+}
+
+/// Sums a per-CPU array of u64 counters across CPUs, one sum per index.
+pub fn percpu_sums(map: &dyn MapCore, count: u32) -> Result<Vec<u64>> {
+    (0..count)
+        .map(|index| {
+            let per_cpu = map
+                .lookup_percpu(&index.to_ne_bytes(), MapFlags::ANY)?
+                .unwrap_or_default();
+            Ok(per_cpu
+                .iter()
+                .filter_map(|bytes| bytes.get(..8))
+                .map(|b| u64::from_ne_bytes(b.try_into().expect("8 bytes")))
+                .sum())
+        })
+        .collect()
+}

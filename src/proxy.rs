@@ -1,0 +1,498 @@
+//! The built-in transparent relay (`proxy-redirect proxy`, and the default
+//! proxy of `redirect`).
+//!
+//! Architecture: one tokio event loop with a worker per core holds every
+//! connection as a task; each direction moves its bytes with splice(2)
+//! through a pipe, so the payload passes between the two sockets as page
+//! references and is never copied through user space. This is what lets a
+//! two-thread relay keep up with HAProxy's `splice-auto` in BENCHMARKS.md.
+//! Memory per connection is bounded: two pipes of `PIPE_SIZE`.
+//!
+//! A socket in a sockmap (`bypass`) hands its data to recvmsg but not to
+//! splice: when a readable socket gives splice nothing while recv(MSG_PEEK)
+//! sees data, that direction falls back to copying through a buffer.
+
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use nix::sys::socket::{
+    self as nixsock, sockopt, AddressFamily, SockFlag, SockType, SockaddrStorage,
+};
+use tokio::io::Interest;
+use tokio::net::{TcpSocket, TcpStream};
+use tracing::{debug, warn};
+
+use crate::sockopt::{original_destination, set_mark};
+use crate::{cli, shutdown};
+
+/// Bytes a pipe (one per direction) may hold; also the largest splice.
+const PIPE_SIZE: usize = 256 * 1024;
+/// Buffer of a direction that had to fall back from splice to copying.
+const COPY_BUFFER: usize = 64 * 1024;
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Marks the proxy's upstream sockets so `redirect` never sends them back.
+pub const DEFAULT_MARK: u32 = 0x5052;
+
+#[derive(Args, Debug, Clone)]
+pub struct ProxyArgs {
+    /// Address to listen on (repeat for several)
+    #[arg(short, long = "listen", value_name = "ADDR:PORT",
+          default_values_t = default_listen_addrs(15001))]
+    pub listen: Vec<SocketAddr>,
+    /// Mark (SO_MARK) of upstream connections, which `redirect` never redirects
+    #[arg(long, default_value = "0x5052", value_parser = cli::parse_mark)]
+    pub mark: u32,
+}
+
+pub fn default_listen_addrs(port: u16) -> Vec<SocketAddr> {
+    vec![
+        SocketAddr::new(IpAddr::from([127, 0, 0, 1]), port),
+        SocketAddr::new(IpAddr::from(std::net::Ipv6Addr::LOCALHOST), port),
+    ]
+}
+
+/// Where a relayed connection's real destination comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DestinationSource {
+    /// `SO_ORIGINAL_DST` / `IP6T_SO_ORIGINAL_DST` (iptables REDIRECT, `redirect`).
+    OriginalDstOption,
+    /// The accepted socket's own local address (TPROXY, `tproxy`).
+    LocalAddress,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct ProxyConfig {
+    pub mark: u32,
+    pub destination: DestinationSource,
+    /// Listen with IP_TRANSPARENT (needed for TPROXY-style delivery).
+    pub transparent: bool,
+}
+
+/// Counters of a running proxy.
+#[derive(Debug, Default)]
+pub struct ProxyStats {
+    pub accepted: AtomicU64,
+    pub refused: AtomicU64,
+    pub upstream_failed: AtomicU64,
+    pub relayed: AtomicU64,
+    pub relay_errors: AtomicU64,
+    pub bytes_upstream: AtomicU64,
+    pub bytes_downstream: AtomicU64,
+    pub copy_fallbacks: AtomicU64,
+}
+
+impl ProxyStats {
+    pub fn print(&self) {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        println!("=== Proxy ===");
+        println!("  connections accepted:   {}", get(&self.accepted));
+        println!("  relayed to the end:     {}", get(&self.relayed));
+        println!(
+            "  refused (no original destination or a loop): {}",
+            get(&self.refused)
+        );
+        println!("  upstream connect failed: {}", get(&self.upstream_failed));
+        println!("  relay errors:           {}", get(&self.relay_errors));
+        println!("  bytes client->upstream: {}", get(&self.bytes_upstream));
+        println!("  bytes upstream->client: {}", get(&self.bytes_downstream));
+        println!("  splice->copy fallbacks: {}", get(&self.copy_fallbacks));
+    }
+}
+
+/// Listening sockets, bound before anything is attached so that an occupied
+/// port fails early and leaves nothing behind.
+pub struct BoundProxy {
+    listeners: Vec<std::net::TcpListener>,
+    config: ProxyConfig,
+}
+
+impl BoundProxy {
+    pub fn bind(addrs: &[SocketAddr], config: ProxyConfig) -> Result<Self> {
+        let listeners = addrs
+            .iter()
+            .map(|addr| listen(*addr, config.transparent))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self { listeners, config })
+    }
+
+    pub fn local_addrs(&self) -> Vec<SocketAddr> {
+        self.listeners
+            .iter()
+            .filter_map(|l| l.local_addr().ok())
+            .collect()
+    }
+
+    /// Starts relaying on a runtime of its own; it stops when the returned
+    /// handle is dropped.
+    pub fn start(self) -> Result<RunningProxy> {
+        raise_open_file_limit();
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(std::thread::available_parallelism().map_or(2, |n| n.get()))
+            .thread_name("proxy")
+            .enable_all()
+            .build()
+            .context("starting the proxy runtime")?;
+        let stats = Arc::new(ProxyStats::default());
+        let shared = Arc::new(Shared {
+            config: self.config,
+            listen_addrs: self.local_addrs(),
+            stats: stats.clone(),
+        });
+        for listener in self.listeners {
+            listener.set_nonblocking(true)?;
+            let shared = shared.clone();
+            let _guard = runtime.enter();
+            let listener = tokio::net::TcpListener::from_std(listener)?;
+            runtime.spawn(accept_loop(listener, shared));
+        }
+        Ok(RunningProxy {
+            runtime: Some(runtime),
+            stats,
+        })
+    }
+}
+
+pub struct RunningProxy {
+    runtime: Option<tokio::runtime::Runtime>,
+    pub stats: Arc<ProxyStats>,
+}
+
+impl Drop for RunningProxy {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_timeout(Duration::from_secs(1));
+        }
+    }
+}
+
+/// `proxy-redirect proxy`: relay until SIGINT/SIGTERM, then print counters.
+pub fn run(args: &ProxyArgs) -> Result<()> {
+    let config = ProxyConfig {
+        mark: args.mark,
+        destination: DestinationSource::OriginalDstOption,
+        transparent: false,
+    };
+    let bound = BoundProxy::bind(&args.listen, config)?;
+    shutdown::install()?;
+    let addrs: Vec<String> = bound.local_addrs().iter().map(|a| a.to_string()).collect();
+    println!(
+        "Proxy listening on {} (upstream mark {:#x})",
+        addrs.join(", "),
+        args.mark
+    );
+    let proxy = bound.start()?;
+    while !shutdown::requested() {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    proxy.stats.print();
+    drop(proxy);
+    println!("Cleaned up");
+    Ok(())
+}
+
+fn listen(addr: SocketAddr, transparent: bool) -> Result<std::net::TcpListener> {
+    let family = match addr {
+        SocketAddr::V4(_) => AddressFamily::Inet,
+        SocketAddr::V6(_) => AddressFamily::Inet6,
+    };
+    let fd = nixsock::socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)
+        .with_context(|| format!("creating a socket for {addr}"))?;
+    nixsock::setsockopt(&fd, sockopt::ReuseAddr, &true)?;
+    if addr.is_ipv6() {
+        nixsock::setsockopt(&fd, sockopt::Ipv6V6Only, &true)?;
+    }
+    if transparent {
+        nixsock::setsockopt(&fd, sockopt::IpTransparent, &true)
+            .context("setting IP_TRANSPARENT on the proxy socket")?;
+    }
+    nixsock::bind(fd.as_raw_fd(), &SockaddrStorage::from(addr)).map_err(|errno| match errno {
+        nix::errno::Errno::EADDRINUSE => {
+            anyhow::anyhow!("proxy address {addr} is already in use (another proxy running? pick another with -p)")
+        }
+        nix::errno::Errno::EADDRNOTAVAIL => {
+            anyhow::anyhow!("proxy address {addr} is not an address of this host")
+        }
+        other => anyhow::anyhow!("binding the proxy to {addr}: {other}"),
+    })?;
+    nixsock::listen(&fd, nixsock::Backlog::MAXCONN)
+        .with_context(|| format!("listening on {addr}"))?;
+    Ok(std::net::TcpListener::from(fd))
+}
+
+/// Thousands of connections need more than the usual 1024 descriptors (each
+/// connection holds two sockets and two pipes).
+fn raise_open_file_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+    }
+}
+
+struct Shared {
+    config: ProxyConfig,
+    listen_addrs: Vec<SocketAddr>,
+    stats: Arc<ProxyStats>,
+}
+
+async fn accept_loop(listener: tokio::net::TcpListener, shared: Arc<Shared>) {
+    loop {
+        match listener.accept().await {
+            Ok((client, peer)) => {
+                shared.stats.accepted.fetch_add(1, Ordering::Relaxed);
+                tokio::spawn(serve(client, peer, shared.clone()));
+            }
+            Err(err) => {
+                // EMFILE and friends: back off instead of spinning.
+                warn!("proxy accept failed: {err}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+async fn serve(client: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
+    let stats = &shared.stats;
+    let Some(destination) = destination_of(&client, &shared) else {
+        stats.refused.fetch_add(1, Ordering::Relaxed);
+        return;
+    };
+    let upstream = match connect_upstream(destination, shared.config.mark).await {
+        Ok(upstream) => upstream,
+        Err(err) => {
+            debug!("{peer} -> {destination}: upstream connect failed: {err}");
+            stats.upstream_failed.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+    };
+    let _ = client.set_nodelay(true);
+    match relay(&client, &upstream, stats).await {
+        Ok(()) => stats.relayed.fetch_add(1, Ordering::Relaxed),
+        Err(err) => {
+            debug!("{peer} -> {destination}: relay ended: {err}");
+            stats.relay_errors.fetch_add(1, Ordering::Relaxed)
+        }
+    };
+}
+
+/// The real destination, or `None` (logged) when relaying would make the
+/// proxy an open relay or a loop.
+fn destination_of(client: &TcpStream, shared: &Shared) -> Option<SocketAddr> {
+    let local = client.local_addr().ok()?;
+    let peer = client.peer_addr().ok()?;
+    let destination = match shared.config.destination {
+        DestinationSource::LocalAddress => Some(local),
+        DestinationSource::OriginalDstOption => {
+            match original_destination(client.as_raw_fd(), local) {
+                Ok(found) => found,
+                Err(err) => {
+                    warn!("refused {peer}: reading its original destination failed: {err}");
+                    return None;
+                }
+            }
+        }
+    };
+    match destination {
+        None => {
+            warn!("refused {peer}: no original destination (a direct connection to the proxy)");
+            None
+        }
+        Some(dst) if shared.listen_addrs.contains(&dst) || is_same_endpoint(dst, local) => {
+            warn!("refused {peer}: its original destination {dst} is the proxy itself");
+            None
+        }
+        Some(dst) => Some(dst),
+    }
+}
+
+fn is_same_endpoint(a: SocketAddr, b: SocketAddr) -> bool {
+    let canonical = |s: SocketAddr| (s.ip().to_canonical(), s.port());
+    canonical(a) == canonical(b)
+}
+
+async fn connect_upstream(destination: SocketAddr, mark: u32) -> io::Result<TcpStream> {
+    let socket = match destination {
+        SocketAddr::V4(_) => TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => TcpSocket::new_v6()?,
+    };
+    if mark != 0 {
+        set_mark(socket.as_raw_fd(), mark)?;
+    }
+    let stream = tokio::time::timeout(CONNECT_TIMEOUT, socket.connect(destination))
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
+    stream.set_nodelay(true)?;
+    Ok(stream)
+}
+
+/// Relays both directions until both have ended; a half-close is passed on
+/// as `shutdown(SHUT_WR)`. An error in either direction ends both (the
+/// sockets close when the caller drops them).
+async fn relay(client: &TcpStream, upstream: &TcpStream, stats: &ProxyStats) -> io::Result<()> {
+    tokio::try_join!(
+        pump(client, upstream, &stats.bytes_upstream, stats),
+        pump(upstream, client, &stats.bytes_downstream, stats),
+    )?;
+    Ok(())
+}
+
+async fn pump(
+    src: &TcpStream,
+    dst: &TcpStream,
+    counter: &AtomicU64,
+    stats: &ProxyStats,
+) -> io::Result<()> {
+    let pipe = Pipe::new()?;
+    loop {
+        let filled = match fill_pipe(src, &pipe).await? {
+            Fill::Bytes(n) => n,
+            Fill::Eof => break,
+            Fill::Unspliceable => {
+                stats.copy_fallbacks.fetch_add(1, Ordering::Relaxed);
+                copy(src, dst, counter).await?;
+                break;
+            }
+        };
+        let mut left = filled;
+        while left > 0 {
+            dst.writable().await?;
+            match dst.try_io(Interest::WRITABLE, || {
+                splice(pipe.read.as_raw_fd(), dst.as_raw_fd(), left)
+            }) {
+                Ok(n) => left -= n,
+                Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
+                Err(err) => return Err(err),
+            }
+        }
+        counter.fetch_add(filled as u64, Ordering::Relaxed);
+    }
+    shutdown_write(dst);
+    Ok(())
+}
+
+enum Fill {
+    Bytes(usize),
+    Eof,
+    Unspliceable,
+}
+
+async fn fill_pipe(src: &TcpStream, pipe: &Pipe) -> io::Result<Fill> {
+    let write_end = pipe.write.as_raw_fd();
+    loop {
+        src.readable().await?;
+        match src.try_io(Interest::READABLE, || {
+            splice(src.as_raw_fd(), write_end, PIPE_SIZE)
+        }) {
+            Ok(0) => return Ok(Fill::Eof),
+            Ok(n) => return Ok(Fill::Bytes(n)),
+            Err(err) if err.kind() == io::ErrorKind::WouldBlock => {
+                if !has_data_to_recv(src.as_raw_fd()) {
+                    continue;
+                }
+                // Data may simply have arrived after splice looked: splice
+                // once more before deciding that it cannot see the data.
+                match splice(src.as_raw_fd(), write_end, PIPE_SIZE) {
+                    Ok(0) => return Ok(Fill::Eof),
+                    Ok(n) => return Ok(Fill::Bytes(n)),
+                    Err(err) if err.kind() == io::ErrorKind::WouldBlock => {
+                        return Ok(Fill::Unspliceable)
+                    }
+                    Err(err) => return Err(err),
+                }
+            }
+            Err(err) => return Err(err),
+        }
+    }
+}
+
+fn has_data_to_recv(fd: RawFd) -> bool {
+    let mut byte = 0u8;
+    // SAFETY: a one-byte buffer that outlives the call.
+    let n = unsafe {
+        libc::recv(
+            fd,
+            (&mut byte as *mut u8).cast(),
+            1,
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    n > 0
+}
+
+/// The fallback for sockets splice cannot read: plain recv/send.
+async fn copy(src: &TcpStream, dst: &TcpStream, counter: &AtomicU64) -> io::Result<()> {
+    let mut buffer = vec![0u8; COPY_BUFFER];
+    loop {
+        src.readable().await?;
+        let n = match src.try_read(&mut buffer) {
+            Ok(0) => return Ok(()),
+            Ok(n) => n,
+            Err(err) if err.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(err) => return Err(err),
+        };
+        let mut written = 0;
+        while written < n {
+            dst.writable().await?;
+            match dst.try_write(&buffer[written..n]) {
+                Ok(m) => written += m,
+                Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
+                Err(err) => return Err(err),
+            }
+        }
+        counter.fetch_add(n as u64, Ordering::Relaxed);
+    }
+}
+
+fn shutdown_write(stream: &TcpStream) {
+    // SAFETY: the descriptor is owned by stream, alive for the call.
+    unsafe { libc::shutdown(stream.as_raw_fd(), libc::SHUT_WR) };
+}
+
+struct Pipe {
+    read: OwnedFd,
+    write: OwnedFd,
+}
+
+impl Pipe {
+    fn new() -> io::Result<Self> {
+        let mut fds = [0; 2];
+        // SAFETY: fds has room for the two descriptors pipe2 returns.
+        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: pipe2 just returned these descriptors; we own them.
+        let pipe = unsafe {
+            Pipe {
+                read: OwnedFd::from_raw_fd(fds[0]),
+                write: OwnedFd::from_raw_fd(fds[1]),
+            }
+        };
+        // Larger pipes mean fewer splices; the default (64 KiB) still works.
+        // SAFETY: fcntl on a descriptor we own.
+        unsafe { libc::fcntl(fds[1], libc::F_SETPIPE_SZ, PIPE_SIZE as libc::c_int) };
+        Ok(pipe)
+    }
+}
+
+fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
+    // SAFETY: plain descriptors, null offsets (both are sockets or pipes).
+    let n = unsafe {
+        libc::splice(
+            from,
+            std::ptr::null_mut(),
+            to,
+            std::ptr::null_mut(),
+            len,
+            libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK,
+        )
+    };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(n as usize)
+}

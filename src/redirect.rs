@@ -1,0 +1,408 @@
+//! `proxy-redirect redirect`: cgroup connect4/connect6 send outbound TCP
+//! connections to a local proxy; sockops and cgroup getsockopt let the proxy
+//! read the original destination with `SO_ORIGINAL_DST`.
+
+use std::mem::MaybeUninit;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use libbpf_rs::skel::{OpenSkel, SkelBuilder};
+use libbpf_rs::MapCore;
+
+use crate::bpf::redirect::types::{
+    bypass_reason, cidr_v4_key, cidr_v6_key, conn_tuple, endpoint, redirect_action, redirect_event,
+    redirect_stat,
+};
+use crate::bpf::redirect::{RedirectSkel, RedirectSkelBuilder};
+use crate::cgroup::{self, CgroupFd};
+use crate::cli::{self, Cidr, EventFormat, OutputArgs, PortList};
+use crate::events::{self, comm_to_string};
+use crate::links::Attachments;
+use crate::proxy::{BoundProxy, DestinationSource, ProxyConfig};
+use crate::{maps, privileges, shutdown};
+
+// SAFETY: generated from include/*.h: fixed-width integers with explicit padding.
+unsafe impl plain::Plain for redirect_event {}
+unsafe impl plain::Plain for endpoint {}
+unsafe impl plain::Plain for conn_tuple {}
+unsafe impl plain::Plain for cidr_v4_key {}
+unsafe impl plain::Plain for cidr_v6_key {}
+
+#[derive(Args, Debug, Clone)]
+#[command(after_help = "\
+Examples:
+  # Send a container's web traffic to Envoy on 127.0.0.1:15001
+  proxy-redirect redirect -c system.slice/app.service --no-proxy -v
+  # Built-in proxy, skip the proxy's own user and the internal network
+  proxy-redirect redirect -c app -P 80,443,8080 -u proxyuser --exclude 10.0.0.0/8
+
+The proxy reads each connection's original destination with
+getsockopt(SOL_IP, SO_ORIGINAL_DST) or getsockopt(SOL_IPV6, IP6T_SO_ORIGINAL_DST),
+exactly as after iptables REDIRECT. Nothing stays attached after exit.")]
+pub struct RedirectArgs {
+    /// cgroup whose connections are redirected: absolute, or relative to the
+    /// cgroup2 mount [default: the cgroup2 root, i.e. the whole host]
+    #[arg(short, long, value_name = "CGROUP")]
+    pub cgroup: Option<PathBuf>,
+    /// cgroup where the proxy's SO_ORIGINAL_DST calls are answered; it must
+    /// contain the proxy [default: the cgroup2 root]
+    #[arg(long, value_name = "CGROUP")]
+    pub sockopt_cgroup: Option<PathBuf>,
+    /// Destination ports to redirect, comma-separated
+    #[arg(short = 'P', long, value_name = "PORTS", default_value = "80,443",
+          value_parser = cli::parse_port_list)]
+    pub ports: PortList,
+    /// Proxy address; give it twice for one IPv4 and one IPv6 address
+    /// [default: 127.0.0.1 and ::1]
+    #[arg(short = 'i', long = "proxy-ip", value_name = "IP")]
+    pub proxy_ips: Vec<IpAddr>,
+    /// Proxy port
+    #[arg(short = 'p', long, value_name = "PORT", default_value = "15001",
+          value_parser = cli::parse_port)]
+    pub proxy_port: u16,
+    /// User (name or uid) whose connections are never redirected
+    #[arg(short = 'u', long = "exclude-user", value_name = "USER")]
+    pub exclude_user: Option<String>,
+    /// Redirect only destinations in these networks (repeatable)
+    #[arg(long = "include", value_name = "CIDR", value_parser = cli::parse_cidr)]
+    pub include: Vec<Cidr>,
+    /// Never redirect destinations in these networks (repeatable)
+    #[arg(long = "exclude", value_name = "CIDR", value_parser = cli::parse_cidr)]
+    pub exclude: Vec<Cidr>,
+    /// Sockets with this mark are never redirected (the built-in proxy marks
+    /// its upstream connections with it)
+    #[arg(long, default_value = "0x5052", value_parser = cli::parse_mark)]
+    pub mark: u32,
+    /// Do not run the built-in proxy; an external one listens on the proxy address
+    #[arg(long)]
+    pub no_proxy: bool,
+    #[command(flatten)]
+    pub output: OutputArgs,
+}
+
+/// Everything resolved and checked before anything is attached.
+struct Plan {
+    cgroup: PathBuf,
+    sockopt_cgroup: PathBuf,
+    proxy_v4: SocketAddr,
+    proxy_v6: SocketAddr,
+    excluded_uid: Option<u32>,
+}
+
+fn plan(args: &RedirectArgs) -> Result<Plan> {
+    let mut proxy_ip4 = None;
+    let mut proxy_ip6 = None;
+    for ip in &args.proxy_ips {
+        let slot = match ip {
+            IpAddr::V4(_) => &mut proxy_ip4,
+            IpAddr::V6(_) => &mut proxy_ip6,
+        };
+        if slot.replace(*ip).is_some() {
+            bail!("give at most one IPv4 and one IPv6 proxy address (-i)");
+        }
+    }
+    let excluded_uid = args
+        .exclude_user
+        .as_deref()
+        .map(cli::resolve_user)
+        .transpose()?;
+    Ok(Plan {
+        cgroup: cgroup::resolve(args.cgroup.as_deref())?,
+        sockopt_cgroup: cgroup::resolve(args.sockopt_cgroup.as_deref())?,
+        proxy_v4: SocketAddr::new(
+            proxy_ip4.unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST)),
+            args.proxy_port,
+        ),
+        proxy_v6: SocketAddr::new(
+            proxy_ip6.unwrap_or(IpAddr::V6(Ipv6Addr::LOCALHOST)),
+            args.proxy_port,
+        ),
+        excluded_uid,
+    })
+}
+
+pub fn run(args: &RedirectArgs) -> Result<()> {
+    let plan = plan(args)?;
+    privileges::require_bpf("redirect")?;
+    let proxy = if args.no_proxy {
+        None
+    } else {
+        let config = ProxyConfig {
+            mark: args.mark,
+            destination: DestinationSource::OriginalDstOption,
+            transparent: false,
+        };
+        Some(BoundProxy::bind(&[plan.proxy_v4, plan.proxy_v6], config)?)
+    };
+    shutdown::install()?;
+
+    let mut open_object = MaybeUninit::uninit();
+    let skel = load(args, &plan, proxy.is_some(), &mut open_object)?;
+    let mut attachments = Attachments::default();
+    // sockops and getsockopt first: no connection may be redirected before
+    // its original destination can be re-keyed and answered.
+    let cgroup = CgroupFd::open(&plan.cgroup)?;
+    let sockopt_cgroup = CgroupFd::open(&plan.sockopt_cgroup)?;
+    attachments.attach_cgroup(&skel.progs.redirect_sockops, &cgroup)?;
+    attachments.attach_cgroup(&skel.progs.redirect_getsockopt, &sockopt_cgroup)?;
+    attachments.attach_cgroup(&skel.progs.redirect_connect4, &cgroup)?;
+    attachments.attach_cgroup(&skel.progs.redirect_connect6, &cgroup)?;
+
+    print_configuration(args, &plan);
+    let proxy = proxy.map(BoundProxy::start).transpose()?;
+    println!(
+        "Attached {} programs; press Ctrl-C to stop",
+        attachments.len()
+    );
+
+    let format = args.output.event_format();
+    let start_ns = events::monotonic_ns();
+    let ring = match format {
+        EventFormat::Off => None,
+        _ => {
+            if format == EventFormat::Text {
+                println!(
+                    "{:>12} {:<8} {:<16} {:<8} CONNECTION",
+                    "TIME(s)", "ACTION", "PROCESS", "COOKIE"
+                );
+            }
+            Some(events::ring_buffer(
+                &skel.maps.events,
+                move |e: &redirect_event| print_event(e, format, start_ns),
+            )?)
+        }
+    };
+    events::run_until_shutdown(ring.as_ref(), || {})?;
+    drop(ring);
+
+    print_statistics(&skel)?;
+    if let Some(proxy) = proxy {
+        proxy.stats.print();
+    }
+    drop(attachments);
+    println!("Cleaned up");
+    Ok(())
+}
+
+fn load<'obj>(
+    args: &RedirectArgs,
+    plan: &Plan,
+    builtin_proxy: bool,
+    open_object: &'obj mut MaybeUninit<libbpf_rs::OpenObject>,
+) -> Result<RedirectSkel<'obj>> {
+    let mut open = RedirectSkelBuilder::default()
+        .open(open_object)
+        .context("opening the redirect BPF object")?;
+    let rodata = open
+        .maps
+        .rodata_data
+        .as_deref_mut()
+        .context("the redirect object has no .rodata")?;
+    let SocketAddr::V4(proxy_v4) = plan.proxy_v4 else {
+        unreachable!("plan() puts an IPv4 address here")
+    };
+    let IpAddr::V6(proxy_ip6) = plan.proxy_v6.ip() else {
+        unreachable!("plan() puts an IPv6 address here")
+    };
+    rodata.proxy_ip4 = u32::from(*proxy_v4.ip()).to_be();
+    rodata.proxy_ip6 = ipv6_words(proxy_ip6);
+    rodata.proxy_port = args.proxy_port.to_be();
+    rodata.proxy_mark = args.mark;
+    rodata.proxy_tgid = if builtin_proxy { std::process::id() } else { 0 };
+    if let Some(uid) = plan.excluded_uid {
+        rodata.excluded_uid = uid;
+        rodata.has_excluded_uid = 1;
+    }
+    rodata.include_v4_active = args.include.iter().any(|c| c.addr.is_ipv4()).into();
+    rodata.include_v6_active = args.include.iter().any(|c| c.addr.is_ipv6()).into();
+    rodata.emit_events = (args.output.event_format() != EventFormat::Off).into();
+
+    let skel = open.load().context("loading the redirect BPF programs")?;
+    for port in &args.ports.0 {
+        maps::update(&skel.maps.redirect_ports, port, &1u8)?;
+    }
+    fill_cidrs(&args.include, &skel.maps.include_v4, &skel.maps.include_v6)?;
+    fill_cidrs(&args.exclude, &skel.maps.exclude_v4, &skel.maps.exclude_v6)?;
+    Ok(skel)
+}
+
+fn ipv6_words(ip: Ipv6Addr) -> [u32; 4] {
+    let octets = ip.octets();
+    std::array::from_fn(|i| u32::from_ne_bytes(octets[i * 4..i * 4 + 4].try_into().unwrap()))
+}
+
+fn fill_cidrs(cidrs: &[Cidr], v4: &dyn MapCore, v6: &dyn MapCore) -> Result<()> {
+    for cidr in cidrs {
+        let prefixlen = u32::from(cidr.prefix_len);
+        match cidr.addr {
+            IpAddr::V4(ip) => {
+                let key = cidr_v4_key {
+                    prefixlen,
+                    addr: u32::from_ne_bytes(ip.octets()),
+                };
+                maps::update(v4, &key, &1u8)?;
+            }
+            IpAddr::V6(ip) => {
+                let key = cidr_v6_key {
+                    prefixlen,
+                    addr: ipv6_words(ip),
+                };
+                maps::update(v6, &key, &1u8)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// An endpoint from the kernel (network byte order) as a socket address.
+pub fn endpoint_addr(ep: &endpoint) -> SocketAddr {
+    let port = u16::from_be(ep.port);
+    if u32::from(ep.family) == libc::AF_INET as u32 {
+        let ip = Ipv4Addr::from(ep.ip[0].to_ne_bytes());
+        return SocketAddr::new(IpAddr::V4(ip), port);
+    }
+    let mut octets = [0u8; 16];
+    for (chunk, word) in octets.chunks_mut(4).zip(ep.ip) {
+        chunk.copy_from_slice(&word.to_ne_bytes());
+    }
+    SocketAddr::new(IpAddr::V6(Ipv6Addr::from(octets)), port)
+}
+
+pub fn reason_name(reason: u8) -> &'static str {
+    match bypass_reason(reason.into()) {
+        bypass_reason::REASON_NONE => "none",
+        bypass_reason::REASON_LOOPBACK => "loopback",
+        bypass_reason::REASON_PROXY_ADDRESS => "proxy address",
+        bypass_reason::REASON_EXCLUDED_CIDR => "excluded network",
+        bypass_reason::REASON_NOT_INCLUDED => "not in an included network",
+        bypass_reason::REASON_EXCLUDED_USER => "excluded user",
+        bypass_reason::REASON_PROXY_MARK => "proxy mark",
+        bypass_reason::REASON_PROXY_PROCESS => "proxy's own connection",
+        bypass_reason::REASON_NO_PROXY => "no proxy",
+        _ => "unknown",
+    }
+}
+
+fn print_event(event: &redirect_event, format: EventFormat, start_ns: u64) {
+    let seconds = event.timestamp_ns.saturating_sub(start_ns) as f64 / 1e9;
+    let redirected = redirect_action(event.action.into()) == redirect_action::ACTION_REDIRECT;
+    let action = if redirected { "REDIRECT" } else { "BYPASS" };
+    let comm = comm_to_string(&event.comm);
+    let original = endpoint_addr(&event.original);
+    let target = endpoint_addr(&event.target);
+    match format {
+        EventFormat::Off => {}
+        EventFormat::Text => {
+            let why = if redirected {
+                String::new()
+            } else {
+                format!(" ({})", reason_name(event.reason))
+            };
+            println!(
+                "{seconds:12.3} {action:<8} {comm:<16} [{}] {original} -> {target}{why}",
+                event.cookie
+            );
+        }
+        EventFormat::Json => {
+            let record = serde_json::json!({
+                "time": seconds,
+                "action": action.to_lowercase(),
+                "reason": (!redirected).then(|| reason_name(event.reason)),
+                "pid": event.pid,
+                "uid": event.uid,
+                "comm": comm,
+                "cookie": event.cookie,
+                "original": original.to_string(),
+                "target": target.to_string(),
+            });
+            println!("{record}");
+        }
+    }
+}
+
+fn print_configuration(args: &RedirectArgs, plan: &Plan) {
+    println!("Redirecting TCP connections");
+    println!("  cgroup:            {}", plan.cgroup.display());
+    println!(
+        "  SO_ORIGINAL_DST:   answered in {}",
+        plan.sockopt_cgroup.display()
+    );
+    println!("  ports:             {}", args.ports);
+    println!(
+        "  proxy:             {} and {}",
+        plan.proxy_v4, plan.proxy_v6
+    );
+    let proxy = if args.no_proxy {
+        "external (--no-proxy)"
+    } else {
+        "built-in"
+    };
+    println!(
+        "  proxy program:     {proxy}, upstream mark {:#x}",
+        args.mark
+    );
+    if let (Some(user), Some(uid)) = (&args.exclude_user, plan.excluded_uid) {
+        println!("  excluded user:     {user} (uid {uid})");
+    }
+    for cidr in &args.include {
+        println!("  include:           {cidr}");
+    }
+    for cidr in &args.exclude {
+        println!("  exclude:           {cidr}");
+    }
+}
+
+fn print_statistics(skel: &RedirectSkel<'_>) -> Result<()> {
+    let counts = maps::percpu_sums(&skel.maps.stats, redirect_stat::STAT_COUNT.0)?;
+    let count = |stat: redirect_stat| counts[stat.0 as usize];
+    let bypassed_by =
+        |reason: bypass_reason| counts[(redirect_stat::STAT_BYPASSED.0 + reason.0) as usize];
+    let bypassed: u64 = (1..bypass_reason::REASON_COUNT.0)
+        .map(|r| bypassed_by(bypass_reason(r)))
+        .sum();
+    println!("=== Statistics ===");
+    println!(
+        "  TCP connects seen:      {}",
+        count(redirect_stat::STAT_TCP_CONNECTS)
+    );
+    println!(
+        "  to other ports:         {}",
+        count(redirect_stat::STAT_OTHER_PORT)
+    );
+    println!(
+        "  redirected:             {}",
+        count(redirect_stat::STAT_REDIRECTED)
+    );
+    println!("  bypassed:               {bypassed}");
+    for reason in 1..bypass_reason::REASON_COUNT.0 {
+        let n = bypassed_by(bypass_reason(reason));
+        if n > 0 {
+            println!("    {:<22}{n}", format!("{}:", reason_name(reason as u8)));
+        }
+    }
+    println!(
+        "  original destinations recorded: {}",
+        count(redirect_stat::STAT_ORIG_DST_REKEYED)
+    );
+    println!(
+        "  original destinations answered: {}",
+        count(redirect_stat::STAT_ORIG_DST_ANSWERED)
+    );
+    println!(
+        "  events lost:            {}",
+        count(redirect_stat::STAT_EVENTS_LOST)
+    );
+    let open: Vec<(conn_tuple, endpoint)> = maps::entries(&skel.maps.orig_dst_by_tuple)?;
+    println!("=== Open redirected connections: {} ===", open.len());
+    for (tuple, original) in open.iter().take(20) {
+        println!(
+            "  {} -> {} (originally {})",
+            endpoint_addr(&tuple.peer),
+            endpoint_addr(&tuple.local),
+            endpoint_addr(original)
+        );
+    }
+    Ok(())
+}
