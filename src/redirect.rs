@@ -394,6 +394,11 @@ fn print_statistics(skel: &RedirectSkel<'_>) -> Result<()> {
         "  events lost:            {}",
         count(redirect_stat::STAT_EVENTS_LOST)
     );
+    let pending: Vec<(u64, endpoint)> = maps::entries(&skel.maps.orig_dst_by_cookie)?;
+    println!(
+        "  original destinations held by socket cookie: {}",
+        pending.len()
+    );
     let open: Vec<(conn_tuple, endpoint)> = maps::entries(&skel.maps.orig_dst_by_tuple)?;
     println!("=== Open redirected connections: {} ===", open.len());
     for (tuple, original) in open.iter().take(20) {

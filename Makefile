@@ -1,0 +1,47 @@
+# proxy-redirect: `sudo make demo` and `sudo make test` do all the set-up.
+
+SHELL := /bin/bash
+CARGO ?= $(shell command -v cargo 2>/dev/null || echo $(HOME)/.cargo/bin/cargo)
+BIN := target/release/proxy-redirect
+# Debian packages the build, the tests and the benchmarks need.
+APT_PACKAGES := clang llvm libelf-dev zlib1g-dev pkg-config linux-libc-dev \
+	clang-format iproute2 iptables nftables curl python3 bpftool tcpdump iperf3 haproxy
+C_SOURCES := $(wildcard bpf/*.c bpf/lib/*.h include/*.h)
+
+.PHONY: all deps build test demo bench fmt lint clean
+
+all: build
+
+deps:
+	@missing=""; for p in $(APT_PACKAGES); do \
+		dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+		echo "Installing:$$missing"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
+	@command -v $(CARGO) >/dev/null || { echo "cargo not found: install Rust from rustup.rs" >&2; exit 1; }
+
+build: deps
+	$(CARGO) build --release --all-targets
+
+test: build
+	$(CARGO) test --release -- --test-threads=2
+
+demo: build
+	$(BIN) demo
+
+bench: build
+	$(CARGO) bench --bench redirect
+
+fmt:
+	$(CARGO) fmt
+	clang-format -i $(C_SOURCES)
+
+lint:
+	$(CARGO) fmt --check
+	$(CARGO) clippy --release --all-targets -- -D warnings
+	clang-format --dry-run --Werror $(C_SOURCES)
+
+clean:
+	$(CARGO) clean

@@ -1,0 +1,342 @@
+//! Shared pieces of the integration tests: privilege gating, a private
+//! network (client and server namespaces joined by a veth pair), a child
+//! cgroup tree, a running `proxy-redirect` process, and small servers.
+#![allow(dead_code)]
+
+pub mod servers;
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use proxy_redirect::cgroup::{self, ChildCgroup};
+use proxy_redirect::netns::{self, NetNs};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_proxy-redirect");
+pub const PYTHON: &str = "/usr/bin/python3";
+
+/// True when the test may run. Without root it fails under CI=true (CI must
+/// never pass by skipping) and skips elsewhere, saying why.
+pub fn have_root() -> bool {
+    if nix::unistd::geteuid().is_root() {
+        return true;
+    }
+    if std::env::var("CI").as_deref() == Ok("true") {
+        panic!("this test needs root (BPF, cgroups, network namespaces); CI must run it as root");
+    }
+    eprintln!("skipped: needs root (BPF, cgroups, network namespaces)");
+    false
+}
+
+/// A name no other test of this run uses.
+pub fn unique(prefix: &str) -> String {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "{prefix}-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+pub const CLIENT_V4: &str = "10.77.0.1";
+pub const SERVER_V4: &str = "10.77.0.2";
+pub const CLIENT_V6: &str = "fd77::1";
+pub const SERVER_V6: &str = "fd77::2";
+
+/// Client and server namespaces joined by a veth pair, and a cgroup tree
+/// `<root>/<unique>/{apps,proxy}`: `apps` is redirected, `proxy` holds the
+/// proxy, and the parent answers SO_ORIGINAL_DST for both.
+pub struct Testbed {
+    // Field order is drop order: cgroups first (their processes are gone).
+    pub apps: ChildCgroup,
+    pub proxy: ChildCgroup,
+    pub parent: ChildCgroup,
+    pub client: NetNs,
+    pub server: NetNs,
+}
+
+impl Testbed {
+    pub fn new() -> Testbed {
+        let name = unique("prtest");
+        let client = NetNs::create(&format!("{name}-c")).expect("client netns");
+        let server = NetNs::create(&format!("{name}-s")).expect("server netns");
+        netns::veth_pair(&client, "veth-c", &server, "veth-s").expect("veth pair");
+        client
+            .configure(
+                "veth-c",
+                &[&format!("{CLIENT_V4}/24"), &format!("{CLIENT_V6}/64")],
+            )
+            .unwrap();
+        server
+            .configure(
+                "veth-s",
+                &[&format!("{SERVER_V4}/24"), &format!("{SERVER_V6}/64")],
+            )
+            .unwrap();
+        let root = cgroup::cgroup2_mount().expect("cgroup2 mount");
+        let parent = ChildCgroup::create(&root, &name).expect("test cgroup");
+        let apps = ChildCgroup::create(parent.path(), "apps").unwrap();
+        let proxy = ChildCgroup::create(parent.path(), "proxy").unwrap();
+        Testbed {
+            apps,
+            proxy,
+            parent,
+            client,
+            server,
+        }
+    }
+
+    /// `proxy-redirect redirect` for `apps`, answering in the parent,
+    /// running in the client netns and the `proxy` cgroup.
+    pub fn redirect(&self, extra: &[&str]) -> Running {
+        self.redirect_in(&self.proxy, extra)
+    }
+
+    pub fn redirect_in(&self, cgroup: &ChildCgroup, extra: &[&str]) -> Running {
+        let mut args = vec![
+            "redirect".to_owned(),
+            "-c".into(),
+            self.apps.path().display().to_string(),
+            "--sockopt-cgroup".into(),
+            self.parent.path().display().to_string(),
+            "--json".into(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        Running::start(BIN, &args, Some(&self.client), Some(cgroup), "Attached")
+    }
+
+    /// A command run in the client netns inside `apps`.
+    pub fn in_apps(&self, program: &str) -> Command {
+        netns::command_in(program, Some(&self.client), Some(&self.apps)).unwrap()
+    }
+
+    /// A command run in the client netns inside the `proxy` cgroup.
+    pub fn in_proxy_cgroup(&self, program: &str) -> Command {
+        netns::command_in(program, Some(&self.client), Some(&self.proxy)).unwrap()
+    }
+
+    /// A command run in the client netns outside the test cgroups.
+    pub fn in_client_netns(&self, program: &str) -> Command {
+        netns::command_in(program, Some(&self.client), None).unwrap()
+    }
+
+    pub fn cgroup_paths(&self) -> Vec<PathBuf> {
+        vec![
+            self.apps.path().to_path_buf(),
+            self.parent.path().to_path_buf(),
+        ]
+    }
+}
+
+/// A background process whose stdout is collected; ready once a line
+/// starting with the ready marker has appeared.
+pub struct Running {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    pub seen: Vec<String>,
+    stderr: std::thread::JoinHandle<String>,
+}
+
+impl Running {
+    pub fn start(
+        program: &str,
+        args: &[String],
+        netns: Option<&NetNs>,
+        cgroup: Option<&ChildCgroup>,
+        ready: &str,
+    ) -> Running {
+        let mut command = netns::command_in(program, netns, cgroup).unwrap();
+        let mut child = command
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {program}: {e}"));
+        let stdout = child.stdout.take().unwrap();
+        let mut stderr = child.stderr.take().unwrap();
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let stderr = std::thread::spawn(move || {
+            let mut text = String::new();
+            let _ = stderr.read_to_string(&mut text);
+            text
+        });
+        let mut running = Running {
+            child,
+            lines,
+            seen: Vec::new(),
+            stderr,
+        };
+        running
+            .wait_for_line(|l| l.starts_with(ready), Duration::from_secs(20))
+            .unwrap_or_else(|| {
+                let _ = running.child.kill();
+                let (out, err) = running.finish_output();
+                panic!("{program} never printed '{ready}'\nstdout:\n{out}\nstderr:\n{err}")
+            });
+        running
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Reads lines until one matches or the time is up.
+    pub fn wait_for_line(
+        &mut self,
+        matches: impl Fn(&str) -> bool,
+        timeout: Duration,
+    ) -> Option<String> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    if matches(&line) {
+                        return Some(line);
+                    }
+                }
+                Err(_) => return None,
+            }
+        }
+    }
+
+    pub fn signal(&self, signal: nix::sys::signal::Signal) {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, signal);
+    }
+
+    /// SIGINT, then the exit status, all of stdout and stderr.
+    pub fn stop(mut self) -> (std::process::ExitStatus, String, String) {
+        self.signal(nix::sys::signal::Signal::SIGINT);
+        let status = wait_timeout(&mut self.child, Duration::from_secs(20));
+        let (out, err) = self.finish_output();
+        (status, out, err)
+    }
+
+    /// SIGKILL and wait.
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    fn finish_output(&mut self) -> (String, String) {
+        let _ = self.child.wait();
+        while let Ok(line) = self.lines.recv_timeout(Duration::from_secs(2)) {
+            self.seen.push(line);
+        }
+        let stderr = std::mem::replace(&mut self.stderr, std::thread::spawn(String::new));
+        (self.seen.join("\n"), stderr.join().unwrap_or_default())
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn wait_timeout(child: &mut Child, timeout: Duration) -> std::process::ExitStatus {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            return child.wait().unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Runs a command to the end, with a time limit.
+pub fn run(mut command: Command) -> Output {
+    let child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawning a test command");
+    let pid = child.id();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(Duration::from_secs(60)) {
+        Ok(output) => output.expect("collecting output"),
+        Err(_) => {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+            panic!("command timed out: {command:?}");
+        }
+    }
+}
+
+/// JSON event lines of a `--json` run.
+pub fn json_events(output: &str) -> Vec<serde_json::Value> {
+    output
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).expect("valid JSON event"))
+        .collect()
+}
+
+/// The number in a `  label:   N` statistics line.
+pub fn stat(output: &str, label: &str) -> u64 {
+    output
+        .lines()
+        .find_map(|l| l.trim().strip_prefix(label))
+        .and_then(|rest| rest.trim_start_matches(':').trim().parse().ok())
+        .unwrap_or_else(|| panic!("no '{label}' line in:\n{output}"))
+}
+
+/// A deterministic pseudo-random payload.
+pub fn payload(len: usize, seed: u64) -> Vec<u8> {
+    let mut state = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    (0..len)
+        .map(|_| {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (state >> 33) as u8
+        })
+        .collect()
+}
+
+/// A temporary directory removed on drop.
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    pub fn new() -> TempDir {
+        let dir = std::env::temp_dir().join(unique("proxy-redirect-test"));
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+
+    pub fn join(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}

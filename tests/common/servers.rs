@@ -1,0 +1,134 @@
+//! Small real servers for the tests, each on its own thread inside a network
+//! namespace, stopped on drop.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use proxy_redirect::netns::NetNs;
+
+/// A server thread; `peers` lists the client addresses it accepted.
+pub struct Server {
+    pub addr: SocketAddr,
+    pub peers: Arc<Mutex<Vec<SocketAddr>>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Server {
+    pub fn peers(&self) -> Vec<SocketAddr> {
+        self.peers.lock().unwrap().clone()
+    }
+}
+
+/// Serves HTTP/1.1 in `netns` on `addr`: a POST is answered with its own
+/// body; any other request with `peer=<client> local=<server>`.
+pub fn http(netns: &NetNs, addr: &str) -> Server {
+    serve(netns, addr, handle_http)
+}
+
+/// Echoes every byte back until the client half-closes, then closes.
+pub fn echo(netns: &NetNs, addr: &str) -> Server {
+    serve(netns, addr, |mut stream: TcpStream| {
+        let mut buffer = vec![0u8; 64 * 1024];
+        loop {
+            let n = stream.read(&mut buffer)?;
+            if n == 0 {
+                return Ok(());
+            }
+            stream.write_all(&buffer[..n])?;
+        }
+    })
+}
+
+fn serve(netns: &NetNs, addr: &str, handler: fn(TcpStream) -> std::io::Result<()>) -> Server {
+    let addr: SocketAddr = addr.parse().expect("server address");
+    let stop = Arc::new(AtomicBool::new(false));
+    let peers = Arc::new(Mutex::new(Vec::new()));
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let thread = {
+        let stop = stop.clone();
+        let peers = peers.clone();
+        netns
+            .spawn(move || {
+                let listener = TcpListener::bind(addr)?;
+                listener.set_nonblocking(true)?;
+                ready_tx.send(()).ok();
+                while !stop.load(Ordering::SeqCst) {
+                    match listener.accept() {
+                        Ok((stream, peer)) => {
+                            peers.lock().unwrap().push(peer);
+                            stream.set_nonblocking(false)?;
+                            std::thread::spawn(move || handler(stream));
+                        }
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                            std::thread::sleep(Duration::from_millis(2));
+                        }
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+                Ok(())
+            })
+            .expect("server thread")
+    };
+    ready_rx
+        .recv_timeout(Duration::from_secs(5))
+        .unwrap_or_else(|_| panic!("server on {addr} did not start"));
+    Server {
+        addr,
+        peers,
+        stop,
+        thread: Some(thread),
+    }
+}
+
+fn handle_http(mut stream: TcpStream) -> std::io::Result<()> {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if stream.read(&mut byte)? == 0 {
+            return Ok(());
+        }
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head).to_string();
+    let content_length: usize = head
+        .lines()
+        .find_map(|l| {
+            let (name, value) = l.split_once(':')?;
+            name.eq_ignore_ascii_case("content-length")
+                .then(|| value.trim().parse().ok())?
+        })
+        .unwrap_or(0);
+    if head.starts_with("POST") && head.to_ascii_lowercase().contains("expect: 100-continue") {
+        stream.write_all(b"HTTP/1.1 100 Continue\r\n\r\n")?;
+    }
+    let mut body = vec![0u8; content_length];
+    stream.read_exact(&mut body)?;
+    if !head.starts_with("POST") {
+        body = format!(
+            "peer={} local={}\n",
+            stream.peer_addr()?,
+            stream.local_addr()?
+        )
+        .into_bytes();
+    }
+    write!(
+        stream,
+        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    )?;
+    stream.write_all(&body)?;
+    stream.flush()
+}

@@ -1,0 +1,546 @@
+//! `redirect` against the real kernel: a child cgroup, client and server
+//! network namespaces, real clients (curl, python), the built-in proxy and a
+//! proxy written only against the socket API.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use nix::sys::signal::Signal;
+use proxy_redirect::links::cgroup_program_count;
+
+fn curl(testbed: &Testbed, url: &str, extra: &[&str]) -> std::process::Output {
+    let mut command = testbed.in_apps("curl");
+    command
+        .args(["-sS", "--fail", "--max-time", "20", "-H", "Expect:"])
+        .args(extra)
+        .arg(url);
+    run(command)
+}
+
+fn reject_direct_http_from_apps(testbed: &Testbed) {
+    let path = testbed.apps.relative_path().unwrap();
+    let mut command = testbed.in_client_netns("iptables");
+    command.args([
+        "-A", "OUTPUT", "-p", "tcp", "--dport", "80", "-m", "cgroup", "--path",
+    ]);
+    command.arg(&path).args(["-j", "REJECT"]);
+    let out = run(command);
+    assert!(
+        out.status.success(),
+        "iptables: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut command = testbed.in_client_netns("ip6tables");
+    command.args([
+        "-A", "OUTPUT", "-p", "tcp", "--dport", "80", "-m", "cgroup", "--path",
+    ]);
+    command.arg(&path).args(["-j", "REJECT"]);
+    assert!(run(command).status.success());
+}
+
+fn attached_programs(testbed: &Testbed) -> u32 {
+    use libbpf_sys::*;
+    let mut total = 0;
+    for path in testbed.cgroup_paths() {
+        for attach_type in [
+            BPF_CGROUP_INET4_CONNECT,
+            BPF_CGROUP_INET6_CONNECT,
+            BPF_CGROUP_SOCK_OPS,
+            BPF_CGROUP_GETSOCKOPT,
+        ] {
+            total += cgroup_program_count(&path, attach_type).unwrap();
+        }
+    }
+    total
+}
+
+#[test]
+fn http_through_builtin_proxy_over_ipv4_ipv6_and_v4_mapped() {
+    if !have_root() {
+        return;
+    }
+    let testbed = Testbed::new();
+    let _server = servers::http(&testbed.server, "[::]:80");
+    reject_direct_http_from_apps(&testbed);
+    // The rule really rejects direct connections from the cgroup.
+    let direct = curl(&testbed, &format!("http://{SERVER_V4}/"), &[]);
+    assert!(
+        !direct.status.success(),
+        "direct connection was not rejected"
+    );
+
+    let redirector = testbed.redirect(&[]);
+    let dir = TempDir::new();
+    let upload = dir.join("upload");
+    let data = payload(4 << 20, 7);
+    std::fs::write(&upload, &data).unwrap();
+    let urls = [
+        format!("http://{SERVER_V4}/"),
+        format!("http://[{SERVER_V6}]/"),
+        format!("http://[::ffff:{SERVER_V4}]/"),
+    ];
+    for url in &urls {
+        let download = dir.join("download");
+        let out = curl(
+            &testbed,
+            url,
+            &[
+                "--data-binary",
+                &format!("@{}", upload.display()),
+                "-o",
+                &download.display().to_string(),
+            ],
+        );
+        assert!(
+            out.status.success(),
+            "{url}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let echoed = std::fs::read(&download).unwrap();
+        assert!(
+            echoed == data,
+            "{url}: {} bytes came back, not the 4 MiB sent",
+            echoed.len()
+        );
+    }
+    let (status, output, _) = redirector.stop();
+    assert!(status.success());
+    let events = json_events(&output);
+    let redirected: Vec<_> = events
+        .iter()
+        .filter(|e| e["action"] == "redirect")
+        .collect();
+    assert_eq!(redirected.len(), 3, "events: {events:?}");
+    let originals: Vec<&str> = redirected
+        .iter()
+        .map(|e| e["original"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        originals,
+        [
+            format!("{SERVER_V4}:80"),
+            format!("[{SERVER_V6}]:80"),
+            format!("{SERVER_V4}:80")
+        ]
+    );
+    assert_eq!(
+        redirected[2]["target"], "127.0.0.1:15001",
+        "v4-mapped goes to the IPv4 proxy"
+    );
+    assert_eq!(redirected[1]["target"], "[::1]:15001");
+    assert_eq!(stat(&output, "original destinations answered"), 3);
+    assert_eq!(stat(&output, "relayed to the end"), 3);
+}
+
+/// A proxy that knows nothing of BPF: accept, getsockopt(SO_ORIGINAL_DST) or
+/// getsockopt(SOL_IPV6, IP6T_SO_ORIGINAL_DST), print, close.
+const SOCKET_API_PROXY: &str = r#"
+import socket, struct, sys
+SO_ORIGINAL_DST = 80
+listeners = []
+for family, host in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
+    s = socket.socket(family, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if family == socket.AF_INET6:
+        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+    s.bind((host, 15001)); s.listen(16); listeners.append(s)
+print("ready", flush=True)
+import select
+while True:
+    readable, _, _ = select.select(listeners, [], [])
+    for l in readable:
+        conn, peer = l.accept()
+        if l.family == socket.AF_INET:
+            raw = conn.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
+            port, = struct.unpack("!H", raw[2:4])
+            print("orig %s:%d" % (socket.inet_ntop(socket.AF_INET, raw[4:8]), port), flush=True)
+        else:
+            raw = conn.getsockopt(socket.IPPROTO_IPV6, SO_ORIGINAL_DST, 28)
+            port, = struct.unpack("!H", raw[2:4])
+            print("orig [%s]:%d" % (socket.inet_ntop(socket.AF_INET6, raw[8:24]), port), flush=True)
+        conn.close()
+"#;
+
+fn start_socket_api_proxy(testbed: &Testbed) -> Running {
+    Running::start(
+        PYTHON,
+        &["-c".into(), SOCKET_API_PROXY.into()],
+        Some(&testbed.client),
+        Some(&testbed.proxy),
+        "ready",
+    )
+}
+
+/// Connects from `apps` with python (plain connect, nothing else).
+fn connect_from_apps(testbed: &Testbed, host: &str, port: u16) -> std::process::Output {
+    let script = format!(
+        "import socket\ns = socket.create_connection(('{host}', {port}), timeout=10)\ns.close()"
+    );
+    let mut command = testbed.in_apps(PYTHON);
+    command.args(["-c", &script]);
+    run(command)
+}
+
+#[test]
+fn socket_api_proxy_reads_original_destination_as_after_iptables_redirect() {
+    if !have_root() {
+        return;
+    }
+    let testbed = Testbed::new();
+    let mut proxy = start_socket_api_proxy(&testbed);
+    let redirector = testbed.redirect(&["--no-proxy", "-P", "80,8443"]);
+    for (host, port, expected) in [
+        (SERVER_V4, 80, format!("orig {SERVER_V4}:80")),
+        (SERVER_V6, 8443, format!("orig [{SERVER_V6}]:8443")),
+        ("::ffff:10.77.0.2", 80, format!("orig {SERVER_V4}:80")),
+    ] {
+        assert!(connect_from_apps(&testbed, host, port).status.success());
+        let line = proxy.wait_for_line(|l| l.starts_with("orig"), Duration::from_secs(10));
+        assert_eq!(
+            line.as_deref(),
+            Some(expected.as_str()),
+            "connecting to {host}:{port}"
+        );
+    }
+    let (status, _, _) = redirector.stop();
+    assert!(status.success());
+
+    // The same proxy, unchanged, behind iptables REDIRECT.
+    for (tool, host, expected) in [
+        ("iptables", SERVER_V4, format!("orig {SERVER_V4}:80")),
+        ("ip6tables", SERVER_V6, format!("orig [{SERVER_V6}]:80")),
+    ] {
+        let mut command = testbed.in_client_netns(tool);
+        command.args(["-t", "nat", "-A", "OUTPUT", "-p", "tcp", "--dport", "80"]);
+        command.args(["-j", "REDIRECT", "--to-ports", "15001"]);
+        let out = run(command);
+        assert!(
+            out.status.success(),
+            "{tool}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(connect_from_apps(&testbed, host, 80).status.success());
+        let line = proxy.wait_for_line(|l| l.starts_with("orig"), Duration::from_secs(10));
+        assert_eq!(line.as_deref(), Some(expected.as_str()), "{tool} REDIRECT");
+    }
+    proxy.kill();
+}
+
+#[test]
+fn other_ports_excluded_destinations_and_the_proxys_own_connections_are_untouched() {
+    if !have_root() {
+        return;
+    }
+    let testbed = Testbed::new();
+    let _web = servers::http(&testbed.server, "[::]:80");
+    let _other = servers::http(&testbed.server, "[::]:8080");
+    // The redirector runs inside the redirected cgroup itself.
+    let redirector = testbed.redirect_in(
+        &testbed.apps,
+        &["--exclude", "10.77.0.0/30", "--exclude", "fd77::/120"],
+    );
+    let out = curl(&testbed, &format!("http://{SERVER_V4}:8080/"), &[]);
+    assert!(out.status.success());
+    let out = curl(&testbed, &format!("http://{SERVER_V4}/"), &[]);
+    assert!(out.status.success());
+    let out = curl(&testbed, &format!("http://[{SERVER_V6}]/"), &[]);
+    assert!(out.status.success());
+    // A marked socket from another process is left alone too.
+    let script = format!(
+        "import socket\ns = socket.socket()\ns.setsockopt(socket.SOL_SOCKET, 36, 0x5052)\n\
+         s.settimeout(10)\ns.connect(('{SERVER_V4}', 80))\ns.close()"
+    );
+    let mut command = testbed.in_apps(PYTHON);
+    command.args(["-c", &script]);
+    assert!(run(command).status.success());
+    let (status, output, _) = redirector.stop();
+    assert!(status.success());
+    let events = json_events(&output);
+    assert!(events.iter().all(|e| e["action"] == "bypass"), "{events:?}");
+    let reasons: Vec<&str> = events
+        .iter()
+        .map(|e| e["reason"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        reasons,
+        ["excluded network", "excluded network", "proxy mark"]
+    );
+    assert_eq!(stat(&output, "to other ports"), 1);
+    assert_eq!(stat(&output, "connections accepted"), 0);
+
+    // Without exclusions the proxy, still inside the cgroup, relays without
+    // redirecting its own upstream connection back to itself.
+    let redirector = testbed.redirect_in(&testbed.apps, &[]);
+    let out = curl(&testbed, &format!("http://{SERVER_V4}/"), &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let body = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        body.starts_with(&format!("peer=[::ffff:{CLIENT_V4}]:")),
+        "{body}"
+    );
+    let (_, output, _) = redirector.stop();
+    let events = json_events(&output);
+    assert_eq!(events.len(), 2, "{events:?}");
+    assert_eq!(events[0]["action"], "redirect");
+    assert_eq!(events[1]["action"], "bypass");
+    assert_eq!(events[1]["reason"], "proxy's own connection");
+    assert_eq!(stat(&output, "relayed to the end"), 1);
+}
+
+#[test]
+fn without_a_listening_proxy_connections_go_direct() {
+    if !have_root() {
+        return;
+    }
+    let testbed = Testbed::new();
+    let _server = servers::http(&testbed.server, "[::]:80");
+    let redirector = testbed.redirect(&["--no-proxy"]);
+    for url in [
+        format!("http://{SERVER_V4}/"),
+        format!("http://[{SERVER_V6}]/"),
+    ] {
+        let out = curl(&testbed, &url, &[]);
+        assert!(
+            out.status.success(),
+            "{url}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let (_, output, _) = redirector.stop();
+    let events = json_events(&output);
+    assert_eq!(events.len(), 2);
+    assert!(
+        events.iter().all(|e| e["reason"] == "no proxy"),
+        "{events:?}"
+    );
+}
+
+/// getsockopt calls that are not SO_ORIGINAL_DST, and calls with buffers
+/// larger than a page, print the same inside and outside the hooked cgroup.
+const OTHER_GETSOCKOPTS: &str = r#"
+import ctypes, socket
+libc = ctypes.CDLL(None, use_errno=True)
+def raw(sock, level, name, size):
+    # Python's own getsockopt refuses buffers over 1024 bytes.
+    buf = ctypes.create_string_buffer(size); length = ctypes.c_uint32(size)
+    if libc.getsockopt(sock.fileno(), level, name, buf, ctypes.byref(length)) != 0:
+        raise OSError(ctypes.get_errno(), "getsockopt")
+    return buf.raw[:length.value]
+def show(label, f):
+    try: print(label, repr(f()))
+    except OSError as e: print(label, "errno", e.errno)
+srv = socket.socket(); srv.bind(("127.0.0.1", 0)); srv.listen(1)
+c = socket.create_connection(srv.getsockname()); a, _ = srv.accept()
+show("type", lambda: a.getsockopt(socket.SOL_SOCKET, socket.SO_TYPE))
+show("ttl", lambda: a.getsockopt(socket.SOL_IP, socket.IP_TTL))
+show("nodelay", lambda: a.getsockopt(socket.SOL_TCP, socket.TCP_NODELAY))
+show("cc", lambda: a.getsockopt(socket.SOL_TCP, socket.TCP_CONGESTION, 16))
+show("cc-big", lambda: raw(a, socket.SOL_TCP, socket.TCP_CONGESTION, 8192))
+show("origdst", lambda: a.getsockopt(socket.SOL_IP, 80, 16))
+show("origdst-big", lambda: raw(a, socket.SOL_IP, 80, 65536))
+show("origdst6", lambda: a.getsockopt(socket.SOL_IPV6, 80, 28))
+"#;
+
+#[test]
+fn other_getsockopt_calls_are_untouched() {
+    if !have_root() {
+        return;
+    }
+    let testbed = Testbed::new();
+    // A legacy iptables table makes iptables-legacy-save read it with large
+    // getsockopt buffers.
+    let mut command = testbed.in_client_netns("iptables-legacy");
+    command.args([
+        "-t", "filter", "-A", "OUTPUT", "-p", "tcp", "--dport", "9", "-j", "ACCEPT",
+    ]);
+    assert!(run(command).status.success());
+    let outside = |program: &str, args: &[&str]| {
+        let mut command = testbed.in_client_netns(program);
+        command.args(args);
+        run(command)
+    };
+    let inside = |program: &str, args: &[&str]| {
+        let mut command = testbed.in_proxy_cgroup(program);
+        command.args(args);
+        run(command)
+    };
+    let expected_sockopts = outside(PYTHON, &["-c", OTHER_GETSOCKOPTS]);
+    let expected_save = outside("iptables-legacy-save", &["-t", "filter"]);
+    assert!(expected_save.status.success());
+    let redirector = testbed.redirect(&[]);
+    let hooked_sockopts = inside(PYTHON, &["-c", OTHER_GETSOCKOPTS]);
+    let hooked_save = inside("iptables-legacy-save", &["-t", "filter"]);
+    let (status, _, _) = redirector.stop();
+    assert!(status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&hooked_sockopts.stdout),
+        String::from_utf8_lossy(&expected_sockopts.stdout)
+    );
+    assert!(String::from_utf8_lossy(&expected_sockopts.stdout).contains("cc-big b'"));
+    assert!(
+        hooked_save.status.success(),
+        "{}",
+        String::from_utf8_lossy(&hooked_save.stderr)
+    );
+    let rules = |o: &std::process::Output| {
+        String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            // Packet counters change with the traffic in between.
+            .map(|l| l.split(" [").next().unwrap().to_owned())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(rules(&hooked_save), rules(&expected_save));
+    assert!(rules(&hooked_save).iter().any(|l| l.contains("--dport 9")));
+}
+
+#[test]
+fn original_destination_maps_are_empty_after_many_connections() {
+    if !have_root() {
+        return;
+    }
+    let testbed = Testbed::new();
+    let _server = servers::echo(&testbed.server, "[::]:80");
+    let redirector = testbed.redirect(&[]);
+    // 300 connections, v4 and v6, each sending and reading a little.
+    let script = format!(
+        "import socket\nfor i in range(300):\n    host = '{SERVER_V4}' if i % 2 else '{SERVER_V6}'\n    \
+         s = socket.create_connection((host, 80), timeout=10)\n    s.sendall(b'ping %d' % i)\n    \
+         assert s.recv(100) == b'ping %d' % i\n    s.close()\nprint('done')"
+    );
+    let mut command = testbed.in_apps(PYTHON);
+    command.args(["-c", &script]);
+    let out = run(command);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Let the last closes pass through TCP_CLOSE.
+    std::thread::sleep(Duration::from_millis(500));
+    let (_, output, _) = redirector.stop();
+    assert_eq!(stat(&output, "redirected"), 300);
+    assert_eq!(stat(&output, "original destinations answered"), 300);
+    assert_eq!(
+        stat(&output, "original destinations held by socket cookie"),
+        0
+    );
+    assert!(
+        output.contains("=== Open redirected connections: 0 ==="),
+        "{output}"
+    );
+}
+
+#[test]
+fn sigkill_leaves_nothing_attached_and_a_restart_works_at_once() {
+    if !have_root() {
+        return;
+    }
+    let testbed = Testbed::new();
+    let _server = servers::http(&testbed.server, "[::]:80");
+    let redirector = testbed.redirect(&[]);
+    assert_eq!(attached_programs(&testbed), 4);
+    let out = curl(&testbed, &format!("http://{SERVER_V4}/"), &[]);
+    assert!(out.status.success());
+    redirector.signal(Signal::SIGKILL);
+    redirector.kill();
+    assert_eq!(
+        attached_programs(&testbed),
+        0,
+        "programs stayed attached after SIGKILL"
+    );
+
+    let redirector = testbed.redirect(&[]);
+    let out = curl(&testbed, &format!("http://{SERVER_V4}/"), &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // SIGTERM ends it cleanly too, with statistics.
+    redirector.signal(Signal::SIGTERM);
+    let (status, output, _) = redirector.stop();
+    assert!(status.success());
+    assert_eq!(stat(&output, "redirected"), 1);
+    assert!(output.contains("Cleaned up"));
+    assert_eq!(attached_programs(&testbed), 0);
+}
+
+#[test]
+fn bad_input_fails_with_one_line_and_attaches_nothing() {
+    if !have_root() {
+        return;
+    }
+    let testbed = Testbed::new();
+    let apps = testbed.apps.path().display().to_string();
+    let parent = testbed.parent.path().display().to_string();
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["-P", "0"], "out of range"),
+        (vec!["-P", "65536"], "out of range"),
+        (vec!["-P", "http"], "not a port number"),
+        (vec!["-P", ""], "empty"),
+        (vec!["-P", "80,,443"], "empty entry"),
+        (vec!["-p", "70000"], "out of range"),
+        (vec!["-u", "no-such-user-xyz"], "unknown user"),
+        (
+            vec!["-c", "/sys/fs/cgroup-does-not-exist/x"],
+            "does not exist",
+        ),
+        (vec!["-c", "/proc"], "not a cgroup v2 directory"),
+        (vec!["-i", "127.0.0.300"], "invalid value"),
+        (vec!["--exclude", "10.0.0.0/40"], "prefix length"),
+    ];
+    for (args, expected) in cases {
+        let mut command = testbed.in_client_netns(BIN);
+        command.args(["redirect", "--sockopt-cgroup", &parent]);
+        if !args.contains(&"-c") {
+            command.args(["-c", &apps]);
+        }
+        command.args(&args);
+        let out = run(command);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} succeeded");
+        assert_eq!(stderr.trim().lines().count(), 1, "{args:?}: {stderr}");
+        assert!(
+            stderr.contains(expected),
+            "{args:?}: '{stderr}' lacks '{expected}'"
+        );
+    }
+
+    // An occupied proxy port.
+    let _occupier = servers::echo(&testbed.client, "127.0.0.1:15001");
+    let mut command = testbed.in_client_netns(BIN);
+    command.args(["redirect", "-c", &apps, "--sockopt-cgroup", &parent]);
+    let out = run(command);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("already in use"), "{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+
+    // No privileges.
+    // (Not in the netns: joining one needs the privileges it lacks.)
+    let mut command = std::process::Command::new(BIN);
+    command.args([
+        "redirect",
+        "-c",
+        &apps,
+        "--sockopt-cgroup",
+        &parent,
+        "-p",
+        "15002",
+    ]);
+    std::os::unix::process::CommandExt::uid(&mut command, 65534);
+    let out = run(command);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("needs root"), "{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+
+    assert_eq!(attached_programs(&testbed), 0);
+}
