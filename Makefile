@@ -31,8 +31,11 @@ test: build
 demo: build
 	$(BIN) demo
 
+# One benchmark per subcommand, each run after the other on a quiet machine.
+BENCHES := redirect
+
 bench: build
-	$(CARGO) bench --bench redirect
+	for b in $(BENCHES); do $(CARGO) bench --bench $$b || exit 1; done
 
 fmt:
 	$(CARGO) fmt

@@ -1,17 +1,82 @@
 //! Attachments owned by the running process. Every attachment is a bpf_link:
 //! when the process exits, even by SIGKILL, the kernel detaches it.
 
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::path::Path;
 
-use anyhow::{Context, Result};
-use libbpf_rs::{Link, ProgramMut};
+use anyhow::{bail, Context, Result};
+use libbpf_rs::{Link, ProgramMut, TcHook, TcHookBuilder, TC_EGRESS, TC_INGRESS};
 
 use crate::cgroup::CgroupFd;
 
-/// The links of one subcommand, detached together on drop.
+/// Which TC hook point.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TcDirection {
+    Ingress,
+    Egress,
+}
+
+/// How to attach TC programs: `auto` uses tcx links where the kernel has
+/// them (6.6+) and falls back to a clsact qdisc.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TcAttachMode {
+    #[default]
+    Auto,
+    Tcx,
+    Clsact,
+}
+
+/// The path a TC attachment took, printed so that users and tests know.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TcPath {
+    Tcx,
+    Clsact,
+}
+
+impl std::fmt::Display for TcPath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            TcPath::Tcx => "tcx link",
+            TcPath::Clsact => "clsact qdisc (legacy; removed on exit)",
+        })
+    }
+}
+
+/// Handle and priority of our legacy clsact filters, so that a restart
+/// after SIGKILL finds and replaces its own leftovers.
+const CLSACT_FILTER_HANDLE: u32 = 0x5052;
+const CLSACT_FILTER_PRIORITY: u32 = 1;
+
+/// A legacy clsact filter; unlike a link it outlives the process, so it is
+/// removed explicitly on drop (with the qdisc when we created it).
+struct ClsactFilter {
+    hook: TcHook,
+    remove_qdisc: bool,
+}
+
+impl Drop for ClsactFilter {
+    fn drop(&mut self) {
+        if let Err(err) = self.hook.detach() {
+            tracing::warn!("detaching a clsact filter: {err}");
+        }
+        if self.remove_qdisc {
+            // Destroying the ingress|egress hook removes the clsact qdisc.
+            let mut qdisc = self.hook;
+            qdisc.attach_point(TC_INGRESS | TC_EGRESS);
+            if let Err(err) = qdisc.destroy() {
+                tracing::debug!("removing the clsact qdisc: {err}");
+            }
+        }
+    }
+}
+
+/// The attachments of one subcommand, all removed on drop; links are also
+/// removed by the kernel when the process dies.
 #[derive(Default)]
 pub struct Attachments {
     links: Vec<Link>,
+    link_fds: Vec<OwnedFd>,
+    clsact_filters: Vec<ClsactFilter>,
 }
 
 impl Attachments {
@@ -27,13 +92,110 @@ impl Attachments {
         Ok(())
     }
 
+    /// Attaches a TC program (`SEC("tc")`) to an interface.
+    pub fn attach_tc(
+        &mut self,
+        program: &ProgramMut,
+        ifindex: u32,
+        direction: TcDirection,
+        mode: TcAttachMode,
+    ) -> Result<TcPath> {
+        let name = program.name().to_string_lossy().into_owned();
+        if mode != TcAttachMode::Clsact {
+            match attach_tcx(program, ifindex, direction) {
+                Ok(fd) => {
+                    self.link_fds.push(fd);
+                    return Ok(TcPath::Tcx);
+                }
+                // EINVAL: a kernel before 6.6, which has no tcx.
+                Err(err)
+                    if mode == TcAttachMode::Auto && err.raw_os_error() == Some(libc::EINVAL) => {}
+                Err(err) => {
+                    return Err(err).with_context(|| format!("attaching {name} with tcx"));
+                }
+            }
+        }
+        let filter = attach_clsact(program, ifindex, direction)
+            .with_context(|| format!("attaching {name} to a clsact qdisc"))?;
+        self.clsact_filters.push(filter);
+        Ok(TcPath::Clsact)
+    }
+
     pub fn len(&self) -> usize {
-        self.links.len()
+        self.links.len() + self.link_fds.len() + self.clsact_filters.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.links.is_empty()
+        self.len() == 0
     }
+}
+
+/// libbpf-rs 0.27 does not wrap tcx, and libbpf's own helper wants the
+/// program loaded with a tcx attach type (which 6.1 refuses); a raw
+/// BPF_LINK_CREATE works with a plain `SEC("tc")` program everywhere.
+fn attach_tcx(
+    program: &ProgramMut,
+    ifindex: u32,
+    direction: TcDirection,
+) -> std::io::Result<OwnedFd> {
+    let attach_type = match direction {
+        TcDirection::Ingress => libbpf_sys::BPF_TCX_INGRESS,
+        TcDirection::Egress => libbpf_sys::BPF_TCX_EGRESS,
+    };
+    // SAFETY: plain descriptors and a null options pointer (no options).
+    let fd = unsafe {
+        libbpf_sys::bpf_link_create(
+            program.as_fd().as_raw_fd(),
+            ifindex as i32,
+            attach_type,
+            std::ptr::null(),
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::from_raw_os_error(-fd));
+    }
+    // SAFETY: the kernel just returned this descriptor and nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn attach_clsact(
+    program: &ProgramMut,
+    ifindex: u32,
+    direction: TcDirection,
+) -> Result<ClsactFilter> {
+    let point = match direction {
+        TcDirection::Ingress => TC_INGRESS,
+        TcDirection::Egress => TC_EGRESS,
+    };
+    let mut hook = TcHookBuilder::new(program.as_fd())
+        .ifindex(ifindex as i32)
+        .replace(true)
+        .handle(CLSACT_FILTER_HANDLE)
+        .priority(CLSACT_FILTER_PRIORITY)
+        .hook(point);
+    // libbpf-rs's create() hides whether the qdisc existed; ask libbpf.
+    let mut qdisc = libbpf_sys::bpf_tc_hook {
+        sz: std::mem::size_of::<libbpf_sys::bpf_tc_hook>() as _,
+        ifindex: ifindex as i32,
+        attach_point: point,
+        ..Default::default()
+    };
+    // SAFETY: qdisc is a complete bpf_tc_hook that outlives the call.
+    let created = unsafe { libbpf_sys::bpf_tc_hook_create(&mut qdisc) };
+    if created != 0 && created != -libc::EEXIST {
+        bail!(
+            "creating a clsact qdisc: {}",
+            std::io::Error::from_raw_os_error(-created)
+        );
+    }
+    // A filter of ours already there was left by a run that was killed: the
+    // qdisc is ours to remove as well.
+    let leftover = hook.query().is_ok();
+    hook.attach()?;
+    Ok(ClsactFilter {
+        hook,
+        remove_qdisc: created == 0 || leftover,
+    })
 }
 
 /// How many programs are attached to a cgroup for one attach type (a
