@@ -14,5 +14,6 @@ pub mod netns;
 pub mod privileges;
 pub mod proxy;
 pub mod redirect;
+pub mod servers;
 pub mod shutdown;
 pub mod sockopt;

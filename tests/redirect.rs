@@ -62,7 +62,7 @@ fn http_through_builtin_proxy_over_ipv4_ipv6_and_v4_mapped() {
         return;
     }
     let testbed = Testbed::new();
-    let _server = servers::http(&testbed.server, "[::]:80");
+    let _server = servers::http(&testbed.server, "[::]:80").unwrap();
     reject_direct_http_from_apps(&testbed);
     // The rule really rejects direct connections from the cgroup.
     let direct = curl(&testbed, &format!("http://{SERVER_V4}/"), &[]);
@@ -234,8 +234,8 @@ fn other_ports_excluded_destinations_and_the_proxys_own_connections_are_untouche
         return;
     }
     let testbed = Testbed::new();
-    let _web = servers::http(&testbed.server, "[::]:80");
-    let _other = servers::http(&testbed.server, "[::]:8080");
+    let _web = servers::http(&testbed.server, "[::]:80").unwrap();
+    let _other = servers::http(&testbed.server, "[::]:8080").unwrap();
     // The redirector runs inside the redirected cgroup itself.
     let redirector = testbed.redirect_in(
         &testbed.apps,
@@ -299,7 +299,7 @@ fn without_a_listening_proxy_connections_go_direct() {
         return;
     }
     let testbed = Testbed::new();
-    let _server = servers::http(&testbed.server, "[::]:80");
+    let _server = servers::http(&testbed.server, "[::]:80").unwrap();
     let redirector = testbed.redirect(&["--no-proxy"]);
     for url in [
         format!("http://{SERVER_V4}/"),
@@ -406,7 +406,7 @@ fn original_destination_maps_are_empty_after_many_connections() {
         return;
     }
     let testbed = Testbed::new();
-    let _server = servers::echo(&testbed.server, "[::]:80");
+    let _server = servers::echo(&testbed.server, "[::]:80").unwrap();
     let redirector = testbed.redirect(&[]);
     // 300 connections, v4 and v6, each sending and reading a little.
     let script = format!(
@@ -443,7 +443,7 @@ fn sigkill_leaves_nothing_attached_and_a_restart_works_at_once() {
         return;
     }
     let testbed = Testbed::new();
-    let _server = servers::http(&testbed.server, "[::]:80");
+    let _server = servers::http(&testbed.server, "[::]:80").unwrap();
     let redirector = testbed.redirect(&[]);
     assert_eq!(attached_programs(&testbed), 4);
     let out = curl(&testbed, &format!("http://{SERVER_V4}/"), &[]);
@@ -514,7 +514,7 @@ fn bad_input_fails_with_one_line_and_attaches_nothing() {
     }
 
     // An occupied proxy port.
-    let _occupier = servers::echo(&testbed.client, "127.0.0.1:15001");
+    let _occupier = servers::echo(&testbed.client, "127.0.0.1:15001").unwrap();
     let mut command = testbed.in_client_netns(BIN);
     command.args(["redirect", "-c", &apps, "--sockopt-cgroup", &parent]);
     let out = run(command);

@@ -3,7 +3,7 @@
 //! cgroup tree, a running `proxy-redirect` process, and small servers.
 #![allow(dead_code)]
 
-pub mod servers;
+pub use proxy_redirect::servers;
 
 use std::io::{BufRead, BufReader, Read};
 use std::path::PathBuf;

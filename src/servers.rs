@@ -1,5 +1,5 @@
-//! Small real servers for the tests, each on its own thread inside a network
-//! namespace, stopped on drop.
+//! Small real servers for the demo and the tests, each on its own thread
+//! inside a network namespace, stopped on drop.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -7,14 +7,16 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use proxy_redirect::netns::NetNs;
+use anyhow::{anyhow, Context, Result};
+
+use crate::netns::NetNs;
 
 /// A server thread; `peers` lists the client addresses it accepted.
 pub struct Server {
     pub addr: SocketAddr,
     pub peers: Arc<Mutex<Vec<SocketAddr>>>,
     stop: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<anyhow::Result<()>>>,
+    thread: Option<std::thread::JoinHandle<Result<()>>>,
 }
 
 impl Drop for Server {
@@ -34,12 +36,12 @@ impl Server {
 
 /// Serves HTTP/1.1 in `netns` on `addr`: a POST is answered with its own
 /// body; any other request with `peer=<client> local=<server>`.
-pub fn http(netns: &NetNs, addr: &str) -> Server {
+pub fn http(netns: &NetNs, addr: &str) -> Result<Server> {
     serve(netns, addr, handle_http)
 }
 
 /// Echoes every byte back until the client half-closes, then closes.
-pub fn echo(netns: &NetNs, addr: &str) -> Server {
+pub fn echo(netns: &NetNs, addr: &str) -> Result<Server> {
     serve(netns, addr, |mut stream: TcpStream| {
         let mut buffer = vec![0u8; 64 * 1024];
         loop {
@@ -52,45 +54,53 @@ pub fn echo(netns: &NetNs, addr: &str) -> Server {
     })
 }
 
-fn serve(netns: &NetNs, addr: &str, handler: fn(TcpStream) -> std::io::Result<()>) -> Server {
-    let addr: SocketAddr = addr.parse().expect("server address");
+fn serve(
+    netns: &NetNs,
+    addr: &str,
+    handler: fn(TcpStream) -> std::io::Result<()>,
+) -> Result<Server> {
+    let addr: SocketAddr = addr
+        .parse()
+        .with_context(|| format!("'{addr}' is not a socket address"))?;
     let stop = Arc::new(AtomicBool::new(false));
     let peers = Arc::new(Mutex::new(Vec::new()));
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let thread = {
         let stop = stop.clone();
         let peers = peers.clone();
-        netns
-            .spawn(move || {
-                let listener = TcpListener::bind(addr)?;
-                listener.set_nonblocking(true)?;
-                ready_tx.send(()).ok();
-                while !stop.load(Ordering::SeqCst) {
-                    match listener.accept() {
-                        Ok((stream, peer)) => {
-                            peers.lock().unwrap().push(peer);
-                            stream.set_nonblocking(false)?;
-                            std::thread::spawn(move || handler(stream));
-                        }
-                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                            std::thread::sleep(Duration::from_millis(2));
-                        }
-                        Err(e) => return Err(e.into()),
+        netns.spawn(move || {
+            let listener =
+                TcpListener::bind(addr).with_context(|| format!("binding a server to {addr}"))?;
+            listener.set_nonblocking(true)?;
+            ready_tx.send(()).ok();
+            while !stop.load(Ordering::SeqCst) {
+                match listener.accept() {
+                    Ok((stream, peer)) => {
+                        peers.lock().unwrap().push(peer);
+                        stream.set_nonblocking(false)?;
+                        std::thread::spawn(move || handler(stream));
                     }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        std::thread::sleep(Duration::from_millis(2));
+                    }
+                    Err(e) => return Err(e.into()),
                 }
-                Ok(())
-            })
-            .expect("server thread")
+            }
+            Ok(())
+        })?
     };
-    ready_rx
-        .recv_timeout(Duration::from_secs(5))
-        .unwrap_or_else(|_| panic!("server on {addr} did not start"));
-    Server {
+    if ready_rx.recv_timeout(Duration::from_secs(5)).is_err() {
+        return match thread.join() {
+            Ok(Err(err)) => Err(err),
+            _ => Err(anyhow!("the server on {addr} did not start")),
+        };
+    }
+    Ok(Server {
         addr,
         peers,
         stop,
         thread: Some(thread),
-    }
+    })
 }
 
 fn handle_http(mut stream: TcpStream) -> std::io::Result<()> {
