@@ -1,1 +1,465 @@
-fn main() {}
+//! `make bench` for redirect, in one interleaved run:
+//! - connections per second from the redirected cgroup to a server in
+//!   another netns (connect, 64-byte request, 64-byte reply, close): direct,
+//!   through `redirect` + the built-in proxy, and through iptables
+//!   `nat OUTPUT REDIRECT` + the same built-in proxy (`proxy-redirect proxy`);
+//! - the connect4 program's run time per call (kernel.bpf_stats_enabled);
+//! - bulk throughput (iperf3): direct, through the built-in proxy, and
+//!   through HAProxy (`option splice-auto`) behind the same redirect.
+//!
+//! Each arm has namespaces of its own: a nat table, once created in a
+//! netns, keeps conntrack on there. `BENCH_QUICK=1` runs a short smoke test.
+
+#[path = "../common/mod.rs"]
+#[allow(unused_imports)]
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use proxy_redirect::netns::{self, NetNs};
+
+const MESSAGE: usize = 64;
+const CPS_PORT: u16 = 80;
+const BULK_PORT: u16 = 443;
+
+struct Settings {
+    rounds: usize,
+    cps_seconds: f64,
+    bulk_seconds: u32,
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(i) = args.iter().position(|a| a == "cps-client") {
+        return cps_client(&args[i + 1..]);
+    }
+    if !have_root() {
+        return;
+    }
+    let quick = std::env::var("BENCH_QUICK").is_ok();
+    let settings = Settings {
+        rounds: if quick { 1 } else { 5 },
+        cps_seconds: if quick { 0.5 } else { 2.0 },
+        bulk_seconds: if quick { 1 } else { 3 },
+    };
+    print_machine();
+    connections_per_second(&settings);
+    bulk_throughput(&settings);
+}
+
+fn print_machine() {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("model name")
+                .map(|v| v.trim_start_matches([' ', '\t', ':']).to_owned())
+        })
+        .unwrap_or_default();
+    let kernel = nix::sys::utsname::uname().map(|u| u.release().to_string_lossy().into_owned());
+    println!(
+        "machine: {} x {cpu}, kernel {}",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        kernel.unwrap_or_default()
+    );
+}
+
+/// A testbed tuned for many short connections.
+fn bench_testbed() -> Testbed {
+    let testbed = Testbed::new();
+    for ns in [&testbed.client, &testbed.server] {
+        for setting in [
+            "net.ipv4.tcp_tw_reuse=1",
+            "net.ipv4.ip_local_port_range=1024 65000",
+        ] {
+            let mut command = netns::command_in("sysctl", Some(ns), None).unwrap();
+            command.args(["-qw", setting]);
+            assert!(run(command).status.success(), "sysctl {setting}");
+        }
+    }
+    testbed
+}
+
+/// The 64-byte request/reply server: answers inline and closes first, so
+/// TIME_WAIT stays on the server side.
+fn start_cps_server(ns: &NetNs) -> Arc<AtomicBool> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    for addr in [
+        format!("{SERVER_V4}:{CPS_PORT}"),
+        format!("[{SERVER_V6}]:{CPS_PORT}"),
+    ] {
+        let stop = stop.clone();
+        let ready_tx = ready_tx.clone();
+        ns.spawn(move || {
+            let listener = TcpListener::bind(&addr)?;
+            listener.set_nonblocking(true)?;
+            ready_tx.send(()).ok();
+            let mut buffer = [0u8; MESSAGE];
+            while !stop.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((mut stream, _)) => {
+                        stream.set_nonblocking(false)?;
+                        if stream.read_exact(&mut buffer).is_ok() {
+                            let _ = stream.write_all(&buffer);
+                        }
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_micros(200)),
+                }
+            }
+            Ok(())
+        })
+        .unwrap();
+    }
+    for _ in 0..2 {
+        ready_rx
+            .recv_timeout(Duration::from_secs(5))
+            .expect("cps server");
+    }
+    stop
+}
+
+/// `cps-client ADDR SECONDS`: runs inside the cgroup; prints "N SECONDS".
+fn cps_client(args: &[String]) {
+    let addr: SocketAddr = args[0].parse().unwrap();
+    let seconds: f64 = args[1].parse().unwrap();
+    let done = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let deadline = start + Duration::from_secs_f64(seconds);
+    let threads: Vec<_> = (0..2)
+        .map(|_| {
+            let done = done.clone();
+            std::thread::spawn(move || {
+                let request = [7u8; MESSAGE];
+                let mut reply = [0u8; MESSAGE];
+                while Instant::now() < deadline {
+                    let mut stream = TcpStream::connect(addr).expect("connect");
+                    stream.write_all(&request).unwrap();
+                    stream.read_exact(&mut reply).unwrap();
+                    done.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    println!(
+        "{} {}",
+        done.load(Ordering::Relaxed),
+        start.elapsed().as_secs_f64()
+    );
+}
+
+fn measure_cps(testbed: &Testbed, seconds: f64) -> f64 {
+    let exe = std::env::current_exe().unwrap();
+    let mut command = testbed.in_apps(&exe.display().to_string());
+    command.args([
+        "cps-client",
+        &format!("{SERVER_V4}:{CPS_PORT}"),
+        &seconds.to_string(),
+    ]);
+    let out = run(command);
+    assert!(
+        out.status.success(),
+        "client: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut fields = text.split_whitespace().map(|f| f.parse::<f64>().unwrap());
+    let (count, elapsed) = (fields.next().unwrap(), fields.next().unwrap());
+    count / elapsed
+}
+
+fn in_netns(ns: &NetNs, program: &str, args: &[&str]) {
+    let mut command = netns::command_in(program, Some(ns), None).unwrap();
+    command.args(args);
+    let out = run(command);
+    assert!(
+        out.status.success(),
+        "{program} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn builtin_proxy(testbed: &Testbed) -> Running {
+    Running::start(
+        BIN,
+        &["proxy".into(), "-l".into(), "127.0.0.1:15001".into()],
+        Some(&testbed.client),
+        Some(&testbed.proxy),
+        "Proxy listening",
+    )
+}
+
+fn iptables_redirect(testbed: &Testbed, port: u16) {
+    let path = testbed.apps.relative_path().unwrap().display().to_string();
+    in_netns(
+        &testbed.client,
+        "iptables",
+        &[
+            "-t",
+            "nat",
+            "-A",
+            "OUTPUT",
+            "-p",
+            "tcp",
+            "--dport",
+            &port.to_string(),
+            "-m",
+            "cgroup",
+            "--path",
+            &path,
+            "-j",
+            "REDIRECT",
+            "--to-ports",
+            "15001",
+        ],
+    );
+}
+
+struct BpfStats {
+    run_time_ns: u64,
+    run_count: u64,
+}
+
+/// Run time and count of the connect4 program, from `bpftool prog show`.
+fn connect4_stats() -> Option<BpfStats> {
+    let out = Command::new("bpftool")
+        .args(["-j", "prog", "show"])
+        .output()
+        .ok()?;
+    let progs: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    progs.as_array()?.iter().find_map(|p| {
+        p["name"]
+            .as_str()?
+            .starts_with("redirect_connec")
+            .then(|| BpfStats {
+                run_time_ns: p["run_time_ns"].as_u64().unwrap_or(0),
+                run_count: p["run_cnt"].as_u64().unwrap_or(0),
+            })
+    })
+}
+
+fn set_bpf_stats(enabled: bool) -> String {
+    let path = "/proc/sys/kernel/bpf_stats_enabled";
+    let before = std::fs::read_to_string(path).unwrap_or_default();
+    std::fs::write(path, if enabled { "1" } else { "0" }).expect("kernel.bpf_stats_enabled");
+    before.trim().to_owned()
+}
+
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    values[values.len() / 2]
+}
+
+fn connections_per_second(settings: &Settings) {
+    println!(
+        "\n== Connections per second: connect, {MESSAGE} B request, {MESSAGE} B reply, close \
+         (2 client threads, {} rounds x {} s, interleaved) ==",
+        settings.rounds, settings.cps_seconds
+    );
+    let direct = bench_testbed();
+    let _direct_server = start_cps_server(&direct.server);
+
+    let bpf = bench_testbed();
+    let _bpf_server = start_cps_server(&bpf.server);
+    let bpf_stats_before = set_bpf_stats(true);
+    let redirector = bpf.redirect_without_events(&bpf.proxy, &["-P", &CPS_PORT.to_string()]);
+
+    let iptables = bench_testbed();
+    let _ipt_server = start_cps_server(&iptables.server);
+    let _ipt_proxy = builtin_proxy(&iptables);
+    iptables_redirect(&iptables, CPS_PORT);
+
+    let arms: [(&str, &Testbed); 3] = [
+        ("direct", &direct),
+        ("redirect + built-in proxy", &bpf),
+        ("iptables REDIRECT + built-in proxy", &iptables),
+    ];
+    let mut results = vec![Vec::new(); arms.len()];
+    let stats_start = connect4_stats();
+    for round in 0..settings.rounds {
+        for (i, (name, testbed)) in arms.iter().enumerate() {
+            let cps = measure_cps(testbed, settings.cps_seconds);
+            println!("  round {round} {name:<36} {cps:>10.0} conn/s");
+            results[i].push(cps);
+        }
+    }
+    let stats_end = connect4_stats();
+    let (_, output, _) = redirector.stop();
+    set_bpf_stats(bpf_stats_before == "1");
+    assert!(
+        stat(&output, "redirected") > 0,
+        "redirect did not redirect:\n{output}"
+    );
+
+    let medians: Vec<f64> = results.iter_mut().map(|r| median(r)).collect();
+    println!(
+        "\n  {:<36} {:>12} {:>10} {:>12}",
+        "arm", "median cps", "vs direct", "vs iptables"
+    );
+    for (i, (name, _)) in arms.iter().enumerate() {
+        println!(
+            "  {name:<36} {:>12.0} {:>9.2}x {:>11.2}x",
+            medians[i],
+            medians[i] / medians[0],
+            medians[i] / medians[2]
+        );
+    }
+    if let (Some(a), Some(b)) = (stats_start, stats_end) {
+        let calls = b.run_count - a.run_count;
+        if calls > 0 {
+            println!(
+                "\n  connect4 program: {:.0} ns per call over {calls} calls (kernel.bpf_stats_enabled)",
+                (b.run_time_ns - a.run_time_ns) as f64 / calls as f64
+            );
+        }
+    }
+    println!(
+        "  target: redirect no slower than iptables REDIRECT with the same proxy: {}",
+        if medians[1] >= medians[2] * 0.97 {
+            "met"
+        } else {
+            "NOT met"
+        }
+    );
+}
+
+const HAPROXY_CONFIG: &str = "\
+global
+    maxconn 4000
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 60s
+    timeout server 60s
+    option splice-auto
+frontend redirected
+    bind 127.0.0.1:15001
+    default_backend original_destination
+backend original_destination
+    # 0.0.0.0:0 = the connection's original destination (SO_ORIGINAL_DST)
+    server original 0.0.0.0:0
+";
+
+fn iperf3_bits_per_second(testbed: &Testbed, seconds: u32) -> f64 {
+    let mut command = testbed.in_apps("iperf3");
+    command.args([
+        "-c",
+        SERVER_V4,
+        "-p",
+        &BULK_PORT.to_string(),
+        "-t",
+        &seconds.to_string(),
+        "-J",
+    ]);
+    let out = run(command);
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|_| panic!("iperf3: {}", String::from_utf8_lossy(&out.stderr)));
+    report["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .unwrap_or_else(|| panic!("iperf3 report: {report}"))
+}
+
+fn start_iperf3_server(testbed: &Testbed) -> Running {
+    Running::start(
+        "iperf3",
+        &[
+            "-s".into(),
+            "-p".into(),
+            BULK_PORT.to_string(),
+            "--forceflush".into(),
+        ],
+        Some(&testbed.server),
+        None,
+        "Server listening",
+    )
+}
+
+fn bulk_throughput(settings: &Settings) {
+    println!(
+        "\n== Bulk throughput (iperf3, client -> server, {} rounds x {} s, interleaved) ==",
+        settings.rounds.min(3),
+        settings.bulk_seconds
+    );
+    let direct = Testbed::new();
+    let _direct_server = start_iperf3_server(&direct);
+
+    let builtin = Testbed::new();
+    let _builtin_server = start_iperf3_server(&builtin);
+    let builtin_redirect =
+        builtin.redirect_without_events(&builtin.proxy, &["-P", &BULK_PORT.to_string()]);
+
+    let haproxy = Testbed::new();
+    let _haproxy_server = start_iperf3_server(&haproxy);
+    let dir = TempDir::new();
+    let config = dir.join("haproxy.cfg");
+    std::fs::write(&config, HAPROXY_CONFIG).unwrap();
+    let mut haproxy_process =
+        netns::command_in("haproxy", Some(&haproxy.client), Some(&haproxy.proxy))
+            .unwrap()
+            .args(["-db", "-f"])
+            .arg(&config)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("haproxy");
+    std::thread::sleep(Duration::from_millis(500));
+    if let Some(status) = haproxy_process.try_wait().unwrap() {
+        panic!("haproxy exited at once ({status}); its error is above");
+    }
+    let haproxy_redirect = haproxy.redirect_without_events(
+        &haproxy.proxy,
+        &["-P", &BULK_PORT.to_string(), "--no-proxy"],
+    );
+
+    let arms: [(&str, &Testbed); 3] = [
+        ("direct", &direct),
+        ("redirect + built-in proxy", &builtin),
+        ("redirect + HAProxy splice-auto", &haproxy),
+    ];
+    let mut results = vec![Vec::new(); arms.len()];
+    for round in 0..settings.rounds.min(3) {
+        for (i, (name, testbed)) in arms.iter().enumerate() {
+            let gbps = iperf3_bits_per_second(testbed, settings.bulk_seconds) / 1e9;
+            println!("  round {round} {name:<36} {gbps:>8.2} Gbit/s");
+            results[i].push(gbps);
+        }
+    }
+    let _ = haproxy_process.kill();
+    let _ = haproxy_process.wait();
+    for redirector in [builtin_redirect, haproxy_redirect] {
+        let (_, output, _) = redirector.stop();
+        assert!(
+            stat(&output, "redirected") > 0,
+            "redirect did not redirect:\n{output}"
+        );
+    }
+    let medians: Vec<f64> = results.iter_mut().map(|r| median(r)).collect();
+    println!(
+        "\n  {:<36} {:>12} {:>10} {:>12}",
+        "arm", "Gbit/s", "vs direct", "vs HAProxy"
+    );
+    for (i, (name, _)) in arms.iter().enumerate() {
+        println!(
+            "  {name:<36} {:>12.2} {:>9.2}x {:>11.2}x",
+            medians[i],
+            medians[i] / medians[0],
+            medians[i] / medians[2]
+        );
+    }
+    println!(
+        "  target: built-in proxy at least as fast as HAProxy: {}",
+        if medians[1] >= medians[2] * 0.97 {
+            "met"
+        } else {
+            "NOT met"
+        }
+    );
+}

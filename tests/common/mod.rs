@@ -96,13 +96,19 @@ impl Testbed {
     }
 
     pub fn redirect_in(&self, cgroup: &ChildCgroup, extra: &[&str]) -> Running {
+        let mut args = vec!["--json"];
+        args.extend_from_slice(extra);
+        self.redirect_without_events(cgroup, &args)
+    }
+
+    /// `redirect` printing no events (as benchmarks run it).
+    pub fn redirect_without_events(&self, cgroup: &ChildCgroup, extra: &[&str]) -> Running {
         let mut args = vec![
             "redirect".to_owned(),
             "-c".into(),
             self.apps.path().display().to_string(),
             "--sockopt-cgroup".into(),
             self.parent.path().display().to_string(),
-            "--json".into(),
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
         Running::start(BIN, &args, Some(&self.client), Some(cgroup), "Attached")
