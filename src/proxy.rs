@@ -2,11 +2,13 @@
 //! proxy of `redirect`).
 //!
 //! Architecture: one tokio event loop with a worker per core holds every
-//! connection as a task; each direction moves its bytes with splice(2)
-//! through a pipe, so the payload passes between the two sockets as page
-//! references and is never copied through user space. This is what lets a
-//! two-thread relay keep up with HAProxy's `splice-auto` in BENCHMARKS.md.
-//! Memory per connection is bounded: two pipes of `PIPE_SIZE`.
+//! connection as a task. Each direction starts by copying through a small
+//! buffer (short exchanges then cost no pipes); once a read fills the whole
+//! buffer it moves to splice(2) through a pipe, so bulk payload passes
+//! between the two sockets as page references and is never copied through
+//! user space. This is what lets a two-thread relay beat HAProxy's
+//! `splice-auto` in BENCHMARKS.md. Memory per connection is bounded: a
+//! buffer of `COPY_BUFFER` and a pipe of `PIPE_SIZE` per direction.
 //!
 //! A socket in a sockmap (`bypass`) hands its data to recvmsg but not to
 //! splice: when a readable socket gives splice nothing while recv(MSG_PEEK)
@@ -33,8 +35,8 @@ use crate::{cli, shutdown};
 
 /// Bytes a pipe (one per direction) may hold; also the largest splice.
 const PIPE_SIZE: usize = 256 * 1024;
-/// Buffer of a direction that had to fall back from splice to copying.
-const COPY_BUFFER: usize = 64 * 1024;
+/// Buffer of a direction while it copies (before splicing, or instead).
+const COPY_BUFFER: usize = 32 * 1024;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Marks the proxy's upstream sockets so `redirect` never sends them back.
 pub const DEFAULT_MARK: u32 = 0x5052;
@@ -347,15 +349,32 @@ async fn pump(
     counter: &AtomicU64,
     stats: &ProxyStats,
 ) -> io::Result<()> {
+    // Short exchanges never pay for pipes: copy until one read fills the
+    // whole buffer (a bulk transfer), then splice.
+    let mut buffer = vec![0u8; COPY_BUFFER];
+    if copy(src, dst, &mut buffer, counter, CopyUntil::FullRead).await? == Copied::FullRead {
+        splice_all(src, dst, &mut buffer, counter, stats).await?;
+    }
+    shutdown_write(dst);
+    Ok(())
+}
+
+async fn splice_all(
+    src: &TcpStream,
+    dst: &TcpStream,
+    buffer: &mut [u8],
+    counter: &AtomicU64,
+    stats: &ProxyStats,
+) -> io::Result<()> {
     let pipe = Pipe::new()?;
     loop {
         let filled = match fill_pipe(src, &pipe).await? {
             Fill::Bytes(n) => n,
-            Fill::Eof => break,
+            Fill::Eof => return Ok(()),
             Fill::Unspliceable => {
                 stats.copy_fallbacks.fetch_add(1, Ordering::Relaxed);
-                copy(src, dst, counter).await?;
-                break;
+                copy(src, dst, buffer, counter, CopyUntil::Eof).await?;
+                return Ok(());
             }
         };
         let mut left = filled;
@@ -371,8 +390,6 @@ async fn pump(
         }
         counter.fetch_add(filled as u64, Ordering::Relaxed);
     }
-    shutdown_write(dst);
-    Ok(())
 }
 
 enum Fill {
@@ -424,13 +441,31 @@ fn has_data_to_recv(fd: RawFd) -> bool {
     n > 0
 }
 
-/// The fallback for sockets splice cannot read: plain recv/send.
-async fn copy(src: &TcpStream, dst: &TcpStream, counter: &AtomicU64) -> io::Result<()> {
-    let mut buffer = vec![0u8; COPY_BUFFER];
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CopyUntil {
+    Eof,
+    FullRead,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Copied {
+    Eof,
+    FullRead,
+}
+
+/// Plain recv/send through `buffer`: the start of every connection, and the
+/// fallback for sockets that splice cannot read.
+async fn copy(
+    src: &TcpStream,
+    dst: &TcpStream,
+    buffer: &mut [u8],
+    counter: &AtomicU64,
+    until: CopyUntil,
+) -> io::Result<Copied> {
     loop {
         src.readable().await?;
-        let n = match src.try_read(&mut buffer) {
-            Ok(0) => return Ok(()),
+        let n = match src.try_read(buffer) {
+            Ok(0) => return Ok(Copied::Eof),
             Ok(n) => n,
             Err(err) if err.kind() == io::ErrorKind::WouldBlock => continue,
             Err(err) => return Err(err),
@@ -445,6 +480,9 @@ async fn copy(src: &TcpStream, dst: &TcpStream, counter: &AtomicU64) -> io::Resu
             }
         }
         counter.fetch_add(n as u64, Ordering::Relaxed);
+        if until == CopyUntil::FullRead && n == buffer.len() {
+            return Ok(Copied::FullRead);
+        }
     }
 }
 
