@@ -544,3 +544,89 @@ fn bad_input_fails_with_one_line_and_attaches_nothing() {
 
     assert_eq!(attached_programs(&testbed), 0);
 }
+
+#[test]
+fn include_networks_excluded_users_and_udp() {
+    if !have_root() {
+        return;
+    }
+    let testbed = Testbed::new();
+    let _server = servers::http(&testbed.server, "[::]:80").unwrap();
+    let udp_echo = testbed
+        .server
+        .spawn(|| {
+            let socket = std::net::UdpSocket::bind("[::]:80")?;
+            socket.set_read_timeout(Some(Duration::from_secs(20)))?;
+            let mut buffer = [0u8; 64];
+            for _ in 0..2 {
+                let (n, peer) = socket.recv_from(&mut buffer)?;
+                socket.send_to(&buffer[..n], peer)?;
+            }
+            Ok(())
+        })
+        .unwrap();
+    let redirector = testbed.redirect(&[
+        "--include",
+        "10.77.0.0/31",
+        "--include",
+        &format!("{SERVER_V6}/128"),
+        "-u",
+        "nobody",
+    ]);
+    let out = curl(&testbed, &format!("http://{SERVER_V4}/"), &[]);
+    assert!(out.status.success());
+    let out = curl(&testbed, &format!("http://[{SERVER_V6}]/"), &[]);
+    assert!(out.status.success());
+    // As user nobody (the process joins the cgroup as root, then drops).
+    let script = format!(
+        "import os, socket\nos.setgid(65534)\nos.setuid(65534)\n\
+         socket.create_connection(('{SERVER_V6}', 80), timeout=10).close()"
+    );
+    let mut command = testbed.in_apps(PYTHON);
+    command.args(["-c", &script]);
+    let out = run(command);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // UDP to a redirected port is not touched: a connected UDP socket only
+    // accepts the reply from the address it sent to.
+    let script = format!(
+        "import socket\nfor family, host in ((socket.AF_INET, '{SERVER_V4}'), (socket.AF_INET6, '{SERVER_V6}')):\n    \
+         s = socket.socket(family, socket.SOCK_DGRAM)\n    s.settimeout(10)\n    s.connect((host, 80))\n    \
+         s.send(b'udp ping')\n    assert s.recv(64) == b'udp ping'\nprint('udp ok')"
+    );
+    let mut command = testbed.in_apps(PYTHON);
+    command.args(["-c", &script]);
+    let out = run(command);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    udp_echo.join().unwrap().unwrap();
+
+    let (_, output, _) = redirector.stop();
+    let events = json_events(&output);
+    let summary: Vec<(String, String)> = events
+        .iter()
+        .map(|e| (e["action"].to_string(), e["reason"].to_string()))
+        .collect();
+    let expected = [
+        ("\"bypass\"", "\"not in an included network\""),
+        ("\"redirect\"", "null"),
+        ("\"bypass\"", "\"excluded user\""),
+    ];
+    let expected: Vec<(String, String)> = expected
+        .iter()
+        .map(|(a, r)| (a.to_string(), r.to_string()))
+        .collect();
+    assert_eq!(summary, expected, "{output}");
+    assert_eq!(events[2]["uid"], 65534);
+    assert_eq!(
+        stat(&output, "TCP connects seen"),
+        3,
+        "UDP must not be counted"
+    );
+}
