@@ -630,3 +630,32 @@ fn include_networks_excluded_users_and_udp() {
         "UDP must not be counted"
     );
 }
+
+#[test]
+fn builtin_proxy_holds_a_thousand_concurrent_connections() {
+    if !have_root() {
+        return;
+    }
+    let testbed = Testbed::new();
+    let _server = servers::echo(&testbed.server, "[::]:80").unwrap();
+    let redirector = testbed.redirect_without_events(&testbed.proxy, &[]);
+    let script = format!(
+        "import resource, socket\nresource.setrlimit(resource.RLIMIT_NOFILE, (4096, 4096))\n\
+         socks = [socket.create_connection(('{SERVER_V4}', 80), timeout=30) for i in range(1000)]\n\
+         for i, s in enumerate(socks): s.sendall(b'message %d' % i)\n\
+         for i, s in enumerate(socks): assert s.recv(100) == b'message %d' % i, i\n\
+         for s in socks: s.close()\nprint('ok')"
+    );
+    let mut command = testbed.in_apps(PYTHON);
+    command.args(["-c", &script]);
+    let out = run(command);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let (_, output, _) = redirector.stop();
+    assert_eq!(stat(&output, "connections accepted"), 1000);
+    assert_eq!(stat(&output, "relayed to the end"), 1000);
+}
