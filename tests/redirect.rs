@@ -659,3 +659,48 @@ fn builtin_proxy_holds_a_thousand_concurrent_connections() {
     assert_eq!(stat(&output, "connections accepted"), 1000);
     assert_eq!(stat(&output, "relayed to the end"), 1000);
 }
+
+#[test]
+fn builtin_proxy_passes_half_close_and_is_never_an_open_relay() {
+    if !have_root() {
+        return;
+    }
+    let testbed = Testbed::new();
+    let _server = servers::echo(&testbed.server, "[::]:80").unwrap();
+    let redirector = testbed.redirect(&[]);
+    // The client half-closes after sending; the echo server sees EOF only if
+    // the proxy passes the FIN on, and the client sees EOF only if the
+    // proxy passes the server's close back.
+    let script = format!(
+        "import socket\ndata = bytes(range(256)) * 800\n\
+         s = socket.create_connection(('{SERVER_V4}', 80), timeout=10)\ns.sendall(data)\n\
+         s.shutdown(socket.SHUT_WR)\nreply = b''\nwhile True:\n    chunk = s.recv(65536)\n    \
+         if not chunk: break\n    reply += chunk\nassert reply == data, len(reply)\nprint('ok')"
+    );
+    let mut command = testbed.in_apps(PYTHON);
+    command.args(["-c", &script]);
+    let out = run(command);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // A direct connection to the proxy has no original destination.
+    let script = "import socket\ns = socket.create_connection(('127.0.0.1', 15001), timeout=10)\n\
+                  s.sendall(b'GET / HTTP/1.0\\r\\n\\r\\n')\nassert s.recv(100) == b''\nprint('closed')";
+    let mut command = testbed.in_client_netns(PYTHON);
+    command.args(["-c", script]);
+    let out = run(command);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (_, output, stderr) = redirector.stop();
+    assert_eq!(stat(&output, "relayed to the end"), 1);
+    assert_eq!(
+        stat(&output, "refused (no original destination or a loop)"),
+        1
+    );
+    assert!(stderr.contains("no original destination"), "{stderr}");
+}
