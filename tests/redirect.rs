@@ -19,6 +19,18 @@ fn curl(testbed: &Testbed, url: &str, extra: &[&str]) -> std::process::Output {
     run(command)
 }
 
+/// Runs a python script; it must succeed. Returns its stdout.
+fn python(mut command: std::process::Command, script: &str) -> String {
+    command.args(["-c", script]);
+    let out = run(command);
+    assert!(
+        out.status.success(),
+        "python: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 fn reject_direct_http_from_apps(testbed: &Testbed) {
     let path = testbed.apps.relative_path().unwrap();
     let mut command = testbed.in_client_netns("iptables");
@@ -174,13 +186,11 @@ fn start_socket_api_proxy(testbed: &Testbed) -> Running {
 }
 
 /// Connects from `apps` with python (plain connect, nothing else).
-fn connect_from_apps(testbed: &Testbed, host: &str, port: u16) -> std::process::Output {
+fn connect_from_apps(testbed: &Testbed, host: &str, port: u16) {
     let script = format!(
         "import socket\ns = socket.create_connection(('{host}', {port}), timeout=10)\ns.close()"
     );
-    let mut command = testbed.in_apps(PYTHON);
-    command.args(["-c", &script]);
-    run(command)
+    python(testbed.in_apps(PYTHON), &script);
 }
 
 #[test]
@@ -196,7 +206,7 @@ fn socket_api_proxy_reads_original_destination_as_after_iptables_redirect() {
         (SERVER_V6, 8443, format!("orig [{SERVER_V6}]:8443")),
         ("::ffff:10.77.0.2", 80, format!("orig {SERVER_V4}:80")),
     ] {
-        assert!(connect_from_apps(&testbed, host, port).status.success());
+        connect_from_apps(&testbed, host, port);
         let line = proxy.wait_for_line(|l| l.starts_with("orig"), Duration::from_secs(10));
         assert_eq!(
             line.as_deref(),
@@ -221,7 +231,7 @@ fn socket_api_proxy_reads_original_destination_as_after_iptables_redirect() {
             "{tool}: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        assert!(connect_from_apps(&testbed, host, 80).status.success());
+        connect_from_apps(&testbed, host, 80);
         let line = proxy.wait_for_line(|l| l.starts_with("orig"), Duration::from_secs(10));
         assert_eq!(line.as_deref(), Some(expected.as_str()), "{tool} REDIRECT");
     }
@@ -252,9 +262,7 @@ fn other_ports_excluded_destinations_and_the_proxys_own_connections_are_untouche
         "import socket\ns = socket.socket()\ns.setsockopt(socket.SOL_SOCKET, 36, 0x5052)\n\
          s.settimeout(10)\ns.connect(('{SERVER_V4}', 80))\ns.close()"
     );
-    let mut command = testbed.in_apps(PYTHON);
-    command.args(["-c", &script]);
-    assert!(run(command).status.success());
+    python(testbed.in_apps(PYTHON), &script);
     let (status, output, _) = redirector.stop();
     assert!(status.success());
     let events = json_events(&output);
@@ -414,14 +422,7 @@ fn original_destination_maps_are_empty_after_many_connections() {
          s = socket.create_connection((host, 80), timeout=10)\n    s.sendall(b'ping %d' % i)\n    \
          assert s.recv(100) == b'ping %d' % i\n    s.close()\nprint('done')"
     );
-    let mut command = testbed.in_apps(PYTHON);
-    command.args(["-c", &script]);
-    let out = run(command);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    python(testbed.in_apps(PYTHON), &script);
     // Let the last closes pass through TCP_CLOSE.
     std::thread::sleep(Duration::from_millis(500));
     let (_, output, _) = redirector.stop();
@@ -582,14 +583,7 @@ fn include_networks_excluded_users_and_udp() {
         "import os, socket\nos.setgid(65534)\nos.setuid(65534)\n\
          socket.create_connection(('{SERVER_V6}', 80), timeout=10).close()"
     );
-    let mut command = testbed.in_apps(PYTHON);
-    command.args(["-c", &script]);
-    let out = run(command);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    python(testbed.in_apps(PYTHON), &script);
     // UDP to a redirected port is not touched: a connected UDP socket only
     // accepts the reply from the address it sent to.
     let script = format!(
@@ -597,14 +591,7 @@ fn include_networks_excluded_users_and_udp() {
          s = socket.socket(family, socket.SOCK_DGRAM)\n    s.settimeout(10)\n    s.connect((host, 80))\n    \
          s.send(b'udp ping')\n    assert s.recv(64) == b'udp ping'\nprint('udp ok')"
     );
-    let mut command = testbed.in_apps(PYTHON);
-    command.args(["-c", &script]);
-    let out = run(command);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    python(testbed.in_apps(PYTHON), &script);
     udp_echo.join().unwrap().unwrap();
 
     let (_, output, _) = redirector.stop();
@@ -646,14 +633,7 @@ fn builtin_proxy_holds_a_thousand_concurrent_connections() {
          for i, s in enumerate(socks): assert s.recv(100) == b'message %d' % i, i\n\
          for s in socks: s.close()\nprint('ok')"
     );
-    let mut command = testbed.in_apps(PYTHON);
-    command.args(["-c", &script]);
-    let out = run(command);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    python(testbed.in_apps(PYTHON), &script);
     std::thread::sleep(Duration::from_millis(300));
     let (_, output, _) = redirector.stop();
     assert_eq!(stat(&output, "connections accepted"), 1000);
@@ -677,25 +657,11 @@ fn builtin_proxy_passes_half_close_and_is_never_an_open_relay() {
          s.shutdown(socket.SHUT_WR)\nreply = b''\nwhile True:\n    chunk = s.recv(65536)\n    \
          if not chunk: break\n    reply += chunk\nassert reply == data, len(reply)\nprint('ok')"
     );
-    let mut command = testbed.in_apps(PYTHON);
-    command.args(["-c", &script]);
-    let out = run(command);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    python(testbed.in_apps(PYTHON), &script);
     // A direct connection to the proxy has no original destination.
     let script = "import socket\ns = socket.create_connection(('127.0.0.1', 15001), timeout=10)\n\
                   s.sendall(b'GET / HTTP/1.0\\r\\n\\r\\n')\nassert s.recv(100) == b''\nprint('closed')";
-    let mut command = testbed.in_client_netns(PYTHON);
-    command.args(["-c", script]);
-    let out = run(command);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    python(testbed.in_client_netns(PYTHON), script);
     let (_, output, stderr) = redirector.stop();
     assert_eq!(stat(&output, "relayed to the end"), 1);
     assert_eq!(

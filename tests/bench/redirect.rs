@@ -13,6 +13,7 @@
 #[path = "../common/mod.rs"]
 #[allow(unused_imports)]
 mod common;
+mod report;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -48,26 +49,9 @@ fn main() {
         cps_seconds: if quick { 0.5 } else { 2.0 },
         bulk_seconds: if quick { 1 } else { 3 },
     };
-    print_machine();
+    report::print_machine();
     connections_per_second(&settings);
     bulk_throughput(&settings);
-}
-
-fn print_machine() {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix("model name")
-                .map(|v| v.trim_start_matches([' ', '\t', ':']).to_owned())
-        })
-        .unwrap_or_default();
-    let kernel = nix::sys::utsname::uname().map(|u| u.release().to_string_lossy().into_owned());
-    println!(
-        "machine: {} x {cpu}, kernel {}",
-        std::thread::available_parallelism().map_or(0, |n| n.get()),
-        kernel.unwrap_or_default()
-    );
 }
 
 /// A testbed tuned for many short connections.
@@ -254,11 +238,6 @@ fn set_bpf_stats(enabled: bool) -> String {
     before.trim().to_owned()
 }
 
-fn median(values: &mut [f64]) -> f64 {
-    values.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    values[values.len() / 2]
-}
-
 fn connections_per_second(settings: &Settings) {
     println!(
         "\n== Connections per second: connect, {MESSAGE} B request, {MESSAGE} B reply, close \
@@ -300,19 +279,8 @@ fn connections_per_second(settings: &Settings) {
         "redirect did not redirect:\n{output}"
     );
 
-    let medians: Vec<f64> = results.iter_mut().map(|r| median(r)).collect();
-    println!(
-        "\n  {:<36} {:>12} {:>10} {:>12}",
-        "arm", "median cps", "vs direct", "vs iptables"
-    );
-    for (i, (name, _)) in arms.iter().enumerate() {
-        println!(
-            "  {name:<36} {:>12.0} {:>9.2}x {:>11.2}x",
-            medians[i],
-            medians[i] / medians[0],
-            medians[i] / medians[2]
-        );
-    }
+    let names: Vec<&str> = arms.iter().map(|(name, _)| *name).collect();
+    let medians = report::ratio_table("median conn/s", &names, &mut results, 2);
     if let (Some(a), Some(b)) = (stats_start, stats_end) {
         let calls = b.run_count - a.run_count;
         if calls > 0 {
@@ -441,19 +409,8 @@ fn bulk_throughput(settings: &Settings) {
             "redirect did not redirect:\n{output}"
         );
     }
-    let medians: Vec<f64> = results.iter_mut().map(|r| median(r)).collect();
-    println!(
-        "\n  {:<36} {:>12} {:>10} {:>12}",
-        "arm", "Gbit/s", "vs direct", "vs HAProxy"
-    );
-    for (i, (name, _)) in arms.iter().enumerate() {
-        println!(
-            "  {name:<36} {:>12.2} {:>9.2}x {:>11.2}x",
-            medians[i],
-            medians[i] / medians[0],
-            medians[i] / medians[2]
-        );
-    }
+    let names: Vec<&str> = arms.iter().map(|(name, _)| *name).collect();
+    let medians = report::ratio_table("median Gbit/s", &names, &mut results, 2);
     println!(
         "  target: built-in proxy at least as fast as HAProxy: {}",
         if medians[1] >= medians[2] * 0.97 {
