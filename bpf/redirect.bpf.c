@@ -8,7 +8,8 @@
  * cannot read the cookie of the proxy's accepted socket (and that socket is
  * not the client's), so sockops re-keys the record by the connection's
  * 4-tuple once it is established, and getsockopt looks it up by its own
- * 4-tuple. STATE_CB removes the record when the connection closes.
+ * 4-tuple. STATE_CB on the proxy's accepted socket removes the record when
+ * the proxy's end of the connection closes.
  */
 #include "lib/common.h"
 #include "redirect.h"
@@ -65,7 +66,8 @@ struct {
 	__type(value, struct endpoint);
 } orig_dst_by_cookie SEC(".maps");
 
-/* Connection 4-tuple (proxy side) -> original destination, while open. */
+/* Connection 4-tuple (proxy side) -> original destination, while the
+ * proxy's end is open. */
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, 65536);
@@ -330,18 +332,24 @@ int redirect_connect6(struct bpf_sock_addr *ctx)
 	return SYS_PROCEED;
 }
 
-/* The client's connection as the proxy's accepted socket will see it: the
- * client's remote end is the proxy's local end. */
-static __always_inline void tuple_from_client(struct bpf_sock_ops *skops, struct conn_tuple *key)
+/**
+ * sockops_tuple() - the connection as the proxy's accepted socket sees it
+ * @is_client: @skops is the client's socket, whose remote end is the proxy;
+ *             otherwise it is the proxy's own accepted socket.
+ */
+static __always_inline void sockops_tuple(struct bpf_sock_ops *skops, struct conn_tuple *key,
+					  int is_client)
 {
 	/* remote_port holds the network-order port in its upper 16 bits;
 	 * bpf_ntohl() yields it in host order on either endianness. */
 	__u16 remote_port = bpf_htons((__u16)bpf_ntohl(skops->remote_port));
 	__u16 local_port = bpf_htons((__u16)skops->local_port);
+	struct endpoint *proxy = is_client ? &key->local : &key->peer;
+	struct endpoint *client = is_client ? &key->peer : &key->local;
 
 	if (skops->family == ADDR_FAMILY_INET) {
-		endpoint_set_v4(&key->local, skops->remote_ip4, remote_port);
-		endpoint_set_v4(&key->peer, skops->local_ip4, local_port);
+		endpoint_set_v4(proxy, skops->remote_ip4, remote_port);
+		endpoint_set_v4(client, skops->local_ip4, local_port);
 		return;
 	}
 	__u32 remote[4] = {skops->remote_ip6[0], skops->remote_ip6[1], skops->remote_ip6[2],
@@ -349,10 +357,16 @@ static __always_inline void tuple_from_client(struct bpf_sock_ops *skops, struct
 	__u32 local[4] = {skops->local_ip6[0], skops->local_ip6[1], skops->local_ip6[2],
 			  skops->local_ip6[3]};
 
-	endpoint_set_v6(&key->local, remote, remote_port);
-	endpoint_set_v6(&key->peer, local, local_port);
+	endpoint_set_v6(proxy, remote, remote_port);
+	endpoint_set_v6(client, local, local_port);
 }
 
+static __always_inline void request_state_changes(struct bpf_sock_ops *skops)
+{
+	bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
+}
+
+/* On the redirected client's sockets (attached to the redirected cgroup). */
 SEC("sockops")
 int redirect_sockops(struct bpf_sock_ops *skops)
 {
@@ -362,19 +376,18 @@ int redirect_sockops(struct bpf_sock_ops *skops)
 
 	switch (skops->op) {
 	case BPF_SOCK_OPS_TCP_CONNECT_CB:
-		/* Ask for state changes on redirected sockets only, so that a
-		 * connect() that fails still removes its cookie record. */
+		/* State changes of redirected sockets only, so that a connect()
+		 * that fails still removes its cookie record. */
 		cookie = bpf_get_socket_cookie(skops);
 		if (bpf_map_lookup_elem(&orig_dst_by_cookie, &cookie))
-			bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags |
-							     BPF_SOCK_OPS_STATE_CB_FLAG);
+			request_state_changes(skops);
 		break;
 	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB:
 		cookie = bpf_get_socket_cookie(skops);
 		original = bpf_map_lookup_elem(&orig_dst_by_cookie, &cookie);
 		if (!original)
 			break;
-		tuple_from_client(skops, &key);
+		sockops_tuple(skops, &key, 1);
 		bpf_map_update_elem(&orig_dst_by_tuple, &key, original, BPF_ANY);
 		bpf_map_delete_elem(&orig_dst_by_cookie, &cookie);
 		stat_add(&stats, STAT_ORIG_DST_REKEYED, 1);
@@ -384,7 +397,31 @@ int redirect_sockops(struct bpf_sock_ops *skops)
 			break;
 		cookie = bpf_get_socket_cookie(skops);
 		bpf_map_delete_elem(&orig_dst_by_cookie, &cookie);
-		tuple_from_client(skops, &key);
+		break;
+	}
+	return 1;
+}
+
+/*
+ * On the proxy's accepted sockets (attached where getsockopt is). The record
+ * lives as long as the proxy's end of the connection: a client that sends
+ * and closes at once must not take the answer away before the proxy asks.
+ */
+SEC("sockops")
+int redirect_proxy_sockops(struct bpf_sock_ops *skops)
+{
+	struct conn_tuple key = {};
+
+	switch (skops->op) {
+	case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB:
+		sockops_tuple(skops, &key, 0);
+		if (bpf_map_lookup_elem(&orig_dst_by_tuple, &key))
+			request_state_changes(skops);
+		break;
+	case BPF_SOCK_OPS_STATE_CB:
+		if (skops->args[1] != BPF_TCP_CLOSE)
+			break;
+		sockops_tuple(skops, &key, 0);
 		if (bpf_map_delete_elem(&orig_dst_by_tuple, &key) == 0)
 			stat_add(&stats, STAT_ORIG_DST_REMOVED, 1);
 		break;

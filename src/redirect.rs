@@ -146,6 +146,7 @@ pub fn run(args: &RedirectArgs) -> Result<()> {
     let cgroup = CgroupFd::open(&plan.cgroup)?;
     let sockopt_cgroup = CgroupFd::open(&plan.sockopt_cgroup)?;
     attachments.attach_cgroup(&skel.progs.redirect_sockops, &cgroup)?;
+    attachments.attach_cgroup(&skel.progs.redirect_proxy_sockops, &sockopt_cgroup)?;
     attachments.attach_cgroup(&skel.progs.redirect_getsockopt, &sockopt_cgroup)?;
     attachments.attach_cgroup(&skel.progs.redirect_connect4, &cgroup)?;
     attachments.attach_cgroup(&skel.progs.redirect_connect6, &cgroup)?;
