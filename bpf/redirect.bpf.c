@@ -27,8 +27,11 @@ const volatile __u32 proxy_mark;   /* 0: no mark check */
 const volatile __u32 proxy_tgid;   /* 0: no process check */
 const volatile __u32 excluded_uid;
 const volatile __u8 has_excluded_uid;
+/* Whether each CIDR trie has entries: an empty trie costs a lookup too. */
 const volatile __u8 include_v4_active;
 const volatile __u8 include_v6_active;
+const volatile __u8 exclude_v4_active;
+const volatile __u8 exclude_v6_active;
 const volatile __u8 emit_events;
 
 /* Destination ports (host order) whose connections are redirected. */
@@ -142,7 +145,7 @@ static __always_inline int cidr_blocks(const struct endpoint *dst)
 	if (dst->family == ADDR_FAMILY_INET) {
 		struct cidr_v4_key key = {.prefixlen = 32, .addr = dst->ip[0]};
 
-		if (bpf_map_lookup_elem(&exclude_v4, &key))
+		if (exclude_v4_active && bpf_map_lookup_elem(&exclude_v4, &key))
 			return REASON_EXCLUDED_CIDR;
 		if (include_v4_active && !bpf_map_lookup_elem(&include_v4, &key))
 			return REASON_NOT_INCLUDED;
@@ -151,7 +154,7 @@ static __always_inline int cidr_blocks(const struct endpoint *dst)
 	struct cidr_v6_key key = {.prefixlen = 128};
 
 	__builtin_memcpy(key.addr, dst->ip, sizeof(key.addr));
-	if (bpf_map_lookup_elem(&exclude_v6, &key))
+	if (exclude_v6_active && bpf_map_lookup_elem(&exclude_v6, &key))
 		return REASON_EXCLUDED_CIDR;
 	if (include_v6_active && !bpf_map_lookup_elem(&include_v6, &key))
 		return REASON_NOT_INCLUDED;

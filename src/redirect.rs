@@ -218,6 +218,8 @@ fn load<'obj>(
     }
     rodata.include_v4_active = args.include.iter().any(|c| c.addr.is_ipv4()).into();
     rodata.include_v6_active = args.include.iter().any(|c| c.addr.is_ipv6()).into();
+    rodata.exclude_v4_active = args.exclude.iter().any(|c| c.addr.is_ipv4()).into();
+    rodata.exclude_v6_active = args.exclude.iter().any(|c| c.addr.is_ipv6()).into();
     rodata.emit_events = (args.output.event_format() != EventFormat::Off).into();
 
     let skel = open.load().context("loading the redirect BPF programs")?;
