@@ -10,3 +10,4 @@ macro_rules! skeleton {
 }
 
 skeleton!(redirect, "redirect.skel.rs");
+skeleton!(bypass, "bypass.skel.rs");

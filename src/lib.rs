@@ -4,6 +4,7 @@
 //! modules for cgroups, privileges, BPF links, maps, events and output.
 
 pub mod bpf;
+pub mod bypass;
 pub mod cgroup;
 pub mod cli;
 pub mod demo;

@@ -4,7 +4,7 @@ use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use proxy_redirect::{demo, proxy, redirect};
+use proxy_redirect::{bypass, demo, proxy, redirect};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -24,6 +24,8 @@ enum Command {
     Redirect(redirect::RedirectArgs),
     /// Run the built-in transparent proxy alone (works behind iptables REDIRECT too)
     Proxy(proxy::ProxyArgs),
+    /// Let TCP between two sockets of this host skip the TCP/IP stack (sockops + sk_msg)
+    Bypass(bypass::BypassArgs),
     /// Show `redirect` end to end in private namespaces and a child cgroup, then clean up
     Demo(demo::DemoArgs),
 }
@@ -55,6 +57,7 @@ fn main() -> ExitCode {
     let result = match &cli.command {
         Command::Redirect(args) => redirect::run(args),
         Command::Proxy(args) => proxy::run(args),
+        Command::Bypass(args) => bypass::run(args),
         Command::Demo(args) => demo::run(args),
     };
     match result {

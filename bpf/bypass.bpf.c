@@ -1,0 +1,215 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * bypass: short-circuit TCP between two sockets of this host.
+ *
+ * sockops puts each established socket whose two ends are both local into a
+ * SOCKHASH, keyed by (local, remote). The sk_msg program, attached to that
+ * map, runs on every sendmsg of those sockets and moves the message straight
+ * into the receive queue of the peer socket, found under (remote, local),
+ * skipping TCP/IP and loopback. Without a peer the message takes the normal
+ * path.
+ */
+#include "lib/common.h"
+#include "bypass.h"
+
+/* Configuration, set by user space before load. */
+const volatile __u64 netns_cookie; /* only sockets of this network namespace */
+const volatile __u8 filter_ports;  /* 0: every port */
+const volatile __u8 emit_events;
+
+/* Set by user space when it stops: no new insertions, no new redirects. */
+__u32 stopping;
+
+/* The sockets that may take the bypass. */
+struct {
+	__uint(type, BPF_MAP_TYPE_SOCKHASH);
+	__uint(max_entries, 65536);
+	__type(key, struct sock_key);
+	__type(value, __u64);
+} sockets SEC(".maps");
+
+/* Sockets that sent a message while their peer was not in the map: that
+ * data went over TCP, so later messages must follow it there, never
+ * overtake it through the peer's redirect queue. */
+struct {
+	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
+	__type(value, __u8);
+} normal_path SEC(".maps");
+
+/* This host's addresses (port 0), kept current by user space; loopback
+ * addresses are local without an entry. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 4096);
+	__type(key, struct endpoint);
+	__type(value, __u8);
+} local_addrs SEC(".maps");
+
+/* With filter_ports: ports (host order) whose connections may be bypassed. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 1024);
+	__type(key, __u16);
+	__type(value, __u8);
+} ports SEC(".maps");
+
+/* One record per insertion attempt, when emit_events is set. */
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 256 * 1024);
+} events SEC(".maps");
+
+/* enum bypass_stat counters. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, BYPASS_STAT_COUNT);
+	__type(key, __u32);
+	__type(value, __u64);
+} stats SEC(".maps");
+
+/* Keep the shared types in BTF so that the skeleton generates them for Rust. */
+struct bypass_event unused_bypass_event __attribute__((unused));
+enum bypass_side unused_bypass_side __attribute__((unused));
+enum bypass_stat unused_bypass_stat __attribute__((unused));
+
+/*
+ * The key of a socket from a sockops or sk_msg context, which name their
+ * fields alike. remote_port holds the network-order port in its upper 16
+ * bits; bpf_ntohl() yields it in host order. The ip6 fields allow 4-byte
+ * loads only, one word at a time.
+ */
+#define SOCK_KEY_FROM_CTX(ctx, key)                                                                \
+	do {                                                                                       \
+		__u16 lport = bpf_htons((__u16)(ctx)->local_port);                                 \
+		__u16 rport = bpf_htons((__u16)bpf_ntohl((ctx)->remote_port));                     \
+		if ((ctx)->family == ADDR_FAMILY_INET) {                                           \
+			endpoint_set_v4(&(key)->local, (ctx)->local_ip4, lport);                   \
+			endpoint_set_v4(&(key)->remote, (ctx)->remote_ip4, rport);                 \
+		} else {                                                                           \
+			__u32 l6[4] = {(ctx)->local_ip6[0], (ctx)->local_ip6[1],                   \
+				       (ctx)->local_ip6[2], (ctx)->local_ip6[3]};                  \
+			__u32 r6[4] = {(ctx)->remote_ip6[0], (ctx)->remote_ip6[1],                 \
+				       (ctx)->remote_ip6[2], (ctx)->remote_ip6[3]};                \
+			endpoint_set_v6(&(key)->local, l6, lport);                                 \
+			endpoint_set_v6(&(key)->remote, r6, rport);                                \
+		}                                                                                  \
+	} while (0)
+
+static __always_inline int endpoint_is_local(const struct endpoint *ep)
+{
+	struct endpoint addr = *ep;
+
+	if (ep->family == ADDR_FAMILY_INET && ipv4_is_loopback(ep->ip[0]))
+		return 1;
+	if (ep->family == ADDR_FAMILY_INET6 && ipv6_is_loopback(ep->ip))
+		return 1;
+	addr.port = 0;
+	return bpf_map_lookup_elem(&local_addrs, &addr) != NULL;
+}
+
+static __always_inline int port_allowed(const struct sock_key *key)
+{
+	__u16 local = bpf_ntohs(key->local.port);
+	__u16 remote = bpf_ntohs(key->remote.port);
+
+	if (!filter_ports)
+		return 1;
+	return bpf_map_lookup_elem(&ports, &local) || bpf_map_lookup_elem(&ports, &remote);
+}
+
+static __always_inline void emit(struct bpf_sock_ops *skops, const struct sock_key *key, __u8 side,
+				 int error)
+{
+	struct bypass_event *event;
+
+	if (!emit_events)
+		return;
+	event = bpf_ringbuf_reserve(&events, sizeof(*event), 0);
+	if (!event) {
+		stat_add(&stats, BYPASS_STAT_EVENTS_LOST, 1);
+		return;
+	}
+	event->timestamp_ns = bpf_ktime_get_ns();
+	event->cookie = bpf_get_socket_cookie(skops);
+	event->error = error;
+	event->side = side;
+	__builtin_memset(event->pad, 0, sizeof(event->pad));
+	event->key = *key;
+	bpf_ringbuf_submit(event, 0);
+}
+
+static __always_inline void established(struct bpf_sock_ops *skops, __u8 side)
+{
+	struct sock_key key = {};
+	long err;
+
+	if (skops->family != ADDR_FAMILY_INET && skops->family != ADDR_FAMILY_INET6)
+		return;
+	stat_add(&stats, BYPASS_STAT_ESTABLISHED, 1);
+	if (bpf_get_netns_cookie(skops) != netns_cookie) {
+		stat_add(&stats, BYPASS_STAT_OTHER_NETNS, 1);
+		return;
+	}
+	SOCK_KEY_FROM_CTX(skops, &key);
+	if (!port_allowed(&key)) {
+		stat_add(&stats, BYPASS_STAT_OTHER_PORT, 1);
+		return;
+	}
+	if (!endpoint_is_local(&key.remote) || !endpoint_is_local(&key.local)) {
+		stat_add(&stats, BYPASS_STAT_NOT_LOCAL, 1);
+		return;
+	}
+	if (READ_ONCE(stopping)) {
+		stat_add(&stats, BYPASS_STAT_STOPPING, 1);
+		return;
+	}
+	err = bpf_sock_hash_update(skops, &sockets, &key, BPF_ANY);
+	stat_add(&stats, err ? BYPASS_STAT_INSERT_FAILED : BYPASS_STAT_INSERTED, 1);
+	emit(skops, &key, side, err);
+}
+
+SEC("sockops")
+int bypass_sockops(struct bpf_sock_ops *skops)
+{
+	switch (skops->op) {
+	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB:
+		established(skops, SIDE_ACTIVE);
+		break;
+	case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB:
+		established(skops, SIDE_PASSIVE);
+		break;
+	}
+	return 1;
+}
+
+SEC("sk_msg")
+int bypass_msg(struct sk_msg_md *msg)
+{
+	struct sock_key peer = {};
+	struct endpoint local;
+	struct bpf_sock *sk = msg->sk;
+	__u32 size = msg->size;
+
+	if (READ_ONCE(stopping) || !sk || bpf_sk_storage_get(&normal_path, sk, 0, 0))
+		goto pass;
+	SOCK_KEY_FROM_CTX(msg, &peer);
+	/* The peer socket sees the same connection the other way round. */
+	local = peer.local;
+	peer.local = peer.remote;
+	peer.remote = local;
+	/* SK_DROP means no peer: the message then takes the normal path. */
+	if (bpf_msg_redirect_hash(msg, &sockets, &peer, BPF_F_INGRESS) == SK_PASS) {
+		stat_add(&stats, BYPASS_STAT_MSG_REDIRECTED, 1);
+		stat_add(&stats, BYPASS_STAT_BYTES_REDIRECTED, size);
+		return SK_PASS;
+	}
+	bpf_sk_storage_get(&normal_path, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+pass:
+	stat_add(&stats, BYPASS_STAT_MSG_PASSED, 1);
+	stat_add(&stats, BYPASS_STAT_BYTES_PASSED, size);
+	return SK_PASS;
+}
+
+char LICENSE[] SEC("license") = "GPL";

@@ -1,0 +1,48 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/* Types shared by bpf/bypass.bpf.c and src/bypass.rs. */
+#ifndef PROXY_REDIRECT_BYPASS_H
+#define PROXY_REDIRECT_BYPASS_H
+
+#include "addr.h"
+
+/* A connection as one of its sockets sees it. The peer socket's key is the
+ * same with local and remote swapped, so each end finds the other. */
+struct sock_key {
+	struct endpoint local;
+	struct endpoint remote;
+};
+
+/* Which end of the connection a socket is. */
+enum bypass_side {
+	SIDE_ACTIVE = 1,  /* connect() */
+	SIDE_PASSIVE = 2, /* accept() */
+};
+
+/* Per-CPU counters, indexed by these. */
+enum bypass_stat {
+	BYPASS_STAT_ESTABLISHED = 0, /* TCP sockets seen established */
+	BYPASS_STAT_OTHER_NETNS,     /* in another network namespace */
+	BYPASS_STAT_OTHER_PORT,	     /* outside the -P ports */
+	BYPASS_STAT_NOT_LOCAL,	     /* an end that is not on this host */
+	BYPASS_STAT_STOPPING,	     /* established while bypass was stopping */
+	BYPASS_STAT_INSERTED,
+	BYPASS_STAT_INSERT_FAILED,
+	BYPASS_STAT_MSG_REDIRECTED,
+	BYPASS_STAT_BYTES_REDIRECTED,
+	BYPASS_STAT_MSG_PASSED, /* no peer in the map: the normal path */
+	BYPASS_STAT_BYTES_PASSED,
+	BYPASS_STAT_EVENTS_LOST,
+	BYPASS_STAT_COUNT,
+};
+
+/* One record per insertion attempt, when events are on. */
+struct bypass_event {
+	__u64 timestamp_ns;
+	__u64 cookie;
+	__s32 error; /* 0: inserted; else -errno of the insertion */
+	__u8 side;   /* enum bypass_side */
+	__u8 pad[3];
+	struct sock_key key;
+};
+
+#endif
