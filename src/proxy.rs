@@ -405,7 +405,7 @@ async fn fill_pipe(src: &TcpStream, pipe: &Pipe) -> io::Result<Fill> {
         match src.try_io(Interest::READABLE, || {
             splice(src.as_raw_fd(), write_end, PIPE_SIZE)
         }) {
-            Ok(0) => return Ok(Fill::Eof),
+            Ok(0) => return Ok(eof_or_unspliceable(src.as_raw_fd())),
             Ok(n) => return Ok(Fill::Bytes(n)),
             Err(err) if err.kind() == io::ErrorKind::WouldBlock => {
                 if !has_data_to_recv(src.as_raw_fd()) {
@@ -414,7 +414,7 @@ async fn fill_pipe(src: &TcpStream, pipe: &Pipe) -> io::Result<Fill> {
                 // Data may simply have arrived after splice looked: splice
                 // once more before deciding that it cannot see the data.
                 match splice(src.as_raw_fd(), write_end, PIPE_SIZE) {
-                    Ok(0) => return Ok(Fill::Eof),
+                    Ok(0) => return Ok(eof_or_unspliceable(src.as_raw_fd())),
                     Ok(n) => return Ok(Fill::Bytes(n)),
                     Err(err) if err.kind() == io::ErrorKind::WouldBlock => {
                         return Ok(Fill::Unspliceable)
@@ -424,6 +424,16 @@ async fn fill_pipe(src: &TcpStream, pipe: &Pipe) -> io::Result<Fill> {
             }
             Err(err) => return Err(err),
         }
+    }
+}
+
+/// splice reports the end of the stream once the FIN has arrived, even when
+/// messages a sockmap redirected before the FIN still wait to be read.
+fn eof_or_unspliceable(fd: RawFd) -> Fill {
+    if has_data_to_recv(fd) {
+        Fill::Unspliceable
+    } else {
+        Fill::Eof
     }
 }
 
