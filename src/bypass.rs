@@ -30,8 +30,6 @@ unsafe impl plain::Plain for sock_key {}
 
 /// SO_NETNS_COOKIE (Linux 5.14), which the libc crate does not name.
 const SO_NETNS_COOKIE: libc::c_int = 71;
-/// How long a stopping `bypass` waits for messages already redirected to be read.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
 
 #[derive(Args, Debug, Clone)]
 #[command(after_help = "\
@@ -176,16 +174,18 @@ fn current_netns_cookie() -> Result<u64> {
     Ok(cookie)
 }
 
-/// Stops redirecting, then gives the receivers a moment to read what was
-/// already redirected to them before the map (and with it each socket's
-/// redirect queue) goes away.
+/// Sends every bypassed connection back to the normal path. Entries are
+/// never deleted: removing a socket from the map frees the messages already
+/// redirected to it and not yet read. Each socket's psock keeps the sk_msg
+/// program, and with it the map and this flag, until the socket closes;
+/// the receiver reads its queued messages first, then what arrives over
+/// TCP, so nothing is lost or reordered. After SIGKILL the flag stays unset
+/// and connections already bypassed keep the bypass until they close.
 fn stop(skel: &mut BypassSkel<'_>) {
     if let Some(bss) = skel.maps.bss_data.as_deref_mut() {
-        // SAFETY: a plain u32 in the mmap'ed .bss that the programs read
-        // with READ_ONCE.
+        // SAFETY: a u32 in the mmap'ed .bss, read by the programs with READ_ONCE.
         unsafe { std::ptr::write_volatile(&mut bss.stopping, 1) };
     }
-    let _ = DRAIN_TIMEOUT;
 }
 
 /// This host's addresses in the `local_addrs` map, refreshed when rtnetlink

@@ -1,0 +1,433 @@
+//! `bypass` against the real kernel: real sockets in a child cgroup and a
+//! private network namespace, every byte checked, and a packet capture on
+//! `lo` to show what did not cross the TCP/IP stack.
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::{Child, Stdio};
+use std::time::Duration;
+
+use common::*;
+use nix::sys::signal::Signal;
+use proxy_redirect::cgroup::ChildCgroup;
+use proxy_redirect::links::cgroup_program_count;
+use proxy_redirect::netns;
+
+/// Both ends of the test connections, in one Python process (see the file).
+const PEERS: &str = include_str!("common/peers.py");
+const MIB: usize = 1 << 20;
+
+fn bypass(testbed: &Testbed, cgroup: &ChildCgroup, extra: &[&str]) -> Running {
+    let mut args = vec![
+        "bypass".to_owned(),
+        "-c".into(),
+        cgroup.path().display().to_string(),
+        "--json".into(),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    Running::start(BIN, &args, Some(&testbed.client), None, "Attached")
+}
+
+/// peers.py with `args`, in the client netns inside `apps`.
+fn peers(testbed: &Testbed, args: &[&str]) -> std::process::Output {
+    let mut command = testbed.in_apps(PYTHON);
+    command.args(["-c", PEERS]).args(args);
+    let out = run(command);
+    assert!(
+        out.status.success(),
+        "peers {args:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn sock_ops_programs(cgroup: &ChildCgroup) -> u32 {
+    cgroup_program_count(cgroup.path(), libbpf_sys::BPF_CGROUP_SOCK_OPS).unwrap()
+}
+
+/// tcpdump on `lo` of a namespace, written to a file until stopped.
+struct Capture {
+    child: Child,
+    file: PathBuf,
+}
+
+impl Capture {
+    fn start(netns: &proxy_redirect::netns::NetNs, dir: &TempDir) -> Capture {
+        let file = dir.join("lo.pcap");
+        let mut command = netns::command_in("tcpdump", Some(netns), None).unwrap();
+        let child = command
+            .args([
+                "-i",
+                "lo",
+                "-n",
+                "-U",
+                "--immediate-mode",
+                "-s",
+                "128",
+                "-w",
+            ])
+            .arg(&file)
+            .arg("tcp")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("tcpdump (apt-get install tcpdump)");
+        // tcpdump creates the file once the capture is open.
+        for _ in 0..100 {
+            if file.exists() {
+                std::thread::sleep(Duration::from_millis(200));
+                return Capture { child, file };
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("tcpdump did not start");
+    }
+
+    /// Stops the capture; returns (SYN packets, packets carrying data, the
+    /// packets as text).
+    fn stop(mut self) -> (usize, usize, String) {
+        // Let the last packets reach the file before tcpdump stops.
+        std::thread::sleep(Duration::from_millis(500));
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, Signal::SIGINT);
+        let _ = self.child.wait();
+        let mut command = std::process::Command::new("tcpdump");
+        command.args(["-n", "-r"]).arg(&self.file);
+        let out = run(command);
+        let text = String::from_utf8_lossy(&out.stdout);
+        let syns = text.lines().filter(|l| l.contains("Flags [S]")).count();
+        let data = text
+            .lines()
+            .filter(|l| {
+                l.rsplit("length ")
+                    .next()
+                    .and_then(|n| n.trim().parse::<u64>().ok())
+                    .is_some_and(|n| n > 0)
+            })
+            .count();
+        (syns, data, text.into_owned())
+    }
+}
+
+impl Drop for Capture {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn echo_over_ipv4_ipv6_and_v4_mapped_takes_the_bypass_byte_for_byte() {
+    if !have_root() {
+        return;
+    }
+    let testbed = Testbed::new();
+    let dir = TempDir::new();
+    let bypasser = bypass(&testbed, &testbed.apps, &[]);
+    let capture = Capture::start(&testbed.client, &dir);
+    let size = (24 * MIB).to_string();
+    // (server address, client's destination): IPv4, IPv6, an IPv4 client
+    // of a dual-stack server, and a dual-stack client to ::ffff:127.0.0.1.
+    let pairs = [
+        ("127.0.0.1", "127.0.0.1"),
+        ("::1", "::1"),
+        ("::", "127.0.0.1"),
+        ("::", "::ffff:127.0.0.1"),
+    ];
+    for (server, client) in pairs {
+        let out = peers(&testbed, &["echo", server, client, &size, "1"]);
+        assert!(String::from_utf8_lossy(&out.stdout).contains("ok"));
+    }
+    let (syns, data_packets, packets) = capture.stop();
+    let (status, output, _) = bypasser.stop();
+    assert!(status.success());
+    assert_eq!(stat(&output, "inserted"), 8, "{output}");
+    assert_eq!(stat(&output, "insert failures"), 0);
+    let redirected = stat(&output, "bytes redirected");
+    assert!(
+        redirected >= 2 * 4 * 24 * MIB as u64,
+        "only {redirected} bytes redirected:\n{output}"
+    );
+    // The stack saw the handshakes (SYN and SYN-ACK), and next to no data:
+    // 192 MiB over loopback would be thousands of segments.
+    assert_eq!(syns, 4, "SYN packets on lo:\n{packets}");
+    assert!(
+        data_packets <= 8,
+        "{data_packets} data packets on lo:\n{packets}"
+    );
+
+    // Every socket was inserted once, and each has its peer: the same two
+    // endpoints the other way round, IPv4 for all but the IPv6 pair.
+    let events = json_events(&output);
+    assert_eq!(events.len(), 8, "{events:?}");
+    for event in &events {
+        assert_eq!(event["action"], "insert");
+        let peer = events.iter().find(|e| {
+            e["local"] == event["remote"]
+                && e["remote"] == event["local"]
+                && e["side"] != event["side"]
+        });
+        assert!(peer.is_some(), "no peer for {event}");
+    }
+    let v6 = events
+        .iter()
+        .filter(|e| e["local"].as_str().unwrap().starts_with("[::1]"))
+        .count();
+    assert_eq!(v6, 2, "{events:?}");
+}
+
+#[test]
+fn many_concurrent_connections_all_take_the_bypass() {
+    if !have_root() {
+        return;
+    }
+    let testbed = Testbed::new();
+    let bypasser = bypass(&testbed, &testbed.apps, &["-P", "1,65535"]);
+    // -P with ports the test does not use: nothing is inserted.
+    peers(&testbed, &["echo", "127.0.0.1", "127.0.0.1", "65536", "4"]);
+    let (_, output, _) = bypasser.stop();
+    assert_eq!(stat(&output, "inserted"), 0);
+    assert_eq!(stat(&output, "other ports"), 8);
+
+    let bypasser = bypass(&testbed, &testbed.apps, &[]);
+    let out = peers(
+        &testbed,
+        &["echo", "::1", "::1", &(256 * 1024).to_string(), "200"],
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("ok"));
+    let (_, output, _) = bypasser.stop();
+    assert_eq!(stat(&output, "inserted"), 400, "{output}");
+    assert_eq!(stat(&output, "insert failures"), 0);
+    assert!(stat(&output, "bytes redirected") >= 2 * 200 * 256 * 1024);
+    // Closed sockets leave the map by themselves.
+    assert_eq!(stat(&output, "sockets in the map at exit"), 0);
+}
+
+#[test]
+fn half_close_and_close_with_data_in_flight() {
+    if !have_root() {
+        return;
+    }
+    let testbed = Testbed::new();
+    let bypasser = bypass(&testbed, &testbed.apps, &[]);
+    for host in ["127.0.0.1", "::1"] {
+        peers(&testbed, &["push-close", host, &(8 * MIB).to_string()]);
+        peers(&testbed, &["half-close", host, &(8 * MIB).to_string()]);
+        peers(&testbed, &["half-close", host, "1"]);
+    }
+    let (_, output, _) = bypasser.stop();
+    assert_eq!(stat(&output, "inserted"), 12, "{output}");
+    assert!(stat(&output, "bytes redirected") >= 4 * 8 * MIB as u64);
+}
+
+#[test]
+fn a_peer_in_another_network_namespace_is_never_inserted() {
+    if !have_root() {
+        return;
+    }
+    let testbed = Testbed::new();
+    let bypasser = bypass(&testbed, &testbed.apps, &[]);
+    // A server in the other namespace, in the same cgroup.
+    let server_script = "import socket\ns = socket.socket(socket.AF_INET6)\n\
+         s.bind(('::', 7000)); s.listen(8); print('ready', flush=True)\n\
+         while True:\n    c, _ = s.accept()\n    d = c.recv(65536)\n    \
+         while d:\n        c.sendall(d); d = c.recv(65536)\n    c.close()";
+    let server = Running::start(
+        PYTHON,
+        &["-c".into(), server_script.into()],
+        Some(&testbed.server),
+        Some(&testbed.apps),
+        "ready",
+    );
+    let client = format!(
+        "import socket\nfor host in ('{SERVER_V4}', '{SERVER_V6}'):\n    \
+         c = socket.create_connection((host, 7000), timeout=10)\n    data = bytes(range(256)) * 4096\n    \
+         c.sendall(data); c.shutdown(socket.SHUT_WR)\n    got = b''\n    \
+         while True:\n        d = c.recv(65536)\n        if not d: break\n        got += d\n    \
+         assert got == data\nprint('ok')"
+    );
+    let mut command = testbed.in_apps(PYTHON);
+    command.args(["-c", &client]);
+    let out = run(command);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    server.kill();
+    let (_, output, _) = bypasser.stop();
+    assert_eq!(stat(&output, "inserted"), 0, "{output}");
+    // The client's sockets: the server is not one of this host's
+    // addresses here; the server's sockets live in another namespace.
+    assert_eq!(stat(&output, "not local"), 2);
+    assert_eq!(stat(&output, "other network namespace"), 2);
+    assert_eq!(stat(&output, "messages redirected"), 0);
+    assert!(json_events(&output).is_empty());
+}
+
+#[test]
+fn stopping_bypass_in_the_middle_of_transfers_loses_nothing() {
+    if !have_root() {
+        return;
+    }
+    let testbed = Testbed::new();
+    for signal in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGKILL] {
+        let bypasser = bypass(&testbed, &testbed.apps, &[]);
+        assert_eq!(sock_ops_programs(&testbed.apps), 1);
+        // Four connections of 32 MiB each, paced to last a few seconds.
+        let args: Vec<String> = ["-c", PEERS, "echo", "127.0.0.1", "127.0.0.1"]
+            .iter()
+            .map(|s| s.to_string())
+            .chain([(32 * MIB).to_string(), "4".into(), "5".into()])
+            .collect();
+        let mut transfer = Running::start(
+            PYTHON,
+            &args,
+            Some(&testbed.client),
+            Some(&testbed.apps),
+            "started",
+        );
+        std::thread::sleep(Duration::from_millis(300));
+        bypasser.signal(signal);
+        let output = if signal == Signal::SIGKILL {
+            bypasser.kill();
+            String::new()
+        } else {
+            let (status, output, _) = bypasser.stop();
+            assert!(status.success(), "{signal}: {output}");
+            output
+        };
+        assert_eq!(sock_ops_programs(&testbed.apps), 0, "{signal}");
+        let done = transfer.wait_for_line(|l| l.starts_with("ok"), Duration::from_secs(60));
+        let (status, out, err) = transfer.stop();
+        assert!(
+            done.is_some(),
+            "{signal}: the transfer did not finish intact:\n{out}\n{err}"
+        );
+        assert!(status.success() || done.is_some());
+        if signal != Signal::SIGKILL {
+            // The bypass carried the start, TCP the rest.
+            let redirected = stat(&output, "bytes redirected");
+            assert!(redirected > 0, "{output}");
+            assert!(redirected < 2 * 4 * 32 * MIB as u64, "{output}");
+        }
+    }
+}
+
+#[test]
+fn redirect_builtin_proxy_and_bypass_together_deliver_intact() {
+    if !have_root() {
+        return;
+    }
+    let testbed = Testbed::new();
+    // The destination is an address of this namespace that is not loopback
+    // (redirect leaves loopback alone), so both legs are same-host: app ->
+    // proxy and proxy -> server.
+    let redirector = testbed.redirect(&["-P", "80"]);
+    let bypasser = bypass(&testbed, &testbed.parent, &[]);
+    let size = (16 * MIB).to_string();
+    let mut runs = Vec::new();
+    for (server, client) in [("0.0.0.0", CLIENT_V4), ("::", CLIENT_V6)] {
+        runs.push(peers_on_port_80(
+            &testbed,
+            &["echo", server, client, &size, "2"],
+        ));
+    }
+    for mode in ["half-close", "push-close"] {
+        for host in [CLIENT_V4, CLIENT_V6] {
+            runs.push(peers_on_port_80(
+                &testbed,
+                &[mode, host, &(4 * MIB).to_string()],
+            ));
+        }
+    }
+    let (_, bypass_output, _) = bypasser.stop();
+    let (_, redirect_output, _) = redirector.stop();
+    for (args, out) in &runs {
+        assert!(
+            out.status.success(),
+            "{args:?}: {}\n{bypass_output}\n{redirect_output}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // 8 connections, each two legs of two sockets.
+    assert_eq!(stat(&redirect_output, "redirected"), 8, "{redirect_output}");
+    assert_eq!(stat(&redirect_output, "relayed to the end"), 8);
+    assert_eq!(stat(&bypass_output, "inserted"), 32, "{bypass_output}");
+    assert!(stat(&bypass_output, "bytes redirected") >= 4 * 2 * 16 * MIB as u64);
+    // The proxy could not splice from its sockmap sockets and copied.
+    assert!(stat(&redirect_output, "splice->copy fallbacks") > 0);
+}
+
+/// peers.py with its servers on port 80 (which `redirect -P 80` catches)
+/// instead of a free port.
+fn peers_on_port_80(testbed: &Testbed, args: &[&str]) -> (Vec<String>, std::process::Output) {
+    let script = PEERS.replace("s.bind((host, 0))", "s.bind((host, 80))");
+    let mut command = testbed.in_apps(PYTHON);
+    command.args(["-c", &script]).args(args);
+    (args.iter().map(|s| s.to_string()).collect(), run(command))
+}
+
+#[test]
+fn bad_input_fails_with_one_line_and_attaches_nothing() {
+    if !have_root() {
+        return;
+    }
+    let testbed = Testbed::new();
+    let apps = testbed.apps.path().display().to_string();
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (
+            vec!["-c", "/sys/fs/cgroup-does-not-exist/x"],
+            "does not exist",
+        ),
+        (vec!["-c", "/proc"], "not a cgroup v2 directory"),
+        (vec!["-c", &apps, "-P", "0"], "out of range"),
+        (vec!["-c", &apps, "-P", "redis"], "not a port number"),
+        (vec!["-c", &apps, "-P", ""], "empty"),
+        (vec!["-c", &apps, "--no-such-flag"], "unexpected argument"),
+    ];
+    for (args, expected) in cases {
+        let mut command = testbed.in_client_netns(BIN);
+        command.arg("bypass").args(&args);
+        let out = run(command);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} succeeded");
+        assert_eq!(stderr.trim().lines().count(), 1, "{args:?}: {stderr}");
+        assert!(
+            stderr.contains(expected),
+            "{args:?}: '{stderr}' lacks '{expected}'"
+        );
+    }
+    let mut command = std::process::Command::new(BIN);
+    command.args(["bypass", "-c", &apps]);
+    std::os::unix::process::CommandExt::uid(&mut command, 65534);
+    let out = run(command);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("needs root"), "{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert_eq!(sock_ops_programs(&testbed.apps), 0);
+
+    // -v prints a header and one line per insertion.
+    let mut bypasser = Running::start(
+        BIN,
+        &["bypass".into(), "-c".into(), apps.clone(), "-v".into()],
+        Some(&testbed.client),
+        None,
+        "Attached",
+    );
+    assert!(bypasser
+        .wait_for_line(
+            |l| l.contains("TIME(s)") && l.contains("CONNECTION"),
+            Duration::from_secs(5)
+        )
+        .is_some());
+    peers(&testbed, &["half-close", "127.0.0.1", "10"]);
+    let (_, output, _) = bypasser.stop();
+    let inserts: Vec<&str> = output.lines().filter(|l| l.contains(" INSERT ")).collect();
+    assert_eq!(inserts.len(), 2, "{output}");
+    assert!(inserts.iter().any(|l| l.contains("connect")));
+    assert!(inserts.iter().any(|l| l.contains("accept")));
+}
