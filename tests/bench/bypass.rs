@@ -1,0 +1,226 @@
+//! `make bench` for bypass, in one interleaved run: two local processes'
+//! worth of sockets (one worker process, client and server threads pinned
+//! to different cores) over loopback in a private netns,
+//! - ping-pong round-trip time p50 and p99 at 64 B, 1 KiB and 16 KiB;
+//! - bulk throughput (256 MiB one way, measured at the receiver);
+//!
+//! each with the worker in a plain cgroup and in a cgroup where `bypass`
+//! runs. Targets: 1 KiB RTT with bypass <= 0.85x plain loopback; bulk
+//! >= 0.9x. `BENCH_QUICK=1` runs a short smoke test.
+
+#[path = "../common/mod.rs"]
+#[allow(unused_imports)]
+mod common;
+mod report;
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::time::{Duration, Instant};
+
+use common::*;
+use proxy_redirect::cgroup::{self, ChildCgroup};
+use proxy_redirect::netns::{self, NetNs};
+
+const SIZES: [usize; 3] = [64, 1024, 16 * 1024];
+const ARMS: [&str; 2] = ["plain loopback", "bypass"];
+
+struct Settings {
+    rounds: usize,
+    round_trips: usize,
+    bulk_bytes: usize,
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(i) = args.iter().position(|a| a == "bypass-worker") {
+        return worker(&args[i + 1..]);
+    }
+    if !have_root() {
+        return;
+    }
+    let quick = std::env::var("BENCH_QUICK").is_ok();
+    let settings = Settings {
+        rounds: if quick { 2 } else { 7 },
+        round_trips: if quick { 2_000 } else { 20_000 },
+        bulk_bytes: if quick { 64 << 20 } else { 256 << 20 },
+    };
+    report::print_machine();
+    println!(
+        "bypass: {} rounds, arms interleaved; {} round trips per size and round; \
+         client on CPU 0, server on CPU 1",
+        settings.rounds, settings.round_trips
+    );
+
+    let name = unique("prbench-bypass");
+    let netns = NetNs::create(&name).expect("netns");
+    let root = cgroup::cgroup2_mount().expect("cgroup2");
+    let parent = ChildCgroup::create(&root, &name).expect("cgroup");
+    let plain = ChildCgroup::create(parent.path(), "plain").unwrap();
+    let bypassed = ChildCgroup::create(parent.path(), "bypass").unwrap();
+    let cgroups = [&plain, &bypassed];
+    let bypasser = Running::start(
+        BIN,
+        &[
+            "bypass".into(),
+            "-c".into(),
+            bypassed.path().display().to_string(),
+        ],
+        Some(&netns),
+        None,
+        "Attached",
+    );
+
+    // [size][arm] -> one p50 / p99 per round; [arm] -> one rate per round.
+    let mut p50 = vec![vec![Vec::new(); ARMS.len()]; SIZES.len()];
+    let mut p99 = p50.clone();
+    let mut bulk = vec![Vec::new(); ARMS.len()];
+    for _ in 0..settings.rounds {
+        for (s, size) in SIZES.iter().enumerate() {
+            for (arm, cgroup) in cgroups.iter().enumerate() {
+                let mut rtts = ping_pong(&netns, cgroup, *size, settings.round_trips);
+                rtts.sort_by(|a, b| a.partial_cmp(b).unwrap());
+                p50[s][arm].push(percentile(&rtts, 0.50));
+                p99[s][arm].push(percentile(&rtts, 0.99));
+            }
+        }
+        for (arm, cgroup) in cgroups.iter().enumerate() {
+            bulk[arm].push(bulk_gbits(&netns, cgroup, settings.bulk_bytes));
+        }
+    }
+    let (_, output, _) = bypasser.stop();
+
+    for (s, size) in SIZES.iter().enumerate() {
+        println!("\nround trip, {size} B messages (median over rounds):");
+        report::ratio_table("p50 us", &ARMS, &mut p50[s], 1);
+        report::ratio_table("p99 us", &ARMS, &mut p99[s], 1);
+    }
+    println!("\nbulk, {} MiB one way:", settings.bulk_bytes >> 20);
+    report::ratio_table("Gbit/s", &ARMS, &mut bulk, 1);
+    // The bypass arm really took the bypass, and only it.
+    println!(
+        "\nbypass counters: {} sockets inserted, {} bytes redirected, {} messages passed",
+        stat(&output, "inserted"),
+        stat(&output, "bytes redirected"),
+        stat(&output, "messages passed")
+    );
+    assert!(stat(&output, "bytes redirected") > 0, "{output}");
+}
+
+fn percentile(sorted: &[f64], q: f64) -> f64 {
+    sorted[((sorted.len() - 1) as f64 * q).round() as usize]
+}
+
+/// Runs this binary as a worker inside the netns and cgroup; returns its
+/// stdout's numbers.
+fn run_worker(netns: &NetNs, cgroup: &ChildCgroup, args: &[String]) -> Vec<f64> {
+    let exe = std::env::current_exe().unwrap();
+    let mut command = netns::command_in(exe.to_str().unwrap(), Some(netns), Some(cgroup)).unwrap();
+    command.arg("bypass-worker").args(args);
+    let out = run(command);
+    assert!(
+        out.status.success(),
+        "worker {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .map(|n| n.parse().expect("a number"))
+        .collect()
+}
+
+/// Round-trip times in microseconds.
+fn ping_pong(netns: &NetNs, cgroup: &ChildCgroup, size: usize, count: usize) -> Vec<f64> {
+    let args = vec!["ping-pong".into(), size.to_string(), count.to_string()];
+    run_worker(netns, cgroup, &args)
+        .into_iter()
+        .map(|ns| ns / 1000.0)
+        .collect()
+}
+
+fn bulk_gbits(netns: &NetNs, cgroup: &ChildCgroup, bytes: usize) -> f64 {
+    let args = vec!["bulk".into(), bytes.to_string()];
+    run_worker(netns, cgroup, &args)[0]
+}
+
+/// Pins the calling thread to one CPU, when the machine has it.
+fn pin(cpu: usize) {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut set = nix::sched::CpuSet::new();
+    if set.set(cpu % cores).is_ok() {
+        let _ = nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set);
+    }
+}
+
+/// The worker: a loopback server thread on CPU 1 and a client on CPU 0.
+/// `ping-pong SIZE COUNT` prints each round trip in ns; `bulk BYTES` prints
+/// the receiver's rate in Gbit/s.
+fn worker(args: &[String]) {
+    let mode = args[0].as_str();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let numbers: Vec<usize> = args[1..].iter().map(|a| a.parse().unwrap()).collect();
+    let size = numbers[0];
+    let bulk = mode == "bulk";
+    let server = std::thread::spawn(move || {
+        pin(1);
+        let (mut conn, _) = listener.accept().unwrap();
+        conn.set_nodelay(true).unwrap();
+        if bulk {
+            let mut buffer = vec![0u8; 256 * 1024];
+            let mut received = 0usize;
+            let mut start = None;
+            loop {
+                let n = conn.read(&mut buffer).unwrap();
+                start.get_or_insert_with(Instant::now);
+                if n == 0 {
+                    break;
+                }
+                received += n;
+            }
+            let seconds = start.unwrap().elapsed().as_secs_f64();
+            return received as f64 * 8.0 / seconds / 1e9;
+        }
+        let mut buffer = vec![0u8; size];
+        while conn.read_exact(&mut buffer).is_ok() {
+            conn.write_all(&buffer).unwrap();
+        }
+        0.0
+    });
+    pin(0);
+    let mut client = TcpStream::connect(addr).unwrap();
+    client.set_nodelay(true).unwrap();
+    // Let both ends reach the map before measuring (or not, without bypass).
+    std::thread::sleep(Duration::from_millis(10));
+    match mode {
+        "ping-pong" => {
+            let count = numbers[1];
+            let mut message = vec![0x5au8; size];
+            let mut out = String::with_capacity(count * 7);
+            for i in 0..count + count / 10 {
+                let start = Instant::now();
+                client.write_all(&message).unwrap();
+                client.read_exact(&mut message).unwrap();
+                // The first tenth warms up.
+                if i >= count / 10 {
+                    out.push_str(&format!("{} ", start.elapsed().as_nanos()));
+                }
+            }
+            drop(client);
+            server.join().unwrap();
+            println!("{out}");
+        }
+        "bulk" => {
+            let total = size;
+            let chunk = vec![0xa5u8; 256 * 1024];
+            let mut sent = 0;
+            while sent < total {
+                let n = chunk.len().min(total - sent);
+                client.write_all(&chunk[..n]).unwrap();
+                sent += n;
+            }
+            client.shutdown(std::net::Shutdown::Write).unwrap();
+            println!("{}", server.join().unwrap());
+        }
+        other => panic!("unknown worker mode {other}"),
+    }
+}
