@@ -268,6 +268,35 @@ fn a_peer_in_another_network_namespace_is_never_inserted() {
 }
 
 #[test]
+fn addresses_added_while_running_count_as_local() {
+    if !have_root() {
+        return;
+    }
+    let testbed = Testbed::new();
+    let bypasser = bypass(&testbed, &testbed.apps, &[]);
+    testbed
+        .client
+        .ip(&["addr", "add", "10.99.0.1/32", "dev", "lo"])
+        .unwrap();
+    // rtnetlink tells bypass at once; it looks every 100 ms.
+    std::thread::sleep(Duration::from_millis(500));
+    peers(&testbed, &["half-close", "10.99.0.1", "100000"]);
+    testbed
+        .client
+        .ip(&["addr", "del", "10.99.0.1/32", "dev", "lo"])
+        .unwrap();
+    let (_, output, _) = bypasser.stop();
+    assert_eq!(stat(&output, "inserted"), 2, "{output}");
+    let events = json_events(&output);
+    assert!(
+        events
+            .iter()
+            .all(|e| e["local"].as_str().unwrap().starts_with("10.99.0.1:")),
+        "{events:?}"
+    );
+}
+
+#[test]
 fn stopping_bypass_in_the_middle_of_transfers_loses_nothing() {
     if !have_root() {
         return;
