@@ -2,6 +2,7 @@
 //! private network namespace, every byte checked, and a packet capture on
 //! `lo` to show what did not cross the TCP/IP stack.
 
+#[allow(unused_imports)]
 mod common;
 
 use std::path::PathBuf;
@@ -57,7 +58,7 @@ impl Capture {
     fn start(netns: &proxy_redirect::netns::NetNs, dir: &TempDir) -> Capture {
         let file = dir.join("lo.pcap");
         let mut command = netns::command_in("tcpdump", Some(netns), None).unwrap();
-        let child = command
+        let mut child = command
             .args([
                 "-i",
                 "lo",
@@ -77,12 +78,17 @@ impl Capture {
         // tcpdump creates the file once the capture is open.
         for _ in 0..100 {
             if file.exists() {
-                std::thread::sleep(Duration::from_millis(200));
-                return Capture { child, file };
+                break;
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        panic!("tcpdump did not start");
+        if !file.exists() {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("tcpdump did not start");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        Capture { child, file }
     }
 
     /// Stops the capture; returns (SYN packets, packets carrying data, the
