@@ -88,21 +88,16 @@ pub fn run(args: &BypassArgs) -> Result<()> {
 
     let format = args.output.event_format();
     let start_ns = events::monotonic_ns();
-    let ring = match format {
-        EventFormat::Off => None,
-        _ => {
-            if format == EventFormat::Text {
-                println!(
-                    "{:>12} {:<8} {:<8} {:<8} CONNECTION",
-                    "TIME(s)", "ACTION", "SIDE", "COOKIE"
-                );
-            }
-            Some(events::ring_buffer(
-                &skel.maps.events,
-                move |e: &bypass_event| print_event(e, format, start_ns),
-            )?)
-        }
-    };
+    let header = format!(
+        "{:>12} {:<8} {:<8} {:<8} CONNECTION",
+        "TIME(s)", "ACTION", "SIDE", "COOKIE"
+    );
+    let ring = events::stream(
+        &skel.maps.events,
+        format,
+        &header,
+        move |e: &bypass_event| print_event(e, format, start_ns),
+    )?;
     let mut refresh_error = None;
     events::run_until_shutdown(ring.as_ref(), || {
         if local.changed() {

@@ -7,6 +7,7 @@ use anyhow::Result;
 use libbpf_rs::{MapCore, RingBuffer, RingBufferBuilder};
 use plain::Plain;
 
+use crate::cli::EventFormat;
 use crate::shutdown;
 
 /// Builds a ring buffer whose records are `T`s passed to `handle`.
@@ -22,6 +23,25 @@ pub fn ring_buffer<'a, T: Plain + 'a>(
         0
     })?;
     Ok(builder.build()?)
+}
+
+/// The event stream of a subcommand: `None` when events are off; for text,
+/// the column header is printed first.
+pub fn stream<'a, T: Plain + 'a>(
+    map: &'a dyn MapCore,
+    format: EventFormat,
+    text_header: &str,
+    print: impl FnMut(&T) + 'a,
+) -> Result<Option<RingBuffer<'a>>> {
+    match format {
+        EventFormat::Off => Ok(None),
+        EventFormat::Text | EventFormat::Json => {
+            if format == EventFormat::Text {
+                println!("{text_header}");
+            }
+            ring_buffer(map, print).map(Some)
+        }
+    }
 }
 
 /// Polls `ring` (when there is one) until SIGINT/SIGTERM, calling `tick`

@@ -160,21 +160,16 @@ pub fn run(args: &RedirectArgs) -> Result<()> {
 
     let format = args.output.event_format();
     let start_ns = events::monotonic_ns();
-    let ring = match format {
-        EventFormat::Off => None,
-        _ => {
-            if format == EventFormat::Text {
-                println!(
-                    "{:>12} {:<8} {:<16} {:<8} CONNECTION",
-                    "TIME(s)", "ACTION", "PROCESS", "COOKIE"
-                );
-            }
-            Some(events::ring_buffer(
-                &skel.maps.events,
-                move |e: &redirect_event| print_event(e, format, start_ns),
-            )?)
-        }
-    };
+    let header = format!(
+        "{:>12} {:<8} {:<16} {:<8} CONNECTION",
+        "TIME(s)", "ACTION", "PROCESS", "COOKIE"
+    );
+    let ring = events::stream(
+        &skel.maps.events,
+        format,
+        &header,
+        move |e: &redirect_event| print_event(e, format, start_ns),
+    )?;
     events::run_until_shutdown(ring.as_ref(), || {})?;
     drop(ring);
 
