@@ -11,3 +11,4 @@ macro_rules! skeleton {
 
 skeleton!(redirect, "redirect.skel.rs");
 skeleton!(bypass, "bypass.skel.rs");
+skeleton!(port_nat, "port_nat.skel.rs");

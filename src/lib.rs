@@ -12,6 +12,7 @@ pub mod events;
 pub mod links;
 pub mod maps;
 pub mod netns;
+pub mod port_nat;
 pub mod privileges;
 pub mod proxy;
 pub mod redirect;

@@ -4,7 +4,7 @@ use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use proxy_redirect::{bypass, demo, proxy, redirect};
+use proxy_redirect::{bypass, demo, port_nat, proxy, redirect};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -26,6 +26,8 @@ enum Command {
     Proxy(proxy::ProxyArgs),
     /// Let TCP between two sockets of this host skip the TCP/IP stack (sockops + sk_msg)
     Bypass(bypass::BypassArgs),
+    /// Translate a destination port on an interface (8080 -> 80) with TC programs
+    PortNat(port_nat::PortNatArgs),
     /// Show `redirect` end to end in private namespaces and a child cgroup, then clean up
     Demo(demo::DemoArgs),
 }
@@ -58,6 +60,7 @@ fn main() -> ExitCode {
         Command::Redirect(args) => redirect::run(args),
         Command::Proxy(args) => proxy::run(args),
         Command::Bypass(args) => bypass::run(args),
+        Command::PortNat(args) => port_nat::run(args),
         Command::Demo(args) => demo::run(args),
     };
     match result {

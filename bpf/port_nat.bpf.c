@@ -1,0 +1,261 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * port-nat: translate destination ports on an interface (8080 -> 80).
+ *
+ * Ingress rewrites a packet to FROM into one to TO and records the flow,
+ * keyed by its translated tuple (client, server, client port, TO); egress
+ * rewrites a reply from TO back to FROM only when that tuple is tracked, so
+ * clients that talk to TO directly are never touched. User space sweeps
+ * idle flows out of the table.
+ */
+#include <linux/pkt_cls.h>
+
+#include "lib/common.h"
+#include "lib/l4.h"
+#include "lib/parse.h"
+#include "port_nat.h"
+
+/* Configuration, set by user space before load. */
+const volatile __u8 proto_mask = NAT_PROTO_TCP;
+const volatile __u8 emit_events;
+
+/* Port (host order) -> its role in the mappings. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 1024);
+	__type(key, __u16);
+	__type(value, struct nat_port);
+} nat_ports SEC(".maps");
+
+/* Translated flows; max_entries is set by user space (--max-flows). When it
+ * is full, the least recently used flow makes room. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct nat_flow_key);
+	__type(value, struct nat_flow);
+} flows SEC(".maps");
+
+/* One record per rewritten packet, when emit_events is set. */
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 1024 * 1024);
+} events SEC(".maps");
+
+/* enum nat_stat counters. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, NAT_STAT_COUNT);
+	__type(key, __u32);
+	__type(value, __u64);
+} stats SEC(".maps");
+
+/* Keep the shared types in BTF so that the skeleton generates them for Rust. */
+struct nat_event unused_nat_event __attribute__((unused));
+enum nat_flow_state unused_nat_flow_state __attribute__((unused));
+enum nat_stat unused_nat_stat __attribute__((unused));
+
+static __always_inline void emit(const struct l4_packet *pkt, __u16 new_port, __u8 direction,
+				 __u8 new_flow)
+{
+	struct nat_event *event;
+
+	if (!emit_events)
+		return;
+	event = bpf_ringbuf_reserve(&events, sizeof(*event), 0);
+	if (!event) {
+		stat_add(&stats, NAT_STAT_EVENTS_LOST, 1);
+		return;
+	}
+	event->timestamp_ns = bpf_ktime_get_ns();
+	__builtin_memcpy(event->src_ip, pkt->src_ip, sizeof(event->src_ip));
+	__builtin_memcpy(event->dst_ip, pkt->dst_ip, sizeof(event->dst_ip));
+	event->src_port = pkt->src_port;
+	event->dst_port = pkt->dst_port;
+	event->new_port = new_port;
+	event->family = pkt->family;
+	event->protocol = pkt->protocol;
+	event->direction = direction;
+	event->new_flow = new_flow;
+	__builtin_memset(event->pad, 0, sizeof(event->pad));
+	bpf_ringbuf_submit(event, 0);
+}
+
+/* Parses the packet and counts it; returns the L4 port map entry of @port
+ * (a src or dst port of @pkt) or NULL to let the packet pass. */
+static __always_inline struct nat_port *classify(struct __sk_buff *skb, struct l4_packet *pkt,
+						 int by_dst_port)
+{
+	__u8 proto_bit;
+	__u16 port;
+
+	stat_add(&stats, NAT_STAT_PACKETS, 1);
+	stat_add(&stats, NAT_STAT_BYTES, skb->len);
+	switch (parse_packet(skb, pkt)) {
+	case PARSE_OK:
+		break;
+	case PARSE_FRAGMENT:
+		stat_add(&stats, NAT_STAT_PASS_FRAGMENT, 1);
+		return NULL;
+	case PARSE_TRUNCATED:
+		stat_add(&stats, NAT_STAT_PASS_TRUNCATED, 1);
+		return NULL;
+	case PARSE_UNPARSED:
+		stat_add(&stats, NAT_STAT_PASS_UNPARSED, 1);
+		return NULL;
+	default:
+		return NULL;
+	}
+	proto_bit = pkt->protocol == IPPROTO_TCP ? NAT_PROTO_TCP : NAT_PROTO_UDP;
+	if (!(proto_mask & proto_bit))
+		return NULL;
+	port = bpf_ntohs(by_dst_port ? pkt->dst_port : pkt->src_port);
+	return bpf_map_lookup_elem(&nat_ports, &port);
+}
+
+static __always_inline void flow_key(struct nat_flow_key *key, const struct l4_packet *pkt,
+				     int from_client)
+{
+	const __u32 *client = from_client ? pkt->src_ip : pkt->dst_ip;
+	const __u32 *server = from_client ? pkt->dst_ip : pkt->src_ip;
+
+	__builtin_memcpy(key->client_ip, client, sizeof(key->client_ip));
+	__builtin_memcpy(key->server_ip, server, sizeof(key->server_ip));
+	key->client_port = from_client ? pkt->src_port : pkt->dst_port;
+	key->server_port = from_client ? pkt->dst_port : pkt->src_port;
+	key->family = pkt->family;
+	key->protocol = pkt->protocol;
+	key->pad[0] = 0;
+	key->pad[1] = 0;
+}
+
+static __always_inline void track_tcp(struct nat_flow *flow, __u8 flags, __u8 direction)
+{
+	if (flags & (TCP_FLAG_FIN | TCP_FLAG_RST))
+		flow->state = FLOW_TCP_CLOSING;
+	else if (flow->state == FLOW_TCP_SYN_SENT && (flags & TCP_FLAG_ACK) &&
+		 ((flags & TCP_FLAG_SYN) || direction == NAT_DIR_ORIGINAL))
+		flow->state = FLOW_TCP_ESTABLISHED;
+}
+
+static __always_inline void count(struct nat_flow *flow, __u8 direction, __u32 len, __u64 now)
+{
+	flow->last_seen_ns = now;
+	__sync_fetch_and_add(&flow->packets[direction & 1], 1);
+	__sync_fetch_and_add(&flow->bytes[direction & 1], len);
+}
+
+/* The state a flow starts in, from the packet that opens it. */
+static __always_inline __u8 initial_state(const struct l4_packet *pkt)
+{
+	if (pkt->protocol == IPPROTO_UDP)
+		return FLOW_UDP;
+	if (pkt->tcp_flags & (TCP_FLAG_FIN | TCP_FLAG_RST))
+		return FLOW_TCP_CLOSING;
+	if ((pkt->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN)
+		return FLOW_TCP_SYN_SENT;
+	return FLOW_TCP_ESTABLISHED; /* picked up mid-stream */
+}
+
+static __always_inline int rewrite(struct __sk_buff *skb, const struct l4_packet *pkt,
+				   __u32 port_offset, __u16 old_port, __u16 new_port)
+{
+	if (l4_rewrite_port(skb, pkt, port_offset, old_port, new_port)) {
+		stat_add(&stats, NAT_STAT_DROP_REWRITE_FAILED, 1);
+		return TC_ACT_SHOT;
+	}
+	return TC_ACT_OK;
+}
+
+SEC("tc")
+int port_nat_ingress(struct __sk_buff *skb)
+{
+	struct nat_flow_key key;
+	struct l4_packet pkt;
+	struct nat_flow *flow;
+	struct nat_port *port;
+	__u64 now;
+	__u16 to_port;
+	__u8 new_flow = 0;
+
+	port = classify(skb, &pkt, 1);
+	if (!port)
+		return TC_ACT_OK;
+	if (!(port->role & NAT_PORT_FROM)) {
+		/* Straight to TO: a flow tracked under this tuple has ended, and
+		 * replies must now go out untouched. */
+		flow_key(&key, &pkt, 1);
+		if (bpf_map_delete_elem(&flows, &key) == 0)
+			stat_add(&stats, NAT_STAT_DIRECT_STALE, 1);
+		return TC_ACT_OK;
+	}
+	to_port = bpf_htons(port->to_port);
+	flow_key(&key, &pkt, 1);
+	key.server_port = to_port;
+	now = bpf_ktime_get_ns();
+	flow = bpf_map_lookup_elem(&flows, &key);
+	if (flow && pkt.protocol == IPPROTO_TCP && flow->state != FLOW_TCP_SYN_SENT &&
+	    (pkt.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN) {
+		/* A new connection on the tuple of an old one. */
+		stat_add(&stats, NAT_STAT_REUSED_FLOWS, 1);
+		flow = NULL;
+	}
+	if (!flow) {
+		struct nat_flow fresh = {
+		    .created_ns = now,
+		    .original_port = pkt.dst_port,
+		    .state = initial_state(&pkt),
+		};
+
+		if (bpf_map_update_elem(&flows, &key, &fresh, BPF_ANY) ||
+		    !(flow = bpf_map_lookup_elem(&flows, &key))) {
+			/* Without a flow the reply could not be translated back. */
+			stat_add(&stats, NAT_STAT_DROP_TRACK_FAILED, 1);
+			return TC_ACT_SHOT;
+		}
+		stat_add(&stats, NAT_STAT_NEW_FLOWS, 1);
+		new_flow = 1;
+	} else {
+		if (flow->original_port != pkt.dst_port)
+			flow->original_port = pkt.dst_port;
+		if (pkt.protocol == IPPROTO_TCP)
+			track_tcp(flow, pkt.tcp_flags, NAT_DIR_ORIGINAL);
+	}
+	count(flow, NAT_DIR_ORIGINAL, skb->len, now);
+	if (rewrite(skb, &pkt, L4_DST_PORT_OFFSET, pkt.dst_port, to_port) != TC_ACT_OK)
+		return TC_ACT_SHOT;
+	stat_add(&stats, NAT_STAT_INGRESS_TRANSLATED, 1);
+	emit(&pkt, to_port, NAT_DIR_ORIGINAL, new_flow);
+	return TC_ACT_OK;
+}
+
+SEC("tc")
+int port_nat_egress(struct __sk_buff *skb)
+{
+	struct nat_flow_key key;
+	struct l4_packet pkt;
+	struct nat_flow *flow;
+	struct nat_port *port;
+	__u16 original_port;
+
+	port = classify(skb, &pkt, 0);
+	if (!port || !(port->role & NAT_PORT_TO))
+		return TC_ACT_OK;
+	flow_key(&key, &pkt, 0);
+	flow = bpf_map_lookup_elem(&flows, &key);
+	if (!flow) {
+		stat_add(&stats, NAT_STAT_REPLY_UNTRACKED, 1);
+		return TC_ACT_OK;
+	}
+	if (pkt.protocol == IPPROTO_TCP)
+		track_tcp(flow, pkt.tcp_flags, NAT_DIR_REPLY);
+	count(flow, NAT_DIR_REPLY, skb->len, bpf_ktime_get_ns());
+	original_port = flow->original_port;
+	if (rewrite(skb, &pkt, L4_SRC_PORT_OFFSET, pkt.src_port, original_port) != TC_ACT_OK)
+		return TC_ACT_SHOT;
+	stat_add(&stats, NAT_STAT_EGRESS_TRANSLATED, 1);
+	emit(&pkt, original_port, NAT_DIR_REPLY, 0);
+	return TC_ACT_OK;
+}
+
+char LICENSE[] SEC("license") = "GPL";

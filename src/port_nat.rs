@@ -1,0 +1,565 @@
+//! `proxy-redirect port-nat`: TC ingress and egress programs translate a
+//! destination port on an interface (8080 -> 80) and the replies back,
+//! with a conntrack table that user space sweeps.
+
+use std::mem::MaybeUninit;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use libbpf_rs::skel::{OpenSkel, SkelBuilder};
+use libbpf_rs::{MapCore, MapFlags};
+
+use crate::bpf::port_nat::types::{
+    nat_event, nat_flow, nat_flow_key, nat_flow_state, nat_port, nat_stat,
+};
+use crate::bpf::port_nat::{PortNatSkel, PortNatSkelBuilder};
+use crate::cli::{self, EventFormat, OutputArgs};
+use crate::events;
+use crate::links::{Attachments, TcAttachMode, TcDirection};
+use crate::{maps, privileges, shutdown};
+
+// SAFETY: generated from include/port_nat.h: fixed-width integers with
+// explicit padding.
+unsafe impl plain::Plain for nat_port {}
+unsafe impl plain::Plain for nat_flow_key {}
+unsafe impl plain::Plain for nat_flow {}
+unsafe impl plain::Plain for nat_event {}
+
+// Values of include/port_nat.h's #defines, which BTF does not carry.
+const NAT_PORT_FROM: u8 = 1;
+const NAT_PORT_TO: u8 = 2;
+const NAT_DIR_ORIGINAL: u8 = 0;
+const IPPROTO_TCP: u8 = 6;
+const IPPROTO_UDP: u8 = 17;
+const ADDR_FAMILY_INET: u8 = 2;
+
+/// Which transport protocols are translated.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Protocols {
+    #[default]
+    Tcp,
+    Udp,
+    All,
+}
+
+impl Protocols {
+    /// The NAT_PROTO_* mask of include/port_nat.h.
+    fn mask(self) -> u8 {
+        match self {
+            Protocols::Tcp => 1,
+            Protocols::Udp => 2,
+            Protocols::All => 3,
+        }
+    }
+}
+
+#[derive(Args, Debug, Clone)]
+#[command(after_help = "\
+Examples:
+  # A web server on :80 answers on :8080 as well
+  proxy-redirect port-nat -i eth0 -f 8080 -t 80 -v
+  # Two mappings, TCP and UDP; list every translated packet as JSON
+  proxy-redirect port-nat -i eth0 -f 8080 -t 80 -f 5300 -t 53 --proto all --json
+
+Packets arriving on IFACE for port FROM are delivered to port TO; the
+replies leave with FROM again, so clients never notice. Clients that talk to
+TO directly are left alone: only tracked flows have their replies rewritten.
+The flow table is an LRU: when it is full, the least recently used flow makes
+room (a flow that is still active is re-created by its next packet from the
+client). Attached as tcx links where the kernel has them (6.6+), so nothing
+outlives the process; older kernels use a clsact qdisc that is removed on
+exit and replaced by the next run after a crash.")]
+pub struct PortNatArgs {
+    /// Interface to translate on (use `lo` for local clients)
+    #[arg(short, long, value_name = "IFACE")]
+    pub interface: String,
+    /// Port the clients use; pair each -f with a -t, in order
+    #[arg(short = 'f', long = "from", value_name = "FROM", required = true,
+          value_parser = cli::parse_port)]
+    pub from: Vec<u16>,
+    /// Port the server listens on
+    #[arg(short = 't', long = "to", value_name = "TO", value_parser = cli::parse_port)]
+    pub to: Vec<u16>,
+    /// Transport protocols to translate
+    #[arg(long, value_enum, default_value_t = Protocols::Tcp)]
+    pub proto: Protocols,
+    /// Size of the flow table
+    #[arg(long, value_name = "N", default_value = "65536",
+          value_parser = clap::value_parser!(u32).range(16..=16_777_216))]
+    pub max_flows: u32,
+    /// Idle seconds before an established TCP flow is forgotten
+    #[arg(long, value_name = "SECONDS", default_value = "3600",
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub tcp_timeout: u64,
+    /// Idle seconds before a TCP flow that saw FIN or RST (or only a SYN) is forgotten
+    #[arg(long, value_name = "SECONDS", default_value = "60",
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub tcp_closing_timeout: u64,
+    /// Idle seconds before a UDP flow is forgotten
+    #[arg(long, value_name = "SECONDS", default_value = "30",
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub udp_timeout: u64,
+    /// How to attach: tcx links (6.6+), a clsact qdisc, or auto
+    #[arg(long, value_enum, default_value_t = TcAttachMode::Auto)]
+    pub tc_attach: TcAttachMode,
+    #[command(flatten)]
+    pub output: OutputArgs,
+}
+
+/// One `-f FROM -t TO` pair.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Mapping {
+    pub from: u16,
+    pub to: u16,
+}
+
+/// What the BPF side needs before load.
+#[derive(Debug, Clone)]
+pub struct NatConfig {
+    pub mappings: Vec<Mapping>,
+    pub protocols: Protocols,
+    pub max_flows: u32,
+    pub events: bool,
+}
+
+/// Idle timeouts by flow state.
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    pub tcp_established: Duration,
+    pub tcp_closing: Duration,
+    pub udp: Duration,
+}
+
+impl Timeouts {
+    fn for_state(&self, state: u8) -> Duration {
+        match nat_flow_state(state.into()) {
+            nat_flow_state::FLOW_TCP_ESTABLISHED => self.tcp_established,
+            nat_flow_state::FLOW_UDP => self.udp,
+            _ => self.tcp_closing,
+        }
+    }
+}
+
+/// Pairs -f with -t and checks them.
+pub fn mappings(from: &[u16], to: &[u16]) -> Result<Vec<Mapping>> {
+    if from.len() != to.len() {
+        match from.get(to.len()) {
+            Some(port) => bail!("-f {port} has no -t: give each -f FROM a -t TO"),
+            None => bail!("-t {} has no -f: give each -t TO a -f FROM", to[from.len()]),
+        }
+    }
+    let mut out: Vec<Mapping> = Vec::new();
+    for (&from, &to) in from.iter().zip(to) {
+        if from == to {
+            bail!("-f {from} -t {to} maps a port to itself");
+        }
+        if let Some(earlier) = out.iter().find(|m| m.from == from) {
+            bail!(
+                "port {from} is mapped twice (to {} and to {to})",
+                earlier.to
+            );
+        }
+        out.push(Mapping { from, to });
+    }
+    Ok(out)
+}
+
+fn interface_index(name: &str) -> Result<u32> {
+    nix::net::if_::if_nametoindex(name).map_err(|_| anyhow::anyhow!("unknown interface '{name}'"))
+}
+
+/// Opens, configures and loads the port-nat programs, and fills the port map.
+pub fn load<'obj>(
+    config: &NatConfig,
+    open_object: &'obj mut MaybeUninit<libbpf_rs::OpenObject>,
+) -> Result<PortNatSkel<'obj>> {
+    let mut open = PortNatSkelBuilder::default()
+        .open(open_object)
+        .context("opening the port-nat BPF object")?;
+    let rodata = open
+        .maps
+        .rodata_data
+        .as_deref_mut()
+        .context("the port-nat object has no .rodata")?;
+    rodata.proto_mask = config.protocols.mask();
+    rodata.emit_events = config.events.into();
+    open.maps
+        .flows
+        .set_max_entries(config.max_flows)
+        .context("sizing the flow table")?;
+    let skel = open.load().context("loading the port-nat BPF programs")?;
+    let mut roles: Vec<(u16, nat_port)> = Vec::new();
+    let mut role = |port: u16, update: &dyn Fn(&mut nat_port)| {
+        let index = match roles.iter().position(|(p, _)| *p == port) {
+            Some(index) => index,
+            None => {
+                roles.push((port, nat_port::default()));
+                roles.len() - 1
+            }
+        };
+        update(&mut roles[index].1);
+    };
+    for mapping in &config.mappings {
+        role(mapping.from, &|p| {
+            p.role |= NAT_PORT_FROM;
+            p.to_port = mapping.to;
+        });
+        role(mapping.to, &|p| p.role |= NAT_PORT_TO);
+    }
+    for (port, value) in &roles {
+        maps::update(&skel.maps.nat_ports, port, value)?;
+    }
+    Ok(skel)
+}
+
+pub fn run(args: &PortNatArgs) -> Result<()> {
+    let mappings = mappings(&args.from, &args.to)?;
+    let ifindex = interface_index(&args.interface)?;
+    privileges::require_bpf("port-nat")?;
+    shutdown::install()?;
+    let format = args.output.event_format();
+    let config = NatConfig {
+        mappings,
+        protocols: args.proto,
+        max_flows: args.max_flows,
+        events: format != EventFormat::Off,
+    };
+    let timeouts = Timeouts {
+        tcp_established: Duration::from_secs(args.tcp_timeout),
+        tcp_closing: Duration::from_secs(args.tcp_closing_timeout),
+        udp: Duration::from_secs(args.udp_timeout),
+    };
+
+    let mut open_object = MaybeUninit::uninit();
+    let skel = load(&config, &mut open_object)?;
+    let mut attachments = Attachments::default();
+    // Egress first: it only touches tracked flows, and every flow ingress
+    // creates must find its reply path ready.
+    let path = attachments.attach_tc(
+        &skel.progs.port_nat_egress,
+        ifindex,
+        TcDirection::Egress,
+        args.tc_attach,
+    )?;
+    attachments.attach_tc(
+        &skel.progs.port_nat_ingress,
+        ifindex,
+        TcDirection::Ingress,
+        args.tc_attach,
+    )?;
+
+    print_configuration(args, &config, ifindex, &timeouts);
+    println!(
+        "Attached ingress and egress programs to {} via {path}; press Ctrl-C to stop",
+        args.interface
+    );
+
+    let start_ns = events::monotonic_ns();
+    let ring = match format {
+        EventFormat::Off => None,
+        _ => {
+            if format == EventFormat::Text {
+                println!("{:>12} {:<7} PACKET", "TIME(s)", "ACTION");
+            }
+            Some(events::ring_buffer(
+                &skel.maps.events,
+                move |e: &nat_event| print_event(e, format, start_ns),
+            )?)
+        }
+    };
+    let mut expired = 0u64;
+    let mut last_sweep = Instant::now();
+    events::run_until_shutdown(ring.as_ref(), || {
+        if last_sweep.elapsed() < Duration::from_secs(1) {
+            return;
+        }
+        last_sweep = Instant::now();
+        match sweep(&skel.maps.flows, &timeouts, events::monotonic_ns()) {
+            Ok(flows) => {
+                expired += flows.len() as u64;
+                for (key, flow) in &flows {
+                    print_expired(key, flow, format, start_ns);
+                }
+            }
+            Err(err) => tracing::warn!("sweeping the flow table: {err:#}"),
+        }
+    })?;
+    drop(ring);
+
+    print_statistics(&skel, expired)?;
+    drop(attachments);
+    println!("Cleaned up");
+    Ok(())
+}
+
+/// Removes the flows idle for longer than their state's timeout and
+/// returns them.
+pub fn sweep(
+    flows: &dyn MapCore,
+    timeouts: &Timeouts,
+    now_ns: u64,
+) -> Result<Vec<(nat_flow_key, nat_flow)>> {
+    let mut expired = Vec::new();
+    for (key, flow) in maps::entries::<nat_flow_key, nat_flow>(flows)? {
+        let idle = Duration::from_nanos(now_ns.saturating_sub(flow.last_seen_ns));
+        if idle < timeouts.for_state(flow.state) {
+            continue;
+        }
+        // SAFETY: a Plain key read from this very map.
+        let key_bytes = unsafe { plain::as_bytes(&key) };
+        // A packet may have refreshed the flow since it was listed.
+        let Some(current) = flows.lookup(key_bytes, MapFlags::ANY)? else {
+            continue;
+        };
+        let current = *plain::from_bytes::<nat_flow>(&current)
+            .ok()
+            .context("flow size")?;
+        if current.last_seen_ns != flow.last_seen_ns {
+            continue;
+        }
+        if flows.delete(key_bytes).is_ok() {
+            expired.push((key, current));
+        }
+    }
+    Ok(expired)
+}
+
+/// An address and port from the kernel (network byte order).
+pub fn socket_addr(family: u8, ip: &[u32; 4], port_be: u16) -> SocketAddr {
+    let port = u16::from_be(port_be);
+    if family == ADDR_FAMILY_INET {
+        return SocketAddr::new(IpAddr::V4(Ipv4Addr::from(ip[0].to_ne_bytes())), port);
+    }
+    let mut octets = [0u8; 16];
+    for (chunk, word) in octets.chunks_mut(4).zip(ip) {
+        chunk.copy_from_slice(&word.to_ne_bytes());
+    }
+    SocketAddr::new(IpAddr::V6(Ipv6Addr::from(octets)), port)
+}
+
+pub fn protocol_name(protocol: u8) -> &'static str {
+    match protocol {
+        IPPROTO_TCP => "tcp",
+        IPPROTO_UDP => "udp",
+        _ => "?",
+    }
+}
+
+pub fn state_name(state: u8) -> &'static str {
+    match nat_flow_state(state.into()) {
+        nat_flow_state::FLOW_TCP_SYN_SENT => "syn-sent",
+        nat_flow_state::FLOW_TCP_ESTABLISHED => "established",
+        nat_flow_state::FLOW_TCP_CLOSING => "closing",
+        nat_flow_state::FLOW_UDP => "udp",
+        _ => "unknown",
+    }
+}
+
+fn print_event(event: &nat_event, format: EventFormat, start_ns: u64) {
+    let seconds = event.timestamp_ns.saturating_sub(start_ns) as f64 / 1e9;
+    let src = socket_addr(event.family, &event.src_ip, event.src_port);
+    let dst = socket_addr(event.family, &event.dst_ip, event.dst_port);
+    let ingress = event.direction == NAT_DIR_ORIGINAL;
+    let action = if ingress { "INGRESS" } else { "EGRESS" };
+    let new_port = u16::from_be(event.new_port);
+    let protocol = protocol_name(event.protocol);
+    match format {
+        EventFormat::Off => {}
+        EventFormat::Text => {
+            let new_flow = if event.new_flow != 0 { " new flow" } else { "" };
+            println!(
+                "{seconds:12.3} {action:<7} {src} -> {dst} [REDIRECTED to {new_port}] {protocol}{new_flow}"
+            );
+        }
+        EventFormat::Json => {
+            let record = serde_json::json!({
+                "time": seconds,
+                "event": action.to_lowercase(),
+                "protocol": protocol,
+                "src": src.to_string(),
+                "dst": dst.to_string(),
+                "new_port": new_port,
+                "new_flow": event.new_flow != 0,
+            });
+            println!("{record}");
+        }
+    }
+}
+
+fn print_expired(key: &nat_flow_key, flow: &nat_flow, format: EventFormat, start_ns: u64) {
+    let now = events::monotonic_ns();
+    let seconds = now.saturating_sub(start_ns) as f64 / 1e9;
+    let idle = now.saturating_sub(flow.last_seen_ns) as f64 / 1e9;
+    let client = socket_addr(key.family, &key.client_ip, key.client_port);
+    let server = socket_addr(key.family, &key.server_ip, flow.original_port);
+    let to_port = u16::from_be(key.server_port);
+    let protocol = protocol_name(key.protocol);
+    let state = state_name(flow.state);
+    match format {
+        EventFormat::Off => {}
+        EventFormat::Text => println!(
+            "{seconds:12.3} EXPIRED {client} -> {server} [to {to_port}] {protocol} {state}, \
+             idle {idle:.1}s, packets {}/{}, bytes {}/{}",
+            flow.packets[0], flow.packets[1], flow.bytes[0], flow.bytes[1]
+        ),
+        EventFormat::Json => {
+            let record = serde_json::json!({
+                "time": seconds,
+                "event": "expired",
+                "protocol": protocol,
+                "client": client.to_string(),
+                "server": server.to_string(),
+                "to_port": to_port,
+                "state": state,
+                "idle": idle,
+                "packets": flow.packets,
+                "bytes": flow.bytes,
+            });
+            println!("{record}");
+        }
+    }
+}
+
+fn print_configuration(args: &PortNatArgs, config: &NatConfig, ifindex: u32, t: &Timeouts) {
+    println!(
+        "Translating ports on {} (ifindex {ifindex})",
+        args.interface
+    );
+    let mappings: Vec<String> = config
+        .mappings
+        .iter()
+        .map(|m| format!("{} -> {}", m.from, m.to))
+        .collect();
+    println!("  mappings:          {}", mappings.join(", "));
+    let protocols = match config.protocols {
+        Protocols::Tcp => "tcp",
+        Protocols::Udp => "udp",
+        Protocols::All => "tcp, udp",
+    };
+    println!("  protocols:         {protocols}");
+    println!(
+        "  flow table:        {} flows (LRU); idle timeouts: tcp {}s, tcp closing {}s, udp {}s",
+        config.max_flows,
+        t.tcp_established.as_secs(),
+        t.tcp_closing.as_secs(),
+        t.udp.as_secs()
+    );
+}
+
+/// Sums of the per-CPU counters, indexed by `nat_stat`.
+pub fn counters(skel: &PortNatSkel<'_>) -> Result<Vec<u64>> {
+    maps::percpu_sums(&skel.maps.stats, nat_stat::NAT_STAT_COUNT.0)
+}
+
+fn print_statistics(skel: &PortNatSkel<'_>, expired: u64) -> Result<()> {
+    let counts = counters(skel)?;
+    let count = |stat: nat_stat| counts[stat.0 as usize];
+    let live: Vec<(nat_flow_key, nat_flow)> = maps::entries(&skel.maps.flows)?;
+    // Every new flow is in the table, was replaced in place by a reopened
+    // one, expired, was ended by direct traffic, or was evicted.
+    let evicted = count(nat_stat::NAT_STAT_NEW_FLOWS).saturating_sub(
+        count(nat_stat::NAT_STAT_REUSED_FLOWS)
+            + expired
+            + count(nat_stat::NAT_STAT_DIRECT_STALE)
+            + live.len() as u64,
+    );
+    let dropped =
+        count(nat_stat::NAT_STAT_DROP_TRACK_FAILED) + count(nat_stat::NAT_STAT_DROP_REWRITE_FAILED);
+    let lines: [(&str, u64); 17] = [
+        ("packets seen", count(nat_stat::NAT_STAT_PACKETS)),
+        ("bytes seen", count(nat_stat::NAT_STAT_BYTES)),
+        (
+            "translated on ingress",
+            count(nat_stat::NAT_STAT_INGRESS_TRANSLATED),
+        ),
+        (
+            "translated on egress",
+            count(nat_stat::NAT_STAT_EGRESS_TRANSLATED),
+        ),
+        ("new flows", count(nat_stat::NAT_STAT_NEW_FLOWS)),
+        (
+            "flows reopened by a new SYN",
+            count(nat_stat::NAT_STAT_REUSED_FLOWS),
+        ),
+        ("flows expired", expired),
+        (
+            "flows ended by direct traffic",
+            count(nat_stat::NAT_STAT_DIRECT_STALE),
+        ),
+        ("flows evicted (table full)", evicted),
+        ("flows tracked at exit", live.len() as u64),
+        (
+            "untracked replies left alone",
+            count(nat_stat::NAT_STAT_REPLY_UNTRACKED),
+        ),
+        (
+            "passed: later fragments",
+            count(nat_stat::NAT_STAT_PASS_FRAGMENT),
+        ),
+        (
+            "passed: truncated",
+            count(nat_stat::NAT_STAT_PASS_TRUNCATED),
+        ),
+        (
+            "passed: unparsed IPv6 headers",
+            count(nat_stat::NAT_STAT_PASS_UNPARSED),
+        ),
+        ("dropped", dropped),
+        (
+            "dropped: flow table insert failed",
+            count(nat_stat::NAT_STAT_DROP_TRACK_FAILED),
+        ),
+        (
+            "dropped: rewrite failed",
+            count(nat_stat::NAT_STAT_DROP_REWRITE_FAILED),
+        ),
+    ];
+    println!("=== Statistics ===");
+    for (label, value) in lines {
+        println!("  {:<36}{value}", format!("{label}:"));
+    }
+    println!(
+        "  {:<36}{}",
+        "events lost:",
+        count(nat_stat::NAT_STAT_EVENTS_LOST)
+    );
+    println!("=== Tracked flows: {} ===", live.len());
+    for (key, flow) in live.iter().take(20) {
+        println!(
+            "  {} {} -> {} [to {}] {}, packets {}/{}, bytes {}/{}",
+            protocol_name(key.protocol),
+            socket_addr(key.family, &key.client_ip, key.client_port),
+            socket_addr(key.family, &key.server_ip, flow.original_port),
+            u16::from_be(key.server_port),
+            state_name(flow.state),
+            flow.packets[0],
+            flow.packets[1],
+            flow.bytes[0],
+            flow.bytes[1]
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mappings_pair_in_order_and_are_checked() {
+        assert_eq!(
+            mappings(&[8080, 5300], &[80, 53]).unwrap(),
+            [
+                Mapping { from: 8080, to: 80 },
+                Mapping { from: 5300, to: 53 }
+            ]
+        );
+        let err = |f: &[u16], t: &[u16]| mappings(f, t).unwrap_err().to_string();
+        assert!(err(&[8080, 8081], &[80]).contains("-f 8081 has no -t"));
+        assert!(err(&[8080], &[80, 81]).contains("-t 81 has no -f"));
+        assert!(err(&[8080, 8080], &[80, 81]).contains("mapped twice"));
+        assert!(err(&[80], &[80]).contains("to itself"));
+    }
+}
