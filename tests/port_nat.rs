@@ -1,0 +1,571 @@
+//! `port-nat` against the real kernel: crafted packets through
+//! BPF_PROG_TEST_RUN (fixtures and randomized), then real traffic over `lo`
+//! in a private netns and across a veth pair between two namespaces.
+
+mod common;
+
+use std::mem::MaybeUninit;
+use std::net::{SocketAddr, UdpSocket};
+use std::time::Duration;
+
+use common::packet::*;
+use common::*;
+use libbpf_rs::{OpenObject, ProgramInput};
+use proxy_redirect::bpf::port_nat::types::{nat_flow, nat_flow_key, nat_flow_state, nat_stat};
+use proxy_redirect::bpf::port_nat::PortNatSkel;
+use proxy_redirect::maps;
+use proxy_redirect::netns::{self, NetNs};
+use proxy_redirect::port_nat::{self, Mapping, NatConfig, Protocols};
+
+const TC_ACT_OK: u32 = 0;
+const C4: &str = "192.0.2.1";
+const S4: &str = "198.51.100.2";
+const C6: &str = "2001:db8::1";
+const S6: &str = "2001:db8:1::2";
+
+fn mappings() -> Vec<Mapping> {
+    vec![
+        Mapping { from: 8080, to: 80 },
+        Mapping {
+            from: 5300,
+            to: 5353,
+        },
+    ]
+}
+
+fn load(
+    object: &mut MaybeUninit<OpenObject>,
+    protocols: Protocols,
+    max_flows: u32,
+) -> PortNatSkel<'_> {
+    let config = NatConfig {
+        mappings: mappings(),
+        protocols,
+        max_flows,
+        events: false,
+    };
+    port_nat::load(&config, object).expect("loading port-nat")
+}
+
+/// Runs a program on a frame: (verdict, output frame).
+fn test_run(program: &libbpf_rs::ProgramMut<'_>, frame: &[u8]) -> (u32, Vec<u8>) {
+    let mut out = vec![0u8; frame.len() + 256];
+    let input = ProgramInput {
+        data_in: Some(frame),
+        data_out: Some(&mut out),
+        ..Default::default()
+    };
+    let output = program
+        .test_run(input)
+        .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN on {}: {e}", hex(frame)));
+    let len = output.data.as_ref().map_or(0, |d| d.len());
+    let verdict = output.return_value;
+    out.truncate(len);
+    (verdict, out)
+}
+
+fn ingress(skel: &PortNatSkel<'_>, frame: &[u8]) -> (u32, Vec<u8>) {
+    test_run(&skel.progs.port_nat_ingress, frame)
+}
+
+fn egress(skel: &PortNatSkel<'_>, frame: &[u8]) -> (u32, Vec<u8>) {
+    test_run(&skel.progs.port_nat_egress, frame)
+}
+
+fn counter(skel: &PortNatSkel<'_>, stat: nat_stat) -> u64 {
+    port_nat::counters(skel).unwrap()[stat.0 as usize]
+}
+
+fn flows(skel: &PortNatSkel<'_>) -> Vec<(nat_flow_key, nat_flow)> {
+    maps::entries(&skel.maps.flows).unwrap()
+}
+
+/// The packet goes through `run` and comes out exactly as `expected`
+/// (checksums included), with valid checksums.
+fn assert_rewritten(
+    what: &str,
+    run: impl Fn(&[u8]) -> (u32, Vec<u8>),
+    input: &Packet,
+    expected: &Packet,
+) {
+    let frame = input.build();
+    verify_checksums(&frame).unwrap_or_else(|e| panic!("{what}: the builder made a bad frame: {e}"));
+    let (verdict, out) = run(&frame);
+    assert_eq!(verdict, TC_ACT_OK, "{what}: verdict");
+    assert_eq!(
+        hex(&out),
+        hex(&expected.build()),
+        "{what}: output bytes (got / expected)"
+    );
+    verify_checksums(&out).unwrap_or_else(|e| panic!("{what}: {e}"));
+}
+
+fn assert_unchanged(what: &str, run: impl Fn(&[u8]) -> (u32, Vec<u8>), frame: &[u8]) {
+    let (verdict, out) = run(frame);
+    assert_eq!(verdict, TC_ACT_OK, "{what}: verdict");
+    assert_eq!(hex(&out), hex(frame), "{what}: the packet changed");
+}
+
+/// BPF_PROG_TEST_RUN refuses (EINVAL) IPv4 and IPv6 frames shorter than
+/// their fixed IP header, before any program runs.
+fn kernel_accepts(frame: &[u8]) -> bool {
+    match frame.get(12..14) {
+        Some([0x08, 0x00]) => frame.len() >= ETH_HLEN + 20,
+        Some([0x86, 0xdd]) => frame.len() >= ETH_HLEN + 40,
+        _ => frame.len() >= ETH_HLEN,
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn need_root() -> bool {
+    have_root()
+}
+
+#[test]
+fn fixtures_translate_tcp_and_udp_over_ipv4_and_ipv6() {
+    if !need_root() {
+        return;
+    }
+    let mut object = MaybeUninit::uninit();
+    let skel = load(&mut object, Protocols::All, 1024);
+    let run = |f: &[u8]| ingress(&skel, f);
+
+    let syn = Packet::tcp(C4, 40000, S4, 8080, TCP_SYN);
+    assert_rewritten(
+        "TCP SYN v4",
+        run,
+        &syn,
+        &Packet {
+            dst_port: 80,
+            ..syn.clone()
+        },
+    );
+
+    // IP options: router alert, a timestamp option and padding (ihl 9).
+    let mut with_options =
+        Packet::tcp(C4, 40001, S4, 8080, TCP_ACK | TCP_PSH).with_payload(b"GET / HTTP/1.1\r\n\r\n");
+    with_options.ip_options = vec![148, 4, 0, 0, 68, 12, 5, 0, 1, 2, 3, 4, 1, 1, 1];
+    assert_rewritten(
+        "TCP v4 with IP options",
+        run,
+        &with_options,
+        &Packet {
+            dst_port: 80,
+            ..with_options.clone()
+        },
+    );
+
+    let syn6 = Packet::tcp(C6, 40002, S6, 8080, TCP_SYN);
+    assert_rewritten(
+        "TCP SYN v6",
+        run,
+        &syn6,
+        &Packet {
+            dst_port: 80,
+            ..syn6.clone()
+        },
+    );
+
+    let mut ext6 = Packet::udp(C6, 40003, S6, 5300).with_payload(b"query");
+    ext6.ipv6_ext = vec![
+        Ext::HopByHop(0),
+        Ext::DestOpts(1),
+        Ext::Routing(0),
+        Ext::Fragment {
+            offset: 0,
+            more: false,
+        },
+        Ext::Auth(4),
+    ];
+    assert_rewritten(
+        "UDP v6 behind five extension headers",
+        run,
+        &ext6,
+        &Packet {
+            dst_port: 5353,
+            ..ext6.clone()
+        },
+    );
+
+    let udp = Packet::udp(C4, 40004, S4, 5300).with_payload(&payload(300, 1));
+    assert_rewritten(
+        "UDP v4",
+        run,
+        &udp,
+        &Packet {
+            dst_port: 5353,
+            ..udp.clone()
+        },
+    );
+
+    let zero = Packet {
+        udp_zero_checksum: true,
+        ..Packet::udp(C4, 40005, S4, 5300).with_payload(b"no checksum")
+    };
+    let (_, out) = run(&zero.build());
+    assert_eq!(
+        &out[out.len() - 11 - 2..out.len() - 11],
+        &[0, 0],
+        "a zero UDP checksum stays zero"
+    );
+    assert_rewritten(
+        "UDP v4 with a zero checksum",
+        run,
+        &zero,
+        &Packet {
+            dst_port: 5353,
+            ..zero.clone()
+        },
+    );
+
+    // A first fragment carries the L4 header: translated, and its checksum
+    // (over the whole datagram) updated incrementally.
+    let first = Packet {
+        more_fragments: true,
+        ..Packet::udp(C4, 40006, S4, 5300).with_payload(&payload(64, 2))
+    };
+    assert_rewritten(
+        "UDP v4 first fragment",
+        run,
+        &first,
+        &Packet {
+            dst_port: 5353,
+            ..first.clone()
+        },
+    );
+    assert_eq!(counter(&skel, nat_stat::NAT_STAT_INGRESS_TRANSLATED), 8);
+    assert_eq!(counter(&skel, nat_stat::NAT_STAT_NEW_FLOWS), 7);
+}
+
+#[test]
+fn fixtures_leave_other_packets_alone() {
+    if !need_root() {
+        return;
+    }
+    let mut object = MaybeUninit::uninit();
+    let skel = load(&mut object, Protocols::All, 1024);
+    let run = |f: &[u8]| ingress(&skel, f);
+
+    assert_unchanged(
+        "TCP to another port",
+        run,
+        &Packet::tcp(C4, 40000, S4, 8081, TCP_SYN).build(),
+    );
+    assert_unchanged(
+        "UDP to another port v6",
+        run,
+        &Packet::udp(C6, 40000, S6, 53).build(),
+    );
+    // A later fragment: its first bytes look like ports 40000 -> 8080 but
+    // are data.
+    let later = Packet {
+        frag_offset: 185,
+        ..Packet::udp(C4, 40000, S4, 8080)
+    };
+    assert_unchanged("IPv4 later fragment", run, &later.build());
+    let mut later6 = Packet::tcp(C6, 40000, S6, 8080, TCP_ACK);
+    later6.ipv6_ext = vec![Ext::Fragment {
+        offset: 100,
+        more: true,
+    }];
+    assert_unchanged("IPv6 later fragment", run, &later6.build());
+    assert_eq!(counter(&skel, nat_stat::NAT_STAT_PASS_FRAGMENT), 2);
+
+    // Truncated and malformed headers.
+    let syn = Packet::tcp(C4, 40000, S4, 8080, TCP_SYN).build();
+    assert_unchanged("cut in the TCP header", run, &syn[..ETH_HLEN + 20 + 10]);
+    let mut long_ihl = syn.clone();
+    long_ihl[ETH_HLEN] = 0x4f; // 40 bytes of options the frame does not have
+    assert_unchanged("cut in the IPv4 options", run, &long_ihl[..ETH_HLEN + 30]);
+    let mut short_total = syn.clone();
+    short_total[ETH_HLEN + 3] = 30; // total length 30: no room for TCP
+    assert_unchanged("IPv4 total length too short", run, &short_total);
+    let mut bad_ihl = syn.clone();
+    bad_ihl[ETH_HLEN] = 0x44;
+    assert_unchanged("IPv4 ihl of 4", run, &bad_ihl);
+    let mut ext6 = Packet::tcp(C6, 40000, S6, 8080, TCP_SYN);
+    ext6.ipv6_ext = vec![Ext::HopByHop(2)];
+    let ext6 = ext6.build();
+    assert_unchanged("cut in an IPv6 extension header", run, &ext6[..ETH_HLEN + 40 + 12]);
+    assert_eq!(counter(&skel, nat_stat::NAT_STAT_PASS_TRUNCATED), 5);
+
+    let mut esp = Packet::udp(C6, 40000, S6, 5300);
+    esp.ipv6_ext = vec![Ext::Esp];
+    assert_unchanged("IPv6 ESP", run, &esp.build());
+    assert_eq!(counter(&skel, nat_stat::NAT_STAT_PASS_UNPARSED), 1);
+
+    assert_eq!(counter(&skel, nat_stat::NAT_STAT_INGRESS_TRANSLATED), 0);
+    assert!(flows(&skel).is_empty());
+
+    // --proto tcp leaves UDP alone.
+    let mut object = MaybeUninit::uninit();
+    let tcp_only = load(&mut object, Protocols::Tcp, 1024);
+    assert_unchanged(
+        "UDP with --proto tcp",
+        |f| ingress(&tcp_only, f),
+        &Packet::udp(C4, 40000, S4, 8080).build(),
+    );
+}
+
+#[test]
+fn fixtures_replies_are_rewritten_only_for_tracked_flows() {
+    if !need_root() {
+        return;
+    }
+    let mut object = MaybeUninit::uninit();
+    let skel = load(&mut object, Protocols::All, 1024);
+    let run_in = |f: &[u8]| ingress(&skel, f);
+    let run_out = |f: &[u8]| egress(&skel, f);
+
+    for (client, server) in [(C4, S4), (C6, S6)] {
+        let syn = Packet::tcp(client, 41000, server, 8080, TCP_SYN);
+        let (verdict, _) = run_in(&syn.build());
+        assert_eq!(verdict, TC_ACT_OK);
+        let tracked = flows(&skel);
+        let (key, flow) = tracked
+            .iter()
+            .find(|(k, _)| u16::from_be(k.client_port) == 41000 && k.family == family(client))
+            .expect("the SYN created a flow");
+        assert_eq!(u16::from_be(key.server_port), 80, "keyed by TO");
+        assert_eq!(u16::from_be(flow.original_port), 8080);
+        assert_eq!(flow.state, nat_flow_state::FLOW_TCP_SYN_SENT.0 as u8);
+
+        // The server's SYN-ACK from :80 leaves as :8080.
+        let synack = Packet {
+            src_port: 80,
+            ..syn.reply(TCP_SYN | TCP_ACK)
+        };
+        assert_rewritten(
+            "reply of a tracked flow",
+            run_out,
+            &synack,
+            &Packet {
+                src_port: 8080,
+                ..synack.clone()
+            },
+        );
+        assert_eq!(
+            state_of(&skel, 41000, family(client)),
+            Some(nat_flow_state::FLOW_TCP_ESTABLISHED.0 as u8)
+        );
+
+        // A reply from :80 to a port with no flow: a direct client.
+        let untracked = Packet::tcp(server, 80, client, 41001, TCP_SYN | TCP_ACK);
+        assert_unchanged("reply of an untracked flow", run_out, &untracked.build());
+
+        // The client's FIN moves the flow to closing.
+        let fin = Packet::tcp(client, 41000, server, 8080, TCP_FIN | TCP_ACK);
+        run_in(&fin.build());
+        assert_eq!(
+            state_of(&skel, 41000, family(client)),
+            Some(nat_flow_state::FLOW_TCP_CLOSING.0 as u8)
+        );
+
+        // The client reuses the tuple to talk to :80 directly: the flow is
+        // over, and the direct connection's replies go out untouched.
+        let direct = Packet::tcp(client, 41000, server, 80, TCP_SYN);
+        assert_unchanged("direct SYN to TO", run_in, &direct.build());
+        assert_eq!(state_of(&skel, 41000, family(client)), None);
+        assert_unchanged(
+            "reply on a direct connection",
+            run_out,
+            &direct.reply(TCP_SYN | TCP_ACK).build(),
+        );
+    }
+    assert_eq!(counter(&skel, nat_stat::NAT_STAT_EGRESS_TRANSLATED), 2);
+    assert_eq!(counter(&skel, nat_stat::NAT_STAT_DIRECT_STALE), 2);
+    assert_eq!(counter(&skel, nat_stat::NAT_STAT_REPLY_UNTRACKED), 4);
+
+    // UDP: the reply to a connected socket must come from the port it sent to.
+    let query = Packet::udp(C4, 42000, S4, 5300).with_payload(b"ping");
+    run_in(&query.build());
+    let answer = Packet {
+        src_port: 5353,
+        ..query.reply(0)
+    };
+    assert_rewritten(
+        "UDP reply of a tracked flow",
+        run_out,
+        &answer,
+        &Packet {
+            src_port: 5300,
+            ..answer.clone()
+        },
+    );
+}
+
+fn family(addr: &str) -> u8 {
+    if addr.contains(':') {
+        10
+    } else {
+        2
+    }
+}
+
+fn state_of(skel: &PortNatSkel<'_>, client_port: u16, family: u8) -> Option<u8> {
+    flows(skel)
+        .iter()
+        .find(|(k, _)| u16::from_be(k.client_port) == client_port && k.family == family)
+        .map(|(_, f)| f.state)
+}
+
+/// A valid random TCP/UDP packet, now and then to a mapped port.
+fn random_packet(rng: &mut Rng) -> Packet {
+    let v6 = rng.chance(50);
+    let (src, dst) = if v6 { (C6, S6) } else { (C4, S4) };
+    let any = rng.below(65536) as u16;
+    let dst_port = *rng.pick(&[8080, 5300, 80, 5353, 8081, any]);
+    let src_port = rng.below(65536) as u16;
+    let mut packet = if rng.chance(50) {
+        Packet::tcp(src, src_port, dst, dst_port, rng.next() as u8)
+    } else {
+        let mut udp = Packet::udp(src, src_port, dst, dst_port);
+        udp.udp_zero_checksum = !v6 && rng.chance(10);
+        udp
+    };
+    let payload_len = rng.below(300) as usize;
+    packet.payload = rng.bytes(payload_len);
+    if v6 {
+        for _ in 0..rng.below(4) {
+            let ext = match rng.below(5) {
+                0 => Ext::HopByHop(rng.below(3) as u8),
+                1 => Ext::DestOpts(rng.below(3) as u8),
+                2 => Ext::Routing(rng.below(2) as u8),
+                3 => Ext::Auth(rng.below(4) as u8 * 2),
+                _ => Ext::Fragment {
+                    offset: if rng.chance(20) { 1 + rng.below(100) as u16 } else { 0 },
+                    more: rng.chance(30),
+                },
+            };
+            packet.ipv6_ext.push(ext);
+        }
+    } else {
+        let words = rng.below(11) as usize;
+        packet.ip_options = rng.bytes(words * 4);
+        if rng.chance(10) {
+            packet.frag_offset = 1 + rng.below(1000) as u16;
+        }
+        packet.more_fragments = rng.chance(10);
+    }
+    packet
+}
+
+/// Corrupts a frame: truncates it, changes length fields, flips bytes.
+fn mutate(rng: &mut Rng, mut frame: Vec<u8>) -> Vec<u8> {
+    for _ in 0..1 + rng.below(3) {
+        match rng.below(4) {
+            0 => {
+                let len = ETH_HLEN + rng.below((frame.len() - ETH_HLEN) as u64 + 1) as usize;
+                frame.truncate(len);
+            }
+            1 if frame.len() > ETH_HLEN + 6 => {
+                // IPv4 ihl/total length, IPv6 payload length, UDP length.
+                let at = *rng.pick(&[ETH_HLEN, ETH_HLEN + 2, ETH_HLEN + 3, ETH_HLEN + 4, ETH_HLEN + 5]);
+                frame[at] = rng.next() as u8;
+            }
+            _ => {
+                let at = ETH_HLEN + rng.below((frame.len() - ETH_HLEN).max(1) as u64) as usize;
+                if at < frame.len() {
+                    frame[at] = rng.next() as u8;
+                }
+            }
+        }
+    }
+    frame
+}
+
+/// What ingress must do to a frame, from the software parser: the new
+/// destination port, or None to leave it alone.
+fn expected_ingress(frame: &[u8]) -> Option<u16> {
+    let parsed = parse(frame)?;
+    mappings()
+        .iter()
+        .find(|m| m.from == parsed.dst_port)
+        .map(|m| m.to)
+}
+
+/// Checks one ingress run against the model: only the destination port and
+/// the L4 checksum may change, valid checksums stay valid.
+fn check_ingress(what: &str, frame: &[u8], verdict: u32, out: &[u8]) {
+    assert_eq!(verdict, TC_ACT_OK, "{what}: verdict for {}", hex(frame));
+    assert_eq!(out.len(), frame.len(), "{what}: length changed");
+    let Some(to) = expected_ingress(frame) else {
+        assert_eq!(hex(out), hex(frame), "{what}: an untranslatable packet changed");
+        return;
+    };
+    let parsed = parse(frame).unwrap();
+    let port_at = parsed.l4_off + 2;
+    let csum_at = parsed.csum_off();
+    assert_eq!(&out[port_at..port_at + 2], &to.to_be_bytes(), "{what}: new port");
+    for (i, (a, b)) in frame.iter().zip(out).enumerate() {
+        if a != b && !(port_at..port_at + 2).contains(&i) && !(csum_at..csum_at + 2).contains(&i) {
+            panic!("{what}: byte {i} changed\n in:  {}\n out: {}", hex(frame), hex(out));
+        }
+    }
+    if verify_checksums(frame).is_ok() {
+        verify_checksums(out).unwrap_or_else(|e| panic!("{what}: {e}\n in: {}", hex(frame)));
+    }
+}
+
+#[test]
+fn randomized_and_mutated_packets_never_break_the_program_or_a_checksum() {
+    if !need_root() {
+        return;
+    }
+    let mut object = MaybeUninit::uninit();
+    let skel = load(&mut object, Protocols::All, 4096);
+    let mut rng = Rng::new(0x5052_4e41);
+    let (mut translated, mut refused) = (0, 0);
+    for i in 0..4000 {
+        let packet = random_packet(&mut rng);
+        let frame = packet.build();
+        let (verdict, out) = ingress(&skel, &frame);
+        check_ingress(&format!("valid packet {i}"), &frame, verdict, &out);
+        if out != frame {
+            translated += 1;
+            let parsed = parse(&out).unwrap();
+            if !parsed.fragment {
+                verify_checksums(&out).unwrap_or_else(|e| panic!("valid packet {i}: {e}"));
+            }
+            // Its reply leaves with the original port again.
+            let to = parsed.dst_port;
+            let reply = Packet {
+                src_port: to,
+                ..packet.reply(TCP_ACK)
+            };
+            let (verdict, back) = egress(&skel, &reply.build());
+            assert_eq!(verdict, TC_ACT_OK);
+            let back_parsed = parse(&back).unwrap();
+            assert_eq!(back_parsed.src_port, packet.dst_port, "reply {i}: source port");
+            if !back_parsed.fragment {
+                verify_checksums(&back).unwrap_or_else(|e| panic!("reply {i}: {e}"));
+            }
+        }
+
+        let mutated = mutate(&mut rng, frame);
+        if !kernel_accepts(&mutated) {
+            refused += 1;
+            continue;
+        }
+        let (verdict, out) = ingress(&skel, &mutated);
+        check_ingress(&format!("mutated packet {i}"), &mutated, verdict, &out);
+        let (verdict, _) = egress(&skel, &mutated);
+        assert_eq!(verdict, TC_ACT_OK, "egress verdict for mutated packet {i}");
+
+        let noise_len = ETH_HLEN + rng.below(120) as usize;
+        let noise = rng.bytes(noise_len);
+        if !kernel_accepts(&noise) {
+            continue;
+        }
+        let (verdict, out) = ingress(&skel, &noise);
+        check_ingress(&format!("random bytes {i}"), &noise, verdict, &out);
+    }
+    assert!(translated > 500, "only {translated} packets were translated");
+    assert!(refused < 1000, "{refused} mutated frames too short to run");
+    assert_eq!(counter(&skel, nat_stat::NAT_STAT_DROP_REWRITE_FAILED), 0);
+    assert_eq!(counter(&skel, nat_stat::NAT_STAT_DROP_TRACK_FAILED), 0);
+}
+
