@@ -224,3 +224,31 @@ pub fn cgroup_program_count(
     }
     Ok(count)
 }
+
+/// How many tcx programs are attached to an interface of the calling
+/// thread's network namespace in one direction (`bpftool net` before 7.3
+/// does not list tcx).
+pub fn tcx_program_count(ifindex: u32, direction: TcDirection) -> Result<u32> {
+    let attach_type = match direction {
+        TcDirection::Ingress => libbpf_sys::BPF_TCX_INGRESS,
+        TcDirection::Egress => libbpf_sys::BPF_TCX_EGRESS,
+    };
+    let mut count: u32 = 0;
+    let mut attach_flags: u32 = 0;
+    // SAFETY: a null id buffer with count 0 asks the kernel for the count only.
+    let ret = unsafe {
+        libbpf_sys::bpf_prog_query(
+            ifindex as i32,
+            attach_type,
+            0,
+            &mut attach_flags,
+            std::ptr::null_mut(),
+            &mut count,
+        )
+    };
+    if ret != 0 {
+        return Err(std::io::Error::from_raw_os_error(-ret))
+            .with_context(|| format!("querying tcx programs on ifindex {ifindex}"));
+    }
+    Ok(count)
+}

@@ -2,7 +2,7 @@
 //! inside a network namespace, stopped on drop.
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -51,6 +51,55 @@ pub fn echo(netns: &NetNs, addr: &str) -> Result<Server> {
             }
             stream.write_all(&buffer[..n])?;
         }
+    })
+}
+
+/// Sends every UDP datagram back to where it came from; `peers` lists the
+/// senders.
+pub fn udp_echo(netns: &NetNs, addr: &str) -> Result<Server> {
+    let addr: SocketAddr = addr
+        .parse()
+        .with_context(|| format!("'{addr}' is not a socket address"))?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let peers = Arc::new(Mutex::new(Vec::new()));
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let thread = {
+        let stop = stop.clone();
+        let peers = peers.clone();
+        netns.spawn(move || {
+            let socket =
+                UdpSocket::bind(addr).with_context(|| format!("binding a server to {addr}"))?;
+            socket.set_read_timeout(Some(Duration::from_millis(50)))?;
+            ready_tx.send(()).ok();
+            let mut buffer = vec![0u8; 65536];
+            while !stop.load(Ordering::SeqCst) {
+                match socket.recv_from(&mut buffer) {
+                    Ok((n, peer)) => {
+                        peers.lock().unwrap().push(peer);
+                        socket.send_to(&buffer[..n], peer)?;
+                    }
+                    Err(e)
+                        if matches!(
+                            e.kind(),
+                            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                        ) => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            Ok(())
+        })?
+    };
+    if ready_rx.recv_timeout(Duration::from_secs(5)).is_err() {
+        return match thread.join() {
+            Ok(Err(err)) => Err(err),
+            _ => Err(anyhow!("the UDP server on {addr} did not start")),
+        };
+    }
+    Ok(Server {
+        addr,
+        peers,
+        stop,
+        thread: Some(thread),
     })
 }
 

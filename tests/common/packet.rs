@@ -22,7 +22,10 @@ pub enum Ext {
     Routing(u8),
     DestOpts(u8),
     /// Offset in 8-byte units and the M flag.
-    Fragment { offset: u16, more: bool },
+    Fragment {
+        offset: u16,
+        more: bool,
+    },
     /// Authentication header, `words` x 4 bytes after the first 8.
     Auth(u8),
     /// Encapsulating security payload: nothing after it can be read.
@@ -201,10 +204,7 @@ impl Packet {
                 frame.extend_from_slice(&0x86ddu16.to_be_bytes());
                 let mut chain = Vec::new();
                 for (i, ext) in self.ipv6_ext.iter().enumerate() {
-                    let next = self
-                        .ipv6_ext
-                        .get(i + 1)
-                        .map_or(self.protocol, Ext::number);
+                    let next = self.ipv6_ext.get(i + 1).map_or(self.protocol, Ext::number);
                     chain.extend_from_slice(&ext.bytes(next));
                 }
                 let mut ip = vec![0u8; 8];
@@ -390,7 +390,7 @@ pub fn parse(frame: &[u8]) -> Option<Parsed> {
 /// first fragment covers data the frame lacks, so it is not checked.
 pub fn verify_checksums(frame: &[u8]) -> Result<(), String> {
     let parsed = parse(frame).ok_or("not a TCP/UDP packet a translator would touch")?;
-    if let IpAddr::V4(_) = parsed.src {
+    if parsed.src.is_ipv4() {
         let ihl = usize::from(frame[ETH_HLEN] & 0xf) * 4;
         let header = &frame[ETH_HLEN..ETH_HLEN + ihl];
         if checksum(header, 0) != 0 {
@@ -410,7 +410,10 @@ pub fn verify_checksums(frame: &[u8]) -> Result<(), String> {
     if parsed.protocol == IPPROTO_UDP && field == 0 && parsed.src.is_ipv4() {
         return Ok(());
     }
-    let sum = checksum(l4, pseudo_header_sum(parsed.src, parsed.dst, parsed.protocol, l4.len()));
+    let sum = checksum(
+        l4,
+        pseudo_header_sum(parsed.src, parsed.dst, parsed.protocol, l4.len()),
+    );
     if sum != 0 {
         return Err(format!(
             "bad {} checksum {field:#06x} (sums to {sum:#06x})",
