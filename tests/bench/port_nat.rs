@@ -1,0 +1,256 @@
+//! `make bench` for port-nat, in one interleaved run:
+//! - ns per packet of the TC programs from BPF_PROG_TEST_RUN with repeat:
+//!   the ingress and egress rewrite paths (a tracked flow) and the miss
+//!   path (a port that is not mapped);
+//! - connections per second from a client netns to a server netns over a
+//!   veth (connect, 64-byte request, 64-byte reply, close): direct to port
+//!   80, through `port-nat -f 8080 -t 80` on the server's veth, and through
+//!   iptables `nat PREROUTING REDIRECT --to-ports 80` in the server netns.
+//!
+//! Each connection-rate arm has namespaces of its own: a nat table, once
+//! created in a netns, keeps conntrack on there. `BENCH_QUICK=1` runs a
+//! short smoke test.
+
+#[path = "../common/mod.rs"]
+#[allow(unused_imports)]
+mod common;
+
+use std::mem::MaybeUninit;
+use std::net::SocketAddr;
+
+use common::bench::*;
+use common::packet::*;
+use common::*;
+use libbpf_rs::ProgramInput;
+use proxy_redirect::bpf::port_nat::types::nat_stat;
+use proxy_redirect::netns::{self, NetNs};
+use proxy_redirect::port_nat::{self, Mapping, NatConfig, Protocols};
+
+struct Settings {
+    rounds: usize,
+    repeat: u32,
+    cps_seconds: f64,
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(i) = args.iter().position(|a| a == "rr-client") {
+        return rr_client_main(&args[i + 1..]);
+    }
+    if !have_root() {
+        return;
+    }
+    let quick = std::env::var("BENCH_QUICK").is_ok();
+    let settings = Settings {
+        rounds: if quick { 1 } else { 5 },
+        repeat: if quick { 100_000 } else { 2_000_000 },
+        cps_seconds: if quick { 0.5 } else { 2.0 },
+    };
+    print_machine();
+    per_packet(&settings);
+    connections_per_second(&settings);
+}
+
+/// Average run time of `program` on `frame`, `repeat` times in the kernel.
+fn ns_per_run(program: &libbpf_rs::ProgramMut<'_>, frame: &[u8], repeat: u32) -> f64 {
+    let mut out = vec![0u8; frame.len() + 256];
+    let input = ProgramInput {
+        data_in: Some(frame),
+        data_out: Some(&mut out),
+        repeat,
+        ..Default::default()
+    };
+    let output = program.test_run(input).expect("BPF_PROG_TEST_RUN");
+    assert_eq!(output.return_value, 0, "TC_ACT_OK");
+    output.duration.as_nanos() as f64
+}
+
+fn per_packet(settings: &Settings) {
+    println!(
+        "\n== ns per packet, BPF_PROG_TEST_RUN (repeat {}, {} rounds, interleaved) ==",
+        settings.repeat, settings.rounds
+    );
+    // BPF_PROG_TEST_RUN runs the program again and again on the same
+    // buffer, so a rewrite would turn the next run into another case. Two
+    // mappings that swap 8080 and 80 make every run a rewrite of a tracked
+    // flow (the two flows alternate), which is the path to measure.
+    let config = NatConfig {
+        mappings: vec![
+            Mapping { from: 8080, to: 80 },
+            Mapping { from: 80, to: 8080 },
+        ],
+        protocols: Protocols::All,
+        max_flows: 65536,
+        events: false,
+    };
+    let mut object = MaybeUninit::uninit();
+    let skel = port_nat::load(&config, &mut object).expect("loading port-nat");
+    let payload = payload(100, 9);
+    let request = Packet::tcp("192.0.2.1", 40000, "198.51.100.2", 8080, TCP_ACK | TCP_PSH)
+        .with_payload(&payload);
+    let reply = Packet {
+        src_port: 80,
+        ..request.reply(TCP_ACK | TCP_PSH)
+    };
+    let miss = Packet {
+        dst_port: 9999,
+        ..request.clone()
+    };
+    let udp = Packet::udp("192.0.2.1", 40001, "198.51.100.2", 8080).with_payload(&payload);
+    let (request, reply, miss, udp) = (request.build(), reply.build(), miss.build(), udp.build());
+    // Create the flows the rewrite arms use.
+    ns_per_run(&skel.progs.port_nat_ingress, &request, 2);
+    ns_per_run(&skel.progs.port_nat_ingress, &udp, 2);
+
+    let arms: [(&str, &libbpf_rs::ProgramMut<'_>, &[u8]); 4] = [
+        (
+            "ingress miss (port not mapped)",
+            &skel.progs.port_nat_ingress,
+            &miss,
+        ),
+        (
+            "ingress rewrite, TCP",
+            &skel.progs.port_nat_ingress,
+            &request,
+        ),
+        ("ingress rewrite, UDP", &skel.progs.port_nat_ingress, &udp),
+        ("egress rewrite, TCP", &skel.progs.port_nat_egress, &reply),
+    ];
+    let mut results = vec![Vec::new(); arms.len()];
+    for round in 0..settings.rounds {
+        for (i, (name, program, frame)) in arms.iter().enumerate() {
+            let ns = ns_per_run(program, frame, settings.repeat);
+            println!("  round {round} {name:<34} {ns:>8.1} ns");
+            results[i].push(ns);
+        }
+    }
+    let counters = port_nat::counters(&skel).unwrap();
+    let rewritten = counters[nat_stat::NAT_STAT_INGRESS_TRANSLATED.0 as usize]
+        + counters[nat_stat::NAT_STAT_EGRESS_TRANSLATED.0 as usize];
+    let runs = u64::from(settings.repeat) * settings.rounds as u64 * 3;
+    assert!(
+        rewritten >= runs,
+        "only {rewritten} of {runs} rewrite-arm runs rewrote a packet"
+    );
+    let medians: Vec<f64> = results.iter_mut().map(|r| median(r)).collect();
+    println!("\n  {:<34} {:>10} {:>10}", "path", "median ns", "vs miss");
+    for (i, (name, _, _)) in arms.iter().enumerate() {
+        println!(
+            "  {name:<34} {:>10.1} {:>9.2}x",
+            medians[i],
+            medians[i] / medians[0]
+        );
+    }
+}
+
+fn in_netns(ns: &NetNs, program: &str, args: &[&str]) {
+    let mut command = netns::command_in(program, Some(ns), None).unwrap();
+    command.args(args);
+    let out = run(command);
+    assert!(
+        out.status.success(),
+        "{program} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn client_command(testbed: &Testbed) -> std::process::Command {
+    let exe = std::env::current_exe().unwrap();
+    let mut command = testbed.in_client_netns(&exe.display().to_string());
+    command.arg("rr-client");
+    command
+}
+
+fn connections_per_second(settings: &Settings) {
+    println!(
+        "\n== Connections per second: connect, {MESSAGE} B request, {MESSAGE} B reply, close \
+         (2 client threads, {} rounds x {} s, interleaved) ==",
+        settings.rounds, settings.cps_seconds
+    );
+    let server_80: SocketAddr = format!("{SERVER_V4}:80").parse().unwrap();
+    let server_8080: SocketAddr = format!("{SERVER_V4}:8080").parse().unwrap();
+
+    let direct = tuned_testbed();
+    let _direct_server = StopOnDrop(start_rr_server(&direct.server, server_80));
+
+    let bpf = tuned_testbed();
+    let _bpf_server = StopOnDrop(start_rr_server(&bpf.server, server_80));
+    let translator = Running::start(
+        BIN,
+        &["port-nat", "-i", "veth-s", "-f", "8080", "-t", "80"].map(String::from),
+        Some(&bpf.server),
+        None,
+        "Attached",
+    );
+
+    let iptables = tuned_testbed();
+    let _ipt_server = StopOnDrop(start_rr_server(&iptables.server, server_80));
+    in_netns(
+        &iptables.server,
+        "iptables",
+        &[
+            "-t",
+            "nat",
+            "-A",
+            "PREROUTING",
+            "-p",
+            "tcp",
+            "--dport",
+            "8080",
+            "-j",
+            "REDIRECT",
+            "--to-ports",
+            "80",
+        ],
+    );
+
+    let arms: [(&str, &Testbed, SocketAddr); 3] = [
+        ("direct to :80", &direct, server_80),
+        ("port-nat 8080 -> 80", &bpf, server_8080),
+        ("iptables REDIRECT 8080 -> 80", &iptables, server_8080),
+    ];
+    let mut results = vec![Vec::new(); arms.len()];
+    for round in 0..settings.rounds {
+        for (i, (name, testbed, addr)) in arms.iter().enumerate() {
+            let cps = measure_rr(client_command(testbed), *addr, settings.cps_seconds);
+            println!("  round {round} {name:<34} {cps:>10.0} conn/s");
+            results[i].push(cps);
+        }
+    }
+    let (_, output, _) = translator.stop();
+    assert!(
+        stat(&output, "translated on ingress") > 0 && stat(&output, "dropped") == 0,
+        "port-nat did not translate cleanly:\n{output}"
+    );
+
+    let medians: Vec<f64> = results.iter_mut().map(|r| median(r)).collect();
+    println!(
+        "\n  {:<34} {:>12} {:>10} {:>12}",
+        "arm", "median cps", "vs direct", "vs iptables"
+    );
+    for (i, (name, _, _)) in arms.iter().enumerate() {
+        println!(
+            "  {name:<34} {:>12.0} {:>9.2}x {:>11.2}x",
+            medians[i],
+            medians[i] / medians[0],
+            medians[i] / medians[2]
+        );
+    }
+    println!(
+        "  target: port-nat no slower than iptables REDIRECT: {}",
+        if medians[1] >= medians[2] * 0.97 {
+            "met"
+        } else {
+            "NOT met"
+        }
+    );
+}
+
+/// Stops a request/reply server when the arm is done.
+struct StopOnDrop(std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}

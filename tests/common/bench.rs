@@ -1,0 +1,137 @@
+//! Pieces the benchmarks share: the machine line, medians, a testbed tuned
+//! for many short connections, and a connect/request/reply/close load.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use proxy_redirect::netns::{self, NetNs};
+
+use super::{run, Testbed};
+
+/// Request and reply size of the connection-rate load.
+pub const MESSAGE: usize = 64;
+
+/// Prints `machine: N x CPU, kernel K`.
+pub fn print_machine() {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("model name")
+                .map(|v| v.trim_start_matches([' ', '\t', ':']).to_owned())
+        })
+        .unwrap_or_default();
+    let kernel = nix::sys::utsname::uname().map(|u| u.release().to_string_lossy().into_owned());
+    println!(
+        "machine: {} x {cpu}, kernel {}",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        kernel.unwrap_or_default()
+    );
+}
+
+pub fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    values[values.len() / 2]
+}
+
+/// A testbed whose namespaces reuse ports quickly.
+pub fn tuned_testbed() -> Testbed {
+    let testbed = Testbed::new();
+    for ns in [&testbed.client, &testbed.server] {
+        for setting in [
+            "net.ipv4.tcp_tw_reuse=1",
+            "net.ipv4.ip_local_port_range=1024 65000",
+        ] {
+            let mut command = netns::command_in("sysctl", Some(ns), None).unwrap();
+            command.args(["-qw", setting]);
+            assert!(run(command).status.success(), "sysctl {setting}");
+        }
+    }
+    testbed
+}
+
+/// A server in `ns` on `addr` that reads a MESSAGE-byte request, answers it
+/// and closes first (TIME_WAIT stays on the server side). Stops when the
+/// returned flag is set.
+pub fn start_rr_server(ns: &NetNs, addr: SocketAddr) -> Arc<AtomicBool> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let flag = stop.clone();
+    ns.spawn(move || {
+        let listener = TcpListener::bind(addr)?;
+        listener.set_nonblocking(true)?;
+        ready_tx.send(()).ok();
+        let mut buffer = [0u8; MESSAGE];
+        while !flag.load(Ordering::Relaxed) {
+            match listener.accept() {
+                Ok((mut stream, _)) => {
+                    stream.set_nonblocking(false)?;
+                    if stream.read_exact(&mut buffer).is_ok() {
+                        let _ = stream.write_all(&buffer);
+                    }
+                }
+                Err(_) => std::thread::sleep(Duration::from_micros(200)),
+            }
+        }
+        Ok(())
+    })
+    .unwrap();
+    ready_rx
+        .recv_timeout(Duration::from_secs(5))
+        .expect("request/reply server");
+    stop
+}
+
+/// The client half of the load, run in its own process (`args` = ADDR
+/// SECONDS) so that it starts inside a namespace or cgroup; prints
+/// "CONNECTIONS SECONDS".
+pub fn rr_client_main(args: &[String]) {
+    let addr: SocketAddr = args[0].parse().unwrap();
+    let seconds: f64 = args[1].parse().unwrap();
+    let done = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let deadline = start + Duration::from_secs_f64(seconds);
+    let threads: Vec<_> = (0..2)
+        .map(|_| {
+            let done = done.clone();
+            std::thread::spawn(move || {
+                let request = [7u8; MESSAGE];
+                let mut reply = [0u8; MESSAGE];
+                while Instant::now() < deadline {
+                    let mut stream = TcpStream::connect(addr).expect("connect");
+                    stream.write_all(&request).unwrap();
+                    stream.read_exact(&mut reply).unwrap();
+                    done.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    println!(
+        "{} {}",
+        done.load(Ordering::Relaxed),
+        start.elapsed().as_secs_f64()
+    );
+}
+
+/// Runs `command` (this bench binary's client mode, already placed in its
+/// namespace) against `addr` for `seconds`; connections per second.
+pub fn measure_rr(mut command: Command, addr: SocketAddr, seconds: f64) -> f64 {
+    command.args([addr.to_string(), seconds.to_string()]);
+    let out = run(command);
+    assert!(
+        out.status.success(),
+        "client: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut fields = text.split_whitespace().map(|f| f.parse::<f64>().unwrap());
+    let (count, elapsed) = (fields.next().unwrap(), fields.next().unwrap());
+    count / elapsed
+}
