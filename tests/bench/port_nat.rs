@@ -14,17 +14,20 @@
 #[path = "../common/mod.rs"]
 #[allow(unused_imports)]
 mod common;
+mod report;
+mod rr;
 
 use std::mem::MaybeUninit;
 use std::net::SocketAddr;
 
-use common::bench::*;
 use common::packet::*;
 use common::*;
 use libbpf_rs::ProgramInput;
 use proxy_redirect::bpf::port_nat::types::nat_stat;
 use proxy_redirect::netns::{self, NetNs};
 use proxy_redirect::port_nat::{self, Mapping, NatConfig, Protocols};
+use report::{print_machine, ratio_table};
+use rr::*;
 
 struct Settings {
     rounds: usize,
@@ -104,17 +107,17 @@ fn per_packet(settings: &Settings) {
 
     let arms: [(&str, &libbpf_rs::ProgramMut<'_>, &[u8]); 4] = [
         (
-            "ingress miss (port not mapped)",
+            "miss (ingress, port not mapped)",
             &skel.progs.port_nat_ingress,
             &miss,
         ),
         (
-            "ingress rewrite, TCP",
+            "rewrite (ingress, TCP)",
             &skel.progs.port_nat_ingress,
             &request,
         ),
-        ("ingress rewrite, UDP", &skel.progs.port_nat_ingress, &udp),
-        ("egress rewrite, TCP", &skel.progs.port_nat_egress, &reply),
+        ("rewrite (ingress, UDP)", &skel.progs.port_nat_ingress, &udp),
+        ("rewrite (egress, TCP)", &skel.progs.port_nat_egress, &reply),
     ];
     let mut results = vec![Vec::new(); arms.len()];
     for round in 0..settings.rounds {
@@ -132,15 +135,8 @@ fn per_packet(settings: &Settings) {
         rewritten >= runs,
         "only {rewritten} of {runs} rewrite-arm runs rewrote a packet"
     );
-    let medians: Vec<f64> = results.iter_mut().map(|r| median(r)).collect();
-    println!("\n  {:<34} {:>10} {:>10}", "path", "median ns", "vs miss");
-    for (i, (name, _, _)) in arms.iter().enumerate() {
-        println!(
-            "  {name:<34} {:>10.1} {:>9.2}x",
-            medians[i],
-            medians[i] / medians[0]
-        );
-    }
+    let names: Vec<&str> = arms.iter().map(|(name, _, _)| *name).collect();
+    ratio_table("median ns/packet", &names, &mut results, 1);
 }
 
 fn in_netns(ns: &NetNs, program: &str, args: &[&str]) {
@@ -223,19 +219,8 @@ fn connections_per_second(settings: &Settings) {
         "port-nat did not translate cleanly:\n{output}"
     );
 
-    let medians: Vec<f64> = results.iter_mut().map(|r| median(r)).collect();
-    println!(
-        "\n  {:<34} {:>12} {:>10} {:>12}",
-        "arm", "median cps", "vs direct", "vs iptables"
-    );
-    for (i, (name, _, _)) in arms.iter().enumerate() {
-        println!(
-            "  {name:<34} {:>12.0} {:>9.2}x {:>11.2}x",
-            medians[i],
-            medians[i] / medians[0],
-            medians[i] / medians[2]
-        );
-    }
+    let names: Vec<&str> = arms.iter().map(|(name, _, _)| *name).collect();
+    let medians = ratio_table("median conn/s", &names, &mut results, 2);
     println!(
         "  target: port-nat no slower than iptables REDIRECT: {}",
         if medians[1] >= medians[2] * 0.97 {

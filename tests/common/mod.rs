@@ -3,7 +3,6 @@
 //! cgroup tree, a running `proxy-redirect` process, and small servers.
 #![allow(dead_code)]
 
-pub mod bench;
 pub mod packet;
 pub use proxy_redirect::servers;
 

@@ -1,5 +1,6 @@
-//! Pieces the benchmarks share: the machine line, medians, a testbed tuned
-//! for many short connections, and a connect/request/reply/close load.
+//! A connection-rate load for the benchmarks: a testbed tuned for many
+//! short connections, a request/reply server that closes first, and a
+//! client that runs in its own process (so it starts inside a namespace).
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -10,33 +11,10 @@ use std::time::{Duration, Instant};
 
 use proxy_redirect::netns::{self, NetNs};
 
-use super::{run, Testbed};
+use crate::common::{run, Testbed};
 
 /// Request and reply size of the connection-rate load.
 pub const MESSAGE: usize = 64;
-
-/// Prints `machine: N x CPU, kernel K`.
-pub fn print_machine() {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix("model name")
-                .map(|v| v.trim_start_matches([' ', '\t', ':']).to_owned())
-        })
-        .unwrap_or_default();
-    let kernel = nix::sys::utsname::uname().map(|u| u.release().to_string_lossy().into_owned());
-    println!(
-        "machine: {} x {cpu}, kernel {}",
-        std::thread::available_parallelism().map_or(0, |n| n.get()),
-        kernel.unwrap_or_default()
-    );
-}
-
-pub fn median(values: &mut [f64]) -> f64 {
-    values.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    values[values.len() / 2]
-}
 
 /// A testbed whose namespaces reuse ports quickly.
 pub fn tuned_testbed() -> Testbed {
