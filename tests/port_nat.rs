@@ -991,10 +991,17 @@ fn a_full_flow_table_evicts_the_least_recently_used_flows() {
     old.join().unwrap().unwrap();
     let (status, output, _) = nat.stop();
     assert!(status.success());
-    assert_eq!(stat(&output, "new flows"), 302, "{output}");
-    assert!(stat(&output, "flows tracked at exit") <= 16, "{output}");
-    assert!(
-        stat(&output, "flows evicted (table full)") >= 286,
+    // 301 flows, or 302 when the old one was evicted and came back (the
+    // LRU's per-CPU free lists decide which entries go first).
+    let (new, tracked) = (
+        stat(&output, "new flows"),
+        stat(&output, "flows tracked at exit"),
+    );
+    assert!((301..=302).contains(&new), "{output}");
+    assert!(tracked <= 16, "{output}");
+    assert_eq!(
+        stat(&output, "flows evicted (table full)"),
+        new - tracked,
         "{output}"
     );
     assert_eq!(stat(&output, "dropped"), 0, "{output}");
