@@ -257,18 +257,10 @@ pub fn run(args: &PortNatArgs) -> Result<()> {
     );
 
     let start_ns = events::monotonic_ns();
-    let ring = match format {
-        EventFormat::Off => None,
-        _ => {
-            if format == EventFormat::Text {
-                println!("{:>12} {:<7} PACKET", "TIME(s)", "ACTION");
-            }
-            Some(events::ring_buffer(
-                &skel.maps.events,
-                move |e: &nat_event| print_event(e, format, start_ns),
-            )?)
-        }
-    };
+    let header = format!("{:>12} {:<7} PACKET", "TIME(s)", "ACTION");
+    let ring = events::stream(&skel.maps.events, format, &header, move |e: &nat_event| {
+        print_event(e, format, start_ns)
+    })?;
     let mut expired = 0u64;
     let mut last_sweep = Instant::now();
     events::run_until_shutdown(ring.as_ref(), || {
