@@ -14,16 +14,16 @@
 #[allow(unused_imports)]
 mod common;
 mod report;
+mod rr;
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::process::Command;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 use proxy_redirect::netns::{self, NetNs};
+use rr::*;
 
 const MESSAGE: usize = 64;
 const CPS_PORT: u16 = 80;
@@ -37,8 +37,8 @@ struct Settings {
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    if let Some(i) = args.iter().position(|a| a == "cps-client") {
-        return cps_client(&args[i + 1..]);
+    if let Some(i) = args.iter().position(|a| a == "rr-client") {
+        return rr_client_main(&args[i + 1..]);
     }
     if !have_root() {
         return;
@@ -54,111 +54,22 @@ fn main() {
     bulk_throughput(&settings);
 }
 
-/// A testbed tuned for many short connections.
-fn bench_testbed() -> Testbed {
-    let testbed = Testbed::new();
-    for ns in [&testbed.client, &testbed.server] {
-        for setting in [
-            "net.ipv4.tcp_tw_reuse=1",
-            "net.ipv4.ip_local_port_range=1024 65000",
-        ] {
-            let mut command = netns::command_in("sysctl", Some(ns), None).unwrap();
-            command.args(["-qw", setting]);
-            assert!(run(command).status.success(), "sysctl {setting}");
-        }
-    }
-    testbed
-}
-
-/// The 64-byte request/reply server: answers inline and closes first, so
-/// TIME_WAIT stays on the server side.
-fn start_cps_server(ns: &NetNs) -> Arc<AtomicBool> {
-    let stop = Arc::new(AtomicBool::new(false));
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-    for addr in [
-        format!("{SERVER_V4}:{CPS_PORT}"),
-        format!("[{SERVER_V6}]:{CPS_PORT}"),
-    ] {
-        let stop = stop.clone();
-        let ready_tx = ready_tx.clone();
-        ns.spawn(move || {
-            let listener = TcpListener::bind(&addr)?;
-            listener.set_nonblocking(true)?;
-            ready_tx.send(()).ok();
-            let mut buffer = [0u8; MESSAGE];
-            while !stop.load(Ordering::Relaxed) {
-                match listener.accept() {
-                    Ok((mut stream, _)) => {
-                        stream.set_nonblocking(false)?;
-                        if stream.read_exact(&mut buffer).is_ok() {
-                            let _ = stream.write_all(&buffer);
-                        }
-                    }
-                    Err(_) => std::thread::sleep(Duration::from_micros(200)),
-                }
-            }
-            Ok(())
-        })
-        .unwrap();
-    }
-    for _ in 0..2 {
-        ready_rx
-            .recv_timeout(Duration::from_secs(5))
-            .expect("cps server");
-    }
-    stop
-}
-
-/// `cps-client ADDR SECONDS`: runs inside the cgroup; prints "N SECONDS".
-fn cps_client(args: &[String]) {
-    let addr: SocketAddr = args[0].parse().unwrap();
-    let seconds: f64 = args[1].parse().unwrap();
-    let done = Arc::new(AtomicU64::new(0));
-    let start = Instant::now();
-    let deadline = start + Duration::from_secs_f64(seconds);
-    let threads: Vec<_> = (0..2)
-        .map(|_| {
-            let done = done.clone();
-            std::thread::spawn(move || {
-                let request = [7u8; MESSAGE];
-                let mut reply = [0u8; MESSAGE];
-                while Instant::now() < deadline {
-                    let mut stream = TcpStream::connect(addr).expect("connect");
-                    stream.write_all(&request).unwrap();
-                    stream.read_exact(&mut reply).unwrap();
-                    done.fetch_add(1, Ordering::Relaxed);
-                }
-            })
-        })
-        .collect();
-    for t in threads {
-        t.join().unwrap();
-    }
-    println!(
-        "{} {}",
-        done.load(Ordering::Relaxed),
-        start.elapsed().as_secs_f64()
-    );
-}
-
 fn measure_cps(testbed: &Testbed, seconds: f64) -> f64 {
     let exe = std::env::current_exe().unwrap();
     let mut command = testbed.in_apps(&exe.display().to_string());
-    command.args([
-        "cps-client",
-        &format!("{SERVER_V4}:{CPS_PORT}"),
-        &seconds.to_string(),
-    ]);
-    let out = run(command);
-    assert!(
-        out.status.success(),
-        "client: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8_lossy(&out.stdout);
-    let mut fields = text.split_whitespace().map(|f| f.parse::<f64>().unwrap());
-    let (count, elapsed) = (fields.next().unwrap(), fields.next().unwrap());
-    count / elapsed
+    command.arg("rr-client");
+    let addr = format!("{SERVER_V4}:{CPS_PORT}").parse().unwrap();
+    measure_rr(command, addr, seconds)
+}
+
+fn start_cps_server(ns: &NetNs) -> Vec<Arc<AtomicBool>> {
+    [
+        format!("{SERVER_V4}:{CPS_PORT}"),
+        format!("[{SERVER_V6}]:{CPS_PORT}"),
+    ]
+    .iter()
+    .map(|addr| start_rr_server(ns, addr.parse().unwrap()))
+    .collect()
 }
 
 fn in_netns(ns: &NetNs, program: &str, args: &[&str]) {
@@ -244,15 +155,15 @@ fn connections_per_second(settings: &Settings) {
          (2 client threads, {} rounds x {} s, interleaved) ==",
         settings.rounds, settings.cps_seconds
     );
-    let direct = bench_testbed();
+    let direct = tuned_testbed();
     let _direct_server = start_cps_server(&direct.server);
 
-    let bpf = bench_testbed();
+    let bpf = tuned_testbed();
     let _bpf_server = start_cps_server(&bpf.server);
     let bpf_stats_before = set_bpf_stats(true);
     let redirector = bpf.redirect_without_events(&bpf.proxy, &["-P", &CPS_PORT.to_string()]);
 
-    let iptables = bench_testbed();
+    let iptables = tuned_testbed();
     let _ipt_server = start_cps_server(&iptables.server);
     let _ipt_proxy = builtin_proxy(&iptables);
     iptables_redirect(&iptables, CPS_PORT);
