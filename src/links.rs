@@ -205,24 +205,8 @@ pub fn cgroup_program_count(
     attach_type: libbpf_sys::bpf_attach_type,
 ) -> Result<u32> {
     let fd = CgroupFd::open(cgroup)?;
-    let mut count: u32 = 0;
-    let mut attach_flags: u32 = 0;
-    // SAFETY: a null id buffer with count 0 asks the kernel for the count only.
-    let ret = unsafe {
-        libbpf_sys::bpf_prog_query(
-            fd.raw_fd(),
-            attach_type,
-            0,
-            &mut attach_flags,
-            std::ptr::null_mut(),
-            &mut count,
-        )
-    };
-    if ret != 0 {
-        return Err(std::io::Error::from_raw_os_error(-ret))
-            .with_context(|| format!("querying programs on {}", cgroup.display()));
-    }
-    Ok(count)
+    attached_count(fd.raw_fd(), attach_type)
+        .with_context(|| format!("querying programs on {}", cgroup.display()))
 }
 
 /// How many tcx programs are attached to an interface of the calling
@@ -233,12 +217,19 @@ pub fn tcx_program_count(ifindex: u32, direction: TcDirection) -> Result<u32> {
         TcDirection::Ingress => libbpf_sys::BPF_TCX_INGRESS,
         TcDirection::Egress => libbpf_sys::BPF_TCX_EGRESS,
     };
+    attached_count(ifindex as i32, attach_type)
+        .with_context(|| format!("querying tcx programs on ifindex {ifindex}"))
+}
+
+/// BPF_PROG_QUERY for the number of programs only; `target` is a cgroup fd
+/// or an ifindex, depending on the attach type.
+fn attached_count(target: i32, attach_type: libbpf_sys::bpf_attach_type) -> std::io::Result<u32> {
     let mut count: u32 = 0;
     let mut attach_flags: u32 = 0;
     // SAFETY: a null id buffer with count 0 asks the kernel for the count only.
     let ret = unsafe {
         libbpf_sys::bpf_prog_query(
-            ifindex as i32,
+            target,
             attach_type,
             0,
             &mut attach_flags,
@@ -247,8 +238,7 @@ pub fn tcx_program_count(ifindex: u32, direction: TcDirection) -> Result<u32> {
         )
     };
     if ret != 0 {
-        return Err(std::io::Error::from_raw_os_error(-ret))
-            .with_context(|| format!("querying tcx programs on ifindex {ifindex}"));
+        return Err(std::io::Error::from_raw_os_error(-ret));
     }
     Ok(count)
 }

@@ -4,7 +4,7 @@
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{anyhow, Context, Result};
@@ -14,7 +14,7 @@ use crate::netns::NetNs;
 /// A server thread; `peers` lists the client addresses it accepted.
 pub struct Server {
     pub addr: SocketAddr,
-    pub peers: Arc<Mutex<Vec<SocketAddr>>>,
+    pub peers: Peers,
     stop: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<Result<()>>>,
 }
@@ -57,86 +57,77 @@ pub fn echo(netns: &NetNs, addr: &str) -> Result<Server> {
 /// Sends every UDP datagram back to where it came from; `peers` lists the
 /// senders.
 pub fn udp_echo(netns: &NetNs, addr: &str) -> Result<Server> {
-    let addr: SocketAddr = addr
-        .parse()
-        .with_context(|| format!("'{addr}' is not a socket address"))?;
-    let stop = Arc::new(AtomicBool::new(false));
-    let peers = Arc::new(Mutex::new(Vec::new()));
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-    let thread = {
-        let stop = stop.clone();
-        let peers = peers.clone();
-        netns.spawn(move || {
-            let socket =
-                UdpSocket::bind(addr).with_context(|| format!("binding a server to {addr}"))?;
-            socket.set_read_timeout(Some(Duration::from_millis(50)))?;
-            ready_tx.send(()).ok();
-            let mut buffer = vec![0u8; 65536];
-            while !stop.load(Ordering::SeqCst) {
-                match socket.recv_from(&mut buffer) {
-                    Ok((n, peer)) => {
-                        peers.lock().unwrap().push(peer);
-                        socket.send_to(&buffer[..n], peer)?;
-                    }
-                    Err(e)
-                        if matches!(
-                            e.kind(),
-                            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                        ) => {}
-                    Err(e) => return Err(e.into()),
+    spawn(netns, addr, |addr, ready, stop, peers| {
+        let socket =
+            UdpSocket::bind(addr).with_context(|| format!("binding a server to {addr}"))?;
+        socket.set_read_timeout(Some(Duration::from_millis(50)))?;
+        ready.send(()).ok();
+        let mut buffer = vec![0u8; 65536];
+        while !stop.load(Ordering::SeqCst) {
+            match socket.recv_from(&mut buffer) {
+                Ok((n, peer)) => {
+                    peers.lock().unwrap().push(peer);
+                    socket.send_to(&buffer[..n], peer)?;
                 }
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) => {}
+                Err(e) => return Err(e.into()),
             }
-            Ok(())
-        })?
-    };
-    if ready_rx.recv_timeout(Duration::from_secs(5)).is_err() {
-        return match thread.join() {
-            Ok(Err(err)) => Err(err),
-            _ => Err(anyhow!("the UDP server on {addr} did not start")),
-        };
-    }
-    Ok(Server {
-        addr,
-        peers,
-        stop,
-        thread: Some(thread),
+        }
+        Ok(())
     })
 }
 
+/// A TCP server: one thread per accepted connection runs `handler`.
 fn serve(
     netns: &NetNs,
     addr: &str,
     handler: fn(TcpStream) -> std::io::Result<()>,
 ) -> Result<Server> {
+    spawn(netns, addr, move |addr, ready, stop, peers| {
+        let listener =
+            TcpListener::bind(addr).with_context(|| format!("binding a server to {addr}"))?;
+        listener.set_nonblocking(true)?;
+        ready.send(()).ok();
+        while !stop.load(Ordering::SeqCst) {
+            match listener.accept() {
+                Ok((stream, peer)) => {
+                    peers.lock().unwrap().push(peer);
+                    stream.set_nonblocking(false)?;
+                    std::thread::spawn(move || handler(stream));
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    })
+}
+
+type Peers = Arc<Mutex<Vec<SocketAddr>>>;
+
+/// Runs `body(addr, ready, stop, peers)` on a thread in `netns`; `body`
+/// sends on `ready` once it listens and returns when `stop` is set.
+fn spawn(
+    netns: &NetNs,
+    addr: &str,
+    body: impl FnOnce(SocketAddr, mpsc::Sender<()>, &AtomicBool, &Peers) -> Result<()> + Send + 'static,
+) -> Result<Server> {
     let addr: SocketAddr = addr
         .parse()
         .with_context(|| format!("'{addr}' is not a socket address"))?;
     let stop = Arc::new(AtomicBool::new(false));
-    let peers = Arc::new(Mutex::new(Vec::new()));
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let peers: Peers = Arc::new(Mutex::new(Vec::new()));
+    let (ready_tx, ready_rx) = mpsc::channel();
     let thread = {
         let stop = stop.clone();
         let peers = peers.clone();
-        netns.spawn(move || {
-            let listener =
-                TcpListener::bind(addr).with_context(|| format!("binding a server to {addr}"))?;
-            listener.set_nonblocking(true)?;
-            ready_tx.send(()).ok();
-            while !stop.load(Ordering::SeqCst) {
-                match listener.accept() {
-                    Ok((stream, peer)) => {
-                        peers.lock().unwrap().push(peer);
-                        stream.set_nonblocking(false)?;
-                        std::thread::spawn(move || handler(stream));
-                    }
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                        std::thread::sleep(Duration::from_millis(2));
-                    }
-                    Err(e) => return Err(e.into()),
-                }
-            }
-            Ok(())
-        })?
+        netns.spawn(move || body(addr, ready_tx, &stop, &peers))?
     };
     if ready_rx.recv_timeout(Duration::from_secs(5)).is_err() {
         return match thread.join() {
