@@ -12,3 +12,4 @@ macro_rules! skeleton {
 skeleton!(redirect, "redirect.skel.rs");
 skeleton!(bypass, "bypass.skel.rs");
 skeleton!(port_nat, "port_nat.skel.rs");
+skeleton!(tproxy, "tproxy.skel.rs");

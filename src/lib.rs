@@ -1,6 +1,6 @@
 //! proxy-redirect: transparent TCP steering with eBPF.
 //!
-//! One module per subcommand (`redirect`, `proxy`, `demo`), on top of shared
+//! One module per subcommand (`redirect`, `proxy`, `tproxy`, `demo`), on top of shared
 //! modules for cgroups, privileges, BPF links, maps, events and output.
 
 pub mod bpf;
@@ -10,6 +10,7 @@ pub mod cli;
 pub mod demo;
 pub mod events;
 pub mod links;
+pub mod local_route;
 pub mod maps;
 pub mod netns;
 pub mod port_nat;
@@ -19,3 +20,4 @@ pub mod redirect;
 pub mod servers;
 pub mod shutdown;
 pub mod sockopt;
+pub mod tproxy;

@@ -4,7 +4,7 @@ use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use proxy_redirect::{bypass, demo, port_nat, proxy, redirect};
+use proxy_redirect::{bypass, demo, port_nat, proxy, redirect, tproxy};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -28,6 +28,8 @@ enum Command {
     Bypass(bypass::BypassArgs),
     /// Translate a destination port on an interface (8080 -> 80) with TC programs
     PortNat(port_nat::PortNatArgs),
+    /// Intercept TCP arriving on an interface (a gateway) for a transparent proxy (TC + bpf_sk_assign)
+    Tproxy(tproxy::TproxyArgs),
     /// Show `redirect` end to end in private namespaces and a child cgroup, then clean up
     Demo(demo::DemoArgs),
 }
@@ -61,6 +63,7 @@ fn main() -> ExitCode {
         Command::Proxy(args) => proxy::run(args),
         Command::Bypass(args) => bypass::run(args),
         Command::PortNat(args) => port_nat::run(args),
+        Command::Tproxy(args) => tproxy::run(args),
         Command::Demo(args) => demo::run(args),
     };
     match result {

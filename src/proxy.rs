@@ -50,6 +50,11 @@ pub struct ProxyArgs {
     /// Mark (SO_MARK) of upstream connections, which `redirect` never redirects
     #[arg(long, default_value = "0x5052", value_parser = cli::parse_mark)]
     pub mark: u32,
+    /// Be a TPROXY target (iptables TPROXY, `tproxy --no-proxy`): listen with
+    /// IP_TRANSPARENT and relay each connection to its own local address
+    /// instead of asking SO_ORIGINAL_DST
+    #[arg(long)]
+    pub transparent: bool,
 }
 
 pub fn default_listen_addrs(port: u16) -> Vec<SocketAddr> {
@@ -177,16 +182,25 @@ impl Drop for RunningProxy {
 pub fn run(args: &ProxyArgs) -> Result<()> {
     let config = ProxyConfig {
         mark: args.mark,
-        destination: DestinationSource::OriginalDstOption,
-        transparent: false,
+        destination: if args.transparent {
+            DestinationSource::LocalAddress
+        } else {
+            DestinationSource::OriginalDstOption
+        },
+        transparent: args.transparent,
     };
     let bound = BoundProxy::bind(&args.listen, config)?;
     shutdown::install()?;
     let addrs: Vec<String> = bound.local_addrs().iter().map(|a| a.to_string()).collect();
     println!(
-        "Proxy listening on {} (upstream mark {:#x})",
+        "Proxy listening on {} (upstream mark {:#x}{})",
         addrs.join(", "),
-        args.mark
+        args.mark,
+        if args.transparent {
+            ", transparent"
+        } else {
+            ""
+        }
     );
     let proxy = bound.start()?;
     while !shutdown::requested() {
@@ -304,12 +318,35 @@ fn destination_of(client: &TcpStream, shared: &Shared) -> Option<SocketAddr> {
             warn!("refused {peer}: no original destination (a direct connection to the proxy)");
             None
         }
-        Some(dst) if shared.listen_addrs.contains(&dst) || is_same_endpoint(dst, local) => {
+        Some(dst) if is_listen_addr(dst, &shared.listen_addrs) => {
+            warn!("refused {peer}: its original destination {dst} is the proxy itself");
+            None
+        }
+        // Under TPROXY the destination is always the local address.
+        Some(dst)
+            if shared.config.destination == DestinationSource::OriginalDstOption
+                && is_same_endpoint(dst, local) =>
+        {
             warn!("refused {peer}: its original destination {dst} is the proxy itself");
             None
         }
         Some(dst) => Some(dst),
     }
+}
+
+/// Relaying to a listening address would make a loop; behind a wildcard
+/// listener that is any address of this host on the listening port.
+fn is_listen_addr(dst: SocketAddr, listen_addrs: &[SocketAddr]) -> bool {
+    listen_addrs.iter().any(|l| {
+        l.port() == dst.port()
+            && (is_same_endpoint(*l, dst) || (l.ip().is_unspecified() && is_local_ip(dst.ip())))
+    })
+}
+
+/// Whether `ip` is an address of this host: only those can be bound
+/// without IP_TRANSPARENT.
+fn is_local_ip(ip: IpAddr) -> bool {
+    std::net::TcpListener::bind(SocketAddr::new(ip.to_canonical(), 0)).is_ok()
 }
 
 fn is_same_endpoint(a: SocketAddr, b: SocketAddr) -> bool {

@@ -1,0 +1,231 @@
+//! Policy routing that delivers marked packets locally: per address family
+//! `ip rule add pref PRIO fwmark MARK iif IFACE lookup TABLE` and
+//! `ip route add local default dev lo table TABLE`, as TPROXY set-ups and
+//! `tproxy` need.
+//!
+//! Everything added carries the routing protocol number [`RT_PROTO`] on top
+//! of its dedicated priority and table, so that leftovers of a killed run are
+//! recognised exactly and nothing of anyone else is ever removed.
+
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+
+/// `proto 82` on our rules and routes (`/etc/iproute2/rt_protos` leaves it
+/// unnamed).
+pub const RT_PROTO: u8 = 82;
+
+/// Tables the kernel reserves: unspec, default, main, local.
+const RESERVED_TABLES: [u32; 4] = [0, 253, 254, 255];
+
+/// What to route where.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalRouteSpec {
+    pub mark: u32,
+    pub table: u32,
+    pub priority: u32,
+    /// Only packets received on this interface (`iif`); locally generated
+    /// packets never match, whatever their mark.
+    pub interface: String,
+}
+
+const FAMILIES: [&str; 2] = ["-4", "-6"];
+
+impl LocalRouteSpec {
+    pub fn validate(&self) -> Result<()> {
+        if RESERVED_TABLES.contains(&self.table) {
+            bail!(
+                "routing table {} is reserved by the kernel; pick another (1-252, 256-)",
+                self.table
+            );
+        }
+        if self.priority == 0 || self.priority >= 32766 {
+            bail!(
+                "rule priority {} must come after the local table (0) and before main (32766)",
+                self.priority
+            );
+        }
+        if self.mark == 0 {
+            bail!("the routing mark must not be 0");
+        }
+        Ok(())
+    }
+
+    fn rule_args(&self, family: &str, verb: &str) -> Vec<String> {
+        let mut args: Vec<String> = vec![family.into(), "rule".into(), verb.into()];
+        args.extend(
+            [
+                "pref",
+                &self.priority.to_string(),
+                "fwmark",
+                &format!("{:#x}", self.mark),
+                "iif",
+                &self.interface,
+                "lookup",
+                &self.table.to_string(),
+                "protocol",
+                &RT_PROTO.to_string(),
+            ]
+            .map(String::from),
+        );
+        args
+    }
+
+    fn route_args(&self, family: &str, verb: &str) -> Vec<String> {
+        [
+            family,
+            "route",
+            verb,
+            "local",
+            "default",
+            "dev",
+            "lo",
+            "table",
+            &self.table.to_string(),
+            "proto",
+            &RT_PROTO.to_string(),
+        ]
+        .map(String::from)
+        .to_vec()
+    }
+}
+
+fn ip(args: &[String]) -> Result<String> {
+    let output = Command::new("ip")
+        .args(args)
+        .output()
+        .context("running ip (install iproute2)")?;
+    if !output.status.success() {
+        bail!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+fn ip_json(args: &[&str]) -> Result<Vec<serde_json::Value>> {
+    let mut full: Vec<String> = vec!["-j".into(), "-N".into()];
+    full.extend(args.iter().map(|a| a.to_string()));
+    let text = ip(&full)?;
+    if text.trim().is_empty() {
+        return Ok(Vec::new());
+    }
+    serde_json::from_str(&text)
+        .with_context(|| format!("parsing the output of ip {}", full.join(" ")))
+}
+
+fn field(entry: &serde_json::Value, name: &str) -> String {
+    match &entry[name] {
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Number(n) => n.to_string(),
+        _ => String::new(),
+    }
+}
+
+/// Rules at our priority, pointing at our table, with our protocol.
+fn our_rules(spec: &LocalRouteSpec, family: &str) -> Result<Vec<serde_json::Value>> {
+    Ok(ip_json(&[family, "rule", "show"])?
+        .into_iter()
+        .filter(|r| {
+            field(r, "priority") == spec.priority.to_string()
+                && field(r, "table") == spec.table.to_string()
+                && field(r, "protocol") == RT_PROTO.to_string()
+        })
+        .collect())
+}
+
+/// Every route in our table, ours or not.
+fn table_routes(spec: &LocalRouteSpec, family: &str) -> Result<Vec<serde_json::Value>> {
+    Ok(ip_json(&[family, "route", "show", "table", "all"])?
+        .into_iter()
+        .filter(|r| field(r, "table") == spec.table.to_string())
+        .collect())
+}
+
+fn is_our_route(route: &serde_json::Value) -> bool {
+    field(route, "protocol") == RT_PROTO.to_string()
+        && field(route, "type") == "local"
+        && field(route, "dst") == "default"
+}
+
+/// Removes the rules and routes a killed run with the same table and
+/// priority left, and returns what it removed (as `ip` prints it). Fails,
+/// removing nothing, when the table holds routes that are not ours.
+pub fn remove_leftovers(spec: &LocalRouteSpec) -> Result<Vec<String>> {
+    let mut rules = Vec::new();
+    let mut routes = Vec::new();
+    for family in FAMILIES {
+        for route in table_routes(spec, family)? {
+            if !is_our_route(&route) {
+                bail!(
+                    "routing table {} already holds routes that tproxy did not add ({route}); \
+                     pick another with --route-table",
+                    spec.table
+                );
+            }
+            routes.push((family, route));
+        }
+        for rule in our_rules(spec, family)? {
+            rules.push((family, rule));
+        }
+    }
+    let mut removed = Vec::new();
+    for (family, rule) in rules {
+        let mut args: Vec<String> = vec![family.into(), "rule".into(), "del".into()];
+        args.extend(
+            [
+                "pref",
+                &spec.priority.to_string(),
+                "lookup",
+                &spec.table.to_string(),
+                "protocol",
+                &RT_PROTO.to_string(),
+            ]
+            .map(String::from),
+        );
+        if let serde_json::Value::String(iif) = &rule["iif"] {
+            args.extend(["iif".into(), iif.clone()]);
+        }
+        ip(&args)?;
+        removed.push(format!("rule {rule}"));
+    }
+    for (family, route) in routes {
+        ip(&spec.route_args(family, "del"))?;
+        removed.push(format!("route {route}"));
+    }
+    Ok(removed)
+}
+
+/// The installed rules and routes; removed on drop, in reverse order.
+pub struct LocalRoutes {
+    undo: Vec<Vec<String>>,
+}
+
+impl LocalRoutes {
+    /// Routes first, then the rules that lead to them; on failure whatever
+    /// was added is removed again.
+    pub fn install(spec: &LocalRouteSpec) -> Result<Self> {
+        let mut installed = LocalRoutes { undo: Vec::new() };
+        for family in FAMILIES {
+            ip(&spec.route_args(family, "add")).context("adding the local delivery route")?;
+            installed.undo.push(spec.route_args(family, "del"));
+        }
+        for family in FAMILIES {
+            ip(&spec.rule_args(family, "add")).context("adding the local delivery rule")?;
+            installed.undo.push(spec.rule_args(family, "del"));
+        }
+        Ok(installed)
+    }
+}
+
+impl Drop for LocalRoutes {
+    fn drop(&mut self) {
+        while let Some(args) = self.undo.pop() {
+            if let Err(err) = ip(&args) {
+                tracing::warn!("{err:#}");
+            }
+        }
+    }
+}

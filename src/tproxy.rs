@@ -1,0 +1,377 @@
+//! `proxy-redirect tproxy`: a TC ingress program on an interface hands TCP
+//! connections to chosen ports to a local transparent listener with
+//! `bpf_sk_assign`, for traffic that does not start on this host (a gateway,
+//! a router for containers or VMs). The built-in proxy learns each
+//! connection's destination from its accepted socket's local address, as
+//! behind iptables TPROXY.
+
+use std::mem::MaybeUninit;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::os::unix::net::UnixListener;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use libbpf_rs::skel::{OpenSkel, SkelBuilder};
+
+use crate::bpf::tproxy::types::{endpoint, tproxy_action, tproxy_event, tproxy_stat};
+use crate::bpf::tproxy::{TproxySkel, TproxySkelBuilder};
+use crate::cli::{self, EventFormat, OutputArgs, PortList};
+use crate::events;
+use crate::links::{Attachments, TcAttachMode, TcDirection};
+use crate::local_route::{self, LocalRouteSpec, LocalRoutes};
+use crate::proxy::{BoundProxy, DestinationSource, ProxyConfig};
+use crate::{maps, privileges, shutdown};
+
+// SAFETY: generated from include/tproxy.h: fixed-width integers with explicit padding.
+unsafe impl plain::Plain for tproxy_event {}
+
+#[derive(Args, Debug, Clone)]
+#[command(after_help = "\
+Examples:
+  # A gateway: intercept web traffic that clients send through eth1
+  proxy-redirect tproxy -i eth1 -v
+  # Containers behind a bridge, an external transparent proxy (Envoy, HAProxy)
+  # listening with IP_TRANSPARENT on port 15001
+  proxy-redirect tproxy -i br0 -P 80,443,8080 -p 15001 --no-proxy
+
+The proxy receives each connection with the client's address as the peer and
+the original destination as its own local address (TPROXY semantics), and must
+listen with IP_TRANSPARENT. Packets handed to it are marked with --route-mark
+and delivered locally by a rule and a route the tool adds
+(ip rule pref PRIO fwmark MARK iif IFACE lookup TABLE proto 82;
+ ip route add local default dev lo table TABLE proto 82, IPv4 and IPv6);
+they, and the TC program, are removed on exit, and what a killed run left is
+removed by the next start. Connections forwarded before the start keep being
+forwarded.")]
+pub struct TproxyArgs {
+    /// Interface whose incoming TCP traffic is intercepted
+    #[arg(short, long, value_name = "IFACE")]
+    pub interface: String,
+    /// Destination ports to intercept, comma-separated
+    #[arg(short = 'P', long, value_name = "PORTS", default_value = "80,443",
+          value_parser = cli::parse_port_list)]
+    pub ports: PortList,
+    /// Port of the transparent proxy
+    #[arg(short = 'p', long, value_name = "PORT", default_value = "15002",
+          value_parser = cli::parse_port)]
+    pub proxy_port: u16,
+    /// Address of the proxy's listener; give it twice for one IPv4 and one
+    /// IPv6 address. A listener on the wildcard address is found as well
+    /// [default: 127.0.0.1 and ::1]
+    #[arg(long = "proxy-ip", value_name = "IP")]
+    pub proxy_ips: Vec<IpAddr>,
+    /// Mark (SO_MARK) of the built-in proxy's upstream connections
+    #[arg(long, default_value = "0x5052", value_parser = cli::parse_mark)]
+    pub mark: u32,
+    /// Mark given to intercepted packets so that they are routed locally
+    #[arg(long, default_value = "0x5054", value_parser = cli::parse_mark)]
+    pub route_mark: u32,
+    /// Routing table (dedicated to tproxy) holding the local default route
+    #[arg(long, default_value = "5052")]
+    pub route_table: u32,
+    /// Priority of the ip rule that sends marked packets to the table
+    #[arg(long, default_value = "5052")]
+    pub rule_priority: u32,
+    /// How to attach the TC program: tcx link (6.6+), legacy clsact qdisc,
+    /// or auto (tcx when the kernel has it)
+    #[arg(long, value_enum, default_value_t = TcAttachMode::Auto)]
+    pub tc_attach: TcAttachMode,
+    /// Do not run the built-in proxy; an external transparent proxy listens
+    /// on the proxy address
+    #[arg(long)]
+    pub no_proxy: bool,
+    #[command(flatten)]
+    pub output: OutputArgs,
+}
+
+/// Everything resolved and checked before anything is changed.
+struct Plan {
+    ifindex: u32,
+    has_l2_header: bool,
+    proxy_v4: SocketAddr,
+    proxy_v6: SocketAddr,
+    routes: LocalRouteSpec,
+}
+
+fn plan(args: &TproxyArgs) -> Result<Plan> {
+    let ifindex = nix::net::if_::if_nametoindex(args.interface.as_str())
+        .map_err(|_| anyhow::anyhow!("no interface named '{}' (see ip link)", args.interface))?;
+    let has_l2_header = link_has_l2_header(&args.interface)?;
+    let mut proxy_ip4 = None;
+    let mut proxy_ip6 = None;
+    for ip in &args.proxy_ips {
+        let slot = match ip {
+            IpAddr::V4(_) => &mut proxy_ip4,
+            IpAddr::V6(_) => &mut proxy_ip6,
+        };
+        if slot.replace(*ip).is_some() {
+            bail!("give at most one IPv4 and one IPv6 proxy address (--proxy-ip)");
+        }
+    }
+    if args.route_mark == args.mark {
+        bail!(
+            "--route-mark must differ from the upstream --mark ({:#x}): upstream connections \
+             would be routed back to this host",
+            args.mark
+        );
+    }
+    let routes = LocalRouteSpec {
+        mark: args.route_mark,
+        table: args.route_table,
+        priority: args.rule_priority,
+        interface: args.interface.clone(),
+    };
+    routes.validate()?;
+    Ok(Plan {
+        ifindex,
+        has_l2_header,
+        proxy_v4: SocketAddr::new(
+            proxy_ip4.unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST)),
+            args.proxy_port,
+        ),
+        proxy_v6: SocketAddr::new(
+            proxy_ip6.unwrap_or(IpAddr::V6(Ipv6Addr::LOCALHOST)),
+            args.proxy_port,
+        ),
+        routes,
+    })
+}
+
+/// Whether TC sees an Ethernet header in front of the IP header.
+fn link_has_l2_header(interface: &str) -> Result<bool> {
+    let output = std::process::Command::new("ip")
+        .args(["-j", "link", "show", "dev", interface])
+        .output()
+        .context("running ip (install iproute2)")?;
+    let links: serde_json::Value = serde_json::from_slice(&output.stdout)
+        .with_context(|| format!("reading the link type of {interface}"))?;
+    let link_type = links[0]["link_type"].as_str().unwrap_or_default();
+    match link_type {
+        "ether" | "loopback" => Ok(true),
+        // tun, WireGuard: packets start with the IP header.
+        "none" => Ok(false),
+        other => bail!(
+            "interface {interface} has link type '{other}'; tproxy supports Ethernet-like \
+             interfaces and L3 devices such as tun and WireGuard"
+        ),
+    }
+}
+
+/// Held while running: one tproxy per routing table and network namespace.
+/// An abstract socket disappears with its process, even after SIGKILL, so
+/// whatever carries our table's tag while nobody holds it is a leftover.
+fn instance_lock(table: u32) -> Result<UnixListener> {
+    use std::os::linux::net::SocketAddrExt;
+    let name = format!("proxy-redirect-tproxy-table-{table}");
+    let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())?;
+    UnixListener::bind_addr(&addr).map_err(|err| match err.kind() {
+        std::io::ErrorKind::AddrInUse => anyhow::anyhow!(
+            "another tproxy runs in this network namespace with routing table {table}; \
+             stop it or give this one its own --route-table and --rule-priority"
+        ),
+        _ => anyhow::anyhow!("taking the tproxy instance lock: {err}"),
+    })
+}
+
+pub fn run(args: &TproxyArgs) -> Result<()> {
+    let plan = plan(args)?;
+    privileges::require_bpf("tproxy")?;
+    let _lock = instance_lock(args.route_table)?;
+    let proxy = if args.no_proxy {
+        None
+    } else {
+        let config = ProxyConfig {
+            mark: args.mark,
+            destination: DestinationSource::LocalAddress,
+            transparent: true,
+        };
+        Some(BoundProxy::bind(&[plan.proxy_v4, plan.proxy_v6], config)?)
+    };
+    shutdown::install()?;
+
+    let mut open_object = MaybeUninit::uninit();
+    let mut skel = load(args, &plan, &mut open_object)?;
+    for removed in local_route::remove_leftovers(&plan.routes)? {
+        println!("Removed a leftover of a killed run: {removed}");
+    }
+    // Rules and routes before the program: a packet that carries a socket
+    // but is not routed locally would be dropped by ip_forward().
+    let routes = LocalRoutes::install(&plan.routes)?;
+    let mut attachments = Attachments::default();
+    let path = attachments.attach_tc(
+        &skel.progs.tproxy_ingress,
+        plan.ifindex,
+        TcDirection::Ingress,
+        args.tc_attach,
+    )?;
+
+    print_configuration(args, &plan, &path.to_string());
+    let proxy = proxy.map(BoundProxy::start).transpose()?;
+    println!(
+        "Attached tproxy_ingress to {} ingress ({path}); press Ctrl-C to stop",
+        args.interface
+    );
+
+    let format = args.output.event_format();
+    let start_ns = events::monotonic_ns();
+    let proxy_addrs = [plan.proxy_v4, plan.proxy_v6];
+    let ring = match format {
+        EventFormat::Off => None,
+        _ => {
+            if format == EventFormat::Text {
+                println!("{:>12} {:<10} CONNECTION", "TIME(s)", "ACTION");
+            }
+            Some(events::ring_buffer(
+                &skel.maps.events,
+                move |e: &tproxy_event| print_event(e, format, start_ns, &proxy_addrs),
+            )?)
+        }
+    };
+    events::run_until_shutdown(ring.as_ref(), || {})?;
+    drop(ring);
+
+    print_statistics(&mut skel)?;
+    if let Some(proxy) = proxy {
+        proxy.stats.print();
+    }
+    drop(attachments);
+    drop(routes);
+    println!("Cleaned up");
+    Ok(())
+}
+
+fn load<'obj>(
+    args: &TproxyArgs,
+    plan: &Plan,
+    open_object: &'obj mut MaybeUninit<libbpf_rs::OpenObject>,
+) -> Result<TproxySkel<'obj>> {
+    let mut open = TproxySkelBuilder::default()
+        .open(open_object)
+        .context("opening the tproxy BPF object")?;
+    let rodata = open
+        .maps
+        .rodata_data
+        .as_deref_mut()
+        .context("the tproxy object has no .rodata")?;
+    let (IpAddr::V4(ip4), IpAddr::V6(ip6)) = (plan.proxy_v4.ip(), plan.proxy_v6.ip()) else {
+        unreachable!("plan() puts one IPv4 and one IPv6 address here")
+    };
+    rodata.has_l2_header = plan.has_l2_header.into();
+    rodata.proxy_ip4 = u32::from(ip4).to_be();
+    let octets = ip6.octets();
+    rodata.proxy_ip6 =
+        std::array::from_fn(|i| u32::from_ne_bytes(octets[i * 4..i * 4 + 4].try_into().unwrap()));
+    rodata.proxy_port = args.proxy_port.to_be();
+    rodata.route_mark = args.route_mark;
+    rodata.emit_events = (args.output.event_format() != EventFormat::Off).into();
+    let skel = open.load().context("loading the tproxy BPF program")?;
+    for port in &args.ports.0 {
+        maps::update(&skel.maps.tproxy_ports, port, &1u8)?;
+    }
+    Ok(skel)
+}
+
+fn print_configuration(args: &TproxyArgs, plan: &Plan, path: &str) {
+    println!(
+        "Intercepting TCP connections arriving on {}",
+        args.interface
+    );
+    println!(
+        "  interface:         {} (ifindex {})",
+        args.interface, plan.ifindex
+    );
+    println!("  ports:             {}", args.ports);
+    println!(
+        "  proxy:             {} and {}",
+        plan.proxy_v4, plan.proxy_v6
+    );
+    let proxy = if args.no_proxy {
+        "external (--no-proxy); it must listen with IP_TRANSPARENT".to_owned()
+    } else {
+        format!("built-in, transparent, upstream mark {:#x}", args.mark)
+    };
+    println!("  proxy program:     {proxy}");
+    println!(
+        "  local delivery:    fwmark {:#x} iif {} -> table {} (rule priority {}, proto {})",
+        args.route_mark,
+        args.interface,
+        args.route_table,
+        args.rule_priority,
+        local_route::RT_PROTO
+    );
+    println!("  TC attachment:     {path}");
+}
+
+fn endpoint_addr(ep: &endpoint) -> SocketAddr {
+    events::endpoint_socket_addr(ep.family, ep.ip, ep.port)
+}
+
+fn action_name(event: &tproxy_event) -> (&'static str, Option<&'static str>) {
+    match tproxy_action(event.action.into()) {
+        tproxy_action::TPROXY_INTERCEPT => ("INTERCEPT", None),
+        tproxy_action::TPROXY_NO_LISTENER => ("PASS", Some("no listener")),
+        tproxy_action::TPROXY_ASSIGN_FAILED => ("PASS", Some("assign failed")),
+        _ => ("UNKNOWN", None),
+    }
+}
+
+fn print_event(event: &tproxy_event, format: EventFormat, start_ns: u64, proxy: &[SocketAddr; 2]) {
+    let seconds = event.timestamp_ns.saturating_sub(start_ns) as f64 / 1e9;
+    let (action, reason) = action_name(event);
+    let client = endpoint_addr(&event.client);
+    let original = endpoint_addr(&event.original);
+    let listener = if client.is_ipv4() { proxy[0] } else { proxy[1] };
+    match format {
+        EventFormat::Off => {}
+        EventFormat::Text => {
+            let why = match reason {
+                None => format!(" (to the proxy on {listener})"),
+                Some("no listener") => format!(" (forwarded: nothing listens on {listener})"),
+                Some(other) => format!(" (forwarded: {other}, error {})", event.error),
+            };
+            println!("{seconds:12.3} {action:<10} {client} -> {original}{why}");
+        }
+        EventFormat::Json => {
+            let record = serde_json::json!({
+                "time": seconds,
+                "action": action.to_lowercase(),
+                "reason": reason,
+                "error": (event.error != 0).then_some(event.error),
+                "client": client.to_string(),
+                "original": original.to_string(),
+                "proxy": listener.to_string(),
+            });
+            println!("{record}");
+        }
+    }
+}
+
+fn print_statistics(skel: &mut TproxySkel<'_>) -> Result<()> {
+    let counts = maps::percpu_sums(&skel.maps.stats, tproxy_stat::TSTAT_COUNT.0)?;
+    let count = |stat: tproxy_stat| counts[stat.0 as usize];
+    println!("=== Statistics ===");
+    for (label, stat) in [
+        ("TCP packets seen", tproxy_stat::TSTAT_TCP_PACKETS),
+        ("to other ports", tproxy_stat::TSTAT_OTHER_PORT),
+        (
+            "connections intercepted",
+            tproxy_stat::TSTAT_NEW_CONNECTIONS,
+        ),
+        (
+            "syncookie ACKs to the proxy",
+            tproxy_stat::TSTAT_SYNCOOKIE_ACKS,
+        ),
+        (
+            "packets to proxy sockets",
+            tproxy_stat::TSTAT_SOCKET_PACKETS,
+        ),
+        ("forwarded, no local socket", tproxy_stat::TSTAT_NOT_OURS),
+        ("forwarded, no listener", tproxy_stat::TSTAT_NO_LISTENER),
+        ("assign failed", tproxy_stat::TSTAT_ASSIGN_FAILED),
+        ("not parsed", tproxy_stat::TSTAT_UNPARSED),
+        ("events lost", tproxy_stat::TSTAT_EVENTS_LOST),
+    ] {
+        println!("  {:<29}{}", format!("{label}:"), count(stat));
+    }
+    Ok(())
+}
