@@ -146,7 +146,7 @@ fn table_routes(spec: &LocalRouteSpec, family: &str) -> Result<Vec<serde_json::V
 
 fn is_our_route(route: &serde_json::Value) -> bool {
     field(route, "protocol") == RT_PROTO.to_string()
-        && field(route, "type") == "local"
+        && matches!(field(route, "type").as_str(), "local" | "2")
         && field(route, "dst") == "default"
 }
 

@@ -1,0 +1,449 @@
+//! `tproxy` against the real kernel: a client, a gateway that forwards and a
+//! server, each in a network namespace of its own; tproxy runs on the
+//! gateway's client-facing veth. The server's view of its peer proves
+//! whether a connection was intercepted: the client's address when it was
+//! forwarded, the gateway's when the proxy relayed it.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+use common::gateway::*;
+use common::*;
+use nix::sys::signal::Signal;
+
+fn curl(gw: &Gateway, url: &str, extra: &[&str]) -> std::process::Output {
+    let mut command = gw.in_client("curl");
+    command
+        .args(["-sS", "--fail", "--max-time", "20", "-H", "Expect:"])
+        .args(extra)
+        .arg(url);
+    run(command)
+}
+
+/// The `peer=` the server saw for one GET.
+fn peer_seen_by_server(gw: &Gateway, url: &str) -> String {
+    let out = curl(gw, url, &[]);
+    assert!(
+        out.status.success(),
+        "{url}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let body = String::from_utf8_lossy(&out.stdout).into_owned();
+    let peer = body
+        .strip_prefix("peer=")
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or_else(|| panic!("unexpected body from {url}: {body}"));
+    // The dual-stack server shows IPv4 peers as [::ffff:a.b.c.d]:port.
+    let host = peer.rsplit_once(':').unwrap().0;
+    host.trim_start_matches('[')
+        .trim_end_matches(']')
+        .trim_start_matches("::ffff:")
+        .to_owned()
+}
+
+fn url4(port: u16) -> String {
+    format!("http://{SERVER4}:{port}/")
+}
+
+fn url6(port: u16) -> String {
+    format!("http://[{SERVER6}]:{port}/")
+}
+
+fn assert_forwarded_directly(gw: &Gateway) {
+    assert_eq!(peer_seen_by_server(gw, &url4(80)), CLIENT4);
+    assert_eq!(peer_seen_by_server(gw, &url6(80)), CLIENT6);
+}
+
+fn assert_intercepted(gw: &Gateway) {
+    assert_eq!(peer_seen_by_server(gw, &url4(80)), GATEWAY_SERVER_SIDE4);
+    assert_eq!(peer_seen_by_server(gw, &url6(80)), GATEWAY_SERVER_SIDE6);
+}
+
+#[test]
+fn intercepts_ipv4_and_ipv6_relays_megabytes_and_forwards_other_ports() {
+    if !have_root() {
+        return;
+    }
+    let gw = Gateway::new();
+    let _web = servers::http(&gw.server, "[::]:80");
+    let _other = servers::http(&gw.server, "[::]:8080");
+    assert_forwarded_directly(&gw);
+    let before = gw.snapshot();
+
+    let tproxy = gw.tproxy(&["-P", "80"]);
+    assert!(
+        tproxy
+            .seen
+            .iter()
+            .any(|l| l.contains("TC attachment:     tcx link")),
+        "{:?}",
+        tproxy.seen
+    );
+    assert_intercepted(&gw);
+    // Another port is forwarded as before.
+    assert_eq!(peer_seen_by_server(&gw, &url4(8080)), CLIENT4);
+    assert_eq!(peer_seen_by_server(&gw, &url6(8080)), CLIENT6);
+
+    let dir = TempDir::new();
+    let upload = dir.join("upload");
+    let data = payload(6 << 20, 11);
+    std::fs::write(&upload, &data).unwrap();
+    for url in [url4(80), url6(80)] {
+        let download = dir.join("download");
+        let out = curl(
+            &gw,
+            &url,
+            &[
+                "--data-binary",
+                &format!("@{}", upload.display()),
+                "-o",
+                &download.display().to_string(),
+            ],
+        );
+        assert!(
+            out.status.success(),
+            "{url}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let echoed = std::fs::read(&download).unwrap();
+        assert!(
+            echoed == data,
+            "{url}: {} bytes came back, not the 6 MiB sent",
+            echoed.len()
+        );
+    }
+
+    let (status, output, stderr) = tproxy.stop();
+    assert!(status.success(), "{stderr}");
+    let events = json_events(&output);
+    assert_eq!(events.len(), 4, "{events:?}");
+    assert!(
+        events.iter().all(|e| e["action"] == "intercept"),
+        "{events:?}"
+    );
+    let originals: Vec<&str> = events
+        .iter()
+        .map(|e| e["original"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        originals,
+        [
+            format!("{SERVER4}:80"),
+            format!("[{SERVER6}]:80"),
+            format!("{SERVER4}:80"),
+            format!("[{SERVER6}]:80"),
+        ]
+    );
+    assert!(events[0]["client"]
+        .as_str()
+        .unwrap()
+        .starts_with(&format!("{CLIENT4}:")));
+    assert_eq!(events[1]["proxy"], "[::1]:15002");
+    assert_eq!(stat(&output, "connections intercepted"), 4);
+    assert!(stat(&output, "to other ports") >= 2, "{output}");
+    assert!(stat(&output, "packets to proxy sockets") > 100, "{output}");
+    assert_eq!(stat(&output, "assign failed"), 0);
+    assert_eq!(stat(&output, "relayed to the end"), 4);
+    assert!(stat(&output, "bytes client->upstream") >= 2 * data.len() as u64);
+    assert!(output.contains("Cleaned up"));
+
+    assert_forwarded_directly(&gw);
+    assert_eq!(gw.snapshot(), before, "the gateway was not restored");
+}
+
+#[test]
+fn sigkill_leftovers_are_removed_by_the_next_start_for_tcx_and_clsact() {
+    if !have_root() {
+        return;
+    }
+    let gw = Gateway::new();
+    let _web = servers::http(&gw.server, "[::]:80");
+    let before = gw.snapshot();
+    for mode in ["tcx", "clsact"] {
+        let tproxy = gw.tproxy(&["--tc-attach", mode]);
+        assert_intercepted(&gw);
+        tproxy.signal(Signal::SIGKILL);
+        tproxy.kill();
+        let after_kill = gw.snapshot();
+        assert_ne!(after_kill, before, "{mode}: SIGKILL left nothing to clean?");
+        assert!(after_kill.contains("lookup 5052 proto 82"), "{after_kill}");
+        // Without a listener, even a leftover clsact filter lets everything
+        // be forwarded.
+        assert_forwarded_directly(&gw);
+
+        let tproxy = gw.tproxy(&["--tc-attach", mode]);
+        let removed = tproxy
+            .seen
+            .iter()
+            .filter(|l| l.starts_with("Removed a leftover"))
+            .count();
+        assert_eq!(removed, 4, "{mode}: {:?}", tproxy.seen);
+        assert_intercepted(&gw);
+        // SIGTERM stops it as cleanly as SIGINT.
+        tproxy.signal(Signal::SIGTERM);
+        let (status, output, stderr) = tproxy.stop();
+        assert!(status.success(), "{mode}: {stderr}");
+        assert!(output.contains("Cleaned up"));
+        assert_eq!(stat(&output, "connections intercepted"), 2);
+        assert_forwarded_directly(&gw);
+        assert_eq!(
+            gw.snapshot(),
+            before,
+            "{mode}: the gateway was not restored"
+        );
+    }
+}
+
+#[test]
+fn connections_forwarded_before_the_start_keep_being_forwarded() {
+    if !have_root() {
+        return;
+    }
+    let gw = Gateway::new();
+    let echo = servers::echo(&gw.server, "[::]:80");
+    let mut old: Vec<TcpStream> = [format!("{SERVER4}:80"), format!("[{SERVER6}]:80")]
+        .into_iter()
+        .map(|addr| {
+            gw.client
+                .spawn(move || {
+                    let stream = TcpStream::connect(&addr)?;
+                    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+                    Ok(stream)
+                })
+                .unwrap()
+                .join()
+                .unwrap()
+                .unwrap()
+        })
+        .collect();
+    let exchange = |stream: &mut TcpStream, message: &[u8]| {
+        stream.write_all(message).unwrap();
+        let mut reply = vec![0u8; message.len()];
+        stream.read_exact(&mut reply).unwrap();
+        assert_eq!(reply, message);
+    };
+    for stream in &mut old {
+        exchange(stream, b"before");
+    }
+    let tproxy = gw.tproxy(&[]);
+    for stream in &mut old {
+        exchange(stream, b"after tproxy started");
+    }
+    assert_intercepted_echo(&gw);
+    for stream in &mut old {
+        exchange(stream, b"still forwarded");
+    }
+    drop(old);
+    let (_, output, _) = tproxy.stop();
+    assert!(stat(&output, "forwarded, no local socket") >= 4, "{output}");
+    assert_eq!(stat(&output, "connections intercepted"), 1);
+    let peers: Vec<String> = echo
+        .peers()
+        .iter()
+        .map(|p| p.ip().to_canonical().to_string())
+        .collect();
+    assert_eq!(peers, [CLIENT4, CLIENT6, GATEWAY_SERVER_SIDE4]);
+}
+
+/// One new connection through the echo server, from the client netns.
+fn assert_intercepted_echo(gw: &Gateway) {
+    let script = format!(
+        "import socket\ns = socket.create_connection(('{SERVER4}', 80), timeout=10)\n\
+         s.sendall(b'new')\nassert s.recv(3) == b'new'\ns.close()"
+    );
+    let mut command = gw.in_client(PYTHON);
+    command.args(["-c", &script]);
+    let out = run(command);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn handshakes_completed_with_syncookies_reach_the_proxy() {
+    if !have_root() {
+        return;
+    }
+    let gw = Gateway::new();
+    let _web = servers::http(&gw.server, "[::]:80");
+    // 2: answer every SYN with a cookie, so no request socket ever exists.
+    gw.sysctl(&gw.gateway, "net.ipv4.tcp_syncookies=2");
+    let tproxy = gw.tproxy(&[]);
+    assert_intercepted(&gw);
+    let (_, output, _) = tproxy.stop();
+    assert_eq!(stat(&output, "syncookie ACKs to the proxy"), 2, "{output}");
+    assert_eq!(stat(&output, "relayed to the end"), 2);
+}
+
+#[test]
+fn external_transparent_proxy_and_no_listener() {
+    if !have_root() {
+        return;
+    }
+    let gw = Gateway::new();
+    let _web = servers::http(&gw.server, "[::]:80");
+    let tproxy = gw.tproxy(&["--no-proxy", "-P", "80", "-p", "15009"]);
+    // Nothing listens yet: forwarded untouched, and said so.
+    assert_forwarded_directly(&gw);
+    // The proxy subcommand as an external TPROXY target.
+    let proxy = Running::start(
+        BIN,
+        &[
+            "proxy",
+            "--transparent",
+            "-l",
+            "127.0.0.1:15009",
+            "-l",
+            "[::1]:15009",
+        ]
+        .map(String::from),
+        Some(&gw.gateway),
+        None,
+        "Proxy listening",
+    );
+    assert!(proxy.seen[0].contains("transparent"), "{:?}", proxy.seen);
+    assert_intercepted(&gw);
+    let (_, proxy_output, _) = proxy.stop();
+    assert_eq!(stat(&proxy_output, "relayed to the end"), 2);
+    let (_, output, _) = tproxy.stop();
+    let events = json_events(&output);
+    let actions: Vec<(&str, &str)> = events
+        .iter()
+        .map(|e| {
+            (
+                e["action"].as_str().unwrap(),
+                e["reason"].as_str().unwrap_or(""),
+            )
+        })
+        .collect();
+    assert_eq!(
+        actions,
+        [
+            ("pass", "no listener"),
+            ("pass", "no listener"),
+            ("intercept", ""),
+            ("intercept", ""),
+        ],
+        "{events:?}"
+    );
+    assert_eq!(stat(&output, "forwarded, no listener"), 2);
+}
+
+#[test]
+fn bad_input_fails_with_one_line_and_changes_nothing() {
+    if !have_root() {
+        return;
+    }
+    let gw = Gateway::new();
+    let before = gw.snapshot();
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (
+            vec!["-i", "no-such-if0"],
+            "no interface named 'no-such-if0'",
+        ),
+        (vec!["-P", "0"], "out of range"),
+        (vec!["-P", "http"], "not a port number"),
+        (vec!["-P", ""], "empty"),
+        (vec!["-P", "80,,443"], "empty entry"),
+        (vec!["-p", "70000"], "out of range"),
+        (vec!["--route-table", "254"], "reserved"),
+        (vec!["--rule-priority", "0"], "rule priority"),
+        (vec!["--route-mark", "0x5052"], "must differ"),
+        (vec!["--tc-attach", "xdp"], "invalid value"),
+        (
+            vec!["--proxy-ip", "::1", "--proxy-ip", "::2"],
+            "at most one",
+        ),
+    ];
+    for (args, expected) in cases {
+        let mut command = gw.in_gateway(BIN);
+        command.arg("tproxy");
+        if !args.contains(&"-i") {
+            command.args(["-i", CLIENT_FACING]);
+        }
+        command.args(&args);
+        let out = run(command);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} succeeded");
+        assert_eq!(stderr.trim().lines().count(), 1, "{args:?}: {stderr}");
+        assert!(
+            stderr.contains(expected),
+            "{args:?}: '{stderr}' lacks '{expected}'"
+        );
+        assert_eq!(gw.snapshot(), before, "{args:?} changed the gateway");
+    }
+
+    // An occupied proxy port.
+    let occupier = servers::echo(&gw.gateway, "[::1]:15002");
+    let mut command = gw.in_gateway(BIN);
+    command.args(["tproxy", "-i", CLIENT_FACING]);
+    let out = run(command);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("already in use"), "{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert_eq!(gw.snapshot(), before);
+    drop(occupier);
+
+    // A second instance with the same table, while the first runs.
+    let first = gw.tproxy(&[]);
+    let running = gw.snapshot();
+    let mut command = gw.in_gateway(BIN);
+    command.args(["tproxy", "-i", CLIENT_FACING, "-p", "15003"]);
+    let out = run(command);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("another tproxy runs"), "{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert_eq!(
+        gw.snapshot(),
+        running,
+        "the second instance touched the first's set-up"
+    );
+    let (status, _, _) = first.stop();
+    assert!(status.success());
+    assert_eq!(gw.snapshot(), before);
+
+    // No privileges. (Not in the netns: joining one needs the privileges
+    // it lacks; the check comes before anything is touched.)
+    let mut command = std::process::Command::new(BIN);
+    command.args(["tproxy", "-i", "lo"]);
+    std::os::unix::process::CommandExt::uid(&mut command, 65534);
+    let out = run(command);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("needs root"), "{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+}
+
+#[test]
+fn a_foreign_route_in_the_table_is_refused_and_kept() {
+    if !have_root() {
+        return;
+    }
+    let gw = Gateway::new();
+    gw.gateway
+        .ip(&["route", "add", "blackhole", "192.0.2.0/24", "table", "5052"])
+        .unwrap();
+    let before = gw.snapshot();
+    let mut command = gw.in_gateway(BIN);
+    command.args(["tproxy", "-i", CLIENT_FACING]);
+    let out = run(command);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("--route-table"), "{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert_eq!(gw.snapshot(), before);
+    // Another table works next to it.
+    let _web = servers::http(&gw.server, "[::]:80");
+    let tproxy = gw.tproxy(&["--route-table", "5053", "--rule-priority", "5053"]);
+    assert_intercepted(&gw);
+    let (status, _, _) = tproxy.stop();
+    assert!(status.success());
+    assert_eq!(gw.snapshot(), before);
+}
