@@ -68,8 +68,8 @@ fn intercepts_ipv4_and_ipv6_relays_megabytes_and_forwards_other_ports() {
         return;
     }
     let gw = Gateway::new();
-    let _web = servers::http(&gw.server, "[::]:80");
-    let _other = servers::http(&gw.server, "[::]:8080");
+    let _web = servers::http(&gw.server, "[::]:80").unwrap();
+    let _other = servers::http(&gw.server, "[::]:8080").unwrap();
     assert_forwarded_directly(&gw);
     let before = gw.snapshot();
 
@@ -160,7 +160,7 @@ fn sigkill_leftovers_are_removed_by_the_next_start_for_tcx_and_clsact() {
         return;
     }
     let gw = Gateway::new();
-    let _web = servers::http(&gw.server, "[::]:80");
+    let _web = servers::http(&gw.server, "[::]:80").unwrap();
     let before = gw.snapshot();
     for mode in ["tcx", "clsact"] {
         let tproxy = gw.tproxy(&["--tc-attach", mode]);
@@ -203,7 +203,7 @@ fn connections_forwarded_before_the_start_keep_being_forwarded() {
         return;
     }
     let gw = Gateway::new();
-    let echo = servers::echo(&gw.server, "[::]:80");
+    let echo = servers::echo(&gw.server, "[::]:80").unwrap();
     let mut old: Vec<TcpStream> = [format!("{SERVER4}:80"), format!("[{SERVER6}]:80")]
         .into_iter()
         .map(|addr| {
@@ -270,7 +270,7 @@ fn handshakes_completed_with_syncookies_reach_the_proxy() {
         return;
     }
     let gw = Gateway::new();
-    let _web = servers::http(&gw.server, "[::]:80");
+    let _web = servers::http(&gw.server, "[::]:80").unwrap();
     // 2: answer every SYN with a cookie, so no request socket ever exists.
     gw.sysctl(&gw.gateway, "net.ipv4.tcp_syncookies=2");
     let tproxy = gw.tproxy(&[]);
@@ -286,7 +286,7 @@ fn external_transparent_proxy_and_no_listener() {
         return;
     }
     let gw = Gateway::new();
-    let _web = servers::http(&gw.server, "[::]:80");
+    let _web = servers::http(&gw.server, "[::]:80").unwrap();
     let tproxy = gw.tproxy(&["--no-proxy", "-P", "80", "-p", "15009"]);
     // Nothing listens yet: forwarded untouched, and said so.
     assert_forwarded_directly(&gw);
@@ -379,7 +379,7 @@ fn bad_input_fails_with_one_line_and_changes_nothing() {
     }
 
     // An occupied proxy port.
-    let occupier = servers::echo(&gw.gateway, "[::1]:15002");
+    let occupier = servers::echo(&gw.gateway, "[::1]:15002").unwrap();
     let mut command = gw.in_gateway(BIN);
     command.args(["tproxy", "-i", CLIENT_FACING]);
     let out = run(command);
@@ -440,7 +440,7 @@ fn a_foreign_route_in_the_table_is_refused_and_kept() {
     assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
     assert_eq!(gw.snapshot(), before);
     // Another table works next to it.
-    let _web = servers::http(&gw.server, "[::]:80");
+    let _web = servers::http(&gw.server, "[::]:80").unwrap();
     let tproxy = gw.tproxy(&["--route-table", "5053", "--rule-priority", "5053"]);
     assert_intercepted(&gw);
     let (status, _, _) = tproxy.stop();

@@ -10,13 +10,14 @@
 //! Each arm has namespaces of its own: a nat table, once created in a
 //! netns, keeps conntrack on there. `BENCH_QUICK=1` runs a short smoke test.
 
+mod bpf_stats;
 #[path = "../common/mod.rs"]
 #[allow(unused_imports)]
 mod common;
+mod iperf3;
 mod report;
 mod rr;
 
-use std::process::Command;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
@@ -119,36 +120,6 @@ fn iptables_redirect(testbed: &Testbed, port: u16) {
     );
 }
 
-struct BpfStats {
-    run_time_ns: u64,
-    run_count: u64,
-}
-
-/// Run time and count of the connect4 program, from `bpftool prog show`.
-fn connect4_stats() -> Option<BpfStats> {
-    let out = Command::new("bpftool")
-        .args(["-j", "prog", "show"])
-        .output()
-        .ok()?;
-    let progs: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
-    progs.as_array()?.iter().find_map(|p| {
-        p["name"]
-            .as_str()?
-            .starts_with("redirect_connec")
-            .then(|| BpfStats {
-                run_time_ns: p["run_time_ns"].as_u64().unwrap_or(0),
-                run_count: p["run_cnt"].as_u64().unwrap_or(0),
-            })
-    })
-}
-
-fn set_bpf_stats(enabled: bool) -> String {
-    let path = "/proc/sys/kernel/bpf_stats_enabled";
-    let before = std::fs::read_to_string(path).unwrap_or_default();
-    std::fs::write(path, if enabled { "1" } else { "0" }).expect("kernel.bpf_stats_enabled");
-    before.trim().to_owned()
-}
-
 fn connections_per_second(settings: &Settings) {
     println!(
         "\n== Connections per second: connect, {MESSAGE} B request, {MESSAGE} B reply, close \
@@ -160,7 +131,7 @@ fn connections_per_second(settings: &Settings) {
 
     let bpf = tuned_testbed();
     let _bpf_server = start_cps_server(&bpf.server);
-    let bpf_stats_before = set_bpf_stats(true);
+    let bpf_stats_before = bpf_stats::set_enabled(true);
     let redirector = bpf.redirect_without_events(&bpf.proxy, &["-P", &CPS_PORT.to_string()]);
 
     let iptables = tuned_testbed();
@@ -174,7 +145,7 @@ fn connections_per_second(settings: &Settings) {
         ("iptables REDIRECT + built-in proxy", &iptables),
     ];
     let mut results = vec![Vec::new(); arms.len()];
-    let stats_start = connect4_stats();
+    let stats_start = bpf_stats::program("redirect_connec");
     for round in 0..settings.rounds {
         for (i, (name, testbed)) in arms.iter().enumerate() {
             let cps = measure_cps(testbed, settings.cps_seconds);
@@ -182,9 +153,9 @@ fn connections_per_second(settings: &Settings) {
             results[i].push(cps);
         }
     }
-    let stats_end = connect4_stats();
+    let stats_end = bpf_stats::program("redirect_connec");
     let (_, output, _) = redirector.stop();
-    set_bpf_stats(bpf_stats_before == "1");
+    bpf_stats::set_enabled(bpf_stats_before == "1");
     assert!(
         stat(&output, "redirected") > 0,
         "redirect did not redirect:\n{output}"
@@ -192,14 +163,13 @@ fn connections_per_second(settings: &Settings) {
 
     let names: Vec<&str> = arms.iter().map(|(name, _)| *name).collect();
     let medians = report::ratio_table("median conn/s", &names, &mut results, 2);
-    if let (Some(a), Some(b)) = (stats_start, stats_end) {
-        let calls = b.run_count - a.run_count;
-        if calls > 0 {
-            println!(
-                "\n  connect4 program: {:.0} ns per call over {calls} calls (kernel.bpf_stats_enabled)",
-                (b.run_time_ns - a.run_time_ns) as f64 / calls as f64
-            );
-        }
+    if let Some((ns, calls)) = stats_end
+        .zip(stats_start)
+        .and_then(|(b, a)| b.per_run_since(&a))
+    {
+        println!(
+            "\n  connect4 program: {ns:.0} ns per call over {calls} calls (kernel.bpf_stats_enabled)"
+        );
     }
     println!(
         "  target: redirect no slower than iptables REDIRECT with the same proxy: {}",
@@ -228,40 +198,6 @@ backend original_destination
     server original 0.0.0.0:0
 ";
 
-fn iperf3_bits_per_second(testbed: &Testbed, seconds: u32) -> f64 {
-    let mut command = testbed.in_apps("iperf3");
-    command.args([
-        "-c",
-        SERVER_V4,
-        "-p",
-        &BULK_PORT.to_string(),
-        "-t",
-        &seconds.to_string(),
-        "-J",
-    ]);
-    let out = run(command);
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|_| panic!("iperf3: {}", String::from_utf8_lossy(&out.stderr)));
-    report["end"]["sum_received"]["bits_per_second"]
-        .as_f64()
-        .unwrap_or_else(|| panic!("iperf3 report: {report}"))
-}
-
-fn start_iperf3_server(testbed: &Testbed) -> Running {
-    Running::start(
-        "iperf3",
-        &[
-            "-s".into(),
-            "-p".into(),
-            BULK_PORT.to_string(),
-            "--forceflush".into(),
-        ],
-        Some(&testbed.server),
-        None,
-        "Server listening",
-    )
-}
-
 fn bulk_throughput(settings: &Settings) {
     println!(
         "\n== Bulk throughput (iperf3, client -> server, {} rounds x {} s, interleaved) ==",
@@ -269,15 +205,15 @@ fn bulk_throughput(settings: &Settings) {
         settings.bulk_seconds
     );
     let direct = Testbed::new();
-    let _direct_server = start_iperf3_server(&direct);
+    let _direct_server = iperf3::start_server(&direct.server, BULK_PORT);
 
     let builtin = Testbed::new();
-    let _builtin_server = start_iperf3_server(&builtin);
+    let _builtin_server = iperf3::start_server(&builtin.server, BULK_PORT);
     let builtin_redirect =
         builtin.redirect_without_events(&builtin.proxy, &["-P", &BULK_PORT.to_string()]);
 
     let haproxy = Testbed::new();
-    let _haproxy_server = start_iperf3_server(&haproxy);
+    let _haproxy_server = iperf3::start_server(&haproxy.server, BULK_PORT);
     let dir = TempDir::new();
     let config = dir.join("haproxy.cfg");
     std::fs::write(&config, HAPROXY_CONFIG).unwrap();
@@ -306,7 +242,9 @@ fn bulk_throughput(settings: &Settings) {
     let mut results = vec![Vec::new(); arms.len()];
     for round in 0..settings.rounds.min(3) {
         for (i, (name, testbed)) in arms.iter().enumerate() {
-            let gbps = iperf3_bits_per_second(testbed, settings.bulk_seconds) / 1e9;
+            let client = testbed.in_apps("iperf3");
+            let gbps =
+                iperf3::bits_per_second(client, SERVER_V4, BULK_PORT, settings.bulk_seconds) / 1e9;
             println!("  round {round} {name:<36} {gbps:>8.2} Gbit/s");
             results[i].push(gbps);
         }

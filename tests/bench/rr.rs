@@ -19,17 +19,21 @@ pub const MESSAGE: usize = 64;
 /// A testbed whose namespaces reuse ports quickly.
 pub fn tuned_testbed() -> Testbed {
     let testbed = Testbed::new();
-    for ns in [&testbed.client, &testbed.server] {
-        for setting in [
-            "net.ipv4.tcp_tw_reuse=1",
-            "net.ipv4.ip_local_port_range=1024 65000",
-        ] {
-            let mut command = netns::command_in("sysctl", Some(ns), None).unwrap();
-            command.args(["-qw", setting]);
-            assert!(run(command).status.success(), "sysctl {setting}");
-        }
-    }
+    tune(&testbed.client);
+    tune(&testbed.server);
     testbed
+}
+
+/// Lets a namespace that opens many short connections reuse ports quickly.
+pub fn tune(ns: &NetNs) {
+    for setting in [
+        "net.ipv4.tcp_tw_reuse=1",
+        "net.ipv4.ip_local_port_range=1024 65000",
+    ] {
+        let mut command = netns::command_in("sysctl", Some(ns), None).unwrap();
+        command.args(["-qw", setting]);
+        assert!(run(command).status.success(), "sysctl {setting}");
+    }
 }
 
 /// A server in `ns` on `addr` that reads a MESSAGE-byte request, answers it
