@@ -156,9 +156,13 @@ static __always_inline int steer(struct __sk_buff *skb, struct flow *flow, void 
 
 	sk = bpf_skc_lookup_tcp(skb, &flow->tuple, flow->tuple_len, BPF_F_CURRENT_NETNS, 0);
 	if (sk) {
-		/* A new SYN on the 4-tuple of a TIME_WAIT socket starts a new
-		 * connection: it belongs to the listener, as with TPROXY. */
-		if (sk->state != BPF_TCP_LISTEN && !(syn && sk->state == BPF_TCP_TIME_WAIT)) {
+		/* A SYN on the 4-tuple of a TIME_WAIT socket goes to that socket
+		 * too: handed to the listener, it would be dropped, because the
+		 * kernel refuses a request socket whose 4-tuple is in use. The
+		 * TIME_WAIT socket answers with an ACK, the client resets it and
+		 * retransmits its SYN at once (TCP_TIMEOUT_MIN), and that SYN
+		 * finds no socket and reaches the listener. */
+		if (sk->state != BPF_TCP_LISTEN) {
 			if (assign(skb, sk) == 0)
 				stat_add(&stats, TSTAT_SOCKET_PACKETS, 1);
 			else

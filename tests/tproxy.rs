@@ -447,3 +447,50 @@ fn a_foreign_route_in_the_table_is_refused_and_kept() {
     assert!(status.success());
     assert_eq!(gw.snapshot(), before);
 }
+
+/// The proxy closes first, so its accepted socket stays in TIME_WAIT on the
+/// gateway; a client that reuses its port must still get through at once
+/// (handed to the listener, that SYN would be dropped for a minute).
+const SAME_PORT_CLIENT: &str = r#"
+import socket, sys, time
+start = time.time()
+for i in range(3):
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind((sys.argv[1], 40000))
+    s.settimeout(5)
+    s.connect((sys.argv[2], 80))
+    s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    reply = b""
+    while True:
+        chunk = s.recv(4096)
+        if not chunk:
+            break
+        reply += chunk
+    assert b"peer=" in reply, reply
+    s.close()
+print("%.3f" % (time.time() - start))
+"#;
+
+#[test]
+fn a_client_port_reused_while_the_proxy_holds_time_wait_gets_through() {
+    if !have_root() {
+        return;
+    }
+    let gw = Gateway::new();
+    let _web = servers::http(&gw.server, "[::]:80").unwrap();
+    let tproxy = gw.tproxy(&[]);
+    let mut command = gw.in_client(PYTHON);
+    command.args(["-c", SAME_PORT_CLIENT, CLIENT4, SERVER4]);
+    let out = run(command);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let seconds: f64 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+    assert!(seconds < 2.0, "three connections took {seconds} s");
+    let (_, output, _) = tproxy.stop();
+    assert_eq!(stat(&output, "connections intercepted"), 3, "{output}");
+    assert_eq!(stat(&output, "relayed to the end"), 3);
+}
