@@ -35,6 +35,7 @@ const volatile __u32 proxy_ip6[4]; /* network order */
 const volatile __u16 proxy_port;   /* network order */
 const volatile __u32 route_mark;
 const volatile __u8 emit_events;
+const volatile __u32 ifindex; /* the interface tproxy_ingress is attached to */
 
 /* Destination ports (host order) whose connections are intercepted. */
 struct {
@@ -43,6 +44,14 @@ struct {
 	__type(key, __u16);
 	__type(value, __u8);
 } tproxy_ports SEC(".maps");
+
+/* The built-in proxy's listeners, 0: IPv4, 1: IPv6 (for tproxy_sk_lookup). */
+struct {
+	__uint(type, BPF_MAP_TYPE_SOCKMAP);
+	__uint(max_entries, 2);
+	__type(key, __u32);
+	__type(value, __u64);
+} proxy_listeners SEC(".maps");
 
 /* One record per new connection (SYN) to an intercepted port, when
  * emit_events is set. */
@@ -159,10 +168,14 @@ static __always_inline int steer(struct __sk_buff *skb, struct flow *flow, void 
 		/* A SYN on the 4-tuple of a TIME_WAIT socket goes to that socket
 		 * too: handed to the listener, it would be dropped, because the
 		 * kernel refuses a request socket whose 4-tuple is in use. The
-		 * TIME_WAIT socket answers with an ACK, the client resets it and
-		 * retransmits its SYN at once (TCP_TIMEOUT_MIN), and that SYN
-		 * finds no socket and reaches the listener. */
+		 * TIME_WAIT socket asks for a listener on the original
+		 * destination, which tproxy_sk_lookup answers with the proxy's,
+		 * and is replaced by it. Without that answer (--no-proxy) it
+		 * sends an ACK, the client resets it and resends its SYN at once
+		 * (TCP_TIMEOUT_MIN), and that SYN reaches the listener. */
 		if (sk->state != BPF_TCP_LISTEN) {
+			if (syn && sk->state == BPF_TCP_TIME_WAIT)
+				stat_add(&stats, TSTAT_TIME_WAIT_SYNS, 1);
 			if (assign(skb, sk) == 0)
 				stat_add(&stats, TSTAT_SOCKET_PACKETS, 1);
 			else
@@ -297,6 +310,33 @@ int tproxy_ingress(struct __sk_buff *skb)
 	if (skb->protocol == bpf_htons(ETH_P_IPV6))
 		return handle_ipv6(skb, nh, data_end);
 	return TC_ACT_OK;
+}
+
+/*
+ * The kernel looks for a listener on a connection's own destination when a
+ * SYN reaches a TIME_WAIT socket of the same 4-tuple (to let it replace the
+ * TIME_WAIT socket). For connections tproxy_ingress steers, that listener is
+ * the proxy's: the equivalent of iptables TPROXY's TIME_WAIT handling.
+ */
+SEC("sk_lookup")
+int tproxy_sk_lookup(struct bpf_sk_lookup *ctx)
+{
+	__u16 port = ctx->local_port;
+	struct bpf_sock *sk;
+	__u32 key;
+
+	if (ctx->protocol != IPPROTO_TCP || ctx->ingress_ifindex != ifindex)
+		return SK_PASS;
+	if (!bpf_map_lookup_elem(&tproxy_ports, &port))
+		return SK_PASS;
+	key = ctx->family == ADDR_FAMILY_INET6;
+	sk = bpf_map_lookup_elem(&proxy_listeners, &key);
+	if (!sk)
+		return SK_PASS;
+	if (bpf_sk_assign(ctx, sk, 0) == 0)
+		stat_add(&stats, TSTAT_SK_LOOKUP_ASSIGNED, 1);
+	bpf_sk_release(sk);
+	return SK_PASS;
 }
 
 char LICENSE[] SEC("license") = "GPL";

@@ -14,16 +14,18 @@ enum tproxy_action {
 
 /* Per-CPU counters, indexed by these. */
 enum tproxy_stat {
-	TSTAT_TCP_PACKETS = 0, /* TCP packets seen on the interface */
-	TSTAT_OTHER_PORT,      /* to a port that is not intercepted */
-	TSTAT_NEW_CONNECTIONS, /* SYNs handed to the listener */
-	TSTAT_SYNCOOKIE_ACKS,  /* ACKs with a valid syncookie handed to the listener */
-	TSTAT_SOCKET_PACKETS,  /* packets handed to an existing local socket */
-	TSTAT_NOT_OURS,	       /* mid-flow packets of flows without a local socket */
-	TSTAT_NO_LISTENER,     /* SYNs forwarded because nobody listened */
-	TSTAT_ASSIGN_FAILED,   /* bpf_sk_assign failed */
-	TSTAT_UNPARSED,	       /* IPv6 extension headers, fragments, short packets */
-	TSTAT_EVENTS_LOST,     /* ring buffer full */
+	TSTAT_TCP_PACKETS = 0,	  /* TCP packets seen on the interface */
+	TSTAT_OTHER_PORT,	  /* to a port that is not intercepted */
+	TSTAT_NEW_CONNECTIONS,	  /* SYNs handed to the listener */
+	TSTAT_SYNCOOKIE_ACKS,	  /* ACKs with a valid syncookie handed to the listener */
+	TSTAT_SOCKET_PACKETS,	  /* packets handed to an existing local socket */
+	TSTAT_NOT_OURS,		  /* mid-flow packets of flows without a local socket */
+	TSTAT_NO_LISTENER,	  /* SYNs forwarded because nobody listened */
+	TSTAT_ASSIGN_FAILED,	  /* bpf_sk_assign failed */
+	TSTAT_UNPARSED,		  /* IPv6 extension headers, fragments, short packets */
+	TSTAT_TIME_WAIT_SYNS,	  /* SYNs that reuse the 4-tuple of a TIME_WAIT socket */
+	TSTAT_SK_LOOKUP_ASSIGNED, /* listener lookups (TIME_WAIT reuse) given the proxy */
+	TSTAT_EVENTS_LOST,	  /* ring buffer full */
 	TSTAT_COUNT,
 };
 

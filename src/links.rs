@@ -92,6 +92,18 @@ impl Attachments {
         Ok(())
     }
 
+    /// Attaches a network-namespace program (`SEC("sk_lookup")`, flow
+    /// dissector) to the namespace of the calling thread.
+    pub fn attach_netns(&mut self, program: &ProgramMut) -> Result<()> {
+        let netns = std::fs::File::open("/proc/thread-self/ns/net")
+            .context("opening this thread's network namespace")?;
+        let link = program
+            .attach_netns(netns.as_raw_fd())
+            .with_context(|| format!("attaching {}", program.name().to_string_lossy()))?;
+        self.links.push(link);
+        Ok(())
+    }
+
     /// Attaches a TC program (`SEC("tc")`) to an interface.
     pub fn attach_tc(
         &mut self,

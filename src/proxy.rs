@@ -128,6 +128,11 @@ impl BoundProxy {
         Ok(Self { listeners, config })
     }
 
+    /// The listening sockets, in the order of the addresses given to bind().
+    pub fn listener_fds(&self) -> Vec<RawFd> {
+        self.listeners.iter().map(|l| l.as_raw_fd()).collect()
+    }
+
     pub fn local_addrs(&self) -> Vec<SocketAddr> {
         self.listeners
             .iter()

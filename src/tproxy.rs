@@ -191,6 +191,11 @@ pub fn run(args: &TproxyArgs) -> Result<()> {
 
     let mut open_object = MaybeUninit::uninit();
     let mut skel = load(args, &plan, &mut open_object)?;
+    if let Some(proxy) = &proxy {
+        for (key, fd) in proxy.listener_fds().into_iter().enumerate() {
+            maps::update(&skel.maps.proxy_listeners, &(key as u32), &(fd as u64))?;
+        }
+    }
     for removed in local_route::remove_leftovers(&plan.routes)? {
         println!("Removed a leftover of a killed run: {removed}");
     }
@@ -204,6 +209,10 @@ pub fn run(args: &TproxyArgs) -> Result<()> {
         TcDirection::Ingress,
         args.tc_attach,
     )?;
+
+    if proxy.is_some() {
+        attachments.attach_netns(&skel.progs.tproxy_sk_lookup)?;
+    }
 
     print_configuration(args, &plan, &path.to_string());
     let proxy = proxy.map(BoundProxy::start).transpose()?;
@@ -263,6 +272,7 @@ fn load<'obj>(
         std::array::from_fn(|i| u32::from_ne_bytes(octets[i * 4..i * 4 + 4].try_into().unwrap()));
     rodata.proxy_port = args.proxy_port.to_be();
     rodata.route_mark = args.route_mark;
+    rodata.ifindex = plan.ifindex;
     rodata.emit_events = (args.output.event_format() != EventFormat::Off).into();
     let skel = open.load().context("loading the tproxy BPF program")?;
     for port in &args.ports.0 {
@@ -369,6 +379,11 @@ fn print_statistics(skel: &mut TproxySkel<'_>) -> Result<()> {
         ("forwarded, no listener", tproxy_stat::TSTAT_NO_LISTENER),
         ("assign failed", tproxy_stat::TSTAT_ASSIGN_FAILED),
         ("not parsed", tproxy_stat::TSTAT_UNPARSED),
+        ("SYNs meeting TIME_WAIT", tproxy_stat::TSTAT_TIME_WAIT_SYNS),
+        (
+            "listeners given by sk_lookup",
+            tproxy_stat::TSTAT_SK_LOOKUP_ASSIGNED,
+        ),
         ("events lost", tproxy_stat::TSTAT_EVENTS_LOST),
     ] {
         println!("  {:<29}{}", format!("{label}:"), count(stat));
