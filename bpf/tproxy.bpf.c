@@ -18,15 +18,14 @@
  */
 #include "lib/common.h"
 
-#include <linux/if_ether.h>
-#include <linux/ip.h>
-#include <linux/ipv6.h>
 #include <linux/pkt_cls.h>
+/* Before lib/parse.h, whose TCP_FLAG_* macros would rename this header's
+ * enum constants. */
 #include <linux/tcp.h>
 
-#include "tproxy.h"
+#include "lib/parse.h"
 
-#define IP_OFFSET_MASK 0x1fff
+#include "tproxy.h"
 
 /* Configuration, set by user space before load. */
 const volatile __u8 has_l2_header; /* 1 on Ethernet-like devices, 0 on L3 devices */
@@ -151,15 +150,40 @@ static __always_inline struct bpf_sock *lookup_listener(struct __sk_buff *skb,
 }
 
 /**
- * steer() - decide where one packet of a matched flow goes
- * @iph: the IPv4 or IPv6 header, @iph_len bytes of it checked against
- *       data_end (bpf_tcp_check_syncookie reads it)
- * @th: the TCP header, checked against data_end
+ * syncookie_ok() - whether a handshake's last ACK carries a valid syncookie
+ * of @listener
+ *
+ * bpf_tcp_check_syncookie() reads the IP and TCP headers; copies will do.
  */
-static __always_inline int steer(struct __sk_buff *skb, struct flow *flow, void *iph, __u32 iph_len,
-				 struct tcphdr *th)
+static __always_inline int syncookie_ok(struct __sk_buff *skb, struct bpf_sock *listener,
+					__u32 ip_off, const struct l4_packet *pkt)
 {
-	int syn = th->syn && !th->ack;
+	struct ipv6hdr ip6;
+	struct tcphdr th;
+	struct iphdr ip;
+
+	if (bpf_skb_load_bytes(skb, pkt->l4_off, &th, sizeof(th)))
+		return 0;
+	if (pkt->family == ADDR_FAMILY_INET) {
+		if (bpf_skb_load_bytes(skb, ip_off, &ip, sizeof(ip)))
+			return 0;
+		return bpf_tcp_check_syncookie(listener, &ip, sizeof(ip), &th, sizeof(th)) == 0;
+	}
+	if (bpf_skb_load_bytes(skb, ip_off, &ip6, sizeof(ip6)))
+		return 0;
+	return bpf_tcp_check_syncookie(listener, &ip6, sizeof(ip6), &th, sizeof(th)) == 0;
+}
+
+/**
+ * steer() - decide where one packet of a matched flow goes
+ * @ip_off: where the IP header starts
+ */
+static __always_inline int steer(struct __sk_buff *skb, struct flow *flow, __u32 ip_off,
+				 const struct l4_packet *pkt)
+{
+	__u8 flags = pkt->tcp_flags;
+	int syn = (flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN;
+	int ack = flags & TCP_FLAG_ACK;
 	struct bpf_sock *sk;
 	long err;
 
@@ -185,7 +209,7 @@ static __always_inline int steer(struct __sk_buff *skb, struct flow *flow, void 
 		bpf_sk_release(sk);
 	}
 
-	if (!syn && !th->ack) {
+	if (!syn && !ack) {
 		stat_add(&stats, TSTAT_NOT_OURS, 1);
 		return TC_ACT_OK;
 	}
@@ -202,8 +226,8 @@ static __always_inline int steer(struct __sk_buff *skb, struct flow *flow, void 
 	if (!syn) {
 		/* Without a request socket, the handshake's last ACK is only
 		 * ours when the listener answered the SYN with a syncookie. */
-		if (th->syn || th->rst ||
-		    bpf_tcp_check_syncookie(sk, iph, iph_len, th, sizeof(*th)) != 0) {
+		if ((flags & (TCP_FLAG_SYN | TCP_FLAG_RST)) ||
+		    !syncookie_ok(skb, sk, ip_off, pkt)) {
 			bpf_sk_release(sk);
 			stat_add(&stats, TSTAT_NOT_OURS, 1);
 			return TC_ACT_OK;
@@ -225,91 +249,51 @@ static __always_inline int steer(struct __sk_buff *skb, struct flow *flow, void 
 	return TC_ACT_OK;
 }
 
-static __always_inline int intercepted_port(struct tcphdr *th)
-{
-	__u16 port = bpf_ntohs(th->dest);
-
-	if (bpf_map_lookup_elem(&tproxy_ports, &port))
-		return 1;
-	stat_add(&stats, TSTAT_OTHER_PORT, 1);
-	return 0;
-}
-
-static __always_inline int handle_ipv4(struct __sk_buff *skb, void *nh, void *data_end)
-{
-	struct iphdr *iph = nh;
-	struct tcphdr *th;
-	struct flow flow = {};
-
-	if ((void *)(iph + 1) > data_end)
-		return TC_ACT_OK;
-	if (iph->protocol != IPPROTO_TCP)
-		return TC_ACT_OK;
-	stat_add(&stats, TSTAT_TCP_PACKETS, 1);
-	if (iph->ihl < 5 || (iph->frag_off & bpf_htons(IP_OFFSET_MASK))) {
-		stat_add(&stats, TSTAT_UNPARSED, 1);
-		return TC_ACT_OK;
-	}
-	th = nh + iph->ihl * 4;
-	if ((void *)(th + 1) > data_end) {
-		stat_add(&stats, TSTAT_UNPARSED, 1);
-		return TC_ACT_OK;
-	}
-	if (!intercepted_port(th))
-		return TC_ACT_OK;
-	flow.tuple.ipv4.saddr = iph->saddr;
-	flow.tuple.ipv4.daddr = iph->daddr;
-	flow.tuple.ipv4.sport = th->source;
-	flow.tuple.ipv4.dport = th->dest;
-	flow.tuple_len = sizeof(flow.tuple.ipv4);
-	endpoint_set_v4(&flow.client, iph->saddr, th->source);
-	endpoint_set_v4(&flow.original, iph->daddr, th->dest);
-	return steer(skb, &flow, iph, sizeof(*iph), th);
-}
-
-static __always_inline int handle_ipv6(struct __sk_buff *skb, void *nh, void *data_end)
-{
-	struct ipv6hdr *ip6 = nh;
-	struct tcphdr *th;
-	struct flow flow = {};
-
-	if ((void *)(ip6 + 1) > data_end)
-		return TC_ACT_OK;
-	/* Extension headers (rare on TCP) are not followed: such packets pass. */
-	if (ip6->nexthdr != IPPROTO_TCP)
-		return TC_ACT_OK;
-	stat_add(&stats, TSTAT_TCP_PACKETS, 1);
-	th = (void *)(ip6 + 1);
-	if ((void *)(th + 1) > data_end) {
-		stat_add(&stats, TSTAT_UNPARSED, 1);
-		return TC_ACT_OK;
-	}
-	if (!intercepted_port(th))
-		return TC_ACT_OK;
-	__builtin_memcpy(flow.tuple.ipv6.saddr, &ip6->saddr, sizeof(flow.tuple.ipv6.saddr));
-	__builtin_memcpy(flow.tuple.ipv6.daddr, &ip6->daddr, sizeof(flow.tuple.ipv6.daddr));
-	flow.tuple.ipv6.sport = th->source;
-	flow.tuple.ipv6.dport = th->dest;
-	flow.tuple_len = sizeof(flow.tuple.ipv6);
-	endpoint_set_v6(&flow.client, flow.tuple.ipv6.saddr, th->source);
-	endpoint_set_v6(&flow.original, flow.tuple.ipv6.daddr, th->dest);
-	return steer(skb, &flow, ip6, sizeof(*ip6), th);
-}
-
 SEC("tc")
 int tproxy_ingress(struct __sk_buff *skb)
 {
-	void *data = (void *)(long)skb->data;
-	void *data_end = (void *)(long)skb->data_end;
-	void *nh = data;
+	__u32 ip_off = has_l2_header ? ETH_HLEN : 0;
+	struct l4_packet pkt;
+	struct flow flow = {};
+	__u16 port;
+	int ret;
 
-	if (has_l2_header)
-		nh = data + sizeof(struct ethhdr);
 	if (skb->protocol == bpf_htons(ETH_P_IP))
-		return handle_ipv4(skb, nh, data_end);
-	if (skb->protocol == bpf_htons(ETH_P_IPV6))
-		return handle_ipv6(skb, nh, data_end);
-	return TC_ACT_OK;
+		ret = parse_ipv4(skb, ip_off, &pkt);
+	else if (skb->protocol == bpf_htons(ETH_P_IPV6))
+		ret = parse_ipv6(skb, ip_off, &pkt);
+	else
+		return TC_ACT_OK;
+	if (ret == PARSE_OTHER || (ret == PARSE_OK && pkt.protocol != IPPROTO_TCP))
+		return TC_ACT_OK;
+	if (ret != PARSE_OK) {
+		stat_add(&stats, TSTAT_UNPARSED, 1);
+		return TC_ACT_OK;
+	}
+	stat_add(&stats, TSTAT_TCP_PACKETS, 1);
+	port = bpf_ntohs(pkt.dst_port);
+	if (!bpf_map_lookup_elem(&tproxy_ports, &port)) {
+		stat_add(&stats, TSTAT_OTHER_PORT, 1);
+		return TC_ACT_OK;
+	}
+	if (pkt.family == ADDR_FAMILY_INET) {
+		flow.tuple.ipv4.saddr = pkt.src_ip[0];
+		flow.tuple.ipv4.daddr = pkt.dst_ip[0];
+		flow.tuple.ipv4.sport = pkt.src_port;
+		flow.tuple.ipv4.dport = pkt.dst_port;
+		flow.tuple_len = sizeof(flow.tuple.ipv4);
+		endpoint_set_v4(&flow.client, pkt.src_ip[0], pkt.src_port);
+		endpoint_set_v4(&flow.original, pkt.dst_ip[0], pkt.dst_port);
+	} else {
+		__builtin_memcpy(flow.tuple.ipv6.saddr, pkt.src_ip, sizeof(flow.tuple.ipv6.saddr));
+		__builtin_memcpy(flow.tuple.ipv6.daddr, pkt.dst_ip, sizeof(flow.tuple.ipv6.daddr));
+		flow.tuple.ipv6.sport = pkt.src_port;
+		flow.tuple.ipv6.dport = pkt.dst_port;
+		flow.tuple_len = sizeof(flow.tuple.ipv6);
+		endpoint_set_v6(&flow.client, pkt.src_ip, pkt.src_port);
+		endpoint_set_v6(&flow.original, pkt.dst_ip, pkt.dst_port);
+	}
+	return steer(skb, &flow, ip_off, &pkt);
 }
 
 /*

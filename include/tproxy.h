@@ -22,7 +22,7 @@ enum tproxy_stat {
 	TSTAT_NOT_OURS,		  /* mid-flow packets of flows without a local socket */
 	TSTAT_NO_LISTENER,	  /* SYNs forwarded because nobody listened */
 	TSTAT_ASSIGN_FAILED,	  /* bpf_sk_assign failed */
-	TSTAT_UNPARSED,		  /* IPv6 extension headers, fragments, short packets */
+	TSTAT_UNPARSED,		  /* IP fragments, truncated packets, ESP */
 	TSTAT_TIME_WAIT_SYNS,	  /* SYNs that reuse the 4-tuple of a TIME_WAIT socket */
 	TSTAT_SK_LOOKUP_ASSIGNED, /* listener lookups (TIME_WAIT reuse) given the proxy */
 	TSTAT_EVENTS_LOST,	  /* ring buffer full */

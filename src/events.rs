@@ -84,19 +84,3 @@ pub fn comm_to_string(comm: &[i8]) -> String {
         .collect();
     String::from_utf8_lossy(&bytes).into_owned()
 }
-
-/// An `include/addr.h` endpoint (network byte order, IPv4 in `ip[0]`) as a
-/// socket address; each skeleton has its own copy of the struct, so this
-/// takes its fields.
-pub fn endpoint_socket_addr(family: u16, ip: [u32; 4], port: u16) -> std::net::SocketAddr {
-    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-    let port = u16::from_be(port);
-    if i32::from(family) == libc::AF_INET {
-        return SocketAddr::new(IpAddr::V4(Ipv4Addr::from(ip[0].to_ne_bytes())), port);
-    }
-    let mut octets = [0u8; 16];
-    for (chunk, word) in octets.chunks_mut(4).zip(ip) {
-        chunk.copy_from_slice(&word.to_ne_bytes());
-    }
-    SocketAddr::new(IpAddr::V6(Ipv6Addr::from(octets)), port)
-}

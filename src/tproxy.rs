@@ -20,7 +20,7 @@ use crate::events;
 use crate::links::{Attachments, TcAttachMode, TcDirection};
 use crate::local_route::{self, LocalRouteSpec, LocalRoutes};
 use crate::proxy::{BoundProxy, DestinationSource, ProxyConfig};
-use crate::{maps, privileges, shutdown};
+use crate::{maps, privileges, redirect, shutdown};
 
 // SAFETY: generated from include/tproxy.h: fixed-width integers with explicit padding.
 unsafe impl plain::Plain for tproxy_event {}
@@ -190,7 +190,16 @@ pub fn run(args: &TproxyArgs) -> Result<()> {
     shutdown::install()?;
 
     let mut open_object = MaybeUninit::uninit();
-    let mut skel = load(args, &plan, &mut open_object)?;
+    let config = DatapathConfig {
+        ports: args.ports.0.clone(),
+        proxy_v4: plan.proxy_v4,
+        proxy_v6: plan.proxy_v6,
+        route_mark: args.route_mark,
+        ifindex: plan.ifindex,
+        has_l2_header: plan.has_l2_header,
+        events: args.output.event_format() != EventFormat::Off,
+    };
+    let skel = load(&config, &mut open_object)?;
     if let Some(proxy) = &proxy {
         for (key, fd) in proxy.listener_fds().into_iter().enumerate() {
             maps::update(&skel.maps.proxy_listeners, &(key as u32), &(fd as u64))?;
@@ -224,22 +233,17 @@ pub fn run(args: &TproxyArgs) -> Result<()> {
     let format = args.output.event_format();
     let start_ns = events::monotonic_ns();
     let proxy_addrs = [plan.proxy_v4, plan.proxy_v6];
-    let ring = match format {
-        EventFormat::Off => None,
-        _ => {
-            if format == EventFormat::Text {
-                println!("{:>12} {:<10} CONNECTION", "TIME(s)", "ACTION");
-            }
-            Some(events::ring_buffer(
-                &skel.maps.events,
-                move |e: &tproxy_event| print_event(e, format, start_ns, &proxy_addrs),
-            )?)
-        }
-    };
+    let header = format!("{:>12} {:<10} CONNECTION", "TIME(s)", "ACTION");
+    let ring = events::stream(
+        &skel.maps.events,
+        format,
+        &header,
+        move |e: &tproxy_event| print_event(e, format, start_ns, &proxy_addrs),
+    )?;
     events::run_until_shutdown(ring.as_ref(), || {})?;
     drop(ring);
 
-    print_statistics(&mut skel)?;
+    print_statistics(&skel)?;
     if let Some(proxy) = proxy {
         proxy.stats.print();
     }
@@ -249,9 +253,23 @@ pub fn run(args: &TproxyArgs) -> Result<()> {
     Ok(())
 }
 
-fn load<'obj>(
-    args: &TproxyArgs,
-    plan: &Plan,
+/// What the BPF programs are loaded with.
+#[derive(Debug, Clone)]
+pub struct DatapathConfig {
+    pub ports: Vec<u16>,
+    pub proxy_v4: SocketAddr,
+    pub proxy_v6: SocketAddr,
+    pub route_mark: u32,
+    /// The interface tproxy_ingress runs on (sk_lookup acts only for it).
+    pub ifindex: u32,
+    /// false on L3 devices (tun, WireGuard), whose packets start with IP.
+    pub has_l2_header: bool,
+    pub events: bool,
+}
+
+/// Opens and loads the tproxy programs and fills the port map.
+pub fn load<'obj>(
+    config: &DatapathConfig,
     open_object: &'obj mut MaybeUninit<libbpf_rs::OpenObject>,
 ) -> Result<TproxySkel<'obj>> {
     let mut open = TproxySkelBuilder::default()
@@ -262,23 +280,28 @@ fn load<'obj>(
         .rodata_data
         .as_deref_mut()
         .context("the tproxy object has no .rodata")?;
-    let (IpAddr::V4(ip4), IpAddr::V6(ip6)) = (plan.proxy_v4.ip(), plan.proxy_v6.ip()) else {
-        unreachable!("plan() puts one IPv4 and one IPv6 address here")
+    let (IpAddr::V4(ip4), IpAddr::V6(ip6)) = (config.proxy_v4.ip(), config.proxy_v6.ip()) else {
+        bail!("the proxy needs one IPv4 and one IPv6 address");
     };
-    rodata.has_l2_header = plan.has_l2_header.into();
+    rodata.has_l2_header = config.has_l2_header.into();
     rodata.proxy_ip4 = u32::from(ip4).to_be();
     let octets = ip6.octets();
     rodata.proxy_ip6 =
         std::array::from_fn(|i| u32::from_ne_bytes(octets[i * 4..i * 4 + 4].try_into().unwrap()));
-    rodata.proxy_port = args.proxy_port.to_be();
-    rodata.route_mark = args.route_mark;
-    rodata.ifindex = plan.ifindex;
-    rodata.emit_events = (args.output.event_format() != EventFormat::Off).into();
-    let skel = open.load().context("loading the tproxy BPF program")?;
-    for port in &args.ports.0 {
+    rodata.proxy_port = config.proxy_v4.port().to_be();
+    rodata.route_mark = config.route_mark;
+    rodata.ifindex = config.ifindex;
+    rodata.emit_events = config.events.into();
+    let skel = open.load().context("loading the tproxy BPF programs")?;
+    for port in &config.ports {
         maps::update(&skel.maps.tproxy_ports, port, &1u8)?;
     }
     Ok(skel)
+}
+
+/// The per-CPU counters summed, indexed by `tproxy_stat`.
+pub fn counters(skel: &TproxySkel<'_>) -> Result<Vec<u64>> {
+    maps::percpu_sums(&skel.maps.stats, tproxy_stat::TSTAT_COUNT.0)
 }
 
 fn print_configuration(args: &TproxyArgs, plan: &Plan, path: &str) {
@@ -313,7 +336,12 @@ fn print_configuration(args: &TproxyArgs, plan: &Plan, path: &str) {
 }
 
 fn endpoint_addr(ep: &endpoint) -> SocketAddr {
-    events::endpoint_socket_addr(ep.family, ep.ip, ep.port)
+    // The same include/addr.h struct, generated into the redirect skeleton.
+    redirect::endpoint_addr(&crate::bpf::redirect::types::endpoint {
+        ip: ep.ip,
+        port: ep.port,
+        family: ep.family,
+    })
 }
 
 fn action_name(event: &tproxy_event) -> (&'static str, Option<&'static str>) {
@@ -356,8 +384,8 @@ fn print_event(event: &tproxy_event, format: EventFormat, start_ns: u64, proxy: 
     }
 }
 
-fn print_statistics(skel: &mut TproxySkel<'_>) -> Result<()> {
-    let counts = maps::percpu_sums(&skel.maps.stats, tproxy_stat::TSTAT_COUNT.0)?;
+fn print_statistics(skel: &TproxySkel<'_>) -> Result<()> {
+    let counts = counters(skel)?;
     let count = |stat: tproxy_stat| counts[stat.0 as usize];
     println!("=== Statistics ===");
     for (label, stat) in [
