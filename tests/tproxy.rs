@@ -11,8 +11,12 @@ use std::net::TcpStream;
 use std::time::Duration;
 
 use common::gateway::*;
+use common::packet::{Ext, Packet, Rng, ETH_HLEN, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
 use common::*;
 use nix::sys::signal::Signal;
+use proxy_redirect::bpf::tproxy::types::tproxy_stat;
+use proxy_redirect::netns::NetNs;
+use proxy_redirect::tproxy::{self, DatapathConfig};
 
 fn curl(gw: &Gateway, url: &str, extra: &[&str]) -> std::process::Output {
     let mut command = gw.in_client("curl");
@@ -500,4 +504,221 @@ fn a_client_port_reused_while_the_proxy_holds_time_wait_gets_through() {
     );
     assert_eq!(stat(&output, "connections intercepted"), 1, "{output}");
     assert_eq!(stat(&output, "relayed to the end"), 3);
+}
+
+const TC_ACT_OK: u32 = 0;
+const MARK_IN: u32 = 7;
+
+/// A frame through tproxy_ingress with BPF_PROG_TEST_RUN: (verdict, output
+/// frame, skb mark afterwards). The mark goes in as MARK_IN.
+fn test_run(program: &libbpf_rs::ProgramMut<'_>, frame: &[u8]) -> (u32, Vec<u8>, u32) {
+    try_test_run(program, frame)
+        .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN on {frame:02x?}: {e}"))
+}
+
+/// As test_run; Err when the kernel refuses to run the frame at all (it
+/// checks the length of the IP header it finds).
+fn try_test_run(
+    program: &libbpf_rs::ProgramMut<'_>,
+    frame: &[u8],
+) -> Result<(u32, Vec<u8>, u32), libbpf_rs::Error> {
+    // struct __sk_buff starts with len, pkt_type and mark, and has grown to
+    // under 256 bytes; the kernel takes a larger buffer if the rest is zero.
+    let (size, mark_at) = (256, 8);
+    let mut ctx_in = vec![0u8; size];
+    ctx_in[mark_at..mark_at + 4].copy_from_slice(&MARK_IN.to_ne_bytes());
+    let mut ctx_out = vec![0u8; size];
+    let mut out = vec![0u8; frame.len() + 256];
+    let input = libbpf_rs::ProgramInput {
+        data_in: Some(frame),
+        data_out: Some(&mut out),
+        context_in: Some(&mut ctx_in),
+        context_out: Some(&mut ctx_out),
+        ..Default::default()
+    };
+    let output = program.test_run(input)?;
+    let verdict = output.return_value;
+    let len = output.data.as_ref().map_or(0, |d| d.len());
+    out.truncate(len);
+    let mark = u32::from_ne_bytes(ctx_out[mark_at..mark_at + 4].try_into().unwrap());
+    Ok((verdict, out, mark))
+}
+
+/// What one fixture must change: exactly these counters, by one each.
+struct Fixture {
+    description: &'static str,
+    frame: Vec<u8>,
+    counts: &'static [tproxy_stat],
+}
+
+fn fixtures() -> Vec<Fixture> {
+    const C4: &str = "192.0.2.1";
+    const S4: &str = "198.51.100.2";
+    const C6: &str = "2001:db8::1";
+    const S6: &str = "2001:db8:1::2";
+    let syn4 = Packet::tcp(C4, 40000, S4, 80, TCP_SYN);
+    let mut fragment = Packet::tcp(C4, 40000, S4, 80, TCP_ACK);
+    fragment.frag_offset = 185;
+    let mut syn6_ext = Packet::tcp(C6, 40000, S6, 443, TCP_SYN);
+    syn6_ext.ipv6_ext = vec![Ext::HopByHop(0), Ext::DestOpts(1)];
+    let mut truncated = syn4.build();
+    truncated.truncate(truncated.len() - 8);
+    use tproxy_stat as t;
+    vec![
+        Fixture {
+            description: "UDP to an intercepted port is none of our business",
+            frame: Packet::udp(C4, 40000, S4, 80).build(),
+            counts: &[],
+        },
+        Fixture {
+            description: "TCP to another port passes",
+            frame: Packet::tcp(C4, 40000, S4, 8080, TCP_SYN).build(),
+            counts: &[t::TSTAT_TCP_PACKETS, t::TSTAT_OTHER_PORT],
+        },
+        Fixture {
+            description: "a SYN while nothing listens is forwarded",
+            frame: syn4.build(),
+            counts: &[t::TSTAT_TCP_PACKETS, t::TSTAT_NO_LISTENER],
+        },
+        Fixture {
+            description: "an IPv6 SYN behind extension headers is seen",
+            frame: syn6_ext.build(),
+            counts: &[t::TSTAT_TCP_PACKETS, t::TSTAT_NO_LISTENER],
+        },
+        Fixture {
+            description: "mid-flow data of a flow without a local socket is forwarded",
+            frame: Packet::tcp(C4, 40000, S4, 80, TCP_ACK)
+                .with_payload(b"GET / HTTP/1.1\r\n")
+                .build(),
+            counts: &[t::TSTAT_TCP_PACKETS, t::TSTAT_NOT_OURS],
+        },
+        Fixture {
+            description: "a RST of such a flow is forwarded",
+            frame: Packet::tcp(C6, 40000, S6, 80, TCP_RST).build(),
+            counts: &[t::TSTAT_TCP_PACKETS, t::TSTAT_NOT_OURS],
+        },
+        Fixture {
+            description: "a FIN without ACK of such a flow is forwarded",
+            frame: Packet::tcp(C4, 40000, S4, 443, TCP_FIN).build(),
+            counts: &[t::TSTAT_TCP_PACKETS, t::TSTAT_NOT_OURS],
+        },
+        Fixture {
+            description: "a later IPv4 fragment has no TCP header",
+            frame: fragment.build(),
+            counts: &[t::TSTAT_UNPARSED],
+        },
+        Fixture {
+            description: "a truncated TCP header is not parsed",
+            frame: truncated,
+            counts: &[t::TSTAT_UNPARSED],
+        },
+    ]
+}
+
+/// Loads tproxy in a private netns and runs `work` there.
+fn in_private_netns<T: Send + 'static>(
+    work: impl FnOnce(&libbpf_rs::ProgramMut<'_>, &dyn Fn() -> Vec<u64>) -> T + Send + 'static,
+) -> T {
+    let netns = NetNs::create(&unique("prtpfix")).unwrap();
+    netns
+        .spawn(move || {
+            let config = DatapathConfig {
+                ports: vec![80, 443],
+                proxy_v4: "127.0.0.1:15002".parse().unwrap(),
+                proxy_v6: "[::1]:15002".parse().unwrap(),
+                route_mark: 0x5054,
+                ifindex: 1,
+                has_l2_header: true,
+                events: false,
+            };
+            let mut object = std::mem::MaybeUninit::uninit();
+            let skel = tproxy::load(&config, &mut object)?;
+            let counters = || tproxy::counters(&skel).unwrap();
+            Ok(work(&skel.progs.tproxy_ingress, &counters))
+        })
+        .unwrap()
+        .join()
+        .unwrap()
+        .unwrap()
+}
+
+#[test]
+fn fixture_packets_pass_unchanged_and_are_counted_by_kind() {
+    if !have_root() {
+        return;
+    }
+    in_private_netns(|program, counters| {
+        for fixture in fixtures() {
+            let before = counters();
+            let (verdict, out, mark) = test_run(program, &fixture.frame);
+            let after = counters();
+            let what = fixture.description;
+            assert_eq!(verdict, TC_ACT_OK, "{what}");
+            assert_eq!(out, fixture.frame, "{what}: the packet was changed");
+            assert_eq!(mark, MARK_IN, "{what}: the mark was changed");
+            let changed: Vec<u32> = (0..before.len() as u32)
+                .filter(|&i| after[i as usize] != before[i as usize])
+                .collect();
+            let expected: Vec<u32> = fixture.counts.iter().map(|s| s.0).collect();
+            assert_eq!(changed, expected, "{what}: counters");
+            for i in changed {
+                assert_eq!(after[i as usize] - before[i as usize], 1, "{what}");
+            }
+        }
+    });
+}
+
+/// Outside TC ingress (here: BPF_PROG_TEST_RUN) bpf_sk_assign refuses; the
+/// packet must then be neither marked nor changed, so that it is forwarded.
+#[test]
+fn a_refused_assign_leaves_the_packet_unmarked_and_random_packets_pass() {
+    if !have_root() {
+        return;
+    }
+    in_private_netns(|program, counters| {
+        let _v4 = std::net::TcpListener::bind("127.0.0.1:15002").unwrap();
+        let _v6 = std::net::TcpListener::bind("[::1]:15002").unwrap();
+        for syn in [
+            Packet::tcp("192.0.2.1", 40000, "198.51.100.2", 80, TCP_SYN),
+            Packet::tcp("2001:db8::1", 40000, "2001:db8:1::2", 443, TCP_SYN),
+        ] {
+            let frame = syn.build();
+            let before = counters();
+            let (verdict, out, mark) = test_run(program, &frame);
+            let after = counters();
+            assert_eq!((verdict, mark), (TC_ACT_OK, MARK_IN));
+            assert_eq!(out, frame);
+            let stat = |s: tproxy_stat| after[s.0 as usize] - before[s.0 as usize];
+            assert_eq!(stat(tproxy_stat::TSTAT_ASSIGN_FAILED), 1, "{syn:?}");
+            assert_eq!(stat(tproxy_stat::TSTAT_NEW_CONNECTIONS), 0);
+        }
+
+        // Mutated and random frames: never changed, never marked.
+        let mut rng = Rng::new(5);
+        let templates: Vec<Vec<u8>> = fixtures().into_iter().map(|f| f.frame).collect();
+        let mut ran = 0;
+        for _ in 0..2000 {
+            let mut frame = rng.pick(&templates).clone();
+            for _ in 0..=rng.below(4) {
+                let at = rng.below(frame.len() as u64) as usize;
+                frame[at] = rng.next() as u8;
+            }
+            if rng.chance(20) {
+                // BPF_PROG_TEST_RUN wants at least an Ethernet header.
+                let keep = ETH_HLEN + rng.below((frame.len() - ETH_HLEN) as u64) as usize;
+                frame.truncate(keep);
+            }
+            if rng.chance(5) {
+                let len = rng.below(200) as usize + 14;
+                frame = rng.bytes(len);
+            }
+            let Ok((verdict, out, mark)) = try_test_run(program, &frame) else {
+                continue;
+            };
+            ran += 1;
+            assert_eq!((verdict, mark), (TC_ACT_OK, MARK_IN), "{frame:02x?}");
+            assert_eq!(out, frame);
+        }
+        assert!(ran > 1500, "only {ran} of 2000 frames could be run");
+    });
 }
