@@ -5,6 +5,7 @@
 
 use std::process::Command;
 
+use proxy_redirect::links::{self, TcDirection};
 use proxy_redirect::netns::{self, NetNs};
 
 use super::{run, unique, Running, BIN};
@@ -173,11 +174,11 @@ impl Gateway {
             text.push_str(&String::from_utf8_lossy(&out.stderr));
         }
         for device in [CLIENT_FACING, "gw-s"] {
-            for (name, attach_type) in [
-                ("ingress", libbpf_sys::BPF_TCX_INGRESS),
-                ("egress", libbpf_sys::BPF_TCX_EGRESS),
+            for (name, direction) in [
+                ("ingress", TcDirection::Ingress),
+                ("egress", TcDirection::Egress),
             ] {
-                let count = self.tcx_program_count(device, attach_type);
+                let count = self.tcx_program_count(device, direction);
                 text.push_str(&format!("tcx {name} programs on {device}: {count}\n"));
             }
         }
@@ -185,26 +186,12 @@ impl Gateway {
     }
 
     /// How many tcx programs an interface of the gateway has.
-    pub fn tcx_program_count(&self, device: &str, attach_type: libbpf_sys::bpf_attach_type) -> u32 {
+    pub fn tcx_program_count(&self, device: &str, direction: TcDirection) -> u32 {
         let device = device.to_owned();
         self.gateway
             .spawn(move || {
                 let ifindex = nix::net::if_::if_nametoindex(device.as_str())?;
-                let mut count: u32 = 0;
-                let mut flags: u32 = 0;
-                // SAFETY: a null id buffer with count 0 asks for the count only.
-                let ret = unsafe {
-                    libbpf_sys::bpf_prog_query(
-                        ifindex as i32,
-                        attach_type,
-                        0,
-                        &mut flags,
-                        std::ptr::null_mut(),
-                        &mut count,
-                    )
-                };
-                anyhow::ensure!(ret == 0, "querying tcx programs: {ret}");
-                Ok(count)
+                links::tcx_program_count(ifindex, direction)
             })
             .unwrap()
             .join()
