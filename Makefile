@@ -8,18 +8,23 @@ APT_PACKAGES := clang llvm libelf-dev zlib1g-dev pkg-config linux-libc-dev \
 	clang-format iproute2 iptables nftables curl python3 bpftool tcpdump iperf3 haproxy ethtool
 C_SOURCES := $(wildcard bpf/*.c bpf/lib/*.h include/*.h)
 
-.PHONY: all deps build test demo bench fmt lint clean
+.PHONY: all deps build test vm-deps vm-test demo bench fmt lint clean
 
 all: build
 
-deps:
-	@missing=""; for p in $(APT_PACKAGES); do \
+# Installs, without prompting, those of the Debian packages $(1) that are missing.
+define apt_install
+@missing=""; for p in $(1); do \
 		dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || missing="$$missing $$p"; \
 	done; \
 	if [ -n "$$missing" ]; then \
 		echo "Installing:$$missing"; \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(2) $$missing >/dev/null; \
 	fi
+endef
+
+deps:
+	$(call apt_install,$(APT_PACKAGES))
 	@command -v $(CARGO) >/dev/null || { echo "cargo not found: install Rust from rustup.rs" >&2; exit 1; }
 
 build: deps
@@ -27,6 +32,22 @@ build: deps
 
 test: build
 	$(CARGO) test --release -- --test-threads=2
+
+# `make vm-test`: the same suite inside a VM on a second kernel (Debian's
+# 6.1 LTS; VM_KERNEL=/path/to/vmlinuz picks another), see tests/vm/run.sh.
+VM_KERNEL ?=
+VM_APT_PACKAGES := qemu-system-x86 busybox-static python3-venv $(if $(VM_KERNEL),,linux-image-amd64)
+VIRTME_NG := virtme-ng==1.42
+VNG := target/vng/bin/vng
+
+vm-deps: deps
+	$(call apt_install,$(VM_APT_PACKAGES),--no-install-recommends)
+	@[ -x $(VNG) ] || { echo "Installing $(VIRTME_NG) into target/vng"; \
+		rm -rf target/vng && /usr/bin/python3 -m venv target/vng && \
+		target/vng/bin/pip install -q --disable-pip-version-check "$(VIRTME_NG)"; }
+
+vm-test: build vm-deps
+	VM_KERNEL=$(VM_KERNEL) CARGO=$(CARGO) VNG=$(VNG) tests/vm/run.sh
 
 demo: build
 	$(BIN) demo
