@@ -90,6 +90,9 @@ fn serve(
     spawn(netns, addr, move |addr, ready, stop, peers| {
         let listener =
             TcpListener::bind(addr).with_context(|| format!("binding a server to {addr}"))?;
+        // std listens with a backlog of 128: a burst of connects to a slow
+        // server (an emulated machine) would see SYNs dropped.
+        nix::sys::socket::listen(&listener, nix::sys::socket::Backlog::MAXCONN)?;
         listener.set_nonblocking(true)?;
         ready.send(()).ok();
         while !stop.load(Ordering::SeqCst) {

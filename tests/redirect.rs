@@ -430,7 +430,7 @@ fn original_destination_maps_are_empty_after_many_connections() {
     );
     python(testbed.in_apps(PYTHON), &script);
     // Let the last closes pass through TCP_CLOSE.
-    std::thread::sleep(Duration::from_millis(500));
+    wait_for_tcp_to_settle(&testbed.client);
     let (_, output, _) = redirector.stop();
     assert_eq!(stat(&output, "redirected"), 300);
     assert_eq!(stat(&output, "original destinations answered"), 300);
@@ -563,7 +563,7 @@ fn include_networks_excluded_users_and_udp() {
         .server
         .spawn(|| {
             let socket = std::net::UdpSocket::bind("[::]:80")?;
-            socket.set_read_timeout(Some(Duration::from_secs(20)))?;
+            socket.set_read_timeout(Some(Duration::from_secs(120)))?;
             let mut buffer = [0u8; 64];
             for _ in 0..2 {
                 let (n, peer) = socket.recv_from(&mut buffer)?;
@@ -640,7 +640,7 @@ fn builtin_proxy_holds_a_thousand_concurrent_connections() {
          for s in socks: s.close()\nprint('ok')"
     );
     python(testbed.in_apps(PYTHON), &script);
-    std::thread::sleep(Duration::from_millis(300));
+    wait_for_tcp_to_settle(&testbed.client);
     let (_, output, _) = redirector.stop();
     assert_eq!(stat(&output, "connections accepted"), 1000);
     assert_eq!(stat(&output, "relayed to the end"), 1000);

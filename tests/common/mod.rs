@@ -186,7 +186,7 @@ impl Running {
             stderr,
         };
         running
-            .wait_for_line(|l| l.starts_with(ready), Duration::from_secs(20))
+            .wait_for_line(|l| l.starts_with(ready), Duration::from_secs(120))
             .unwrap_or_else(|| {
                 let _ = running.child.kill();
                 let (out, err) = running.finish_output();
@@ -292,6 +292,45 @@ pub fn run(mut command: Command) -> Output {
             );
             panic!("command timed out: {command:?}");
         }
+    }
+}
+
+/// Waits until no TCP connection in `netns` is opening, open or half-closed
+/// (what is left is in TIME_WAIT or FIN_WAIT2 after its close): the relays
+/// have finished and every socket has passed TCP_CLOSE. Slow machines, and
+/// `make vm-test` under emulation, need far longer than a fixed pause.
+pub fn wait_for_tcp_to_settle(netns: &NetNs) {
+    let busy = [
+        "syn-sent",
+        "syn-recv",
+        "established",
+        "fin-wait-1",
+        "close-wait",
+        "last-ack",
+        "closing",
+    ];
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let mut command = netns::command_in("ss", Some(netns), None).unwrap();
+        command.arg("-Htn");
+        for state in busy {
+            command.args(["state", state]);
+        }
+        let out = run(command);
+        assert!(
+            out.status.success(),
+            "ss: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        if out.stdout.is_empty() {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "TCP connections still open after 120 s:\n{}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        std::thread::sleep(Duration::from_millis(100));
     }
 }
 
