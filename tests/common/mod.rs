@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod gateway;
+pub mod kernel;
 pub mod packet;
 pub use proxy_redirect::servers;
 

@@ -5,6 +5,7 @@
 set -u
 
 echo "vm-test guest kernel: $(uname -r)"
+echo "vm-test guest cgroup2: $(findmnt -n -t cgroup2 -o TARGET)"
 # virtme-ng mounts cgroup2 at /sys/fs/cgroup and a tmpfs on /run (so
 # `ip netns add` can create /run/netns), but not the BPF file system.
 mountpoint -q /sys/fs/bpf || mount -t bpf bpf /sys/fs/bpf
