@@ -229,8 +229,11 @@ pub fn tcx_program_count(ifindex: u32, direction: TcDirection) -> Result<u32> {
         TcDirection::Ingress => libbpf_sys::BPF_TCX_INGRESS,
         TcDirection::Egress => libbpf_sys::BPF_TCX_EGRESS,
     };
-    attached_count(ifindex as i32, attach_type)
-        .with_context(|| format!("querying tcx programs on ifindex {ifindex}"))
+    match attached_count(ifindex as i32, attach_type) {
+        // EINVAL: a kernel before 6.6, where nothing can be attached by tcx.
+        Err(err) if err.raw_os_error() == Some(libc::EINVAL) => Ok(0),
+        result => result.with_context(|| format!("querying tcx programs on ifindex {ifindex}")),
+    }
 }
 
 /// BPF_PROG_QUERY for the number of programs only; `target` is a cgroup fd

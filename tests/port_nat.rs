@@ -745,7 +745,9 @@ fn lo_http_download_and_connected_udp_through_mappings_without_checksum_errors()
         ],
     );
     assert!(
-        nat.seen.iter().any(|l| l.contains("via tcx link")),
+        nat.seen
+            .iter()
+            .any(|l| l.contains(&format!("via {}", kernel::expected_tc_path()))),
         "{:?}",
         nat.seen
     );
@@ -1017,13 +1019,28 @@ fn sigkill_leaves_no_tcx_link_and_a_clsact_leftover_is_replaced() {
     let args = ["-i", "lo", "-f", "8080", "-t", "80"];
 
     let nat = port_nat(&ns, &args);
-    assert!(nat
-        .seen
-        .iter()
-        .any(|l| l.ends_with("via tcx link; press Ctrl-C to stop")));
-    assert_eq!(attached_tc(&ns, "lo").0, 2);
-    nat.kill();
-    assert_eq!(attached_tc(&ns, "lo"), (0, false), "after SIGKILL");
+    if kernel::has_tcx() {
+        assert!(nat
+            .seen
+            .iter()
+            .any(|l| l.ends_with("via tcx link; press Ctrl-C to stop")));
+        assert_eq!(attached_tc(&ns, "lo").0, 2);
+        nat.kill();
+        assert_eq!(attached_tc(&ns, "lo"), (0, false), "after SIGKILL");
+    } else {
+        // Before 6.6 auto mode falls back to clsact, and tcx is refused.
+        assert!(nat.seen.iter().any(|l| l.contains("via clsact qdisc")));
+        nat.kill();
+        assert_eq!(attached_tc(&ns, "lo"), (0, true), "after SIGKILL");
+        let tcx = [&args[..], &["--tc-attach", "tcx"]].concat();
+        let mut command = netns::command_in(BIN, Some(&ns), None).unwrap();
+        command.arg("port-nat").args(tcx);
+        let out = run(command);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success());
+        assert!(stderr.contains("tcx"), "{stderr}");
+        assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    }
 
     let clsact = [&args[..], &["--tc-attach", "clsact"]].concat();
     let nat = port_nat(&ns, &clsact);
