@@ -237,7 +237,7 @@ fn bulk_throughput(settings: &Settings) {
     let arms: [(&str, &Testbed); 3] = [
         ("direct", &direct),
         ("redirect + built-in proxy", &builtin),
-        ("redirect + HAProxy splice-auto", &haproxy),
+        ("HAProxy splice-auto behind redirect", &haproxy),
     ];
     let mut results = vec![Vec::new(); arms.len()];
     for round in 0..settings.rounds.min(3) {
