@@ -10,13 +10,8 @@ use common::*;
 use nix::sys::signal::Signal;
 use proxy_redirect::links::cgroup_program_count;
 
-fn curl(testbed: &Testbed, url: &str, extra: &[&str]) -> std::process::Output {
-    let mut command = testbed.in_apps("curl");
-    command
-        .args(["-sS", "--fail", "--max-time", "20", "-H", "Expect:"])
-        .args(extra)
-        .arg(url);
-    run(command)
+fn curl_from_apps(testbed: &Testbed, url: &str) -> std::process::Output {
+    curl(testbed.in_apps("curl"), url, &[])
 }
 
 /// Runs a python script; it must succeed. Returns its stdout.
@@ -77,45 +72,20 @@ fn http_through_builtin_proxy_over_ipv4_ipv6_and_v4_mapped() {
     let _server = servers::http(&testbed.server, "[::]:80").unwrap();
     reject_direct_http_from_apps(&testbed);
     // The rule really rejects direct connections from the cgroup.
-    let direct = curl(&testbed, &format!("http://{SERVER_V4}/"), &[]);
+    let direct = curl_from_apps(&testbed, &format!("http://{SERVER_V4}/"));
     assert!(
         !direct.status.success(),
         "direct connection was not rejected"
     );
 
     let redirector = testbed.redirect(&[]);
-    let dir = TempDir::new();
-    let upload = dir.join("upload");
     let data = payload(4 << 20, 7);
-    std::fs::write(&upload, &data).unwrap();
-    let urls = [
+    for url in [
         format!("http://{SERVER_V4}/"),
         format!("http://[{SERVER_V6}]/"),
         format!("http://[::ffff:{SERVER_V4}]/"),
-    ];
-    for url in &urls {
-        let download = dir.join("download");
-        let out = curl(
-            &testbed,
-            url,
-            &[
-                "--data-binary",
-                &format!("@{}", upload.display()),
-                "-o",
-                &download.display().to_string(),
-            ],
-        );
-        assert!(
-            out.status.success(),
-            "{url}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let echoed = std::fs::read(&download).unwrap();
-        assert!(
-            echoed == data,
-            "{url}: {} bytes came back, not the 4 MiB sent",
-            echoed.len()
-        );
+    ] {
+        assert_http_echo(|| testbed.in_apps("curl"), &url, &data);
     }
     let (status, output, _) = redirector.stop();
     assert!(status.success());
@@ -254,11 +224,11 @@ fn other_ports_excluded_destinations_and_the_proxys_own_connections_are_untouche
         &testbed.apps,
         &["--exclude", "10.77.0.0/30", "--exclude", "fd77::/120"],
     );
-    let out = curl(&testbed, &format!("http://{SERVER_V4}:8080/"), &[]);
+    let out = curl_from_apps(&testbed, &format!("http://{SERVER_V4}:8080/"));
     assert!(out.status.success());
-    let out = curl(&testbed, &format!("http://{SERVER_V4}/"), &[]);
+    let out = curl_from_apps(&testbed, &format!("http://{SERVER_V4}/"));
     assert!(out.status.success());
-    let out = curl(&testbed, &format!("http://[{SERVER_V6}]/"), &[]);
+    let out = curl_from_apps(&testbed, &format!("http://[{SERVER_V6}]/"));
     assert!(out.status.success());
     // A marked socket from another process is left alone too.
     let script = format!(
@@ -284,7 +254,7 @@ fn other_ports_excluded_destinations_and_the_proxys_own_connections_are_untouche
     // Without exclusions the proxy, still inside the cgroup, relays without
     // redirecting its own upstream connection back to itself.
     let redirector = testbed.redirect_in(&testbed.apps, &[]);
-    let out = curl(&testbed, &format!("http://{SERVER_V4}/"), &[]);
+    let out = curl_from_apps(&testbed, &format!("http://{SERVER_V4}/"));
     assert!(
         out.status.success(),
         "{}",
@@ -316,7 +286,7 @@ fn without_a_listening_proxy_connections_go_direct() {
         format!("http://{SERVER_V4}/"),
         format!("http://[{SERVER_V6}]/"),
     ] {
-        let out = curl(&testbed, &url, &[]);
+        let out = curl_from_apps(&testbed, &url);
         assert!(
             out.status.success(),
             "{url}: {}",
@@ -450,7 +420,7 @@ fn sigkill_leaves_nothing_attached_and_a_restart_works_at_once() {
     let _server = servers::http(&testbed.server, "[::]:80").unwrap();
     let redirector = testbed.redirect(&[]);
     assert_eq!(attached_programs(&testbed), 5);
-    let out = curl(&testbed, &format!("http://{SERVER_V4}/"), &[]);
+    let out = curl_from_apps(&testbed, &format!("http://{SERVER_V4}/"));
     assert!(out.status.success());
     redirector.signal(Signal::SIGKILL);
     redirector.kill();
@@ -461,7 +431,7 @@ fn sigkill_leaves_nothing_attached_and_a_restart_works_at_once() {
     );
 
     let redirector = testbed.redirect(&[]);
-    let out = curl(&testbed, &format!("http://{SERVER_V4}/"), &[]);
+    let out = curl_from_apps(&testbed, &format!("http://{SERVER_V4}/"));
     assert!(
         out.status.success(),
         "{}",
@@ -577,9 +547,9 @@ fn include_networks_excluded_users_and_udp() {
         "-u",
         "nobody",
     ]);
-    let out = curl(&testbed, &format!("http://{SERVER_V4}/"), &[]);
+    let out = curl_from_apps(&testbed, &format!("http://{SERVER_V4}/"));
     assert!(out.status.success());
-    let out = curl(&testbed, &format!("http://[{SERVER_V6}]/"), &[]);
+    let out = curl_from_apps(&testbed, &format!("http://[{SERVER_V6}]/"));
     assert!(out.status.success());
     // As user nobody (the process joins the cgroup as root, then drops).
     let script = format!(

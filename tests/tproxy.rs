@@ -18,18 +18,13 @@ use proxy_redirect::bpf::tproxy::types::tproxy_stat;
 use proxy_redirect::netns::NetNs;
 use proxy_redirect::tproxy::{self, DatapathConfig};
 
-fn curl(gw: &Gateway, url: &str, extra: &[&str]) -> std::process::Output {
-    let mut command = gw.in_client("curl");
-    command
-        .args(["-sS", "--fail", "--max-time", "20", "-H", "Expect:"])
-        .args(extra)
-        .arg(url);
-    run(command)
+fn curl_from_client(gw: &Gateway, url: &str) -> std::process::Output {
+    curl(gw.in_client("curl"), url, &[])
 }
 
 /// The `peer=` the server saw for one GET.
 fn peer_seen_by_server(gw: &Gateway, url: &str) -> String {
-    let out = curl(gw, url, &[]);
+    let out = curl_from_client(gw, url);
     assert!(
         out.status.success(),
         "{url}: {}",
@@ -91,33 +86,9 @@ fn intercepts_ipv4_and_ipv6_relays_megabytes_and_forwards_other_ports() {
     assert_eq!(peer_seen_by_server(&gw, &url4(8080)), CLIENT4);
     assert_eq!(peer_seen_by_server(&gw, &url6(8080)), CLIENT6);
 
-    let dir = TempDir::new();
-    let upload = dir.join("upload");
     let data = payload(6 << 20, 11);
-    std::fs::write(&upload, &data).unwrap();
     for url in [url4(80), url6(80)] {
-        let download = dir.join("download");
-        let out = curl(
-            &gw,
-            &url,
-            &[
-                "--data-binary",
-                &format!("@{}", upload.display()),
-                "-o",
-                &download.display().to_string(),
-            ],
-        );
-        assert!(
-            out.status.success(),
-            "{url}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let echoed = std::fs::read(&download).unwrap();
-        assert!(
-            echoed == data,
-            "{url}: {} bytes came back, not the 6 MiB sent",
-            echoed.len()
-        );
+        assert_http_echo(|| gw.in_client("curl"), &url, &data);
     }
 
     let (status, output, stderr) = tproxy.stop();

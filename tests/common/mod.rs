@@ -388,3 +388,40 @@ impl Drop for TempDir {
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
+
+/// curl with the options every test uses; `command` is curl already placed
+/// in its namespace (and cgroup).
+pub fn curl(mut command: Command, url: &str, extra: &[&str]) -> Output {
+    command
+        .args(["-sS", "--fail", "--max-time", "20", "-H", "Expect:"])
+        .args(extra)
+        .arg(url);
+    run(command)
+}
+
+/// POSTs `data` to an echo endpoint with curl (made by `new_curl`) and
+/// checks that exactly the same bytes come back.
+pub fn assert_http_echo(new_curl: impl Fn() -> Command, url: &str, data: &[u8]) {
+    let dir = TempDir::new();
+    let (upload, download) = (dir.join("upload"), dir.join("download"));
+    std::fs::write(&upload, data).unwrap();
+    let upload_arg = format!("@{}", upload.display());
+    let download_arg = download.display().to_string();
+    let out = curl(
+        new_curl(),
+        url,
+        &["--data-binary", &upload_arg, "-o", &download_arg],
+    );
+    assert!(
+        out.status.success(),
+        "{url}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let echoed = std::fs::read(&download).unwrap();
+    assert!(
+        echoed == data,
+        "{url}: {} bytes came back, not the {} sent",
+        echoed.len(),
+        data.len()
+    );
+}
