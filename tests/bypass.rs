@@ -254,14 +254,7 @@ fn a_peer_in_another_network_namespace_is_never_inserted() {
          while True:\n        d = c.recv(65536)\n        if not d: break\n        got += d\n    \
          assert got == data\nprint('ok')"
     );
-    let mut command = testbed.in_apps(PYTHON);
-    command.args(["-c", &client]);
-    let out = run(command);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    python(testbed.in_apps(PYTHON), &client);
     server.kill();
     let (_, output, _) = bypasser.stop();
     assert_eq!(stat(&output, "inserted"), 0, "{output}");
@@ -426,23 +419,10 @@ fn bad_input_fails_with_one_line_and_attaches_nothing() {
     for (args, expected) in cases {
         let mut command = testbed.in_client_netns(BIN);
         command.arg("bypass").args(&args);
-        let out = run(command);
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success(), "{args:?} succeeded");
-        assert_eq!(stderr.trim().lines().count(), 1, "{args:?}: {stderr}");
-        assert!(
-            stderr.contains(expected),
-            "{args:?}: '{stderr}' lacks '{expected}'"
-        );
+        assert_one_line_error(&run(command), &format!("{args:?}"), expected);
     }
-    let mut command = std::process::Command::new(BIN);
-    command.args(["bypass", "-c", &apps]);
-    std::os::unix::process::CommandExt::uid(&mut command, 65534);
-    let out = run(command);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
-    assert!(stderr.contains("needs root"), "{stderr}");
-    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    // No privileges.
+    assert_refused_without_privileges(&["bypass", "-c", &apps]);
     assert_eq!(sock_ops_programs(&testbed.apps), 0);
 
     // -v prints a header and one line per insertion.

@@ -1035,11 +1035,7 @@ fn sigkill_leaves_no_tcx_link_and_a_clsact_leftover_is_replaced() {
         let tcx = [&args[..], &["--tc-attach", "tcx"]].concat();
         let mut command = netns::command_in(BIN, Some(&ns), None).unwrap();
         command.arg("port-nat").args(tcx);
-        let out = run(command);
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success());
-        assert!(stderr.contains("tcx"), "{stderr}");
-        assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+        assert_one_line_error(&run(command), "--tc-attach tcx before 6.6", "tcx");
     }
 
     let clsact = [&args[..], &["--tc-attach", "clsact"]].concat();
@@ -1121,23 +1117,9 @@ fn bad_input_fails_with_one_line_and_attaches_nothing() {
     for (args, expected) in cases {
         let mut command = netns::command_in(BIN, Some(&ns), None).unwrap();
         command.arg("port-nat").args(&args);
-        let out = run(command);
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success(), "{args:?} succeeded");
-        assert_eq!(stderr.trim().lines().count(), 1, "{args:?}: {stderr}");
-        assert!(
-            stderr.contains(expected),
-            "{args:?}: '{stderr}' lacks '{expected}'"
-        );
+        assert_one_line_error(&run(command), &format!("{args:?}"), expected);
     }
-    // No privileges (not in the netns: joining one needs them).
-    let mut command = std::process::Command::new(BIN);
-    command.args(["port-nat", "-i", "lo", "-f", "8080", "-t", "80"]);
-    std::os::unix::process::CommandExt::uid(&mut command, 65534);
-    let out = run(command);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
-    assert!(stderr.contains("needs root"), "{stderr}");
-    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    // No privileges.
+    assert_refused_without_privileges(&["port-nat", "-i", "lo", "-f", "8080", "-t", "80"]);
     assert_eq!(attached_tc(&ns, "lo"), (0, false));
 }

@@ -14,18 +14,6 @@ fn curl_from_apps(testbed: &Testbed, url: &str) -> std::process::Output {
     curl(testbed.in_apps("curl"), url, &[])
 }
 
-/// Runs a python script; it must succeed. Returns its stdout.
-fn python(mut command: std::process::Command, script: &str) -> String {
-    command.args(["-c", script]);
-    let out = run(command);
-    assert!(
-        out.status.success(),
-        "python: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 fn reject_direct_http_from_apps(testbed: &Testbed) {
     let path = testbed.apps.relative_path().unwrap();
     let mut command = testbed.in_client_netns("iptables");
@@ -477,30 +465,17 @@ fn bad_input_fails_with_one_line_and_attaches_nothing() {
             command.args(["-c", &apps]);
         }
         command.args(&args);
-        let out = run(command);
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success(), "{args:?} succeeded");
-        assert_eq!(stderr.trim().lines().count(), 1, "{args:?}: {stderr}");
-        assert!(
-            stderr.contains(expected),
-            "{args:?}: '{stderr}' lacks '{expected}'"
-        );
+        assert_one_line_error(&run(command), &format!("{args:?}"), expected);
     }
 
     // An occupied proxy port.
     let _occupier = servers::echo(&testbed.client, "127.0.0.1:15001").unwrap();
     let mut command = testbed.in_client_netns(BIN);
     command.args(["redirect", "-c", &apps, "--sockopt-cgroup", &parent]);
-    let out = run(command);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
-    assert!(stderr.contains("already in use"), "{stderr}");
-    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert_one_line_error(&run(command), "an occupied proxy port", "already in use");
 
     // No privileges.
-    // (Not in the netns: joining one needs the privileges it lacks.)
-    let mut command = std::process::Command::new(BIN);
-    command.args([
+    assert_refused_without_privileges(&[
         "redirect",
         "-c",
         &apps,
@@ -509,12 +484,6 @@ fn bad_input_fails_with_one_line_and_attaches_nothing() {
         "-p",
         "15002",
     ]);
-    std::os::unix::process::CommandExt::uid(&mut command, 65534);
-    let out = run(command);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
-    assert!(stderr.contains("needs root"), "{stderr}");
-    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
 
     assert_eq!(attached_programs(&testbed), 0);
 }

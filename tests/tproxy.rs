@@ -235,14 +235,7 @@ fn assert_intercepted_echo(gw: &Gateway) {
         "import socket\ns = socket.create_connection(('{SERVER4}', 80), timeout=10)\n\
          s.sendall(b'new')\nassert s.recv(3) == b'new'\ns.close()"
     );
-    let mut command = gw.in_client(PYTHON);
-    command.args(["-c", &script]);
-    let out = run(command);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    python(gw.in_client(PYTHON), &script);
 }
 
 #[test]
@@ -348,14 +341,7 @@ fn bad_input_fails_with_one_line_and_changes_nothing() {
             command.args(["-i", CLIENT_FACING]);
         }
         command.args(&args);
-        let out = run(command);
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success(), "{args:?} succeeded");
-        assert_eq!(stderr.trim().lines().count(), 1, "{args:?}: {stderr}");
-        assert!(
-            stderr.contains(expected),
-            "{args:?}: '{stderr}' lacks '{expected}'"
-        );
+        assert_one_line_error(&run(command), &format!("{args:?}"), expected);
         assert_eq!(gw.snapshot(), before, "{args:?} changed the gateway");
     }
 
@@ -363,11 +349,7 @@ fn bad_input_fails_with_one_line_and_changes_nothing() {
     let occupier = servers::echo(&gw.gateway, "[::1]:15002").unwrap();
     let mut command = gw.in_gateway(BIN);
     command.args(["tproxy", "-i", CLIENT_FACING]);
-    let out = run(command);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
-    assert!(stderr.contains("already in use"), "{stderr}");
-    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert_one_line_error(&run(command), "an occupied proxy port", "already in use");
     assert_eq!(gw.snapshot(), before);
     drop(occupier);
 
@@ -376,11 +358,7 @@ fn bad_input_fails_with_one_line_and_changes_nothing() {
     let running = gw.snapshot();
     let mut command = gw.in_gateway(BIN);
     command.args(["tproxy", "-i", CLIENT_FACING, "-p", "15003"]);
-    let out = run(command);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
-    assert!(stderr.contains("another tproxy runs"), "{stderr}");
-    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert_one_line_error(&run(command), "a second instance", "another tproxy runs");
     assert_eq!(
         gw.snapshot(),
         running,
@@ -390,16 +368,8 @@ fn bad_input_fails_with_one_line_and_changes_nothing() {
     assert!(status.success());
     assert_eq!(gw.snapshot(), before);
 
-    // No privileges. (Not in the netns: joining one needs the privileges
-    // it lacks; the check comes before anything is touched.)
-    let mut command = std::process::Command::new(BIN);
-    command.args(["tproxy", "-i", "lo"]);
-    std::os::unix::process::CommandExt::uid(&mut command, 65534);
-    let out = run(command);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
-    assert!(stderr.contains("needs root"), "{stderr}");
-    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    // No privileges.
+    assert_refused_without_privileges(&["tproxy", "-i", "lo"]);
 }
 
 #[test]
@@ -414,11 +384,11 @@ fn a_foreign_route_in_the_table_is_refused_and_kept() {
     let before = gw.snapshot();
     let mut command = gw.in_gateway(BIN);
     command.args(["tproxy", "-i", CLIENT_FACING]);
-    let out = run(command);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
-    assert!(stderr.contains("--route-table"), "{stderr}");
-    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert_one_line_error(
+        &run(command),
+        "a foreign route in the table",
+        "--route-table",
+    );
     assert_eq!(gw.snapshot(), before);
     // Another table works next to it.
     let _web = servers::http(&gw.server, "[::]:80").unwrap();

@@ -425,3 +425,38 @@ pub fn assert_http_echo(new_curl: impl Fn() -> Command, url: &str, data: &[u8]) 
         data.len()
     );
 }
+
+/// Runs a python script (`command` is python already placed in its
+/// namespace and cgroup); it must succeed. Returns its stdout.
+pub fn python(mut command: Command, script: &str) -> String {
+    command.args(["-c", script]);
+    let out = run(command);
+    assert!(
+        out.status.success(),
+        "python: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A run that must fail with exactly one line on stderr containing
+/// `expected`; `what` names the case in assertion messages.
+pub fn assert_one_line_error(out: &Output, what: &str, expected: &str) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{what} succeeded");
+    assert_eq!(stderr.trim().lines().count(), 1, "{what}: {stderr}");
+    assert!(
+        stderr.contains(expected),
+        "{what}: '{stderr}' lacks '{expected}'"
+    );
+}
+
+/// The binary run as user nobody, which must refuse with one line saying
+/// it needs root. (Not in a netns: joining one needs the privileges it
+/// lacks, and the check comes before anything is touched.)
+pub fn assert_refused_without_privileges(args: &[&str]) {
+    let mut command = Command::new(BIN);
+    command.args(args);
+    std::os::unix::process::CommandExt::uid(&mut command, 65534);
+    assert_one_line_error(&run(command), "running as nobody", "needs root");
+}
