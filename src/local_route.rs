@@ -7,9 +7,9 @@
 //! of its dedicated priority and table, so that leftovers of a killed run are
 //! recognised exactly and nothing of anyone else is ever removed.
 
-use std::process::Command;
-
 use anyhow::{bail, Context, Result};
+
+use crate::netns::ip;
 
 /// `proto 82` on our rules and routes (`/etc/iproute2/rt_protos` leaves it
 /// unnamed).
@@ -88,21 +88,6 @@ impl LocalRouteSpec {
         .map(String::from)
         .to_vec()
     }
-}
-
-fn ip(args: &[String]) -> Result<String> {
-    let output = Command::new("ip")
-        .args(args)
-        .output()
-        .context("running ip (install iproute2)")?;
-    if !output.status.success() {
-        bail!(
-            "ip {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&output.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
 }
 
 fn ip_json(args: &[&str]) -> Result<Vec<serde_json::Value>> {

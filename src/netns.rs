@@ -13,10 +13,11 @@ use nix::sched::{setns, CloneFlags};
 
 use crate::cgroup::ChildCgroup;
 
-/// Runs `ip ARGS...`, failing with its stderr.
-pub fn ip(args: &[&str]) -> Result<()> {
+/// Runs `ip ARGS...`, failing with its stderr; returns its stdout.
+pub fn ip<S: AsRef<str>>(args: &[S]) -> Result<String> {
+    let args: Vec<&str> = args.iter().map(AsRef::as_ref).collect();
     let output = Command::new("ip")
-        .args(args)
+        .args(&args)
         .output()
         .context("running ip (install iproute2)")?;
     if !output.status.success() {
@@ -26,7 +27,7 @@ pub fn ip(args: &[&str]) -> Result<()> {
             String::from_utf8_lossy(&output.stderr).trim()
         );
     }
-    Ok(())
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
 }
 
 /// A named network namespace (`ip netns add`), deleted on drop with
@@ -50,7 +51,7 @@ impl NetNs {
     }
 
     /// `ip -n NAME ARGS...`
-    pub fn ip(&self, args: &[&str]) -> Result<()> {
+    pub fn ip(&self, args: &[&str]) -> Result<String> {
         let mut full = vec!["-n", self.name.as_str()];
         full.extend_from_slice(args);
         ip(&full)
@@ -93,7 +94,8 @@ impl NetNs {
             }
             self.ip(&args)?;
         }
-        self.ip(&["link", "set", device, "up"])
+        self.ip(&["link", "set", device, "up"])?;
+        Ok(())
     }
 }
 
@@ -121,7 +123,8 @@ pub fn veth_pair(a: &NetNs, a_name: &str, b: &NetNs, b_name: &str) -> Result<()>
         b_name,
         "netns",
         b.name(),
-    ])
+    ])?;
+    Ok(())
 }
 
 /// A command that starts inside `netns` and `cgroup` (each optional): the
