@@ -35,16 +35,14 @@ fn main() {
     if let Some(i) = args.iter().position(|a| a == "bypass-worker") {
         return worker(&args[i + 1..]);
     }
-    if !have_root() {
+    let Some(quick) = report::start() else {
         return;
-    }
-    let quick = std::env::var("BENCH_QUICK").is_ok();
+    };
     let settings = Settings {
         rounds: if quick { 2 } else { 7 },
         round_trips: if quick { 2_000 } else { 20_000 },
         bulk_bytes: if quick { 64 << 20 } else { 256 << 20 },
     };
-    report::print_machine();
     println!(
         "bypass: {} rounds, arms interleaved; {} round trips per size and round; \
          client on CPU 0, server on CPU 1",

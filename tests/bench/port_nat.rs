@@ -26,7 +26,7 @@ use libbpf_rs::ProgramInput;
 use proxy_redirect::bpf::port_nat::types::nat_stat;
 use proxy_redirect::netns::{self, NetNs};
 use proxy_redirect::port_nat::{self, Mapping, NatConfig, Protocols};
-use report::{print_machine, ratio_table};
+use report::ratio_table;
 use rr::*;
 
 struct Settings {
@@ -36,20 +36,17 @@ struct Settings {
 }
 
 fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    if let Some(i) = args.iter().position(|a| a == "rr-client") {
-        return rr_client_main(&args[i + 1..]);
-    }
-    if !have_root() {
+    if rr::run_client_if_asked() {
         return;
     }
-    let quick = std::env::var("BENCH_QUICK").is_ok();
+    let Some(quick) = report::start() else {
+        return;
+    };
     let settings = Settings {
         rounds: if quick { 1 } else { 5 },
         repeat: if quick { 100_000 } else { 2_000_000 },
         cps_seconds: if quick { 0.5 } else { 2.0 },
     };
-    print_machine();
     per_packet(&settings);
     connections_per_second(&settings);
 }
@@ -153,7 +150,7 @@ fn in_netns(ns: &NetNs, program: &str, args: &[&str]) {
 fn client_command(testbed: &Testbed) -> std::process::Command {
     let exe = std::env::current_exe().unwrap();
     let mut command = testbed.in_client_netns(&exe.display().to_string());
-    command.arg("rr-client");
+    command.arg(RR_CLIENT);
     command
 }
 

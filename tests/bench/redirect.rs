@@ -37,20 +37,17 @@ struct Settings {
 }
 
 fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    if let Some(i) = args.iter().position(|a| a == "rr-client") {
-        return rr_client_main(&args[i + 1..]);
-    }
-    if !have_root() {
+    if rr::run_client_if_asked() {
         return;
     }
-    let quick = std::env::var("BENCH_QUICK").is_ok();
+    let Some(quick) = report::start() else {
+        return;
+    };
     let settings = Settings {
         rounds: if quick { 1 } else { 5 },
         cps_seconds: if quick { 0.5 } else { 2.0 },
         bulk_seconds: if quick { 1 } else { 3 },
     };
-    report::print_machine();
     connections_per_second(&settings);
     bulk_throughput(&settings);
 }
@@ -58,7 +55,7 @@ fn main() {
 fn measure_cps(testbed: &Testbed, seconds: f64) -> f64 {
     let exe = std::env::current_exe().unwrap();
     let mut command = testbed.in_apps(&exe.display().to_string());
-    command.arg("rr-client");
+    command.arg(RR_CLIENT);
     let addr = format!("{SERVER_V4}:{CPS_PORT}").parse().unwrap();
     measure_rr(command, addr, seconds)
 }

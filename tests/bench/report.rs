@@ -1,7 +1,17 @@
 //! What every benchmark prints: the machine, and a table of medians with
 //! ratios against the first arm and against a second baseline.
 
-pub fn print_machine() {
+/// Whether the benchmark may run (root; under CI=true its absence fails),
+/// after printing the machine; `Some(quick)` with `BENCH_QUICK` set.
+pub fn start() -> Option<bool> {
+    if !crate::common::have_root() {
+        return None;
+    }
+    print_machine();
+    Some(std::env::var("BENCH_QUICK").is_ok())
+}
+
+fn print_machine() {
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     let cpu = cpuinfo
         .lines()

@@ -68,6 +68,22 @@ pub fn start_rr_server(ns: &NetNs, addr: SocketAddr) -> Arc<AtomicBool> {
     stop
 }
 
+/// The argument that turns a bench binary into the load's client.
+pub const RR_CLIENT: &str = "rr-client";
+
+/// When this process was started as the client (`RR_CLIENT ADDR SECONDS`),
+/// runs it and returns true.
+pub fn run_client_if_asked() -> bool {
+    let args: Vec<String> = std::env::args().collect();
+    match args.iter().position(|a| a == RR_CLIENT) {
+        Some(i) => {
+            rr_client_main(&args[i + 1..]);
+            true
+        }
+        None => false,
+    }
+}
+
 /// The client half of the load, run in its own process (`args` = ADDR
 /// SECONDS) so that it starts inside a namespace or cgroup; prints
 /// "CONNECTIONS SECONDS".

@@ -27,7 +27,6 @@ use proxy_redirect::netns;
 
 const CPS_PORT: u16 = 80;
 /// The argument that makes this binary the connection-rate client.
-const RR_CLIENT: &str = "rr-client";
 const BULK_PORT: u16 = 443;
 const PROXY_PORT: &str = "15002";
 const ROUTE_MARK: &str = "0x5054";
@@ -40,20 +39,17 @@ struct Settings {
 }
 
 fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    if let Some(i) = args.iter().position(|a| a == RR_CLIENT) {
-        return rr::rr_client_main(&args[i + 1..]);
-    }
-    if !have_root() {
+    if rr::run_client_if_asked() {
         return;
     }
-    let quick = std::env::var("BENCH_QUICK").is_ok();
+    let Some(quick) = report::start() else {
+        return;
+    };
     let settings = Settings {
         rounds: if quick { 1 } else { 5 },
         cps_seconds: if quick { 0.5 } else { 2.0 },
         bulk_seconds: if quick { 1 } else { 3 },
     };
-    report::print_machine();
     connections_per_second(&settings);
     bulk_throughput(&settings);
 }
@@ -199,7 +195,7 @@ fn connections_per_second(settings: &Settings) {
         for (i, (name, gw)) in ARMS.iter().zip(&gateways).enumerate() {
             let exe = std::env::current_exe().unwrap().display().to_string();
             let mut client = netns::command_in(&exe, Some(&gw.client), None).unwrap();
-            client.arg(RR_CLIENT);
+            client.arg(rr::RR_CLIENT);
             let cps = rr::measure_rr(client, server, settings.cps_seconds);
             println!("  round {round} {name:<36} {cps:>10.0} conn/s");
             results[i].push(cps);
