@@ -114,8 +114,7 @@ struct sockaddr_in6_orig {
 };
 
 static __always_inline void emit(struct bpf_sock_addr *ctx, __u8 action, __u8 reason,
-				 const struct endpoint *original, const struct endpoint *target,
-				 __u64 cookie)
+				 const struct endpoint *original, const struct endpoint *target)
 {
 	struct redirect_event *event;
 	__u64 pid_tgid = bpf_get_current_pid_tgid();
@@ -128,7 +127,7 @@ static __always_inline void emit(struct bpf_sock_addr *ctx, __u8 action, __u8 re
 		return;
 	}
 	event->timestamp_ns = bpf_ktime_get_ns();
-	event->cookie = cookie;
+	event->cookie = bpf_get_socket_cookie(ctx);
 	event->pid = pid_tgid >> 32;
 	event->uid = (__u32)bpf_get_current_uid_gid();
 	event->action = action;
@@ -267,16 +266,16 @@ static __always_inline int handle_connect(struct bpf_sock_addr *ctx,
 		stat_add(&stats, STAT_OTHER_PORT, 1);
 		return 0;
 	}
-	cookie = bpf_get_socket_cookie(ctx);
 	reason = decide(ctx, original, proxy, is_loopback);
 	if (reason != REASON_NONE) {
 		stat_add(&stats, STAT_BYPASSED + reason, 1);
-		emit(ctx, ACTION_BYPASS, reason, original, original, cookie);
+		emit(ctx, ACTION_BYPASS, reason, original, original);
 		return 0;
 	}
+	cookie = bpf_get_socket_cookie(ctx);
 	bpf_map_update_elem(&orig_dst_by_cookie, &cookie, original, BPF_ANY);
 	stat_add(&stats, STAT_REDIRECTED, 1);
-	emit(ctx, ACTION_REDIRECT, REASON_NONE, original, proxy, cookie);
+	emit(ctx, ACTION_REDIRECT, REASON_NONE, original, proxy);
 	return 1;
 }
 
