@@ -4,12 +4,18 @@
  * answer the proxy's SO_ORIGINAL_DST / IP6T_SO_ORIGINAL_DST as iptables
  * REDIRECT would.
  *
- * connect4/6 record cookie -> original destination. A getsockopt program
- * cannot read the cookie of the proxy's accepted socket (and that socket is
- * not the client's), so sockops re-keys the record by the connection's
- * 4-tuple once it is established, and getsockopt looks it up by its own
- * 4-tuple. STATE_CB on the proxy's accepted socket removes the record when
- * the proxy's end of the connection closes.
+ * The original destination travels with the connection's sockets:
+ *  1. connect4/6 keep it in the client socket's local storage;
+ *  2. sockops TCP_CONNECT_CB (the 4-tuple is known, the SYN has not left)
+ *     publishes it under (network namespace, 4-tuple), because the proxy's
+ *     accepted socket is another socket and a getsockopt program cannot
+ *     read socket cookies;
+ *  3. sockops PASSIVE_ESTABLISHED_CB on the proxy's accepted socket (with
+ *     TCP Fast Open, at the SYN) moves it into that socket's local storage;
+ *  4. getsockopt answers from the caller's own socket storage only, so no
+ *     other socket, namespace or user can ever read it, and it dies with
+ *     the proxy's socket.
+ * A client that closes before the proxy accepts takes its record with it.
  */
 #include "lib/common.h"
 #include "redirect.h"
@@ -18,6 +24,8 @@
 #define SOL_IPV6 41
 #define SO_ORIGINAL_DST 80 /* IP6T_SO_ORIGINAL_DST has the same number */
 #define PAGE_SIZE 4096
+#define LOOPBACK_IFINDEX 1 /* lo, in every network namespace */
+#define ECONNREFUSED 111
 
 /* Configuration, set by user space before load. */
 const volatile __u32 proxy_ip4;	   /* network order */
@@ -33,6 +41,7 @@ const volatile __u8 include_v6_active;
 const volatile __u8 exclude_v4_active;
 const volatile __u8 exclude_v6_active;
 const volatile __u8 emit_events;
+const volatile __u8 proxy_down_policy; /* enum proxy_down_policy */
 
 /* Destination ports (host order) whose connections are redirected. */
 struct {
@@ -59,24 +68,29 @@ struct {
 	__type(value, __u8);
 } include_v6 SEC(".maps"), exclude_v6 SEC(".maps");
 
-/* Socket cookie -> original destination, from connect until established
- * (or closed). LRU: a connect() that fails before the kernel calls sockops
- * leaves its entry to age out. */
+/* The client socket's original destination, from connect4/6 on. */
 struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, 65536);
-	__type(key, __u64);
+	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
 	__type(value, struct endpoint);
-} orig_dst_by_cookie SEC(".maps");
+} client_orig_dst SEC(".maps");
 
-/* Connection 4-tuple (proxy side) -> original destination, while the
- * proxy's end is open. */
+/* Original destinations between the client's SYN and the proxy's accept. */
 struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 65536);
-	__type(key, struct conn_tuple);
+	__type(key, struct handover_key);
 	__type(value, struct endpoint);
-} orig_dst_by_tuple SEC(".maps");
+} pending_orig_dst SEC(".maps");
+
+/* The answer to SO_ORIGINAL_DST, on the proxy's accepted socket. */
+struct {
+	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
+	__type(value, struct endpoint);
+} proxy_answer SEC(".maps");
 
 /* One record per redirect or bypass decision, when emit_events is set. */
 struct {
@@ -97,6 +111,7 @@ struct redirect_event unused_redirect_event __attribute__((unused));
 enum redirect_action unused_redirect_action __attribute__((unused));
 enum bypass_reason unused_bypass_reason __attribute__((unused));
 enum redirect_stat unused_redirect_stat __attribute__((unused));
+enum proxy_down_policy unused_proxy_down_policy __attribute__((unused));
 
 struct sockaddr_in_orig {
 	__u16 family;
@@ -216,15 +231,22 @@ static __always_inline int caller_bypasses(struct bpf_sock_addr *ctx)
 		return REASON_EXCLUDED_USER;
 	if (proxy_tgid && bpf_get_current_pid_tgid() >> 32 == proxy_tgid)
 		return REASON_PROXY_PROCESS;
-	if (proxy_mark && sk && sk->mark == proxy_mark)
+	if (!sk)
+		return REASON_NONE;
+	if (proxy_mark && sk->mark == proxy_mark)
 		return REASON_PROXY_MARK;
+	/* A socket bound to a device (SO_BINDTODEVICE, a VRF) cannot reach a
+	 * loopback proxy through it: its connect() would hang. */
+	if (sk->bound_dev_if && sk->bound_dev_if != LOOPBACK_IFINDEX)
+		return REASON_BOUND_TO_DEVICE;
 	return REASON_NONE;
 }
 
 /**
  * decide() - redirect @original to @proxy, or say why not
  *
- * Returns REASON_NONE to redirect, or a bypass reason. Counts the decision.
+ * Returns REASON_NONE to redirect, or a bypass reason (REASON_NO_PROXY also
+ * when the policy then refuses the connection).
  */
 static __always_inline int decide(struct bpf_sock_addr *ctx, const struct endpoint *original,
 				  const struct endpoint *proxy, int is_loopback)
@@ -249,34 +271,61 @@ static __always_inline int port_matches(__u16 port_net)
 	return bpf_map_lookup_elem(&redirect_ports, &port) != NULL;
 }
 
+enum connect_verdict {
+	CONNECT_LEAVE,	  /* keep the original destination */
+	CONNECT_REDIRECT, /* rewrite the destination to the proxy */
+	CONNECT_REFUSE,	  /* fail the connect() with ECONNREFUSED */
+};
+
 /**
  * handle_connect() - common part of connect4 and connect6
  *
- * Returns 1 when the caller must rewrite the destination to @proxy.
+ * Records @original in the socket's storage when it redirects.
  */
-static __always_inline int handle_connect(struct bpf_sock_addr *ctx,
-					  const struct endpoint *original,
-					  const struct endpoint *proxy, int is_loopback)
+static __always_inline enum connect_verdict handle_connect(struct bpf_sock_addr *ctx,
+							   const struct endpoint *original,
+							   const struct endpoint *proxy,
+							   int is_loopback)
 {
-	__u64 cookie;
+	struct endpoint *stored;
 	int reason;
 
 	stat_add(&stats, STAT_TCP_CONNECTS, 1);
 	if (!port_matches(original->port)) {
 		stat_add(&stats, STAT_OTHER_PORT, 1);
-		return 0;
+		return CONNECT_LEAVE;
 	}
 	reason = decide(ctx, original, proxy, is_loopback);
+	if (reason == REASON_NO_PROXY && proxy_down_policy == PROXY_DOWN_CLOSED) {
+		stat_add(&stats, STAT_REFUSED, 1);
+		emit(ctx, ACTION_REFUSE, reason, original, original);
+		return CONNECT_REFUSE;
+	}
+	if (reason == REASON_NONE) {
+		stored = ctx->sk ? bpf_sk_storage_get(&client_orig_dst, ctx->sk, 0,
+						      BPF_SK_STORAGE_GET_F_CREATE)
+				 : NULL;
+		if (stored)
+			*stored = *original;
+		else
+			reason = REASON_NO_MEMORY;
+	}
 	if (reason != REASON_NONE) {
 		stat_add(&stats, STAT_BYPASSED + reason, 1);
 		emit(ctx, ACTION_BYPASS, reason, original, original);
-		return 0;
+		return CONNECT_LEAVE;
 	}
-	cookie = bpf_get_socket_cookie(ctx);
-	bpf_map_update_elem(&orig_dst_by_cookie, &cookie, original, BPF_ANY);
 	stat_add(&stats, STAT_REDIRECTED, 1);
 	emit(ctx, ACTION_REDIRECT, REASON_NONE, original, proxy);
-	return 1;
+	return CONNECT_REDIRECT;
+}
+
+/* Returning SYS_REJECT alone fails connect() with EPERM; the retval says
+ * what the caller would see from a closed port instead. */
+static __always_inline int refuse_connect(void)
+{
+	bpf_set_retval(-ECONNREFUSED);
+	return SYS_REJECT;
 }
 
 SEC("cgroup/connect4")
@@ -288,9 +337,15 @@ int redirect_connect4(struct bpf_sock_addr *ctx)
 		return SYS_PROCEED;
 	endpoint_set_v4(&original, ctx->user_ip4, (__u16)ctx->user_port);
 	proxy_endpoint(&proxy, ADDR_FAMILY_INET);
-	if (handle_connect(ctx, &original, &proxy, ipv4_is_loopback(original.ip[0]))) {
+	switch (handle_connect(ctx, &original, &proxy, ipv4_is_loopback(original.ip[0]))) {
+	case CONNECT_REFUSE:
+		return refuse_connect();
+	case CONNECT_REDIRECT:
 		ctx->user_ip4 = proxy.ip[0];
 		ctx->user_port = proxy.port;
+		break;
+	case CONNECT_LEAVE:
+		break;
 	}
 	return SYS_PROCEED;
 }
@@ -317,8 +372,14 @@ int redirect_connect6(struct bpf_sock_addr *ctx)
 		is_loopback = ipv4_is_loopback(original.ip[0]);
 	else
 		is_loopback = ipv6_is_loopback(original.ip);
-	if (!handle_connect(ctx, &original, &proxy, is_loopback))
+	switch (handle_connect(ctx, &original, &proxy, is_loopback)) {
+	case CONNECT_REFUSE:
+		return refuse_connect();
+	case CONNECT_LEAVE:
 		return SYS_PROCEED;
+	case CONNECT_REDIRECT:
+		break;
+	}
 	if (proxy.family == ADDR_FAMILY_INET) {
 		ctx->user_ip6[0] = 0;
 		ctx->user_ip6[1] = 0;
@@ -368,85 +429,80 @@ static __always_inline void request_state_changes(struct bpf_sock_ops *skops)
 	bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
 }
 
+static __always_inline void handover_key(struct bpf_sock_ops *skops, struct handover_key *key,
+					 int is_client)
+{
+	key->netns_cookie = bpf_get_netns_cookie(skops);
+	sockops_tuple(skops, &key->tuple, is_client);
+}
+
 /* On the redirected client's sockets (attached to the redirected cgroup). */
 SEC("sockops")
 int redirect_sockops(struct bpf_sock_ops *skops)
 {
-	struct conn_tuple key = {};
+	struct handover_key key = {};
 	struct endpoint *original;
-	__u64 cookie;
+	struct bpf_sock *sk;
 
 	switch (skops->op) {
 	case BPF_SOCK_OPS_TCP_CONNECT_CB:
-		/* State changes of redirected sockets only, so that a connect()
-		 * that fails still removes its cookie record. */
-		cookie = bpf_get_socket_cookie(skops);
-		if (bpf_map_lookup_elem(&orig_dst_by_cookie, &cookie))
-			request_state_changes(skops);
-		break;
-	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB:
-		cookie = bpf_get_socket_cookie(skops);
-		original = bpf_map_lookup_elem(&orig_dst_by_cookie, &cookie);
+		/* Before the SYN leaves, even one carrying Fast Open data: the
+		 * proxy's socket may be established as soon as the SYN arrives. */
+		sk = skops->sk;
+		if (!sk)
+			break;
+		original = bpf_sk_storage_get(&client_orig_dst, sk, 0, 0);
 		if (!original)
 			break;
-		sockops_tuple(skops, &key, 1);
-		bpf_map_update_elem(&orig_dst_by_tuple, &key, original, BPF_ANY);
-		bpf_map_delete_elem(&orig_dst_by_cookie, &cookie);
-		stat_add(&stats, STAT_ORIG_DST_REKEYED, 1);
+		handover_key(skops, &key, 1);
+		if (bpf_map_update_elem(&pending_orig_dst, &key, original, BPF_ANY) == 0)
+			stat_add(&stats, STAT_ORIG_DST_PENDING, 1);
+		request_state_changes(skops);
 		break;
 	case BPF_SOCK_OPS_STATE_CB:
 		if (skops->args[1] != BPF_TCP_CLOSE)
 			break;
-		cookie = bpf_get_socket_cookie(skops);
-		bpf_map_delete_elem(&orig_dst_by_cookie, &cookie);
+		/* Taken by the proxy already, or never accepted: either way
+		 * nothing may stay behind once the client's socket is gone. */
+		handover_key(skops, &key, 1);
+		if (bpf_map_delete_elem(&pending_orig_dst, &key) == 0)
+			stat_add(&stats, STAT_ORIG_DST_UNCLAIMED, 1);
 		break;
 	}
 	return 1;
 }
 
-/*
- * On the proxy's accepted sockets (attached where getsockopt is). The record
- * lives as long as the proxy's end of the connection: a client that sends
- * and closes at once must not take the answer away before the proxy asks.
- */
+/* On the proxy's accepted sockets (attached where getsockopt is). */
 SEC("sockops")
 int redirect_proxy_sockops(struct bpf_sock_ops *skops)
 {
-	struct conn_tuple key = {};
+	struct handover_key key = {};
+	struct endpoint *original;
+	struct bpf_sock *sk;
 
 	switch (skops->op) {
 	case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB:
-		sockops_tuple(skops, &key, 0);
-		if (bpf_map_lookup_elem(&orig_dst_by_tuple, &key))
-			request_state_changes(skops);
+		sk = skops->sk;
+		if (!sk)
+			break;
+		handover_key(skops, &key, 0);
+		original = bpf_map_lookup_elem(&pending_orig_dst, &key);
+		if (!original)
+			break;
+		if (bpf_sk_storage_get(&proxy_answer, sk, original, BPF_SK_STORAGE_GET_F_CREATE))
+			stat_add(&stats, STAT_ORIG_DST_HANDED_OVER, 1);
+		bpf_map_delete_elem(&pending_orig_dst, &key);
+		request_state_changes(skops);
 		break;
 	case BPF_SOCK_OPS_STATE_CB:
 		if (skops->args[1] != BPF_TCP_CLOSE)
 			break;
-		sockops_tuple(skops, &key, 0);
-		if (bpf_map_delete_elem(&orig_dst_by_tuple, &key) == 0)
-			stat_add(&stats, STAT_ORIG_DST_REMOVED, 1);
+		sk = skops->sk;
+		if (sk && bpf_sk_storage_delete(&proxy_answer, sk) == 0)
+			stat_add(&stats, STAT_ORIG_DST_RELEASED, 1);
 		break;
 	}
 	return 1;
-}
-
-/* The proxy's accepted socket: local = proxy, peer = client. */
-static __always_inline void tuple_from_accepted(struct bpf_sock *sk, struct conn_tuple *key)
-{
-	__u16 local_port = bpf_htons((__u16)sk->src_port);
-	__u16 peer_port = sk->dst_port;
-
-	if (sk->family == ADDR_FAMILY_INET) {
-		endpoint_set_v4(&key->local, sk->src_ip4, local_port);
-		endpoint_set_v4(&key->peer, sk->dst_ip4, peer_port);
-		return;
-	}
-	__u32 local[4] = {sk->src_ip6[0], sk->src_ip6[1], sk->src_ip6[2], sk->src_ip6[3]};
-	__u32 peer[4] = {sk->dst_ip6[0], sk->dst_ip6[1], sk->dst_ip6[2], sk->dst_ip6[3]};
-
-	endpoint_set_v6(&key->local, local, local_port);
-	endpoint_set_v6(&key->peer, peer, peer_port);
 }
 
 /* Writes the answer; returns 0 when the caller's buffer cannot hold it. */
@@ -483,7 +539,6 @@ static __always_inline int answer_orig_dst(struct bpf_sockopt *ctx, const struct
 SEC("cgroup/getsockopt")
 int redirect_getsockopt(struct bpf_sockopt *ctx)
 {
-	struct conn_tuple key = {};
 	struct endpoint *original;
 	struct bpf_sock *sk;
 
@@ -496,10 +551,11 @@ int redirect_getsockopt(struct bpf_sockopt *ctx)
 	if (ctx->optname != SO_ORIGINAL_DST || (ctx->level != SOL_IP && ctx->level != SOL_IPV6))
 		return 1;
 	sk = ctx->sk;
-	if (!sk)
+	if (!sk || sk->type != SOCK_STREAM || sk->protocol != IPPROTO_TCP)
 		return 1;
-	tuple_from_accepted(sk, &key);
-	original = bpf_map_lookup_elem(&orig_dst_by_tuple, &key);
+	/* Only the proxy's accepted socket of a redirected connection holds
+	 * an answer; every other caller keeps the kernel's own error. */
+	original = bpf_sk_storage_get(&proxy_answer, sk, 0, 0);
 	if (!original || !answer_orig_dst(ctx, original))
 		return 1;
 	/* Separate 32-bit stores: clang would otherwise merge optlen and

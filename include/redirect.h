@@ -12,9 +12,24 @@ struct conn_tuple {
 	struct endpoint peer;
 };
 
+/* A connection waiting for the proxy to accept it. The same 4-tuple exists
+ * in every network namespace (127.0.0.1:port -> 127.0.0.1:15001), so the
+ * namespace is part of the key. */
+struct handover_key {
+	__u64 netns_cookie;
+	struct conn_tuple tuple;
+};
+
 enum redirect_action {
 	ACTION_REDIRECT = 1,
 	ACTION_BYPASS = 2,
+	ACTION_REFUSE = 3, /* no proxy, --when-proxy-down closed */
+};
+
+/* What a connect() does when nothing listens on the proxy address. */
+enum proxy_down_policy {
+	PROXY_DOWN_OPEN = 0,   /* go to the original destination */
+	PROXY_DOWN_CLOSED = 1, /* fail with ECONNREFUSED */
 };
 
 /* Why a connection to a matched port was left alone. */
@@ -28,7 +43,9 @@ enum bypass_reason {
 	REASON_PROXY_MARK = 6,
 	REASON_PROXY_PROCESS = 7,
 	REASON_NO_PROXY = 8,
-	REASON_COUNT = 9,
+	REASON_BOUND_TO_DEVICE = 9,
+	REASON_NO_MEMORY = 10, /* no socket storage for the record */
+	REASON_COUNT = 11,
 };
 
 /* Per-CPU counters, indexed by these. STAT_BYPASSED + reason counts each
@@ -37,10 +54,13 @@ enum redirect_stat {
 	STAT_TCP_CONNECTS = 0,
 	STAT_OTHER_PORT = 1,
 	STAT_REDIRECTED = 2,
-	STAT_BYPASSED = 3, /* + enum bypass_reason, REASON_COUNT slots */
-	STAT_ORIG_DST_REKEYED = STAT_BYPASSED + REASON_COUNT,
+	STAT_BYPASSED = 3,			     /* + enum bypass_reason, REASON_COUNT slots */
+	STAT_REFUSED = STAT_BYPASSED + REASON_COUNT, /* no proxy, fail closed */
+	STAT_ORIG_DST_PENDING,			     /* the client's SYN is about to leave */
+	STAT_ORIG_DST_HANDED_OVER,		     /* moved to the proxy's accepted socket */
+	STAT_ORIG_DST_UNCLAIMED, /* the client closed before the proxy accepted */
 	STAT_ORIG_DST_ANSWERED,
-	STAT_ORIG_DST_REMOVED,
+	STAT_ORIG_DST_RELEASED, /* the proxy's socket closed */
 	STAT_EVENTS_LOST,
 	STAT_COUNT,
 };

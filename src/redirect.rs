@@ -7,13 +7,13 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
-use clap::Args;
+use clap::{Args, ValueEnum};
 use libbpf_rs::skel::{OpenSkel, SkelBuilder};
 use libbpf_rs::MapCore;
 
 use crate::bpf::redirect::types::{
-    bypass_reason, cidr_v4_key, cidr_v6_key, conn_tuple, endpoint, redirect_action, redirect_event,
-    redirect_stat,
+    bypass_reason, cidr_v4_key, cidr_v6_key, conn_tuple, endpoint, handover_key, proxy_down_policy,
+    redirect_action, redirect_event, redirect_stat,
 };
 use crate::bpf::redirect::{RedirectSkel, RedirectSkelBuilder};
 use crate::cgroup::{self, CgroupFd};
@@ -27,6 +27,7 @@ use crate::{maps, privileges, shutdown};
 unsafe impl plain::Plain for redirect_event {}
 unsafe impl plain::Plain for endpoint {}
 unsafe impl plain::Plain for conn_tuple {}
+unsafe impl plain::Plain for handover_key {}
 unsafe impl plain::Plain for cidr_v4_key {}
 unsafe impl plain::Plain for cidr_v6_key {}
 
@@ -78,8 +79,19 @@ pub struct RedirectArgs {
     /// Do not run the built-in proxy; an external one listens on the proxy address
     #[arg(long)]
     pub no_proxy: bool,
+    /// When nothing listens on the proxy address: `open` lets connections go
+    /// to their original destination, `closed` fails them with ECONNREFUSED
+    /// (no traffic ever goes around the proxy)
+    #[arg(long, value_enum, value_name = "POLICY", default_value_t = ProxyDown::Open)]
+    pub when_proxy_down: ProxyDown,
     #[command(flatten)]
     pub output: OutputArgs,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProxyDown {
+    Open,
+    Closed,
 }
 
 /// Everything resolved and checked before anything is attached.
@@ -216,6 +228,10 @@ fn load<'obj>(
     rodata.exclude_v4_active = args.exclude.iter().any(|c| c.addr.is_ipv4()).into();
     rodata.exclude_v6_active = args.exclude.iter().any(|c| c.addr.is_ipv6()).into();
     rodata.emit_events = (args.output.event_format() != EventFormat::Off).into();
+    rodata.proxy_down_policy = match args.when_proxy_down {
+        ProxyDown::Open => proxy_down_policy::PROXY_DOWN_OPEN.0 as u8,
+        ProxyDown::Closed => proxy_down_policy::PROXY_DOWN_CLOSED.0 as u8,
+    };
 
     let skel = open.load().context("loading the redirect BPF programs")?;
     for port in &args.ports.0 {
@@ -279,14 +295,20 @@ pub fn reason_name(reason: u8) -> &'static str {
         bypass_reason::REASON_PROXY_MARK => "proxy mark",
         bypass_reason::REASON_PROXY_PROCESS => "proxy's own connection",
         bypass_reason::REASON_NO_PROXY => "no proxy",
+        bypass_reason::REASON_BOUND_TO_DEVICE => "bound to a device",
+        bypass_reason::REASON_NO_MEMORY => "no memory for the record",
         _ => "unknown",
     }
 }
 
 fn print_event(event: &redirect_event, format: EventFormat, start_ns: u64) {
     let seconds = event.timestamp_ns.saturating_sub(start_ns) as f64 / 1e9;
-    let redirected = redirect_action(event.action.into()) == redirect_action::ACTION_REDIRECT;
-    let action = if redirected { "REDIRECT" } else { "BYPASS" };
+    let action = match redirect_action(event.action.into()) {
+        redirect_action::ACTION_REDIRECT => "REDIRECT",
+        redirect_action::ACTION_REFUSE => "REFUSE",
+        _ => "BYPASS",
+    };
+    let redirected = action == "REDIRECT";
     let comm = comm_to_string(&event.comm);
     let original = endpoint_addr(&event.original);
     let target = endpoint_addr(&event.target);
@@ -341,6 +363,11 @@ fn print_configuration(args: &RedirectArgs, plan: &Plan) {
         "  proxy program:     {proxy}, upstream mark {:#x}",
         args.mark
     );
+    let when_down = match args.when_proxy_down {
+        ProxyDown::Open => "open (connections go to their original destination)",
+        ProxyDown::Closed => "closed (connections are refused)",
+    };
+    println!("  when proxy down:   {when_down}");
     if let (Some(user), Some(uid)) = (&args.exclude_user, plan.excluded_uid) {
         println!("  excluded user:     {user} (uid {uid})");
     }
@@ -381,29 +408,43 @@ fn print_statistics(skel: &RedirectSkel<'_>) -> Result<()> {
         }
     }
     println!(
+        "  refused (no proxy):     {}",
+        count(redirect_stat::STAT_REFUSED)
+    );
+    println!(
         "  original destinations recorded: {}",
-        count(redirect_stat::STAT_ORIG_DST_REKEYED)
+        count(redirect_stat::STAT_ORIG_DST_PENDING)
+    );
+    println!(
+        "  original destinations handed to the proxy: {}",
+        count(redirect_stat::STAT_ORIG_DST_HANDED_OVER)
     );
     println!(
         "  original destinations answered: {}",
         count(redirect_stat::STAT_ORIG_DST_ANSWERED)
     );
     println!(
+        "  closed before the proxy accepted: {}",
+        count(redirect_stat::STAT_ORIG_DST_UNCLAIMED)
+    );
+    println!(
         "  events lost:            {}",
         count(redirect_stat::STAT_EVENTS_LOST)
     );
-    let pending: Vec<(u64, endpoint)> = maps::entries(&skel.maps.orig_dst_by_cookie)?;
-    println!(
-        "  original destinations held by socket cookie: {}",
-        pending.len()
-    );
-    let open: Vec<(conn_tuple, endpoint)> = maps::entries(&skel.maps.orig_dst_by_tuple)?;
-    println!("=== Open redirected connections: {} ===", open.len());
-    for (tuple, original) in open.iter().take(20) {
+    // Answers live in the proxy sockets' own storage, which user space
+    // cannot list: handed over minus released is how many are held.
+    let held = count(redirect_stat::STAT_ORIG_DST_HANDED_OVER)
+        .saturating_sub(count(redirect_stat::STAT_ORIG_DST_RELEASED));
+    let pending: Vec<(handover_key, endpoint)> = maps::entries(&skel.maps.pending_orig_dst)?;
+    println!("=== Open redirected connections ===");
+    println!("  answers held by proxy sockets: {held}");
+    println!("  awaiting the proxy's accept:   {}", pending.len());
+    for (key, original) in pending.iter().take(20) {
         println!(
-            "  {} -> {} (originally {})",
-            endpoint_addr(&tuple.peer),
-            endpoint_addr(&tuple.local),
+            "    netns {}: {} -> {} (originally {})",
+            key.netns_cookie,
+            endpoint_addr(&key.tuple.peer),
+            endpoint_addr(&key.tuple.local),
             endpoint_addr(original)
         );
     }
