@@ -505,6 +505,24 @@ int redirect_proxy_sockops(struct bpf_sock_ops *skops)
 	return 1;
 }
 
+/* The proxy's accepted socket: local = proxy, peer = client. */
+static __always_inline void tuple_from_accepted(struct bpf_sock *sk, struct conn_tuple *key)
+{
+	__u16 local_port = bpf_htons((__u16)sk->src_port);
+	__u16 peer_port = sk->dst_port;
+
+	if (sk->family == ADDR_FAMILY_INET) {
+		endpoint_set_v4(&key->local, sk->src_ip4, local_port);
+		endpoint_set_v4(&key->peer, sk->dst_ip4, peer_port);
+		return;
+	}
+	__u32 local[4] = {sk->src_ip6[0], sk->src_ip6[1], sk->src_ip6[2], sk->src_ip6[3]};
+	__u32 peer[4] = {sk->dst_ip6[0], sk->dst_ip6[1], sk->dst_ip6[2], sk->dst_ip6[3]};
+
+	endpoint_set_v6(&key->local, local, local_port);
+	endpoint_set_v6(&key->peer, peer, peer_port);
+}
+
 /* Writes the answer; returns 0 when the caller's buffer cannot hold it. */
 static __always_inline int answer_orig_dst(struct bpf_sockopt *ctx, const struct endpoint *orig)
 {
@@ -556,6 +574,16 @@ int redirect_getsockopt(struct bpf_sockopt *ctx)
 	/* Only the proxy's accepted socket of a redirected connection holds
 	 * an answer; every other caller keeps the kernel's own error. */
 	original = bpf_sk_storage_get(&proxy_answer, sk, 0, 0);
+	if (!original) {
+		/* accept() can return the socket before the kernel has run
+		 * PASSIVE_ESTABLISHED_CB on it: a connection is queued first and
+		 * finished after. Until then only this socket, in this
+		 * namespace, has the connection's 4-tuple. */
+		struct handover_key key = {.netns_cookie = bpf_get_netns_cookie(ctx)};
+
+		tuple_from_accepted(sk, &key.tuple);
+		original = bpf_map_lookup_elem(&pending_orig_dst, &key);
+	}
 	if (!original || !answer_orig_dst(ctx, original))
 		return 1;
 	/* Separate 32-bit stores: clang would otherwise merge optlen and

@@ -1,0 +1,415 @@
+//! `redirect` on a host full of containers: one redirector for a cgroup
+//! that holds several network namespaces, each with its own proxy on
+//! 127.0.0.1:15001, untrusted local users, Fast Open, device-bound sockets,
+//! and connections that end every way a connection can.
+
+mod common;
+
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use common::*;
+use proxy_redirect::netns::{self, NetNs};
+
+const ORIGINAL_DST: &str = include_str!("common/original_dst.py");
+
+/// original_dst.py `args` as a command placed by `command`.
+fn script(mut command: Command, args: &[&str]) -> Command {
+    command.args(["-c", ORIGINAL_DST]).args(args);
+    command
+}
+
+fn script_args(args: &[&str]) -> Vec<String> {
+    ["-c", ORIGINAL_DST]
+        .iter()
+        .chain(args)
+        .map(|s| s.to_string())
+        .collect()
+}
+
+fn stdout_of(out: &Output, what: &str) -> String {
+    assert!(
+        out.status.success(),
+        "{what}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// No record outlives its connection: nothing waits for an accept and no
+/// proxy socket holds an answer.
+fn assert_maps_empty(output: &str) {
+    assert_eq!(stat(output, "awaiting the proxy's accept"), 0, "{output}");
+    assert_eq!(stat(output, "answers held by proxy sockets"), 0, "{output}");
+}
+
+fn sysctl(netns: &NetNs, setting: &str) {
+    let mut command = netns::command_in("sysctl", Some(netns), None).unwrap();
+    command.args(["-qw", setting]);
+    stdout_of(&run(command), setting);
+}
+
+#[test]
+fn each_namespace_is_told_its_own_original_destinations() {
+    if !have_root() {
+        return;
+    }
+    let testbed = Testbed::new();
+    let second = NetNs::create(&unique("prtest-second")).unwrap();
+    let redirector = testbed.redirect(&["--no-proxy", "-P", "80"]);
+    let dir = TempDir::new();
+    for (phase, count, concurrency, port_base, hold) in [
+        // Both namespaces use the same source ports at the same time, so
+        // every 4-tuple exists twice, and each proxy waits before asking.
+        ("same source ports", "60", "60", "41000", "0.3"),
+        // Many short connections with ports the kernel picks.
+        ("kernel-chosen ports", "400", "20", "0", "0"),
+    ] {
+        let go = dir.join(&unique("go"));
+        let go = go.to_str().unwrap();
+        let sidecars: Vec<Running> = [(&testbed.client, "10.1.0"), (&second, "10.2.0")]
+            .into_iter()
+            .map(|(ns, prefix)| {
+                let args =
+                    script_args(&["sidecar", prefix, count, concurrency, port_base, hold, go]);
+                Running::start(PYTHON, &args, Some(ns), Some(&testbed.apps), "ready")
+            })
+            .collect();
+        std::fs::write(go, "").unwrap();
+        for mut sidecar in sidecars {
+            let line = sidecar.wait_for_line(
+                |l| l.starts_with("ok") || l == "failed",
+                Duration::from_secs(120),
+            );
+            assert_eq!(
+                line.as_deref(),
+                Some(format!("ok {count}").as_str()),
+                "{phase}: {}",
+                sidecar.seen.join("\n")
+            );
+        }
+    }
+    wait_for_tcp_to_settle(&testbed.client);
+    wait_for_tcp_to_settle(&second);
+    let (status, output, _) = redirector.stop();
+    assert!(status.success());
+    assert_eq!(stat(&output, "redirected"), 2 * (60 + 400));
+    assert_eq!(
+        stat(&output, "original destinations answered"),
+        2 * (60 + 400)
+    );
+    assert_maps_empty(&output);
+}
+
+#[test]
+fn another_user_reads_nothing_from_any_socket() {
+    if !have_root() {
+        return;
+    }
+    let testbed = Testbed::new();
+    let mut holder = Running::start(
+        PYTHON,
+        &script_args(&["holder"]),
+        Some(&testbed.client),
+        Some(&testbed.proxy),
+        "ready",
+    );
+    // What the kernel answers these sockets without any BPF program.
+    let probe = |client_port: &str| {
+        let mut command = testbed.in_proxy_cgroup("setpriv");
+        command.args([
+            "--reuid=nobody",
+            "--regid=nogroup",
+            "--clear-groups",
+            PYTHON,
+        ]);
+        stdout_of(
+            &run(script(command, &["probe", client_port])),
+            "probe as nobody",
+        )
+    };
+    let kernel_answers = probe("9");
+    // The probe's own connection to the proxy, which has no answer.
+    let probed = holder.wait_for_line(|l| l.starts_with("held"), Duration::from_secs(10));
+    assert!(probed.unwrap().ends_with(" errno 2") || kernel_answers.contains("errno 92"));
+    assert!(!kernel_answers.contains("answered"), "{kernel_answers}");
+    assert!(
+        kernel_answers.contains("udp-on-proxy-tuple errno 92"),
+        "{kernel_answers}"
+    );
+
+    let redirector = testbed.redirect(&["--no-proxy", "-P", "80"]);
+    // A redirected connection, held open by the proxy, which can read its
+    // answer.
+    let client = Running::start(
+        PYTHON,
+        &[
+            "-c".into(),
+            "import socket, time\ns = socket.create_connection(('10.1.0.7', 80), timeout=10)\n\
+             print('connected', flush=True)\ntime.sleep(60)"
+                .into(),
+        ],
+        Some(&testbed.client),
+        Some(&testbed.apps),
+        "connected",
+    );
+    let held = holder
+        .wait_for_line(|l| l.starts_with("held"), Duration::from_secs(10))
+        .expect("the proxy accepted");
+    let fields: Vec<&str> = held.split_whitespace().collect();
+    assert_eq!(fields[2], "10.1.0.7:80", "{held}");
+    let client_port = fields[1];
+    assert_eq!(probe(client_port), kernel_answers.replace(" 9\n", "\n"));
+    client.kill();
+    let (status, output, _) = redirector.stop();
+    assert!(status.success());
+    assert_eq!(stat(&output, "original destinations answered"), 1);
+}
+
+fn fast_open_passive_count(netns: &NetNs) -> u64 {
+    let mut command = netns::command_in("cat", Some(netns), None).unwrap();
+    command.arg("/proc/net/netstat");
+    let text = stdout_of(&run(command), "netstat");
+    let mut lines = text.lines().filter(|l| l.starts_with("TcpExt:"));
+    let (names, values) = (lines.next().unwrap(), lines.next().unwrap());
+    names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .find(|(name, _)| *name == "TCPFastOpenPassive")
+        .map(|(_, value)| value.parse().unwrap())
+        .expect("TCPFastOpenPassive counter")
+}
+
+#[test]
+fn fast_open_is_told_the_right_destination_and_leaves_nothing_behind() {
+    if !have_root() {
+        return;
+    }
+    let testbed = Testbed::new();
+    // Client and server Fast Open, data in the SYN without a cookie: the
+    // proxy's socket is established by the SYN itself.
+    sysctl(&testbed.client, "net.ipv4.tcp_fastopen=0x607");
+    let proxy = Running::start(
+        PYTHON,
+        &script_args(&["fastopen-proxy"]),
+        Some(&testbed.client),
+        Some(&testbed.proxy),
+        "ready",
+    );
+    let redirector = testbed.redirect(&["--no-proxy", "-P", "80"]);
+    let before = fast_open_passive_count(&testbed.client);
+    let out = run(script(
+        testbed.in_apps(PYTHON),
+        &["fastopen-clients", "10.1.0.9", "20"],
+    ));
+    let answers = stdout_of(&out, "fast open clients");
+    assert_eq!(answers.lines().count(), 20, "{answers}");
+    for line in answers.lines() {
+        assert!(line.ends_with(" 10.1.0.9:80"), "{answers}");
+    }
+    assert!(
+        fast_open_passive_count(&testbed.client) >= before + 20,
+        "the connections did not use Fast Open"
+    );
+    // A connection that was never redirected, on the tuple of one that
+    // was, is told what the kernel tells any socket.
+    let reused_port = answers.lines().next().unwrap().split(' ').next().unwrap();
+    let kernel = run(script(
+        testbed.in_client_netns(PYTHON),
+        &["connect-from", "0"],
+    ));
+    let kernel = stdout_of(&kernel, "a direct connection");
+    let kernel_answer = kernel.trim().split_once(' ').unwrap().1.to_owned();
+    assert!(kernel_answer.starts_with("errno"), "{kernel}");
+    let reused = run(script(
+        testbed.in_client_netns(PYTHON),
+        &["connect-from", reused_port],
+    ));
+    let reused = stdout_of(&reused, "a direct connection on a used tuple");
+    assert_eq!(
+        reused.trim(),
+        format!("{reused_port} {kernel_answer}"),
+        "a stale answer"
+    );
+    proxy.kill();
+    wait_for_tcp_to_settle(&testbed.client);
+    let (status, output, _) = redirector.stop();
+    assert!(status.success());
+    assert_eq!(stat(&output, "original destinations answered"), 20);
+    assert_maps_empty(&output);
+}
+
+const BOUND_CLIENT: &str = r#"
+import socket, sys
+host = sys.argv[1]
+s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, b"veth-c")
+s.settimeout(5)
+s.connect((host, 80))
+s.sendall(b"GET / HTTP/1.0\r\nHost: x\r\n\r\n")
+data = b""
+while True:
+    part = s.recv(4096)
+    if not part:
+        break
+    data += part
+print(data.split(b"\r\n")[0].decode())
+"#;
+
+#[test]
+fn device_bound_sockets_go_direct_at_once() {
+    if !have_root() {
+        return;
+    }
+    let testbed = Testbed::new();
+    let _server = servers::http(&testbed.server, "[::]:80").unwrap();
+    let redirector = testbed.redirect(&[]);
+    for host in [SERVER_V4, SERVER_V6] {
+        let started = Instant::now();
+        let mut command = testbed.in_apps(PYTHON);
+        command.args(["-c", BOUND_CLIENT, host]);
+        let status_line = stdout_of(&run(command), "a device-bound client");
+        let status_line = status_line.trim();
+        assert!(status_line.ends_with(" 200 OK"), "{status_line}");
+        assert!(started.elapsed() < Duration::from_secs(4));
+    }
+    let (status, output, _) = redirector.stop();
+    assert!(status.success());
+    let events = json_events(&output);
+    assert_eq!(events.len(), 2, "{events:?}");
+    assert!(
+        events
+            .iter()
+            .all(|e| e["action"] == "bypass" && e["reason"] == "bound to a device"),
+        "{events:?}"
+    );
+    assert_eq!(stat(&output, "bound to a device"), 2);
+}
+
+#[test]
+fn when_proxy_down_closed_refuses_at_once() {
+    if !have_root() {
+        return;
+    }
+    let testbed = Testbed::new();
+    let _server = servers::http(&testbed.server, "[::]:80").unwrap();
+    let redirector = testbed.redirect(&["--no-proxy", "--when-proxy-down", "closed"]);
+    for host in [SERVER_V4, SERVER_V6] {
+        let started = Instant::now();
+        let script = format!(
+            "import socket\ntry:\n    socket.create_connection(('{host}', 80), timeout=10)\n    \
+             print('connected')\nexcept OSError as e:\n    print(e.errno)"
+        );
+        let mut command = testbed.in_apps(PYTHON);
+        command.args(["-c", &script]);
+        let out = stdout_of(&run(command), "a client");
+        assert_eq!(out.trim(), libc::ECONNREFUSED.to_string(), "{host}");
+        assert!(started.elapsed() < Duration::from_secs(2));
+    }
+    let (status, output, _) = redirector.stop();
+    assert!(status.success());
+    assert!(output.contains("when proxy down:   closed"), "{output}");
+    let events = json_events(&output);
+    assert_eq!(events.len(), 2, "{events:?}");
+    assert!(
+        events
+            .iter()
+            .all(|e| e["action"] == "refuse" && e["reason"] == "no proxy"),
+        "{events:?}"
+    );
+    assert_eq!(stat(&output, "refused (no proxy)"), 2);
+    assert_maps_empty(&output);
+}
+
+const CLIENTS_THAT_END_BADLY: &str = r#"
+import socket, struct, sys
+mode, host, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+s = socket.socket()
+s.settimeout(1)
+try:
+    s.connect((host, port))
+except OSError as e:
+    print("connect failed:", e, flush=True)
+    sys.exit(0)
+if mode == "reset":
+    s.sendall(b"GET / HTTP/1.0\r\n")
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    s.close()
+    print("reset", flush=True)
+elif mode == "wait":
+    s.settimeout(15)
+    print("answer", s.recv(100), flush=True)
+else:
+    print("connected", flush=True)
+    import time; time.sleep(60)
+"#;
+
+fn client_that_ends_badly(testbed: &Testbed, mode: &str, host: &str, port: u16) -> String {
+    let mut command = testbed.in_apps(PYTHON);
+    command.args(["-c", CLIENTS_THAT_END_BADLY, mode, host, &port.to_string()]);
+    stdout_of(&run(command), mode)
+}
+
+#[test]
+fn no_record_outlives_its_connection() {
+    if !have_root() {
+        return;
+    }
+    let testbed = Testbed::new();
+    let _server = servers::http(&testbed.server, "[::]:80").unwrap();
+    let redirector = testbed.redirect(&["-P", "80,81"]);
+    // Refused and unreachable upstreams: the proxy closes the client.
+    let out = client_that_ends_badly(&testbed, "wait", SERVER_V4, 81);
+    assert!(out.starts_with("answer b''"), "{out}");
+    let out = client_that_ends_badly(&testbed, "wait", "10.99.0.1", 80);
+    assert!(out.starts_with("answer b''"), "{out}");
+    // Resets from the client.
+    for _ in 0..20 {
+        let out = client_that_ends_badly(&testbed, "reset", SERVER_V4, 80);
+        assert!(out.starts_with("reset"), "{out}");
+    }
+    // Clients killed with SIGKILL while connected.
+    for _ in 0..5 {
+        let client = Running::start(
+            PYTHON,
+            &[
+                "-c".into(),
+                CLIENTS_THAT_END_BADLY.into(),
+                "hold".into(),
+                SERVER_V4.into(),
+                "80".into(),
+            ],
+            Some(&testbed.client),
+            Some(&testbed.apps),
+            "connected",
+        );
+        client.kill();
+    }
+    // Connects that time out: the SYNs to the proxy are dropped, so the
+    // proxy never accepts what the client's sockets published.
+    let path = testbed.apps.relative_path().unwrap();
+    let rule = |action: &str| {
+        let mut command = testbed.in_client_netns("iptables");
+        command.args([action, "OUTPUT", "-p", "tcp", "--syn", "--dport", "15001"]);
+        command.args(["-m", "cgroup", "--path"]).arg(&path);
+        command.args(["-j", "DROP"]);
+        stdout_of(&run(command), "iptables");
+    };
+    rule("-A");
+    for _ in 0..5 {
+        let out = client_that_ends_badly(&testbed, "wait", SERVER_V4, 80);
+        assert!(out.contains("timed out"), "{out}");
+    }
+    rule("-D");
+    wait_for_tcp_to_settle(&testbed.client);
+    let (status, output, _) = redirector.stop();
+    assert!(status.success());
+    assert_eq!(stat(&output, "redirected"), 2 + 20 + 5 + 5);
+    assert_eq!(
+        stat(&output, "closed before the proxy accepted"),
+        5,
+        "{output}"
+    );
+    assert_maps_empty(&output);
+}
