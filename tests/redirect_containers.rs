@@ -413,3 +413,109 @@ fn no_record_outlives_its_connection() {
     );
     assert_maps_empty(&output);
 }
+
+/// An HAProxy sidecar that relays to the original destination, as behind
+/// iptables REDIRECT (`server 0.0.0.0:0` asks `SO_ORIGINAL_DST`).
+const HAPROXY_SIDECAR: &str = "\
+global
+    maxconn 1000
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 30s
+    timeout server 30s
+frontend sidecar
+    bind 127.0.0.1:15001
+    default_backend original_destination
+backend original_destination
+    server original 0.0.0.0:0
+";
+
+/// A process killed when dropped.
+struct Background(std::process::Child);
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn wait_for_listener(netns: &NetNs, port: u16) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let mut command = netns::command_in("ss", Some(netns), None).unwrap();
+        command.args(["-Htln", &format!("sport = :{port}")]);
+        if !stdout_of(&run(command), "ss").trim().is_empty() {
+            return;
+        }
+        assert!(Instant::now() < deadline, "nothing listens on {port}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn haproxy_sidecars_in_two_namespaces_reach_each_ones_own_destinations() {
+    if !have_root() {
+        return;
+    }
+    let testbed = Testbed::new();
+    // A second container, with its own link to the server: 10.78.0.2 is
+    // reachable from it and 10.77.0.2 only from the first.
+    let second = NetNs::create(&unique("prtest-second")).unwrap();
+    netns::veth_pair(&second, "veth-c2", &testbed.server, "veth-s2").unwrap();
+    second.configure("veth-c2", &["10.78.0.1/24"]).unwrap();
+    testbed
+        .server
+        .configure("veth-s2", &["10.78.0.2/24"])
+        .unwrap();
+    let _server = servers::http(&testbed.server, "[::]:80").unwrap();
+    let dir = TempDir::new();
+    let config = dir.join("haproxy.cfg");
+    std::fs::write(&config, HAPROXY_SIDECAR).unwrap();
+    let containers = [(&testbed.client, SERVER_V4), (&second, "10.78.0.2")];
+    let _sidecars: Vec<Background> = containers
+        .iter()
+        .map(|(ns, _)| {
+            let mut command = netns::command_in("haproxy", Some(ns), Some(&testbed.proxy)).unwrap();
+            command.args(["-db", "-f"]).arg(&config);
+            command.stdout(std::process::Stdio::null());
+            let sidecar = Background(command.spawn().expect("haproxy"));
+            wait_for_listener(ns, 15001);
+            sidecar
+        })
+        .collect();
+    let redirector = testbed.redirect(&["--no-proxy", "-P", "80"]);
+    // Both containers' curls use the same source ports at the same time.
+    let curls: Vec<_> = containers
+        .iter()
+        .map(|(ns, server)| {
+            let mut command = netns::command_in("bash", Some(ns), Some(&testbed.apps)).unwrap();
+            command.args([
+                "-c",
+                &format!(
+                    "for i in $(seq 0 59); do curl -sS --max-time 10 --local-port $((42000 + i)) \
+                     http://{server}/ || exit 1; echo; done"
+                ),
+            ]);
+            command.stdout(std::process::Stdio::piped());
+            command.stderr(std::process::Stdio::piped());
+            command.spawn().expect("curl loop")
+        })
+        .collect();
+    for ((_, server), curl) in containers.iter().zip(curls) {
+        let out = curl.wait_with_output().unwrap();
+        let bodies = stdout_of(&out, "curl through HAProxy");
+        let bodies: Vec<&str> = bodies.lines().filter(|l| !l.is_empty()).collect();
+        assert_eq!(bodies.len(), 60, "{bodies:?}");
+        for body in bodies {
+            assert!(
+                body.ends_with(&format!("local=[::ffff:{server}]:80")),
+                "{body}"
+            );
+        }
+    }
+    let (status, output, _) = redirector.stop();
+    assert!(status.success());
+    assert_eq!(stat(&output, "original destinations answered"), 120);
+}

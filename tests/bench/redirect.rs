@@ -117,6 +117,15 @@ fn iptables_redirect(testbed: &Testbed, port: u16) {
     );
 }
 
+/// The programs one redirected connection runs, by what they do and the
+/// kernel's 15-character program name.
+const REDIRECT_PROGRAMS: [(&str, &str); 4] = [
+    ("connect4 (decide, record)", "redirect_connec"),
+    ("sockops, client (publish)", "redirect_sockop"),
+    ("sockops, proxy side (hand over)", "redirect_proxy_"),
+    ("getsockopt (answer)", "redirect_getsoc"),
+];
+
 fn connections_per_second(settings: &Settings) {
     println!(
         "\n== Connections per second: connect, {MESSAGE} B request, {MESSAGE} B reply, close \
@@ -142,7 +151,10 @@ fn connections_per_second(settings: &Settings) {
         ("iptables REDIRECT + built-in proxy", &iptables),
     ];
     let mut results = vec![Vec::new(); arms.len()];
-    let stats_start = bpf_stats::program("redirect_connec");
+    let stats_start: Vec<_> = REDIRECT_PROGRAMS
+        .iter()
+        .map(|(_, name)| bpf_stats::program(name))
+        .collect();
     for round in 0..settings.rounds {
         for (i, (name, testbed)) in arms.iter().enumerate() {
             let cps = measure_cps(testbed, settings.cps_seconds);
@@ -150,7 +162,10 @@ fn connections_per_second(settings: &Settings) {
             results[i].push(cps);
         }
     }
-    let stats_end = bpf_stats::program("redirect_connec");
+    let stats_end: Vec<_> = REDIRECT_PROGRAMS
+        .iter()
+        .map(|(_, name)| bpf_stats::program(name))
+        .collect();
     let (_, output, _) = redirector.stop();
     bpf_stats::set_enabled(bpf_stats_before == "1");
     assert!(
@@ -160,13 +175,15 @@ fn connections_per_second(settings: &Settings) {
 
     let names: Vec<&str> = arms.iter().map(|(name, _)| *name).collect();
     let medians = report::ratio_table("median conn/s", &names, &mut results, 2);
-    if let Some((ns, calls)) = stats_end
-        .zip(stats_start)
-        .and_then(|(b, a)| b.per_run_since(&a))
-    {
-        println!(
-            "\n  connect4 program: {ns:.0} ns per call over {calls} calls (kernel.bpf_stats_enabled)"
-        );
+    println!("\n  BPF run time per call (kernel.bpf_stats_enabled):");
+    for (((what, _), end), start) in REDIRECT_PROGRAMS.iter().zip(&stats_end).zip(&stats_start) {
+        if let Some((ns, calls)) = end
+            .as_ref()
+            .zip(start.as_ref())
+            .and_then(|(b, a)| b.per_run_since(a))
+        {
+            println!("    {what:<34} {ns:>6.0} ns over {calls} calls");
+        }
     }
     println!(
         "  target: redirect no slower than iptables REDIRECT with the same proxy: {}",
