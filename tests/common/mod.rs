@@ -34,6 +34,16 @@ pub fn have_root() -> bool {
     false
 }
 
+/// The servers run inside the test process, next to other tests: one that
+/// holds a thousand connections must not leave the others without file
+/// descriptors (the soft limit is often 1024).
+fn raise_open_file_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+    }
+}
+
 /// A name no other test of this run uses.
 pub fn unique(prefix: &str) -> String {
     static NEXT: AtomicU32 = AtomicU32::new(0);
@@ -63,6 +73,7 @@ pub struct Testbed {
 
 impl Testbed {
     pub fn new() -> Testbed {
+        raise_open_file_limit();
         let name = unique("prtest");
         let client = NetNs::create(&format!("{name}-c")).expect("client netns");
         let server = NetNs::create(&format!("{name}-s")).expect("server netns");
