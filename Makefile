@@ -30,7 +30,18 @@ deps:
 build: deps
 	$(CARGO) build --release --all-targets
 
-test: build
+# promtool (the metrics tests check /metrics with it), taken out of Debian's
+# prometheus package without installing it: installing would start a
+# Prometheus server.
+PROMTOOL := target/prometheus/usr/bin/promtool
+
+$(PROMTOOL):
+	@mkdir -p target/prometheus
+	cd target/prometheus && { apt-get download prometheus >/dev/null 2>&1 || \
+		{ apt-get update -qq && apt-get download prometheus >/dev/null; }; } && \
+		dpkg-deb -x prometheus_*.deb . && rm -f prometheus_*.deb
+
+test: build $(PROMTOOL)
 	$(CARGO) test --release -- --test-threads=2
 
 # `make vm-test`: the same suite inside a VM on a second kernel (Debian's
@@ -46,7 +57,7 @@ vm-deps: deps
 		rm -rf target/vng && /usr/bin/python3 -m venv target/vng && \
 		target/vng/bin/pip install -q --disable-pip-version-check "$(VIRTME_NG)"; }
 
-vm-test: build vm-deps
+vm-test: build vm-deps $(PROMTOOL)
 	VM_KERNEL=$(VM_KERNEL) CARGO=$(CARGO) VNG=$(VNG) tests/vm/run.sh
 
 demo: build

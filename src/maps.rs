@@ -29,6 +29,11 @@ pub fn entries<K: Plain + Copy, V: Plain + Copy>(map: &dyn MapCore) -> Result<Ve
     Ok(out)
 }
 
+/// How many entries a hash map holds now.
+pub fn count(map: &dyn MapCore) -> Result<usize> {
+    Ok(map.keys().count())
+}
+
 /// Sums a per-CPU array of u64 counters across CPUs, one sum per index.
 pub fn percpu_sums(map: &dyn MapCore, count: u32) -> Result<Vec<u64>> {
     (0..count)

@@ -21,7 +21,8 @@ use crate::cli::{self, Cidr, EventFormat, OutputArgs, PortList};
 use crate::events::{self, comm_to_string};
 use crate::links::Attachments;
 use crate::proxy::{BoundProxy, DestinationSource, ProxyConfig};
-use crate::{maps, privileges, shutdown};
+use crate::stats::{Metric, Snapshot};
+use crate::{maps, metrics, privileges, shutdown};
 
 // SAFETY: generated from include/*.h: fixed-width integers with explicit padding.
 unsafe impl plain::Plain for redirect_event {}
@@ -79,6 +80,9 @@ pub struct RedirectArgs {
     /// Do not run the built-in proxy; an external one listens on the proxy address
     #[arg(long)]
     pub no_proxy: bool,
+    /// Serve the statistics as Prometheus metrics on http://ADDR/metrics
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<SocketAddr>,
     /// When nothing listens on the proxy address: `open` lets connections go
     /// to their original destination, `closed` fails them with ECONNREFUSED
     /// (no traffic ever goes around the proxy)
@@ -138,6 +142,7 @@ fn plan(args: &RedirectArgs) -> Result<Plan> {
 pub fn run(args: &RedirectArgs) -> Result<()> {
     let plan = plan(args)?;
     privileges::require_bpf("redirect")?;
+    let metrics = metrics::Metrics::bind(args.metrics)?;
     let proxy = if args.no_proxy {
         None
     } else {
@@ -182,7 +187,8 @@ pub fn run(args: &RedirectArgs) -> Result<()> {
         &header,
         move |e: &redirect_event| print_event(e, format, start_ns),
     )?;
-    events::run_until_shutdown(ring.as_ref(), || {})?;
+    let mut publish = metrics.publisher(&[("attach", "cgroup bpf_link".to_owned())]);
+    events::run_until_shutdown(ring.as_ref(), || publish(&|| Ok(vec![snapshot(&skel)?])))?;
     drop(ring);
 
     print_statistics(&skel)?;
@@ -368,6 +374,9 @@ fn print_configuration(args: &RedirectArgs, plan: &Plan) {
         ProxyDown::Closed => "closed (connections are refused)",
     };
     println!("  when proxy down:   {when_down}");
+    if let Some(addr) = args.metrics {
+        println!("  metrics:           http://{addr}/metrics");
+    }
     if let (Some(user), Some(uid)) = (&args.exclude_user, plan.excluded_uid) {
         println!("  excluded user:     {user} (uid {uid})");
     }
@@ -379,66 +388,128 @@ fn print_configuration(args: &RedirectArgs, plan: &Plan) {
     }
 }
 
-fn print_statistics(skel: &RedirectSkel<'_>) -> Result<()> {
+/// The counters and gauges of a running redirect.
+fn snapshot(skel: &RedirectSkel<'_>) -> Result<Snapshot> {
     let counts = maps::percpu_sums(&skel.maps.stats, redirect_stat::STAT_COUNT.0)?;
     let count = |stat: redirect_stat| counts[stat.0 as usize];
-    let bypassed_by =
-        |reason: bypass_reason| counts[(redirect_stat::STAT_BYPASSED.0 + reason.0) as usize];
-    let bypassed: u64 = (1..bypass_reason::REASON_COUNT.0)
-        .map(|r| bypassed_by(bypass_reason(r)))
-        .sum();
-    println!("=== Statistics ===");
-    println!(
-        "  TCP connects seen:      {}",
-        count(redirect_stat::STAT_TCP_CONNECTS)
-    );
-    println!(
-        "  to other ports:         {}",
-        count(redirect_stat::STAT_OTHER_PORT)
-    );
-    println!(
-        "  redirected:             {}",
-        count(redirect_stat::STAT_REDIRECTED)
-    );
-    println!("  bypassed:               {bypassed}");
-    for reason in 1..bypass_reason::REASON_COUNT.0 {
-        let n = bypassed_by(bypass_reason(reason));
-        if n > 0 {
-            println!("    {:<22}{n}", format!("{}:", reason_name(reason as u8)));
-        }
+    let bypassed_by = |reason: u32| counts[(redirect_stat::STAT_BYPASSED.0 + reason) as usize];
+    let reasons = 1..bypass_reason::REASON_COUNT.0;
+    let mut snapshot = Snapshot::new("redirect");
+    snapshot.push(Metric::counter(
+        "tcp_connects",
+        "TCP connects seen",
+        "TCP connect() calls seen in the redirected cgroup.",
+        count(redirect_stat::STAT_TCP_CONNECTS),
+    ));
+    snapshot.push(Metric::counter(
+        "other_port_connects",
+        "to other ports",
+        "Connects to ports that are not redirected.",
+        count(redirect_stat::STAT_OTHER_PORT),
+    ));
+    snapshot.push(Metric::counter(
+        "redirected",
+        "redirected",
+        "Connections sent to the proxy.",
+        count(redirect_stat::STAT_REDIRECTED),
+    ));
+    snapshot.push(Metric::counter(
+        "bypassed_all",
+        "bypassed",
+        "Connections to redirected ports left alone, all reasons.",
+        reasons.clone().map(bypassed_by).sum(),
+    ));
+    for reason in reasons {
+        snapshot.push(
+            Metric::counter(
+                "bypassed",
+                format!("  {}", reason_name(reason as u8)),
+                "Connections to redirected ports left alone, by reason.",
+                bypassed_by(reason),
+            )
+            .with_label("reason", reason_name(reason as u8)),
+        );
     }
-    println!(
-        "  refused (no proxy):     {}",
-        count(redirect_stat::STAT_REFUSED)
-    );
-    println!(
-        "  original destinations recorded: {}",
-        count(redirect_stat::STAT_ORIG_DST_PENDING)
-    );
-    println!(
-        "  original destinations handed to the proxy: {}",
-        count(redirect_stat::STAT_ORIG_DST_HANDED_OVER)
-    );
-    println!(
-        "  original destinations answered: {}",
-        count(redirect_stat::STAT_ORIG_DST_ANSWERED)
-    );
-    println!(
-        "  closed before the proxy accepted: {}",
-        count(redirect_stat::STAT_ORIG_DST_UNCLAIMED)
-    );
-    println!(
-        "  events lost:            {}",
-        count(redirect_stat::STAT_EVENTS_LOST)
-    );
+    let counters = [
+        (
+            "refused",
+            "refused (no proxy)",
+            "Connects refused because no proxy listened (--when-proxy-down closed).",
+            redirect_stat::STAT_REFUSED,
+        ),
+        (
+            "original_destinations_recorded",
+            "original destinations recorded",
+            "Original destinations published when the client's SYN left.",
+            redirect_stat::STAT_ORIG_DST_PENDING,
+        ),
+        (
+            "original_destinations_handed_over",
+            "original destinations handed to the proxy",
+            "Original destinations moved to the proxy's accepted socket.",
+            redirect_stat::STAT_ORIG_DST_HANDED_OVER,
+        ),
+        (
+            "original_destinations_answered",
+            "original destinations answered",
+            "SO_ORIGINAL_DST calls answered.",
+            redirect_stat::STAT_ORIG_DST_ANSWERED,
+        ),
+        (
+            "closed_before_accept",
+            "closed before the proxy accepted",
+            "Clients that closed before the proxy accepted their connection.",
+            redirect_stat::STAT_ORIG_DST_UNCLAIMED,
+        ),
+        (
+            "events_lost",
+            "events lost",
+            "Events dropped because the ring buffer was full.",
+            redirect_stat::STAT_EVENTS_LOST,
+        ),
+    ];
+    for (name, label, help, stat) in counters {
+        snapshot.push(Metric::counter(name, label, help, count(stat)));
+    }
     // Answers live in the proxy sockets' own storage, which user space
     // cannot list: handed over minus released is how many are held.
     let held = count(redirect_stat::STAT_ORIG_DST_HANDED_OVER)
         .saturating_sub(count(redirect_stat::STAT_ORIG_DST_RELEASED));
-    let pending: Vec<(handover_key, endpoint)> = maps::entries(&skel.maps.pending_orig_dst)?;
+    snapshot.push(Metric::gauge(
+        "answers_held",
+        "answers held by proxy sockets",
+        "Open proxy sockets that hold an original destination.",
+        held,
+    ));
+    snapshot.push(Metric::gauge(
+        "awaiting_accept",
+        "awaiting the proxy's accept",
+        "Original destinations published and not yet taken by the proxy.",
+        maps::count(&skel.maps.pending_orig_dst)? as u64,
+    ));
+    Ok(snapshot)
+}
+
+fn print_statistics(skel: &RedirectSkel<'_>) -> Result<()> {
+    let snapshot = snapshot(skel)?;
+    let (open, counters): (Vec<Metric>, Vec<Metric>) = snapshot
+        .metrics
+        .iter()
+        .cloned()
+        .partition(|m| matches!(m.name, "answers_held" | "awaiting_accept"));
+    println!("=== Statistics ===");
+    Snapshot {
+        metrics: counters,
+        ..snapshot.clone()
+    }
+    .print();
     println!("=== Open redirected connections ===");
-    println!("  answers held by proxy sockets: {held}");
-    println!("  awaiting the proxy's accept:   {}", pending.len());
+    Snapshot {
+        metrics: open,
+        ..snapshot
+    }
+    .print();
+    let pending: Vec<(handover_key, endpoint)> = maps::entries(&skel.maps.pending_orig_dst)?;
     for (key, original) in pending.iter().take(20) {
         println!(
             "    netns {}: {} -> {} (originally {})",

@@ -1,0 +1,161 @@
+//! `--metrics ADDR`: the statistics as Prometheus text on
+//! `http://ADDR/metrics`, served from a thread of its own. The run loop
+//! publishes a fresh page about once a second (BPF maps are read there, not
+//! here), so a scrape never waits for the datapath.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+
+use crate::stats::{prometheus_text, Snapshot};
+
+pub struct MetricsServer {
+    page: Arc<Mutex<String>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+    addr: SocketAddr,
+}
+
+impl MetricsServer {
+    /// Binds at once, so that an occupied address fails before anything
+    /// is attached.
+    pub fn bind(addr: SocketAddr) -> Result<MetricsServer> {
+        let listener =
+            TcpListener::bind(addr).with_context(|| format!("serving metrics on {addr}"))?;
+        listener.set_nonblocking(true)?;
+        let addr = listener.local_addr()?;
+        let page = Arc::new(Mutex::new(String::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let (page, stop) = (page.clone(), stop.clone());
+            std::thread::spawn(move || serve(listener, &page, &stop))
+        };
+        Ok(MetricsServer {
+            page,
+            stop,
+            thread: Some(thread),
+            addr,
+        })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The page the next scrape gets.
+    pub fn publish(&self, text: String) {
+        *self.page.lock().unwrap() = text;
+    }
+}
+
+impl Drop for MetricsServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn serve(listener: TcpListener, page: &Mutex<String>, stop: &AtomicBool) {
+    while !stop.load(Ordering::SeqCst) {
+        match listener.accept() {
+            Ok((stream, _)) => {
+                if let Err(err) = answer(stream, page) {
+                    tracing::debug!("metrics request: {err}");
+                }
+            }
+            Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(err) => {
+                tracing::warn!("metrics listener: {err}");
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+    }
+}
+
+fn answer(stream: TcpStream, page: &Mutex<String>) -> std::io::Result<()> {
+    stream.set_nonblocking(false)?;
+    stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+    stream.set_write_timeout(Some(Duration::from_secs(2)))?;
+    let mut reader = BufReader::new(&stream);
+    let mut request_line = String::new();
+    reader.read_line(&mut request_line)?;
+    // The headers are read and ignored.
+    let mut header = String::new();
+    while reader.read_line(&mut header)? > 2 {
+        header.clear();
+    }
+    let mut parts = request_line.split_whitespace();
+    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    let (status, content_type, body) = if method == "GET" && path == "/metrics" {
+        (
+            "200 OK",
+            "text/plain; version=0.0.4; charset=utf-8",
+            page.lock().unwrap().clone(),
+        )
+    } else {
+        (
+            "404 Not Found",
+            "text/plain; charset=utf-8",
+            "only /metrics is served here\n".to_owned(),
+        )
+    };
+    let mut stream = &stream;
+    write!(
+        stream,
+        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )?;
+    stream.flush()
+}
+
+/// `--metrics` of a subcommand: a server when an address was given.
+pub struct Metrics(Option<MetricsServer>);
+
+impl Metrics {
+    pub fn bind(addr: Option<SocketAddr>) -> Result<Metrics> {
+        addr.map(MetricsServer::bind).transpose().map(Metrics)
+    }
+
+    /// A closure for the run loop's tick: about once a second, takes the
+    /// datapaths' snapshots and publishes them with a build-info gauge
+    /// labelled with `build_info` (the attach mode) and the kernel.
+    pub fn publisher<'a>(
+        &'a self,
+        build_info: &[(&'static str, String)],
+    ) -> impl FnMut(&dyn Fn() -> Result<Vec<Snapshot>>) + 'a {
+        let mut info = vec![
+            ("version", env!("CARGO_PKG_VERSION").to_owned()),
+            ("kernel", kernel_release()),
+        ];
+        info.extend_from_slice(build_info);
+        let mut last: Option<Instant> = None;
+        move |snapshots| {
+            let Some(server) = &self.0 else { return };
+            if last.is_some_and(|t| t.elapsed() < PUBLISH_INTERVAL) {
+                return;
+            }
+            last = Some(Instant::now());
+            match snapshots() {
+                Ok(snapshots) => server.publish(prometheus_text(&snapshots, &info)),
+                Err(err) => tracing::warn!("reading the statistics for /metrics: {err:#}"),
+            }
+        }
+    }
+}
+
+const PUBLISH_INTERVAL: Duration = Duration::from_secs(1);
+
+fn kernel_release() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|r| r.trim().to_owned())
+        .unwrap_or_default()
+}
