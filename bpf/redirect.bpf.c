@@ -457,6 +457,8 @@ int redirect_sockops(struct bpf_sock_ops *skops)
 		handover_key(skops, &key, 1);
 		if (bpf_map_update_elem(&pending_orig_dst, &key, original, BPF_ANY) == 0)
 			stat_add(&stats, STAT_ORIG_DST_PENDING, 1);
+		else
+			stat_add(&stats, STAT_ORIG_DST_LOST, 1);
 		request_state_changes(skops);
 		break;
 	case BPF_SOCK_OPS_STATE_CB:
@@ -489,8 +491,13 @@ int redirect_proxy_sockops(struct bpf_sock_ops *skops)
 		original = bpf_map_lookup_elem(&pending_orig_dst, &key);
 		if (!original)
 			break;
-		if (bpf_sk_storage_get(&proxy_answer, sk, original, BPF_SK_STORAGE_GET_F_CREATE))
-			stat_add(&stats, STAT_ORIG_DST_HANDED_OVER, 1);
+		/* Without storage the record stays published, where getsockopt
+		 * still finds it, until the client's socket closes. */
+		if (!bpf_sk_storage_get(&proxy_answer, sk, original, BPF_SK_STORAGE_GET_F_CREATE)) {
+			stat_add(&stats, STAT_ORIG_DST_LOST, 1);
+			break;
+		}
+		stat_add(&stats, STAT_ORIG_DST_HANDED_OVER, 1);
 		bpf_map_delete_elem(&pending_orig_dst, &key);
 		request_state_changes(skops);
 		break;

@@ -61,6 +61,7 @@ enum redirect_stat {
 	STAT_ORIG_DST_UNCLAIMED, /* the client closed before the proxy accepted */
 	STAT_ORIG_DST_ANSWERED,
 	STAT_ORIG_DST_RELEASED, /* the proxy's socket closed */
+	STAT_ORIG_DST_LOST,	/* a record could not be stored: map full, no memory */
 	STAT_EVENTS_LOST,
 	STAT_COUNT,
 };

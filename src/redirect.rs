@@ -462,6 +462,12 @@ fn snapshot(skel: &RedirectSkel<'_>) -> Result<Snapshot> {
             redirect_stat::STAT_ORIG_DST_UNCLAIMED,
         ),
         (
+            "original_destinations_lost",
+            "original destinations lost (map full, no memory)",
+            "Original destinations that could not be stored.",
+            redirect_stat::STAT_ORIG_DST_LOST,
+        ),
+        (
             "events_lost",
             "events lost",
             "Events dropped because the ring buffer was full.",
