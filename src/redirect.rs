@@ -20,7 +20,7 @@ use crate::cgroup::{self, CgroupFd};
 use crate::cli::{self, Cidr, EventFormat, OutputArgs, PortList};
 use crate::events::{self, comm_to_string};
 use crate::links::Attachments;
-use crate::proxy::{BoundProxy, DestinationSource, ProxyConfig};
+use crate::proxy::{BoundProxy, DestinationSource, ProxyConfig, RelayArgs};
 use crate::{maps, privileges, shutdown};
 
 // SAFETY: generated from include/*.h: fixed-width integers with explicit padding.
@@ -79,6 +79,8 @@ pub struct RedirectArgs {
     #[arg(long)]
     pub no_proxy: bool,
     #[command(flatten)]
+    pub relay: RelayArgs,
+    #[command(flatten)]
     pub output: OutputArgs,
 }
 
@@ -133,6 +135,7 @@ pub fn run(args: &RedirectArgs) -> Result<()> {
             mark: args.mark,
             destination: DestinationSource::OriginalDstOption,
             transparent: false,
+            idle_timeout: args.relay.idle_timeout(),
         };
         Some(BoundProxy::bind(&[plan.proxy_v4, plan.proxy_v6], config)?)
     };

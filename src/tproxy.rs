@@ -19,7 +19,7 @@ use crate::cli::{self, EventFormat, OutputArgs, PortList};
 use crate::events;
 use crate::links::{Attachments, TcAttachMode, TcDirection};
 use crate::local_route::{self, LocalRouteSpec, LocalRoutes};
-use crate::proxy::{BoundProxy, DestinationSource, ProxyConfig};
+use crate::proxy::{BoundProxy, DestinationSource, ProxyConfig, RelayArgs};
 use crate::{maps, privileges, redirect, shutdown};
 
 // SAFETY: generated from include/tproxy.h: fixed-width integers with explicit padding.
@@ -80,6 +80,8 @@ pub struct TproxyArgs {
     /// on the proxy address
     #[arg(long)]
     pub no_proxy: bool,
+    #[command(flatten)]
+    pub relay: RelayArgs,
     #[command(flatten)]
     pub output: OutputArgs,
 }
@@ -184,6 +186,7 @@ pub fn run(args: &TproxyArgs) -> Result<()> {
             mark: args.mark,
             destination: DestinationSource::LocalAddress,
             transparent: true,
+            idle_timeout: args.relay.idle_timeout(),
         };
         Some(BoundProxy::bind(&[plan.proxy_v4, plan.proxy_v6], config)?)
     };
