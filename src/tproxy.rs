@@ -5,9 +5,12 @@
 //! connection's destination from its accepted socket's local address, as
 //! behind iptables TPROXY.
 
+use std::fs::{self, DirBuilder, File, OpenOptions};
 use std::mem::MaybeUninit;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::os::unix::net::UnixListener;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
@@ -159,26 +162,76 @@ fn link_has_l2_header(interface: &str) -> Result<bool> {
     }
 }
 
+/// Directory of the instance locks: root's, so no other user can create or
+/// open a lock in it.
+const LOCK_DIR: &str = "/run/proxy-redirect";
+
 /// Held while running: one tproxy per routing table and network namespace.
-/// An abstract socket disappears with its process, even after SIGKILL, so
-/// whatever carries our table's tag while nobody holds it is a leftover.
-fn instance_lock(table: u32) -> Result<UnixListener> {
-    use std::os::linux::net::SocketAddrExt;
-    let name = format!("proxy-redirect-tproxy-table-{table}");
-    let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())?;
-    UnixListener::bind_addr(&addr).map_err(|err| match err.kind() {
-        std::io::ErrorKind::AddrInUse => anyhow::anyhow!(
-            "another tproxy runs in this network namespace with routing table {table}; \
-             stop it or give this one its own --route-table and --rule-priority"
-        ),
-        _ => anyhow::anyhow!("taking the tproxy instance lock: {err}"),
-    })
+/// An flock is released when its process dies, even by SIGKILL, so whatever
+/// carries our table's tag while nobody holds the lock is a leftover.
+struct InstanceLock {
+    _file: File,
+    path: PathBuf,
+}
+
+impl InstanceLock {
+    fn take(table: u32) -> Result<Self> {
+        let dir = Path::new(LOCK_DIR);
+        match DirBuilder::new().mode(0o755).create(dir) {
+            Ok(()) => {}
+            Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(err) => bail!("creating {LOCK_DIR} for the tproxy instance lock: {err}"),
+        }
+        let meta = fs::symlink_metadata(dir).with_context(|| format!("reading {LOCK_DIR}"))?;
+        if !meta.is_dir() || meta.uid() != 0 || meta.mode() & 0o022 != 0 {
+            bail!("{LOCK_DIR} must be a directory owned by root and writable by root only");
+        }
+        // Network namespaces are told apart by their nsfs inode.
+        let netns = fs::metadata("/proc/self/ns/net")
+            .context("reading this process's network namespace")?
+            .ino();
+        let path = dir.join(format!("tproxy-netns-{netns}-table-{table}.lock"));
+        loop {
+            let file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .mode(0o600)
+                .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+                .open(&path)
+                .with_context(|| format!("opening the tproxy instance lock {}", path.display()))?;
+            // SAFETY: flock on a descriptor owned by file.
+            if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+                let err = std::io::Error::last_os_error();
+                if err.kind() == std::io::ErrorKind::WouldBlock {
+                    bail!(
+                        "another tproxy runs in this network namespace with routing table {table}; \
+                         stop it or give this one its own --route-table and --rule-priority"
+                    );
+                }
+                bail!("taking the tproxy instance lock {}: {err}", path.display());
+            }
+            // A run that stopped between our open and our flock unlinked
+            // the file we locked: lock the one now at the path instead.
+            let locked = file.metadata()?.ino();
+            if fs::symlink_metadata(&path).is_ok_and(|now| now.ino() == locked) {
+                return Ok(Self { _file: file, path });
+            }
+        }
+    }
+}
+
+impl Drop for InstanceLock {
+    fn drop(&mut self) {
+        // Removed while still held, so nobody can lock the unlinked file.
+        let _ = fs::remove_file(&self.path);
+    }
 }
 
 pub fn run(args: &TproxyArgs) -> Result<()> {
     let plan = plan(args)?;
     privileges::require_bpf("tproxy")?;
-    let _lock = instance_lock(args.route_table)?;
+    let _lock = InstanceLock::take(args.route_table)?;
     let proxy = if args.no_proxy {
         None
     } else {

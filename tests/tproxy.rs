@@ -178,6 +178,69 @@ fn sigkill_leftovers_are_removed_by_the_next_start_for_tcx_and_clsact() {
     }
 }
 
+/// Run as nobody in the gateway's netns: holds the abstract socket name
+/// that was tproxy's lock before, tries to create or lock the lock file,
+/// then holds on until killed.
+const LOCK_SQUATTER: &str = "\
+import fcntl, os, socket, time
+name = b'\\0proxy-redirect-tproxy-table-5052'
+squat = socket.socket(socket.AF_UNIX)
+squat.bind(name)
+netns = os.stat('/proc/self/ns/net').st_ino
+try:
+    os.makedirs('/run/proxy-redirect', exist_ok=True)
+    lock = open('/run/proxy-redirect/tproxy-netns-%d-table-5052.lock' % netns, 'a')
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    print('took the lock', flush=True)
+except PermissionError:
+    pass
+print('squatting', flush=True)
+time.sleep(600)
+";
+
+#[test]
+fn a_lock_squatted_by_nobody_does_not_stop_tproxy_nor_its_cleanup() {
+    if !have_root() {
+        return;
+    }
+    let gw = Gateway::new();
+    let _web = servers::http(&gw.server, "[::]:80").unwrap();
+    let before = gw.snapshot();
+    let args: Vec<String> = [
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+        PYTHON,
+        "-c",
+        LOCK_SQUATTER,
+    ]
+    .map(String::from)
+    .to_vec();
+    let squatter = Running::start("setpriv", &args, Some(&gw.gateway), None, "squatting");
+    assert!(
+        !squatter.seen.iter().any(|l| l == "took the lock"),
+        "{:?}",
+        squatter.seen
+    );
+    let tproxy = gw.tproxy(&[]);
+    assert_intercepted(&gw);
+    // A killed run's leftovers are still found and removed.
+    tproxy.kill();
+    assert_ne!(gw.snapshot(), before);
+    let tproxy = gw.tproxy(&[]);
+    let removed = tproxy
+        .seen
+        .iter()
+        .filter(|l| l.starts_with("Removed a leftover"))
+        .count();
+    assert_eq!(removed, 4, "{:?}", tproxy.seen);
+    assert_intercepted(&gw);
+    let (status, _, stderr) = tproxy.stop();
+    assert!(status.success(), "{stderr}");
+    assert_eq!(gw.snapshot(), before);
+    squatter.kill();
+}
+
 #[test]
 fn connections_forwarded_before_the_start_keep_being_forwarded() {
     if !have_root() {
