@@ -36,6 +36,9 @@ Examples:
   # Containers behind a bridge, an external transparent proxy (Envoy, HAProxy)
   # listening with IP_TRANSPARENT on port 15001
   proxy-redirect tproxy -i br0 -P 80,443,8080 -p 15001 --no-proxy
+  # squid in tproxy mode (it connects upstream from the client's address),
+  # servers behind eth2
+  proxy-redirect tproxy -i eth1 -P 80 -p 3129 --no-proxy --upstream-interface eth2
 
 The proxy receives each connection with the client's address as the peer and
 the original destination as its own local address (TPROXY semantics), and must
@@ -50,6 +53,11 @@ pub struct TproxyArgs {
     /// Interface whose incoming TCP traffic is intercepted
     #[arg(short, long, value_name = "IFACE")]
     pub interface: String,
+    /// Server-facing interface on which replies to a proxy that connects
+    /// upstream from the client's own address (squid's tproxy mode, HAProxy
+    /// `usesrc clientip`) arrive; they are handed to the proxy's socket
+    #[arg(long, value_name = "IFACE")]
+    pub upstream_interface: Option<String>,
     /// Destination ports to intercept, comma-separated
     #[arg(short = 'P', long, value_name = "PORTS", default_value = "80,443",
           value_parser = cli::parse_port_list)]
@@ -93,6 +101,8 @@ pub struct TproxyArgs {
 struct Plan {
     ifindex: u32,
     has_l2_header: bool,
+    /// ifindex and has_l2_header of --upstream-interface.
+    upstream: Option<(u32, bool)>,
     proxy_v4: SocketAddr,
     proxy_v6: SocketAddr,
     routes: LocalRouteSpec,
@@ -102,6 +112,17 @@ fn plan(args: &TproxyArgs) -> Result<Plan> {
     let ifindex = nix::net::if_::if_nametoindex(args.interface.as_str())
         .map_err(|_| anyhow::anyhow!("no interface named '{}' (see ip link)", args.interface))?;
     let has_l2_header = link_has_l2_header(&args.interface)?;
+    let upstream = match &args.upstream_interface {
+        None => None,
+        Some(name) if *name == args.interface => {
+            bail!("--upstream-interface must differ from the intercepted interface {name}")
+        }
+        Some(name) => {
+            let index = nix::net::if_::if_nametoindex(name.as_str())
+                .map_err(|_| anyhow::anyhow!("no interface named '{name}' (see ip link)"))?;
+            Some((index, link_has_l2_header(name)?))
+        }
+    };
     let mut proxy_ip4 = None;
     let mut proxy_ip6 = None;
     for ip in &args.proxy_ips {
@@ -124,12 +145,16 @@ fn plan(args: &TproxyArgs) -> Result<Plan> {
         mark: args.route_mark,
         table: args.route_table,
         priority: args.rule_priority,
-        interface: args.interface.clone(),
+        interfaces: std::iter::once(&args.interface)
+            .chain(&args.upstream_interface)
+            .cloned()
+            .collect(),
     };
     routes.validate()?;
     Ok(Plan {
         ifindex,
         has_l2_header,
+        upstream,
         proxy_v4: SocketAddr::new(
             proxy_ip4.unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST)),
             args.proxy_port,
@@ -253,6 +278,7 @@ pub fn run(args: &TproxyArgs) -> Result<()> {
         route_mark: args.route_mark,
         ifindex: plan.ifindex,
         has_l2_header: plan.has_l2_header,
+        upstream_has_l2_header: plan.upstream.is_some_and(|(_, l2)| l2),
         events: args.output.event_format() != EventFormat::Off,
     };
     let skel = load(&config, &mut open_object)?;
@@ -274,6 +300,15 @@ pub fn run(args: &TproxyArgs) -> Result<()> {
         TcDirection::Ingress,
         args.tc_attach,
     )?;
+
+    if let Some((upstream_ifindex, _)) = plan.upstream {
+        attachments.attach_tc(
+            &skel.progs.tproxy_upstream_ingress,
+            upstream_ifindex,
+            TcDirection::Ingress,
+            args.tc_attach,
+        )?;
+    }
 
     if proxy.is_some() {
         attachments.attach_netns(&skel.progs.tproxy_sk_lookup)?;
@@ -320,6 +355,8 @@ pub struct DatapathConfig {
     pub ifindex: u32,
     /// false on L3 devices (tun, WireGuard), whose packets start with IP.
     pub has_l2_header: bool,
+    /// has_l2_header of the upstream interface (tproxy_upstream_ingress).
+    pub upstream_has_l2_header: bool,
     pub events: bool,
 }
 
@@ -340,6 +377,7 @@ pub fn load<'obj>(
         bail!("the proxy needs one IPv4 and one IPv6 address");
     };
     rodata.has_l2_header = config.has_l2_header.into();
+    rodata.upstream_has_l2_header = config.upstream_has_l2_header.into();
     rodata.proxy_ip4 = u32::from(ip4).to_be();
     let octets = ip6.octets();
     rodata.proxy_ip6 =
@@ -388,6 +426,12 @@ fn print_configuration(args: &TproxyArgs, plan: &Plan, path: &str) {
         args.rule_priority,
         local_route::RT_PROTO
     );
+    if let Some(upstream) = &args.upstream_interface {
+        println!(
+            "  upstream replies:  on {upstream} ingress, to local sockets (fwmark {:#x} iif {upstream} -> table {})",
+            args.route_mark, args.route_table
+        );
+    }
     println!("  TC attachment:     {path}");
 }
 
@@ -467,6 +511,10 @@ fn print_statistics(skel: &TproxySkel<'_>) -> Result<()> {
         (
             "listeners given by sk_lookup",
             tproxy_stat::TSTAT_SK_LOOKUP_ASSIGNED,
+        ),
+        (
+            "upstream replies to sockets",
+            tproxy_stat::TSTAT_UPSTREAM_REPLIES,
         ),
         ("events lost", tproxy_stat::TSTAT_EVENTS_LOST),
     ] {
