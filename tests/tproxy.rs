@@ -333,6 +333,17 @@ fn squid_spoofing_the_client_address_gets_its_replies_with_upstream_interface() 
     // reply reached squid's socket.
     assert_eq!(peer_seen_by_server(&gw, &url4(80)), CLIENT4);
     assert_eq!(peer_seen_by_server(&gw, &url6(80)), CLIENT6);
+    // A killed run's rules for both interfaces are found and removed.
+    tproxy.kill();
+    let tproxy = gw.tproxy(&["-p", "3129", "--no-proxy", "--upstream-interface", "gw-s"]);
+    let removed = tproxy
+        .seen
+        .iter()
+        .filter(|l| l.starts_with("Removed a leftover"))
+        .count();
+    assert_eq!(removed, 6, "{:?}", tproxy.seen);
+    assert_eq!(peer_seen_by_server(&gw, &url4(80)), CLIENT4);
+    assert_eq!(peer_seen_by_server(&gw, &url6(80)), CLIENT6);
     let (status, output, stderr) = tproxy.stop();
     assert!(status.success(), "{stderr}");
     assert_eq!(stat(&output, "connections intercepted"), 2);
