@@ -8,7 +8,10 @@
 //! between the two sockets as page references and is never copied through
 //! user space. This is what lets a two-thread relay beat HAProxy's
 //! `splice-auto` in BENCHMARKS.md. Memory per connection is bounded: a
-//! buffer of `COPY_BUFFER` and a pipe of `PIPE_SIZE` per direction.
+//! buffer of `COPY_BUFFER` and a pipe of `PIPE_SIZE` per direction; and so
+//! is a connection's life: one that moves no byte for the idle timeout is
+//! closed, and TCP keepalive notices a peer that is gone. A reset on one
+//! side is passed on as a reset to the other.
 //!
 //! A socket in a sockmap (`bypass`) hands its data to recvmsg but not to
 //! splice: when a readable socket gives splice nothing while recv(MSG_PEEK)
@@ -537,7 +540,7 @@ async fn connect_upstream(destination: SocketAddr, mark: u32) -> io::Result<TcpS
 
 /// Relays both directions until both have ended; a half-close is passed on
 /// as `shutdown(SHUT_WR)`. An error in either direction ends both (the
-/// sockets close when the caller drops them).
+/// caller then resets both sockets).
 async fn relay(
     client: &TcpStream,
     upstream: &TcpStream,
