@@ -34,7 +34,8 @@ const volatile __u32 proxy_ip6[4]; /* network order */
 const volatile __u16 proxy_port;   /* network order */
 const volatile __u32 route_mark;
 const volatile __u8 emit_events;
-const volatile __u32 ifindex; /* the interface tproxy_ingress is attached to */
+const volatile __u32 ifindex;		    /* the interface tproxy_ingress is attached to */
+const volatile __u8 upstream_has_l2_header; /* has_l2_header of the upstream interface */
 
 /* Destination ports (host order) whose connections are intercepted. */
 struct {
@@ -294,6 +295,62 @@ int tproxy_ingress(struct __sk_buff *skb)
 		endpoint_set_v6(&flow.original, pkt.dst_ip, pkt.dst_port);
 	}
 	return steer(skb, &flow, ip_off, &pkt);
+}
+
+/*
+ * On the upstream (server-facing) interface: a transparent proxy that
+ * connects upstream from the client's own address (squid's tproxy mode,
+ * HAProxy's usesrc clientip) gets its replies addressed to the client,
+ * which this host would forward. A reply from an intercepted port whose
+ * 4-tuple belongs to a local socket is handed to that socket and routed
+ * locally, as iptables' "-m socket" mark rule does; everything else passes
+ * uncounted (the counters describe the intercepted interface).
+ */
+SEC("tc")
+int tproxy_upstream_ingress(struct __sk_buff *skb)
+{
+	__u32 ip_off = upstream_has_l2_header ? ETH_HLEN : 0;
+	struct bpf_sock_tuple tuple = {};
+	struct l4_packet pkt = {};
+	struct bpf_sock *sk;
+	__u16 port;
+	int ret;
+
+	if (skb->protocol == bpf_htons(ETH_P_IP))
+		ret = parse_ipv4(skb, ip_off, &pkt);
+	else if (skb->protocol == bpf_htons(ETH_P_IPV6))
+		ret = parse_ipv6(skb, ip_off, &pkt);
+	else
+		return TC_ACT_OK;
+	if (ret != PARSE_OK || pkt.protocol != IPPROTO_TCP)
+		return TC_ACT_OK;
+	port = bpf_ntohs(pkt.src_port);
+	if (!bpf_map_lookup_elem(&tproxy_ports, &port))
+		return TC_ACT_OK;
+	if (pkt.family == ADDR_FAMILY_INET) {
+		tuple.ipv4.saddr = pkt.src_ip[0];
+		tuple.ipv4.daddr = pkt.dst_ip[0];
+		tuple.ipv4.sport = pkt.src_port;
+		tuple.ipv4.dport = pkt.dst_port;
+		sk = bpf_skc_lookup_tcp(skb, &tuple, sizeof(tuple.ipv4), BPF_F_CURRENT_NETNS, 0);
+	} else {
+		__builtin_memcpy(tuple.ipv6.saddr, pkt.src_ip, sizeof(tuple.ipv6.saddr));
+		__builtin_memcpy(tuple.ipv6.daddr, pkt.dst_ip, sizeof(tuple.ipv6.daddr));
+		tuple.ipv6.sport = pkt.src_port;
+		tuple.ipv6.dport = pkt.dst_port;
+		sk = bpf_skc_lookup_tcp(skb, &tuple, sizeof(tuple.ipv6), BPF_F_CURRENT_NETNS, 0);
+	}
+	if (!sk)
+		return TC_ACT_OK;
+	if (sk->state == BPF_TCP_LISTEN) {
+		bpf_sk_release(sk);
+		return TC_ACT_OK;
+	}
+	if (assign(skb, sk) == 0)
+		stat_add(&stats, TSTAT_UPSTREAM_REPLIES, 1);
+	else
+		stat_add(&stats, TSTAT_ASSIGN_FAILED, 1);
+	return TC_ACT_OK;
 }
 
 /*

@@ -26,6 +26,7 @@ enum tproxy_stat {
 	TSTAT_TIME_WAIT_SYNS,	  /* SYNs that reuse the 4-tuple of a TIME_WAIT socket */
 	TSTAT_SK_LOOKUP_ASSIGNED, /* listener lookups (TIME_WAIT reuse) given the proxy */
 	TSTAT_EVENTS_LOST,	  /* ring buffer full */
+	TSTAT_UPSTREAM_REPLIES,	  /* packets from upstream handed to a local socket */
 	TSTAT_COUNT,
 };
 

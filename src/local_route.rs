@@ -24,9 +24,9 @@ pub struct LocalRouteSpec {
     pub mark: u32,
     pub table: u32,
     pub priority: u32,
-    /// Only packets received on this interface (`iif`); locally generated
-    /// packets never match, whatever their mark.
-    pub interface: String,
+    /// Only packets received on these interfaces (`iif`, one rule each);
+    /// locally generated packets never match, whatever their mark.
+    pub interfaces: Vec<String>,
 }
 
 const FAMILIES: [&str; 2] = ["-4", "-6"];
@@ -51,7 +51,7 @@ impl LocalRouteSpec {
         Ok(())
     }
 
-    fn rule_args(&self, family: &str, verb: &str) -> Vec<String> {
+    fn rule_args(&self, family: &str, interface: &str, verb: &str) -> Vec<String> {
         let mut args: Vec<String> = vec![family.into(), "rule".into(), verb.into()];
         args.extend(
             [
@@ -60,7 +60,7 @@ impl LocalRouteSpec {
                 "fwmark",
                 &format!("{:#x}", self.mark),
                 "iif",
-                &self.interface,
+                interface,
                 "lookup",
                 &self.table.to_string(),
                 "protocol",
@@ -197,9 +197,14 @@ impl LocalRoutes {
             ip(&spec.route_args(family, "add")).context("adding the local delivery route")?;
             installed.undo.push(spec.route_args(family, "del"));
         }
-        for family in FAMILIES {
-            ip(&spec.rule_args(family, "add")).context("adding the local delivery rule")?;
-            installed.undo.push(spec.rule_args(family, "del"));
+        for interface in &spec.interfaces {
+            for family in FAMILIES {
+                ip(&spec.rule_args(family, interface, "add"))
+                    .context("adding the local delivery rule")?;
+                installed
+                    .undo
+                    .push(spec.rule_args(family, interface, "del"));
+            }
         }
         Ok(installed)
     }

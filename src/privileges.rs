@@ -1,10 +1,12 @@
-//! Checking for the capabilities BPF programs need, before anything is done.
+//! Checking for the capabilities BPF programs and the proxy need, before
+//! anything is done.
 
 use std::fs;
 
 use anyhow::{bail, Context, Result};
 
 const CAP_NET_ADMIN: u32 = 12;
+const CAP_NET_RAW: u32 = 13;
 const CAP_SYS_ADMIN: u32 = 21;
 const CAP_BPF: u32 = 39;
 
@@ -30,4 +32,26 @@ pub fn require_bpf(subcommand: &str) -> Result<()> {
         "{subcommand} needs root (CAP_BPF and CAP_NET_ADMIN); run it with sudo (running as uid {})",
         nix::unistd::geteuid()
     )
+}
+
+/// Fails with one clear line unless the built-in proxy can do what every
+/// connection needs: SO_MARK (`mark` other than 0) needs CAP_NET_ADMIN,
+/// IP_TRANSPARENT needs CAP_NET_ADMIN or CAP_NET_RAW.
+pub fn require_proxy(mark: u32, transparent: bool) -> Result<()> {
+    let caps = effective_capabilities()?;
+    let has = |cap: u32| caps & (1u64 << cap) != 0;
+    let uid = nix::unistd::geteuid();
+    if mark != 0 && !has(CAP_NET_ADMIN) {
+        bail!(
+            "proxy needs root (CAP_NET_ADMIN) to mark its upstream connections with {mark:#x}; \
+             run it with sudo, or give --mark 0 where nothing redirects them back (running as uid {uid})"
+        );
+    }
+    if transparent && !has(CAP_NET_ADMIN) && !has(CAP_NET_RAW) {
+        bail!(
+            "proxy --transparent needs root (CAP_NET_ADMIN or CAP_NET_RAW) for IP_TRANSPARENT; \
+             run it with sudo (running as uid {uid})"
+        );
+    }
+    Ok(())
 }

@@ -8,13 +8,17 @@
 //! between the two sockets as page references and is never copied through
 //! user space. This is what lets a two-thread relay beat HAProxy's
 //! `splice-auto` in BENCHMARKS.md. Memory per connection is bounded: a
-//! buffer of `COPY_BUFFER` and a pipe of `PIPE_SIZE` per direction.
+//! buffer of `COPY_BUFFER` and a pipe of `PIPE_SIZE` per direction; and so
+//! is a connection's life: one that moves no byte for the idle timeout is
+//! closed, and TCP keepalive notices a peer that is gone. A reset on one
+//! side is passed on as a reset to the other.
 //!
 //! A socket in a sockmap (`bypass`) hands its data to recvmsg but not to
 //! splice: when a readable socket gives splice nothing while recv(MSG_PEEK)
 //! sees data, that direction falls back to copying through a buffer.
 
 use std::io;
+use std::mem::{size_of, MaybeUninit};
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -31,13 +35,20 @@ use tokio::net::{TcpSocket, TcpStream};
 use tracing::{debug, warn};
 
 use crate::sockopt::{original_destination, set_mark};
-use crate::{cli, shutdown};
+use crate::{cli, privileges, shutdown};
 
 /// Bytes a pipe (one per direction) may hold; also the largest splice.
 const PIPE_SIZE: usize = 256 * 1024;
 /// Buffer of a direction while it copies (before splicing, or instead).
 const COPY_BUFFER: usize = 32 * 1024;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// TCP keepalive on both sockets: a peer that vanished without a FIN or RST
+/// is noticed after `KEEPALIVE_IDLE + KEEPALIVE_COUNT * KEEPALIVE_INTERVAL`.
+const KEEPALIVE_IDLE: u32 = 60;
+const KEEPALIVE_INTERVAL: u32 = 10;
+const KEEPALIVE_COUNT: u32 = 6;
+/// How long an abort waits for what was relayed before it to be delivered.
+const FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
 /// Marks the proxy's upstream sockets so `redirect` never sends them back.
 pub const DEFAULT_MARK: u32 = 0x5052;
 
@@ -55,6 +66,23 @@ pub struct ProxyArgs {
     /// instead of asking SO_ORIGINAL_DST
     #[arg(long)]
     pub transparent: bool,
+    #[command(flatten)]
+    pub relay: RelayArgs,
+}
+
+/// Options of the relay itself, shared by every subcommand that runs it.
+#[derive(Args, Debug, Clone, Copy)]
+pub struct RelayArgs {
+    /// Close a relayed connection on both sides after this many seconds
+    /// without a byte in either direction (0: never)
+    #[arg(long, value_name = "SECONDS", default_value_t = 3600)]
+    pub idle_timeout: u64,
+}
+
+impl RelayArgs {
+    pub fn idle_timeout(&self) -> Option<Duration> {
+        (self.idle_timeout != 0).then(|| Duration::from_secs(self.idle_timeout))
+    }
 }
 
 pub fn default_listen_addrs(port: u16) -> Vec<SocketAddr> {
@@ -79,6 +107,8 @@ pub struct ProxyConfig {
     pub destination: DestinationSource,
     /// Listen with IP_TRANSPARENT (needed for TPROXY-style delivery).
     pub transparent: bool,
+    /// Close connections idle for this long.
+    pub idle_timeout: Option<Duration>,
 }
 
 /// Counters of a running proxy.
@@ -89,6 +119,7 @@ pub struct ProxyStats {
     pub upstream_failed: AtomicU64,
     pub relayed: AtomicU64,
     pub relay_errors: AtomicU64,
+    pub idle_closed: AtomicU64,
     pub bytes_upstream: AtomicU64,
     pub bytes_downstream: AtomicU64,
     pub copy_fallbacks: AtomicU64,
@@ -105,7 +136,8 @@ impl ProxyStats {
             get(&self.refused)
         );
         println!("  upstream connect failed: {}", get(&self.upstream_failed));
-        println!("  relay errors:           {}", get(&self.relay_errors));
+        println!("  aborted, reset passed on: {}", get(&self.relay_errors));
+        println!("  closed when idle:       {}", get(&self.idle_closed));
         println!("  bytes client->upstream: {}", get(&self.bytes_upstream));
         println!("  bytes upstream->client: {}", get(&self.bytes_downstream));
         println!("  splice->copy fallbacks: {}", get(&self.copy_fallbacks));
@@ -185,6 +217,7 @@ impl Drop for RunningProxy {
 
 /// `proxy-redirect proxy`: relay until SIGINT/SIGTERM, then print counters.
 pub fn run(args: &ProxyArgs) -> Result<()> {
+    privileges::require_proxy(args.mark, args.transparent)?;
     let config = ProxyConfig {
         mark: args.mark,
         destination: if args.transparent {
@@ -193,6 +226,7 @@ pub fn run(args: &ProxyArgs) -> Result<()> {
             DestinationSource::OriginalDstOption
         },
         transparent: args.transparent,
+        idle_timeout: args.relay.idle_timeout(),
     };
     let bound = BoundProxy::bind(&args.listen, config)?;
     shutdown::install()?;
@@ -292,13 +326,143 @@ async fn serve(client: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
         }
     };
     let _ = client.set_nodelay(true);
-    match relay(&client, &upstream, stats).await {
-        Ok(()) => stats.relayed.fetch_add(1, Ordering::Relaxed),
-        Err(err) => {
-            debug!("{peer} -> {destination}: relay ended: {err}");
-            stats.relay_errors.fetch_add(1, Ordering::Relaxed)
+    for socket in [&client, &upstream] {
+        if let Err(err) = set_keepalive(socket) {
+            debug!("{peer} -> {destination}: setting TCP keepalive: {err}");
+        }
+    }
+    let traffic = [
+        Traffic::new(&stats.bytes_upstream),
+        Traffic::new(&stats.bytes_downstream),
+    ];
+    tokio::select! {
+        result = relay(&client, &upstream, &traffic, stats) => match result {
+            Ok(()) => stats.relayed.fetch_add(1, Ordering::Relaxed),
+            Err(err) => {
+                debug!("{peer} -> {destination}: relay ended: {err}");
+                // A reset (or any failure) on one side is passed on as a
+                // reset, so that a truncated transfer never looks complete;
+                // what was relayed before it is delivered first.
+                flush(&[&client, &upstream]).await;
+                abort_on_close(&client);
+                abort_on_close(&upstream);
+                stats.relay_errors.fetch_add(1, Ordering::Relaxed)
+            }
+        },
+        () = idle(&traffic, shared.config.idle_timeout) => {
+            debug!("{peer} -> {destination}: closed after the idle timeout");
+            stats.idle_closed.fetch_add(1, Ordering::Relaxed)
         }
     };
+}
+
+/// Bytes of one direction of one connection, added to the proxy's total as
+/// well; the idle timer watches the connection's own count.
+struct Traffic<'a> {
+    total: &'a AtomicU64,
+    connection: AtomicU64,
+}
+
+impl<'a> Traffic<'a> {
+    fn new(total: &'a AtomicU64) -> Self {
+        Self {
+            total,
+            connection: AtomicU64::new(0),
+        }
+    }
+
+    fn add(&self, bytes: usize) {
+        self.total.fetch_add(bytes as u64, Ordering::Relaxed);
+        self.connection.fetch_add(bytes as u64, Ordering::Relaxed);
+    }
+}
+
+/// Returns once no byte has moved in either direction for `timeout` (never
+/// without one). It looks every eighth of the timeout, so a connection is
+/// closed between 1 and 1.25 timeouts after its last byte.
+async fn idle(traffic: &[Traffic<'_>; 2], timeout: Option<Duration>) {
+    let Some(timeout) = timeout else {
+        return std::future::pending().await;
+    };
+    let moved = || {
+        traffic
+            .iter()
+            .map(|t| t.connection.load(Ordering::Relaxed))
+            .sum::<u64>()
+    };
+    let mut seen = moved();
+    let mut quiet_since = tokio::time::Instant::now();
+    loop {
+        tokio::time::sleep(timeout / 8).await;
+        let now = moved();
+        if now != seen {
+            seen = now;
+            quiet_since = tokio::time::Instant::now();
+        } else if quiet_since.elapsed() >= timeout {
+            return;
+        }
+    }
+}
+
+fn set_keepalive(socket: &TcpStream) -> nix::Result<()> {
+    nixsock::setsockopt(socket, sockopt::KeepAlive, &true)?;
+    nixsock::setsockopt(socket, sockopt::TcpKeepIdle, &KEEPALIVE_IDLE)?;
+    nixsock::setsockopt(socket, sockopt::TcpKeepInterval, &KEEPALIVE_INTERVAL)?;
+    nixsock::setsockopt(socket, sockopt::TcpKeepCount, &KEEPALIVE_COUNT)
+}
+
+/// Waits (at most `FLUSH_TIMEOUT`) until the peers of the sockets that are
+/// still open have acknowledged everything written to them: a reset throws
+/// away whatever is still queued.
+async fn flush(sockets: &[&TcpStream]) {
+    let deadline = tokio::time::Instant::now() + FLUSH_TIMEOUT;
+    while sockets.iter().any(|s| unacknowledged(s) > 0) {
+        if tokio::time::Instant::now() >= deadline {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// `TCP_CLOSE` of the kernel's `enum tcp_state` (libc does not have it).
+const TCP_CLOSE: u8 = 7;
+
+/// Bytes written to an open socket that its peer has not acknowledged.
+fn unacknowledged(socket: &TcpStream) -> usize {
+    let fd = socket.as_raw_fd();
+    // After a reset the send counters keep their last values: the state
+    // tells that nothing will be sent any more.
+    let mut info = MaybeUninit::<libc::tcp_info>::zeroed();
+    let mut len = size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: info is a writable buffer of len bytes.
+    let ret = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_TCP,
+            libc::TCP_INFO,
+            info.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    // SAFETY: zero-initialised; the kernel wrote at most len bytes.
+    if ret != 0 || unsafe { info.assume_init() }.tcpi_state == TCP_CLOSE {
+        return 0;
+    }
+    let mut queued: libc::c_int = 0;
+    // SAFETY: SIOCOUTQ (the same number as TIOCOUTQ) writes one int.
+    if unsafe { libc::ioctl(fd, libc::TIOCOUTQ, &mut queued) } != 0 {
+        return 0;
+    }
+    queued.max(0) as usize
+}
+
+/// SO_LINGER with a zero timeout: closing the socket sends a RST.
+fn abort_on_close(socket: &TcpStream) {
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    let _ = nixsock::setsockopt(socket, sockopt::Linger, &linger);
 }
 
 /// The real destination, or `None` (logged) when relaying would make the
@@ -376,11 +540,16 @@ async fn connect_upstream(destination: SocketAddr, mark: u32) -> io::Result<TcpS
 
 /// Relays both directions until both have ended; a half-close is passed on
 /// as `shutdown(SHUT_WR)`. An error in either direction ends both (the
-/// sockets close when the caller drops them).
-async fn relay(client: &TcpStream, upstream: &TcpStream, stats: &ProxyStats) -> io::Result<()> {
+/// caller then resets both sockets).
+async fn relay(
+    client: &TcpStream,
+    upstream: &TcpStream,
+    traffic: &[Traffic<'_>; 2],
+    stats: &ProxyStats,
+) -> io::Result<()> {
     tokio::try_join!(
-        pump(client, upstream, &stats.bytes_upstream, stats),
-        pump(upstream, client, &stats.bytes_downstream, stats),
+        pump(client, upstream, &traffic[0], stats),
+        pump(upstream, client, &traffic[1], stats),
     )?;
     Ok(())
 }
@@ -388,7 +557,7 @@ async fn relay(client: &TcpStream, upstream: &TcpStream, stats: &ProxyStats) -> 
 async fn pump(
     src: &TcpStream,
     dst: &TcpStream,
-    counter: &AtomicU64,
+    counter: &Traffic<'_>,
     stats: &ProxyStats,
 ) -> io::Result<()> {
     // Short exchanges never pay for pipes: copy until one read fills the
@@ -405,7 +574,7 @@ async fn splice_all(
     src: &TcpStream,
     dst: &TcpStream,
     buffer: &mut [u8],
-    counter: &AtomicU64,
+    counter: &Traffic<'_>,
     stats: &ProxyStats,
 ) -> io::Result<()> {
     let pipe = Pipe::new()?;
@@ -430,7 +599,7 @@ async fn splice_all(
                 Err(err) => return Err(err),
             }
         }
-        counter.fetch_add(filled as u64, Ordering::Relaxed);
+        counter.add(filled);
     }
 }
 
@@ -511,7 +680,7 @@ async fn copy(
     src: &TcpStream,
     dst: &TcpStream,
     buffer: &mut [u8],
-    counter: &AtomicU64,
+    counter: &Traffic<'_>,
     until: CopyUntil,
 ) -> io::Result<Copied> {
     loop {
@@ -531,7 +700,7 @@ async fn copy(
                 Err(err) => return Err(err),
             }
         }
-        counter.fetch_add(n as u64, Ordering::Relaxed);
+        counter.add(n);
         if until == CopyUntil::FullRead && n == buffer.len() {
             return Ok(Copied::FullRead);
         }

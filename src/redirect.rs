@@ -20,7 +20,7 @@ use crate::cgroup::{self, CgroupFd};
 use crate::cli::{self, Cidr, EventFormat, OutputArgs, PortList};
 use crate::events::{self, comm_to_string};
 use crate::links::Attachments;
-use crate::proxy::{BoundProxy, DestinationSource, ProxyConfig};
+use crate::proxy::{BoundProxy, DestinationSource, ProxyConfig, RelayArgs};
 use crate::stats::{Metric, Snapshot};
 use crate::{maps, metrics, privileges, shutdown};
 
@@ -89,6 +89,8 @@ pub struct RedirectArgs {
     #[arg(long, value_enum, value_name = "POLICY", default_value_t = ProxyDown::Open)]
     pub when_proxy_down: ProxyDown,
     #[command(flatten)]
+    pub relay: RelayArgs,
+    #[command(flatten)]
     pub output: OutputArgs,
 }
 
@@ -150,6 +152,7 @@ pub fn run(args: &RedirectArgs) -> Result<()> {
             mark: args.mark,
             destination: DestinationSource::OriginalDstOption,
             transparent: false,
+            idle_timeout: args.relay.idle_timeout(),
         };
         Some(BoundProxy::bind(&[plan.proxy_v4, plan.proxy_v6], config)?)
     };

@@ -5,9 +5,12 @@
 //! connection's destination from its accepted socket's local address, as
 //! behind iptables TPROXY.
 
+use std::fs::{self, DirBuilder, File, OpenOptions};
 use std::mem::MaybeUninit;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::os::unix::net::UnixListener;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
@@ -19,7 +22,7 @@ use crate::cli::{self, EventFormat, OutputArgs, PortList};
 use crate::events;
 use crate::links::{Attachments, TcAttachMode, TcDirection};
 use crate::local_route::{self, LocalRouteSpec, LocalRoutes};
-use crate::proxy::{BoundProxy, DestinationSource, ProxyConfig};
+use crate::proxy::{BoundProxy, DestinationSource, ProxyConfig, RelayArgs};
 use crate::{maps, privileges, redirect, shutdown};
 
 // SAFETY: generated from include/tproxy.h: fixed-width integers with explicit padding.
@@ -33,6 +36,9 @@ Examples:
   # Containers behind a bridge, an external transparent proxy (Envoy, HAProxy)
   # listening with IP_TRANSPARENT on port 15001
   proxy-redirect tproxy -i br0 -P 80,443,8080 -p 15001 --no-proxy
+  # squid in tproxy mode (it connects upstream from the client's address),
+  # servers behind eth2
+  proxy-redirect tproxy -i eth1 -P 80 -p 3129 --no-proxy --upstream-interface eth2
 
 The proxy receives each connection with the client's address as the peer and
 the original destination as its own local address (TPROXY semantics), and must
@@ -47,6 +53,11 @@ pub struct TproxyArgs {
     /// Interface whose incoming TCP traffic is intercepted
     #[arg(short, long, value_name = "IFACE")]
     pub interface: String,
+    /// Server-facing interface on which replies to a proxy that connects
+    /// upstream from the client's own address (squid's tproxy mode, HAProxy
+    /// `usesrc clientip`) arrive; they are handed to the proxy's socket
+    #[arg(long, value_name = "IFACE")]
+    pub upstream_interface: Option<String>,
     /// Destination ports to intercept, comma-separated
     #[arg(short = 'P', long, value_name = "PORTS", default_value = "80,443",
           value_parser = cli::parse_port_list)]
@@ -81,6 +92,8 @@ pub struct TproxyArgs {
     #[arg(long)]
     pub no_proxy: bool,
     #[command(flatten)]
+    pub relay: RelayArgs,
+    #[command(flatten)]
     pub output: OutputArgs,
 }
 
@@ -88,6 +101,8 @@ pub struct TproxyArgs {
 struct Plan {
     ifindex: u32,
     has_l2_header: bool,
+    /// ifindex and has_l2_header of --upstream-interface.
+    upstream: Option<(u32, bool)>,
     proxy_v4: SocketAddr,
     proxy_v6: SocketAddr,
     routes: LocalRouteSpec,
@@ -97,6 +112,17 @@ fn plan(args: &TproxyArgs) -> Result<Plan> {
     let ifindex = nix::net::if_::if_nametoindex(args.interface.as_str())
         .map_err(|_| anyhow::anyhow!("no interface named '{}' (see ip link)", args.interface))?;
     let has_l2_header = link_has_l2_header(&args.interface)?;
+    let upstream = match &args.upstream_interface {
+        None => None,
+        Some(name) if *name == args.interface => {
+            bail!("--upstream-interface must differ from the intercepted interface {name}")
+        }
+        Some(name) => {
+            let index = nix::net::if_::if_nametoindex(name.as_str())
+                .map_err(|_| anyhow::anyhow!("no interface named '{name}' (see ip link)"))?;
+            Some((index, link_has_l2_header(name)?))
+        }
+    };
     let mut proxy_ip4 = None;
     let mut proxy_ip6 = None;
     for ip in &args.proxy_ips {
@@ -119,12 +145,16 @@ fn plan(args: &TproxyArgs) -> Result<Plan> {
         mark: args.route_mark,
         table: args.route_table,
         priority: args.rule_priority,
-        interface: args.interface.clone(),
+        interfaces: std::iter::once(&args.interface)
+            .chain(&args.upstream_interface)
+            .cloned()
+            .collect(),
     };
     routes.validate()?;
     Ok(Plan {
         ifindex,
         has_l2_header,
+        upstream,
         proxy_v4: SocketAddr::new(
             proxy_ip4.unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST)),
             args.proxy_port,
@@ -157,26 +187,76 @@ fn link_has_l2_header(interface: &str) -> Result<bool> {
     }
 }
 
+/// Directory of the instance locks: root's, so no other user can create or
+/// open a lock in it.
+const LOCK_DIR: &str = "/run/proxy-redirect";
+
 /// Held while running: one tproxy per routing table and network namespace.
-/// An abstract socket disappears with its process, even after SIGKILL, so
-/// whatever carries our table's tag while nobody holds it is a leftover.
-fn instance_lock(table: u32) -> Result<UnixListener> {
-    use std::os::linux::net::SocketAddrExt;
-    let name = format!("proxy-redirect-tproxy-table-{table}");
-    let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())?;
-    UnixListener::bind_addr(&addr).map_err(|err| match err.kind() {
-        std::io::ErrorKind::AddrInUse => anyhow::anyhow!(
-            "another tproxy runs in this network namespace with routing table {table}; \
-             stop it or give this one its own --route-table and --rule-priority"
-        ),
-        _ => anyhow::anyhow!("taking the tproxy instance lock: {err}"),
-    })
+/// An flock is released when its process dies, even by SIGKILL, so whatever
+/// carries our table's tag while nobody holds the lock is a leftover.
+struct InstanceLock {
+    _file: File,
+    path: PathBuf,
+}
+
+impl InstanceLock {
+    fn take(table: u32) -> Result<Self> {
+        let dir = Path::new(LOCK_DIR);
+        match DirBuilder::new().mode(0o755).create(dir) {
+            Ok(()) => {}
+            Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(err) => bail!("creating {LOCK_DIR} for the tproxy instance lock: {err}"),
+        }
+        let meta = fs::symlink_metadata(dir).with_context(|| format!("reading {LOCK_DIR}"))?;
+        if !meta.is_dir() || meta.uid() != 0 || meta.mode() & 0o022 != 0 {
+            bail!("{LOCK_DIR} must be a directory owned by root and writable by root only");
+        }
+        // Network namespaces are told apart by their nsfs inode.
+        let netns = fs::metadata("/proc/self/ns/net")
+            .context("reading this process's network namespace")?
+            .ino();
+        let path = dir.join(format!("tproxy-netns-{netns}-table-{table}.lock"));
+        loop {
+            let file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .mode(0o600)
+                .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+                .open(&path)
+                .with_context(|| format!("opening the tproxy instance lock {}", path.display()))?;
+            // SAFETY: flock on a descriptor owned by file.
+            if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+                let err = std::io::Error::last_os_error();
+                if err.kind() == std::io::ErrorKind::WouldBlock {
+                    bail!(
+                        "another tproxy runs in this network namespace with routing table {table}; \
+                         stop it or give this one its own --route-table and --rule-priority"
+                    );
+                }
+                bail!("taking the tproxy instance lock {}: {err}", path.display());
+            }
+            // A run that stopped between our open and our flock unlinked
+            // the file we locked: lock the one now at the path instead.
+            let locked = file.metadata()?.ino();
+            if fs::symlink_metadata(&path).is_ok_and(|now| now.ino() == locked) {
+                return Ok(Self { _file: file, path });
+            }
+        }
+    }
+}
+
+impl Drop for InstanceLock {
+    fn drop(&mut self) {
+        // Removed while still held, so nobody can lock the unlinked file.
+        let _ = fs::remove_file(&self.path);
+    }
 }
 
 pub fn run(args: &TproxyArgs) -> Result<()> {
     let plan = plan(args)?;
     privileges::require_bpf("tproxy")?;
-    let _lock = instance_lock(args.route_table)?;
+    let _lock = InstanceLock::take(args.route_table)?;
     let proxy = if args.no_proxy {
         None
     } else {
@@ -184,6 +264,7 @@ pub fn run(args: &TproxyArgs) -> Result<()> {
             mark: args.mark,
             destination: DestinationSource::LocalAddress,
             transparent: true,
+            idle_timeout: args.relay.idle_timeout(),
         };
         Some(BoundProxy::bind(&[plan.proxy_v4, plan.proxy_v6], config)?)
     };
@@ -197,6 +278,7 @@ pub fn run(args: &TproxyArgs) -> Result<()> {
         route_mark: args.route_mark,
         ifindex: plan.ifindex,
         has_l2_header: plan.has_l2_header,
+        upstream_has_l2_header: plan.upstream.is_some_and(|(_, l2)| l2),
         events: args.output.event_format() != EventFormat::Off,
     };
     let skel = load(&config, &mut open_object)?;
@@ -218,6 +300,15 @@ pub fn run(args: &TproxyArgs) -> Result<()> {
         TcDirection::Ingress,
         args.tc_attach,
     )?;
+
+    if let Some((upstream_ifindex, _)) = plan.upstream {
+        attachments.attach_tc(
+            &skel.progs.tproxy_upstream_ingress,
+            upstream_ifindex,
+            TcDirection::Ingress,
+            args.tc_attach,
+        )?;
+    }
 
     if proxy.is_some() {
         attachments.attach_netns(&skel.progs.tproxy_sk_lookup)?;
@@ -264,6 +355,8 @@ pub struct DatapathConfig {
     pub ifindex: u32,
     /// false on L3 devices (tun, WireGuard), whose packets start with IP.
     pub has_l2_header: bool,
+    /// has_l2_header of the upstream interface (tproxy_upstream_ingress).
+    pub upstream_has_l2_header: bool,
     pub events: bool,
 }
 
@@ -284,6 +377,7 @@ pub fn load<'obj>(
         bail!("the proxy needs one IPv4 and one IPv6 address");
     };
     rodata.has_l2_header = config.has_l2_header.into();
+    rodata.upstream_has_l2_header = config.upstream_has_l2_header.into();
     rodata.proxy_ip4 = u32::from(ip4).to_be();
     let octets = ip6.octets();
     rodata.proxy_ip6 =
@@ -332,6 +426,12 @@ fn print_configuration(args: &TproxyArgs, plan: &Plan, path: &str) {
         args.rule_priority,
         local_route::RT_PROTO
     );
+    if let Some(upstream) = &args.upstream_interface {
+        println!(
+            "  upstream replies:  on {upstream} ingress, to local sockets (fwmark {:#x} iif {upstream} -> table {})",
+            args.route_mark, args.route_table
+        );
+    }
     println!("  TC attachment:     {path}");
 }
 
@@ -411,6 +511,10 @@ fn print_statistics(skel: &TproxySkel<'_>) -> Result<()> {
         (
             "listeners given by sk_lookup",
             tproxy_stat::TSTAT_SK_LOOKUP_ASSIGNED,
+        ),
+        (
+            "upstream replies to sockets",
+            tproxy_stat::TSTAT_UPSTREAM_REPLIES,
         ),
         ("events lost", tproxy_stat::TSTAT_EVENTS_LOST),
     ] {

@@ -8,6 +8,7 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
+use std::process::Stdio;
 use std::time::Duration;
 
 use common::gateway::*;
@@ -178,6 +179,182 @@ fn sigkill_leftovers_are_removed_by_the_next_start_for_tcx_and_clsact() {
     }
 }
 
+/// Run as nobody in the gateway's netns: holds the abstract socket name
+/// that was tproxy's lock before, tries to create or lock the lock file,
+/// then holds on until killed.
+const LOCK_SQUATTER: &str = "\
+import fcntl, os, socket, time
+name = b'\\0proxy-redirect-tproxy-table-5052'
+squat = socket.socket(socket.AF_UNIX)
+squat.bind(name)
+netns = os.stat('/proc/self/ns/net').st_ino
+try:
+    os.makedirs('/run/proxy-redirect', exist_ok=True)
+    lock = open('/run/proxy-redirect/tproxy-netns-%d-table-5052.lock' % netns, 'a')
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    print('took the lock', flush=True)
+except PermissionError:
+    pass
+print('squatting', flush=True)
+time.sleep(600)
+";
+
+#[test]
+fn a_lock_squatted_by_nobody_does_not_stop_tproxy_nor_its_cleanup() {
+    if !have_root() {
+        return;
+    }
+    let gw = Gateway::new();
+    let _web = servers::http(&gw.server, "[::]:80").unwrap();
+    let before = gw.snapshot();
+    let args: Vec<String> = [
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+        PYTHON,
+        "-c",
+        LOCK_SQUATTER,
+    ]
+    .map(String::from)
+    .to_vec();
+    let squatter = Running::start("setpriv", &args, Some(&gw.gateway), None, "squatting");
+    assert!(
+        !squatter.seen.iter().any(|l| l == "took the lock"),
+        "{:?}",
+        squatter.seen
+    );
+    let tproxy = gw.tproxy(&[]);
+    assert_intercepted(&gw);
+    // A killed run's leftovers are still found and removed.
+    tproxy.kill();
+    assert_ne!(gw.snapshot(), before);
+    let tproxy = gw.tproxy(&[]);
+    let removed = tproxy
+        .seen
+        .iter()
+        .filter(|l| l.starts_with("Removed a leftover"))
+        .count();
+    assert_eq!(removed, 4, "{:?}", tproxy.seen);
+    assert_intercepted(&gw);
+    let (status, _, stderr) = tproxy.stop();
+    assert!(status.success(), "{stderr}");
+    assert_eq!(gw.snapshot(), before);
+    squatter.kill();
+}
+
+/// squid (Debian's package) in its default tproxy mode on the gateway:
+/// listening on port 3129 with IP_TRANSPARENT, connecting upstream from
+/// the client's own address. Stopped on drop.
+struct Squid {
+    child: std::process::Child,
+    _dir: TempDir,
+}
+
+impl Squid {
+    fn start(gw: &Gateway) -> Squid {
+        let dir = TempDir::new();
+        // squid writes its logs after dropping to its own user.
+        std::fs::set_permissions(
+            dir.join(""),
+            std::os::unix::fs::PermissionsExt::from_mode(0o777),
+        )
+        .unwrap();
+        let config = dir.join("squid.conf");
+        let d = dir.join("").display().to_string();
+        std::fs::write(
+            &config,
+            format!(
+                "http_port 127.0.0.1:3128\nhttp_port 3129 tproxy\nhttp_access allow all\n\
+                 cache deny all\naccess_log stdio:{d}/access.log\ncache_log {d}/cache.log\n\
+                 pid_filename {d}/squid.pid\ncoredump_dir {d}\nnetdb_filename none\n\
+                 shutdown_lifetime 0 seconds\n"
+            ),
+        )
+        .unwrap();
+        let child = gw
+            .in_gateway("squid")
+            .args(["-N", "-f"])
+            .arg(&config)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starting squid (Debian package squid)");
+        let squid = Squid { child, _dir: dir };
+        for _ in 0..300 {
+            let mut ss = gw.in_gateway("ss");
+            ss.args(["-Htln", "sport", "=", ":3129"]);
+            if !run(ss).stdout.is_empty() {
+                return squid;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let log = std::fs::read_to_string(squid._dir.join("cache.log")).unwrap_or_default();
+        panic!("squid never listened on 3129:\n{log}");
+    }
+}
+
+impl Drop for Squid {
+    /// SIGTERM, so that squid removes its shared memory segments from
+    /// /dev/shm; SIGKILL only if it does not stop.
+    fn drop(&mut self) {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, Signal::SIGTERM);
+        for _ in 0..100 {
+            if matches!(self.child.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn squid_spoofing_the_client_address_gets_its_replies_with_upstream_interface() {
+    if !have_root() {
+        return;
+    }
+    let gw = Gateway::new();
+    let _web = servers::http(&gw.server, "[::]:80").unwrap();
+    let before = gw.snapshot();
+    let _squid = Squid::start(&gw);
+    // Without --upstream-interface the server's replies to the client's
+    // address are forwarded to the client: squid never hears back.
+    let tproxy = gw.tproxy(&["-p", "3129", "--no-proxy"]);
+    let out = curl(gw.in_client("curl"), &url4(80), &["--max-time", "3"]);
+    assert!(!out.status.success(), "answered without the upstream hook");
+    let (status, _, stderr) = tproxy.stop();
+    assert!(status.success(), "{stderr}");
+
+    let tproxy = gw.tproxy(&["-p", "3129", "--no-proxy", "--upstream-interface", "gw-s"]);
+    // The server sees the client's own address: squid spoofed it, and the
+    // reply reached squid's socket.
+    assert_eq!(peer_seen_by_server(&gw, &url4(80)), CLIENT4);
+    assert_eq!(peer_seen_by_server(&gw, &url6(80)), CLIENT6);
+    // A killed run's rules for both interfaces are found and removed.
+    tproxy.kill();
+    let tproxy = gw.tproxy(&["-p", "3129", "--no-proxy", "--upstream-interface", "gw-s"]);
+    let removed = tproxy
+        .seen
+        .iter()
+        .filter(|l| l.starts_with("Removed a leftover"))
+        .count();
+    assert_eq!(removed, 6, "{:?}", tproxy.seen);
+    assert_eq!(peer_seen_by_server(&gw, &url4(80)), CLIENT4);
+    assert_eq!(peer_seen_by_server(&gw, &url6(80)), CLIENT6);
+    let (status, output, stderr) = tproxy.stop();
+    assert!(status.success(), "{stderr}");
+    assert_eq!(stat(&output, "connections intercepted"), 2);
+    assert!(
+        stat(&output, "upstream replies to sockets") >= 4,
+        "{output}"
+    );
+    drop(_squid);
+    assert_eq!(gw.snapshot(), before);
+}
+
 #[test]
 fn connections_forwarded_before_the_start_keep_being_forwarded() {
     if !have_root() {
@@ -333,6 +510,12 @@ fn bad_input_fails_with_one_line_and_changes_nothing() {
             vec!["--proxy-ip", "::1", "--proxy-ip", "::2"],
             "at most one",
         ),
+        (
+            vec!["--upstream-interface", "no-such-if0"],
+            "no interface named 'no-such-if0'",
+        ),
+        (vec!["--upstream-interface", CLIENT_FACING], "must differ"),
+        (vec!["--idle-timeout", "soon"], "invalid value"),
     ];
     for (args, expected) in cases {
         let mut command = gw.in_gateway(BIN);
@@ -576,6 +759,7 @@ fn in_private_netns<T: Send + 'static>(
                 route_mark: 0x5054,
                 ifindex: 1,
                 has_l2_header: true,
+                upstream_has_l2_header: true,
                 events: false,
             };
             let mut object = std::mem::MaybeUninit::uninit();
