@@ -35,6 +35,7 @@ use tokio::net::{TcpSocket, TcpStream};
 use tracing::{debug, warn};
 
 use crate::sockopt::{original_destination, set_mark};
+use crate::stats::{Metric, Snapshot};
 use crate::{cli, privileges, shutdown};
 
 /// Bytes a pipe (one per direction) may hold; also the largest splice.
@@ -126,21 +127,75 @@ pub struct ProxyStats {
 }
 
 impl ProxyStats {
-    pub fn print(&self) {
+    /// The relay's counters as named data.
+    pub fn snapshot(&self) -> Snapshot {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let mut snapshot = Snapshot::new("proxy");
+        let counters = [
+            (
+                "accepted",
+                "connections accepted",
+                "Connections accepted.",
+                &self.accepted,
+            ),
+            (
+                "relayed",
+                "relayed to the end",
+                "Connections relayed until both sides closed.",
+                &self.relayed,
+            ),
+            (
+                "refused",
+                "refused (no original destination or a loop)",
+                "Connections refused: no original destination, or the proxy itself.",
+                &self.refused,
+            ),
+            (
+                "upstream_connect_failed",
+                "upstream connect failed",
+                "Upstream connects that failed.",
+                &self.upstream_failed,
+            ),
+            (
+                "aborted",
+                "aborted, reset passed on",
+                "Relays ended by an error on either side, passed on as resets.",
+                &self.relay_errors,
+            ),
+            (
+                "idle_closed",
+                "closed when idle",
+                "Connections closed after --idle-timeout without traffic.",
+                &self.idle_closed,
+            ),
+            (
+                "upstream_bytes",
+                "bytes client->upstream",
+                "Bytes relayed from clients to upstreams.",
+                &self.bytes_upstream,
+            ),
+            (
+                "downstream_bytes",
+                "bytes upstream->client",
+                "Bytes relayed from upstreams to clients.",
+                &self.bytes_downstream,
+            ),
+            (
+                "copy_fallbacks",
+                "splice->copy fallbacks",
+                "Relays that fell back from splice to copying (sockmap sockets).",
+                &self.copy_fallbacks,
+            ),
+        ];
+        for (name, label, help, counter) in counters {
+            snapshot.push(Metric::counter(name, label, help, get(counter)));
+        }
+        snapshot
+    }
+
+    pub fn print(&self) {
         println!("=== Proxy ===");
-        println!("  connections accepted:   {}", get(&self.accepted));
-        println!("  relayed to the end:     {}", get(&self.relayed));
-        println!(
-            "  refused (no original destination or a loop): {}",
-            get(&self.refused)
-        );
-        println!("  upstream connect failed: {}", get(&self.upstream_failed));
-        println!("  aborted, reset passed on: {}", get(&self.relay_errors));
-        println!("  closed when idle:       {}", get(&self.idle_closed));
-        println!("  bytes client->upstream: {}", get(&self.bytes_upstream));
-        println!("  bytes upstream->client: {}", get(&self.bytes_downstream));
-        println!("  splice->copy fallbacks: {}", get(&self.copy_fallbacks));
+        self.snapshot().print();
     }
 }
 

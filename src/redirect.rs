@@ -191,7 +191,12 @@ pub fn run(args: &RedirectArgs) -> Result<()> {
         move |e: &redirect_event| print_event(e, format, start_ns),
     )?;
     let mut publish = metrics.publisher(&[("attach", "cgroup bpf_link".to_owned())]);
-    events::run_until_shutdown(ring.as_ref(), || publish(&|| Ok(vec![snapshot(&skel)?])))?;
+    let snapshots = || -> Result<Vec<Snapshot>> {
+        let mut all = vec![snapshot(&skel)?];
+        all.extend(proxy.as_ref().map(|proxy| proxy.stats.snapshot()));
+        Ok(all)
+    };
+    events::run_until_shutdown(ring.as_ref(), || publish(&snapshots))?;
     drop(ring);
 
     print_statistics(&skel)?;
