@@ -202,29 +202,38 @@ struct InstanceLock {
 impl InstanceLock {
     fn take(table: u32) -> Result<Self> {
         let dir = Path::new(LOCK_DIR);
-        match DirBuilder::new().mode(0o755).create(dir) {
-            Ok(()) => {}
-            Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists => {}
-            Err(err) => bail!("creating {LOCK_DIR} for the tproxy instance lock: {err}"),
-        }
-        let meta = fs::symlink_metadata(dir).with_context(|| format!("reading {LOCK_DIR}"))?;
-        if !meta.is_dir() || meta.uid() != 0 || meta.mode() & 0o022 != 0 {
-            bail!("{LOCK_DIR} must be a directory owned by root and writable by root only");
-        }
         // Network namespaces are told apart by their nsfs inode.
         let netns = fs::metadata("/proc/self/ns/net")
             .context("reading this process's network namespace")?
             .ino();
         let path = dir.join(format!("tproxy-netns-{netns}-table-{table}.lock"));
         loop {
-            let file = OpenOptions::new()
+            match DirBuilder::new().mode(0o755).create(dir) {
+                Ok(()) => {}
+                Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(err) => bail!("creating {LOCK_DIR} for the tproxy instance lock: {err}"),
+            }
+            let meta = fs::symlink_metadata(dir).with_context(|| format!("reading {LOCK_DIR}"))?;
+            if !meta.is_dir() || meta.uid() != 0 || meta.mode() & 0o022 != 0 {
+                bail!("{LOCK_DIR} must be a directory owned by root and writable by root only");
+            }
+            let file = match OpenOptions::new()
                 .read(true)
                 .write(true)
                 .create(true)
                 .mode(0o600)
                 .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
                 .open(&path)
-                .with_context(|| format!("opening the tproxy instance lock {}", path.display()))?;
+            {
+                Ok(file) => file,
+                // The last run to stop removed the empty directory meanwhile.
+                Err(err) if err.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(err) => {
+                    return Err(err).with_context(|| {
+                        format!("opening the tproxy instance lock {}", path.display())
+                    })
+                }
+            };
             // SAFETY: flock on a descriptor owned by file.
             if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
                 let err = std::io::Error::last_os_error();
@@ -248,8 +257,10 @@ impl InstanceLock {
 
 impl Drop for InstanceLock {
     fn drop(&mut self) {
-        // Removed while still held, so nobody can lock the unlinked file.
+        // Removed while still held, so nobody can lock the unlinked file;
+        // the directory too when no other instance has a lock in it.
         let _ = fs::remove_file(&self.path);
+        let _ = fs::remove_dir(LOCK_DIR);
     }
 }
 
