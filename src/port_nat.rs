@@ -38,9 +38,9 @@ const ADDR_FAMILY_INET: u8 = 2;
 /// Which transport protocols are translated.
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Protocols {
-    #[default]
     Tcp,
     Udp,
+    #[default]
     All,
 }
 
@@ -60,8 +60,8 @@ impl Protocols {
 Examples:
   # A web server on :80 answers on :8080 as well
   proxy-redirect port-nat -i eth0 -f 8080 -t 80 -v
-  # Two mappings, TCP and UDP; list every translated packet as JSON
-  proxy-redirect port-nat -i eth0 -f 8080 -t 80 -f 5300 -t 53 --proto all --json
+  # Two mappings (TCP and UDP, the default); list every translated packet as JSON
+  proxy-redirect port-nat -i eth0 -f 8080 -t 80 -f 5300 -t 53 --json
 
 Packets arriving on IFACE for port FROM are delivered to port TO; the
 replies leave with FROM again, so clients never notice. Clients that talk to
@@ -83,7 +83,7 @@ pub struct PortNatArgs {
     #[arg(short = 't', long = "to", value_name = "TO", value_parser = cli::parse_port)]
     pub to: Vec<u16>,
     /// Transport protocols to translate
-    #[arg(long, value_enum, default_value_t = Protocols::Tcp)]
+    #[arg(long, value_enum, default_value_t = Protocols::All)]
     pub proto: Protocols,
     /// Size of the flow table
     #[arg(long, value_name = "N", default_value = "65536",

@@ -740,8 +740,7 @@ fn lo_http_download_and_connected_udp_through_mappings_without_checksum_errors()
     let nat = port_nat(
         &ns,
         &[
-            "-i", "lo", "-f", "8080", "-t", "80", "-f", "5300", "-t", "5353", "--proto", "all",
-            "--json",
+            "-i", "lo", "-f", "8080", "-t", "80", "-f", "5300", "-t", "5353", "--json",
         ],
     );
     assert!(
