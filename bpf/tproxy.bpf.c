@@ -258,13 +258,9 @@ int tproxy_ingress(struct __sk_buff *skb)
 	__u16 port;
 	int ret;
 
-	if (skb->protocol == bpf_htons(ETH_P_IP))
-		ret = parse_ipv4(skb, ip_off, &pkt);
-	else if (skb->protocol == bpf_htons(ETH_P_IPV6))
-		ret = parse_ipv6(skb, ip_off, &pkt);
-	else
-		return TC_ACT_OK;
-	if (ret == PARSE_OTHER || (ret == PARSE_OK && pkt.protocol != IPPROTO_TCP))
+	ret = parse_packet(skb, ip_off, &pkt);
+	if (ret == PARSE_OTHER || ret == PARSE_ICMP ||
+	    (ret == PARSE_OK && pkt.protocol != IPPROTO_TCP))
 		return TC_ACT_OK;
 	if (ret != PARSE_OK) {
 		stat_add(&stats, TSTAT_UNPARSED, 1);

@@ -17,7 +17,7 @@ use crate::bpf::port_nat::types::{
 use crate::bpf::port_nat::{PortNatSkel, PortNatSkelBuilder};
 use crate::cli::{self, EventFormat, OutputArgs};
 use crate::events;
-use crate::links::{Attachments, TcAttachMode, TcDirection};
+use crate::links::{self, Attachments, TcAttachMode, TcDirection};
 use crate::{maps, privileges, shutdown};
 
 // SAFETY: generated from include/port_nat.h: fixed-width integers with
@@ -214,6 +214,18 @@ pub fn load<'obj>(
     Ok(skel)
 }
 
+/// Tells the programs whether packets start with an Ethernet header; set
+/// before every attach.
+pub fn set_l2_header(skel: &mut PortNatSkel<'_>, has_l2_header: bool) -> Result<()> {
+    let data = skel
+        .maps
+        .data_data
+        .as_deref_mut()
+        .context("the port-nat object has no .data")?;
+    data.l2_len = if has_l2_header { 14 } else { 0 };
+    Ok(())
+}
+
 pub fn run(args: &PortNatArgs) -> Result<()> {
     let mappings = mappings(&args.from, &args.to)?;
     let ifindex = interface_index(&args.interface)?;
@@ -232,8 +244,10 @@ pub fn run(args: &PortNatArgs) -> Result<()> {
         udp: Duration::from_secs(args.udp_timeout),
     };
 
+    let has_l2_header = links::link_has_l2_header(&args.interface, "port-nat")?;
     let mut open_object = MaybeUninit::uninit();
-    let skel = load(&config, &mut open_object)?;
+    let mut skel = load(&config, &mut open_object)?;
+    set_l2_header(&mut skel, has_l2_header)?;
     let mut attachments = Attachments::default();
     // Egress first: it only touches tracked flows, and every flow ingress
     // creates must find its reply path ready.
@@ -251,6 +265,7 @@ pub fn run(args: &PortNatArgs) -> Result<()> {
     )?;
 
     print_configuration(args, &config, ifindex, &timeouts);
+    warn_about_local_ports(&config.mappings);
     println!(
         "Attached ingress and egress programs to {} via {path}; press Ctrl-C to stop",
         args.interface
@@ -284,6 +299,27 @@ pub fn run(args: &PortNatArgs) -> Result<()> {
     drop(attachments);
     println!("Cleaned up");
     Ok(())
+}
+
+/// This host's own connections may get a FROM as their local port; their
+/// replies are left alone (a socket lookup finds them), but a client of FROM
+/// whose tuple equals such a connection's cannot get through meanwhile.
+fn warn_about_local_ports(mappings: &[Mapping]) {
+    let path = "/proc/sys/net/ipv4/ip_local_port_range";
+    let Some((low, high)) = std::fs::read_to_string(path).ok().and_then(|range| {
+        let mut ports = range.split_whitespace().map(|p| p.parse::<u16>().ok());
+        Some((ports.next()??, ports.next()??))
+    }) else {
+        return;
+    };
+    for mapping in mappings.iter().filter(|m| (low..=high).contains(&m.from)) {
+        tracing::warn!(
+            "FROM port {} is inside ip_local_port_range ({low}-{high}): this host's own \
+             outgoing connections may use it as their local port (their replies are left \
+             untranslated); pick a FROM outside {path}",
+            mapping.from
+        );
+    }
 }
 
 /// Removes the flows idle for longer than their state's timeout and
@@ -459,7 +495,7 @@ fn print_statistics(skel: &PortNatSkel<'_>, expired: u64) -> Result<()> {
     );
     let dropped =
         count(nat_stat::NAT_STAT_DROP_TRACK_FAILED) + count(nat_stat::NAT_STAT_DROP_REWRITE_FAILED);
-    let lines: [(&str, u64); 17] = [
+    let lines: [(&str, u64); 20] = [
         ("packets seen", count(nat_stat::NAT_STAT_PACKETS)),
         ("bytes seen", count(nat_stat::NAT_STAT_BYTES)),
         (
@@ -480,8 +516,20 @@ fn print_statistics(skel: &PortNatSkel<'_>, expired: u64) -> Result<()> {
             "flows ended by direct traffic",
             count(nat_stat::NAT_STAT_DIRECT_STALE),
         ),
+        (
+            "direct packets ignored (no evidence)",
+            count(nat_stat::NAT_STAT_DIRECT_IGNORED),
+        ),
+        (
+            "passed: replies to local sockets",
+            count(nat_stat::NAT_STAT_PASS_LOCAL),
+        ),
         ("flows evicted (table full)", evicted),
         ("flows tracked at exit", live.len() as u64),
+        (
+            "ICMP errors translated",
+            count(nat_stat::NAT_STAT_ICMP_TRANSLATED),
+        ),
         (
             "untracked replies left alone",
             count(nat_stat::NAT_STAT_REPLY_UNTRACKED),

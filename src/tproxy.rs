@@ -96,7 +96,7 @@ struct Plan {
 fn plan(args: &TproxyArgs) -> Result<Plan> {
     let ifindex = nix::net::if_::if_nametoindex(args.interface.as_str())
         .map_err(|_| anyhow::anyhow!("no interface named '{}' (see ip link)", args.interface))?;
-    let has_l2_header = link_has_l2_header(&args.interface)?;
+    let has_l2_header = crate::links::link_has_l2_header(&args.interface, "tproxy")?;
     let mut proxy_ip4 = None;
     let mut proxy_ip6 = None;
     for ip in &args.proxy_ips {
@@ -135,26 +135,6 @@ fn plan(args: &TproxyArgs) -> Result<Plan> {
         ),
         routes,
     })
-}
-
-/// Whether TC sees an Ethernet header in front of the IP header.
-fn link_has_l2_header(interface: &str) -> Result<bool> {
-    let output = std::process::Command::new("ip")
-        .args(["-j", "link", "show", "dev", interface])
-        .output()
-        .context("running ip (install iproute2)")?;
-    let links: serde_json::Value = serde_json::from_slice(&output.stdout)
-        .with_context(|| format!("reading the link type of {interface}"))?;
-    let link_type = links[0]["link_type"].as_str().unwrap_or_default();
-    match link_type {
-        "ether" | "loopback" => Ok(true),
-        // tun, WireGuard: packets start with the IP header.
-        "none" => Ok(false),
-        other => bail!(
-            "interface {interface} has link type '{other}'; tproxy supports Ethernet-like \
-             interfaces and L3 devices such as tun and WireGuard"
-        ),
-    }
 }
 
 /// Held while running: one tproxy per routing table and network namespace.

@@ -399,6 +399,354 @@ fn fixtures_replies_are_rewritten_only_for_tracked_flows() {
     );
 }
 
+#[test]
+fn fixtures_only_evidence_ends_a_flow_and_a_spoofed_ack_does_not() {
+    if !have_root() {
+        return;
+    }
+    let mut object = MaybeUninit::uninit();
+    let skel = load(&mut object, Protocols::All, 1024);
+    let run_in = |f: &[u8]| ingress(&skel, f);
+    let run_out = |f: &[u8]| egress(&skel, f);
+
+    for (client, server) in [(C4, S4), (C6, S6)] {
+        let fam = family(client);
+        let syn = Packet::tcp(client, 43000, server, 8080, TCP_SYN).with_seq(1_000_000);
+        run_in(&syn.build());
+        run_in(
+            &Packet::tcp(client, 43000, server, 8080, TCP_ACK)
+                .with_seq(1_000_001)
+                .build(),
+        );
+        let established = Some(nat_flow_state::FLOW_TCP_ESTABLISHED.0 as u8);
+        assert_eq!(state_of(&skel, 43000, fam), established);
+
+        // Straight to :80 from the client's tuple: an ACK with any sequence
+        // number, a RST and a FIN far from the client's, a UDP datagram.
+        for (what, flags, seq) in [
+            ("spoofed ACK", TCP_ACK, 0x8000_0000),
+            ("spoofed ACK near the window", TCP_ACK | TCP_PSH, 1_000_001),
+            ("RST out of window", TCP_RST, 1_000_001 + (3 << 20)),
+            (
+                "FIN out of window",
+                TCP_FIN | TCP_ACK,
+                1_000_001u32.wrapping_sub(3 << 20),
+            ),
+        ] {
+            let spoofed = Packet::tcp(client, 43000, server, 80, flags).with_seq(seq);
+            assert_unchanged(what, run_in, &spoofed.build());
+            assert_eq!(
+                state_of(&skel, 43000, fam),
+                established,
+                "{what} ended the flow"
+            );
+        }
+        // The server's next segment still leaves as :8080.
+        let data = Packet::tcp(server, 80, client, 43000, TCP_ACK | TCP_PSH).with_payload(b"data");
+        assert_rewritten(
+            "reply after spoofed packets",
+            run_out,
+            &data,
+            &Packet {
+                src_port: 8080,
+                ..data.clone()
+            },
+        );
+
+        // A RST near the client's sequence numbers is evidence.
+        let rst = Packet::tcp(client, 43000, server, 80, TCP_RST).with_seq(1_000_001 + 70_000);
+        assert_unchanged("in-window RST", run_in, &rst.build());
+        assert_eq!(state_of(&skel, 43000, fam), None);
+
+        // So is an in-window FIN, and a new SYN.
+        run_in(&syn.build());
+        let fin = Packet::tcp(client, 43000, server, 80, TCP_FIN | TCP_ACK).with_seq(999_000);
+        assert_unchanged("in-window FIN", run_in, &fin.build());
+        assert_eq!(state_of(&skel, 43000, fam), None);
+        run_in(&syn.build());
+        let direct_syn = Packet::tcp(client, 43000, server, 80, TCP_SYN).with_seq(7);
+        assert_unchanged("direct SYN", run_in, &direct_syn.build());
+        assert_eq!(state_of(&skel, 43000, fam), None);
+    }
+    assert_eq!(counter(&skel, nat_stat::NAT_STAT_DIRECT_IGNORED), 8);
+    assert_eq!(counter(&skel, nat_stat::NAT_STAT_DIRECT_STALE), 6);
+
+    // UDP carries no evidence: a datagram straight to TO leaves the flow.
+    run_in(&Packet::udp(C4, 44000, S4, 5300).build());
+    assert_unchanged(
+        "direct UDP",
+        run_in,
+        &Packet::udp(C4, 44000, S4, 5353).build(),
+    );
+    assert_eq!(
+        state_of(&skel, 44000, 2),
+        Some(nat_flow_state::FLOW_UDP.0 as u8)
+    );
+}
+
+#[test]
+fn fixtures_replies_to_local_sockets_are_left_alone() {
+    if !have_root() {
+        return;
+    }
+    let ns = lo_netns();
+    ns.spawn(|| {
+        let mut object = MaybeUninit::uninit();
+        let skel = load(&mut object, Protocols::All, 1024);
+        let run_in = |f: &[u8]| ingress(&skel, f);
+        // This host's own connections whose local port is a FROM: TCP from
+        // 127.0.0.1:8080 and [::1]:8080, connected UDP from 127.0.0.1:5300.
+        let listener4 = std::net::TcpListener::bind("127.0.0.1:9000")?;
+        let listener6 = std::net::TcpListener::bind("[::1]:9000")?;
+        let tcp4 = bound_tcp_connect("127.0.0.1:8080", "127.0.0.1:9000")?;
+        let tcp6 = bound_tcp_connect("[::1]:8080", "[::1]:9000")?;
+        let udp = UdpSocket::bind("127.0.0.1:5300")?;
+        udp.connect("127.0.0.1:9000")?;
+        let (_a, _) = listener4.accept()?;
+        let (_b, _) = listener6.accept()?;
+
+        for (what, packet) in [
+            (
+                "SYN-ACK to a local connect()",
+                Packet::tcp("127.0.0.1", 9000, "127.0.0.1", 8080, TCP_SYN | TCP_ACK),
+            ),
+            (
+                "data to a local connection",
+                Packet::tcp("127.0.0.1", 9000, "127.0.0.1", 8080, TCP_ACK | TCP_PSH)
+                    .with_payload(b"x"),
+            ),
+            (
+                "IPv6 data to a local connection",
+                Packet::tcp("::1", 9000, "::1", 8080, TCP_ACK),
+            ),
+            (
+                "datagram to a connected UDP socket",
+                Packet::udp("127.0.0.1", 9000, "127.0.0.1", 5300),
+            ),
+        ] {
+            assert_unchanged(what, run_in, &packet.build());
+        }
+        assert_eq!(counter(&skel, nat_stat::NAT_STAT_PASS_LOCAL), 4);
+        assert!(flows(&skel).is_empty(), "a local connection got a flow");
+
+        // Another peer of the same FROM is a client: translated, and so is
+        // a client where a listener holds FROM (a listener has no peer).
+        let client = Packet::tcp("127.0.0.1", 9001, "127.0.0.1", 8080, TCP_SYN);
+        assert_rewritten(
+            "a client of FROM next to a local connection",
+            run_in,
+            &client,
+            &Packet {
+                dst_port: 80,
+                ..client.clone()
+            },
+        );
+        let listener = std::net::TcpListener::bind("127.0.0.2:8080")?;
+        let to_listener = Packet::tcp("127.0.0.1", 9002, "127.0.0.2", 8080, TCP_SYN);
+        assert_rewritten(
+            "a client of FROM where something listens on FROM",
+            run_in,
+            &to_listener,
+            &Packet {
+                dst_port: 80,
+                ..to_listener.clone()
+            },
+        );
+        drop((tcp4, tcp6, udp, listener));
+        Ok(())
+    })
+    .unwrap()
+    .join()
+    .unwrap()
+    .unwrap();
+}
+
+/// A TCP connection from a chosen local address and port.
+fn bound_tcp_connect(local: &str, peer: &str) -> std::io::Result<std::net::TcpStream> {
+    use nix::sys::socket::{
+        bind, connect, socket, AddressFamily, SockFlag, SockType, SockaddrStorage,
+    };
+    use std::os::fd::{AsRawFd, OwnedFd};
+    let local: SocketAddr = local.parse().unwrap();
+    let peer: SocketAddr = peer.parse().unwrap();
+    let family = if local.is_ipv4() {
+        AddressFamily::Inet
+    } else {
+        AddressFamily::Inet6
+    };
+    let fd: OwnedFd = socket(family, SockType::Stream, SockFlag::empty(), None)?;
+    bind(fd.as_raw_fd(), &SockaddrStorage::from(local))?;
+    connect(fd.as_raw_fd(), &SockaddrStorage::from(peer))?;
+    Ok(std::net::TcpStream::from(fd))
+}
+
+#[test]
+fn fixtures_translate_on_l3_devices() {
+    if !have_root() {
+        return;
+    }
+    let mut object = MaybeUninit::uninit();
+    let mut skel = load(&mut object, Protocols::All, 1024);
+    port_nat::set_l2_header(&mut skel, false).unwrap();
+    let l3 = |packet: &Packet| packet.build()[ETH_HLEN..].to_vec();
+    for (client, server) in [(C4, S4), (C6, S6)] {
+        for query in [
+            Packet::tcp(client, 45000, server, 8080, TCP_SYN),
+            Packet::udp(client, 45001, server, 5300).with_payload(b"query"),
+        ] {
+            let (verdict, out) = ingress(&skel, &l3(&query));
+            assert_eq!(verdict, TC_ACT_OK);
+            let translated = Packet {
+                dst_port: if query.protocol == IPPROTO_TCP {
+                    80
+                } else {
+                    5353
+                },
+                ..query.clone()
+            };
+            assert_eq!(
+                hex(&out),
+                hex(&l3(&translated)),
+                "{client} ingress, tun framing"
+            );
+            verify_checksums(&with_ethernet(&out)).unwrap();
+            let reply = translated.reply(TCP_SYN | TCP_ACK);
+            let (_, out) = egress(&skel, &l3(&reply));
+            let expected = Packet {
+                src_port: query.dst_port,
+                ..reply.clone()
+            };
+            assert_eq!(
+                hex(&out),
+                hex(&l3(&expected)),
+                "{client} egress, tun framing"
+            );
+            verify_checksums(&with_ethernet(&out)).unwrap();
+        }
+    }
+    assert_eq!(counter(&skel, nat_stat::NAT_STAT_INGRESS_TRANSLATED), 4);
+    assert_eq!(counter(&skel, nat_stat::NAT_STAT_EGRESS_TRANSLATED), 4);
+    assert_eq!(counter(&skel, nat_stat::NAT_STAT_PASS_TRUNCATED), 0);
+}
+
+/// An ICMP error through `run`: it comes out as `expected`, every checksum
+/// right, the quoted packet exactly `quoted_expected`.
+fn assert_icmp_rewritten(
+    what: &str,
+    run: impl Fn(&[u8]) -> (u32, Vec<u8>),
+    input: &Packet,
+    expected: &Packet,
+    quoted_expected: &[u8],
+) {
+    let frame = input.build();
+    verify_icmp_error(&frame)
+        .unwrap_or_else(|e| panic!("{what}: the builder made a bad frame: {e}"));
+    let (verdict, out) = run(&frame);
+    assert_eq!(verdict, TC_ACT_OK, "{what}: verdict");
+    assert_eq!(hex(&out), hex(&expected.build()), "{what}: output bytes");
+    let quoted = verify_icmp_error(&out).unwrap_or_else(|e| panic!("{what}: {e}"));
+    assert_eq!(hex(&quoted), hex(quoted_expected), "{what}: quoted packet");
+}
+
+#[test]
+fn fixtures_icmp_errors_about_translated_flows_are_translated() {
+    if !have_root() {
+        return;
+    }
+    let mut object = MaybeUninit::uninit();
+    let skel = load(&mut object, Protocols::All, 1024);
+    let run_in = |f: &[u8]| ingress(&skel, f);
+    let run_out = |f: &[u8]| egress(&skel, f);
+    let ip = |frame: &[u8]| frame[ETH_HLEN..].to_vec();
+    let router = |client: &str| {
+        if client == C4 {
+            "203.0.113.9"
+        } else {
+            "2001:db8:2::9"
+        }
+    };
+    for (client, server) in [(C4, S4), (C6, S6)] {
+        let (port_unreachable, frag_needed) = if client == C4 {
+            ((3u8, 3u8), (3u8, 4u8))
+        } else {
+            ((1u8, 4u8), (2u8, 0u8))
+        };
+        // A UDP query to :5300 reached the server as :5353, where nothing
+        // listens: its port-unreachable must name 5300 again.
+        let query = Packet::udp(client, 46000, server, 5300).with_payload(b"query?");
+        let (_, seen_by_server) = run_in(&query.build());
+        let error = Packet::icmp_error(server, client, port_unreachable, &ip(&seen_by_server));
+        assert_icmp_rewritten(
+            "port unreachable about a UDP query",
+            run_out,
+            &error,
+            &Packet::icmp_error(server, client, port_unreachable, &ip(&query.build())),
+            &ip(&query.build()),
+        );
+        // The same with a zero ("none") UDP checksum, IPv4 only: the ICMP
+        // checksum takes the change.
+        if client == C4 {
+            let bare = Packet {
+                udp_zero_checksum: true,
+                ..query.clone()
+            };
+            let (_, seen) = run_in(&bare.build());
+            let error = Packet::icmp_error(server, client, port_unreachable, &ip(&seen));
+            assert_icmp_rewritten(
+                "port unreachable about a checksum-less query",
+                run_out,
+                &error,
+                &Packet::icmp_error(server, client, port_unreachable, &ip(&bare.build())),
+                &ip(&bare.build()),
+            );
+        }
+
+        // TCP: the server's reply left as :8080; a router on the way says
+        // it is too big. The server's socket is on :80.
+        let syn = Packet::tcp(client, 46001, server, 8080, TCP_SYN);
+        run_in(&syn.build());
+        let reply =
+            Packet::tcp(server, 80, client, 46001, TCP_ACK | TCP_PSH).with_payload(&[7u8; 64]);
+        let (_, on_the_wire) = run_out(&reply.build());
+        let error = Packet::icmp_error(router(client), server, frag_needed, &ip(&on_the_wire));
+        assert_icmp_rewritten(
+            "fragmentation needed about a reply",
+            run_in,
+            &error,
+            &Packet::icmp_error(router(client), server, frag_needed, &ip(&reply.build())),
+            &ip(&reply.build()),
+        );
+        // Quoting only 8 bytes of TCP (the RFC 792 minimum): no TCP
+        // checksum to fix, the ICMP checksum takes the change.
+        let short = |frame: &[u8]| {
+            let inner = ip(frame);
+            let l4 = if client == C4 { 20 } else { 40 };
+            inner[..l4 + 8].to_vec()
+        };
+        let error = Packet::icmp_error(router(client), server, frag_needed, &short(&on_the_wire));
+        assert_icmp_rewritten(
+            "fragmentation needed quoting 8 bytes",
+            run_in,
+            &error,
+            &Packet::icmp_error(router(client), server, frag_needed, &short(&reply.build())),
+            &short(&reply.build()),
+        );
+
+        // Errors about untracked traffic pass unchanged.
+        let direct = Packet::udp(client, 46002, server, 5353);
+        let error = Packet::icmp_error(server, client, port_unreachable, &ip(&direct.build()));
+        assert_unchanged("error about a direct client", run_out, &error.build());
+        let error = Packet::icmp_error(
+            router(client),
+            server,
+            frag_needed,
+            &ip(&reply.reply(TCP_ACK).build()),
+        );
+        assert_unchanged("error about a packet to the server", run_in, &error.build());
+    }
+    assert_eq!(counter(&skel, nat_stat::NAT_STAT_ICMP_TRANSLATED), 7);
+}
+
 fn family(addr: &str) -> u8 {
     if addr.contains(':') {
         10
