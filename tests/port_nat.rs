@@ -1139,6 +1139,251 @@ fn lo_http_download_and_connected_udp_through_mappings_without_checksum_errors()
     assert_eq!(attached_tc(&ns, "lo").0, 0);
 }
 
+/// Sends `ip` (an IPv4 packet) as it is from a raw socket of the calling
+/// thread's namespace: a forged packet.
+fn send_raw_ipv4(ip: &[u8], dst: std::net::Ipv4Addr) -> std::io::Result<()> {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    // SAFETY: plain socket(2); the result is checked before it is owned.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a fresh descriptor nobody else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let addr = nix::sys::socket::SockaddrIn::from(std::net::SocketAddrV4::new(dst, 0));
+    nix::sys::socket::sendto(
+        std::os::fd::AsRawFd::as_raw_fd(&fd),
+        ip,
+        &addr,
+        nix::sys::socket::MsgFlags::empty(),
+    )?;
+    Ok(())
+}
+
+#[test]
+fn veth_a_download_survives_spoofed_acks_straight_to_to() {
+    if !have_root() {
+        return;
+    }
+    let testbed = Testbed::new();
+    let (client, server) = (&testbed.client, &testbed.server);
+    let _echo = servers::echo(server, "[::]:80").unwrap();
+    let nat = port_nat(server, &["-i", "veth-s", "-f", "8080", "-t", "80"]);
+    let total = 16usize << 20;
+    let transfer = client
+        .spawn(move || {
+            let stream =
+                bound_tcp_connect(&format!("{CLIENT_V4}:45000"), &format!("{SERVER_V4}:8080"))?;
+            stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+            let data = payload(total, 11);
+            let mut writer = stream.try_clone()?;
+            let sent = data.clone();
+            let writing = std::thread::spawn(move || std::io::Write::write_all(&mut writer, &sent));
+            let mut received = Vec::with_capacity(total);
+            let mut buffer = vec![0u8; 64 * 1024];
+            let mut next_spoof = 1usize << 20;
+            let mut spoofed = 0;
+            while received.len() < total {
+                let n = std::io::Read::read(&mut &stream, &mut buffer)
+                    .map_err(|e| anyhow::anyhow!("after {} bytes: {e}", received.len()))?;
+                anyhow::ensure!(n > 0, "closed after {} bytes", received.len());
+                received.extend_from_slice(&buffer[..n]);
+                if received.len() >= next_spoof && spoofed < 3 {
+                    // An ACK with an arbitrary sequence number, from the
+                    // client's address and port straight to :80.
+                    let ack = Packet::tcp(CLIENT_V4, 45000, SERVER_V4, 80, TCP_ACK)
+                        .with_seq(0x8000_0000 + spoofed);
+                    send_raw_ipv4(&ack.build()[ETH_HLEN..], SERVER_V4.parse()?)?;
+                    spoofed += 1;
+                    next_spoof += 4 << 20;
+                }
+            }
+            writing.join().unwrap()?;
+            anyhow::ensure!(received == data, "the echoed bytes differ");
+            Ok(())
+        })
+        .unwrap();
+    transfer.join().unwrap().unwrap();
+    let (status, output, stderr) = nat.stop();
+    assert!(status.success(), "{stderr}");
+    assert_eq!(
+        stat(&output, "direct packets ignored (no evidence)"),
+        3,
+        "{output}"
+    );
+    assert_eq!(
+        stat(&output, "flows ended by direct traffic"),
+        0,
+        "{output}"
+    );
+}
+
+#[test]
+fn lo_a_local_connection_from_port_from_works_and_from_in_the_local_range_is_warned_about() {
+    if !have_root() {
+        return;
+    }
+    let ns = lo_netns();
+    let _http = servers::http(&ns, "127.0.0.1:80").unwrap();
+    let _peer = servers::http(&ns, "127.0.0.1:9000").unwrap();
+    in_netns(
+        &ns,
+        "sysctl",
+        &["-qw", "net.ipv4.ip_local_port_range=32768 60999"],
+    );
+    let nat = port_nat(&ns, &["-i", "lo", "-f", "40000", "-t", "80"]);
+    // This host's own connection from local port 40000 (FROM).
+    for _ in 0..3 {
+        let body = curl(&ns, "http://127.0.0.1:9000/", &["--local-port", "40000"]);
+        assert!(body.contains("peer=127.0.0.1:40000"), "{body}");
+        wait_for_tcp_to_settle(&ns);
+    }
+    // A client of FROM is still translated.
+    let body = curl(&ns, "http://127.0.0.1:40000/", &[]);
+    assert!(body.contains("local=127.0.0.1:80"), "{body}");
+    let (status, output, stderr) = nat.stop();
+    assert!(status.success(), "{stderr}");
+    assert!(
+        stderr.contains("FROM port 40000 is inside ip_local_port_range (32768-60999)"),
+        "{stderr}"
+    );
+    assert!(
+        stat(&output, "passed: replies to local sockets") > 0,
+        "{output}"
+    );
+}
+
+#[test]
+fn lo_a_udp_client_of_from_gets_econnrefused_when_nothing_listens_on_to() {
+    if !have_root() {
+        return;
+    }
+    let ns = lo_netns();
+    let nat = port_nat(&ns, &["-i", "lo", "-f", "5300", "-t", "5353"]);
+    for server in ["127.0.0.1:5300", "[::1]:5300"] {
+        let server: SocketAddr = server.parse().unwrap();
+        let refused = ns
+            .spawn(move || {
+                let bind = if server.is_ipv4() {
+                    "127.0.0.1:0"
+                } else {
+                    "[::1]:0"
+                };
+                let socket = UdpSocket::bind(bind)?;
+                socket.connect(server)?;
+                socket.set_read_timeout(Some(Duration::from_secs(5)))?;
+                let start = std::time::Instant::now();
+                socket.send(b"anyone?")?;
+                let err = socket.recv(&mut [0u8; 64]).unwrap_err();
+                Ok((err.kind(), start.elapsed()))
+            })
+            .unwrap()
+            .join()
+            .unwrap()
+            .unwrap();
+        assert_eq!(refused.0, std::io::ErrorKind::ConnectionRefused, "{server}");
+        assert!(
+            refused.1 < Duration::from_secs(1),
+            "{server}: {:?}",
+            refused.1
+        );
+    }
+    let (status, output, stderr) = nat.stop();
+    assert!(status.success(), "{stderr}");
+    assert_eq!(stat(&output, "ICMP errors translated"), 2, "{output}");
+}
+
+/// A tun device in `ns`: its descriptor, through which the test is the
+/// device's peer, reading and writing bare IP packets.
+fn tun_device(ns: &NetNs, name: &str) -> std::os::fd::OwnedFd {
+    let name = name.to_owned();
+    ns.spawn(move || {
+        use std::os::fd::{AsRawFd, OwnedFd};
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/net/tun")?;
+        let mut ifreq = [0u8; 40];
+        ifreq[..name.len()].copy_from_slice(name.as_bytes());
+        let flags = (libc::IFF_TUN | libc::IFF_NO_PI) as i16;
+        ifreq[16..18].copy_from_slice(&flags.to_ne_bytes());
+        // SAFETY: TUNSETIFF reads and writes a struct ifreq, 40 bytes.
+        if unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETIFF, ifreq.as_mut_ptr()) } < 0 {
+            return Err(std::io::Error::last_os_error().into());
+        }
+        Ok(OwnedFd::from(file))
+    })
+    .unwrap()
+    .join()
+    .unwrap()
+    .unwrap()
+}
+
+/// The next IPv4 packet from the tun device to `port`, within 5 s.
+fn tun_read(fd: &std::os::fd::OwnedFd, port: u16) -> Vec<u8> {
+    use std::os::fd::AsRawFd;
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let mut buffer = vec![0u8; 65536];
+    while std::time::Instant::now() < deadline {
+        let mut pollfd = libc::pollfd {
+            fd: fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one pollfd, valid for the call.
+        if unsafe { libc::poll(&mut pollfd, 1, 100) } <= 0 {
+            continue;
+        }
+        let n = nix::unistd::read(fd.as_raw_fd(), &mut buffer).unwrap();
+        let frame = with_ethernet(&buffer[..n]);
+        if parse(&frame).is_some_and(|p| p.dst_port == port) {
+            return buffer[..n].to_vec();
+        }
+    }
+    panic!("nothing came out of the tun device to port {port}");
+}
+
+#[test]
+fn tun_device_translates_tcp_and_udp() {
+    if !have_root() {
+        return;
+    }
+    let ns = NetNs::create(&unique("pn-tun")).expect("netns");
+    let tun = tun_device(&ns, "pntun0");
+    ns.configure("pntun0", &["10.88.0.1/24"]).unwrap();
+    let _udp = servers::udp_echo(&ns, "10.88.0.1:5353").unwrap();
+    let _http = servers::http(&ns, "10.88.0.1:80").unwrap();
+    let nat = port_nat(
+        &ns,
+        &[
+            "-i", "pntun0", "-f", "8080", "-t", "80", "-f", "5300", "-t", "5353",
+        ],
+    );
+    let write = |packet: &Packet| {
+        nix::unistd::write(&tun, &packet.build()[ETH_HLEN..]).unwrap();
+    };
+
+    write(&Packet::udp("10.88.0.2", 47000, "10.88.0.1", 5300).with_payload(b"over tun"));
+    let reply = with_ethernet(&tun_read(&tun, 47000));
+    verify_checksums(&reply).unwrap();
+    let parsed = parse(&reply).unwrap();
+    assert_eq!(parsed.src_port, 5300, "the UDP reply's source port");
+    assert_eq!(&reply[parsed.l4_off + 8..parsed.end], b"over tun");
+
+    write(&Packet::tcp("10.88.0.2", 47001, "10.88.0.1", 8080, TCP_SYN));
+    let synack = with_ethernet(&tun_read(&tun, 47001));
+    verify_checksums(&synack).unwrap();
+    let parsed = parse(&synack).unwrap();
+    assert_eq!(parsed.src_port, 8080, "the SYN-ACK's source port");
+    assert_eq!(parsed.tcp_flags & (TCP_SYN | TCP_ACK), TCP_SYN | TCP_ACK);
+
+    let (status, output, stderr) = nat.stop();
+    assert!(status.success(), "{stderr}");
+    assert_eq!(stat(&output, "passed: truncated"), 0, "{output}");
+    assert_eq!(stat(&output, "translated on ingress"), 2, "{output}");
+    drop(tun);
+}
+
 fn ethtool(netns: &NetNs, device: &str, args: &[&str]) {
     let mut full = vec!["-K", device];
     full.extend_from_slice(args);
