@@ -154,6 +154,14 @@ impl Attachments {
         Ok(TcPath::Clsact)
     }
 
+    /// Lets go of attachments whose interface is gone: its links died with
+    /// it, and so did its qdisc and filters, which are not removed again.
+    pub fn forget_gone_interface(mut self) {
+        for filter in self.clsact_filters.drain(..) {
+            std::mem::forget(filter);
+        }
+    }
+
     pub fn len(&self) -> usize {
         self.links.len() + self.link_fds.len() + self.clsact_filters.len()
     }

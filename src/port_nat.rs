@@ -14,9 +14,10 @@ use libbpf_rs::{MapCore, MapFlags};
 use crate::bpf::port_nat::types::{
     nat_event, nat_flow, nat_flow_key, nat_flow_state, nat_port, nat_stat,
 };
-use crate::bpf::port_nat::{PortNatSkel, PortNatSkelBuilder};
+use crate::bpf::port_nat::{PortNatProgs, PortNatSkel, PortNatSkelBuilder};
 use crate::cli::{self, EventFormat, OutputArgs};
 use crate::events;
+use crate::interface_watch::{Change, InterfaceWatch};
 use crate::links::{self, Attachments, TcAttachMode, TcDirection};
 use crate::{maps, privileges, shutdown};
 
@@ -222,8 +223,55 @@ pub fn set_l2_header(skel: &mut PortNatSkel<'_>, has_l2_header: bool) -> Result<
         .data_data
         .as_deref_mut()
         .context("the port-nat object has no .data")?;
-    data.l2_len = if has_l2_header { 14 } else { 0 };
+    data.l2_len = l2_len(has_l2_header);
     Ok(())
+}
+
+fn l2_len(has_l2_header: bool) -> u32 {
+    if has_l2_header {
+        14
+    } else {
+        0
+    }
+}
+
+/// Checks the interface's link type, then attaches both programs to it.
+fn attach(
+    progs: &PortNatProgs<'_>,
+    l2_len_var: &mut u32,
+    interface: &str,
+    ifindex: u32,
+    args: &PortNatArgs,
+) -> Result<(Attachments, links::TcPath)> {
+    *l2_len_var = l2_len(links::link_has_l2_header(interface, "port-nat")?);
+    let mut attachments = Attachments::default();
+    // Egress first: it only touches tracked flows, and every flow ingress
+    // creates must find its reply path ready.
+    let path = attachments.attach_tc(
+        &progs.port_nat_egress,
+        ifindex,
+        TcDirection::Egress,
+        args.tc_attach,
+    )?;
+    attachments.attach_tc(
+        &progs.port_nat_ingress,
+        ifindex,
+        TcDirection::Ingress,
+        args.tc_attach,
+    )?;
+    Ok((attachments, path))
+}
+
+/// The watched interface went away or came back: a line, or a JSON record.
+fn report_interface(format: EventFormat, start_ns: u64, event: &str, name: &str, text: String) {
+    match format {
+        EventFormat::Json => {
+            let seconds = events::monotonic_ns().saturating_sub(start_ns) as f64 / 1e9;
+            let record = serde_json::json!({"time": seconds, "event": event, "interface": name});
+            println!("{record}");
+        }
+        _ => println!("{text}"),
+    }
 }
 
 pub fn run(args: &PortNatArgs) -> Result<()> {
@@ -244,25 +292,23 @@ pub fn run(args: &PortNatArgs) -> Result<()> {
         udp: Duration::from_secs(args.udp_timeout),
     };
 
-    let has_l2_header = links::link_has_l2_header(&args.interface, "port-nat")?;
     let mut open_object = MaybeUninit::uninit();
     let mut skel = load(&config, &mut open_object)?;
-    set_l2_header(&mut skel, has_l2_header)?;
-    let mut attachments = Attachments::default();
-    // Egress first: it only touches tracked flows, and every flow ingress
-    // creates must find its reply path ready.
-    let path = attachments.attach_tc(
-        &skel.progs.port_nat_egress,
+    // Watching before attaching: a deletion in between is not missed.
+    let mut watch = InterfaceWatch::new(&args.interface, ifindex)?;
+    let data = skel
+        .maps
+        .data_data
+        .as_deref_mut()
+        .context("the port-nat object has no .data")?;
+    let (attached, path) = attach(
+        &skel.progs,
+        &mut data.l2_len,
+        &args.interface,
         ifindex,
-        TcDirection::Egress,
-        args.tc_attach,
+        args,
     )?;
-    attachments.attach_tc(
-        &skel.progs.port_nat_ingress,
-        ifindex,
-        TcDirection::Ingress,
-        args.tc_attach,
-    )?;
+    let mut attachments = Some(attached);
 
     print_configuration(args, &config, ifindex, &timeouts);
     warn_about_local_ports(&config.mappings);
@@ -279,6 +325,58 @@ pub fn run(args: &PortNatArgs) -> Result<()> {
     let mut expired = 0u64;
     let mut last_sweep = Instant::now();
     events::run_until_shutdown(ring.as_ref(), || {
+        match watch.poll() {
+            Ok(changes) => {
+                for change in changes {
+                    let report = |event: &str, text: String| {
+                        report_interface(format, start_ns, event, watch.name(), text)
+                    };
+                    match change {
+                        Change::Gone => {
+                            if let Some(gone) = attachments.take() {
+                                gone.forget_gone_interface();
+                            }
+                            tracing::warn!("interface {} is gone", args.interface);
+                            report(
+                                "interface-gone",
+                                format!(
+                                    "Interface {} is gone; translation resumes when one of \
+                                     that name appears",
+                                    args.interface
+                                ),
+                            );
+                        }
+                        Change::Appeared(index) => {
+                            match attach(
+                                &skel.progs,
+                                &mut data.l2_len,
+                                &args.interface,
+                                index,
+                                args,
+                            ) {
+                                Ok((attached, path)) => {
+                                    attachments = Some(attached);
+                                    report(
+                                        "interface-back",
+                                        format!(
+                                            "Interface {} is back (ifindex {index}); attached \
+                                             ingress and egress programs via {path}",
+                                            args.interface
+                                        ),
+                                    );
+                                }
+                                Err(err) => tracing::warn!(
+                                    "interface {} appeared (ifindex {index}) but could not be \
+                                     attached: {err:#}",
+                                    args.interface
+                                ),
+                            }
+                        }
+                    }
+                }
+            }
+            Err(err) => tracing::warn!("following interface {}: {err:#}", args.interface),
+        }
         if last_sweep.elapsed() < Duration::from_secs(1) {
             return;
         }

@@ -1384,6 +1384,61 @@ fn tun_device_translates_tcp_and_udp() {
     drop(tun);
 }
 
+#[test]
+fn veth_a_recreated_interface_is_followed_by_name() {
+    if !have_root() {
+        return;
+    }
+    let testbed = Testbed::new();
+    let (client, server) = (&testbed.client, &testbed.server);
+    let _http = servers::http(server, "[::]:80").unwrap();
+    let mut nat = port_nat(server, &["-i", "veth-s", "-f", "8080", "-t", "80"]);
+    let url = format!("http://{SERVER_V4}:8080/");
+    assert!(curl(client, &url, &[]).contains("local=[::ffff:10.77.0.2]:80"));
+    for round in 0..2 {
+        // A container restart: the interface goes, one of the same name comes.
+        server.ip(&["link", "del", "veth-s"]).unwrap();
+        let gone = nat.wait_for_line(
+            |l| l.starts_with("Interface veth-s is gone"),
+            Duration::from_secs(10),
+        );
+        assert!(
+            gone.is_some(),
+            "round {round}: no line about the interface going: {:?}",
+            nat.seen
+        );
+        netns::veth_pair(client, "veth-c", server, "veth-s").unwrap();
+        client
+            .configure("veth-c", &[&format!("{CLIENT_V4}/24")])
+            .unwrap();
+        server
+            .configure("veth-s", &[&format!("{SERVER_V4}/24")])
+            .unwrap();
+        let back = nat.wait_for_line(
+            |l| l.starts_with("Interface veth-s is back"),
+            Duration::from_secs(10),
+        );
+        assert!(
+            back.is_some(),
+            "round {round}: no line about the interface returning: {:?}",
+            nat.seen
+        );
+        let body = curl(client, &url, &["--retry", "3", "--retry-connrefused"]);
+        assert!(
+            body.contains("local=[::ffff:10.77.0.2]:80"),
+            "round {round}: {body}"
+        );
+        assert_eq!(
+            attached_tc(server, "veth-s").0,
+            if kernel::has_tcx() { 2 } else { 0 }
+        );
+    }
+    let (status, _, stderr) = nat.stop();
+    assert!(status.success(), "{stderr}");
+    assert!(stderr.contains("interface veth-s is gone"), "{stderr}");
+    assert_eq!(attached_tc(server, "veth-s"), (0, false));
+}
+
 fn ethtool(netns: &NetNs, device: &str, args: &[&str]) {
     let mut full = vec!["-K", device];
     full.extend_from_slice(args);
