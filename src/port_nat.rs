@@ -615,7 +615,7 @@ fn print_statistics(skel: &PortNatSkel<'_>, expired: u64) -> Result<()> {
             count(nat_stat::NAT_STAT_DIRECT_STALE),
         ),
         (
-            "direct packets ignored (no evidence)",
+            "direct packets ignored",
             count(nat_stat::NAT_STAT_DIRECT_IGNORED),
         ),
         (
