@@ -6,6 +6,10 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 use anyhow::{Context, Result};
 
+use crate::cli::EventFormat;
+use crate::events;
+use crate::links::{Attachments, TcPath};
+
 const RTMGRP_LINK: u32 = 1;
 const RTM_DELLINK: u16 = 17;
 const NLMSG_HDRLEN: usize = 16;
@@ -136,5 +140,87 @@ impl InterfaceWatch {
             data = &data[((len + 3) & !3).min(data.len())..];
         }
         deleted
+    }
+}
+
+/// Applies what `watch` saw to the TC attachments of a subcommand: when the
+/// interface goes, the dead attachments are let go; when one of its name
+/// appears, `attach` attaches again. Each is reported as a line (a JSON
+/// record with `--json`), and a disappearance also as a warning.
+pub fn follow(
+    watch: &mut InterfaceWatch,
+    tc: &mut Option<Attachments>,
+    format: EventFormat,
+    start_ns: u64,
+    mut attach: impl FnMut(u32) -> Result<(Attachments, TcPath)>,
+) {
+    let changes = match watch.poll() {
+        Ok(changes) => changes,
+        Err(err) => {
+            tracing::warn!("following interface {}: {err:#}", watch.name());
+            return;
+        }
+    };
+    let name = watch.name().to_owned();
+    for change in changes {
+        match change {
+            Change::Gone => {
+                if let Some(gone) = tc.take() {
+                    gone.forget_gone_interface();
+                }
+                tracing::warn!("interface {name} is gone");
+                report(
+                    format,
+                    start_ns,
+                    "interface-gone",
+                    &name,
+                    None,
+                    format!(
+                        "Interface {name} is gone; attaching again when one of that name appears"
+                    ),
+                );
+            }
+            Change::Appeared(index) => {
+                match attach(index) {
+                    Ok((attached, path)) => {
+                        *tc = Some(attached);
+                        report(
+                        format,
+                        start_ns,
+                        "interface-back",
+                        &name,
+                        Some(index),
+                        format!("Interface {name} is back (ifindex {index}); attached again via {path}"),
+                    );
+                    }
+                    Err(err) => tracing::warn!(
+                    "interface {name} appeared (ifindex {index}) but could not be attached: {err:#}"
+                ),
+                }
+            }
+        }
+    }
+}
+
+fn report(
+    format: EventFormat,
+    start_ns: u64,
+    event: &str,
+    name: &str,
+    ifindex: Option<u32>,
+    text: String,
+) {
+    match format {
+        EventFormat::Json => {
+            let seconds = events::monotonic_ns().saturating_sub(start_ns) as f64 / 1e9;
+            let record = serde_json::json!({
+                "time": seconds,
+                "event": event,
+                "interface": name,
+                "ifindex": ifindex,
+            });
+            println!("{record}");
+        }
+        EventFormat::Text | EventFormat::Off => println!("{text}"),
     }
 }

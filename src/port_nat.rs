@@ -17,7 +17,7 @@ use crate::bpf::port_nat::types::{
 use crate::bpf::port_nat::{PortNatProgs, PortNatSkel, PortNatSkelBuilder};
 use crate::cli::{self, EventFormat, OutputArgs};
 use crate::events;
-use crate::interface_watch::{Change, InterfaceWatch};
+use crate::interface_watch::{self, InterfaceWatch};
 use crate::links::{self, Attachments, TcAttachMode, TcDirection};
 use crate::{maps, privileges, shutdown};
 
@@ -262,18 +262,6 @@ fn attach(
     Ok((attachments, path))
 }
 
-/// The watched interface went away or came back: a line, or a JSON record.
-fn report_interface(format: EventFormat, start_ns: u64, event: &str, name: &str, text: String) {
-    match format {
-        EventFormat::Json => {
-            let seconds = events::monotonic_ns().saturating_sub(start_ns) as f64 / 1e9;
-            let record = serde_json::json!({"time": seconds, "event": event, "interface": name});
-            println!("{record}");
-        }
-        _ => println!("{text}"),
-    }
-}
-
 pub fn run(args: &PortNatArgs) -> Result<()> {
     let mappings = mappings(&args.from, &args.to)?;
     let ifindex = interface_index(&args.interface)?;
@@ -325,58 +313,9 @@ pub fn run(args: &PortNatArgs) -> Result<()> {
     let mut expired = 0u64;
     let mut last_sweep = Instant::now();
     events::run_until_shutdown(ring.as_ref(), || {
-        match watch.poll() {
-            Ok(changes) => {
-                for change in changes {
-                    let report = |event: &str, text: String| {
-                        report_interface(format, start_ns, event, watch.name(), text)
-                    };
-                    match change {
-                        Change::Gone => {
-                            if let Some(gone) = attachments.take() {
-                                gone.forget_gone_interface();
-                            }
-                            tracing::warn!("interface {} is gone", args.interface);
-                            report(
-                                "interface-gone",
-                                format!(
-                                    "Interface {} is gone; translation resumes when one of \
-                                     that name appears",
-                                    args.interface
-                                ),
-                            );
-                        }
-                        Change::Appeared(index) => {
-                            match attach(
-                                &skel.progs,
-                                &mut data.l2_len,
-                                &args.interface,
-                                index,
-                                args,
-                            ) {
-                                Ok((attached, path)) => {
-                                    attachments = Some(attached);
-                                    report(
-                                        "interface-back",
-                                        format!(
-                                            "Interface {} is back (ifindex {index}); attached \
-                                             ingress and egress programs via {path}",
-                                            args.interface
-                                        ),
-                                    );
-                                }
-                                Err(err) => tracing::warn!(
-                                    "interface {} appeared (ifindex {index}) but could not be \
-                                     attached: {err:#}",
-                                    args.interface
-                                ),
-                            }
-                        }
-                    }
-                }
-            }
-            Err(err) => tracing::warn!("following interface {}: {err:#}", args.interface),
-        }
+        interface_watch::follow(&mut watch, &mut attachments, format, start_ns, |index| {
+            attach(&skel.progs, &mut data.l2_len, &args.interface, index, args)
+        });
         if last_sweep.elapsed() < Duration::from_secs(1) {
             return;
         }
