@@ -28,13 +28,16 @@
 #include "tproxy.h"
 
 /* Configuration, set by user space before load. */
-const volatile __u8 has_l2_header; /* 1 on Ethernet-like devices, 0 on L3 devices */
 const volatile __u32 proxy_ip4;	   /* network order */
 const volatile __u32 proxy_ip6[4]; /* network order */
 const volatile __u16 proxy_port;   /* network order */
 const volatile __u32 route_mark;
 const volatile __u8 emit_events;
-const volatile __u32 ifindex; /* the interface tproxy_ingress is attached to */
+/* The interface tproxy_ingress is attached to, and whether its packets
+ * start with an Ethernet header (0 on L3 devices). Not .rodata: user space
+ * sets them again when an interface of the same name returns. */
+__u32 ifindex;
+__u8 has_l2_header;
 
 /* Destination ports (host order) whose connections are intercepted. */
 struct {
