@@ -356,9 +356,17 @@ int port_nat_ingress(struct __sk_buff *skb)
 	} else {
 		if (flow->original_port != pkt.dst_port)
 			flow->original_port = pkt.dst_port;
+		/* A packet far from the client's sequence numbers is delivered
+		 * (the server judges it) but moves neither the state nor the
+		 * window: a forged FIN/RST/ACK via FROM must not shorten the
+		 * flow's timeout or open the way for a forged RST to TO. */
 		if (pkt.protocol == IPPROTO_TCP) {
-			track_tcp(flow, pkt.tcp_flags, NAT_DIR_ORIGINAL);
-			flow->client_seq = pkt.tcp_seq;
+			if (seq_near(pkt.tcp_seq, flow->client_seq)) {
+				track_tcp(flow, pkt.tcp_flags, NAT_DIR_ORIGINAL);
+				flow->client_seq = pkt.tcp_seq;
+			} else {
+				stat_add(&stats, NAT_STAT_OUT_OF_WINDOW, 1);
+			}
 		}
 	}
 	count(flow, NAT_DIR_ORIGINAL, skb->len, now);

@@ -69,6 +69,7 @@ enum nat_stat {
 	NAT_STAT_DIRECT_STALE,	  /* a direct SYN, or in-window RST/FIN, to TO ended a flow */
 	NAT_STAT_DIRECT_IGNORED,  /* any other direct packet to TO on a tracked tuple */
 	NAT_STAT_PASS_LOCAL,	  /* to FROM, but owned by a connected local socket */
+	NAT_STAT_OUT_OF_WINDOW,	  /* via FROM, far from the client's sequence numbers */
 	NAT_STAT_REPLY_UNTRACKED, /* from TO, no flow: left alone */
 	NAT_STAT_ICMP_TRANSLATED, /* ICMP/ICMPv6 errors about a translated flow */
 	NAT_STAT_PASS_FRAGMENT,

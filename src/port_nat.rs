@@ -532,7 +532,7 @@ fn print_statistics(skel: &PortNatSkel<'_>, expired: u64) -> Result<()> {
     );
     let dropped =
         count(nat_stat::NAT_STAT_DROP_TRACK_FAILED) + count(nat_stat::NAT_STAT_DROP_REWRITE_FAILED);
-    let lines: [(&str, u64); 20] = [
+    let lines: [(&str, u64); 21] = [
         ("packets seen", count(nat_stat::NAT_STAT_PACKETS)),
         ("bytes seen", count(nat_stat::NAT_STAT_BYTES)),
         (
@@ -556,6 +556,10 @@ fn print_statistics(skel: &PortNatSkel<'_>, expired: u64) -> Result<()> {
         (
             "direct packets ignored",
             count(nat_stat::NAT_STAT_DIRECT_IGNORED),
+        ),
+        (
+            "out of window (state kept)",
+            count(nat_stat::NAT_STAT_OUT_OF_WINDOW),
         ),
         (
             "passed: replies to local sockets",

@@ -441,6 +441,26 @@ fn fixtures_only_evidence_ends_a_flow_and_a_spoofed_ack_does_not() {
                 "{what} ended the flow"
             );
         }
+        // Forged packets via :8080 far from the client's sequence numbers
+        // are delivered, but neither close the flow nor move its window: a
+        // RST straight to :80 near the forged number is still no evidence.
+        for (what, flags) in [
+            ("forged ACK via FROM", TCP_ACK),
+            ("forged RST via FROM", TCP_RST),
+        ] {
+            let forged = Packet::tcp(client, 43000, server, 8080, flags).with_seq(0x9000_0000);
+            let (verdict, _) = run_in(&forged.build());
+            assert_eq!(verdict, TC_ACT_OK, "{what}");
+            assert_eq!(
+                state_of(&skel, 43000, fam),
+                established,
+                "{what} changed the state"
+            );
+        }
+        let rst = Packet::tcp(client, 43000, server, 80, TCP_RST).with_seq(0x9000_0000);
+        assert_unchanged("RST near a forged sequence number", run_in, &rst.build());
+        assert_eq!(state_of(&skel, 43000, fam), established);
+
         // The server's next segment still leaves as :8080.
         let data = Packet::tcp(server, 80, client, 43000, TCP_ACK | TCP_PSH).with_payload(b"data");
         assert_rewritten(
@@ -468,7 +488,8 @@ fn fixtures_only_evidence_ends_a_flow_and_a_spoofed_ack_does_not() {
         assert_unchanged("direct SYN", run_in, &direct_syn.build());
         assert_eq!(state_of(&skel, 43000, fam), None);
     }
-    assert_eq!(counter(&skel, nat_stat::NAT_STAT_DIRECT_IGNORED), 8);
+    assert_eq!(counter(&skel, nat_stat::NAT_STAT_DIRECT_IGNORED), 10);
+    assert_eq!(counter(&skel, nat_stat::NAT_STAT_OUT_OF_WINDOW), 4);
     assert_eq!(counter(&skel, nat_stat::NAT_STAT_DIRECT_STALE), 6);
 
     // UDP carries no evidence: a datagram straight to TO leaves the flow.
