@@ -1313,6 +1313,19 @@ fn lo_a_udp_client_of_from_gets_econnrefused_when_nothing_listens_on_to() {
 /// A tun device in `ns`: its descriptor, through which the test is the
 /// device's peer, reading and writing bare IP packets.
 fn tun_device(ns: &NetNs, name: &str) -> std::os::fd::OwnedFd {
+    // A minimal guest (the 6.1 VM) may have neither the module loaded nor
+    // the device node; opening the node loads the module (char-major-10-200).
+    let node = std::path::Path::new("/dev/net/tun");
+    if !node.exists() {
+        std::fs::create_dir_all("/dev/net").unwrap();
+        nix::sys::stat::mknod(
+            node,
+            nix::sys::stat::SFlag::S_IFCHR,
+            nix::sys::stat::Mode::from_bits_truncate(0o666),
+            nix::sys::stat::makedev(10, 200),
+        )
+        .unwrap();
+    }
     let name = name.to_owned();
     ns.spawn(move || {
         use std::os::fd::{AsRawFd, OwnedFd};
