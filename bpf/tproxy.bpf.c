@@ -28,14 +28,18 @@
 #include "tproxy.h"
 
 /* Configuration, set by user space before load. */
-const volatile __u8 has_l2_header; /* 1 on Ethernet-like devices, 0 on L3 devices */
 const volatile __u32 proxy_ip4;	   /* network order */
 const volatile __u32 proxy_ip6[4]; /* network order */
 const volatile __u16 proxy_port;   /* network order */
 const volatile __u32 route_mark;
 const volatile __u8 emit_events;
-const volatile __u32 ifindex;		    /* the interface tproxy_ingress is attached to */
-const volatile __u8 upstream_has_l2_header; /* has_l2_header of the upstream interface */
+/* The interface tproxy_ingress is attached to, and whether its packets
+ * (and the upstream interface's) start with an Ethernet header (0 on L3
+ * devices). Not .rodata: user space sets them again when an interface of
+ * the same name returns. */
+__u32 ifindex;
+__u8 has_l2_header;
+__u8 upstream_has_l2_header;
 
 /* Destination ports (host order) whose connections are intercepted. */
 struct {
@@ -259,13 +263,9 @@ int tproxy_ingress(struct __sk_buff *skb)
 	__u16 port;
 	int ret;
 
-	if (skb->protocol == bpf_htons(ETH_P_IP))
-		ret = parse_ipv4(skb, ip_off, &pkt);
-	else if (skb->protocol == bpf_htons(ETH_P_IPV6))
-		ret = parse_ipv6(skb, ip_off, &pkt);
-	else
-		return TC_ACT_OK;
-	if (ret == PARSE_OTHER || (ret == PARSE_OK && pkt.protocol != IPPROTO_TCP))
+	ret = parse_packet(skb, ip_off, &pkt);
+	if (ret == PARSE_OTHER || ret == PARSE_ICMP ||
+	    (ret == PARSE_OK && pkt.protocol != IPPROTO_TCP))
 		return TC_ACT_OK;
 	if (ret != PARSE_OK) {
 		stat_add(&stats, TSTAT_UNPARSED, 1);
@@ -316,12 +316,7 @@ int tproxy_upstream_ingress(struct __sk_buff *skb)
 	__u16 port;
 	int ret;
 
-	if (skb->protocol == bpf_htons(ETH_P_IP))
-		ret = parse_ipv4(skb, ip_off, &pkt);
-	else if (skb->protocol == bpf_htons(ETH_P_IPV6))
-		ret = parse_ipv6(skb, ip_off, &pkt);
-	else
-		return TC_ACT_OK;
+	ret = parse_packet(skb, ip_off, &pkt);
 	if (ret != PARSE_OK || pkt.protocol != IPPROTO_TCP)
 		return TC_ACT_OK;
 	port = bpf_ntohs(pkt.src_port);

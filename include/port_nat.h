@@ -50,8 +50,13 @@ struct nat_flow {
 	__u64 bytes[2];
 	__u16 original_port; /* FROM, network order */
 	__u8 state;	     /* enum nat_flow_state */
-	__u8 pad[5];
+	__u8 pad;
+	__u32 client_seq; /* TCP: sequence number of the client's latest packet */
 };
+
+/* How far (bytes, either way) a RST or FIN straight to TO may be from the
+ * client's latest sequence number and still end the flow. */
+#define NAT_SEQ_WINDOW (1U << 20)
 
 /* Per-CPU counters, indexed by these. */
 enum nat_stat {
@@ -61,8 +66,12 @@ enum nat_stat {
 	NAT_STAT_EGRESS_TRANSLATED,
 	NAT_STAT_NEW_FLOWS,
 	NAT_STAT_REUSED_FLOWS,	  /* a new SYN took over an old flow's tuple */
-	NAT_STAT_DIRECT_STALE,	  /* a direct packet to TO replaced a tracked flow */
+	NAT_STAT_DIRECT_STALE,	  /* a direct SYN, or in-window RST/FIN, to TO ended a flow */
+	NAT_STAT_DIRECT_IGNORED,  /* any other direct packet to TO on a tracked tuple */
+	NAT_STAT_PASS_LOCAL,	  /* to FROM, but owned by a connected local socket */
+	NAT_STAT_OUT_OF_WINDOW,	  /* via FROM, far from the client's sequence numbers */
 	NAT_STAT_REPLY_UNTRACKED, /* from TO, no flow: left alone */
+	NAT_STAT_ICMP_TRANSLATED, /* ICMP/ICMPv6 errors about a translated flow */
 	NAT_STAT_PASS_FRAGMENT,
 	NAT_STAT_PASS_TRUNCATED,
 	NAT_STAT_PASS_UNPARSED, /* unknown or unsupported IPv6 extension header */

@@ -9,6 +9,7 @@ pub mod cgroup;
 pub mod cli;
 pub mod demo;
 pub mod events;
+pub mod interface_watch;
 pub mod links;
 pub mod local_route;
 pub mod maps;

@@ -42,6 +42,27 @@ impl std::fmt::Display for TcPath {
     }
 }
 
+/// Whether TC sees an Ethernet header in front of the IP header on
+/// `interface`; `program` names the subcommand in the error.
+pub fn link_has_l2_header(interface: &str, program: &str) -> Result<bool> {
+    let output = std::process::Command::new("ip")
+        .args(["-j", "link", "show", "dev", interface])
+        .output()
+        .context("running ip (install iproute2)")?;
+    let links: serde_json::Value = serde_json::from_slice(&output.stdout)
+        .with_context(|| format!("reading the link type of {interface}"))?;
+    let link_type = links[0]["link_type"].as_str().unwrap_or_default();
+    match link_type {
+        "ether" | "loopback" => Ok(true),
+        // tun, WireGuard: packets start with the IP header.
+        "none" => Ok(false),
+        other => bail!(
+            "interface {interface} has link type '{other}'; {program} supports Ethernet-like \
+             interfaces and L3 devices such as tun and WireGuard"
+        ),
+    }
+}
+
 /// Handle and priority of our legacy clsact filters, so that a restart
 /// after SIGKILL finds and replaces its own leftovers.
 const CLSACT_FILTER_HANDLE: u32 = 0x5052;
@@ -131,6 +152,14 @@ impl Attachments {
             .with_context(|| format!("attaching {name} to a clsact qdisc"))?;
         self.clsact_filters.push(filter);
         Ok(TcPath::Clsact)
+    }
+
+    /// Lets go of attachments whose interface is gone: its links died with
+    /// it, and so did its qdisc and filters, which are not removed again.
+    pub fn forget_gone_interface(mut self) {
+        for filter in self.clsact_filters.drain(..) {
+            std::mem::forget(filter);
+        }
     }
 
     pub fn len(&self) -> usize {

@@ -14,10 +14,11 @@ use libbpf_rs::{MapCore, MapFlags};
 use crate::bpf::port_nat::types::{
     nat_event, nat_flow, nat_flow_key, nat_flow_state, nat_port, nat_stat,
 };
-use crate::bpf::port_nat::{PortNatSkel, PortNatSkelBuilder};
+use crate::bpf::port_nat::{PortNatProgs, PortNatSkel, PortNatSkelBuilder};
 use crate::cli::{self, EventFormat, OutputArgs};
 use crate::events;
-use crate::links::{Attachments, TcAttachMode, TcDirection};
+use crate::interface_watch::{self, InterfaceWatch};
+use crate::links::{self, Attachments, TcAttachMode, TcDirection};
 use crate::{maps, privileges, shutdown};
 
 // SAFETY: generated from include/port_nat.h: fixed-width integers with
@@ -38,9 +39,9 @@ const ADDR_FAMILY_INET: u8 = 2;
 /// Which transport protocols are translated.
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Protocols {
-    #[default]
     Tcp,
     Udp,
+    #[default]
     All,
 }
 
@@ -60,8 +61,8 @@ impl Protocols {
 Examples:
   # A web server on :80 answers on :8080 as well
   proxy-redirect port-nat -i eth0 -f 8080 -t 80 -v
-  # Two mappings, TCP and UDP; list every translated packet as JSON
-  proxy-redirect port-nat -i eth0 -f 8080 -t 80 -f 5300 -t 53 --proto all --json
+  # Two mappings (TCP and UDP, the default); list every translated packet as JSON
+  proxy-redirect port-nat -i eth0 -f 8080 -t 80 -f 5300 -t 53 --json
 
 Packets arriving on IFACE for port FROM are delivered to port TO; the
 replies leave with FROM again, so clients never notice. Clients that talk to
@@ -83,7 +84,7 @@ pub struct PortNatArgs {
     #[arg(short = 't', long = "to", value_name = "TO", value_parser = cli::parse_port)]
     pub to: Vec<u16>,
     /// Transport protocols to translate
-    #[arg(long, value_enum, default_value_t = Protocols::Tcp)]
+    #[arg(long, value_enum, default_value_t = Protocols::All)]
     pub proto: Protocols,
     /// Size of the flow table
     #[arg(long, value_name = "N", default_value = "65536",
@@ -214,6 +215,53 @@ pub fn load<'obj>(
     Ok(skel)
 }
 
+/// Tells the programs whether packets start with an Ethernet header; set
+/// before every attach.
+pub fn set_l2_header(skel: &mut PortNatSkel<'_>, has_l2_header: bool) -> Result<()> {
+    let data = skel
+        .maps
+        .data_data
+        .as_deref_mut()
+        .context("the port-nat object has no .data")?;
+    data.l2_len = l2_len(has_l2_header);
+    Ok(())
+}
+
+fn l2_len(has_l2_header: bool) -> u32 {
+    if has_l2_header {
+        14
+    } else {
+        0
+    }
+}
+
+/// Checks the interface's link type, then attaches both programs to it.
+fn attach(
+    progs: &PortNatProgs<'_>,
+    l2_len_var: &mut u32,
+    interface: &str,
+    ifindex: u32,
+    args: &PortNatArgs,
+) -> Result<(Attachments, links::TcPath)> {
+    *l2_len_var = l2_len(links::link_has_l2_header(interface, "port-nat")?);
+    let mut attachments = Attachments::default();
+    // Egress first: it only touches tracked flows, and every flow ingress
+    // creates must find its reply path ready.
+    let path = attachments.attach_tc(
+        &progs.port_nat_egress,
+        ifindex,
+        TcDirection::Egress,
+        args.tc_attach,
+    )?;
+    attachments.attach_tc(
+        &progs.port_nat_ingress,
+        ifindex,
+        TcDirection::Ingress,
+        args.tc_attach,
+    )?;
+    Ok((attachments, path))
+}
+
 pub fn run(args: &PortNatArgs) -> Result<()> {
     let mappings = mappings(&args.from, &args.to)?;
     let ifindex = interface_index(&args.interface)?;
@@ -233,24 +281,25 @@ pub fn run(args: &PortNatArgs) -> Result<()> {
     };
 
     let mut open_object = MaybeUninit::uninit();
-    let skel = load(&config, &mut open_object)?;
-    let mut attachments = Attachments::default();
-    // Egress first: it only touches tracked flows, and every flow ingress
-    // creates must find its reply path ready.
-    let path = attachments.attach_tc(
-        &skel.progs.port_nat_egress,
+    let mut skel = load(&config, &mut open_object)?;
+    // Watching before attaching: a deletion in between is not missed.
+    let mut watch = InterfaceWatch::new(&args.interface, ifindex)?;
+    let data = skel
+        .maps
+        .data_data
+        .as_deref_mut()
+        .context("the port-nat object has no .data")?;
+    let (attached, path) = attach(
+        &skel.progs,
+        &mut data.l2_len,
+        &args.interface,
         ifindex,
-        TcDirection::Egress,
-        args.tc_attach,
+        args,
     )?;
-    attachments.attach_tc(
-        &skel.progs.port_nat_ingress,
-        ifindex,
-        TcDirection::Ingress,
-        args.tc_attach,
-    )?;
+    let mut attachments = Some(attached);
 
     print_configuration(args, &config, ifindex, &timeouts);
+    warn_about_local_ports(&config.mappings);
     println!(
         "Attached ingress and egress programs to {} via {path}; press Ctrl-C to stop",
         args.interface
@@ -264,6 +313,9 @@ pub fn run(args: &PortNatArgs) -> Result<()> {
     let mut expired = 0u64;
     let mut last_sweep = Instant::now();
     events::run_until_shutdown(ring.as_ref(), || {
+        interface_watch::follow(&mut watch, &mut attachments, format, start_ns, |index| {
+            attach(&skel.progs, &mut data.l2_len, &args.interface, index, args)
+        });
         if last_sweep.elapsed() < Duration::from_secs(1) {
             return;
         }
@@ -284,6 +336,27 @@ pub fn run(args: &PortNatArgs) -> Result<()> {
     drop(attachments);
     println!("Cleaned up");
     Ok(())
+}
+
+/// This host's own connections may get a FROM as their local port; their
+/// replies are left alone (a socket lookup finds them), but a client of FROM
+/// whose tuple equals such a connection's cannot get through meanwhile.
+fn warn_about_local_ports(mappings: &[Mapping]) {
+    let path = "/proc/sys/net/ipv4/ip_local_port_range";
+    let Some((low, high)) = std::fs::read_to_string(path).ok().and_then(|range| {
+        let mut ports = range.split_whitespace().map(|p| p.parse::<u16>().ok());
+        Some((ports.next()??, ports.next()??))
+    }) else {
+        return;
+    };
+    for mapping in mappings.iter().filter(|m| (low..=high).contains(&m.from)) {
+        tracing::warn!(
+            "FROM port {} is inside ip_local_port_range ({low}-{high}): this host's own \
+             outgoing connections may use it as their local port (their replies are left \
+             untranslated); pick a FROM outside {path}",
+            mapping.from
+        );
+    }
 }
 
 /// Removes the flows idle for longer than their state's timeout and
@@ -459,7 +532,7 @@ fn print_statistics(skel: &PortNatSkel<'_>, expired: u64) -> Result<()> {
     );
     let dropped =
         count(nat_stat::NAT_STAT_DROP_TRACK_FAILED) + count(nat_stat::NAT_STAT_DROP_REWRITE_FAILED);
-    let lines: [(&str, u64); 17] = [
+    let lines: [(&str, u64); 21] = [
         ("packets seen", count(nat_stat::NAT_STAT_PACKETS)),
         ("bytes seen", count(nat_stat::NAT_STAT_BYTES)),
         (
@@ -480,8 +553,24 @@ fn print_statistics(skel: &PortNatSkel<'_>, expired: u64) -> Result<()> {
             "flows ended by direct traffic",
             count(nat_stat::NAT_STAT_DIRECT_STALE),
         ),
+        (
+            "direct packets ignored",
+            count(nat_stat::NAT_STAT_DIRECT_IGNORED),
+        ),
+        (
+            "out of window (state kept)",
+            count(nat_stat::NAT_STAT_OUT_OF_WINDOW),
+        ),
+        (
+            "passed: replies to local sockets",
+            count(nat_stat::NAT_STAT_PASS_LOCAL),
+        ),
         ("flows evicted (table full)", evicted),
         ("flows tracked at exit", live.len() as u64),
+        (
+            "ICMP errors translated",
+            count(nat_stat::NAT_STAT_ICMP_TRANSLATED),
+        ),
         (
             "untracked replies left alone",
             count(nat_stat::NAT_STAT_REPLY_UNTRACKED),

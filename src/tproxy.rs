@@ -20,6 +20,7 @@ use crate::bpf::tproxy::types::{endpoint, tproxy_action, tproxy_event, tproxy_st
 use crate::bpf::tproxy::{TproxySkel, TproxySkelBuilder};
 use crate::cli::{self, EventFormat, OutputArgs, PortList};
 use crate::events;
+use crate::interface_watch::{self, InterfaceWatch};
 use crate::links::{Attachments, TcAttachMode, TcDirection};
 use crate::local_route::{self, LocalRouteSpec, LocalRoutes};
 use crate::proxy::{BoundProxy, DestinationSource, ProxyConfig, RelayArgs};
@@ -111,7 +112,7 @@ struct Plan {
 fn plan(args: &TproxyArgs) -> Result<Plan> {
     let ifindex = nix::net::if_::if_nametoindex(args.interface.as_str())
         .map_err(|_| anyhow::anyhow!("no interface named '{}' (see ip link)", args.interface))?;
-    let has_l2_header = link_has_l2_header(&args.interface)?;
+    let has_l2_header = crate::links::link_has_l2_header(&args.interface, "tproxy")?;
     let upstream = match &args.upstream_interface {
         None => None,
         Some(name) if *name == args.interface => {
@@ -120,7 +121,7 @@ fn plan(args: &TproxyArgs) -> Result<Plan> {
         Some(name) => {
             let index = nix::net::if_::if_nametoindex(name.as_str())
                 .map_err(|_| anyhow::anyhow!("no interface named '{name}' (see ip link)"))?;
-            Some((index, link_has_l2_header(name)?))
+            Some((index, crate::links::link_has_l2_header(name, "tproxy")?))
         }
     };
     let mut proxy_ip4 = None;
@@ -165,26 +166,6 @@ fn plan(args: &TproxyArgs) -> Result<Plan> {
         ),
         routes,
     })
-}
-
-/// Whether TC sees an Ethernet header in front of the IP header.
-fn link_has_l2_header(interface: &str) -> Result<bool> {
-    let output = std::process::Command::new("ip")
-        .args(["-j", "link", "show", "dev", interface])
-        .output()
-        .context("running ip (install iproute2)")?;
-    let links: serde_json::Value = serde_json::from_slice(&output.stdout)
-        .with_context(|| format!("reading the link type of {interface}"))?;
-    let link_type = links[0]["link_type"].as_str().unwrap_or_default();
-    match link_type {
-        "ether" | "loopback" => Ok(true),
-        // tun, WireGuard: packets start with the IP header.
-        "none" => Ok(false),
-        other => bail!(
-            "interface {interface} has link type '{other}'; tproxy supports Ethernet-like \
-             interfaces and L3 devices such as tun and WireGuard"
-        ),
-    }
 }
 
 /// Directory of the instance locks: root's, so no other user can create or
@@ -292,7 +273,7 @@ pub fn run(args: &TproxyArgs) -> Result<()> {
         upstream_has_l2_header: plan.upstream.is_some_and(|(_, l2)| l2),
         events: args.output.event_format() != EventFormat::Off,
     };
-    let skel = load(&config, &mut open_object)?;
+    let mut skel = load(&config, &mut open_object)?;
     if let Some(proxy) = &proxy {
         for (key, fd) in proxy.listener_fds().into_iter().enumerate() {
             maps::update(&skel.maps.proxy_listeners, &(key as u32), &(fd as u64))?;
@@ -304,13 +285,18 @@ pub fn run(args: &TproxyArgs) -> Result<()> {
     // Rules and routes before the program: a packet that carries a socket
     // but is not routed locally would be dropped by ip_forward().
     let routes = LocalRoutes::install(&plan.routes)?;
-    let mut attachments = Attachments::default();
-    let path = attachments.attach_tc(
+    // Watching before attaching: a deletion in between is not missed. The
+    // rule follows the name by itself (iif), the route is on lo.
+    let mut watch = InterfaceWatch::new(&args.interface, plan.ifindex)?;
+    let mut tc = Attachments::default();
+    let path = tc.attach_tc(
         &skel.progs.tproxy_ingress,
         plan.ifindex,
         TcDirection::Ingress,
         args.tc_attach,
     )?;
+    let mut tc = Some(tc);
+    let mut attachments = Attachments::default();
 
     if let Some((upstream_ifindex, _)) = plan.upstream {
         attachments.attach_tc(
@@ -342,13 +328,32 @@ pub fn run(args: &TproxyArgs) -> Result<()> {
         &header,
         move |e: &tproxy_event| print_event(e, format, start_ns, &proxy_addrs),
     )?;
-    events::run_until_shutdown(ring.as_ref(), || {})?;
+    let bss = skel
+        .maps
+        .bss_data
+        .as_deref_mut()
+        .context("the tproxy object has no .bss")?;
+    events::run_until_shutdown(ring.as_ref(), || {
+        interface_watch::follow(&mut watch, &mut tc, format, start_ns, |index| {
+            bss.ifindex = index;
+            bss.has_l2_header = crate::links::link_has_l2_header(&args.interface, "tproxy")?.into();
+            let mut attached = Attachments::default();
+            let path = attached.attach_tc(
+                &skel.progs.tproxy_ingress,
+                index,
+                TcDirection::Ingress,
+                args.tc_attach,
+            )?;
+            Ok((attached, path))
+        })
+    })?;
     drop(ring);
 
     print_statistics(&skel)?;
     if let Some(proxy) = proxy {
         proxy.stats.print();
     }
+    drop(tc);
     drop(attachments);
     drop(routes);
     println!("Cleaned up");
@@ -387,17 +392,22 @@ pub fn load<'obj>(
     let (IpAddr::V4(ip4), IpAddr::V6(ip6)) = (config.proxy_v4.ip(), config.proxy_v6.ip()) else {
         bail!("the proxy needs one IPv4 and one IPv6 address");
     };
-    rodata.has_l2_header = config.has_l2_header.into();
-    rodata.upstream_has_l2_header = config.upstream_has_l2_header.into();
     rodata.proxy_ip4 = u32::from(ip4).to_be();
     let octets = ip6.octets();
     rodata.proxy_ip6 =
         std::array::from_fn(|i| u32::from_ne_bytes(octets[i * 4..i * 4 + 4].try_into().unwrap()));
     rodata.proxy_port = config.proxy_v4.port().to_be();
     rodata.route_mark = config.route_mark;
-    rodata.ifindex = config.ifindex;
     rodata.emit_events = config.events.into();
-    let skel = open.load().context("loading the tproxy BPF programs")?;
+    let mut skel = open.load().context("loading the tproxy BPF programs")?;
+    let bss = skel
+        .maps
+        .bss_data
+        .as_deref_mut()
+        .context("the tproxy object has no .bss")?;
+    bss.ifindex = config.ifindex;
+    bss.has_l2_header = config.has_l2_header.into();
+    bss.upstream_has_l2_header = config.upstream_has_l2_header.into();
     for port in &config.ports {
         maps::update(&skel.maps.tproxy_ports, port, &1u8)?;
     }

@@ -399,6 +399,375 @@ fn fixtures_replies_are_rewritten_only_for_tracked_flows() {
     );
 }
 
+#[test]
+fn fixtures_only_evidence_ends_a_flow_and_a_spoofed_ack_does_not() {
+    if !have_root() {
+        return;
+    }
+    let mut object = MaybeUninit::uninit();
+    let skel = load(&mut object, Protocols::All, 1024);
+    let run_in = |f: &[u8]| ingress(&skel, f);
+    let run_out = |f: &[u8]| egress(&skel, f);
+
+    for (client, server) in [(C4, S4), (C6, S6)] {
+        let fam = family(client);
+        let syn = Packet::tcp(client, 43000, server, 8080, TCP_SYN).with_seq(1_000_000);
+        run_in(&syn.build());
+        run_in(
+            &Packet::tcp(client, 43000, server, 8080, TCP_ACK)
+                .with_seq(1_000_001)
+                .build(),
+        );
+        let established = Some(nat_flow_state::FLOW_TCP_ESTABLISHED.0 as u8);
+        assert_eq!(state_of(&skel, 43000, fam), established);
+
+        // Straight to :80 from the client's tuple: an ACK with any sequence
+        // number, a RST and a FIN far from the client's, a UDP datagram.
+        for (what, flags, seq) in [
+            ("spoofed ACK", TCP_ACK, 0x8000_0000),
+            ("spoofed ACK near the window", TCP_ACK | TCP_PSH, 1_000_001),
+            ("RST out of window", TCP_RST, 1_000_001 + (3 << 20)),
+            (
+                "FIN out of window",
+                TCP_FIN | TCP_ACK,
+                1_000_001u32.wrapping_sub(3 << 20),
+            ),
+        ] {
+            let spoofed = Packet::tcp(client, 43000, server, 80, flags).with_seq(seq);
+            assert_unchanged(what, run_in, &spoofed.build());
+            assert_eq!(
+                state_of(&skel, 43000, fam),
+                established,
+                "{what} ended the flow"
+            );
+        }
+        // Forged packets via :8080 far from the client's sequence numbers
+        // are delivered, but neither close the flow nor move its window: a
+        // RST straight to :80 near the forged number is still no evidence.
+        for (what, flags) in [
+            ("forged ACK via FROM", TCP_ACK),
+            ("forged RST via FROM", TCP_RST),
+        ] {
+            let forged = Packet::tcp(client, 43000, server, 8080, flags).with_seq(0x9000_0000);
+            let (verdict, _) = run_in(&forged.build());
+            assert_eq!(verdict, TC_ACT_OK, "{what}");
+            assert_eq!(
+                state_of(&skel, 43000, fam),
+                established,
+                "{what} changed the state"
+            );
+        }
+        let rst = Packet::tcp(client, 43000, server, 80, TCP_RST).with_seq(0x9000_0000);
+        assert_unchanged("RST near a forged sequence number", run_in, &rst.build());
+        assert_eq!(state_of(&skel, 43000, fam), established);
+
+        // The server's next segment still leaves as :8080.
+        let data = Packet::tcp(server, 80, client, 43000, TCP_ACK | TCP_PSH).with_payload(b"data");
+        assert_rewritten(
+            "reply after spoofed packets",
+            run_out,
+            &data,
+            &Packet {
+                src_port: 8080,
+                ..data.clone()
+            },
+        );
+
+        // A RST near the client's sequence numbers is evidence.
+        let rst = Packet::tcp(client, 43000, server, 80, TCP_RST).with_seq(1_000_001 + 70_000);
+        assert_unchanged("in-window RST", run_in, &rst.build());
+        assert_eq!(state_of(&skel, 43000, fam), None);
+
+        // So is an in-window FIN, and a new SYN.
+        run_in(&syn.build());
+        let fin = Packet::tcp(client, 43000, server, 80, TCP_FIN | TCP_ACK).with_seq(999_000);
+        assert_unchanged("in-window FIN", run_in, &fin.build());
+        assert_eq!(state_of(&skel, 43000, fam), None);
+        run_in(&syn.build());
+        let direct_syn = Packet::tcp(client, 43000, server, 80, TCP_SYN).with_seq(7);
+        assert_unchanged("direct SYN", run_in, &direct_syn.build());
+        assert_eq!(state_of(&skel, 43000, fam), None);
+    }
+    assert_eq!(counter(&skel, nat_stat::NAT_STAT_DIRECT_IGNORED), 10);
+    assert_eq!(counter(&skel, nat_stat::NAT_STAT_OUT_OF_WINDOW), 4);
+    assert_eq!(counter(&skel, nat_stat::NAT_STAT_DIRECT_STALE), 6);
+
+    // UDP carries no evidence: a datagram straight to TO leaves the flow.
+    run_in(&Packet::udp(C4, 44000, S4, 5300).build());
+    assert_unchanged(
+        "direct UDP",
+        run_in,
+        &Packet::udp(C4, 44000, S4, 5353).build(),
+    );
+    assert_eq!(
+        state_of(&skel, 44000, 2),
+        Some(nat_flow_state::FLOW_UDP.0 as u8)
+    );
+}
+
+#[test]
+fn fixtures_replies_to_local_sockets_are_left_alone() {
+    if !have_root() {
+        return;
+    }
+    let ns = lo_netns();
+    ns.spawn(|| {
+        let mut object = MaybeUninit::uninit();
+        let skel = load(&mut object, Protocols::All, 1024);
+        let run_in = |f: &[u8]| ingress(&skel, f);
+        // This host's own connections whose local port is a FROM: TCP from
+        // 127.0.0.1:8080 and [::1]:8080, connected UDP from 127.0.0.1:5300.
+        let listener4 = std::net::TcpListener::bind("127.0.0.1:9000")?;
+        let listener6 = std::net::TcpListener::bind("[::1]:9000")?;
+        let tcp4 = bound_tcp_connect("127.0.0.1:8080", "127.0.0.1:9000")?;
+        let tcp6 = bound_tcp_connect("[::1]:8080", "[::1]:9000")?;
+        let udp = UdpSocket::bind("127.0.0.1:5300")?;
+        udp.connect("127.0.0.1:9000")?;
+        let (_a, _) = listener4.accept()?;
+        let (_b, _) = listener6.accept()?;
+
+        for (what, packet) in [
+            (
+                "SYN-ACK to a local connect()",
+                Packet::tcp("127.0.0.1", 9000, "127.0.0.1", 8080, TCP_SYN | TCP_ACK),
+            ),
+            (
+                "data to a local connection",
+                Packet::tcp("127.0.0.1", 9000, "127.0.0.1", 8080, TCP_ACK | TCP_PSH)
+                    .with_payload(b"x"),
+            ),
+            (
+                "IPv6 data to a local connection",
+                Packet::tcp("::1", 9000, "::1", 8080, TCP_ACK),
+            ),
+            (
+                "datagram to a connected UDP socket",
+                Packet::udp("127.0.0.1", 9000, "127.0.0.1", 5300),
+            ),
+        ] {
+            assert_unchanged(what, run_in, &packet.build());
+        }
+        assert_eq!(counter(&skel, nat_stat::NAT_STAT_PASS_LOCAL), 4);
+        assert!(flows(&skel).is_empty(), "a local connection got a flow");
+
+        // Another peer of the same FROM is a client: translated, and so is
+        // a client where a listener holds FROM (a listener has no peer).
+        let client = Packet::tcp("127.0.0.1", 9001, "127.0.0.1", 8080, TCP_SYN);
+        assert_rewritten(
+            "a client of FROM next to a local connection",
+            run_in,
+            &client,
+            &Packet {
+                dst_port: 80,
+                ..client.clone()
+            },
+        );
+        let listener = std::net::TcpListener::bind("127.0.0.2:8080")?;
+        let to_listener = Packet::tcp("127.0.0.1", 9002, "127.0.0.2", 8080, TCP_SYN);
+        assert_rewritten(
+            "a client of FROM where something listens on FROM",
+            run_in,
+            &to_listener,
+            &Packet {
+                dst_port: 80,
+                ..to_listener.clone()
+            },
+        );
+        drop((tcp4, tcp6, udp, listener));
+        Ok(())
+    })
+    .unwrap()
+    .join()
+    .unwrap()
+    .unwrap();
+}
+
+/// A TCP connection from a chosen local address and port.
+fn bound_tcp_connect(local: &str, peer: &str) -> std::io::Result<std::net::TcpStream> {
+    use nix::sys::socket::{
+        bind, connect, socket, AddressFamily, SockFlag, SockType, SockaddrStorage,
+    };
+    use std::os::fd::{AsRawFd, OwnedFd};
+    let local: SocketAddr = local.parse().unwrap();
+    let peer: SocketAddr = peer.parse().unwrap();
+    let family = if local.is_ipv4() {
+        AddressFamily::Inet
+    } else {
+        AddressFamily::Inet6
+    };
+    let fd: OwnedFd = socket(family, SockType::Stream, SockFlag::empty(), None)?;
+    bind(fd.as_raw_fd(), &SockaddrStorage::from(local))?;
+    connect(fd.as_raw_fd(), &SockaddrStorage::from(peer))?;
+    Ok(std::net::TcpStream::from(fd))
+}
+
+#[test]
+fn fixtures_translate_on_l3_devices() {
+    if !have_root() {
+        return;
+    }
+    let mut object = MaybeUninit::uninit();
+    let mut skel = load(&mut object, Protocols::All, 1024);
+    port_nat::set_l2_header(&mut skel, false).unwrap();
+    let l3 = |packet: &Packet| packet.build()[ETH_HLEN..].to_vec();
+    for (client, server) in [(C4, S4), (C6, S6)] {
+        for query in [
+            Packet::tcp(client, 45000, server, 8080, TCP_SYN),
+            Packet::udp(client, 45001, server, 5300).with_payload(b"query"),
+        ] {
+            let (verdict, out) = ingress(&skel, &l3(&query));
+            assert_eq!(verdict, TC_ACT_OK);
+            let translated = Packet {
+                dst_port: if query.protocol == IPPROTO_TCP {
+                    80
+                } else {
+                    5353
+                },
+                ..query.clone()
+            };
+            assert_eq!(
+                hex(&out),
+                hex(&l3(&translated)),
+                "{client} ingress, tun framing"
+            );
+            verify_checksums(&with_ethernet(&out)).unwrap();
+            let reply = translated.reply(TCP_SYN | TCP_ACK);
+            let (_, out) = egress(&skel, &l3(&reply));
+            let expected = Packet {
+                src_port: query.dst_port,
+                ..reply.clone()
+            };
+            assert_eq!(
+                hex(&out),
+                hex(&l3(&expected)),
+                "{client} egress, tun framing"
+            );
+            verify_checksums(&with_ethernet(&out)).unwrap();
+        }
+    }
+    assert_eq!(counter(&skel, nat_stat::NAT_STAT_INGRESS_TRANSLATED), 4);
+    assert_eq!(counter(&skel, nat_stat::NAT_STAT_EGRESS_TRANSLATED), 4);
+    assert_eq!(counter(&skel, nat_stat::NAT_STAT_PASS_TRUNCATED), 0);
+}
+
+/// An ICMP error through `run`: it comes out as `expected`, every checksum
+/// right, the quoted packet exactly `quoted_expected`.
+fn assert_icmp_rewritten(
+    what: &str,
+    run: impl Fn(&[u8]) -> (u32, Vec<u8>),
+    input: &Packet,
+    expected: &Packet,
+    quoted_expected: &[u8],
+) {
+    let frame = input.build();
+    verify_icmp_error(&frame)
+        .unwrap_or_else(|e| panic!("{what}: the builder made a bad frame: {e}"));
+    let (verdict, out) = run(&frame);
+    assert_eq!(verdict, TC_ACT_OK, "{what}: verdict");
+    assert_eq!(hex(&out), hex(&expected.build()), "{what}: output bytes");
+    let quoted = verify_icmp_error(&out).unwrap_or_else(|e| panic!("{what}: {e}"));
+    assert_eq!(hex(&quoted), hex(quoted_expected), "{what}: quoted packet");
+}
+
+#[test]
+fn fixtures_icmp_errors_about_translated_flows_are_translated() {
+    if !have_root() {
+        return;
+    }
+    let mut object = MaybeUninit::uninit();
+    let skel = load(&mut object, Protocols::All, 1024);
+    let run_in = |f: &[u8]| ingress(&skel, f);
+    let run_out = |f: &[u8]| egress(&skel, f);
+    let ip = |frame: &[u8]| frame[ETH_HLEN..].to_vec();
+    let router = |client: &str| {
+        if client == C4 {
+            "203.0.113.9"
+        } else {
+            "2001:db8:2::9"
+        }
+    };
+    for (client, server) in [(C4, S4), (C6, S6)] {
+        let (port_unreachable, frag_needed) = if client == C4 {
+            ((3u8, 3u8), (3u8, 4u8))
+        } else {
+            ((1u8, 4u8), (2u8, 0u8))
+        };
+        // A UDP query to :5300 reached the server as :5353, where nothing
+        // listens: its port-unreachable must name 5300 again.
+        let query = Packet::udp(client, 46000, server, 5300).with_payload(b"query?");
+        let (_, seen_by_server) = run_in(&query.build());
+        let error = Packet::icmp_error(server, client, port_unreachable, &ip(&seen_by_server));
+        assert_icmp_rewritten(
+            "port unreachable about a UDP query",
+            run_out,
+            &error,
+            &Packet::icmp_error(server, client, port_unreachable, &ip(&query.build())),
+            &ip(&query.build()),
+        );
+        // The same with a zero ("none") UDP checksum, IPv4 only: the ICMP
+        // checksum takes the change.
+        if client == C4 {
+            let bare = Packet {
+                udp_zero_checksum: true,
+                ..query.clone()
+            };
+            let (_, seen) = run_in(&bare.build());
+            let error = Packet::icmp_error(server, client, port_unreachable, &ip(&seen));
+            assert_icmp_rewritten(
+                "port unreachable about a checksum-less query",
+                run_out,
+                &error,
+                &Packet::icmp_error(server, client, port_unreachable, &ip(&bare.build())),
+                &ip(&bare.build()),
+            );
+        }
+
+        // TCP: the server's reply left as :8080; a router on the way says
+        // it is too big. The server's socket is on :80.
+        let syn = Packet::tcp(client, 46001, server, 8080, TCP_SYN);
+        run_in(&syn.build());
+        let reply =
+            Packet::tcp(server, 80, client, 46001, TCP_ACK | TCP_PSH).with_payload(&[7u8; 64]);
+        let (_, on_the_wire) = run_out(&reply.build());
+        let error = Packet::icmp_error(router(client), server, frag_needed, &ip(&on_the_wire));
+        assert_icmp_rewritten(
+            "fragmentation needed about a reply",
+            run_in,
+            &error,
+            &Packet::icmp_error(router(client), server, frag_needed, &ip(&reply.build())),
+            &ip(&reply.build()),
+        );
+        // Quoting only 8 bytes of TCP (the RFC 792 minimum): no TCP
+        // checksum to fix, the ICMP checksum takes the change.
+        let short = |frame: &[u8]| {
+            let inner = ip(frame);
+            let l4 = if client == C4 { 20 } else { 40 };
+            inner[..l4 + 8].to_vec()
+        };
+        let error = Packet::icmp_error(router(client), server, frag_needed, &short(&on_the_wire));
+        assert_icmp_rewritten(
+            "fragmentation needed quoting 8 bytes",
+            run_in,
+            &error,
+            &Packet::icmp_error(router(client), server, frag_needed, &short(&reply.build())),
+            &short(&reply.build()),
+        );
+
+        // Errors about untracked traffic pass unchanged.
+        let direct = Packet::udp(client, 46002, server, 5353);
+        let error = Packet::icmp_error(server, client, port_unreachable, &ip(&direct.build()));
+        assert_unchanged("error about a direct client", run_out, &error.build());
+        let error = Packet::icmp_error(
+            router(client),
+            server,
+            frag_needed,
+            &ip(&reply.reply(TCP_ACK).build()),
+        );
+        assert_unchanged("error about a packet to the server", run_in, &error.build());
+    }
+    assert_eq!(counter(&skel, nat_stat::NAT_STAT_ICMP_TRANSLATED), 7);
+}
+
 fn family(addr: &str) -> u8 {
     if addr.contains(':') {
         10
@@ -740,8 +1109,7 @@ fn lo_http_download_and_connected_udp_through_mappings_without_checksum_errors()
     let nat = port_nat(
         &ns,
         &[
-            "-i", "lo", "-f", "8080", "-t", "80", "-f", "5300", "-t", "5353", "--proto", "all",
-            "--json",
+            "-i", "lo", "-f", "8080", "-t", "80", "-f", "5300", "-t", "5353", "--json",
         ],
     );
     assert!(
@@ -790,6 +1158,315 @@ fn lo_http_download_and_connected_udp_through_mappings_without_checksum_errors()
     assert_eq!(stat(&output, "dropped"), 0);
     assert!(output.contains("Cleaned up"));
     assert_eq!(attached_tc(&ns, "lo").0, 0);
+}
+
+/// Sends `ip` (an IPv4 packet) as it is from a raw socket of the calling
+/// thread's namespace: a forged packet.
+fn send_raw_ipv4(ip: &[u8], dst: std::net::Ipv4Addr) -> std::io::Result<()> {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    // SAFETY: plain socket(2); the result is checked before it is owned.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a fresh descriptor nobody else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let addr = nix::sys::socket::SockaddrIn::from(std::net::SocketAddrV4::new(dst, 0));
+    nix::sys::socket::sendto(
+        std::os::fd::AsRawFd::as_raw_fd(&fd),
+        ip,
+        &addr,
+        nix::sys::socket::MsgFlags::empty(),
+    )?;
+    Ok(())
+}
+
+#[test]
+fn veth_a_download_survives_spoofed_acks_straight_to_to() {
+    if !have_root() {
+        return;
+    }
+    let testbed = Testbed::new();
+    let (client, server) = (&testbed.client, &testbed.server);
+    let _echo = servers::echo(server, "[::]:80").unwrap();
+    let nat = port_nat(server, &["-i", "veth-s", "-f", "8080", "-t", "80"]);
+    let total = 16usize << 20;
+    let transfer = client
+        .spawn(move || {
+            let stream =
+                bound_tcp_connect(&format!("{CLIENT_V4}:45000"), &format!("{SERVER_V4}:8080"))?;
+            stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+            let data = payload(total, 11);
+            let mut writer = stream.try_clone()?;
+            let sent = data.clone();
+            let writing = std::thread::spawn(move || std::io::Write::write_all(&mut writer, &sent));
+            let mut received = Vec::with_capacity(total);
+            let mut buffer = vec![0u8; 64 * 1024];
+            let mut next_spoof = 1usize << 20;
+            let mut spoofed = 0;
+            while received.len() < total {
+                let n = std::io::Read::read(&mut &stream, &mut buffer)
+                    .map_err(|e| anyhow::anyhow!("after {} bytes: {e}", received.len()))?;
+                anyhow::ensure!(n > 0, "closed after {} bytes", received.len());
+                received.extend_from_slice(&buffer[..n]);
+                if received.len() >= next_spoof && spoofed < 3 {
+                    // An ACK with an arbitrary sequence number, from the
+                    // client's address and port straight to :80.
+                    let ack = Packet::tcp(CLIENT_V4, 45000, SERVER_V4, 80, TCP_ACK)
+                        .with_seq(0x8000_0000 + spoofed);
+                    send_raw_ipv4(&ack.build()[ETH_HLEN..], SERVER_V4.parse()?)?;
+                    spoofed += 1;
+                    next_spoof += 4 << 20;
+                }
+            }
+            writing.join().unwrap()?;
+            anyhow::ensure!(received == data, "the echoed bytes differ");
+            Ok(())
+        })
+        .unwrap();
+    transfer.join().unwrap().unwrap();
+    let (status, output, stderr) = nat.stop();
+    assert!(status.success(), "{stderr}");
+    assert_eq!(stat(&output, "direct packets ignored"), 3, "{output}");
+    assert_eq!(
+        stat(&output, "flows ended by direct traffic"),
+        0,
+        "{output}"
+    );
+}
+
+#[test]
+fn lo_a_local_connection_from_port_from_works_and_from_in_the_local_range_is_warned_about() {
+    if !have_root() {
+        return;
+    }
+    let ns = lo_netns();
+    let _http = servers::http(&ns, "127.0.0.1:80").unwrap();
+    let _peer = servers::http(&ns, "127.0.0.1:9000").unwrap();
+    in_netns(
+        &ns,
+        "sysctl",
+        &["-qw", "net.ipv4.ip_local_port_range=32768 60999"],
+    );
+    let nat = port_nat(&ns, &["-i", "lo", "-f", "40000", "-t", "80"]);
+    // This host's own connection from local port 40000 (FROM).
+    for _ in 0..3 {
+        let body = curl(&ns, "http://127.0.0.1:9000/", &["--local-port", "40000"]);
+        assert!(body.contains("peer=127.0.0.1:40000"), "{body}");
+        wait_for_tcp_to_settle(&ns);
+    }
+    // A client of FROM is still translated.
+    let body = curl(&ns, "http://127.0.0.1:40000/", &[]);
+    assert!(body.contains("local=127.0.0.1:80"), "{body}");
+    let (status, output, stderr) = nat.stop();
+    assert!(status.success(), "{stderr}");
+    assert!(
+        stderr.contains("FROM port 40000 is inside ip_local_port_range (32768-60999)"),
+        "{stderr}"
+    );
+    assert!(
+        stat(&output, "passed: replies to local sockets") > 0,
+        "{output}"
+    );
+}
+
+#[test]
+fn lo_a_udp_client_of_from_gets_econnrefused_when_nothing_listens_on_to() {
+    if !have_root() {
+        return;
+    }
+    let ns = lo_netns();
+    let nat = port_nat(&ns, &["-i", "lo", "-f", "5300", "-t", "5353"]);
+    for server in ["127.0.0.1:5300", "[::1]:5300"] {
+        let server: SocketAddr = server.parse().unwrap();
+        let refused = ns
+            .spawn(move || {
+                let bind = if server.is_ipv4() {
+                    "127.0.0.1:0"
+                } else {
+                    "[::1]:0"
+                };
+                let socket = UdpSocket::bind(bind)?;
+                socket.connect(server)?;
+                socket.set_read_timeout(Some(Duration::from_secs(5)))?;
+                let start = std::time::Instant::now();
+                socket.send(b"anyone?")?;
+                let err = socket.recv(&mut [0u8; 64]).unwrap_err();
+                Ok((err.kind(), start.elapsed()))
+            })
+            .unwrap()
+            .join()
+            .unwrap()
+            .unwrap();
+        assert_eq!(refused.0, std::io::ErrorKind::ConnectionRefused, "{server}");
+        assert!(
+            refused.1 < Duration::from_secs(1),
+            "{server}: {:?}",
+            refused.1
+        );
+    }
+    let (status, output, stderr) = nat.stop();
+    assert!(status.success(), "{stderr}");
+    assert_eq!(stat(&output, "ICMP errors translated"), 2, "{output}");
+}
+
+/// A tun device in `ns`: its descriptor, through which the test is the
+/// device's peer, reading and writing bare IP packets.
+fn tun_device(ns: &NetNs, name: &str) -> std::os::fd::OwnedFd {
+    // A minimal guest (the 6.1 VM) may have neither the module loaded nor
+    // the device node; opening the node loads the module (char-major-10-200).
+    let node = std::path::Path::new("/dev/net/tun");
+    if !node.exists() {
+        std::fs::create_dir_all("/dev/net").unwrap();
+        nix::sys::stat::mknod(
+            node,
+            nix::sys::stat::SFlag::S_IFCHR,
+            nix::sys::stat::Mode::from_bits_truncate(0o666),
+            nix::sys::stat::makedev(10, 200),
+        )
+        .unwrap();
+    }
+    let name = name.to_owned();
+    ns.spawn(move || {
+        use std::os::fd::{AsRawFd, OwnedFd};
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/net/tun")?;
+        let mut ifreq = [0u8; 40];
+        ifreq[..name.len()].copy_from_slice(name.as_bytes());
+        let flags = (libc::IFF_TUN | libc::IFF_NO_PI) as i16;
+        ifreq[16..18].copy_from_slice(&flags.to_ne_bytes());
+        // SAFETY: TUNSETIFF reads and writes a struct ifreq, 40 bytes.
+        if unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETIFF, ifreq.as_mut_ptr()) } < 0 {
+            return Err(std::io::Error::last_os_error().into());
+        }
+        Ok(OwnedFd::from(file))
+    })
+    .unwrap()
+    .join()
+    .unwrap()
+    .unwrap()
+}
+
+/// The next IPv4 packet from the tun device to `port`, within 5 s.
+fn tun_read(fd: &std::os::fd::OwnedFd, port: u16) -> Vec<u8> {
+    use std::os::fd::AsRawFd;
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let mut buffer = vec![0u8; 65536];
+    while std::time::Instant::now() < deadline {
+        let mut pollfd = libc::pollfd {
+            fd: fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one pollfd, valid for the call.
+        if unsafe { libc::poll(&mut pollfd, 1, 100) } <= 0 {
+            continue;
+        }
+        let n = nix::unistd::read(fd.as_raw_fd(), &mut buffer).unwrap();
+        let frame = with_ethernet(&buffer[..n]);
+        if parse(&frame).is_some_and(|p| p.dst_port == port) {
+            return buffer[..n].to_vec();
+        }
+    }
+    panic!("nothing came out of the tun device to port {port}");
+}
+
+#[test]
+fn tun_device_translates_tcp_and_udp() {
+    if !have_root() {
+        return;
+    }
+    let ns = NetNs::create(&unique("pn-tun")).expect("netns");
+    let tun = tun_device(&ns, "pntun0");
+    ns.configure("pntun0", &["10.88.0.1/24"]).unwrap();
+    let _udp = servers::udp_echo(&ns, "10.88.0.1:5353").unwrap();
+    let _http = servers::http(&ns, "10.88.0.1:80").unwrap();
+    let nat = port_nat(
+        &ns,
+        &[
+            "-i", "pntun0", "-f", "8080", "-t", "80", "-f", "5300", "-t", "5353",
+        ],
+    );
+    let write = |packet: &Packet| {
+        nix::unistd::write(&tun, &packet.build()[ETH_HLEN..]).unwrap();
+    };
+
+    write(&Packet::udp("10.88.0.2", 47000, "10.88.0.1", 5300).with_payload(b"over tun"));
+    let reply = with_ethernet(&tun_read(&tun, 47000));
+    verify_checksums(&reply).unwrap();
+    let parsed = parse(&reply).unwrap();
+    assert_eq!(parsed.src_port, 5300, "the UDP reply's source port");
+    assert_eq!(&reply[parsed.l4_off + 8..parsed.end], b"over tun");
+
+    write(&Packet::tcp("10.88.0.2", 47001, "10.88.0.1", 8080, TCP_SYN));
+    let synack = with_ethernet(&tun_read(&tun, 47001));
+    verify_checksums(&synack).unwrap();
+    let parsed = parse(&synack).unwrap();
+    assert_eq!(parsed.src_port, 8080, "the SYN-ACK's source port");
+    assert_eq!(parsed.tcp_flags & (TCP_SYN | TCP_ACK), TCP_SYN | TCP_ACK);
+
+    let (status, output, stderr) = nat.stop();
+    assert!(status.success(), "{stderr}");
+    assert_eq!(stat(&output, "passed: truncated"), 0, "{output}");
+    assert_eq!(stat(&output, "translated on ingress"), 2, "{output}");
+    drop(tun);
+}
+
+#[test]
+fn veth_a_recreated_interface_is_followed_by_name() {
+    if !have_root() {
+        return;
+    }
+    let testbed = Testbed::new();
+    let (client, server) = (&testbed.client, &testbed.server);
+    let _http = servers::http(server, "[::]:80").unwrap();
+    let mut nat = port_nat(server, &["-i", "veth-s", "-f", "8080", "-t", "80"]);
+    let url = format!("http://{SERVER_V4}:8080/");
+    assert!(curl(client, &url, &[]).contains("local=[::ffff:10.77.0.2]:80"));
+    for round in 0..2 {
+        // A container restart: the interface goes, one of the same name comes.
+        server.ip(&["link", "del", "veth-s"]).unwrap();
+        let gone = nat.wait_for_line(
+            |l| l.starts_with("Interface veth-s is gone"),
+            Duration::from_secs(10),
+        );
+        assert!(
+            gone.is_some(),
+            "round {round}: no line about the interface going: {:?}",
+            nat.seen
+        );
+        netns::veth_pair(client, "veth-c", server, "veth-s").unwrap();
+        client
+            .configure("veth-c", &[&format!("{CLIENT_V4}/24")])
+            .unwrap();
+        server
+            .configure("veth-s", &[&format!("{SERVER_V4}/24")])
+            .unwrap();
+        let back = nat.wait_for_line(
+            |l| l.starts_with("Interface veth-s is back"),
+            Duration::from_secs(10),
+        );
+        assert!(
+            back.is_some(),
+            "round {round}: no line about the interface returning: {:?}",
+            nat.seen
+        );
+        let body = curl(client, &url, &["--retry", "3", "--retry-connrefused"]);
+        assert!(
+            body.contains("local=[::ffff:10.77.0.2]:80"),
+            "round {round}: {body}"
+        );
+        assert_eq!(
+            attached_tc(server, "veth-s").0,
+            if kernel::has_tcx() { 2 } else { 0 }
+        );
+    }
+    let (status, _, stderr) = nat.stop();
+    assert!(status.success(), "{stderr}");
+    assert!(stderr.contains("interface veth-s is gone"), "{stderr}");
+    assert_eq!(attached_tc(server, "veth-s"), (0, false));
 }
 
 fn ethtool(netns: &NetNs, device: &str, args: &[&str]) {

@@ -853,3 +853,63 @@ fn a_refused_assign_leaves_the_packet_unmarked_and_random_packets_pass() {
         assert!(ran > 1500, "only {ran} of 2000 frames could be run");
     });
 }
+
+#[test]
+fn a_recreated_interface_is_followed_by_name() {
+    if !have_root() {
+        return;
+    }
+    let gw = Gateway::new();
+    let _web = servers::http(&gw.server, "[::]:80").unwrap();
+    let mut tproxy = gw.tproxy(&["-P", "80"]);
+    assert_intercepted(&gw);
+    // A container restart: the client-facing veth goes, one of the same
+    // name comes back with another ifindex.
+    gw.gateway.ip(&["link", "del", CLIENT_FACING]).unwrap();
+    let event = |name: &'static str| move |l: &str| l.contains(&format!("\"event\":\"{name}\""));
+    let gone = tproxy.wait_for_line(event("interface-gone"), Duration::from_secs(10));
+    assert!(gone.is_some(), "no interface-gone event: {:?}", tproxy.seen);
+    proxy_redirect::netns::veth_pair(&gw.client, "veth0", &gw.gateway, CLIENT_FACING).unwrap();
+    gw.client
+        .configure(
+            "veth0",
+            &[&format!("{CLIENT4}/24"), &format!("{CLIENT6}/64")],
+        )
+        .unwrap();
+    gw.gateway
+        .configure(
+            CLIENT_FACING,
+            &[
+                &format!("{GATEWAY_CLIENT_SIDE4}/24"),
+                &format!("{GATEWAY_CLIENT_SIDE6}/64"),
+            ],
+        )
+        .unwrap();
+    gw.client
+        .ip(&["route", "add", "default", "via", GATEWAY_CLIENT_SIDE4])
+        .unwrap();
+    gw.client
+        .ip(&["-6", "route", "add", "default", "via", GATEWAY_CLIENT_SIDE6])
+        .unwrap();
+    let back = tproxy.wait_for_line(event("interface-back"), Duration::from_secs(10));
+    assert!(back.is_some(), "no interface-back event: {:?}", tproxy.seen);
+    assert_eq!(
+        gw.tcx_program_count(CLIENT_FACING, proxy_redirect::links::TcDirection::Ingress),
+        u32::from(kernel::has_tcx())
+    );
+    // The rule (iif by name) and the route (on lo) held: intercepted again.
+    assert_intercepted(&gw);
+    let (status, output, stderr) = tproxy.stop();
+    assert!(status.success(), "{stderr}");
+    assert!(stderr.contains("interface gw-c is gone"), "{stderr}");
+    assert_eq!(stat(&output, "connections intercepted"), 4, "{output}");
+    let after = gw.snapshot();
+    assert!(
+        !after.contains("5052"),
+        "rules or routes left behind:\n{after}"
+    );
+    assert_eq!(
+        gw.tcx_program_count(CLIENT_FACING, proxy_redirect::links::TcDirection::Ingress),
+        0
+    );
+}

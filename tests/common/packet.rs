@@ -8,6 +8,8 @@ use std::net::IpAddr;
 pub const ETH_HLEN: usize = 14;
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
+pub const IPPROTO_ICMP: u8 = 1;
+pub const IPPROTO_ICMPV6: u8 = 58;
 pub const TCP_FIN: u8 = 0x01;
 pub const TCP_SYN: u8 = 0x02;
 pub const TCP_RST: u8 = 0x04;
@@ -78,7 +80,7 @@ impl Ext {
     }
 }
 
-/// A TCP or UDP packet in an Ethernet frame.
+/// A TCP, UDP or ICMP packet in an Ethernet frame.
 #[derive(Debug, Clone)]
 pub struct Packet {
     pub src: IpAddr,
@@ -87,6 +89,9 @@ pub struct Packet {
     pub src_port: u16,
     pub dst_port: u16,
     pub tcp_flags: u8,
+    pub seq: u32,
+    /// The data after the L4 header; for ICMP, the whole ICMP message with
+    /// a zero checksum field.
     pub payload: Vec<u8>,
     /// IPv4 options (padded to 4 bytes with end-of-list).
     pub ip_options: Vec<u8>,
@@ -107,6 +112,7 @@ impl Packet {
             src_port,
             dst_port,
             tcp_flags: flags,
+            seq: 0x0102_0304,
             payload: Vec::new(),
             ip_options: Vec::new(),
             frag_offset: 0,
@@ -124,6 +130,25 @@ impl Packet {
         }
     }
 
+    /// An ICMP (IPv4) or ICMPv6 error of `kind` (type, code) quoting
+    /// `quoted`, an IP packet without its Ethernet header.
+    pub fn icmp_error(src: &str, dst: &str, kind: (u8, u8), quoted: &[u8]) -> Packet {
+        let mut packet = Packet::tcp(src, 0, dst, 0, 0);
+        packet.protocol = if packet.src.is_ipv4() {
+            IPPROTO_ICMP
+        } else {
+            IPPROTO_ICMPV6
+        };
+        packet.payload = vec![kind.0, kind.1, 0, 0, 0, 0, 0, 0];
+        packet.payload.extend_from_slice(quoted);
+        packet
+    }
+
+    pub fn with_seq(mut self, seq: u32) -> Packet {
+        self.seq = seq;
+        self
+    }
+
     pub fn with_payload(mut self, payload: &[u8]) -> Packet {
         self.payload = payload.to_vec();
         self
@@ -138,12 +163,19 @@ impl Packet {
         reply
     }
 
+    fn is_icmp(&self) -> bool {
+        self.protocol == IPPROTO_ICMP || self.protocol == IPPROTO_ICMPV6
+    }
+
     fn l4_bytes(&self) -> Vec<u8> {
+        if self.is_icmp() {
+            return self.payload.clone();
+        }
         let mut l4 = Vec::new();
         l4.extend_from_slice(&self.src_port.to_be_bytes());
         l4.extend_from_slice(&self.dst_port.to_be_bytes());
         if self.protocol == IPPROTO_TCP {
-            l4.extend_from_slice(&0x0102_0304u32.to_be_bytes()); // seq
+            l4.extend_from_slice(&self.seq.to_be_bytes());
             let ack = if self.tcp_flags & TCP_ACK != 0 {
                 0x0a0b_0c0du32
             } else {
@@ -166,9 +198,16 @@ impl Packet {
     /// The frame, with every checksum right.
     pub fn build(&self) -> Vec<u8> {
         let mut l4 = self.l4_bytes();
-        let csum_at = if self.protocol == IPPROTO_TCP { 16 } else { 6 };
+        let csum_at = match self.protocol {
+            IPPROTO_TCP => 16,
+            IPPROTO_UDP => 6,
+            _ => 2,
+        };
         let skip_csum = self.protocol == IPPROTO_UDP && self.udp_zero_checksum;
-        if !skip_csum {
+        if self.protocol == IPPROTO_ICMP {
+            let csum = checksum(&l4, 0);
+            l4[2..4].copy_from_slice(&csum.to_be_bytes());
+        } else if !skip_csum {
             let mut csum = l4_checksum(self.src, self.dst, self.protocol, &l4);
             if self.protocol == IPPROTO_UDP && csum == 0 {
                 csum = 0xffff;
@@ -222,6 +261,20 @@ impl Packet {
         frame.extend_from_slice(&l4);
         frame
     }
+}
+
+/// `ip` (a packet from an L3 device) in an Ethernet frame, as `parse`
+/// and `verify_checksums` take it.
+pub fn with_ethernet(ip: &[u8]) -> Vec<u8> {
+    let ethertype: u16 = if ip.first().is_some_and(|b| b >> 4 == 6) {
+        0x86dd
+    } else {
+        0x0800
+    };
+    let mut frame = vec![0u8; 12];
+    frame.extend_from_slice(&ethertype.to_be_bytes());
+    frame.extend_from_slice(ip);
+    frame
 }
 
 /// The one's complement sum of `data` (big-endian 16-bit words) folded,
@@ -425,6 +478,56 @@ pub fn verify_checksums(frame: &[u8]) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+/// Checks every checksum of an ICMP or ICMPv6 error frame (no IPv6
+/// extension headers): the outer IPv4 header, the ICMP checksum, the quoted
+/// IPv4 header, and the quoted packet's TCP/UDP checksum when it is quoted
+/// whole. Returns the quoted packet.
+pub fn verify_icmp_error(frame: &[u8]) -> Result<Vec<u8>, String> {
+    let ip = &frame[ETH_HLEN..];
+    let (src, dst, icmp): (IpAddr, IpAddr, &[u8]) = match ip[0] >> 4 {
+        4 => {
+            let ihl = usize::from(ip[0] & 0xf) * 4;
+            if checksum(&ip[..ihl], 0) != 0 {
+                return Err("bad outer IPv4 header checksum".into());
+            }
+            let src = IpAddr::from(<[u8; 4]>::try_from(&ip[12..16]).unwrap());
+            let dst = IpAddr::from(<[u8; 4]>::try_from(&ip[16..20]).unwrap());
+            (src, dst, &ip[ihl..])
+        }
+        6 => {
+            let src = IpAddr::from(<[u8; 16]>::try_from(&ip[8..24]).unwrap());
+            let dst = IpAddr::from(<[u8; 16]>::try_from(&ip[24..40]).unwrap());
+            (src, dst, &ip[40..])
+        }
+        _ => return Err("not IP".into()),
+    };
+    let sum = if src.is_ipv4() {
+        checksum(icmp, 0)
+    } else {
+        checksum(
+            icmp,
+            pseudo_header_sum(src, dst, IPPROTO_ICMPV6, icmp.len()),
+        )
+    };
+    if sum != 0 {
+        return Err(format!("bad ICMP checksum (sums to {sum:#06x})"));
+    }
+    let quoted = &icmp[8..];
+    let whole = if quoted[0] >> 4 == 4 {
+        let ihl = usize::from(quoted[0] & 0xf) * 4;
+        if checksum(&quoted[..ihl], 0) != 0 {
+            return Err("bad quoted IPv4 header checksum".into());
+        }
+        usize::from(u16::from_be_bytes([quoted[2], quoted[3]])) <= quoted.len()
+    } else {
+        40 + usize::from(u16::from_be_bytes([quoted[4], quoted[5]])) <= quoted.len()
+    };
+    if whole {
+        verify_checksums(&with_ethernet(quoted)).map_err(|e| format!("quoted packet: {e}"))?;
+    }
+    Ok(quoted.to_vec())
 }
 
 /// A small deterministic generator for randomized tests.
