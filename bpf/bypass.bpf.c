@@ -2,19 +2,19 @@
 /*
  * bypass: short-circuit TCP between two sockets of this host.
  *
- * sockops puts each established socket whose two ends are both local into a
- * SOCKHASH, keyed by (local, remote). The sk_msg program, attached to that
- * map, runs on every sendmsg of those sockets and moves the message straight
- * into the receive queue of the peer socket, found under (remote, local),
- * skipping TCP/IP and loopback. Without a peer the message takes the normal
- * path.
+ * sockops puts each established socket whose peer is another socket of its
+ * own network namespace into a SOCKHASH, keyed by (namespace, local, remote).
+ * The sk_msg program, attached to that map, runs on every sendmsg of those
+ * sockets and moves the message straight into the receive queue of the peer
+ * socket, found under (namespace, remote, local), skipping TCP/IP and
+ * loopback. Without a peer the message takes the normal path. One instance
+ * serves every namespace of the cgroup and never pairs across them.
  */
 #include "lib/common.h"
 #include "bypass.h"
 
 /* Configuration, set by user space before load. */
-const volatile __u64 netns_cookie; /* only sockets of this network namespace */
-const volatile __u8 filter_ports;  /* 0: every port */
+const volatile __u8 filter_ports; /* 0: every port */
 const volatile __u8 emit_events;
 
 /* Set by user space when it stops: no new insertions, no new redirects. */
@@ -37,15 +37,6 @@ struct {
 	__type(key, int);
 	__type(value, __u8);
 } normal_path SEC(".maps");
-
-/* This host's addresses (port 0), kept current by user space; loopback
- * addresses are local without an entry. */
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 4096);
-	__type(key, struct endpoint);
-	__type(value, __u8);
-} local_addrs SEC(".maps");
 
 /* With filter_ports: ports (host order) whose connections may be bypassed. */
 struct {
@@ -74,6 +65,28 @@ struct bypass_event unused_bypass_event __attribute__((unused));
 enum bypass_side unused_bypass_side __attribute__((unused));
 enum bypass_stat unused_bypass_stat __attribute__((unused));
 
+/* The loopback device has this index in every network namespace. */
+#define LOOPBACK_IFINDEX 1
+
+/* The fields of the kernel's sockets that the sockops context lacks, found
+ * by CO-RE in the running kernel's BTF. */
+struct net_device {
+	int ifindex;
+} __attribute__((preserve_access_index));
+
+struct dst_entry {
+	struct net_device *dev;
+} __attribute__((preserve_access_index));
+
+struct sock {
+	struct dst_entry *sk_dst_cache;
+} __attribute__((preserve_access_index));
+
+struct tcp_sock {
+	__u32 write_seq;
+	__u32 snd_nxt;
+} __attribute__((preserve_access_index));
+
 /*
  * The key of a socket from a sockops or sk_msg context, which name their
  * fields alike. remote_port holds the network-order port in its upper 16
@@ -84,6 +97,7 @@ enum bypass_stat unused_bypass_stat __attribute__((unused));
 	do {                                                                                       \
 		__u16 lport = bpf_htons((__u16)(ctx)->local_port);                                 \
 		__u16 rport = bpf_htons((__u16)bpf_ntohl((ctx)->remote_port));                     \
+		(key)->netns = bpf_get_netns_cookie(ctx);                                          \
 		if ((ctx)->family == ADDR_FAMILY_INET) {                                           \
 			endpoint_set_v4(&(key)->local, (ctx)->local_ip4, lport);                   \
 			endpoint_set_v4(&(key)->remote, (ctx)->remote_ip4, rport);                 \
@@ -97,16 +111,38 @@ enum bypass_stat unused_bypass_stat __attribute__((unused));
 		}                                                                                  \
 	} while (0)
 
-static __always_inline int endpoint_is_local(const struct endpoint *ep)
+/**
+ * peer_in_same_netns() - whether the other end is a socket of this namespace
+ * @tp: the socket, established
+ *
+ * The route to any address of a namespace, loopback or not, goes through
+ * that namespace's loopback device, and loopback never crosses namespaces.
+ * So the peer is a socket of the same namespace exactly when the socket's
+ * route leads to lo: no list of addresses, and a connection that leaves the
+ * host (or comes from another namespace over a veth) never qualifies. The
+ * route, not the interface the handshake arrived on: sk_rx_dst_ifindex is
+ * still 0 at ACTIVE_ESTABLISHED on loopback.
+ */
+static __always_inline int peer_in_same_netns(struct tcp_sock *tp)
 {
-	struct endpoint addr = *ep;
+	struct dst_entry *dst = ((struct sock *)tp)->sk_dst_cache;
 
-	if (ep->family == ADDR_FAMILY_INET && ipv4_is_loopback(ep->ip[0]))
-		return 1;
-	if (ep->family == ADDR_FAMILY_INET6 && ipv6_is_loopback(ep->ip))
-		return 1;
-	addr.port = 0;
-	return bpf_map_lookup_elem(&local_addrs, &addr) != NULL;
+	return dst && dst->dev && dst->dev->ifindex == LOOPBACK_IFINDEX;
+}
+
+/**
+ * data_crossed_tcp() - whether any byte went over TCP before insertion
+ * @skops: the socket's sockops context, at ESTABLISHED
+ * @tp: the same socket
+ *
+ * With Fast Open the SYN may carry data, and a client may queue data before
+ * the handshake ends (TCP_FASTOPEN_CONNECT); that data travels over TCP.
+ * Redirected messages would be read before it, so such a socket stays out.
+ */
+static __always_inline int data_crossed_tcp(struct bpf_sock_ops *skops, struct tcp_sock *tp)
+{
+	return skops->data_segs_in || skops->data_segs_out || skops->bytes_received ||
+	       tp->write_seq != tp->snd_nxt;
 }
 
 static __always_inline int port_allowed(const struct sock_key *key)
@@ -143,22 +179,29 @@ static __always_inline void emit(struct bpf_sock_ops *skops, const struct sock_k
 static __always_inline void established(struct bpf_sock_ops *skops, __u8 side)
 {
 	struct sock_key key = {};
+	struct bpf_sock *sk = skops->sk;
+	struct tcp_sock *tp;
 	long err;
 
 	if (skops->family != ADDR_FAMILY_INET && skops->family != ADDR_FAMILY_INET6)
 		return;
-	stat_add(&stats, BYPASS_STAT_ESTABLISHED, 1);
-	if (bpf_get_netns_cookie(skops) != netns_cookie) {
-		stat_add(&stats, BYPASS_STAT_OTHER_NETNS, 1);
+	if (!sk)
 		return;
-	}
+	tp = bpf_skc_to_tcp_sock(sk);
+	if (!tp)
+		return;
+	stat_add(&stats, BYPASS_STAT_ESTABLISHED, 1);
 	SOCK_KEY_FROM_CTX(skops, &key);
 	if (!port_allowed(&key)) {
 		stat_add(&stats, BYPASS_STAT_OTHER_PORT, 1);
 		return;
 	}
-	if (!endpoint_is_local(&key.remote) || !endpoint_is_local(&key.local)) {
+	if (!peer_in_same_netns(tp)) {
 		stat_add(&stats, BYPASS_STAT_NOT_LOCAL, 1);
+		return;
+	}
+	if (data_crossed_tcp(skops, tp)) {
+		stat_add(&stats, BYPASS_STAT_DATA_BEFORE, 1);
 		return;
 	}
 	if (READ_ONCE(stopping)) {

@@ -258,16 +258,14 @@ fn a_peer_in_another_network_namespace_is_never_inserted() {
     server.kill();
     let (_, output, _) = bypasser.stop();
     assert_eq!(stat(&output, "inserted"), 0, "{output}");
-    // The client's sockets: the server is not one of this host's
-    // addresses here; the server's sockets live in another namespace.
-    assert_eq!(stat(&output, "not local"), 2);
-    assert_eq!(stat(&output, "other network namespace"), 2);
+    // Both ends of both connections: their routes lead over the veth.
+    assert_eq!(stat(&output, "peer not in the namespace"), 4);
     assert_eq!(stat(&output, "messages redirected"), 0);
     assert!(json_events(&output).is_empty());
 }
 
 #[test]
-fn addresses_added_while_running_count_as_local() {
+fn any_address_of_the_namespace_counts_as_local() {
     if !have_root() {
         return;
     }
@@ -277,8 +275,7 @@ fn addresses_added_while_running_count_as_local() {
         .client
         .ip(&["addr", "add", "10.99.0.1/32", "dev", "lo"])
         .unwrap();
-    // rtnetlink tells bypass at once; it looks every 100 ms.
-    std::thread::sleep(Duration::from_millis(500));
+    // Nothing to learn: the route to any address of the namespace is lo.
     peers(&testbed, &["half-close", "10.99.0.1", "100000"]);
     testbed
         .client
@@ -445,4 +442,95 @@ fn bad_input_fails_with_one_line_and_attaches_nothing() {
     assert_eq!(inserts.len(), 2, "{output}");
     assert!(inserts.iter().any(|l| l.contains("connect")));
     assert!(inserts.iter().any(|l| l.contains("accept")));
+}
+
+/// peers.py with the server on port 7001 and the client bound to port
+/// 41001: the same two endpoints in every namespace it runs in.
+fn peers_on_fixed_ports(netns: &proxy_redirect::netns::NetNs, cgroup: &ChildCgroup) -> Child {
+    let script = PEERS
+        .replace("s.bind((host, 0))", "s.bind((host, 7001))")
+        .replace(
+            "c.connect((host, port))",
+            "c.bind((host, 41001))\n    c.connect((host, port))",
+        );
+    let size = (32 * MIB).to_string();
+    netns::command_in(PYTHON, Some(netns), Some(cgroup))
+        .unwrap()
+        .args(["-c", &script, "echo", "127.0.0.1", "127.0.0.1", &size, "1"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+#[test]
+fn one_instance_in_the_host_namespace_pairs_within_each_child_namespace() {
+    if !have_root() {
+        return;
+    }
+    let testbed = Testbed::new();
+    let dirs = [TempDir::new(), TempDir::new()];
+    // bypass runs in this (the host's) namespace; the pairs run in the two
+    // child namespaces of the cgroup with the very same 4-tuple.
+    let args: Vec<String> = ["bypass", "-c"]
+        .iter()
+        .map(|s| s.to_string())
+        .chain([testbed.apps.path().display().to_string(), "--json".into()])
+        .collect();
+    let bypasser = Running::start(BIN, &args, None, None, "Attached");
+    let namespaces = [&testbed.client, &testbed.server];
+    let captures: Vec<Capture> = namespaces
+        .iter()
+        .zip(&dirs)
+        .map(|(ns, dir)| Capture::start(ns, dir))
+        .collect();
+    let transfers: Vec<Child> = namespaces
+        .iter()
+        .map(|ns| peers_on_fixed_ports(ns, &testbed.apps))
+        .collect();
+    for transfer in transfers {
+        let out = transfer.wait_with_output().unwrap();
+        assert!(
+            out.status.success() && String::from_utf8_lossy(&out.stdout).contains("ok"),
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    for capture in captures {
+        let (syns, data_packets, packets) = capture.stop();
+        assert_eq!(syns, 1, "SYN packets on lo:\n{packets}");
+        assert!(
+            data_packets <= 2,
+            "{data_packets} data packets on lo:\n{packets}"
+        );
+    }
+    let (status, output, _) = bypasser.stop();
+    assert!(status.success());
+    assert_eq!(stat(&output, "inserted"), 4, "{output}");
+    assert_eq!(stat(&output, "peer not in the namespace"), 0);
+    assert!(stat(&output, "bytes redirected") >= 2 * 2 * 32 * MIB as u64);
+    // Two pairs with one 4-tuple, told apart by their namespace.
+    let events = json_events(&output);
+    assert_eq!(events.len(), 4, "{events:?}");
+    let namespaces: std::collections::HashSet<u64> = events
+        .iter()
+        .map(|e| e["netns"].as_u64().unwrap())
+        .collect();
+    assert_eq!(namespaces.len(), 2, "{events:?}");
+    for event in &events {
+        let peers = events
+            .iter()
+            .filter(|e| e["local"] == event["remote"] && e["remote"] == event["local"])
+            .collect::<Vec<_>>();
+        assert_eq!(peers.len(), 2, "{events:?}");
+        assert_eq!(
+            peers
+                .iter()
+                .filter(|e| e["netns"] == event["netns"])
+                .count(),
+            1,
+            "{events:?}"
+        );
+    }
 }
