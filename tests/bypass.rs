@@ -601,3 +601,154 @@ fn fast_open_data_is_never_overtaken_by_redirected_data() {
         );
     }
 }
+
+/// nginx serving `files` (name, contents) from a private prefix on
+/// CLIENT_V4:80 and [CLIENT_V6]:80, with long keep-alive; killed on drop.
+struct Nginx {
+    child: Child,
+    _dir: TempDir,
+}
+
+impl Nginx {
+    fn start(
+        netns: &proxy_redirect::netns::NetNs,
+        cgroup: &ChildCgroup,
+        files: &[(String, Vec<u8>)],
+    ) -> Nginx {
+        let dir = TempDir::new();
+        let www = dir.join("www");
+        std::fs::create_dir_all(&www).unwrap();
+        for (name, data) in files {
+            std::fs::write(www.join(name), data).unwrap();
+        }
+        let prefix = dir.join("").display().to_string();
+        let config = format!(
+            "daemon off; master_process off; user root; worker_processes 1;\n\
+             pid {prefix}nginx.pid; error_log {prefix}error.log;\n\
+             events {{}}\n\
+             http {{ access_log off; keepalive_requests 100000; sendfile off;\n\
+               client_body_temp_path {prefix}; proxy_temp_path {prefix};\n\
+               fastcgi_temp_path {prefix}; uwsgi_temp_path {prefix}; scgi_temp_path {prefix};\n\
+               server {{ listen {CLIENT_V4}:80; listen [{CLIENT_V6}]:80; root {www}; }} }}\n",
+            www = www.display()
+        );
+        let conf = dir.join("nginx.conf");
+        std::fs::write(&conf, config).unwrap();
+        let child = netns::command_in("nginx", Some(netns), Some(cgroup))
+            .unwrap()
+            .args(["-p", &prefix, "-c"])
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("nginx (apt-get install nginx)");
+        let nginx = Nginx { child, _dir: dir };
+        for _ in 0..100 {
+            if std::fs::metadata(format!("{prefix}nginx.pid")).is_ok() {
+                std::thread::sleep(Duration::from_millis(100));
+                return nginx;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("nginx did not start");
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn builtin_proxy_over_bypass_relays_every_response_size_to_the_end() {
+    if !have_root() {
+        return;
+    }
+    let testbed = Testbed::new();
+    // Sizes around the proxy's 32 KiB copy buffer, and beyond.
+    let mut sizes: Vec<usize> = (32 * 1024 - 3..=32 * 1024 + 3).collect();
+    sizes.extend([40_001, 64 * 1024, 100_000, 4 * MIB]);
+    let files: Vec<(String, Vec<u8>)> = sizes
+        .iter()
+        .enumerate()
+        .map(|(i, &size)| (format!("f{size}"), payload(size, i as u64)))
+        .collect();
+    // curl in apps (redirected to the proxy), the proxy in `proxy`, nginx
+    // beside it: bypass on the parent covers both legs.
+    let _nginx = Nginx::start(&testbed.client, &testbed.proxy, &files);
+    let redirector = testbed.redirect(&["-P", "80"]);
+    let bypasser = bypass(&testbed, &testbed.parent, &[]);
+    let dir = TempDir::new();
+    let mut failures = Vec::new();
+    for host in [CLIENT_V4.to_string(), format!("[{CLIENT_V6}]")] {
+        // Every size, three times, one after the other on one keep-alive
+        // connection (a stall costs its 3 s); then ten parallel 4 MiB
+        // downloads.
+        let small: Vec<&(String, Vec<u8>)> = files.iter().filter(|(_, d)| d.len() < MIB).collect();
+        let big = files.iter().find(|(_, d)| d.len() == 4 * MIB).unwrap();
+        let runs = [
+            (
+                "3",
+                (0..3)
+                    .flat_map(|round| small.iter().map(move |f| (round, *f)))
+                    .collect::<Vec<_>>(),
+            ),
+            ("20", (0..10).map(|i| (i, big)).collect()),
+        ];
+        for (max_time, transfers) in runs {
+            let mut command = testbed.in_apps("curl");
+            command.args([
+                "-sS",
+                "--fail",
+                "--max-time",
+                max_time,
+                "--parallel-max",
+                "10",
+            ]);
+            if max_time == "20" {
+                command.arg("--parallel");
+            }
+            let mut expected = Vec::new();
+            for (i, (name, data)) in transfers {
+                let out = dir.join(&format!("{name}-{i}"));
+                command
+                    .arg(format!("http://{host}/{name}"))
+                    .arg("-o")
+                    .arg(&out);
+                expected.push((out, data));
+            }
+            let out = run(command);
+            if !out.status.success() {
+                failures.push(format!("{host}: {}", String::from_utf8_lossy(&out.stderr)));
+            }
+            for (path, data) in expected {
+                let got = std::fs::read(&path).unwrap_or_default();
+                if got != *data {
+                    failures.push(format!(
+                        "{}: {} of {} bytes",
+                        path.display(),
+                        got.len(),
+                        data.len()
+                    ));
+                }
+            }
+        }
+    }
+    let (_, bypass_output, _) = bypasser.stop();
+    let (_, redirect_output, _) = redirector.stop();
+    assert!(
+        failures.is_empty(),
+        "{failures:#?}\n{bypass_output}\n{redirect_output}"
+    );
+    // Both legs of every connection took the bypass.
+    let connections = stat(&redirect_output, "redirected");
+    assert!(connections >= 2 * 2, "{redirect_output}");
+    assert_eq!(
+        stat(&bypass_output, "inserted"),
+        4 * connections,
+        "{bypass_output}\n{redirect_output}"
+    );
+    assert_eq!(stat(&bypass_output, "insert failures"), 0);
+}
