@@ -38,6 +38,32 @@ struct {
 	__type(value, __u8);
 } normal_path SEC(".maps");
 
+/* Programs (comm) that read sockets with splice(2), which cannot see
+ * redirected messages: their sockets never enter the map. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 1024);
+	__type(key, struct comm);
+	__type(value, __u8);
+} splicers SEC(".maps");
+
+/* Listening ports whose listen() came from one of the splicers: the
+ * sockets they accept belong to that program. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct listener_key);
+	__type(value, __u8);
+} splice_listeners SEC(".maps");
+
+/* Connecting sockets whose connect() came from one of the splicers. */
+struct {
+	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
+	__type(value, __u8);
+} splice_connectors SEC(".maps");
+
 /* With filter_ports: ports (host order) whose connections may be bypassed. */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -176,6 +202,51 @@ static __always_inline void emit(struct bpf_sock_ops *skops, const struct sock_k
 	bpf_ringbuf_submit(event, 0);
 }
 
+static __always_inline int current_program_splices(void)
+{
+	struct comm comm = {};
+
+	bpf_get_current_comm(comm.name, sizeof(comm.name));
+	return bpf_map_lookup_elem(&splicers, &comm) != NULL;
+}
+
+/*
+ * TCP_LISTEN_CB and TCP_CONNECT_CB run in the listen() and connect() calls
+ * of the program that owns the socket; ESTABLISHED runs in softirq context,
+ * where the current task is anyone's.
+ */
+static __always_inline void remember_program(struct bpf_sock_ops *skops)
+{
+	struct listener_key listener = {
+	    .netns = bpf_get_netns_cookie(skops),
+	    .port = (__u16)skops->local_port,
+	};
+	struct bpf_sock *sk = skops->sk;
+	__u8 one = 1;
+
+	if (skops->op == BPF_SOCK_OPS_TCP_LISTEN_CB) {
+		if (current_program_splices())
+			bpf_map_update_elem(&splice_listeners, &listener, &one, BPF_ANY);
+		else
+			bpf_map_delete_elem(&splice_listeners, &listener);
+	} else if (sk && current_program_splices()) {
+		bpf_sk_storage_get(&splice_connectors, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+	}
+}
+
+static __always_inline int program_splices(struct bpf_sock_ops *skops, struct bpf_sock *sk,
+					   __u8 side)
+{
+	struct listener_key listener = {
+	    .netns = bpf_get_netns_cookie(skops),
+	    .port = (__u16)skops->local_port,
+	};
+
+	if (side == SIDE_ACTIVE)
+		return bpf_sk_storage_get(&splice_connectors, sk, 0, 0) != NULL;
+	return bpf_map_lookup_elem(&splice_listeners, &listener) != NULL;
+}
+
 static __always_inline void established(struct bpf_sock_ops *skops, __u8 side)
 {
 	struct sock_key key = {};
@@ -204,6 +275,10 @@ static __always_inline void established(struct bpf_sock_ops *skops, __u8 side)
 		stat_add(&stats, BYPASS_STAT_DATA_BEFORE, 1);
 		return;
 	}
+	if (program_splices(skops, sk, side)) {
+		stat_add(&stats, BYPASS_STAT_SPLICE_READER, 1);
+		return;
+	}
 	if (READ_ONCE(stopping)) {
 		stat_add(&stats, BYPASS_STAT_STOPPING, 1);
 		return;
@@ -217,6 +292,10 @@ SEC("sockops")
 int bypass_sockops(struct bpf_sock_ops *skops)
 {
 	switch (skops->op) {
+	case BPF_SOCK_OPS_TCP_LISTEN_CB:
+	case BPF_SOCK_OPS_TCP_CONNECT_CB:
+		remember_program(skops);
+		break;
 	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB:
 		established(skops, SIDE_ACTIVE);
 		break;

@@ -14,6 +14,18 @@ struct sock_key {
 	struct endpoint remote;
 };
 
+/* A program name, as bpf_get_current_comm() gives it. */
+struct comm {
+	char name[16];
+};
+
+/* A listening socket: its namespace and port (host order). */
+struct listener_key {
+	__u64 netns;
+	__u16 port;
+	__u16 pad[3];
+};
+
 /* Which end of the connection a socket is. */
 enum bypass_side {
 	SIDE_ACTIVE = 1,  /* connect() */
@@ -26,6 +38,7 @@ enum bypass_stat {
 	BYPASS_STAT_OTHER_PORT,	     /* outside the -P ports */
 	BYPASS_STAT_NOT_LOCAL,	     /* the peer is not in the socket's namespace */
 	BYPASS_STAT_DATA_BEFORE,     /* bytes crossed TCP before it was established */
+	BYPASS_STAT_SPLICE_READER,   /* owned by a program that reads with splice */
 	BYPASS_STAT_STOPPING,	     /* established while bypass was stopping */
 	BYPASS_STAT_INSERTED,
 	BYPASS_STAT_INSERT_FAILED,

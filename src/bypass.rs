@@ -13,7 +13,7 @@ use clap::Args;
 use libbpf_rs::skel::{OpenSkel, SkelBuilder};
 use libbpf_rs::MapCore;
 
-use crate::bpf::bypass::types::{bypass_event, bypass_side, bypass_stat, endpoint, sock_key};
+use crate::bpf::bypass::types::{bypass_event, bypass_side, bypass_stat, comm, endpoint, sock_key};
 use crate::bpf::bypass::{BypassSkel, BypassSkelBuilder};
 use crate::cgroup::{self, CgroupFd};
 use crate::cli::{self, EventFormat, OutputArgs, PortList};
@@ -24,6 +24,11 @@ use crate::{events, maps, privileges, redirect, shutdown};
 unsafe impl plain::Plain for bypass_event {}
 unsafe impl plain::Plain for endpoint {}
 unsafe impl plain::Plain for sock_key {}
+unsafe impl plain::Plain for comm {}
+
+/// Programs known to read sockets with splice(2): HAProxy with `option
+/// splice-request` / `splice-response` / `splice-auto`.
+const KNOWN_SPLICE_READERS: [&str; 1] = ["haproxy"];
 
 #[derive(Args, Debug, Clone)]
 #[command(after_help = "\
@@ -47,8 +52,33 @@ pub struct BypassArgs {
     /// [default: every port]
     #[arg(short = 'P', long, value_name = "PORTS", value_parser = cli::parse_port_list)]
     pub ports: Option<PortList>,
+    /// Programs (process names, as in /proc/PID/comm) that read sockets
+    /// with splice(2), which cannot see bypassed data: their sockets never
+    /// take the bypass. Comma-separated, in addition to haproxy
+    #[arg(long, value_name = "NAMES", value_delimiter = ',', value_parser = parse_program_name)]
+    pub splice_readers: Vec<String>,
     #[command(flatten)]
     pub output: OutputArgs,
+}
+
+fn parse_program_name(text: &str) -> Result<String, String> {
+    if text.is_empty() || text.len() > 15 {
+        return Err(format!(
+            "'{text}' is not a process name (1 to 15 bytes, as in /proc/PID/comm)"
+        ));
+    }
+    Ok(text.to_owned())
+}
+
+/// The built-in splice readers and those of --splice-readers.
+fn splice_readers(args: &BypassArgs) -> Vec<String> {
+    let mut names: Vec<String> = KNOWN_SPLICE_READERS.map(String::from).to_vec();
+    for name in &args.splice_readers {
+        if !names.contains(name) {
+            names.push(name.clone());
+        }
+    }
+    names
 }
 
 pub fn run(args: &BypassArgs) -> Result<()> {
@@ -77,6 +107,10 @@ pub fn run(args: &BypassArgs) -> Result<()> {
         None => println!("  ports:             all"),
     }
     println!("  peers:             sockets of the same network namespace");
+    println!(
+        "  splice readers:    {} (never bypassed)",
+        splice_readers(args).join(", ")
+    );
     println!("Attached 2 programs; press Ctrl-C to stop");
 
     let format = args.output.event_format();
@@ -118,6 +152,13 @@ fn load<'obj>(
     let skel = open.load().context("loading the bypass BPF programs")?;
     for port in args.ports.iter().flat_map(|p| &p.0) {
         maps::update(&skel.maps.ports, port, &1u8)?;
+    }
+    for name in splice_readers(args) {
+        let mut key = comm { name: [0; 16] };
+        for (slot, byte) in key.name.iter_mut().zip(name.bytes()) {
+            *slot = byte as _;
+        }
+        maps::update(&skel.maps.splicers, &key, &1u8)?;
     }
     Ok(skel)
 }
@@ -205,6 +246,10 @@ fn print_statistics(skel: &BypassSkel<'_>) -> Result<()> {
         (
             "data before insertion",
             bypass_stat::BYPASS_STAT_DATA_BEFORE,
+        ),
+        (
+            "splice reader's sockets",
+            bypass_stat::BYPASS_STAT_SPLICE_READER,
         ),
         ("other ports", bypass_stat::BYPASS_STAT_OTHER_PORT),
         (

@@ -412,6 +412,10 @@ fn bad_input_fails_with_one_line_and_attaches_nothing() {
         (vec!["-c", &apps, "-P", "redis"], "not a port number"),
         (vec!["-c", &apps, "-P", ""], "empty"),
         (vec!["-c", &apps, "--no-such-flag"], "unexpected argument"),
+        (
+            vec!["-c", &apps, "--splice-readers", "a-name-longer-than-15"],
+            "not a process name",
+        ),
     ];
     for (args, expected) in cases {
         let mut command = testbed.in_client_netns(BIN);
@@ -751,4 +755,108 @@ fn builtin_proxy_over_bypass_relays_every_response_size_to_the_end() {
         "{bypass_output}\n{redirect_output}"
     );
     assert_eq!(stat(&bypass_output, "insert failures"), 0);
+}
+
+/// An echo server on 127.0.0.1:7002, and a client that sends SIZE bytes to
+/// 127.0.0.1:PORT and must get them back intact.
+const ECHO_THROUGH: &str = r#"
+import socket, sys, threading, random
+port, size = int(sys.argv[1]), int(sys.argv[2])
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("127.0.0.1", 7002)); s.listen(8)
+def serve():
+    c, _ = s.accept()
+    while True:
+        d = c.recv(1 << 16)
+        if not d: break
+        c.sendall(d)
+    c.close()
+threading.Thread(target=serve, daemon=True).start()
+data = random.Random(7).randbytes(size)
+c = socket.create_connection(("127.0.0.1", port), timeout=20)
+threading.Thread(target=lambda: (c.sendall(data), c.shutdown(socket.SHUT_WR)), daemon=True).start()
+got = []
+while True:
+    d = c.recv(1 << 20)
+    if not d: break
+    got.append(d)
+got = b"".join(got)
+if got != data:
+    print(len(got), "of", size, "bytes came back intact" if data.startswith(got) else "bytes, corrupted", file=sys.stderr); sys.exit(1)
+print("ok")
+"#;
+
+#[test]
+fn haproxy_splicing_both_ways_gets_every_byte() {
+    if !have_root() {
+        return;
+    }
+    let testbed = Testbed::new();
+    let dir = TempDir::new();
+    let config = dir.join("haproxy.cfg");
+    std::fs::write(
+        &config,
+        "defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 30s\n  timeout server 30s\n  \
+         option splice-request\n  option splice-response\n\
+         listen relay\n  bind 127.0.0.1:7003\n  server echo 127.0.0.1:7002\n",
+    )
+    .unwrap();
+    let bypasser = bypass(&testbed, &testbed.apps, &[]);
+    let mut haproxy = netns::command_in("haproxy", Some(&testbed.client), Some(&testbed.apps))
+        .unwrap()
+        .args(["-db", "-f"])
+        .arg(&config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("haproxy (apt-get install haproxy)");
+    std::thread::sleep(Duration::from_millis(500));
+    let out = python(
+        testbed.in_apps(PYTHON),
+        &ECHO_THROUGH.replace("int(sys.argv[1]), int(sys.argv[2])", "7003, 4000000"),
+    );
+    let _ = haproxy.kill();
+    let _ = haproxy.wait();
+    let (_, output, _) = bypasser.stop();
+    assert!(out.contains("ok"), "{out}\n{output}");
+    // HAProxy's two sockets stayed out; the client's and the server's
+    // sockets went in, and found no peer.
+    assert_eq!(stat(&output, "splice reader's sockets"), 2, "{output}");
+    assert_eq!(stat(&output, "messages redirected"), 0, "{output}");
+}
+
+#[test]
+fn a_splice_reader_named_with_splice_readers_gets_every_byte() {
+    if !have_root() {
+        return;
+    }
+    let testbed = Testbed::new();
+    // A server that names itself, then reads with splice(2) only.
+    let script = r#"
+import ctypes, os, socket, threading, random
+ctypes.CDLL(None).prctl(15, b"splicer", 0, 0, 0)
+s = socket.socket(); s.bind(("127.0.0.1", 0)); s.listen(1)
+data = random.Random(3).randbytes(1 << 20)
+def send():
+    c = socket.create_connection(s.getsockname())
+    c.sendall(data); c.close()
+threading.Thread(target=send).start()
+conn, _ = s.accept()
+r, w = os.pipe()
+got = []
+while True:
+    n = os.splice(conn.fileno(), w, 1 << 16)
+    if n == 0: break
+    got.append(os.read(r, n))
+got = b"".join(got)
+assert got == data, f"{len(got)} of {len(data)} bytes"
+print("ok")
+"#;
+    let bypasser = bypass(&testbed, &testbed.apps, &["--splice-readers", "splicer"]);
+    let out = python(testbed.in_apps(PYTHON), script);
+    let (_, output, _) = bypasser.stop();
+    assert!(out.contains("ok"), "{out}\n{output}");
+    // Its client thread carries the name too: both ends stayed out.
+    assert_eq!(stat(&output, "splice reader's sockets"), 2, "{output}");
+    assert_eq!(stat(&output, "bytes redirected"), 0, "{output}");
 }
