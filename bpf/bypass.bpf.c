@@ -108,6 +108,10 @@ struct sock {
 	struct dst_entry *sk_dst_cache;
 } __attribute__((preserve_access_index));
 
+struct task_struct {
+	char comm[16];
+} __attribute__((preserve_access_index));
+
 struct tcp_sock {
 	__u32 write_seq;
 	__u32 snd_nxt;
@@ -202,11 +206,15 @@ static __always_inline void emit(struct bpf_sock_ops *skops, const struct sock_k
 	bpf_ringbuf_submit(event, 0);
 }
 
+/* Linux 6.1 does not give sockops bpf_get_current_comm(); the current task
+ * and a read of its comm do the same there and everywhere later. */
 static __always_inline int current_program_splices(void)
 {
+	struct task_struct *task = (struct task_struct *)bpf_get_current_task();
 	struct comm comm = {};
 
-	bpf_get_current_comm(comm.name, sizeof(comm.name));
+	if (bpf_probe_read_kernel(comm.name, sizeof(comm.name), &task->comm))
+		return 0;
 	return bpf_map_lookup_elem(&splicers, &comm) != NULL;
 }
 
