@@ -39,10 +39,11 @@ Examples:
   proxy-redirect bypass -c app -P 6379,5432 --json
 
 A socket enters the bypass only when its peer is another socket of the same
-network namespace (its handshake arrived on that namespace's loopback
-device), in any namespace of the cgroup, and no byte crossed TCP before
-(Fast Open). Applications see ordinary TCP sockets; on exit every
-connection goes back to the normal path without losing a byte.")]
+network namespace (its route leads to that namespace's loopback device), in
+any namespace of the cgroup, no byte crossed TCP before (Fast Open), and its
+program does not read with splice(2) (haproxy, --splice-readers), which
+cannot see bypassed data. Applications see ordinary TCP sockets; on exit
+every connection goes back to the normal path without losing a byte.")]
 pub struct BypassArgs {
     /// cgroup whose sockets may take the bypass: absolute, or relative to the
     /// cgroup2 mount [default: the cgroup2 root, i.e. the whole host]

@@ -760,7 +760,7 @@ fn builtin_proxy_over_bypass_relays_every_response_size_to_the_end() {
 /// An echo server on 127.0.0.1:7002, and a client that sends SIZE bytes to
 /// 127.0.0.1:PORT and must get them back intact.
 const ECHO_THROUGH: &str = r#"
-import socket, sys, threading, random
+import socket, sys, threading, random, time
 port, size = int(sys.argv[1]), int(sys.argv[2])
 s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 s.bind(("127.0.0.1", 7002)); s.listen(8)
@@ -773,7 +773,13 @@ def serve():
     c.close()
 threading.Thread(target=serve, daemon=True).start()
 data = random.Random(7).randbytes(size)
-c = socket.create_connection(("127.0.0.1", port), timeout=20)
+# The relay may still be starting (slow under emulation).
+for attempt in range(200):
+    try:
+        c = socket.create_connection(("127.0.0.1", port), timeout=20)
+        break
+    except ConnectionRefusedError:
+        time.sleep(0.1)
 threading.Thread(target=lambda: (c.sendall(data), c.shutdown(socket.SHUT_WR)), daemon=True).start()
 got = []
 while True:
@@ -810,7 +816,6 @@ fn haproxy_splicing_both_ways_gets_every_byte() {
         .stderr(Stdio::null())
         .spawn()
         .expect("haproxy (apt-get install haproxy)");
-    std::thread::sleep(Duration::from_millis(500));
     let out = python(
         testbed.in_apps(PYTHON),
         &ECHO_THROUGH.replace("int(sys.argv[1]), int(sys.argv[2])", "7003, 4000000"),
