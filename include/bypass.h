@@ -5,11 +5,25 @@
 
 #include "addr.h"
 
-/* A connection as one of its sockets sees it. The peer socket's key is the
- * same with local and remote swapped, so each end finds the other. */
+/* A connection as one of its sockets sees it, in its network namespace. The
+ * peer socket's key is the same with local and remote swapped, so each end
+ * finds the other, and only in its own namespace. */
 struct sock_key {
+	__u64 netns; /* the network namespace cookie */
 	struct endpoint local;
 	struct endpoint remote;
+};
+
+/* A program name, as bpf_get_current_comm() gives it. */
+struct comm {
+	char name[16];
+};
+
+/* A listening socket: its namespace and port (host order). */
+struct listener_key {
+	__u64 netns;
+	__u16 port;
+	__u16 pad[3];
 };
 
 /* Which end of the connection a socket is. */
@@ -21,9 +35,10 @@ enum bypass_side {
 /* Per-CPU counters, indexed by these. */
 enum bypass_stat {
 	BYPASS_STAT_ESTABLISHED = 0, /* TCP sockets seen established */
-	BYPASS_STAT_OTHER_NETNS,     /* in another network namespace */
 	BYPASS_STAT_OTHER_PORT,	     /* outside the -P ports */
-	BYPASS_STAT_NOT_LOCAL,	     /* an end that is not on this host */
+	BYPASS_STAT_NOT_LOCAL,	     /* the peer is not in the socket's namespace */
+	BYPASS_STAT_DATA_BEFORE,     /* bytes crossed TCP before it was established */
+	BYPASS_STAT_SPLICE_READER,   /* owned by a program that reads with splice */
 	BYPASS_STAT_STOPPING,	     /* established while bypass was stopping */
 	BYPASS_STAT_INSERTED,
 	BYPASS_STAT_INSERT_FAILED,

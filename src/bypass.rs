@@ -1,22 +1,19 @@
-//! `proxy-redirect bypass`: TCP between two sockets of this host skips the
-//! TCP/IP stack. sockops puts sockets whose two ends are local into a
-//! SOCKHASH; an sk_msg program moves each message into the peer socket's
-//! receive queue.
+//! `proxy-redirect bypass`: TCP between two sockets of one network namespace
+//! skips the TCP/IP stack. sockops puts sockets whose peer is in their own
+//! namespace into a SOCKHASH keyed by namespace and connection; an sk_msg
+//! program moves each message into the peer socket's receive queue.
 
-use std::collections::HashSet;
 use std::mem::MaybeUninit;
-use std::net::{IpAddr, SocketAddr};
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::net::SocketAddr;
+use std::os::fd::{AsFd, AsRawFd};
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use clap::Args;
 use libbpf_rs::skel::{OpenSkel, SkelBuilder};
-use libbpf_rs::{MapCore, MapFlags};
-use nix::sys::socket::{self as nixsock, AddressFamily, SockFlag, SockProtocol, SockType};
+use libbpf_rs::MapCore;
 
-use crate::bpf::bypass::types::{bypass_event, bypass_side, bypass_stat, endpoint, sock_key};
+use crate::bpf::bypass::types::{bypass_event, bypass_side, bypass_stat, comm, endpoint, sock_key};
 use crate::bpf::bypass::{BypassSkel, BypassSkelBuilder};
 use crate::cgroup::{self, CgroupFd};
 use crate::cli::{self, EventFormat, OutputArgs, PortList};
@@ -27,9 +24,11 @@ use crate::{events, maps, privileges, redirect, shutdown};
 unsafe impl plain::Plain for bypass_event {}
 unsafe impl plain::Plain for endpoint {}
 unsafe impl plain::Plain for sock_key {}
+unsafe impl plain::Plain for comm {}
 
-/// SO_NETNS_COOKIE (Linux 5.14), which the libc crate does not name.
-const SO_NETNS_COOKIE: libc::c_int = 71;
+/// Programs known to read sockets with splice(2): HAProxy with `option
+/// splice-request` / `splice-response` / `splice-auto`.
+const KNOWN_SPLICE_READERS: [&str; 1] = ["haproxy"];
 
 #[derive(Args, Debug, Clone)]
 #[command(after_help = "\
@@ -39,10 +38,12 @@ Examples:
   # Only connections to or from ports 6379 and 5432, events as JSON
   proxy-redirect bypass -c app -P 6379,5432 --json
 
-A socket enters the bypass only when both ends are addresses of this host
-(loopback or an address of an interface, followed while running) in the
-network namespace bypass runs in. Applications see ordinary TCP sockets; on
-exit every connection goes back to the normal path without losing a byte.")]
+A socket enters the bypass only when its peer is another socket of the same
+network namespace (its route leads to that namespace's loopback device), in
+any namespace of the cgroup, no byte crossed TCP before (Fast Open), and its
+program does not read with splice(2) (haproxy, --splice-readers), which
+cannot see bypassed data. Applications see ordinary TCP sockets; on exit
+every connection goes back to the normal path without losing a byte.")]
 pub struct BypassArgs {
     /// cgroup whose sockets may take the bypass: absolute, or relative to the
     /// cgroup2 mount [default: the cgroup2 root, i.e. the whole host]
@@ -52,8 +53,33 @@ pub struct BypassArgs {
     /// [default: every port]
     #[arg(short = 'P', long, value_name = "PORTS", value_parser = cli::parse_port_list)]
     pub ports: Option<PortList>,
+    /// Programs (process names, as in /proc/PID/comm) that read sockets
+    /// with splice(2), which cannot see bypassed data: their sockets never
+    /// take the bypass. Comma-separated, in addition to haproxy
+    #[arg(long, value_name = "NAMES", value_delimiter = ',', value_parser = parse_program_name)]
+    pub splice_readers: Vec<String>,
     #[command(flatten)]
     pub output: OutputArgs,
+}
+
+fn parse_program_name(text: &str) -> Result<String, String> {
+    if text.is_empty() || text.len() > 15 {
+        return Err(format!(
+            "'{text}' is not a process name (1 to 15 bytes, as in /proc/PID/comm)"
+        ));
+    }
+    Ok(text.to_owned())
+}
+
+/// The built-in splice readers and those of --splice-readers.
+fn splice_readers(args: &BypassArgs) -> Vec<String> {
+    let mut names: Vec<String> = KNOWN_SPLICE_READERS.map(String::from).to_vec();
+    for name in &args.splice_readers {
+        if !names.contains(name) {
+            names.push(name.clone());
+        }
+    }
+    names
 }
 
 pub fn run(args: &BypassArgs) -> Result<()> {
@@ -63,8 +89,6 @@ pub fn run(args: &BypassArgs) -> Result<()> {
 
     let mut open_object = MaybeUninit::uninit();
     let mut skel = load(args, &mut open_object)?;
-    let mut local = LocalAddresses::new()?;
-    local.refresh(&skel.maps.local_addrs)?;
 
     let cgroup = CgroupFd::open(&cgroup_path)?;
     // The map holds the sk_msg program (released with the map when this
@@ -83,14 +107,18 @@ pub fn run(args: &BypassArgs) -> Result<()> {
         Some(ports) => println!("  ports:             {ports}"),
         None => println!("  ports:             all"),
     }
-    println!("  local addresses:   {}", local.describe());
+    println!("  peers:             sockets of the same network namespace");
+    println!(
+        "  splice readers:    {} (never bypassed)",
+        splice_readers(args).join(", ")
+    );
     println!("Attached 2 programs; press Ctrl-C to stop");
 
     let format = args.output.event_format();
     let start_ns = events::monotonic_ns();
     let header = format!(
-        "{:>12} {:<8} {:<8} {:<8} CONNECTION",
-        "TIME(s)", "ACTION", "SIDE", "COOKIE"
+        "{:>12} {:<8} {:<8} {:<8} {:<8} CONNECTION",
+        "TIME(s)", "ACTION", "SIDE", "NETNS", "COOKIE"
     );
     let ring = events::stream(
         &skel.maps.events,
@@ -98,18 +126,8 @@ pub fn run(args: &BypassArgs) -> Result<()> {
         &header,
         move |e: &bypass_event| print_event(e, format, start_ns),
     )?;
-    let mut refresh_error = None;
-    events::run_until_shutdown(ring.as_ref(), || {
-        if local.changed() {
-            if let Err(err) = local.refresh(&skel.maps.local_addrs) {
-                refresh_error.get_or_insert(err);
-            }
-        }
-    })?;
+    events::run_until_shutdown(ring.as_ref(), || {})?;
     drop(ring);
-    if let Some(err) = refresh_error {
-        tracing::warn!("keeping the local addresses current failed: {err:#}");
-    }
 
     stop(&mut skel);
     print_statistics(&skel)?;
@@ -130,43 +148,20 @@ fn load<'obj>(
         .rodata_data
         .as_deref_mut()
         .context("the bypass object has no .rodata")?;
-    rodata.netns_cookie = current_netns_cookie()?;
     rodata.filter_ports = args.ports.is_some().into();
     rodata.emit_events = (args.output.event_format() != EventFormat::Off).into();
     let skel = open.load().context("loading the bypass BPF programs")?;
     for port in args.ports.iter().flat_map(|p| &p.0) {
         maps::update(&skel.maps.ports, port, &1u8)?;
     }
-    Ok(skel)
-}
-
-/// The cookie of the network namespace this process runs in, which the
-/// sockops program compares with each socket's.
-fn current_netns_cookie() -> Result<u64> {
-    let socket = nixsock::socket(
-        AddressFamily::Inet,
-        SockType::Stream,
-        SockFlag::SOCK_CLOEXEC,
-        None,
-    )
-    .context("creating a socket to read the network namespace cookie")?;
-    let mut cookie = 0u64;
-    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
-    // SAFETY: cookie is a writable u64 and len says so.
-    let ret = unsafe {
-        libc::getsockopt(
-            socket.as_raw_fd(),
-            libc::SOL_SOCKET,
-            SO_NETNS_COOKIE,
-            (&mut cookie as *mut u64).cast(),
-            &mut len,
-        )
-    };
-    if ret != 0 {
-        return Err(std::io::Error::last_os_error())
-            .context("reading SO_NETNS_COOKIE (bypass needs Linux 5.15 or later)");
+    for name in splice_readers(args) {
+        let mut key = comm { name: [0; 16] };
+        for (slot, byte) in key.name.iter_mut().zip(name.bytes()) {
+            *slot = byte as _;
+        }
+        maps::update(&skel.maps.splicers, &key, &1u8)?;
     }
-    Ok(cookie)
+    Ok(skel)
 }
 
 /// Sends every bypassed connection back to the normal path. Entries are
@@ -180,111 +175,6 @@ fn stop(skel: &mut BypassSkel<'_>) {
     if let Some(bss) = skel.maps.bss_data.as_deref_mut() {
         // SAFETY: a u32 in the mmap'ed .bss, read by the programs with READ_ONCE.
         unsafe { std::ptr::write_volatile(&mut bss.stopping, 1) };
-    }
-}
-
-/// This host's addresses in the `local_addrs` map, refreshed when rtnetlink
-/// reports an address change.
-struct LocalAddresses {
-    netlink: OwnedFd,
-    current: HashSet<IpAddr>,
-    dirty: bool,
-    last_refresh: Instant,
-}
-
-impl LocalAddresses {
-    fn new() -> Result<Self> {
-        let netlink = nixsock::socket(
-            AddressFamily::Netlink,
-            SockType::Raw,
-            SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
-            SockProtocol::NetlinkRoute,
-        )
-        .context("opening an rtnetlink socket")?;
-        let groups = (libc::RTMGRP_IPV4_IFADDR | libc::RTMGRP_IPV6_IFADDR) as u32;
-        nixsock::bind(netlink.as_raw_fd(), &nixsock::NetlinkAddr::new(0, groups))
-            .context("subscribing to address changes")?;
-        Ok(Self {
-            netlink,
-            current: HashSet::new(),
-            dirty: true,
-            last_refresh: Instant::now(),
-        })
-    }
-
-    /// True when an address may have been added or removed since the last
-    /// refresh (and every 10 s, in case a notification was lost).
-    fn changed(&mut self) -> bool {
-        let mut buffer = [0u8; 8192];
-        loop {
-            match nixsock::recv(
-                self.netlink.as_raw_fd(),
-                &mut buffer,
-                nixsock::MsgFlags::MSG_DONTWAIT,
-            ) {
-                Ok(_) => self.dirty = true,
-                // ENOBUFS: notifications were lost; re-read everything.
-                Err(nix::errno::Errno::ENOBUFS) => self.dirty = true,
-                Err(_) => break,
-            }
-        }
-        self.dirty || self.last_refresh.elapsed() > Duration::from_secs(10)
-    }
-
-    fn refresh(&mut self, map: &dyn MapCore) -> Result<()> {
-        self.dirty = false;
-        self.last_refresh = Instant::now();
-        let mut now = HashSet::new();
-        for interface in nix::ifaddrs::getifaddrs().context("listing the host's addresses")? {
-            let Some(address) = interface.address else {
-                continue;
-            };
-            if let Some(v4) = address.as_sockaddr_in() {
-                now.insert(IpAddr::V4(v4.ip()));
-            } else if let Some(v6) = address.as_sockaddr_in6() {
-                now.insert(IpAddr::V6(v6.ip()));
-            }
-        }
-        for gone in self.current.difference(&now) {
-            let key = address_key(*gone);
-            // SAFETY: endpoint is Plain.
-            let _ = map.delete(unsafe { plain::as_bytes(&key) });
-        }
-        for added in now.difference(&self.current) {
-            let key = address_key(*added);
-            // SAFETY: endpoint and u8 are Plain.
-            map.update(unsafe { plain::as_bytes(&key) }, &[1], MapFlags::ANY)
-                .with_context(|| format!("adding local address {added}"))?;
-        }
-        self.current = now;
-        Ok(())
-    }
-
-    fn describe(&self) -> String {
-        let mut addrs: Vec<String> = self.current.iter().map(IpAddr::to_string).collect();
-        addrs.sort();
-        format!("loopback, {}", addrs.join(", "))
-    }
-}
-
-/// The `local_addrs` key of an address: an endpoint with port 0.
-fn address_key(ip: IpAddr) -> endpoint {
-    match ip.to_canonical() {
-        IpAddr::V4(v4) => endpoint {
-            ip: [u32::from_ne_bytes(v4.octets()), 0, 0, 0],
-            port: 0,
-            family: libc::AF_INET as u16,
-        },
-        IpAddr::V6(v6) => {
-            let o = v6.octets();
-            endpoint {
-                ip: std::array::from_fn(|i| {
-                    u32::from_ne_bytes(o[i * 4..i * 4 + 4].try_into().unwrap())
-                }),
-                port: 0,
-                family: libc::AF_INET6 as u16,
-            }
-        }
     }
 }
 
@@ -320,8 +210,8 @@ fn print_event(event: &bypass_event, format: EventFormat, start_ns: u64) {
                 .map(|e| format!(" ({e})"))
                 .unwrap_or_default();
             println!(
-                "{seconds:12.3} {action:<8} {side:<8} [{}] {local} -> {remote}{why}",
-                event.cookie
+                "{seconds:12.3} {action:<8} {side:<8} {:<8} [{}] {local} -> {remote}{why}",
+                event.key.netns, event.cookie
             );
         }
         EventFormat::Json => {
@@ -330,6 +220,7 @@ fn print_event(event: &bypass_event, format: EventFormat, start_ns: u64) {
                 "action": action.to_lowercase(),
                 "side": side,
                 "cookie": event.cookie,
+                "netns": event.key.netns,
                 "local": local.to_string(),
                 "remote": remote.to_string(),
                 "error": error.map(|e| e.to_string()),
@@ -349,10 +240,17 @@ fn print_statistics(skel: &BypassSkel<'_>) -> Result<()> {
         ),
         ("inserted", bypass_stat::BYPASS_STAT_INSERTED),
         ("insert failures", bypass_stat::BYPASS_STAT_INSERT_FAILED),
-        ("not local", bypass_stat::BYPASS_STAT_NOT_LOCAL),
         (
-            "other network namespace",
-            bypass_stat::BYPASS_STAT_OTHER_NETNS,
+            "peer not in the namespace",
+            bypass_stat::BYPASS_STAT_NOT_LOCAL,
+        ),
+        (
+            "data before insertion",
+            bypass_stat::BYPASS_STAT_DATA_BEFORE,
+        ),
+        (
+            "splice reader's sockets",
+            bypass_stat::BYPASS_STAT_SPLICE_READER,
         ),
         ("other ports", bypass_stat::BYPASS_STAT_OTHER_PORT),
         (

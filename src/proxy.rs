@@ -739,12 +739,9 @@ async fn copy(
     until: CopyUntil,
 ) -> io::Result<Copied> {
     loop {
-        src.readable().await?;
-        let n = match src.try_read(buffer) {
-            Ok(0) => return Ok(Copied::Eof),
-            Ok(n) => n,
-            Err(err) if err.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(err) => return Err(err),
+        let n = match read_some(src, buffer).await? {
+            0 => return Ok(Copied::Eof),
+            n => n,
         };
         let mut written = 0;
         while written < n {
@@ -760,6 +757,41 @@ async fn copy(
             return Ok(Copied::FullRead);
         }
     }
+}
+
+/// Reads what `src` holds, waiting for readiness only when the socket itself
+/// says it has nothing. tokio's cached readiness cannot be trusted here: the
+/// splice that found a sockmap socket unspliceable cleared it while the
+/// redirected data was already queued, and a sender gone quiet raises no
+/// new edge, so waiting first would wait forever.
+async fn read_some(src: &TcpStream, buffer: &mut [u8]) -> io::Result<usize> {
+    loop {
+        match recv_now(src.as_raw_fd(), buffer) {
+            Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
+            done => return done,
+        }
+        src.readable().await?;
+        match src.try_io(Interest::READABLE, || recv_now(src.as_raw_fd(), buffer)) {
+            Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
+            done => return done,
+        }
+    }
+}
+
+fn recv_now(fd: RawFd, buffer: &mut [u8]) -> io::Result<usize> {
+    // SAFETY: buffer is writable for its length and outlives the call.
+    let n = unsafe {
+        libc::recv(
+            fd,
+            buffer.as_mut_ptr().cast(),
+            buffer.len(),
+            libc::MSG_DONTWAIT,
+        )
+    };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(n as usize)
 }
 
 fn shutdown_write(stream: &TcpStream) {

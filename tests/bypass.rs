@@ -258,16 +258,14 @@ fn a_peer_in_another_network_namespace_is_never_inserted() {
     server.kill();
     let (_, output, _) = bypasser.stop();
     assert_eq!(stat(&output, "inserted"), 0, "{output}");
-    // The client's sockets: the server is not one of this host's
-    // addresses here; the server's sockets live in another namespace.
-    assert_eq!(stat(&output, "not local"), 2);
-    assert_eq!(stat(&output, "other network namespace"), 2);
+    // Both ends of both connections: their routes lead over the veth.
+    assert_eq!(stat(&output, "peer not in the namespace"), 4);
     assert_eq!(stat(&output, "messages redirected"), 0);
     assert!(json_events(&output).is_empty());
 }
 
 #[test]
-fn addresses_added_while_running_count_as_local() {
+fn any_address_of_the_namespace_counts_as_local() {
     if !have_root() {
         return;
     }
@@ -277,8 +275,7 @@ fn addresses_added_while_running_count_as_local() {
         .client
         .ip(&["addr", "add", "10.99.0.1/32", "dev", "lo"])
         .unwrap();
-    // rtnetlink tells bypass at once; it looks every 100 ms.
-    std::thread::sleep(Duration::from_millis(500));
+    // Nothing to learn: the route to any address of the namespace is lo.
     peers(&testbed, &["half-close", "10.99.0.1", "100000"]);
     testbed
         .client
@@ -415,6 +412,10 @@ fn bad_input_fails_with_one_line_and_attaches_nothing() {
         (vec!["-c", &apps, "-P", "redis"], "not a port number"),
         (vec!["-c", &apps, "-P", ""], "empty"),
         (vec!["-c", &apps, "--no-such-flag"], "unexpected argument"),
+        (
+            vec!["-c", &apps, "--splice-readers", "a-name-longer-than-15"],
+            "not a process name",
+        ),
     ];
     for (args, expected) in cases {
         let mut command = testbed.in_client_netns(BIN);
@@ -445,4 +446,422 @@ fn bad_input_fails_with_one_line_and_attaches_nothing() {
     assert_eq!(inserts.len(), 2, "{output}");
     assert!(inserts.iter().any(|l| l.contains("connect")));
     assert!(inserts.iter().any(|l| l.contains("accept")));
+}
+
+/// peers.py with the server on port 7001 and the client bound to port
+/// 41001: the same two endpoints in every namespace it runs in.
+fn peers_on_fixed_ports(netns: &proxy_redirect::netns::NetNs, cgroup: &ChildCgroup) -> Child {
+    let script = PEERS
+        .replace("s.bind((host, 0))", "s.bind((host, 7001))")
+        .replace(
+            "c.connect((host, port))",
+            "c.bind((host, 41001))\n    c.connect((host, port))",
+        );
+    let size = (32 * MIB).to_string();
+    netns::command_in(PYTHON, Some(netns), Some(cgroup))
+        .unwrap()
+        .args(["-c", &script, "echo", "127.0.0.1", "127.0.0.1", &size, "1"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+#[test]
+fn one_instance_in_the_host_namespace_pairs_within_each_child_namespace() {
+    if !have_root() {
+        return;
+    }
+    let testbed = Testbed::new();
+    let dirs = [TempDir::new(), TempDir::new()];
+    // bypass runs in this (the host's) namespace; the pairs run in the two
+    // child namespaces of the cgroup with the very same 4-tuple.
+    let args: Vec<String> = ["bypass", "-c"]
+        .iter()
+        .map(|s| s.to_string())
+        .chain([testbed.apps.path().display().to_string(), "--json".into()])
+        .collect();
+    let bypasser = Running::start(BIN, &args, None, None, "Attached");
+    let namespaces = [&testbed.client, &testbed.server];
+    let captures: Vec<Capture> = namespaces
+        .iter()
+        .zip(&dirs)
+        .map(|(ns, dir)| Capture::start(ns, dir))
+        .collect();
+    let transfers: Vec<Child> = namespaces
+        .iter()
+        .map(|ns| peers_on_fixed_ports(ns, &testbed.apps))
+        .collect();
+    for transfer in transfers {
+        let out = transfer.wait_with_output().unwrap();
+        assert!(
+            out.status.success() && String::from_utf8_lossy(&out.stdout).contains("ok"),
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    for capture in captures {
+        let (syns, data_packets, packets) = capture.stop();
+        assert_eq!(syns, 1, "SYN packets on lo:\n{packets}");
+        assert!(
+            data_packets <= 2,
+            "{data_packets} data packets on lo:\n{packets}"
+        );
+    }
+    let (status, output, _) = bypasser.stop();
+    assert!(status.success());
+    assert_eq!(stat(&output, "inserted"), 4, "{output}");
+    assert_eq!(stat(&output, "peer not in the namespace"), 0);
+    assert!(stat(&output, "bytes redirected") >= 2 * 2 * 32 * MIB as u64);
+    // Two pairs with one 4-tuple, told apart by their namespace.
+    let events = json_events(&output);
+    assert_eq!(events.len(), 4, "{events:?}");
+    let namespaces: std::collections::HashSet<u64> = events
+        .iter()
+        .map(|e| e["netns"].as_u64().unwrap())
+        .collect();
+    assert_eq!(namespaces.len(), 2, "{events:?}");
+    for event in &events {
+        let peers = events
+            .iter()
+            .filter(|e| e["local"] == event["remote"] && e["remote"] == event["local"])
+            .collect::<Vec<_>>();
+        assert_eq!(peers.len(), 2, "{events:?}");
+        assert_eq!(
+            peers
+                .iter()
+                .filter(|e| e["netns"] == event["netns"])
+                .count(),
+            1,
+            "{events:?}"
+        );
+    }
+}
+
+/// A client that writes `1`s and then `2`s (and on, ten digits of 64 KiB)
+/// right after a Fast Open connect, and a server that must read them in
+/// that order; several connections, so that later ones carry a cookie.
+const FAST_OPEN: &str = r#"
+import socket, sys, threading
+server_fast_open = sys.argv[1] == "1"
+CHUNK = 64 * 1024
+expected = b"".join(str(d).encode() * CHUNK for d in range(10))
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+if server_fast_open:
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_FASTOPEN, 16)
+s.bind(("127.0.0.1", 0)); s.listen(16)
+port = s.getsockname()[1]
+for i in range(6):
+    c = socket.socket()
+    if i % 2:
+        # TCP_FASTOPEN_CONNECT: connect() returns at once, the first write
+        # goes with (or right after) the SYN.
+        c.setsockopt(socket.IPPROTO_TCP, 30, 1)
+        c.connect(("127.0.0.1", port))
+        c.send(expected[:CHUNK])
+    else:
+        c.sendto(expected[:CHUNK], socket.MSG_FASTOPEN, ("127.0.0.1", port))
+    c.sendall(expected[CHUNK:])
+    c.shutdown(socket.SHUT_WR)
+    conn, _ = s.accept()
+    got = []
+    while True:
+        d = conn.recv(1 << 20)
+        if not d: break
+        got.append(d)
+    got = b"".join(got)
+    if got != expected:
+        order = [got[k] for k in range(0, len(got), CHUNK)]
+        print("connection", i, "out of order:", bytes(order), len(got), file=sys.stderr); sys.exit(1)
+    conn.close(); c.close()
+print("ok")
+"#;
+
+#[test]
+fn fast_open_data_is_never_overtaken_by_redirected_data() {
+    if !have_root() {
+        return;
+    }
+    let testbed = Testbed::new();
+    // 1: the client's data waits for the handshake (the server has no Fast
+    // Open); 3: the data rides in the SYN once the client has a cookie.
+    for (sysctl, server_fast_open) in [("1", "0"), ("3", "1")] {
+        let mut command = testbed.in_client_netns("sysctl");
+        command.args(["-qw", &format!("net.ipv4.tcp_fastopen={sysctl}")]);
+        assert!(run(command).status.success());
+        let bypasser = bypass(&testbed, &testbed.apps, &[]);
+        let out = python(
+            testbed.in_apps(PYTHON),
+            &FAST_OPEN.replace("sys.argv[1]", &format!("\"{server_fast_open}\"")),
+        );
+        let (_, output, _) = bypasser.stop();
+        assert!(out.contains("ok"), "tcp_fastopen={sysctl}: {out}\n{output}");
+        // Sockets over which a byte crossed TCP stayed out of the map.
+        assert!(
+            stat(&output, "data before insertion") > 0,
+            "tcp_fastopen={sysctl}: {output}"
+        );
+    }
+}
+
+/// nginx serving `files` (name, contents) from a private prefix on
+/// CLIENT_V4:80 and [CLIENT_V6]:80, with long keep-alive; killed on drop.
+struct Nginx {
+    child: Child,
+    _dir: TempDir,
+}
+
+impl Nginx {
+    fn start(
+        netns: &proxy_redirect::netns::NetNs,
+        cgroup: &ChildCgroup,
+        files: &[(String, Vec<u8>)],
+    ) -> Nginx {
+        let dir = TempDir::new();
+        let www = dir.join("www");
+        std::fs::create_dir_all(&www).unwrap();
+        for (name, data) in files {
+            std::fs::write(www.join(name), data).unwrap();
+        }
+        let prefix = dir.join("").display().to_string();
+        let config = format!(
+            "daemon off; master_process off; user root; worker_processes 1;\n\
+             pid {prefix}nginx.pid; error_log {prefix}error.log;\n\
+             events {{}}\n\
+             http {{ access_log off; keepalive_requests 100000; sendfile off;\n\
+               client_body_temp_path {prefix}; proxy_temp_path {prefix};\n\
+               fastcgi_temp_path {prefix}; uwsgi_temp_path {prefix}; scgi_temp_path {prefix};\n\
+               server {{ listen {CLIENT_V4}:80; listen [{CLIENT_V6}]:80; root {www}; }} }}\n",
+            www = www.display()
+        );
+        let conf = dir.join("nginx.conf");
+        std::fs::write(&conf, config).unwrap();
+        let child = netns::command_in("nginx", Some(netns), Some(cgroup))
+            .unwrap()
+            .args(["-p", &prefix, "-c"])
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("nginx (apt-get install nginx)");
+        let nginx = Nginx { child, _dir: dir };
+        for _ in 0..100 {
+            if std::fs::metadata(format!("{prefix}nginx.pid")).is_ok() {
+                std::thread::sleep(Duration::from_millis(100));
+                return nginx;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("nginx did not start");
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn builtin_proxy_over_bypass_relays_every_response_size_to_the_end() {
+    if !have_root() {
+        return;
+    }
+    let testbed = Testbed::new();
+    // Sizes around the proxy's 32 KiB copy buffer, and beyond.
+    let mut sizes: Vec<usize> = (32 * 1024 - 3..=32 * 1024 + 3).collect();
+    sizes.extend([40_001, 64 * 1024, 100_000, 4 * MIB]);
+    let files: Vec<(String, Vec<u8>)> = sizes
+        .iter()
+        .enumerate()
+        .map(|(i, &size)| (format!("f{size}"), payload(size, i as u64)))
+        .collect();
+    // curl in apps (redirected to the proxy), the proxy in `proxy`, nginx
+    // beside it: bypass on the parent covers both legs.
+    let _nginx = Nginx::start(&testbed.client, &testbed.proxy, &files);
+    let redirector = testbed.redirect(&["-P", "80"]);
+    let bypasser = bypass(&testbed, &testbed.parent, &[]);
+    let dir = TempDir::new();
+    let mut failures = Vec::new();
+    for host in [CLIENT_V4.to_string(), format!("[{CLIENT_V6}]")] {
+        // Every size, three times, one after the other on one keep-alive
+        // connection (a stall costs its 3 s); then ten parallel 4 MiB
+        // downloads.
+        let small: Vec<&(String, Vec<u8>)> = files.iter().filter(|(_, d)| d.len() < MIB).collect();
+        let big = files.iter().find(|(_, d)| d.len() == 4 * MIB).unwrap();
+        let runs = [
+            (
+                "3",
+                (0..3)
+                    .flat_map(|round| small.iter().map(move |f| (round, *f)))
+                    .collect::<Vec<_>>(),
+            ),
+            ("20", (0..10).map(|i| (i, big)).collect()),
+        ];
+        for (max_time, transfers) in runs {
+            let mut command = testbed.in_apps("curl");
+            command.args([
+                "-sS",
+                "--fail",
+                "--max-time",
+                max_time,
+                "--parallel-max",
+                "10",
+            ]);
+            if max_time == "20" {
+                command.arg("--parallel");
+            }
+            let mut expected = Vec::new();
+            for (i, (name, data)) in transfers {
+                let out = dir.join(&format!("{name}-{i}"));
+                command
+                    .arg(format!("http://{host}/{name}"))
+                    .arg("-o")
+                    .arg(&out);
+                expected.push((out, data));
+            }
+            let out = run(command);
+            if !out.status.success() {
+                failures.push(format!("{host}: {}", String::from_utf8_lossy(&out.stderr)));
+            }
+            for (path, data) in expected {
+                let got = std::fs::read(&path).unwrap_or_default();
+                if got != *data {
+                    failures.push(format!(
+                        "{}: {} of {} bytes",
+                        path.display(),
+                        got.len(),
+                        data.len()
+                    ));
+                }
+            }
+        }
+    }
+    let (_, bypass_output, _) = bypasser.stop();
+    let (_, redirect_output, _) = redirector.stop();
+    assert!(
+        failures.is_empty(),
+        "{failures:#?}\n{bypass_output}\n{redirect_output}"
+    );
+    // Both legs of every connection took the bypass.
+    let connections = stat(&redirect_output, "redirected");
+    assert!(connections >= 2 * 2, "{redirect_output}");
+    assert_eq!(
+        stat(&bypass_output, "inserted"),
+        4 * connections,
+        "{bypass_output}\n{redirect_output}"
+    );
+    assert_eq!(stat(&bypass_output, "insert failures"), 0);
+}
+
+/// An echo server on 127.0.0.1:7002, and a client that sends SIZE bytes to
+/// 127.0.0.1:PORT and must get them back intact.
+const ECHO_THROUGH: &str = r#"
+import socket, sys, threading, random, time
+port, size = int(sys.argv[1]), int(sys.argv[2])
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("127.0.0.1", 7002)); s.listen(8)
+def serve():
+    c, _ = s.accept()
+    while True:
+        d = c.recv(1 << 16)
+        if not d: break
+        c.sendall(d)
+    c.close()
+threading.Thread(target=serve, daemon=True).start()
+data = random.Random(7).randbytes(size)
+# The relay may still be starting (slow under emulation).
+for attempt in range(200):
+    try:
+        c = socket.create_connection(("127.0.0.1", port), timeout=20)
+        break
+    except ConnectionRefusedError:
+        time.sleep(0.1)
+threading.Thread(target=lambda: (c.sendall(data), c.shutdown(socket.SHUT_WR)), daemon=True).start()
+got = []
+while True:
+    d = c.recv(1 << 20)
+    if not d: break
+    got.append(d)
+got = b"".join(got)
+if got != data:
+    print(len(got), "of", size, "bytes came back intact" if data.startswith(got) else "bytes, corrupted", file=sys.stderr); sys.exit(1)
+print("ok")
+"#;
+
+#[test]
+fn haproxy_splicing_both_ways_gets_every_byte() {
+    if !have_root() {
+        return;
+    }
+    let testbed = Testbed::new();
+    let dir = TempDir::new();
+    let config = dir.join("haproxy.cfg");
+    std::fs::write(
+        &config,
+        "defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 30s\n  timeout server 30s\n  \
+         option splice-request\n  option splice-response\n\
+         listen relay\n  bind 127.0.0.1:7003\n  server echo 127.0.0.1:7002\n",
+    )
+    .unwrap();
+    let bypasser = bypass(&testbed, &testbed.apps, &[]);
+    let mut haproxy = netns::command_in("haproxy", Some(&testbed.client), Some(&testbed.apps))
+        .unwrap()
+        .args(["-db", "-f"])
+        .arg(&config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("haproxy (apt-get install haproxy)");
+    let out = python(
+        testbed.in_apps(PYTHON),
+        &ECHO_THROUGH.replace("int(sys.argv[1]), int(sys.argv[2])", "7003, 4000000"),
+    );
+    let _ = haproxy.kill();
+    let _ = haproxy.wait();
+    let (_, output, _) = bypasser.stop();
+    assert!(out.contains("ok"), "{out}\n{output}");
+    // HAProxy's two sockets stayed out; the client's and the server's
+    // sockets went in, and found no peer.
+    assert_eq!(stat(&output, "splice reader's sockets"), 2, "{output}");
+    assert_eq!(stat(&output, "messages redirected"), 0, "{output}");
+}
+
+#[test]
+fn a_splice_reader_named_with_splice_readers_gets_every_byte() {
+    if !have_root() {
+        return;
+    }
+    let testbed = Testbed::new();
+    // A server that names itself, then reads with splice(2) only.
+    let script = r#"
+import ctypes, os, socket, threading, random
+ctypes.CDLL(None).prctl(15, b"splicer", 0, 0, 0)
+s = socket.socket(); s.bind(("127.0.0.1", 0)); s.listen(1)
+data = random.Random(3).randbytes(1 << 20)
+def send():
+    c = socket.create_connection(s.getsockname())
+    c.sendall(data); c.close()
+threading.Thread(target=send).start()
+conn, _ = s.accept()
+r, w = os.pipe()
+got = []
+while True:
+    n = os.splice(conn.fileno(), w, 1 << 16)
+    if n == 0: break
+    got.append(os.read(r, n))
+got = b"".join(got)
+assert got == data, f"{len(got)} of {len(data)} bytes"
+print("ok")
+"#;
+    let bypasser = bypass(&testbed, &testbed.apps, &["--splice-readers", "splicer"]);
+    let out = python(testbed.in_apps(PYTHON), script);
+    let (_, output, _) = bypasser.stop();
+    assert!(out.contains("ok"), "{out}\n{output}");
+    // Its client thread carries the name too: both ends stayed out.
+    assert_eq!(stat(&output, "splice reader's sockets"), 2, "{output}");
+    assert_eq!(stat(&output, "bytes redirected"), 0, "{output}");
 }
