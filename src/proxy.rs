@@ -671,16 +671,16 @@ async fn fill_pipe(src: &TcpStream, pipe: &Pipe) -> io::Result<Fill> {
         match src.try_io(Interest::READABLE, || {
             splice(src.as_raw_fd(), write_end, PIPE_SIZE)
         }) {
-            Ok(0) => return Ok(eof_or_unspliceable(src.as_raw_fd())),
+            Ok(0) => return eof_or_unspliceable(src.as_raw_fd()),
             Ok(n) => return Ok(Fill::Bytes(n)),
             Err(err) if err.kind() == io::ErrorKind::WouldBlock => {
-                if !has_data_to_recv(src.as_raw_fd()) {
+                if !has_data_to_recv(src.as_raw_fd())? {
                     continue;
                 }
                 // Data may simply have arrived after splice looked: splice
                 // once more before deciding that it cannot see the data.
                 match splice(src.as_raw_fd(), write_end, PIPE_SIZE) {
-                    Ok(0) => return Ok(eof_or_unspliceable(src.as_raw_fd())),
+                    Ok(0) => return eof_or_unspliceable(src.as_raw_fd()),
                     Ok(n) => return Ok(Fill::Bytes(n)),
                     Err(err) if err.kind() == io::ErrorKind::WouldBlock => {
                         return Ok(Fill::Unspliceable)
@@ -695,15 +695,18 @@ async fn fill_pipe(src: &TcpStream, pipe: &Pipe) -> io::Result<Fill> {
 
 /// splice reports the end of the stream once the FIN has arrived, even when
 /// messages a sockmap redirected before the FIN still wait to be read.
-fn eof_or_unspliceable(fd: RawFd) -> Fill {
-    if has_data_to_recv(fd) {
+fn eof_or_unspliceable(fd: RawFd) -> io::Result<Fill> {
+    Ok(if has_data_to_recv(fd)? {
         Fill::Unspliceable
     } else {
         Fill::Eof
-    }
+    })
 }
 
-fn has_data_to_recv(fd: RawFd) -> bool {
+/// Peeks at one byte. A reset that arrived meanwhile is returned as the
+/// error: peeking takes it off the socket, and a later read would see a
+/// clean end of stream, turning the abort into an orderly close.
+fn has_data_to_recv(fd: RawFd) -> io::Result<bool> {
     let mut byte = 0u8;
     // SAFETY: a one-byte buffer that outlives the call.
     let n = unsafe {
@@ -714,7 +717,14 @@ fn has_data_to_recv(fd: RawFd) -> bool {
             libc::MSG_PEEK | libc::MSG_DONTWAIT,
         )
     };
-    n > 0
+    if n >= 0 {
+        return Ok(n > 0);
+    }
+    let err = io::Error::last_os_error();
+    if err.kind() == io::ErrorKind::WouldBlock {
+        return Ok(false);
+    }
+    Err(err)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
