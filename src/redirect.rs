@@ -403,24 +403,29 @@ fn snapshot(skel: &RedirectSkel<'_>) -> Result<Snapshot> {
     let bypassed_by = |reason: u32| counts[(redirect_stat::STAT_BYPASSED.0 + reason) as usize];
     let reasons = 1..bypass_reason::REASON_COUNT.0;
     let mut snapshot = Snapshot::new("redirect");
-    snapshot.push(Metric::counter(
-        "tcp_connects",
-        "TCP connects seen",
-        "TCP connect() calls seen in the redirected cgroup.",
-        count(redirect_stat::STAT_TCP_CONNECTS),
-    ));
-    snapshot.push(Metric::counter(
-        "other_port_connects",
-        "to other ports",
-        "Connects to ports that are not redirected.",
-        count(redirect_stat::STAT_OTHER_PORT),
-    ));
-    snapshot.push(Metric::counter(
-        "redirected",
-        "redirected",
-        "Connections sent to the proxy.",
-        count(redirect_stat::STAT_REDIRECTED),
-    ));
+    let decisions = [
+        (
+            "tcp_connects",
+            "TCP connects seen",
+            "TCP connect() calls seen in the redirected cgroup.",
+            redirect_stat::STAT_TCP_CONNECTS,
+        ),
+        (
+            "other_port_connects",
+            "to other ports",
+            "Connects to ports that are not redirected.",
+            redirect_stat::STAT_OTHER_PORT,
+        ),
+        (
+            "redirected",
+            "redirected",
+            "Connections sent to the proxy.",
+            redirect_stat::STAT_REDIRECTED,
+        ),
+    ];
+    for (name, label, help, stat) in decisions {
+        snapshot.push(Metric::counter(name, label, help, count(stat)));
+    }
     snapshot.push(Metric::counter(
         "bypassed_all",
         "bypassed",
