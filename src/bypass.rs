@@ -11,14 +11,14 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::Args;
 use libbpf_rs::skel::{OpenSkel, SkelBuilder};
-use libbpf_rs::MapCore;
 
 use crate::bpf::bypass::types::{bypass_event, bypass_side, bypass_stat, comm, endpoint, sock_key};
 use crate::bpf::bypass::{BypassSkel, BypassSkelBuilder};
 use crate::cgroup::{self, CgroupFd};
 use crate::cli::{self, EventFormat, OutputArgs, PortList};
 use crate::links::Attachments;
-use crate::{events, maps, privileges, redirect, shutdown};
+use crate::stats::{Metric, Snapshot};
+use crate::{events, maps, metrics, privileges, redirect, shutdown};
 
 // SAFETY: generated from include/*.h: fixed-width integers with explicit padding.
 unsafe impl plain::Plain for bypass_event {}
@@ -85,6 +85,7 @@ fn splice_readers(args: &BypassArgs) -> Vec<String> {
 pub fn run(args: &BypassArgs) -> Result<()> {
     let cgroup_path = cgroup::resolve(args.cgroup.as_deref())?;
     privileges::require_bpf("bypass")?;
+    let metrics = metrics::Metrics::bind(args.output.metrics)?;
     shutdown::install()?;
 
     let mut open_object = MaybeUninit::uninit();
@@ -126,7 +127,8 @@ pub fn run(args: &BypassArgs) -> Result<()> {
         &header,
         move |e: &bypass_event| print_event(e, format, start_ns),
     )?;
-    events::run_until_shutdown(ring.as_ref(), || {})?;
+    let mut publish = metrics.publisher(&[("attach", "cgroup bpf_link".to_owned())]);
+    events::run_until_shutdown(ring.as_ref(), || publish(&|| Ok(vec![snapshot(&skel)?])))?;
     drop(ring);
 
     stop(&mut skel);
@@ -230,53 +232,105 @@ fn print_event(event: &bypass_event, format: EventFormat, start_ns: u64) {
     }
 }
 
-fn print_statistics(skel: &BypassSkel<'_>) -> Result<()> {
+/// The counters and gauges of a running bypass.
+fn snapshot(skel: &BypassSkel<'_>) -> Result<Snapshot> {
     let counts = maps::percpu_sums(&skel.maps.stats, bypass_stat::BYPASS_STAT_COUNT.0)?;
     let count = |stat: bypass_stat| counts[stat.0 as usize];
     let rows = [
         (
+            "established",
             "established sockets seen",
+            "TCP sockets seen established.",
             bypass_stat::BYPASS_STAT_ESTABLISHED,
         ),
-        ("inserted", bypass_stat::BYPASS_STAT_INSERTED),
-        ("insert failures", bypass_stat::BYPASS_STAT_INSERT_FAILED),
         (
+            "inserted",
+            "inserted",
+            "Sockets put in the sockmap.",
+            bypass_stat::BYPASS_STAT_INSERTED,
+        ),
+        (
+            "insert_failed",
+            "insert failures",
+            "Sockets the sockmap refused.",
+            bypass_stat::BYPASS_STAT_INSERT_FAILED,
+        ),
+        (
+            "peer_elsewhere",
             "peer not in the namespace",
+            "Sockets whose peer is not in their network namespace.",
             bypass_stat::BYPASS_STAT_NOT_LOCAL,
         ),
         (
+            "data_before_insertion",
             "data before insertion",
+            "Sockets left out because bytes crossed TCP first (Fast Open).",
             bypass_stat::BYPASS_STAT_DATA_BEFORE,
         ),
         (
+            "splice_reader_sockets",
             "splice reader's sockets",
+            "Sockets of programs that read with splice, left out.",
             bypass_stat::BYPASS_STAT_SPLICE_READER,
         ),
-        ("other ports", bypass_stat::BYPASS_STAT_OTHER_PORT),
         (
+            "other_port",
+            "other ports",
+            "Sockets outside the -P ports.",
+            bypass_stat::BYPASS_STAT_OTHER_PORT,
+        ),
+        (
+            "established_while_stopping",
             "established while stopping",
+            "Sockets established while bypass was stopping.",
             bypass_stat::BYPASS_STAT_STOPPING,
         ),
         (
+            "messages_redirected",
             "messages redirected",
+            "Messages moved straight to the peer socket.",
             bypass_stat::BYPASS_STAT_MSG_REDIRECTED,
         ),
         (
+            "bytes_redirected",
             "bytes redirected",
+            "Bytes moved straight to the peer socket.",
             bypass_stat::BYPASS_STAT_BYTES_REDIRECTED,
         ),
-        ("messages passed", bypass_stat::BYPASS_STAT_MSG_PASSED),
-        ("bytes passed", bypass_stat::BYPASS_STAT_BYTES_PASSED),
-        ("events lost", bypass_stat::BYPASS_STAT_EVENTS_LOST),
+        (
+            "messages_passed",
+            "messages passed",
+            "Messages of inserted sockets sent the normal way.",
+            bypass_stat::BYPASS_STAT_MSG_PASSED,
+        ),
+        (
+            "bytes_passed",
+            "bytes passed",
+            "Bytes of inserted sockets sent the normal way.",
+            bypass_stat::BYPASS_STAT_BYTES_PASSED,
+        ),
+        (
+            "events_lost",
+            "events lost",
+            "Events dropped because the ring buffer was full.",
+            bypass_stat::BYPASS_STAT_EVENTS_LOST,
+        ),
     ];
-    println!("=== Statistics ===");
-    for (label, stat) in rows {
-        println!("  {:<28}{}", format!("{label}:"), count(stat));
+    let mut snapshot = Snapshot::new("bypass");
+    for (name, label, help, stat) in rows {
+        snapshot.push(Metric::counter(name, label, help, count(stat)));
     }
-    println!(
-        "  {:<28}{}",
-        "sockets in the map at exit:",
-        skel.maps.sockets.keys().count()
-    );
+    snapshot.push(Metric::gauge(
+        "sockets",
+        "sockets in the map at exit",
+        "Sockets in the sockmap now.",
+        maps::count(&skel.maps.sockets)? as u64,
+    ));
+    Ok(snapshot)
+}
+
+fn print_statistics(skel: &BypassSkel<'_>) -> Result<()> {
+    println!("=== Statistics ===");
+    snapshot(skel)?.print();
     Ok(())
 }

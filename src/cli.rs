@@ -5,7 +5,8 @@ use std::net::IpAddr;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 
-/// `-v` / `--json`: how events are printed while running.
+/// `-v` / `--json` / `--metrics`: how events and statistics are shown while
+/// running.
 #[derive(Args, Debug, Clone, Copy, Default)]
 pub struct OutputArgs {
     /// Print one line per event
@@ -14,6 +15,9 @@ pub struct OutputArgs {
     /// Print events as JSON lines (one object per line) instead of text
     #[arg(long)]
     pub json: bool,
+    /// Serve the statistics as Prometheus metrics on http://ADDR/metrics
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 /// How events are printed, decided from [`OutputArgs`].

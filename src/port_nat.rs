@@ -19,7 +19,8 @@ use crate::cli::{self, EventFormat, OutputArgs};
 use crate::events;
 use crate::interface_watch::{self, InterfaceWatch};
 use crate::links::{self, Attachments, TcAttachMode, TcDirection};
-use crate::{maps, privileges, shutdown};
+use crate::stats::{Metric, Snapshot};
+use crate::{maps, metrics, privileges, shutdown};
 
 // SAFETY: generated from include/port_nat.h: fixed-width integers with
 // explicit padding.
@@ -266,6 +267,7 @@ pub fn run(args: &PortNatArgs) -> Result<()> {
     let mappings = mappings(&args.from, &args.to)?;
     let ifindex = interface_index(&args.interface)?;
     privileges::require_bpf("port-nat")?;
+    let metrics = metrics::Metrics::bind(args.output.metrics)?;
     shutdown::install()?;
     let format = args.output.event_format();
     let config = NatConfig {
@@ -312,6 +314,7 @@ pub fn run(args: &PortNatArgs) -> Result<()> {
     })?;
     let mut expired = 0u64;
     let mut last_sweep = Instant::now();
+    let mut publish = metrics.publisher(&[("attach", path.to_string())]);
     events::run_until_shutdown(ring.as_ref(), || {
         interface_watch::follow(&mut watch, &mut attachments, format, start_ns, |index| {
             attach(&skel.progs, &mut data.l2_len, &args.interface, index, args)
@@ -329,10 +332,14 @@ pub fn run(args: &PortNatArgs) -> Result<()> {
             }
             Err(err) => tracing::warn!("sweeping the flow table: {err:#}"),
         }
+        publish(&|| {
+            let (stats, flows) = (&skel.maps.stats, &skel.maps.flows);
+            Ok(vec![snapshot(stats, flows, &args.interface, expired)?])
+        });
     })?;
     drop(ring);
 
-    print_statistics(&skel, expired)?;
+    print_statistics(&skel, &args.interface, expired)?;
     drop(attachments);
     println!("Cleaned up");
     Ok(())
@@ -518,94 +525,173 @@ pub fn counters(skel: &PortNatSkel<'_>) -> Result<Vec<u64>> {
     maps::percpu_sums(&skel.maps.stats, nat_stat::NAT_STAT_COUNT.0)
 }
 
-fn print_statistics(skel: &PortNatSkel<'_>, expired: u64) -> Result<()> {
-    let counts = counters(skel)?;
+/// The counters and gauges of a running port-nat; `expired` is counted by
+/// the user-space sweep.
+fn snapshot(
+    stats: &dyn MapCore,
+    flows: &dyn MapCore,
+    interface: &str,
+    expired: u64,
+) -> Result<Snapshot> {
+    let counts = maps::percpu_sums(stats, nat_stat::NAT_STAT_COUNT.0)?;
     let count = |stat: nat_stat| counts[stat.0 as usize];
-    let live: Vec<(nat_flow_key, nat_flow)> = maps::entries(&skel.maps.flows)?;
+    let live = maps::count(flows)? as u64;
     // Every new flow is in the table, was replaced in place by a reopened
     // one, expired, was ended by direct traffic, or was evicted.
     let evicted = count(nat_stat::NAT_STAT_NEW_FLOWS).saturating_sub(
         count(nat_stat::NAT_STAT_REUSED_FLOWS)
             + expired
             + count(nat_stat::NAT_STAT_DIRECT_STALE)
-            + live.len() as u64,
+            + live,
     );
     let dropped =
         count(nat_stat::NAT_STAT_DROP_TRACK_FAILED) + count(nat_stat::NAT_STAT_DROP_REWRITE_FAILED);
-    let lines: [(&str, u64); 21] = [
-        ("packets seen", count(nat_stat::NAT_STAT_PACKETS)),
-        ("bytes seen", count(nat_stat::NAT_STAT_BYTES)),
+    let rows = [
         (
+            "packets",
+            "packets seen",
+            "Packets seen by both programs.",
+            count(nat_stat::NAT_STAT_PACKETS),
+        ),
+        (
+            "bytes",
+            "bytes seen",
+            "Bytes seen by both programs.",
+            count(nat_stat::NAT_STAT_BYTES),
+        ),
+        (
+            "ingress_translated",
             "translated on ingress",
+            "Packets to FROM rewritten to TO.",
             count(nat_stat::NAT_STAT_INGRESS_TRANSLATED),
         ),
         (
+            "egress_translated",
             "translated on egress",
+            "Replies from TO rewritten to FROM.",
             count(nat_stat::NAT_STAT_EGRESS_TRANSLATED),
         ),
-        ("new flows", count(nat_stat::NAT_STAT_NEW_FLOWS)),
         (
+            "new_flows",
+            "new flows",
+            "Flows recorded.",
+            count(nat_stat::NAT_STAT_NEW_FLOWS),
+        ),
+        (
+            "reopened_flows",
             "flows reopened by a new SYN",
+            "Flows replaced by a new SYN on their tuple.",
             count(nat_stat::NAT_STAT_REUSED_FLOWS),
         ),
-        ("flows expired", expired),
         (
+            "expired_flows",
+            "flows expired",
+            "Flows removed after their idle timeout.",
+            expired,
+        ),
+        (
+            "direct_ended_flows",
             "flows ended by direct traffic",
+            "Flows ended by a SYN, RST or FIN straight to TO.",
             count(nat_stat::NAT_STAT_DIRECT_STALE),
         ),
         (
+            "direct_ignored",
             "direct packets ignored",
+            "Packets straight to TO on a flow's tuple that prove nothing.",
             count(nat_stat::NAT_STAT_DIRECT_IGNORED),
         ),
         (
+            "out_of_window",
             "out of window (state kept)",
+            "Translated packets far from the flow's sequence numbers.",
             count(nat_stat::NAT_STAT_OUT_OF_WINDOW),
         ),
         (
+            "passed_local",
             "passed: replies to local sockets",
+            "Packets owned by a socket of this host, left alone.",
             count(nat_stat::NAT_STAT_PASS_LOCAL),
         ),
-        ("flows evicted (table full)", evicted),
-        ("flows tracked at exit", live.len() as u64),
         (
+            "evicted_flows",
+            "flows evicted (table full)",
+            "Flows the LRU table dropped to make room.",
+            evicted,
+        ),
+        (
+            "icmp_translated",
             "ICMP errors translated",
+            "ICMP and ICMPv6 errors about translated flows.",
             count(nat_stat::NAT_STAT_ICMP_TRANSLATED),
         ),
         (
+            "untracked_replies",
             "untracked replies left alone",
+            "Packets from TO without a flow.",
             count(nat_stat::NAT_STAT_REPLY_UNTRACKED),
         ),
         (
+            "passed_fragments",
             "passed: later fragments",
+            "Later IP fragments, passed unchanged.",
             count(nat_stat::NAT_STAT_PASS_FRAGMENT),
         ),
         (
+            "passed_truncated",
             "passed: truncated",
+            "Truncated or malformed packets, passed unchanged.",
             count(nat_stat::NAT_STAT_PASS_TRUNCATED),
         ),
         (
+            "passed_unparsed",
             "passed: unparsed IPv6 headers",
+            "IPv6 header chains not followed, passed unchanged.",
             count(nat_stat::NAT_STAT_PASS_UNPARSED),
         ),
-        ("dropped", dropped),
         (
+            "dropped",
+            "dropped",
+            "Packets dropped, all reasons.",
+            dropped,
+        ),
+        (
+            "dropped_track_failed",
             "dropped: flow table insert failed",
+            "Packets dropped: the flow could not be recorded.",
             count(nat_stat::NAT_STAT_DROP_TRACK_FAILED),
         ),
         (
+            "dropped_rewrite_failed",
             "dropped: rewrite failed",
+            "Packets dropped: the kernel could not rewrite them.",
             count(nat_stat::NAT_STAT_DROP_REWRITE_FAILED),
         ),
+        (
+            "events_lost",
+            "events lost",
+            "Events dropped because the ring buffer was full.",
+            count(nat_stat::NAT_STAT_EVENTS_LOST),
+        ),
     ];
-    println!("=== Statistics ===");
-    for (label, value) in lines {
-        println!("  {:<36}{value}", format!("{label}:"));
+    let mut snapshot = Snapshot::new("port_nat");
+    snapshot.instance.push(("interface", interface.to_owned()));
+    for (name, label, help, value) in rows {
+        snapshot.push(Metric::counter(name, label, help, value));
     }
-    println!(
-        "  {:<36}{}",
-        "events lost:",
-        count(nat_stat::NAT_STAT_EVENTS_LOST)
-    );
+    snapshot.push(Metric::gauge(
+        "flows",
+        "flows tracked at exit",
+        "Flows in the table now.",
+        live,
+    ));
+    Ok(snapshot)
+}
+
+fn print_statistics(skel: &PortNatSkel<'_>, interface: &str, expired: u64) -> Result<()> {
+    println!("=== Statistics ===");
+    snapshot(&skel.maps.stats, &skel.maps.flows, interface, expired)?.print();
+    let live: Vec<(nat_flow_key, nat_flow)> = maps::entries(&skel.maps.flows)?;
     println!("=== Tracked flows: {} ===", live.len());
     for (key, flow) in live.iter().take(20) {
         println!(

@@ -80,9 +80,6 @@ pub struct RedirectArgs {
     /// Do not run the built-in proxy; an external one listens on the proxy address
     #[arg(long)]
     pub no_proxy: bool,
-    /// Serve the statistics as Prometheus metrics on http://ADDR/metrics
-    #[arg(long, value_name = "ADDR")]
-    pub metrics: Option<SocketAddr>,
     /// When nothing listens on the proxy address: `open` lets connections go
     /// to their original destination, `closed` fails them with ECONNREFUSED
     /// (no traffic ever goes around the proxy)
@@ -144,7 +141,7 @@ fn plan(args: &RedirectArgs) -> Result<Plan> {
 pub fn run(args: &RedirectArgs) -> Result<()> {
     let plan = plan(args)?;
     privileges::require_bpf("redirect")?;
-    let metrics = metrics::Metrics::bind(args.metrics)?;
+    let metrics = metrics::Metrics::bind(args.output.metrics)?;
     let proxy = if args.no_proxy {
         None
     } else {
@@ -382,7 +379,7 @@ fn print_configuration(args: &RedirectArgs, plan: &Plan) {
         ProxyDown::Closed => "closed (connections are refused)",
     };
     println!("  when proxy down:   {when_down}");
-    if let Some(addr) = args.metrics {
+    if let Some(addr) = args.output.metrics {
         println!("  metrics:           http://{addr}/metrics");
     }
     if let (Some(user), Some(uid)) = (&args.exclude_user, plan.excluded_uid) {

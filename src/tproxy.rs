@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use libbpf_rs::skel::{OpenSkel, SkelBuilder};
+use libbpf_rs::MapCore;
 
 use crate::bpf::tproxy::types::{endpoint, tproxy_action, tproxy_event, tproxy_stat};
 use crate::bpf::tproxy::{TproxySkel, TproxySkelBuilder};
@@ -24,7 +25,8 @@ use crate::interface_watch::{self, InterfaceWatch};
 use crate::links::{Attachments, TcAttachMode, TcDirection};
 use crate::local_route::{self, LocalRouteSpec, LocalRoutes};
 use crate::proxy::{BoundProxy, DestinationSource, ProxyConfig, RelayArgs};
-use crate::{maps, privileges, redirect, shutdown};
+use crate::stats::{Metric, Snapshot};
+use crate::{maps, metrics, privileges, redirect, shutdown};
 
 // SAFETY: generated from include/tproxy.h: fixed-width integers with explicit padding.
 unsafe impl plain::Plain for tproxy_event {}
@@ -248,6 +250,7 @@ impl Drop for InstanceLock {
 pub fn run(args: &TproxyArgs) -> Result<()> {
     let plan = plan(args)?;
     privileges::require_bpf("tproxy")?;
+    let metrics = metrics::Metrics::bind(args.output.metrics)?;
     let _lock = InstanceLock::take(args.route_table)?;
     let proxy = if args.no_proxy {
         None
@@ -333,7 +336,13 @@ pub fn run(args: &TproxyArgs) -> Result<()> {
         .bss_data
         .as_deref_mut()
         .context("the tproxy object has no .bss")?;
+    let mut publish = metrics.publisher(&[("attach", path.to_string())]);
     events::run_until_shutdown(ring.as_ref(), || {
+        publish(&|| {
+            let mut all = vec![snapshot(&skel.maps.stats, &args.interface)?];
+            all.extend(proxy.as_ref().map(|proxy| proxy.stats.snapshot()));
+            Ok(all)
+        });
         interface_watch::follow(&mut watch, &mut tc, format, start_ns, |index| {
             bss.ifindex = index;
             bss.has_l2_header = crate::links::link_has_l2_header(&args.interface, "tproxy")?.into();
@@ -349,7 +358,7 @@ pub fn run(args: &TproxyArgs) -> Result<()> {
     })?;
     drop(ring);
 
-    print_statistics(&skel)?;
+    print_statistics(&skel, &args.interface)?;
     if let Some(proxy) = proxy {
         proxy.stats.print();
     }
@@ -505,41 +514,100 @@ fn print_event(event: &tproxy_event, format: EventFormat, start_ns: u64, proxy: 
     }
 }
 
-fn print_statistics(skel: &TproxySkel<'_>) -> Result<()> {
-    let counts = counters(skel)?;
+/// The counters of a running tproxy.
+fn snapshot(stats: &dyn MapCore, interface: &str) -> Result<Snapshot> {
+    let counts = maps::percpu_sums(stats, tproxy_stat::TSTAT_COUNT.0)?;
     let count = |stat: tproxy_stat| counts[stat.0 as usize];
-    println!("=== Statistics ===");
-    for (label, stat) in [
-        ("TCP packets seen", tproxy_stat::TSTAT_TCP_PACKETS),
-        ("to other ports", tproxy_stat::TSTAT_OTHER_PORT),
+    let rows = [
         (
+            "tcp_packets",
+            "TCP packets seen",
+            "TCP packets seen on the intercepted interface.",
+            tproxy_stat::TSTAT_TCP_PACKETS,
+        ),
+        (
+            "other_port_packets",
+            "to other ports",
+            "TCP packets to ports that are not intercepted.",
+            tproxy_stat::TSTAT_OTHER_PORT,
+        ),
+        (
+            "intercepted",
             "connections intercepted",
+            "Connections handed to the proxy's listener.",
             tproxy_stat::TSTAT_NEW_CONNECTIONS,
         ),
         (
+            "syncookie_acks",
             "syncookie ACKs to the proxy",
+            "Syncookie ACKs handed to the proxy's listener.",
             tproxy_stat::TSTAT_SYNCOOKIE_ACKS,
         ),
         (
+            "socket_packets",
             "packets to proxy sockets",
+            "Packets handed to established proxy sockets.",
             tproxy_stat::TSTAT_SOCKET_PACKETS,
         ),
-        ("forwarded, no local socket", tproxy_stat::TSTAT_NOT_OURS),
-        ("forwarded, no listener", tproxy_stat::TSTAT_NO_LISTENER),
-        ("assign failed", tproxy_stat::TSTAT_ASSIGN_FAILED),
-        ("not parsed", tproxy_stat::TSTAT_UNPARSED),
-        ("SYNs meeting TIME_WAIT", tproxy_stat::TSTAT_TIME_WAIT_SYNS),
         (
+            "forwarded_not_ours",
+            "forwarded, no local socket",
+            "Packets of flows without a proxy socket, forwarded.",
+            tproxy_stat::TSTAT_NOT_OURS,
+        ),
+        (
+            "forwarded_no_listener",
+            "forwarded, no listener",
+            "New connections forwarded because no proxy listened.",
+            tproxy_stat::TSTAT_NO_LISTENER,
+        ),
+        (
+            "assign_failed",
+            "assign failed",
+            "Packets bpf_sk_assign refused.",
+            tproxy_stat::TSTAT_ASSIGN_FAILED,
+        ),
+        (
+            "unparsed",
+            "not parsed",
+            "Packets not parsed (later fragments, ESP).",
+            tproxy_stat::TSTAT_UNPARSED,
+        ),
+        (
+            "time_wait_syns",
+            "SYNs meeting TIME_WAIT",
+            "SYNs that reused a TIME_WAIT 4-tuple.",
+            tproxy_stat::TSTAT_TIME_WAIT_SYNS,
+        ),
+        (
+            "sk_lookup_assigned",
             "listeners given by sk_lookup",
+            "Connections sk_lookup gave to the proxy's listener.",
             tproxy_stat::TSTAT_SK_LOOKUP_ASSIGNED,
         ),
         (
+            "upstream_replies",
             "upstream replies to sockets",
+            "Replies on the upstream interface handed to a spoofing proxy's socket.",
             tproxy_stat::TSTAT_UPSTREAM_REPLIES,
         ),
-        ("events lost", tproxy_stat::TSTAT_EVENTS_LOST),
-    ] {
-        println!("  {:<29}{}", format!("{label}:"), count(stat));
+        (
+            "events_lost",
+            "events lost",
+            "Events dropped because the ring buffer was full.",
+            tproxy_stat::TSTAT_EVENTS_LOST,
+        ),
+    ];
+    let mut snapshot = Snapshot::new("tproxy");
+    snapshot.instance.push(("interface", interface.to_owned()));
+    for (name, label, help, stat) in rows {
+        snapshot.push(Metric::counter(name, label, help, count(stat)));
     }
+    Ok(snapshot)
+}
+
+fn print_statistics(skel: &TproxySkel<'_>, interface: &str) -> Result<()> {
+    println!("=== Statistics ===");
+    snapshot(&skel.maps.stats, interface)?.print();
     Ok(())
 }

@@ -1248,7 +1248,19 @@ fn lo_a_local_connection_from_port_from_works_and_from_in_the_local_range_is_war
         "sysctl",
         &["-qw", "net.ipv4.ip_local_port_range=32768 60999"],
     );
-    let nat = port_nat(&ns, &["-i", "lo", "-f", "40000", "-t", "80"]);
+    let nat = port_nat(
+        &ns,
+        &[
+            "-i",
+            "lo",
+            "-f",
+            "40000",
+            "-t",
+            "80",
+            "--metrics",
+            "127.0.0.1:9477",
+        ],
+    );
     // This host's own connection from local port 40000 (FROM).
     for _ in 0..3 {
         let body = curl(&ns, "http://127.0.0.1:9000/", &["--local-port", "40000"]);
@@ -1258,6 +1270,18 @@ fn lo_a_local_connection_from_port_from_works_and_from_in_the_local_range_is_war
     // A client of FROM is still translated.
     let body = curl(&ns, "http://127.0.0.1:40000/", &[]);
     assert!(body.contains("local=127.0.0.1:80"), "{body}");
+    let page = scrape_metrics(&ns, "127.0.0.1:9477");
+    assert_promtool_accepts(&page);
+    assert!(
+        metric_value(
+            &page,
+            "proxy_redirect_port_nat_ingress_translated_total{interface=\"lo\"}"
+        ) > 0
+    );
+    assert!(
+        page.contains("proxy_redirect_build_info{version="),
+        "{page}"
+    );
     let (status, output, stderr) = nat.stop();
     assert!(status.success(), "{stderr}");
     assert!(

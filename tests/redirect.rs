@@ -615,44 +615,14 @@ fn assert_maps_empty(output: &str) {
     assert_eq!(stat(output, "answers held by proxy sockets"), 0, "{output}");
 }
 
-/// promtool from Debian's prometheus package, unpacked by `make test`.
-const PROMTOOL: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/target/prometheus/usr/bin/promtool"
-);
-
 #[test]
 fn metrics_pass_promtool_and_the_counters_move() {
     if !have_root() {
         return;
     }
-    assert!(
-        std::path::Path::new(PROMTOOL).exists(),
-        "{PROMTOOL} is missing: run `make test`, which unpacks it"
-    );
     let testbed = Testbed::new();
     let _server = servers::http(&testbed.server, "[::]:80").unwrap();
     let redirector = testbed.redirect(&["--metrics", "127.0.0.1:9477"]);
-    let scrape = || {
-        let out = curl(
-            testbed.in_client_netns("curl"),
-            "http://127.0.0.1:9477/metrics",
-            &[],
-        );
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
-    };
-    let counter = |page: &str, name: &str| -> u64 {
-        page.lines()
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
-            .unwrap_or_else(|| panic!("no {name} in:\n{page}"))
-            .parse()
-            .unwrap()
-    };
     for _ in 0..2 {
         assert!(curl_from_apps(&testbed, &format!("http://{SERVER_V4}/"))
             .status
@@ -660,13 +630,13 @@ fn metrics_pass_promtool_and_the_counters_move() {
     }
     // Pages are published once a second.
     std::thread::sleep(Duration::from_millis(1500));
-    let page = scrape();
+    let page = scrape_metrics(&testbed.client, "127.0.0.1:9477");
     assert_eq!(
-        counter(&page, "proxy_redirect_redirect_redirected_total"),
+        metric_value(&page, "proxy_redirect_redirect_redirected_total"),
         2
     );
     assert_eq!(
-        counter(
+        metric_value(
             &page,
             "proxy_redirect_redirect_original_destinations_answered_total"
         ),
@@ -677,27 +647,7 @@ fn metrics_pass_promtool_and_the_counters_move() {
         "{page}"
     );
     assert!(page.contains("# TYPE proxy_redirect_redirect_awaiting_accept gauge"));
-    let mut promtool = std::process::Command::new(PROMTOOL);
-    promtool
-        .args(["check", "metrics"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped());
-    let mut child = promtool.spawn().expect("promtool");
-    use std::io::Write;
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(page.as_bytes())
-        .unwrap();
-    let checked = child.wait_with_output().unwrap();
-    assert!(
-        checked.status.success(),
-        "promtool: {}{}\n{page}",
-        String::from_utf8_lossy(&checked.stdout),
-        String::from_utf8_lossy(&checked.stderr)
-    );
+    assert_promtool_accepts(&page);
     let (status, output, _) = redirector.stop();
     assert!(status.success());
     assert!(output.contains("metrics:           http://127.0.0.1:9477/metrics"));

@@ -471,3 +471,61 @@ pub fn assert_refused_without_privileges(args: &[&str]) {
     std::os::unix::process::CommandExt::uid(&mut command, 65534);
     assert_one_line_error(&run(command), "running as nobody", "needs root");
 }
+
+/// promtool from Debian's prometheus package, unpacked by `make test`.
+const PROMTOOL: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/target/prometheus/usr/bin/promtool"
+);
+
+/// `GET http://ADDR/metrics` from inside `netns`, after the page has been
+/// refreshed (once a second) since whatever the test just did.
+pub fn scrape_metrics(netns: &NetNs, addr: &str) -> String {
+    std::thread::sleep(Duration::from_millis(1500));
+    let command = netns::command_in("curl", Some(netns), None).unwrap();
+    let out = curl(command, &format!("http://{addr}/metrics"), &[]);
+    assert!(
+        out.status.success(),
+        "scraping {addr}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// The value of the sample `name` (with its labels, if any) on a page.
+pub fn metric_value(page: &str, name: &str) -> u64 {
+    page.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .unwrap_or_else(|| panic!("no {name} in:\n{page}"))
+        .parse()
+        .unwrap()
+}
+
+/// `promtool check metrics` must accept the page.
+pub fn assert_promtool_accepts(page: &str) {
+    use std::io::Write;
+    assert!(
+        std::path::Path::new(PROMTOOL).exists(),
+        "{PROMTOOL} is missing: run `make test`, which unpacks it"
+    );
+    let mut child = Command::new(PROMTOOL)
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(page.as_bytes())
+        .unwrap();
+    let checked = child.wait_with_output().unwrap();
+    assert!(
+        checked.status.success(),
+        "promtool: {}{}\n{page}",
+        String::from_utf8_lossy(&checked.stdout),
+        String::from_utf8_lossy(&checked.stderr)
+    );
+}
