@@ -28,9 +28,6 @@ unsafe impl plain::Plain for bypass_event {}
 unsafe impl plain::Plain for endpoint {}
 unsafe impl plain::Plain for sock_key {}
 
-/// SO_NETNS_COOKIE (Linux 5.14), which the libc crate does not name.
-const SO_NETNS_COOKIE: libc::c_int = 71;
-
 #[derive(Args, Debug, Clone)]
 #[command(after_help = "\
 Examples:
@@ -150,23 +147,8 @@ fn current_netns_cookie() -> Result<u64> {
         None,
     )
     .context("creating a socket to read the network namespace cookie")?;
-    let mut cookie = 0u64;
-    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
-    // SAFETY: cookie is a writable u64 and len says so.
-    let ret = unsafe {
-        libc::getsockopt(
-            socket.as_raw_fd(),
-            libc::SOL_SOCKET,
-            SO_NETNS_COOKIE,
-            (&mut cookie as *mut u64).cast(),
-            &mut len,
-        )
-    };
-    if ret != 0 {
-        return Err(std::io::Error::last_os_error())
-            .context("reading SO_NETNS_COOKIE (bypass needs Linux 5.15 or later)");
-    }
-    Ok(cookie)
+    crate::sockopt::netns_cookie(socket.as_raw_fd())
+        .context("reading SO_NETNS_COOKIE (bypass needs Linux 5.15 or later)")
 }
 
 /// Sends every bypassed connection back to the normal path. Entries are
