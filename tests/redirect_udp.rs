@@ -254,3 +254,55 @@ print("ok", flush=True)
     assert_eq!(stat(&output, "datagrams upstream->client"), 300);
     assert_eq!(stat(&output, "UDP destinations not taken by the relay"), 0);
 }
+
+/// With nothing on the proxy address, UDP goes to its destination
+/// (`open`), or every send and connect fails at once (`closed`).
+#[test]
+fn without_a_proxy_udp_fails_open_or_closed() {
+    if !have_root() {
+        return;
+    }
+    let testbed = Testbed::new();
+    let _server = servers::udp_echo(&testbed.server, &format!("[::]:{UDP_PORT}")).unwrap();
+    let script = format!(
+        r#"
+import socket, sys
+for family, host in ((socket.AF_INET, "{SERVER_V4}"), (socket.AF_INET6, "{SERVER_V6}")):
+    s = socket.socket(family, socket.SOCK_DGRAM)
+    s.settimeout(5)
+    try:
+        s.sendto(b"ping", (host, {UDP_PORT}))
+        data, source = s.recvfrom(64)
+        assert data == b"ping" and source[0] == host, source
+        print("direct", flush=True)
+    except ConnectionRefusedError:
+        c = socket.socket(family, socket.SOCK_DGRAM)
+        try:
+            c.connect((host, {UDP_PORT}))
+            print("connect succeeded", flush=True)
+        except ConnectionRefusedError:
+            print("refused", flush=True)
+"#
+    );
+    for (policy, expected) in [("open", "direct"), ("closed", "refused")] {
+        let redirector = testbed.redirect(&[
+            "--udp-ports",
+            UDP_PORT,
+            "--no-proxy",
+            "--when-proxy-down",
+            policy,
+        ]);
+        let out = python(testbed.in_apps(PYTHON), &script);
+        assert_eq!(out.lines().collect::<Vec<_>>(), [expected, expected]);
+        let (status, output, _) = redirector.stop();
+        assert!(status.success());
+        let events = json_events(&output);
+        assert!(
+            events
+                .iter()
+                .all(|e| e["protocol"] == "udp" && e["reason"] == "no proxy"),
+            "{policy}: {events:?}"
+        );
+        assert!(events.len() >= 2, "{policy}: {events:?}");
+    }
+}
