@@ -607,11 +607,15 @@ static __always_inline void publish_datagram_origin(struct bpf_sock_addr *ctx,
 	bpf_sk_release(sk);
 }
 
-/* Whether @ctx's socket is the proxy's own UDP socket of this family. */
+/* Whether @ctx's socket is the built-in relay's own UDP socket of this
+ * family: any other socket on the proxy address (in another namespace
+ * below --sockopt-cgroup, say) would leave records nobody takes. */
 static __always_inline int is_proxy_socket(struct bpf_sock_addr *ctx, const struct endpoint *proxy)
 {
 	struct bpf_sock *sk = ctx->sk;
 
+	if (!proxy_tgid || bpf_get_current_pid_tgid() >> 32 != proxy_tgid)
+		return 0;
 	if (!sk || ctx->type != SOCK_DGRAM || sk->src_port != bpf_ntohs(proxy->port))
 		return 0;
 	if (proxy->family == ADDR_FAMILY_INET)

@@ -306,3 +306,63 @@ for family, host in ((socket.AF_INET, "{SERVER_V4}"), (socket.AF_INET6, "{SERVER
         assert!(events.len() >= 2, "{policy}: {events:?}");
     }
 }
+
+/// One `redirect` below a cgroup that spans namespaces: in the server's
+/// namespace, a UDP proxy of its own on 127.0.0.1:15001 (not the built-in
+/// relay) receives a redirected datagram. Its client sees the reply from
+/// the address it sent to, and nothing is published for the relay, which
+/// lives in another namespace and would never take it.
+#[test]
+fn another_namespaces_udp_proxy_gets_no_records() {
+    if !have_root() {
+        return;
+    }
+    let testbed = Testbed::new();
+    let redirector = testbed.redirect(&["--udp-ports", UDP_PORT]);
+    let own_proxy = r#"
+import socket
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("127.0.0.1", 15001))
+print("ready", flush=True)
+data, client = s.recvfrom(2048)
+s.sendto(b"pong:" + data, client)
+print("served", client[0], flush=True)
+"#;
+    let mut proxy = Running::start(
+        PYTHON,
+        &["-c".to_owned(), own_proxy.to_owned()],
+        Some(&testbed.server),
+        Some(&testbed.proxy),
+        "ready",
+    );
+    let client = format!(
+        r#"
+import socket
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(5)
+s.sendto(b"ping", ("10.77.0.99", {UDP_PORT}))
+data, source = s.recvfrom(2048)
+print(data.decode(), source[0], source[1])
+"#
+    );
+    let mut command =
+        proxy_redirect::netns::command_in(PYTHON, Some(&testbed.server), Some(&testbed.apps))
+            .unwrap();
+    command.args(["-c", &client]);
+    let out = run(command);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!("pong:ping 10.77.0.99 {UDP_PORT}"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(proxy
+        .wait_for_line(|l| l.starts_with("served"), Duration::from_secs(5))
+        .is_some());
+    let (status, output, _) = redirector.stop();
+    assert!(status.success());
+    assert_eq!(stat(&output, "UDP replies from the original"), 1);
+    assert_eq!(stat(&output, "UDP datagrams told to the proxy"), 0);
+    assert_eq!(stat(&output, "UDP destinations not taken by the relay"), 0);
+    assert_eq!(stat(&output, "datagrams client->upstream"), 0);
+}
