@@ -81,6 +81,9 @@ fn udp_connected_and_recvfrom_clients_over_ipv4_ipv6_and_v4_mapped() {
     assert!(!direct.status.success(), "direct UDP was not rejected");
 
     let redirector = testbed.redirect(&["--udp-ports", UDP_PORT]);
+    // connect4/6, getpeername4/6, sendmsg4/6, recvmsg4/6 at apps;
+    // two sockops, getsockopt and the relay's recvmsg4/6 at the parent.
+    assert_eq!(testbed.attached_redirect_programs(), 13);
     let out = udp_clients(&testbed);
     let (status, output, _) = redirector.stop();
     assert!(
@@ -110,6 +113,7 @@ fn udp_connected_and_recvfrom_clients_over_ipv4_ipv6_and_v4_mapped() {
     assert!(stat(&output, "getpeername answered") >= 3);
     assert_eq!(stat(&output, "UDP flows opened"), 6);
     assert_eq!(stat(&output, "UDP destinations not taken by the relay"), 0);
+    assert_eq!(testbed.attached_redirect_programs(), 0);
 }
 
 #[test]
@@ -292,6 +296,8 @@ for family, host in ((socket.AF_INET, "{SERVER_V4}"), (socket.AF_INET6, "{SERVER
             "--when-proxy-down",
             policy,
         ]);
+        // Without the built-in relay, nothing on the proxy's side publishes.
+        assert_eq!(testbed.attached_redirect_programs(), 11);
         let out = python(testbed.in_apps(PYTHON), &script);
         assert_eq!(out.lines().collect::<Vec<_>>(), [expected, expected]);
         let (status, output, _) = redirector.stop();
