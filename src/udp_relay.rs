@@ -173,6 +173,16 @@ struct Flow {
     last_active_ms: AtomicU64,
 }
 
+impl Flow {
+    /// How long the flow may stay idle from now; zero when it expired.
+    fn idle_left(&self, shared: &Shared, idle: Duration) -> Duration {
+        let idle_ms = shared
+            .now_ms()
+            .saturating_sub(self.last_active_ms.load(Ordering::Relaxed));
+        idle.saturating_sub(Duration::from_millis(idle_ms))
+    }
+}
+
 impl Shared {
     fn now_ms(&self) -> u64 {
         self.epoch.elapsed().as_millis() as u64
@@ -201,6 +211,8 @@ impl Shared {
     ) -> Option<Arc<Flow>> {
         let mut flows = self.flows.lock().unwrap();
         if let Some(flow) = flows.get(&(client, destination)) {
+            // Under the lock: an expiring flow sees this and stays.
+            flow.last_active_ms.store(self.now_ms(), Ordering::Relaxed);
             return Some(flow.clone());
         }
         if flows.len() >= MAX_FLOWS {
@@ -335,8 +347,6 @@ async fn receive_loop(proxy: Arc<UdpSocket>, netns_cookie: u64, shared: Arc<Shar
         let Some(flow) = shared.flow(client, destination, &proxy) else {
             continue;
         };
-        flow.last_active_ms
-            .store(shared.now_ms(), Ordering::Relaxed);
         match send_now(&flow.upstream, datagram, None) {
             Ok(_) => {
                 stats.datagrams_up.fetch_add(1, Ordering::Relaxed);
@@ -364,19 +374,22 @@ async fn replies(
     let stats = &shared.stats;
     let idle = shared.config.idle_timeout;
     loop {
-        let idle_ms = shared
-            .now_ms()
-            .saturating_sub(flow.last_active_ms.load(Ordering::Relaxed));
-        let Some(left) = idle.checked_sub(Duration::from_millis(idle_ms)) else {
-            break;
-        };
+        let left = flow.idle_left(&shared, idle);
         if left.is_zero() {
-            break;
+            // Removed only if still idle under the lock, so that a datagram
+            // just handed to this flow never goes out without its replies.
+            let mut flows = shared.flows.lock().unwrap();
+            if flow.idle_left(&shared, idle).is_zero() {
+                flows.remove(&(client, destination));
+                break;
+            }
+            continue;
         }
         match tokio::time::timeout(left, flow.upstream.readable()).await {
             Err(_) => continue, // re-check: the client may have sent meanwhile
             Ok(Err(err)) => {
                 debug!("{client} -> {destination}: {err}");
+                shared.flows.lock().unwrap().remove(&(client, destination));
                 break;
             }
             Ok(Ok(())) => {}
@@ -388,13 +401,13 @@ async fn replies(
             if let Err(err) = send_now(&proxy, &buffer[..len], Some(client)) {
                 debug!("{destination} -> {client}: {err}");
                 stats.dropped.fetch_add(1, Ordering::Relaxed);
-                return Ok(0);
+                return Ok(None);
             }
-            io::Result::Ok(len)
+            io::Result::Ok(Some(len))
         });
         match relayed {
-            Ok(0) => {}
-            Ok(len) => {
+            Ok(None) => {}
+            Ok(Some(len)) => {
                 flow.last_active_ms
                     .store(shared.now_ms(), Ordering::Relaxed);
                 stats.datagrams_down.fetch_add(1, Ordering::Relaxed);
@@ -406,11 +419,11 @@ async fn replies(
             Err(err) if err.kind() == io::ErrorKind::ConnectionRefused => {}
             Err(err) => {
                 debug!("{client} -> {destination}: {err}");
+                shared.flows.lock().unwrap().remove(&(client, destination));
                 break;
             }
         }
     }
-    shared.flows.lock().unwrap().remove(&(client, destination));
     stats.flows_open.fetch_sub(1, Ordering::Relaxed);
     stats.flows_expired.fetch_add(1, Ordering::Relaxed);
 }
