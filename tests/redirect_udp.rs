@@ -372,3 +372,38 @@ print(data.decode(), source[0], source[1])
     assert_eq!(stat(&output, "UDP destinations not taken by the relay"), 0);
     assert_eq!(stat(&output, "datagrams client->upstream"), 0);
 }
+
+#[test]
+fn bad_udp_input_fails_with_one_line_and_attaches_nothing() {
+    if !have_root() {
+        return;
+    }
+    let testbed = Testbed::new();
+    let apps = testbed.apps.path().display().to_string();
+    let parent = testbed.parent.path().display().to_string();
+    let redirect = |args: &[&str]| {
+        let mut command = testbed.in_client_netns(BIN);
+        command.args(["redirect", "-c", &apps, "--sockopt-cgroup", &parent]);
+        command.args(args);
+        run(command)
+    };
+    for (args, expected) in [
+        (&["--udp-ports", "0"][..], "out of range"),
+        (&["--udp-ports", "53,"][..], "empty entry"),
+        (&["--udp-ports", ""][..], "empty"),
+        (
+            &["--udp-ports", "53", "--udp-idle-timeout", "0"][..],
+            "not in 1..=86400",
+        ),
+    ] {
+        assert_one_line_error(&redirect(args), &format!("{args:?}"), expected);
+    }
+    // The UDP proxy port taken by someone else's socket.
+    let _occupier = servers::udp_echo(&testbed.client, "127.0.0.1:15001").unwrap();
+    assert_one_line_error(
+        &redirect(&["--udp-ports", "53"]),
+        "an occupied UDP proxy port",
+        "UDP proxy address 127.0.0.1:15001 is already in use",
+    );
+    assert_eq!(testbed.attached_redirect_programs(), 0);
+}
