@@ -16,6 +16,15 @@
  *     other socket, namespace or user can ever read it, and it dies with
  *     the proxy's socket.
  * A client that closes before the proxy accepts takes its record with it.
+ *
+ * UDP (--udp-ports): connect4/6 (a connected socket) and sendmsg4/6 (each
+ * unconnected send) keep the destination in the same socket storage and
+ * send the datagrams to the proxy; recvmsg4/6 on the client show the
+ * proxy's replies as coming from that destination, and getpeername4/6 tell
+ * it as the peer of a redirected TCP or connected UDP socket. On the proxy's
+ * UDP socket, recvmsg4/6 find the sending socket in the caller's namespace
+ * and hand its destination to the relay under (namespace, client), for
+ * this one datagram: the relay deletes it as it reads it.
  */
 #include "lib/common.h"
 #include "redirect.h"
@@ -50,6 +59,14 @@ struct {
 	__type(key, __u16);
 	__type(value, __u8);
 } redirect_ports SEC(".maps");
+
+/* Destination ports (host order) whose UDP datagrams are redirected. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 1024);
+	__type(key, __u16);
+	__type(value, __u8);
+} redirect_udp_ports SEC(".maps");
 
 /* Destinations to redirect only (when include_v*_active) and never. */
 struct {
@@ -92,6 +109,14 @@ struct {
 	__type(value, struct endpoint);
 } proxy_answer SEC(".maps");
 
+/* The original destination of the datagram the relay is receiving. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct udp_flow_key);
+	__type(value, struct endpoint);
+} udp_orig_dst SEC(".maps");
+
 /* One record per redirect or bypass decision, when emit_events is set. */
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
@@ -112,6 +137,7 @@ enum redirect_action unused_redirect_action __attribute__((unused));
 enum bypass_reason unused_bypass_reason __attribute__((unused));
 enum redirect_stat unused_redirect_stat __attribute__((unused));
 enum proxy_down_policy unused_proxy_down_policy __attribute__((unused));
+struct udp_flow_key unused_udp_flow_key __attribute__((unused));
 
 struct sockaddr_in_orig {
 	__u16 family;
@@ -147,6 +173,7 @@ static __always_inline void emit(struct bpf_sock_addr *ctx, __u8 action, __u8 re
 	event->uid = (__u32)bpf_get_current_uid_gid();
 	event->action = action;
 	event->reason = reason;
+	event->protocol = ctx->type == SOCK_DGRAM ? IPPROTO_UDP : IPPROTO_TCP;
 	__builtin_memset(event->pad, 0, sizeof(event->pad));
 	bpf_get_current_comm(event->comm, sizeof(event->comm));
 	event->original = *original;
@@ -214,7 +241,10 @@ static __always_inline int proxy_is_listening(struct bpf_sock_addr *ctx,
 		tuple.ipv6.dport = proxy->port;
 		tuple_size = sizeof(tuple.ipv6);
 	}
-	sk = bpf_sk_lookup_tcp(ctx, &tuple, tuple_size, BPF_F_CURRENT_NETNS, 0);
+	if (ctx->type == SOCK_DGRAM)
+		sk = bpf_sk_lookup_udp(ctx, &tuple, tuple_size, BPF_F_CURRENT_NETNS, 0);
+	else
+		sk = bpf_sk_lookup_tcp(ctx, &tuple, tuple_size, BPF_F_CURRENT_NETNS, 0);
 	if (!sk)
 		return 0;
 	bpf_sk_release(sk);
@@ -264,10 +294,12 @@ static __always_inline int decide(struct bpf_sock_addr *ctx, const struct endpoi
 	return reason;
 }
 
-static __always_inline int port_matches(__u16 port_net)
+static __always_inline int port_matches(struct bpf_sock_addr *ctx, __u16 port_net)
 {
 	__u16 port = bpf_ntohs(port_net);
 
+	if (ctx->type == SOCK_DGRAM)
+		return bpf_map_lookup_elem(&redirect_udp_ports, &port) != NULL;
 	return bpf_map_lookup_elem(&redirect_ports, &port) != NULL;
 }
 
@@ -278,9 +310,11 @@ enum connect_verdict {
 };
 
 /**
- * handle_connect() - common part of connect4 and connect6
+ * handle_connect() - common part of connect4/6 and sendmsg4/6
  *
- * Records @original in the socket's storage when it redirects.
+ * Records @original in the socket's storage when it redirects. An
+ * unconnected UDP socket passes here once per datagram: only a new
+ * destination makes an event.
  */
 static __always_inline enum connect_verdict handle_connect(struct bpf_sock_addr *ctx,
 							   const struct endpoint *original,
@@ -288,10 +322,10 @@ static __always_inline enum connect_verdict handle_connect(struct bpf_sock_addr 
 							   int is_loopback)
 {
 	struct endpoint *stored;
-	int reason;
+	int reason, fresh = 1;
 
-	stat_add(&stats, STAT_TCP_CONNECTS, 1);
-	if (!port_matches(original->port)) {
+	stat_add(&stats, ctx->type == SOCK_DGRAM ? STAT_UDP_SENDS : STAT_TCP_CONNECTS, 1);
+	if (!port_matches(ctx, original->port)) {
 		stat_add(&stats, STAT_OTHER_PORT, 1);
 		return CONNECT_LEAVE;
 	}
@@ -305,10 +339,12 @@ static __always_inline enum connect_verdict handle_connect(struct bpf_sock_addr 
 		stored = ctx->sk ? bpf_sk_storage_get(&client_orig_dst, ctx->sk, 0,
 						      BPF_SK_STORAGE_GET_F_CREATE)
 				 : NULL;
-		if (stored)
+		if (stored) {
+			fresh = !endpoint_equal(stored, original);
 			*stored = *original;
-		else
+		} else {
 			reason = REASON_NO_MEMORY;
+		}
 	}
 	if (reason != REASON_NONE) {
 		stat_add(&stats, STAT_BYPASSED + reason, 1);
@@ -316,7 +352,8 @@ static __always_inline enum connect_verdict handle_connect(struct bpf_sock_addr 
 		return CONNECT_LEAVE;
 	}
 	stat_add(&stats, STAT_REDIRECTED, 1);
-	emit(ctx, ACTION_REDIRECT, REASON_NONE, original, proxy);
+	if (fresh)
+		emit(ctx, ACTION_REDIRECT, REASON_NONE, original, proxy);
 	return CONNECT_REDIRECT;
 }
 
@@ -328,12 +365,12 @@ static __always_inline int refuse_connect(void)
 	return SYS_REJECT;
 }
 
-SEC("cgroup/connect4")
-int redirect_connect4(struct bpf_sock_addr *ctx)
+/* connect4 (TCP, and UDP connect) and sendmsg4 (unconnected UDP sends). */
+static __always_inline int redirect4(struct bpf_sock_addr *ctx)
 {
 	struct endpoint original, proxy;
 
-	if (ctx->type != SOCK_STREAM)
+	if (ctx->type != SOCK_STREAM && ctx->type != SOCK_DGRAM)
 		return SYS_PROCEED;
 	endpoint_set_v4(&original, ctx->user_ip4, (__u16)ctx->user_port);
 	proxy_endpoint(&proxy, ADDR_FAMILY_INET);
@@ -350,23 +387,47 @@ int redirect_connect4(struct bpf_sock_addr *ctx)
 	return SYS_PROCEED;
 }
 
-SEC("cgroup/connect6")
-int redirect_connect6(struct bpf_sock_addr *ctx)
+/* A v4-mapped address for a dual-stack socket, else the IPv6 address. */
+static __always_inline void set_user_ip6(struct bpf_sock_addr *ctx, const struct endpoint *ep)
 {
-	struct endpoint original, proxy;
-	__u32 ip[4];
-	int is_loopback;
+	if (ep->family == ADDR_FAMILY_INET) {
+		ctx->user_ip6[0] = 0;
+		ctx->user_ip6[1] = 0;
+		ctx->user_ip6[2] = bpf_htonl(0x0000ffff);
+		ctx->user_ip6[3] = ep->ip[0];
+	} else {
+		ctx->user_ip6[0] = ep->ip[0];
+		ctx->user_ip6[1] = ep->ip[1];
+		ctx->user_ip6[2] = ep->ip[2];
+		ctx->user_ip6[3] = ep->ip[3];
+	}
+	ctx->user_port = ep->port;
+}
 
-	if (ctx->type != SOCK_STREAM)
-		return SYS_PROCEED;
-	/* user_ip6 only allows 4-byte loads, one word at a time. */
+/* user_ip6 only allows 4-byte loads, one word at a time. A v4-mapped
+ * address becomes an IPv4 endpoint. */
+static __always_inline void user_endpoint6(struct bpf_sock_addr *ctx, struct endpoint *ep)
+{
+	__u32 ip[4];
+
 	ip[0] = ctx->user_ip6[0];
 	ip[1] = ctx->user_ip6[1];
 	ip[2] = ctx->user_ip6[2];
 	ip[3] = ctx->user_ip6[3];
-	/* A dual-stack socket connecting to ::ffff:a.b.c.d speaks IPv4: it is
+	endpoint_set_v6(ep, ip, (__u16)ctx->user_port);
+}
+
+/* connect6 and sendmsg6. */
+static __always_inline int redirect6(struct bpf_sock_addr *ctx)
+{
+	struct endpoint original, proxy;
+	int is_loopback;
+
+	if (ctx->type != SOCK_STREAM && ctx->type != SOCK_DGRAM)
+		return SYS_PROCEED;
+	/* A dual-stack socket sending to ::ffff:a.b.c.d speaks IPv4: it is
 	 * matched, recorded and redirected as IPv4, to the IPv4 proxy. */
-	endpoint_set_v6(&original, ip, (__u16)ctx->user_port);
+	user_endpoint6(ctx, &original);
 	proxy_endpoint(&proxy, original.family);
 	if (original.family == ADDR_FAMILY_INET)
 		is_loopback = ipv4_is_loopback(original.ip[0]);
@@ -380,19 +441,217 @@ int redirect_connect6(struct bpf_sock_addr *ctx)
 	case CONNECT_REDIRECT:
 		break;
 	}
-	if (proxy.family == ADDR_FAMILY_INET) {
-		ctx->user_ip6[0] = 0;
-		ctx->user_ip6[1] = 0;
-		ctx->user_ip6[2] = bpf_htonl(0x0000ffff);
-		ctx->user_ip6[3] = proxy.ip[0];
-	} else {
-		ctx->user_ip6[0] = proxy.ip[0];
-		ctx->user_ip6[1] = proxy.ip[1];
-		ctx->user_ip6[2] = proxy.ip[2];
-		ctx->user_ip6[3] = proxy.ip[3];
-	}
-	ctx->user_port = proxy.port;
+	set_user_ip6(ctx, &proxy);
 	return SYS_PROCEED;
+}
+
+SEC("cgroup/connect4")
+int redirect_connect4(struct bpf_sock_addr *ctx)
+{
+	return redirect4(ctx);
+}
+
+SEC("cgroup/connect6")
+int redirect_connect6(struct bpf_sock_addr *ctx)
+{
+	return redirect6(ctx);
+}
+
+/* Only unconnected UDP sends come here; connected ones went through
+ * connect4/6. The socket has its port by now (autobind comes first). */
+SEC("cgroup/sendmsg4")
+int redirect_sendmsg4(struct bpf_sock_addr *ctx)
+{
+	return redirect4(ctx);
+}
+
+SEC("cgroup/sendmsg6")
+int redirect_sendmsg6(struct bpf_sock_addr *ctx)
+{
+	return redirect6(ctx);
+}
+
+/**
+ * original_of_proxy_peer() - the original destination of @ctx's socket
+ * when @peer, the address in @ctx (its peer, or a datagram's source), is
+ * the proxy
+ */
+static __always_inline struct endpoint *original_of_proxy_peer(struct bpf_sock_addr *ctx,
+							       const struct endpoint *peer)
+{
+	struct endpoint proxy;
+	struct endpoint *original;
+
+	if (!ctx->sk)
+		return NULL;
+	proxy_endpoint(&proxy, peer->family);
+	if (!endpoint_equal(peer, &proxy))
+		return NULL;
+	original = bpf_sk_storage_get(&client_orig_dst, ctx->sk, 0, 0);
+	if (!original || original->family != peer->family)
+		return NULL;
+	return original;
+}
+
+/* A redirected socket's peer is the address it dialled, not the proxy. */
+SEC("cgroup/getpeername4")
+int redirect_getpeername4(struct bpf_sock_addr *ctx)
+{
+	struct endpoint peer, *original;
+
+	endpoint_set_v4(&peer, ctx->user_ip4, (__u16)ctx->user_port);
+	original = original_of_proxy_peer(ctx, &peer);
+	if (!original)
+		return 1;
+	ctx->user_ip4 = original->ip[0];
+	ctx->user_port = original->port;
+	stat_add(&stats, STAT_PEERNAME_ANSWERED, 1);
+	return 1;
+}
+
+SEC("cgroup/getpeername6")
+int redirect_getpeername6(struct bpf_sock_addr *ctx)
+{
+	struct endpoint peer, *original;
+
+	user_endpoint6(ctx, &peer);
+	original = original_of_proxy_peer(ctx, &peer);
+	if (!original)
+		return 1;
+	set_user_ip6(ctx, original);
+	stat_add(&stats, STAT_PEERNAME_ANSWERED, 1);
+	return 1;
+}
+
+/* The proxy's replies to a redirected UDP socket come from the address it
+ * sent to. */
+SEC("cgroup/recvmsg4")
+int redirect_recvmsg4(struct bpf_sock_addr *ctx)
+{
+	struct endpoint source, *original;
+
+	if (ctx->type != SOCK_DGRAM)
+		return 1;
+	endpoint_set_v4(&source, ctx->user_ip4, (__u16)ctx->user_port);
+	original = original_of_proxy_peer(ctx, &source);
+	if (!original)
+		return 1;
+	ctx->user_ip4 = original->ip[0];
+	ctx->user_port = original->port;
+	stat_add(&stats, STAT_UDP_REPLIES, 1);
+	return 1;
+}
+
+SEC("cgroup/recvmsg6")
+int redirect_recvmsg6(struct bpf_sock_addr *ctx)
+{
+	struct endpoint source, *original;
+
+	if (ctx->type != SOCK_DGRAM)
+		return 1;
+	user_endpoint6(ctx, &source);
+	original = original_of_proxy_peer(ctx, &source);
+	if (!original)
+		return 1;
+	set_user_ip6(ctx, original);
+	stat_add(&stats, STAT_UDP_REPLIES, 1);
+	return 1;
+}
+
+/**
+ * publish_datagram_origin() - on the proxy's UDP socket, hand the relay the
+ * original destination of the datagram it is receiving from @client
+ * @proxy: the proxy's own endpoint, which the receiving socket must be bound to
+ *
+ * The sender is found as the socket a packet from the proxy to @client
+ * would reach, in the proxy's namespace; only a socket that redirect4/6
+ * sent to the proxy holds a record.
+ */
+static __always_inline void publish_datagram_origin(struct bpf_sock_addr *ctx,
+						    const struct endpoint *proxy,
+						    const struct endpoint *client)
+{
+	struct udp_flow_key key = {};
+	struct bpf_sock_tuple tuple = {};
+	struct endpoint *original;
+	struct bpf_sock *sk;
+	__u32 tuple_size;
+
+	if (proxy->family == ADDR_FAMILY_INET) {
+		tuple.ipv4.saddr = proxy->ip[0];
+		tuple.ipv4.sport = proxy->port;
+		tuple.ipv4.daddr = client->ip[0];
+		tuple.ipv4.dport = client->port;
+		tuple_size = sizeof(tuple.ipv4);
+	} else {
+		__builtin_memcpy(tuple.ipv6.saddr, proxy->ip, sizeof(tuple.ipv6.saddr));
+		tuple.ipv6.sport = proxy->port;
+		__builtin_memcpy(tuple.ipv6.daddr, client->ip, sizeof(tuple.ipv6.daddr));
+		tuple.ipv6.dport = client->port;
+		tuple_size = sizeof(tuple.ipv6);
+	}
+	sk = bpf_sk_lookup_udp(ctx, &tuple, tuple_size, BPF_F_CURRENT_NETNS, 0);
+	if (!sk) {
+		stat_add(&stats, STAT_UDP_NO_RECORD, 1);
+		return;
+	}
+	original = bpf_sk_storage_get(&client_orig_dst, sk, 0, 0);
+	if (original) {
+		key.netns_cookie = bpf_get_netns_cookie(ctx);
+		key.client = *client;
+		if (bpf_map_update_elem(&udp_orig_dst, &key, original, BPF_ANY) == 0)
+			stat_add(&stats, STAT_UDP_TO_PROXY, 1);
+	} else {
+		stat_add(&stats, STAT_UDP_NO_RECORD, 1);
+	}
+	bpf_sk_release(sk);
+}
+
+/* Whether @ctx's socket is the built-in relay's own UDP socket of this
+ * family: any other socket on the proxy address (in another namespace
+ * below --sockopt-cgroup, say) would leave records nobody takes. */
+static __always_inline int is_proxy_socket(struct bpf_sock_addr *ctx, const struct endpoint *proxy)
+{
+	struct bpf_sock *sk = ctx->sk;
+
+	if (!proxy_tgid || bpf_get_current_pid_tgid() >> 32 != proxy_tgid)
+		return 0;
+	if (!sk || ctx->type != SOCK_DGRAM || sk->src_port != bpf_ntohs(proxy->port))
+		return 0;
+	if (proxy->family == ADDR_FAMILY_INET)
+		return sk->src_ip4 == proxy->ip[0];
+	return sk->src_ip6[0] == proxy->ip[0] && sk->src_ip6[1] == proxy->ip[1] &&
+	       sk->src_ip6[2] == proxy->ip[2] && sk->src_ip6[3] == proxy->ip[3];
+}
+
+/* On the proxy's sockets (attached where getsockopt is, with the built-in
+ * relay only: nobody else deletes what these publish). */
+SEC("cgroup/recvmsg4")
+int redirect_proxy_recvmsg4(struct bpf_sock_addr *ctx)
+{
+	struct endpoint proxy, client;
+
+	proxy_endpoint(&proxy, ADDR_FAMILY_INET);
+	if (!is_proxy_socket(ctx, &proxy))
+		return 1;
+	endpoint_set_v4(&client, ctx->user_ip4, (__u16)ctx->user_port);
+	publish_datagram_origin(ctx, &proxy, &client);
+	return 1;
+}
+
+SEC("cgroup/recvmsg6")
+int redirect_proxy_recvmsg6(struct bpf_sock_addr *ctx)
+{
+	struct endpoint proxy, client;
+
+	proxy_endpoint(&proxy, ADDR_FAMILY_INET6);
+	if (!is_proxy_socket(ctx, &proxy))
+		return 1;
+	user_endpoint6(ctx, &client);
+	if (client.family != ADDR_FAMILY_INET6)
+		return 1;
+	publish_datagram_origin(ctx, &proxy, &client);
+	return 1;
 }
 
 /**

@@ -20,6 +20,15 @@ struct handover_key {
 	struct conn_tuple tuple;
 };
 
+/* A datagram the proxy's UDP socket is receiving: who sent it, in which
+ * network namespace. The relay looks its original destination up (and
+ * deletes it) right after recvfrom. */
+struct udp_flow_key {
+	__u64 netns_cookie;
+	struct endpoint client;
+	__u32 pad;
+};
+
 enum redirect_action {
 	ACTION_REDIRECT = 1,
 	ACTION_BYPASS = 2,
@@ -63,6 +72,11 @@ enum redirect_stat {
 	STAT_ORIG_DST_RELEASED, /* the proxy's socket closed */
 	STAT_ORIG_DST_LOST,	/* a record could not be stored: map full, no memory */
 	STAT_EVENTS_LOST,
+	STAT_UDP_SENDS,		/* connects and unconnected sends of UDP sockets */
+	STAT_UDP_TO_PROXY,	/* datagrams whose destination the proxy was told */
+	STAT_UDP_NO_RECORD,	/* datagrams at the proxy from no redirected socket */
+	STAT_UDP_REPLIES,	/* replies shown as coming from the original */
+	STAT_PEERNAME_ANSWERED, /* getpeername() told the original destination */
 	STAT_COUNT,
 };
 
@@ -71,9 +85,10 @@ struct redirect_event {
 	__u64 cookie;
 	__u32 pid;
 	__u32 uid;
-	__u8 action; /* enum redirect_action */
-	__u8 reason; /* enum bypass_reason */
-	__u8 pad[6];
+	__u8 action;   /* enum redirect_action */
+	__u8 reason;   /* enum bypass_reason */
+	__u8 protocol; /* IPPROTO_TCP or IPPROTO_UDP */
+	__u8 pad[5];
 	char comm[16];
 	struct endpoint original;
 	struct endpoint target; /* where the connection went */

@@ -262,6 +262,13 @@ pub struct RunningProxy {
     pub stats: Arc<ProxyStats>,
 }
 
+impl RunningProxy {
+    /// The proxy's runtime, for relays that run beside the TCP one.
+    pub fn handle(&self) -> &tokio::runtime::Handle {
+        self.runtime.as_ref().expect("running").handle()
+    }
+}
+
 impl Drop for RunningProxy {
     fn drop(&mut self) {
         if let Some(runtime) = self.runtime.take() {

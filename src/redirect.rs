@@ -1,10 +1,13 @@
 //! `proxy-redirect redirect`: cgroup connect4/connect6 send outbound TCP
 //! connections to a local proxy; sockops and cgroup getsockopt let the proxy
-//! read the original destination with `SO_ORIGINAL_DST`.
+//! read the original destination with `SO_ORIGINAL_DST`; getpeername4/6 tell
+//! the client the peer it dialled. With `--udp-ports`, sendmsg4/6 and
+//! recvmsg4/6 do the same for UDP, relayed by `udp_relay`.
 
 use std::mem::MaybeUninit;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
@@ -22,6 +25,7 @@ use crate::events::{self, comm_to_string};
 use crate::links::Attachments;
 use crate::proxy::{BoundProxy, DestinationSource, ProxyConfig, RelayArgs};
 use crate::stats::{Metric, Snapshot};
+use crate::udp_relay::{BoundUdpRelay, UdpRelayConfig};
 use crate::{maps, metrics, privileges, shutdown};
 
 // SAFETY: generated from include/*.h: fixed-width integers with explicit padding.
@@ -56,6 +60,15 @@ pub struct RedirectArgs {
     #[arg(short = 'P', long, value_name = "PORTS", default_value = "80,443",
           value_parser = cli::parse_port_list)]
     pub ports: PortList,
+    /// UDP destination ports to redirect, comma-separated (53 for DNS)
+    /// [default: none, UDP is left alone]
+    #[arg(long, value_name = "PORTS", value_parser = cli::parse_port_list)]
+    pub udp_ports: Option<PortList>,
+    /// Seconds after which the built-in proxy closes a UDP flow that
+    /// carried nothing either way
+    #[arg(long, value_name = "SECONDS", default_value = "30",
+          value_parser = clap::value_parser!(u64).range(1..=86400))]
+    pub udp_idle_timeout: u64,
     /// Proxy address; give it twice for one IPv4 and one IPv6 address
     /// [default: 127.0.0.1 and ::1]
     #[arg(short = 'i', long = "proxy-ip", value_name = "IP")]
@@ -153,6 +166,10 @@ pub fn run(args: &RedirectArgs) -> Result<()> {
         };
         Some(BoundProxy::bind(&[plan.proxy_v4, plan.proxy_v6], config)?)
     };
+    let udp_relay = match (&proxy, &args.udp_ports) {
+        (Some(_), Some(_)) => Some(BoundUdpRelay::bind(&[plan.proxy_v4, plan.proxy_v6])?),
+        _ => None,
+    };
     shutdown::install()?;
 
     let mut open_object = MaybeUninit::uninit();
@@ -165,18 +182,45 @@ pub fn run(args: &RedirectArgs) -> Result<()> {
     attachments.attach_cgroup(&skel.progs.redirect_sockops, &cgroup)?;
     attachments.attach_cgroup(&skel.progs.redirect_proxy_sockops, &sockopt_cgroup)?;
     attachments.attach_cgroup(&skel.progs.redirect_getsockopt, &sockopt_cgroup)?;
+    attachments.attach_cgroup(&skel.progs.redirect_getpeername4, &cgroup)?;
+    attachments.attach_cgroup(&skel.progs.redirect_getpeername6, &cgroup)?;
+    if args.udp_ports.is_some() {
+        // Replies are shown from the original before any datagram leaves.
+        attachments.attach_cgroup(&skel.progs.redirect_recvmsg4, &cgroup)?;
+        attachments.attach_cgroup(&skel.progs.redirect_recvmsg6, &cgroup)?;
+        if udp_relay.is_some() {
+            attachments.attach_cgroup(&skel.progs.redirect_proxy_recvmsg4, &sockopt_cgroup)?;
+            attachments.attach_cgroup(&skel.progs.redirect_proxy_recvmsg6, &sockopt_cgroup)?;
+        }
+        attachments.attach_cgroup(&skel.progs.redirect_sendmsg4, &cgroup)?;
+        attachments.attach_cgroup(&skel.progs.redirect_sendmsg6, &cgroup)?;
+    }
     attachments.attach_cgroup(&skel.progs.redirect_connect4, &cgroup)?;
     attachments.attach_cgroup(&skel.progs.redirect_connect6, &cgroup)?;
 
     print_configuration(args, &plan);
+    let format = args.output.event_format();
+    let start_ns = events::monotonic_ns();
     let proxy = proxy.map(BoundProxy::start).transpose()?;
+    let udp_stats = match (udp_relay, &proxy) {
+        (Some(relay), Some(proxy)) => {
+            let orig_dst = libbpf_rs::MapHandle::try_from(&skel.maps.udp_orig_dst)
+                .context("sharing the udp_orig_dst map with the relay")?;
+            let config = UdpRelayConfig {
+                mark: args.mark,
+                idle_timeout: Duration::from_secs(args.udp_idle_timeout),
+                events: format,
+                start_ns,
+            };
+            Some(relay.start(proxy.handle(), orig_dst, config)?)
+        }
+        _ => None,
+    };
     println!(
         "Attached {} programs; press Ctrl-C to stop",
         attachments.len()
     );
 
-    let format = args.output.event_format();
-    let start_ns = events::monotonic_ns();
     let header = format!(
         "{:>12} {:<8} {:<16} {:<8} CONNECTION",
         "TIME(s)", "ACTION", "PROCESS", "COOKIE"
@@ -191,6 +235,7 @@ pub fn run(args: &RedirectArgs) -> Result<()> {
     let snapshots = || -> Result<Vec<Snapshot>> {
         let mut all = vec![snapshot(&skel)?];
         all.extend(proxy.as_ref().map(|proxy| proxy.stats.snapshot()));
+        all.extend(udp_stats.as_ref().map(|udp| udp.snapshot()));
         Ok(all)
     };
     events::run_until_shutdown(ring.as_ref(), || publish(&snapshots))?;
@@ -199,6 +244,10 @@ pub fn run(args: &RedirectArgs) -> Result<()> {
     print_statistics(&skel)?;
     if let Some(proxy) = proxy {
         proxy.stats.print();
+        drop(proxy);
+    }
+    if let Some(udp_stats) = udp_stats {
+        udp_stats.print();
     }
     drop(attachments);
     println!("Cleaned up");
@@ -247,6 +296,9 @@ fn load<'obj>(
     let skel = open.load().context("loading the redirect BPF programs")?;
     for port in &args.ports.0 {
         maps::update(&skel.maps.redirect_ports, port, &1u8)?;
+    }
+    for port in args.udp_ports.iter().flat_map(|p| &p.0) {
+        maps::update(&skel.maps.redirect_udp_ports, port, &1u8)?;
     }
     fill_cidrs(&args.include, &skel.maps.include_v4, &skel.maps.include_v6)?;
     fill_cidrs(&args.exclude, &skel.maps.exclude_v4, &skel.maps.exclude_v6)?;
@@ -320,6 +372,11 @@ fn print_event(event: &redirect_event, format: EventFormat, start_ns: u64) {
         _ => "BYPASS",
     };
     let redirected = action == "REDIRECT";
+    let protocol = if event.protocol == libc::IPPROTO_UDP as u8 {
+        "udp"
+    } else {
+        "tcp"
+    };
     let comm = comm_to_string(&event.comm);
     let original = endpoint_addr(&event.original);
     let target = endpoint_addr(&event.target);
@@ -332,7 +389,7 @@ fn print_event(event: &redirect_event, format: EventFormat, start_ns: u64) {
                 format!(" ({})", reason_name(event.reason))
             };
             println!(
-                "{seconds:12.3} {action:<8} {comm:<16} [{}] {original} -> {target}{why}",
+                "{seconds:12.3} {action:<8} {comm:<16} [{}] {protocol} {original} -> {target}{why}",
                 event.cookie
             );
         }
@@ -340,6 +397,7 @@ fn print_event(event: &redirect_event, format: EventFormat, start_ns: u64) {
             let record = serde_json::json!({
                 "time": seconds,
                 "action": action.to_lowercase(),
+                "protocol": protocol,
                 "reason": (!redirected).then(|| reason_name(event.reason)),
                 "pid": event.pid,
                 "uid": event.uid,
@@ -361,6 +419,13 @@ fn print_configuration(args: &RedirectArgs, plan: &Plan) {
         plan.sockopt_cgroup.display()
     );
     println!("  ports:             {}", args.ports);
+    match &args.udp_ports {
+        Some(ports) => println!(
+            "  UDP ports:         {ports} (flows idle for {} s close)",
+            args.udp_idle_timeout
+        ),
+        None => println!("  UDP ports:         none"),
+    }
     println!(
         "  proxy:             {} and {}",
         plan.proxy_v4, plan.proxy_v6
@@ -478,6 +543,36 @@ fn snapshot(skel: &RedirectSkel<'_>) -> Result<Snapshot> {
             redirect_stat::STAT_ORIG_DST_LOST,
         ),
         (
+            "getpeername_answered",
+            "getpeername answered",
+            "getpeername() calls told the dialled address.",
+            redirect_stat::STAT_PEERNAME_ANSWERED,
+        ),
+        (
+            "udp_sends",
+            "UDP connects and sends",
+            "UDP connects and unconnected sends sent to the proxy.",
+            redirect_stat::STAT_UDP_SENDS,
+        ),
+        (
+            "udp_to_proxy",
+            "UDP datagrams told to the proxy",
+            "Datagrams whose original destination the relay was told.",
+            redirect_stat::STAT_UDP_TO_PROXY,
+        ),
+        (
+            "udp_no_record",
+            "UDP datagrams at the proxy without a record",
+            "Datagrams at the relay with no original destination.",
+            redirect_stat::STAT_UDP_NO_RECORD,
+        ),
+        (
+            "udp_replies",
+            "UDP replies from the original",
+            "Replies rewritten to come from the original destination.",
+            redirect_stat::STAT_UDP_REPLIES,
+        ),
+        (
             "events_lost",
             "events lost",
             "Events dropped because the ring buffer was full.",
@@ -503,16 +598,24 @@ fn snapshot(skel: &RedirectSkel<'_>) -> Result<Snapshot> {
         "Original destinations published and not yet taken by the proxy.",
         maps::count(&skel.maps.pending_orig_dst)? as u64,
     ));
+    snapshot.push(Metric::gauge(
+        "udp_destinations_waiting",
+        "UDP destinations not taken by the relay",
+        "UDP original destinations published for the relay and not yet read.",
+        maps::count(&skel.maps.udp_orig_dst)? as u64,
+    ));
     Ok(snapshot)
 }
 
 fn print_statistics(skel: &RedirectSkel<'_>) -> Result<()> {
     let snapshot = snapshot(skel)?;
-    let (open, counters): (Vec<Metric>, Vec<Metric>) = snapshot
-        .metrics
-        .iter()
-        .cloned()
-        .partition(|m| matches!(m.name, "answers_held" | "awaiting_accept"));
+    let (open, counters): (Vec<Metric>, Vec<Metric>) =
+        snapshot.metrics.iter().cloned().partition(|m| {
+            matches!(
+                m.name,
+                "answers_held" | "awaiting_accept" | "udp_destinations_waiting"
+            )
+        });
     println!("=== Statistics ===");
     Snapshot {
         metrics: counters,

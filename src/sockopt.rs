@@ -57,6 +57,15 @@ pub fn original_destination(fd: RawFd, local: SocketAddr) -> io::Result<Option<S
     }
 }
 
+/// SO_NETNS_COOKIE (Linux 5.14), which the libc crate does not name.
+const SO_NETNS_COOKIE: libc::c_int = 71;
+
+/// The cookie of the network namespace the socket lives in, as BPF
+/// programs see it from `bpf_get_netns_cookie`.
+pub fn netns_cookie(fd: RawFd) -> io::Result<u64> {
+    getsockopt::<u64>(fd, libc::SOL_SOCKET, SO_NETNS_COOKIE)
+}
+
 pub fn set_mark(fd: RawFd, mark: u32) -> io::Result<()> {
     set_int(fd, libc::SOL_SOCKET, libc::SO_MARK, mark as libc::c_int)
 }

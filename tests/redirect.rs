@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use common::*;
 use nix::sys::signal::Signal;
-use proxy_redirect::links::cgroup_program_count;
 
 fn curl_from_apps(testbed: &Testbed, url: &str) -> std::process::Output {
     curl(testbed.in_apps("curl"), url, &[])
@@ -33,22 +32,6 @@ fn reject_direct_http_from_apps(testbed: &Testbed) {
     ]);
     command.arg(&path).args(["-j", "REJECT"]);
     assert!(run(command).status.success());
-}
-
-fn attached_programs(testbed: &Testbed) -> u32 {
-    use libbpf_sys::*;
-    let mut total = 0;
-    for path in testbed.cgroup_paths() {
-        for attach_type in [
-            BPF_CGROUP_INET4_CONNECT,
-            BPF_CGROUP_INET6_CONNECT,
-            BPF_CGROUP_SOCK_OPS,
-            BPF_CGROUP_GETSOCKOPT,
-        ] {
-            total += cgroup_program_count(&path, attach_type).unwrap();
-        }
-    }
-    total
 }
 
 #[test]
@@ -400,13 +383,13 @@ fn sigkill_leaves_nothing_attached_and_a_restart_works_at_once() {
     let testbed = Testbed::new();
     let _server = servers::http(&testbed.server, "[::]:80").unwrap();
     let redirector = testbed.redirect(&[]);
-    assert_eq!(attached_programs(&testbed), 5);
+    assert_eq!(testbed.attached_redirect_programs(), 7);
     let out = curl_from_apps(&testbed, &format!("http://{SERVER_V4}/"));
     assert!(out.status.success());
     redirector.signal(Signal::SIGKILL);
     redirector.kill();
     assert_eq!(
-        attached_programs(&testbed),
+        testbed.attached_redirect_programs(),
         0,
         "programs stayed attached after SIGKILL"
     );
@@ -424,7 +407,7 @@ fn sigkill_leaves_nothing_attached_and_a_restart_works_at_once() {
     assert!(status.success());
     assert_eq!(stat(&output, "redirected"), 1);
     assert!(output.contains("Cleaned up"));
-    assert_eq!(attached_programs(&testbed), 0);
+    assert_eq!(testbed.attached_redirect_programs(), 0);
 }
 
 #[test]
@@ -478,7 +461,7 @@ fn bad_input_fails_with_one_line_and_attaches_nothing() {
         "15002",
     ]);
 
-    assert_eq!(attached_programs(&testbed), 0);
+    assert_eq!(testbed.attached_redirect_programs(), 0);
 }
 
 #[test]

@@ -10,7 +10,9 @@
 #include "addr.h"
 
 #define SOCK_STREAM 1
+#define SOCK_DGRAM 2
 #define IPPROTO_TCP 6
+#define IPPROTO_UDP 17
 
 /* Return values of cgroup socket programs. */
 #define SYS_REJECT 0

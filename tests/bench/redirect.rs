@@ -4,6 +4,9 @@
 //!   through `redirect` + the built-in proxy, and through iptables
 //!   `nat OUTPUT REDIRECT` + the same built-in proxy (`proxy-redirect proxy`);
 //! - the connect4 program's run time per call (kernel.bpf_stats_enabled);
+//! - DNS-sized (64 B) UDP request/response rate from the cgroup: direct and
+//!   through `redirect --udp-ports` + the built-in relay, with the run time
+//!   of sendmsg4, the relay-side recvmsg4 and getpeername4;
 //! - bulk throughput (iperf3): direct, through the built-in proxy, and
 //!   through HAProxy (`option splice-auto`) behind the same redirect.
 //!
@@ -29,6 +32,7 @@ use rr::*;
 const MESSAGE: usize = 64;
 const CPS_PORT: u16 = 80;
 const BULK_PORT: u16 = 443;
+const UDP_PORT: u16 = 53;
 
 struct Settings {
     rounds: usize,
@@ -49,6 +53,7 @@ fn main() {
         bulk_seconds: if quick { 1 } else { 3 },
     };
     connections_per_second(&settings);
+    udp_request_rate(&settings);
     bulk_throughput(&settings);
 }
 
@@ -188,6 +193,88 @@ fn connections_per_second(settings: &Settings) {
     println!(
         "  target: redirect no slower than iptables REDIRECT with the same proxy: {}",
         if medians[1] >= medians[2] * 0.97 {
+            "met"
+        } else {
+            "NOT met"
+        }
+    );
+}
+
+/// The programs a redirected datagram runs (full names: bpftool shows
+/// them from BTF).
+const UDP_PROGRAMS: [(&str, &str); 4] = [
+    ("sendmsg4 (decide, record)", "redirect_sendmsg4"),
+    ("recvmsg4, relay side (publish)", "redirect_proxy_recvmsg4"),
+    ("recvmsg4, client (reply source)", "redirect_recvmsg4"),
+    ("getpeername4 (answer)", "redirect_getpeername4"),
+];
+
+fn udp_request_rate(settings: &Settings) {
+    println!(
+        "\n== UDP request/response: sendto {MESSAGE} B, recvfrom the reply (2 client threads, \
+         {} rounds x {} s, interleaved) ==",
+        settings.rounds, settings.cps_seconds
+    );
+    let server_addr = format!("[::]:{UDP_PORT}");
+    let direct = Testbed::new();
+    let _direct_server = servers::udp_echo(&direct.server, &server_addr).unwrap();
+    let bpf = Testbed::new();
+    let _bpf_server = servers::udp_echo(&bpf.server, &server_addr).unwrap();
+    let bpf_stats_before = bpf_stats::set_enabled(true);
+    let redirector = bpf.redirect_without_events(
+        &bpf.proxy,
+        &[
+            "-P",
+            &CPS_PORT.to_string(),
+            "--udp-ports",
+            &UDP_PORT.to_string(),
+        ],
+    );
+    let arms: [(&str, &Testbed); 2] = [
+        ("direct", &direct),
+        ("redirect --udp-ports + built-in relay", &bpf),
+    ];
+    let mut results = vec![Vec::new(); arms.len()];
+    let stats_start: Vec<_> = UDP_PROGRAMS
+        .iter()
+        .map(|(_, name)| bpf_stats::program(name))
+        .collect();
+    for round in 0..settings.rounds {
+        for (i, (name, testbed)) in arms.iter().enumerate() {
+            let exe = std::env::current_exe().unwrap();
+            let mut command = testbed.in_apps(&exe.display().to_string());
+            command.arg(UDP_RR_CLIENT);
+            let addr = format!("{SERVER_V4}:{UDP_PORT}").parse().unwrap();
+            let rate = measure_rr(command, addr, settings.cps_seconds);
+            println!("  round {round} {name:<40} {rate:>10.0} exchanges/s");
+            results[i].push(rate);
+        }
+    }
+    let stats_end: Vec<_> = UDP_PROGRAMS
+        .iter()
+        .map(|(_, name)| bpf_stats::program(name))
+        .collect();
+    let (_, output, _) = redirector.stop();
+    bpf_stats::set_enabled(bpf_stats_before == "1");
+    assert!(
+        stat(&output, "datagrams client->upstream") > 0,
+        "the relay relayed nothing:\n{output}"
+    );
+    let names: Vec<&str> = arms.iter().map(|(name, _)| *name).collect();
+    let medians = report::ratio_table("median exchanges/s", &names, &mut results, 1);
+    println!("\n  BPF run time per call (kernel.bpf_stats_enabled):");
+    for (((what, _), end), start) in UDP_PROGRAMS.iter().zip(&stats_end).zip(&stats_start) {
+        if let Some((ns, calls)) = end
+            .as_ref()
+            .zip(start.as_ref())
+            .and_then(|(b, a)| b.per_run_since(a))
+        {
+            println!("    {what:<34} {ns:>6.0} ns over {calls} calls");
+        }
+    }
+    println!(
+        "  target: redirect + relay at least 0.5x direct: {}",
+        if medians[1] >= medians[0] * 0.5 {
             "met"
         } else {
             "NOT met"

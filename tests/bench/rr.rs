@@ -3,7 +3,7 @@
 //! client that runs in its own process (so it starts inside a namespace).
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -70,19 +70,69 @@ pub fn start_rr_server(ns: &NetNs, addr: SocketAddr) -> Arc<AtomicBool> {
 
 /// The argument that turns a bench binary into the load's client.
 pub const RR_CLIENT: &str = "rr-client";
+/// The same for the UDP request/response client.
+pub const UDP_RR_CLIENT: &str = "udp-rr-client";
 
-/// When this process was started as the client (`RR_CLIENT ADDR SECONDS`),
-/// runs it and returns true.
+/// When this process was started as a client (`RR_CLIENT ADDR SECONDS` or
+/// `UDP_RR_CLIENT ADDR SECONDS`), runs it and returns true.
 pub fn run_client_if_asked() -> bool {
     let args: Vec<String> = std::env::args().collect();
-    match args.iter().position(|a| a == RR_CLIENT) {
-        Some(i) => {
-            rr_client_main(&args[i + 1..]);
-            true
-        }
-        None => false,
+    if let Some(i) = args.iter().position(|a| a == RR_CLIENT) {
+        rr_client_main(&args[i + 1..]);
+        return true;
     }
+    if let Some(i) = args.iter().position(|a| a == UDP_RR_CLIENT) {
+        udp_rr_client_main(&args[i + 1..]);
+        return true;
+    }
+    false
 }
+
+/// The UDP client: two threads, each sending a MESSAGE-byte datagram with
+/// sendto() on an unconnected socket (as a DNS stub does) and waiting for
+/// the reply with recvfrom(); a datagram lost is sent again after 200 ms.
+/// Then getpeername() on a connected socket, `GETPEERNAME_CALLS` times, so
+/// that the getpeername programs' run time can be read. Prints
+/// "EXCHANGES SECONDS".
+pub fn udp_rr_client_main(args: &[String]) {
+    let addr: SocketAddr = args[0].parse().unwrap();
+    let seconds: f64 = args[1].parse().unwrap();
+    let done = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let deadline = start + Duration::from_secs_f64(seconds);
+    let threads: Vec<_> = (0..2)
+        .map(|_| {
+            let done = done.clone();
+            std::thread::spawn(move || {
+                let socket = UdpSocket::bind("0.0.0.0:0").unwrap();
+                socket
+                    .set_read_timeout(Some(Duration::from_millis(200)))
+                    .unwrap();
+                let request = [7u8; MESSAGE];
+                let mut reply = [0u8; 2048];
+                while Instant::now() < deadline {
+                    socket.send_to(&request, addr).unwrap();
+                    if let Ok((MESSAGE, _)) = socket.recv_from(&mut reply) {
+                        done.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    let connected = UdpSocket::bind("0.0.0.0:0").unwrap();
+    connected.connect(addr).unwrap();
+    for _ in 0..GETPEERNAME_CALLS {
+        connected.peer_addr().unwrap();
+    }
+    println!("{} {elapsed}", done.load(Ordering::Relaxed));
+}
+
+/// getpeername() calls the UDP client makes after its timed run.
+pub const GETPEERNAME_CALLS: usize = 20000;
 
 /// The client half of the load, run in its own process (`args` = ADDR
 /// SECONDS) so that it starts inside a namespace or cgroup; prints

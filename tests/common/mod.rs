@@ -149,6 +149,29 @@ impl Testbed {
             self.parent.path().to_path_buf(),
         ]
     }
+
+    /// Programs of every kind `redirect` attaches, on the test's cgroups.
+    pub fn attached_redirect_programs(&self) -> u32 {
+        use libbpf_sys::*;
+        let mut total = 0;
+        for path in self.cgroup_paths() {
+            for attach_type in [
+                BPF_CGROUP_INET4_CONNECT,
+                BPF_CGROUP_INET6_CONNECT,
+                BPF_CGROUP_SOCK_OPS,
+                BPF_CGROUP_GETSOCKOPT,
+                BPF_CGROUP_INET4_GETPEERNAME,
+                BPF_CGROUP_INET6_GETPEERNAME,
+                BPF_CGROUP_UDP4_SENDMSG,
+                BPF_CGROUP_UDP6_SENDMSG,
+                BPF_CGROUP_UDP4_RECVMSG,
+                BPF_CGROUP_UDP6_RECVMSG,
+            ] {
+                total += proxy_redirect::links::cgroup_program_count(&path, attach_type).unwrap();
+            }
+        }
+        total
+    }
 }
 
 /// A background process whose stdout is collected; ready once a line
