@@ -1,5 +1,6 @@
 //! BPF program run time from the kernel's own statistics
-//! (`kernel.bpf_stats_enabled`), shared by the benchmarks.
+//! (`kernel.bpf_stats_enabled`), shared by the benchmarks (each uses part).
+#![allow(dead_code)]
 
 use std::process::Command;
 
@@ -21,8 +22,8 @@ impl ProgramStats {
     }
 }
 
-/// Run time and count of the first loaded program whose (15-character)
-/// name starts with `name`, from `bpftool prog show`.
+/// Run time and count of the first loaded program whose name (bpftool
+/// shows the full name, from BTF) starts with `name`.
 pub fn program(name: &str) -> Option<ProgramStats> {
     let out = Command::new("bpftool")
         .args(["-j", "prog", "show"])
@@ -43,4 +44,28 @@ pub fn set_enabled(enabled: bool) -> String {
     let before = std::fs::read_to_string(path).unwrap_or_default();
     std::fs::write(path, if enabled { "1" } else { "0" }).expect("kernel.bpf_stats_enabled");
     before.trim().to_owned()
+}
+
+/// The statistics of each `(what, name)` program, now.
+pub fn programs(programs: &[(&str, &str)]) -> Vec<Option<ProgramStats>> {
+    programs.iter().map(|(_, name)| program(name)).collect()
+}
+
+/// One line per program: its run time per call between two snapshots
+/// taken with [`programs`].
+pub fn print_per_call(
+    programs: &[(&str, &str)],
+    start: &[Option<ProgramStats>],
+    end: &[Option<ProgramStats>],
+) {
+    println!("\n  BPF run time per call (kernel.bpf_stats_enabled):");
+    for (((what, _), end), start) in programs.iter().zip(end).zip(start) {
+        if let Some((ns, calls)) = end
+            .as_ref()
+            .zip(start.as_ref())
+            .and_then(|(b, a)| b.per_run_since(a))
+        {
+            println!("    {what:<34} {ns:>6.0} ns over {calls} calls");
+        }
+    }
 }

@@ -122,13 +122,13 @@ fn iptables_redirect(testbed: &Testbed, port: u16) {
     );
 }
 
-/// The programs one redirected connection runs, by what they do and the
-/// kernel's 15-character program name.
+/// The programs one redirected connection runs, by what they do and their
+/// name as bpftool shows it (the full name, from BTF).
 const REDIRECT_PROGRAMS: [(&str, &str); 4] = [
-    ("connect4 (decide, record)", "redirect_connec"),
-    ("sockops, client (publish)", "redirect_sockop"),
-    ("sockops, proxy side (hand over)", "redirect_proxy_"),
-    ("getsockopt (answer)", "redirect_getsoc"),
+    ("connect4 (decide, record)", "redirect_connect4"),
+    ("sockops, client (publish)", "redirect_sockops"),
+    ("sockops, proxy side (hand over)", "redirect_proxy_sockops"),
+    ("getsockopt (answer)", "redirect_getsockopt"),
 ];
 
 fn connections_per_second(settings: &Settings) {
@@ -156,10 +156,7 @@ fn connections_per_second(settings: &Settings) {
         ("iptables REDIRECT + built-in proxy", &iptables),
     ];
     let mut results = vec![Vec::new(); arms.len()];
-    let stats_start: Vec<_> = REDIRECT_PROGRAMS
-        .iter()
-        .map(|(_, name)| bpf_stats::program(name))
-        .collect();
+    let stats_start = bpf_stats::programs(&REDIRECT_PROGRAMS);
     for round in 0..settings.rounds {
         for (i, (name, testbed)) in arms.iter().enumerate() {
             let cps = measure_cps(testbed, settings.cps_seconds);
@@ -167,10 +164,7 @@ fn connections_per_second(settings: &Settings) {
             results[i].push(cps);
         }
     }
-    let stats_end: Vec<_> = REDIRECT_PROGRAMS
-        .iter()
-        .map(|(_, name)| bpf_stats::program(name))
-        .collect();
+    let stats_end = bpf_stats::programs(&REDIRECT_PROGRAMS);
     let (_, output, _) = redirector.stop();
     bpf_stats::set_enabled(bpf_stats_before == "1");
     assert!(
@@ -180,16 +174,7 @@ fn connections_per_second(settings: &Settings) {
 
     let names: Vec<&str> = arms.iter().map(|(name, _)| *name).collect();
     let medians = report::ratio_table("median conn/s", &names, &mut results, 2);
-    println!("\n  BPF run time per call (kernel.bpf_stats_enabled):");
-    for (((what, _), end), start) in REDIRECT_PROGRAMS.iter().zip(&stats_end).zip(&stats_start) {
-        if let Some((ns, calls)) = end
-            .as_ref()
-            .zip(start.as_ref())
-            .and_then(|(b, a)| b.per_run_since(a))
-        {
-            println!("    {what:<34} {ns:>6.0} ns over {calls} calls");
-        }
-    }
+    bpf_stats::print_per_call(&REDIRECT_PROGRAMS, &stats_start, &stats_end);
     println!(
         "  target: redirect no slower than iptables REDIRECT with the same proxy: {}",
         if medians[1] >= medians[2] * 0.97 {
@@ -235,10 +220,7 @@ fn udp_request_rate(settings: &Settings) {
         ("redirect --udp-ports + built-in relay", &bpf),
     ];
     let mut results = vec![Vec::new(); arms.len()];
-    let stats_start: Vec<_> = UDP_PROGRAMS
-        .iter()
-        .map(|(_, name)| bpf_stats::program(name))
-        .collect();
+    let stats_start = bpf_stats::programs(&UDP_PROGRAMS);
     for round in 0..settings.rounds {
         for (i, (name, testbed)) in arms.iter().enumerate() {
             let exe = std::env::current_exe().unwrap();
@@ -250,10 +232,7 @@ fn udp_request_rate(settings: &Settings) {
             results[i].push(rate);
         }
     }
-    let stats_end: Vec<_> = UDP_PROGRAMS
-        .iter()
-        .map(|(_, name)| bpf_stats::program(name))
-        .collect();
+    let stats_end = bpf_stats::programs(&UDP_PROGRAMS);
     let (_, output, _) = redirector.stop();
     bpf_stats::set_enabled(bpf_stats_before == "1");
     assert!(
@@ -262,16 +241,7 @@ fn udp_request_rate(settings: &Settings) {
     );
     let names: Vec<&str> = arms.iter().map(|(name, _)| *name).collect();
     let medians = report::ratio_table("median exchanges/s", &names, &mut results, 1);
-    println!("\n  BPF run time per call (kernel.bpf_stats_enabled):");
-    for (((what, _), end), start) in UDP_PROGRAMS.iter().zip(&stats_end).zip(&stats_start) {
-        if let Some((ns, calls)) = end
-            .as_ref()
-            .zip(start.as_ref())
-            .and_then(|(b, a)| b.per_run_since(a))
-        {
-            println!("    {what:<34} {ns:>6.0} ns over {calls} calls");
-        }
-    }
+    bpf_stats::print_per_call(&UDP_PROGRAMS, &stats_start, &stats_end);
     println!(
         "  target: redirect + relay at least 0.5x direct: {}",
         if medians[1] >= medians[0] * 0.5 {

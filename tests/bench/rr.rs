@@ -97,38 +97,47 @@ pub fn run_client_if_asked() -> bool {
 pub fn udp_rr_client_main(args: &[String]) {
     let addr: SocketAddr = args[0].parse().unwrap();
     let seconds: f64 = args[1].parse().unwrap();
-    let done = Arc::new(AtomicU64::new(0));
-    let start = Instant::now();
-    let deadline = start + Duration::from_secs_f64(seconds);
-    let threads: Vec<_> = (0..2)
-        .map(|_| {
-            let done = done.clone();
-            std::thread::spawn(move || {
-                let socket = UdpSocket::bind("0.0.0.0:0").unwrap();
-                socket
-                    .set_read_timeout(Some(Duration::from_millis(200)))
-                    .unwrap();
-                let request = [7u8; MESSAGE];
-                let mut reply = [0u8; 2048];
-                while Instant::now() < deadline {
-                    socket.send_to(&request, addr).unwrap();
-                    if let Ok((MESSAGE, _)) = socket.recv_from(&mut reply) {
-                        done.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-            })
-        })
-        .collect();
-    for t in threads {
-        t.join().unwrap();
-    }
-    let elapsed = start.elapsed().as_secs_f64();
+    let (exchanges, elapsed) = on_two_threads(seconds, move |deadline, done| {
+        let socket = UdpSocket::bind("0.0.0.0:0").unwrap();
+        socket
+            .set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        let request = [7u8; MESSAGE];
+        let mut reply = [0u8; 2048];
+        while Instant::now() < deadline {
+            socket.send_to(&request, addr).unwrap();
+            if let Ok((MESSAGE, _)) = socket.recv_from(&mut reply) {
+                done.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    });
     let connected = UdpSocket::bind("0.0.0.0:0").unwrap();
     connected.connect(addr).unwrap();
     for _ in 0..GETPEERNAME_CALLS {
         connected.peer_addr().unwrap();
     }
-    println!("{} {elapsed}", done.load(Ordering::Relaxed));
+    println!("{exchanges} {elapsed}");
+}
+
+/// Runs `work(deadline, counter)` on two threads until `seconds` have
+/// passed; returns what they counted and the seconds it took.
+fn on_two_threads(
+    seconds: f64,
+    work: impl Fn(Instant, &AtomicU64) + Send + Sync + Clone + 'static,
+) -> (u64, f64) {
+    let done = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let deadline = start + Duration::from_secs_f64(seconds);
+    let threads: Vec<_> = (0..2)
+        .map(|_| {
+            let (done, work) = (done.clone(), work.clone());
+            std::thread::spawn(move || work(deadline, &done))
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    (done.load(Ordering::Relaxed), start.elapsed().as_secs_f64())
 }
 
 /// getpeername() calls the UDP client makes after its timed run.
@@ -140,32 +149,17 @@ pub const GETPEERNAME_CALLS: usize = 20000;
 pub fn rr_client_main(args: &[String]) {
     let addr: SocketAddr = args[0].parse().unwrap();
     let seconds: f64 = args[1].parse().unwrap();
-    let done = Arc::new(AtomicU64::new(0));
-    let start = Instant::now();
-    let deadline = start + Duration::from_secs_f64(seconds);
-    let threads: Vec<_> = (0..2)
-        .map(|_| {
-            let done = done.clone();
-            std::thread::spawn(move || {
-                let request = [7u8; MESSAGE];
-                let mut reply = [0u8; MESSAGE];
-                while Instant::now() < deadline {
-                    let mut stream = TcpStream::connect(addr).expect("connect");
-                    stream.write_all(&request).unwrap();
-                    stream.read_exact(&mut reply).unwrap();
-                    done.fetch_add(1, Ordering::Relaxed);
-                }
-            })
-        })
-        .collect();
-    for t in threads {
-        t.join().unwrap();
-    }
-    println!(
-        "{} {}",
-        done.load(Ordering::Relaxed),
-        start.elapsed().as_secs_f64()
-    );
+    let (connections, elapsed) = on_two_threads(seconds, move |deadline, done| {
+        let request = [7u8; MESSAGE];
+        let mut reply = [0u8; MESSAGE];
+        while Instant::now() < deadline {
+            let mut stream = TcpStream::connect(addr).expect("connect");
+            stream.write_all(&request).unwrap();
+            stream.read_exact(&mut reply).unwrap();
+            done.fetch_add(1, Ordering::Relaxed);
+        }
+    });
+    println!("{connections} {elapsed}");
 }
 
 /// Runs `command` (this bench binary's client mode, already placed in its
