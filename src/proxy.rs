@@ -36,7 +36,7 @@ use tracing::{debug, warn};
 
 use crate::sockopt::{original_destination, set_mark};
 use crate::stats::{Metric, Snapshot};
-use crate::{cli, privileges, shutdown};
+use crate::{cli, metrics, privileges, shutdown};
 
 /// Bytes a pipe (one per direction) may hold; also the largest splice.
 const PIPE_SIZE: usize = 256 * 1024;
@@ -69,6 +69,9 @@ pub struct ProxyArgs {
     pub transparent: bool,
     #[command(flatten)]
     pub relay: RelayArgs,
+    /// Serve the statistics as Prometheus metrics on http://ADDR/metrics
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<SocketAddr>,
 }
 
 /// Options of the relay itself, shared by every subcommand that runs it.
@@ -291,6 +294,7 @@ pub fn run(args: &ProxyArgs) -> Result<()> {
         idle_timeout: args.relay.idle_timeout(),
     };
     let bound = BoundProxy::bind(&args.listen, config)?;
+    let metrics = metrics::Metrics::bind(args.metrics)?;
     shutdown::install()?;
     let addrs: Vec<String> = bound.local_addrs().iter().map(|a| a.to_string()).collect();
     println!(
@@ -304,8 +308,10 @@ pub fn run(args: &ProxyArgs) -> Result<()> {
         }
     );
     let proxy = bound.start()?;
+    let mut publish = metrics.publisher(&[]);
     while !shutdown::requested() {
         std::thread::sleep(Duration::from_millis(100));
+        publish(&|| Ok(vec![proxy.stats.snapshot()]));
     }
     proxy.stats.print();
     drop(proxy);

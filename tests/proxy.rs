@@ -242,3 +242,37 @@ fn an_unprivileged_proxy_refuses_to_start_with_the_reason() {
     assert!(status.success(), "{stderr}");
     assert!(output.contains("Cleaned up"), "{output}");
 }
+
+#[test]
+fn the_standalone_proxy_serves_its_counters_as_metrics() {
+    if !have_root() {
+        return;
+    }
+    let testbed = Testbed::new();
+    let args: Vec<String> = [
+        "proxy",
+        "-l",
+        "127.0.0.1:15001",
+        "--metrics",
+        "127.0.0.1:9477",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let proxy = Running::start(BIN, &args, Some(&testbed.client), None, "Proxy listening");
+    // A direct connection has no original destination: refused, counted.
+    python(
+        testbed.in_client_netns(PYTHON),
+        "import socket\ns = socket.create_connection(('127.0.0.1', 15001), timeout=10)\n\
+         assert s.recv(1) == b''\nprint('ok')",
+    );
+    let page = scrape_metrics(&testbed.client, "127.0.0.1:9477");
+    assert_promtool_accepts(&page);
+    assert_eq!(
+        metric_value(&page, "proxy_redirect_proxy_accepted_total"),
+        1
+    );
+    assert_eq!(metric_value(&page, "proxy_redirect_proxy_refused_total"), 1);
+    let (status, _, _) = proxy.stop();
+    assert!(status.success());
+}
