@@ -225,11 +225,10 @@ fn half_close_and_close_with_data_in_flight() {
     }
     let (_, output, _) = bypasser.stop();
     assert_eq!(stat(&output, "inserted"), 12, "{output}");
-    // Every socket was in the map before it sent: each byte went through
-    // the sk_msg program, redirected, or passed while its peer's socket was
-    // still being inserted (a slow machine, such as the 6.1 VM, shows that).
-    let seen = stat(&output, "bytes redirected") + stat(&output, "bytes passed");
-    assert!(seen >= 4 * 8 * MIB as u64, "{output}");
+    // peers.py checked every byte. How many took the bypass depends on
+    // timing: on a slow machine (the 6.1 VM) a first write can leave over
+    // TCP while its socket is still being inserted, or before the peer's
+    // is (then it passes, and the socket stays on the normal path).
     assert!(stat(&output, "bytes redirected") > 0, "{output}");
 }
 
