@@ -493,33 +493,45 @@ static __always_inline struct endpoint *original_of_proxy_peer(struct bpf_sock_a
 	return original;
 }
 
+/* Shows @ctx's socket the original destination where the kernel would show
+ * the proxy (its peer, or a datagram's source), counting it in @stat. */
+static __always_inline void show_original4(struct bpf_sock_addr *ctx, __u32 stat)
+{
+	struct endpoint shown, *original;
+
+	endpoint_set_v4(&shown, ctx->user_ip4, (__u16)ctx->user_port);
+	original = original_of_proxy_peer(ctx, &shown);
+	if (!original)
+		return;
+	ctx->user_ip4 = original->ip[0];
+	ctx->user_port = original->port;
+	stat_add(&stats, stat, 1);
+}
+
+static __always_inline void show_original6(struct bpf_sock_addr *ctx, __u32 stat)
+{
+	struct endpoint shown, *original;
+
+	user_endpoint6(ctx, &shown);
+	original = original_of_proxy_peer(ctx, &shown);
+	if (!original)
+		return;
+	set_user_ip6(ctx, original);
+	stat_add(&stats, stat, 1);
+}
+
 /* A redirected socket's peer is the address it dialled, not the proxy. */
 SEC("cgroup/getpeername4")
 int redirect_getpeername4(struct bpf_sock_addr *ctx)
 {
-	struct endpoint peer, *original;
-
-	endpoint_set_v4(&peer, ctx->user_ip4, (__u16)ctx->user_port);
-	original = original_of_proxy_peer(ctx, &peer);
-	if (!original)
-		return 1;
-	ctx->user_ip4 = original->ip[0];
-	ctx->user_port = original->port;
-	stat_add(&stats, STAT_PEERNAME_ANSWERED, 1);
+	show_original4(ctx, STAT_PEERNAME_ANSWERED);
 	return 1;
 }
 
 SEC("cgroup/getpeername6")
 int redirect_getpeername6(struct bpf_sock_addr *ctx)
 {
-	struct endpoint peer, *original;
-
-	user_endpoint6(ctx, &peer);
-	original = original_of_proxy_peer(ctx, &peer);
-	if (!original)
-		return 1;
-	set_user_ip6(ctx, original);
-	stat_add(&stats, STAT_PEERNAME_ANSWERED, 1);
+	show_original6(ctx, STAT_PEERNAME_ANSWERED);
 	return 1;
 }
 
@@ -528,33 +540,16 @@ int redirect_getpeername6(struct bpf_sock_addr *ctx)
 SEC("cgroup/recvmsg4")
 int redirect_recvmsg4(struct bpf_sock_addr *ctx)
 {
-	struct endpoint source, *original;
-
-	if (ctx->type != SOCK_DGRAM)
-		return 1;
-	endpoint_set_v4(&source, ctx->user_ip4, (__u16)ctx->user_port);
-	original = original_of_proxy_peer(ctx, &source);
-	if (!original)
-		return 1;
-	ctx->user_ip4 = original->ip[0];
-	ctx->user_port = original->port;
-	stat_add(&stats, STAT_UDP_REPLIES, 1);
+	if (ctx->type == SOCK_DGRAM)
+		show_original4(ctx, STAT_UDP_REPLIES);
 	return 1;
 }
 
 SEC("cgroup/recvmsg6")
 int redirect_recvmsg6(struct bpf_sock_addr *ctx)
 {
-	struct endpoint source, *original;
-
-	if (ctx->type != SOCK_DGRAM)
-		return 1;
-	user_endpoint6(ctx, &source);
-	original = original_of_proxy_peer(ctx, &source);
-	if (!original)
-		return 1;
-	set_user_ip6(ctx, original);
-	stat_add(&stats, STAT_UDP_REPLIES, 1);
+	if (ctx->type == SOCK_DGRAM)
+		show_original6(ctx, STAT_UDP_REPLIES);
 	return 1;
 }
 
