@@ -317,9 +317,7 @@ fn snapshot(skel: &BypassSkel<'_>) -> Result<Snapshot> {
         ),
     ];
     let mut snapshot = Snapshot::new("bypass");
-    for (name, label, help, stat) in rows {
-        snapshot.push(Metric::counter(name, label, help, count(stat)));
-    }
+    snapshot.push_counters(rows.map(|(name, label, help, stat)| (name, label, help, count(stat))));
     snapshot.push(Metric::gauge(
         "sockets",
         "sockets in the map at exit",

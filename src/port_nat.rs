@@ -676,9 +676,7 @@ fn snapshot(
     ];
     let mut snapshot = Snapshot::new("port_nat");
     snapshot.instance.push(("interface", interface.to_owned()));
-    for (name, label, help, value) in rows {
-        snapshot.push(Metric::counter(name, label, help, value));
-    }
+    snapshot.push_counters(rows);
     snapshot.push(Metric::gauge(
         "flows",
         "flows tracked at exit",

@@ -35,7 +35,7 @@ use tokio::net::{TcpSocket, TcpStream};
 use tracing::{debug, warn};
 
 use crate::sockopt::{original_destination, set_mark};
-use crate::stats::{Metric, Snapshot};
+use crate::stats::Snapshot;
 use crate::{cli, metrics, privileges, shutdown};
 
 /// Bytes a pipe (one per direction) may hold; also the largest splice.
@@ -190,9 +190,9 @@ impl ProxyStats {
                 &self.copy_fallbacks,
             ),
         ];
-        for (name, label, help, counter) in counters {
-            snapshot.push(Metric::counter(name, label, help, get(counter)));
-        }
+        snapshot.push_counters(
+            counters.map(|(name, label, help, counter)| (name, label, help, get(counter))),
+        );
         snapshot
     }
 

@@ -485,9 +485,8 @@ fn snapshot(skel: &RedirectSkel<'_>) -> Result<Snapshot> {
             redirect_stat::STAT_REDIRECTED,
         ),
     ];
-    for (name, label, help, stat) in decisions {
-        snapshot.push(Metric::counter(name, label, help, count(stat)));
-    }
+    snapshot
+        .push_counters(decisions.map(|(name, label, help, stat)| (name, label, help, count(stat))));
     snapshot.push(Metric::counter(
         "bypassed_all",
         "bypassed",
@@ -579,9 +578,8 @@ fn snapshot(skel: &RedirectSkel<'_>) -> Result<Snapshot> {
             redirect_stat::STAT_EVENTS_LOST,
         ),
     ];
-    for (name, label, help, stat) in counters {
-        snapshot.push(Metric::counter(name, label, help, count(stat)));
-    }
+    snapshot
+        .push_counters(counters.map(|(name, label, help, stat)| (name, label, help, count(stat))));
     // Answers live in the proxy sockets' own storage, which user space
     // cannot list: handed over minus released is how many are held.
     let held = count(redirect_stat::STAT_ORIG_DST_HANDED_OVER)

@@ -84,6 +84,16 @@ impl Snapshot {
         self.metrics.push(metric);
     }
 
+    /// One counter per `(name, label, help, value)` row.
+    pub fn push_counters(
+        &mut self,
+        rows: impl IntoIterator<Item = (&'static str, &'static str, &'static str, u64)>,
+    ) {
+        for (name, label, help, value) in rows {
+            self.push(Metric::counter(name, label, help, value));
+        }
+    }
+
     /// The value of the metric called `name` (the first, if labelled).
     pub fn get(&self, name: &str) -> Option<u64> {
         self.metrics

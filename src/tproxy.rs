@@ -25,7 +25,7 @@ use crate::interface_watch::{self, InterfaceWatch};
 use crate::links::{Attachments, TcAttachMode, TcDirection};
 use crate::local_route::{self, LocalRouteSpec, LocalRoutes};
 use crate::proxy::{BoundProxy, DestinationSource, ProxyConfig, RelayArgs};
-use crate::stats::{Metric, Snapshot};
+use crate::stats::Snapshot;
 use crate::{maps, metrics, privileges, redirect, shutdown};
 
 // SAFETY: generated from include/tproxy.h: fixed-width integers with explicit padding.
@@ -600,9 +600,7 @@ fn snapshot(stats: &dyn MapCore, interface: &str) -> Result<Snapshot> {
     ];
     let mut snapshot = Snapshot::new("tproxy");
     snapshot.instance.push(("interface", interface.to_owned()));
-    for (name, label, help, stat) in rows {
-        snapshot.push(Metric::counter(name, label, help, count(stat)));
-    }
+    snapshot.push_counters(rows.map(|(name, label, help, stat)| (name, label, help, count(stat))));
     Ok(snapshot)
 }
 

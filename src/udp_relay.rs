@@ -118,9 +118,9 @@ impl UdpStats {
             ),
         ];
         let mut snapshot = Snapshot::new("proxy");
-        for (name, label, help, counter) in rows {
-            snapshot.push(Metric::counter(name, label, help, get(counter)));
-        }
+        snapshot.push_counters(
+            rows.map(|(name, label, help, counter)| (name, label, help, get(counter))),
+        );
         snapshot.push(Metric::gauge(
             "udp_flows",
             "UDP flows open now",

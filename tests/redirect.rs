@@ -591,13 +591,6 @@ fn builtin_proxy_passes_half_close_and_is_never_an_open_relay() {
     assert!(stderr.contains("no original destination"), "{stderr}");
 }
 
-/// No record outlives its connection: nothing waits for an accept and no
-/// proxy socket holds an answer.
-fn assert_maps_empty(output: &str) {
-    assert_eq!(stat(output, "awaiting the proxy's accept"), 0, "{output}");
-    assert_eq!(stat(output, "answers held by proxy sockets"), 0, "{output}");
-}
-
 #[test]
 fn metrics_pass_promtool_and_the_counters_move() {
     if !have_root() {

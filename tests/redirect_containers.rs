@@ -37,13 +37,6 @@ fn stdout_of(out: &Output, what: &str) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// No record outlives its connection: nothing waits for an accept and no
-/// proxy socket holds an answer.
-fn assert_maps_empty(output: &str) {
-    assert_eq!(stat(output, "awaiting the proxy's accept"), 0, "{output}");
-    assert_eq!(stat(output, "answers held by proxy sockets"), 0, "{output}");
-}
-
 fn sysctl(netns: &NetNs, setting: &str) {
     let mut command = netns::command_in("sysctl", Some(netns), None).unwrap();
     command.args(["-qw", setting]);

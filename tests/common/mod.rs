@@ -552,3 +552,10 @@ pub fn assert_promtool_accepts(page: &str) {
         String::from_utf8_lossy(&checked.stderr)
     );
 }
+
+/// `redirect`'s exit statistics: no record outlives its connection: nothing waits for an accept and no
+/// proxy socket holds an answer.
+pub fn assert_maps_empty(output: &str) {
+    assert_eq!(stat(output, "awaiting the proxy's accept"), 0, "{output}");
+    assert_eq!(stat(output, "answers held by proxy sockets"), 0, "{output}");
+}
