@@ -1823,3 +1823,70 @@ fn bad_input_fails_with_one_line_and_attaches_nothing() {
     assert_refused_without_privileges(&["port-nat", "-i", "lo", "-f", "8080", "-t", "80"]);
     assert_eq!(attached_tc(&ns, "lo"), (0, false));
 }
+
+/// A server with Fast Open on TO and clients that put their request in the
+/// SYN to FROM (no cookie needed: tcp_fastopen=0x607): prints each echo.
+const FAST_OPEN_THROUGH_FROM: &str = r#"
+import socket, sys, threading
+TCP_FASTOPEN, MSG_FASTOPEN = 23, 0x20000000
+host = sys.argv[1]
+family = socket.AF_INET6 if ":" in host else socket.AF_INET
+listener = socket.socket(family)
+listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+listener.setsockopt(socket.SOL_TCP, TCP_FASTOPEN, 16)
+listener.bind((host, 80))
+listener.listen(16)
+def serve():
+    while True:
+        conn, _ = listener.accept()
+        conn.sendall(b"echo:" + conn.recv(100))
+        conn.close()
+threading.Thread(target=serve, daemon=True).start()
+for i in range(5):
+    s = socket.socket(family)
+    s.settimeout(5)
+    s.sendto(b"in the SYN %d" % i, MSG_FASTOPEN, (host, 8080))
+    print(s.recv(100).decode())
+    s.close()
+"#;
+
+fn fast_open_passive(ns: &NetNs) -> u64 {
+    let out = in_netns(ns, "cat", &["/proc/net/netstat"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut lines = text.lines().filter(|l| l.starts_with("TcpExt:"));
+    let (names, values) = (lines.next().unwrap(), lines.next().unwrap());
+    names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .find(|(name, _)| *name == "TCPFastOpenPassive")
+        .map(|(_, value)| value.parse().unwrap())
+        .expect("TCPFastOpenPassive")
+}
+
+#[test]
+fn lo_fast_open_data_in_the_syn_is_translated() {
+    if !have_root() {
+        return;
+    }
+    let ns = lo_netns();
+    let out = in_netns(&ns, "sysctl", &["-qw", "net.ipv4.tcp_fastopen=0x607"]);
+    assert!(out.status.success());
+    let nat = port_nat(&ns, &["-i", "lo", "-f", "8080", "-t", "80"]);
+    for host in ["127.0.0.1", "::1"] {
+        let before = fast_open_passive(&ns);
+        let out = in_netns(&ns, PYTHON, &["-c", FAST_OPEN_THROUGH_FROM, host]);
+        let echoes = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{host}: {echoes}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let expected: Vec<String> = (0..5).map(|i| format!("echo:in the SYN {i}")).collect();
+        assert_eq!(echoes.lines().collect::<Vec<_>>(), expected, "{host}");
+        assert!(fast_open_passive(&ns) >= before + 5, "{host}: no Fast Open");
+    }
+    let (status, output, _) = nat.stop();
+    assert!(status.success());
+    assert_eq!(stat(&output, "new flows"), 10, "{output}");
+    assert_eq!(stat(&output, "dropped"), 0, "{output}");
+}
