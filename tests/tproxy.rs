@@ -913,3 +913,29 @@ fn a_recreated_interface_is_followed_by_name() {
         0
     );
 }
+
+#[test]
+fn fast_open_requests_in_the_syn_are_intercepted_intact() {
+    if !have_root() {
+        return;
+    }
+    let gw = Gateway::new();
+    let _echo = servers::echo(&gw.server, "[::]:80").unwrap();
+    // Clients put their request in the SYN without asking for a cookie.
+    gw.sysctl(&gw.client, "net.ipv4.tcp_fastopen=0x607");
+    gw.sysctl(&gw.gateway, "net.ipv4.tcp_fastopen=0x607");
+    let tproxy = gw.tproxy(&[]);
+    for host in [SERVER4, SERVER6] {
+        let script = format!(
+            "import socket\nfamily = socket.AF_INET6 if ':' in '{host}' else socket.AF_INET\n\
+             s = socket.socket(family)\ns.settimeout(10)\n\
+             s.sendto(b'in the SYN', 0x20000000, ('{host}', 80))\n\
+             assert s.recv(100) == b'in the SYN'\ns.close()\nprint('ok')"
+        );
+        python(gw.in_client(PYTHON), &script);
+    }
+    let (status, output, _) = tproxy.stop();
+    assert!(status.success());
+    assert_eq!(stat(&output, "connections intercepted"), 2, "{output}");
+    assert_eq!(stat(&output, "relayed to the end"), 2, "{output}");
+}
