@@ -199,13 +199,13 @@ print('ok')
     assert_eq!(stat(&output, "relayed to the end"), 1);
 }
 
-/// setpriv's arguments that run `proxy ARGS` as nobody.
-fn proxy_as_nobody(args: &[&str]) -> Vec<String> {
+/// setpriv's arguments that run `bin proxy ARGS` as nobody.
+fn proxy_as_nobody(bin: &BinForOthers, args: &[&str]) -> Vec<String> {
     [
         "--reuid=65534",
         "--regid=65534",
         "--clear-groups",
-        BIN,
+        &bin.path,
         "proxy",
     ]
     .iter()
@@ -214,9 +214,9 @@ fn proxy_as_nobody(args: &[&str]) -> Vec<String> {
     .collect()
 }
 
-fn run_as_nobody(args: &[&str]) -> std::process::Output {
+fn run_as_nobody(bin: &BinForOthers, args: &[&str]) -> std::process::Output {
     let mut command = Command::new("setpriv");
-    command.args(proxy_as_nobody(args));
+    command.args(proxy_as_nobody(bin, args));
     run(command)
 }
 
@@ -225,18 +225,19 @@ fn an_unprivileged_proxy_refuses_to_start_with_the_reason() {
     if !have_root() {
         return;
     }
+    let bin = BinForOthers::new();
     assert_one_line_error(
-        &run_as_nobody(&["-l", "127.0.0.1:0"]),
+        &run_as_nobody(&bin, &["-l", "127.0.0.1:0"]),
         "proxy as nobody",
         "proxy needs root (CAP_NET_ADMIN) to mark its upstream connections with 0x5052",
     );
     assert_one_line_error(
-        &run_as_nobody(&["-l", "127.0.0.1:0", "--transparent", "--mark", "0"]),
+        &run_as_nobody(&bin, &["-l", "127.0.0.1:0", "--transparent", "--mark", "0"]),
         "proxy --transparent as nobody",
         "needs root (CAP_NET_ADMIN or CAP_NET_RAW) for IP_TRANSPARENT",
     );
     // Without a mark and IP_TRANSPARENT it needs nothing and starts.
-    let args = proxy_as_nobody(&["-l", "127.0.0.1:0", "--mark", "0"]);
+    let args = proxy_as_nobody(&bin, &["-l", "127.0.0.1:0", "--mark", "0"]);
     let proxy = Running::start("setpriv", &args, None, None, "Proxy listening");
     let (status, output, stderr) = proxy.stop();
     assert!(status.success(), "{stderr}");

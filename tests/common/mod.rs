@@ -489,7 +489,8 @@ pub fn assert_one_line_error(out: &Output, what: &str, expected: &str) {
 /// it needs root. (Not in a netns: joining one needs the privileges it
 /// lacks, and the check comes before anything is touched.)
 pub fn assert_refused_without_privileges(args: &[&str]) {
-    let mut command = Command::new(BIN);
+    let bin = BinForOthers::new();
+    let mut command = Command::new(&bin.path);
     command.args(args);
     std::os::unix::process::CommandExt::uid(&mut command, 65534);
     assert_one_line_error(&run(command), "running as nobody", "needs root");
@@ -558,4 +559,24 @@ pub fn assert_promtool_accepts(page: &str) {
 pub fn assert_maps_empty(output: &str) {
     assert_eq!(stat(output, "awaiting the proxy's accept"), 0, "{output}");
     assert_eq!(stat(output, "answers held by proxy sockets"), 0, "{output}");
+}
+
+/// The binary where other users can run it: the build tree may sit in a
+/// directory only root may enter (a checkout under `mktemp -d`), so a copy
+/// in a temporary directory of its own, removed on drop.
+pub struct BinForOthers {
+    pub path: String,
+    _dir: TempDir,
+}
+
+impl BinForOthers {
+    pub fn new() -> BinForOthers {
+        let dir = TempDir::new();
+        let path = dir.join("proxy-redirect");
+        std::fs::copy(BIN, &path).expect("copying the binary");
+        BinForOthers {
+            path: path.display().to_string(),
+            _dir: dir,
+        }
+    }
 }
