@@ -16,8 +16,9 @@
 #include "port_nat.h"
 
 /* Configuration, set by user space before load. */
-const volatile __u8 proto_mask = NAT_PROTO_TCP;
 const volatile __u8 emit_events;
+/* Changed in place by a reload (SIGHUP), through the mmap'ed .data. */
+volatile __u8 proto_mask = NAT_PROTO_TCP;
 /* ETH_HLEN, or 0 on an L3 device; user space sets it before every attach,
  * since an interface that returns under the same name may be of another
  * kind. */

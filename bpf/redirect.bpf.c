@@ -42,15 +42,18 @@ const volatile __u32 proxy_ip6[4]; /* network order */
 const volatile __u16 proxy_port;   /* network order */
 const volatile __u32 proxy_mark;   /* 0: no mark check */
 const volatile __u32 proxy_tgid;   /* 0: no process check */
-const volatile __u32 excluded_uid;
-const volatile __u8 has_excluded_uid;
-/* Whether each CIDR trie has entries: an empty trie costs a lookup too. */
-const volatile __u8 include_v4_active;
-const volatile __u8 include_v6_active;
-const volatile __u8 exclude_v4_active;
-const volatile __u8 exclude_v6_active;
 const volatile __u8 emit_events;
-const volatile __u8 proxy_down_policy; /* enum proxy_down_policy */
+
+/* Filters that a reload (SIGHUP) changes in place, through the mmap'ed
+ * .bss: volatile, so every run reads the current value. */
+volatile __u32 excluded_uid;
+volatile __u8 has_excluded_uid;
+/* Whether each CIDR trie has entries: an empty trie costs a lookup too. */
+volatile __u8 include_v4_active;
+volatile __u8 include_v6_active;
+volatile __u8 exclude_v4_active;
+volatile __u8 exclude_v6_active;
+volatile __u8 proxy_down_policy; /* enum proxy_down_policy */
 
 /* Destination ports (host order) whose connections are redirected. */
 struct {

@@ -8,17 +8,19 @@ use std::net::SocketAddr;
 use std::os::fd::{AsFd, AsRawFd};
 use std::path::PathBuf;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::Args;
 use libbpf_rs::skel::{OpenSkel, SkelBuilder};
 
 use crate::bpf::bypass::types::{bypass_event, bypass_side, bypass_stat, comm, endpoint, sock_key};
 use crate::bpf::bypass::{BypassSkel, BypassSkelBuilder};
+use crate::bpf::OwnedSkel;
 use crate::cgroup::{self, CgroupFd};
 use crate::cli::{self, EventFormat, OutputArgs, PortList};
-use crate::links::Attachments;
+use crate::links::{self, Attachments};
+use crate::service::{self, Datapath, EventSource, Settings, Shared};
 use crate::stats::{Metric, Snapshot};
-use crate::{events, maps, metrics, privileges, redirect, shutdown};
+use crate::{maps, privileges, redirect};
 
 // SAFETY: generated from include/*.h: fixed-width integers with explicit padding.
 unsafe impl plain::Plain for bypass_event {}
@@ -82,64 +84,157 @@ fn splice_readers(args: &BypassArgs) -> Vec<String> {
     names
 }
 
+/// Everything `prepare` would check, without changing the system.
+pub fn check(args: &BypassArgs) -> Result<()> {
+    cgroup::resolve(args.cgroup.as_deref())?;
+    privileges::require_bpf("bypass")
+}
+
 pub fn run(args: &BypassArgs) -> Result<()> {
-    let cgroup_path = cgroup::resolve(args.cgroup.as_deref())?;
-    privileges::require_bpf("bypass")?;
-    let metrics = metrics::Metrics::bind(args.output.metrics)?;
-    shutdown::install()?;
+    service::run_one(Settings::Bypass(args.clone()), &args.output)
+}
 
-    let mut open_object = MaybeUninit::uninit();
-    let mut skel = load(args, &mut open_object)?;
+/// The bypass datapath: sockops on a cgroup, sk_msg on the socket map.
+pub struct Bypass {
+    args: BypassArgs,
+    cgroup: PathBuf,
+    skel: OwnedSkel<BypassSkel<'static>>,
+    attachments: Attachments,
+}
 
-    let cgroup = CgroupFd::open(&cgroup_path)?;
-    // The map holds the sk_msg program (released with the map when this
-    // process exits); sockops comes second, so that no socket enters the
-    // map before its messages can be redirected.
-    skel.progs
-        .bypass_msg
-        .attach_sockmap(skel.maps.sockets.as_fd().as_raw_fd())
-        .context("attaching bypass_msg to the sockets map")?;
-    let mut attachments = Attachments::default();
-    attachments.attach_cgroup(&skel.progs.bypass_sockops, &cgroup)?;
-
-    println!("Bypassing same-host TCP");
-    println!("  cgroup:            {}", cgroup_path.display());
-    match &args.ports {
-        Some(ports) => println!("  ports:             {ports}"),
-        None => println!("  ports:             all"),
+impl Bypass {
+    pub fn prepare(args: &BypassArgs, ctx: &Shared) -> Result<Bypass> {
+        let cgroup = cgroup::resolve(args.cgroup.as_deref())?;
+        privileges::require_bpf("bypass")?;
+        let events = ctx.format != EventFormat::Off;
+        let skel = OwnedSkel::load(|object| load(args, events, object))?;
+        Ok(Bypass {
+            args: args.clone(),
+            cgroup,
+            skel,
+            attachments: Attachments::default(),
+        })
     }
-    println!("  peers:             sockets of the same network namespace");
-    println!(
-        "  splice readers:    {} (never bypassed)",
-        splice_readers(args).join(", ")
-    );
-    println!("Attached 2 programs; press Ctrl-C to stop");
+}
 
-    let format = args.output.event_format();
-    let start_ns = events::monotonic_ns();
-    let header = format!(
-        "{:>12} {:<8} {:<8} {:<8} {:<8} CONNECTION",
-        "TIME(s)", "ACTION", "SIDE", "NETNS", "COOKIE"
-    );
-    let ring = events::stream(
-        &skel.maps.events,
-        format,
-        &header,
-        move |e: &bypass_event| print_event(e, format, start_ns),
-    )?;
-    let mut publish = metrics.publisher(&[("attach", "cgroup bpf_link".to_owned())]);
-    events::run_until_shutdown(ring.as_ref(), || publish(&|| Ok(vec![snapshot(&skel)?])))?;
-    drop(ring);
+impl Datapath for Bypass {
+    fn name(&self) -> String {
+        "bypass".into()
+    }
 
-    stop(&mut skel);
-    print_statistics(&skel)?;
-    drop(attachments);
-    println!("Cleaned up");
-    Ok(())
+    fn attach(&mut self, _ctx: &Shared) -> Result<()> {
+        // The map holds the sk_msg program (released with the map when this
+        // process exits); sockops comes second, so that no socket enters the
+        // map before its messages can be redirected.
+        self.skel
+            .progs
+            .bypass_msg
+            .attach_sockmap(self.skel.maps.sockets.as_fd().as_raw_fd())
+            .context("attaching bypass_msg to the sockets map")?;
+        let cgroup = CgroupFd::open(&self.cgroup)?;
+        self.attachments
+            .attach_cgroup(&self.skel.progs.bypass_sockops, &cgroup)?;
+
+        println!("Bypassing same-host TCP");
+        println!("  cgroup:            {}", self.cgroup.display());
+        match &self.args.ports {
+            Some(ports) => println!("  ports:             {ports}"),
+            None => println!("  ports:             all"),
+        }
+        println!("  peers:             sockets of the same network namespace");
+        println!(
+            "  splice readers:    {} (never bypassed)",
+            splice_readers(&self.args).join(", ")
+        );
+        println!("Attached 2 programs; press Ctrl-C to stop");
+        Ok(())
+    }
+
+    fn attach_mode(&self) -> String {
+        "cgroup bpf_link".into()
+    }
+
+    fn events(&self, ctx: &Shared) -> Result<Option<EventSource>> {
+        let header = format!(
+            "{:>12} {:<8} {:<8} {:<8} {:<8} CONNECTION",
+            "TIME(s)", "ACTION", "SIDE", "NETNS", "COOKIE"
+        );
+        let (format, start_ns) = (ctx.format, ctx.start_ns);
+        EventSource::new(&self.skel.maps.events, header, move |e: &bypass_event| {
+            print_event(e, format, start_ns)
+        })
+        .map(Some)
+    }
+
+    fn snapshots(&self) -> Result<Vec<Snapshot>> {
+        Ok(vec![snapshot(&self.skel)?])
+    }
+
+    fn status(&self) -> serde_json::Value {
+        let mut programs = self.attachments.describe();
+        programs.push(serde_json::json!({
+            "program": "bypass_msg",
+            "id": links::program_id(&self.skel.progs.bypass_msg),
+            "target": "the sockets map",
+        }));
+        serde_json::json!({
+            "name": self.name(),
+            "cgroup": self.cgroup.display().to_string(),
+            "ports": self.args.ports.as_ref().map_or("all".into(), PortList::to_string),
+            "splice_readers": splice_readers(&self.args),
+            "programs": programs,
+        })
+    }
+
+    fn reload(&mut self, settings: &Settings, _ctx: &Shared) -> Result<()> {
+        let Settings::Bypass(new) = settings else {
+            bail!("not bypass settings");
+        };
+        if new.ports.is_some() != self.args.ports.is_some() {
+            bail!("ports (all or a list) cannot change while running; restart the service to change it");
+        }
+        let cgroup = cgroup::resolve(new.cgroup.as_deref())?;
+        if cgroup != self.cgroup {
+            // The new cgroup first: connections there are bypassed at once.
+            let mut attachments = Attachments::default();
+            attachments
+                .attach_cgroup(&self.skel.progs.bypass_sockops, &CgroupFd::open(&cgroup)?)?;
+            self.attachments = attachments;
+            self.cgroup = cgroup;
+        }
+        let ports = new.ports.as_ref().map_or(&[][..], |p| &p.0);
+        maps::sync_set(&self.skel.maps.ports, ports)?;
+        maps::sync_set(&self.skel.maps.splicers, &splicer_keys(new))?;
+        self.args = new.clone();
+        Ok(())
+    }
+
+    fn stop(&mut self) {
+        stop(&mut self.skel);
+    }
+
+    fn print_statistics(&self) -> Result<()> {
+        print_statistics(&self.skel)
+    }
+}
+
+/// The splice readers as keys of the `splicers` map.
+fn splicer_keys(args: &BypassArgs) -> Vec<comm> {
+    splice_readers(args)
+        .iter()
+        .map(|name| {
+            let mut key = comm { name: [0; 16] };
+            for (slot, byte) in key.name.iter_mut().zip(name.bytes()) {
+                *slot = byte as _;
+            }
+            key
+        })
+        .collect()
 }
 
 fn load<'obj>(
     args: &BypassArgs,
+    events: bool,
     open_object: &'obj mut MaybeUninit<libbpf_rs::OpenObject>,
 ) -> Result<BypassSkel<'obj>> {
     let mut open = BypassSkelBuilder::default()
@@ -151,18 +246,12 @@ fn load<'obj>(
         .as_deref_mut()
         .context("the bypass object has no .rodata")?;
     rodata.filter_ports = args.ports.is_some().into();
-    rodata.emit_events = (args.output.event_format() != EventFormat::Off).into();
+    rodata.emit_events = events.into();
     let skel = open.load().context("loading the bypass BPF programs")?;
     for port in args.ports.iter().flat_map(|p| &p.0) {
         maps::update(&skel.maps.ports, port, &1u8)?;
     }
-    for name in splice_readers(args) {
-        let mut key = comm { name: [0; 16] };
-        for (slot, byte) in key.name.iter_mut().zip(name.bytes()) {
-            *slot = byte as _;
-        }
-        maps::update(&skel.maps.splicers, &key, &1u8)?;
-    }
+    maps::sync_set(&skel.maps.splicers, &splicer_keys(args))?;
     Ok(skel)
 }
 

@@ -98,9 +98,49 @@ pub struct Attachments {
     links: Vec<Link>,
     link_fds: Vec<OwnedFd>,
     clsact_filters: Vec<ClsactFilter>,
+    /// What is attached where, for `proxy-redirect status`.
+    attached: Vec<Attached>,
+}
+
+#[derive(Debug, Clone)]
+struct Attached {
+    program: String,
+    id: u32,
+    target: String,
+}
+
+/// The id the kernel gave a loaded program (what `bpftool prog` lists).
+pub fn program_id(program: &ProgramMut) -> u32 {
+    let mut info = libbpf_sys::bpf_prog_info::default();
+    let mut len = std::mem::size_of::<libbpf_sys::bpf_prog_info>() as u32;
+    // SAFETY: info is a complete bpf_prog_info of len bytes.
+    let ret = unsafe {
+        libbpf_sys::bpf_prog_get_info_by_fd(program.as_fd().as_raw_fd(), &mut info, &mut len)
+    };
+    if ret == 0 {
+        info.id
+    } else {
+        0
+    }
 }
 
 impl Attachments {
+    fn record(&mut self, program: &ProgramMut, target: String) {
+        self.attached.push(Attached {
+            program: program.name().to_string_lossy().into_owned(),
+            id: program_id(program),
+            target,
+        });
+    }
+
+    /// One `{program, id, target}` object per attachment.
+    pub fn describe(&self) -> Vec<serde_json::Value> {
+        self.attached
+            .iter()
+            .map(|a| serde_json::json!({"program": a.program, "id": a.id, "target": a.target}))
+            .collect()
+    }
+
     pub fn attach_cgroup(&mut self, program: &ProgramMut, cgroup: &CgroupFd) -> Result<()> {
         let link = program.attach_cgroup(cgroup.raw_fd()).with_context(|| {
             format!(
@@ -110,6 +150,7 @@ impl Attachments {
             )
         })?;
         self.links.push(link);
+        self.record(program, format!("cgroup {}", cgroup.path.display()));
         Ok(())
     }
 
@@ -122,6 +163,7 @@ impl Attachments {
             .attach_netns(netns.as_raw_fd())
             .with_context(|| format!("attaching {}", program.name().to_string_lossy()))?;
         self.links.push(link);
+        self.record(program, "this network namespace".into());
         Ok(())
     }
 
@@ -134,10 +176,12 @@ impl Attachments {
         mode: TcAttachMode,
     ) -> Result<TcPath> {
         let name = program.name().to_string_lossy().into_owned();
+        let target = format!("ifindex {ifindex} {direction:?} ");
         if mode != TcAttachMode::Clsact {
             match attach_tcx(program, ifindex, direction) {
                 Ok(fd) => {
                     self.link_fds.push(fd);
+                    self.record(program, target + "(tcx)");
                     return Ok(TcPath::Tcx);
                 }
                 // EINVAL: a kernel before 6.6, which has no tcx.
@@ -151,6 +195,7 @@ impl Attachments {
         let filter = attach_clsact(program, ifindex, direction)
             .with_context(|| format!("attaching {name} to a clsact qdisc"))?;
         self.clsact_filters.push(filter);
+        self.record(program, target + "(clsact)");
         Ok(TcPath::Clsact)
     }
 

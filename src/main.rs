@@ -4,7 +4,7 @@ use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use proxy_redirect::{bypass, demo, port_nat, proxy, redirect, tproxy};
+use proxy_redirect::{bypass, demo, port_nat, proxy, redirect, service, status, tproxy};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -30,6 +30,10 @@ enum Command {
     PortNat(port_nat::PortNatArgs),
     /// Intercept TCP arriving on an interface (a gateway) for a transparent proxy (TC + bpf_sk_assign)
     Tproxy(tproxy::TproxyArgs),
+    /// Run any set of the datapaths above as one service, from a TOML file (SIGHUP reloads)
+    Run(service::RunArgs),
+    /// Show what a running service (`run`) has attached, and its counters
+    Status(status::StatusArgs),
     /// Show `redirect` end to end in private namespaces and a child cgroup, then clean up
     Demo(demo::DemoArgs),
 }
@@ -64,6 +68,8 @@ fn main() -> ExitCode {
         Command::Bypass(args) => bypass::run(args),
         Command::PortNat(args) => port_nat::run(args),
         Command::Tproxy(args) => tproxy::run(args),
+        Command::Run(args) => service::run(args),
+        Command::Status(args) => status::run(args),
         Command::Demo(args) => demo::run(args),
     };
     match result {

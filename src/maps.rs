@@ -49,3 +49,22 @@ pub fn percpu_sums(map: &dyn MapCore, count: u32) -> Result<Vec<u64>> {
         })
         .collect()
 }
+
+/// Makes a set map (value `1u8`) hold exactly `keys`: the new keys are
+/// added before the old ones go, so a key kept in both never disappears.
+pub fn sync_set<K: Plain>(map: &dyn MapCore, keys: &[K]) -> Result<()> {
+    for key in keys {
+        update(map, key, &1u8)?;
+    }
+    // SAFETY: as in update().
+    let wanted: Vec<&[u8]> = keys.iter().map(|k| unsafe { plain::as_bytes(k) }).collect();
+    let stale: Vec<Vec<u8>> = map
+        .keys()
+        .filter(|key| !wanted.contains(&key.as_slice()))
+        .collect();
+    for key in stale {
+        map.delete(&key)
+            .with_context(|| format!("updating map {}", map.name().to_string_lossy()))?;
+    }
+    Ok(())
+}

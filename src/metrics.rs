@@ -117,35 +117,52 @@ fn answer(stream: TcpStream, page: &Mutex<String>) -> std::io::Result<()> {
     stream.flush()
 }
 
-/// `--metrics` of a subcommand: a server when an address was given.
-pub struct Metrics(Option<MetricsServer>);
+/// `--metrics` / `[metrics]`: a server when an address was given.
+pub struct Metrics {
+    server: Option<MetricsServer>,
+    requested: Option<SocketAddr>,
+}
 
 impl Metrics {
     pub fn bind(addr: Option<SocketAddr>) -> Result<Metrics> {
-        addr.map(MetricsServer::bind).transpose().map(Metrics)
+        Ok(Metrics {
+            server: addr.map(MetricsServer::bind).transpose()?,
+            requested: addr,
+        })
     }
 
-    /// A closure for the run loop's tick: about once a second, takes the
-    /// datapaths' snapshots and publishes them with a build-info gauge
-    /// labelled with `build_info` (the attach mode) and the kernel.
-    pub fn publisher<'a>(
-        &'a self,
-        build_info: &[(&'static str, String)],
-    ) -> impl FnMut(&dyn Fn() -> Result<Vec<Snapshot>>) + 'a {
+    /// The address asked for (port 0 stays 0).
+    pub fn addr(&self) -> Option<SocketAddr> {
+        self.requested
+    }
+
+    /// Publishes the snapshots with a build-info gauge labelled with the
+    /// version, the kernel and `build_info` (the attach mode).
+    pub fn publish(&self, snapshots: &[Snapshot], build_info: &[(&'static str, String)]) {
+        let Some(server) = &self.server else { return };
         let mut info = vec![
             ("version", env!("CARGO_PKG_VERSION").to_owned()),
             ("kernel", kernel_release()),
         ];
         info.extend_from_slice(build_info);
+        server.publish(prometheus_text(snapshots, &info));
+    }
+
+    /// A closure for a run loop's tick: about once a second, takes the
+    /// snapshots and publishes them.
+    pub fn publisher<'a>(
+        &'a self,
+        build_info: &[(&'static str, String)],
+    ) -> impl FnMut(&dyn Fn() -> Result<Vec<Snapshot>>) + 'a {
+        let build_info = build_info.to_vec();
         let mut last: Option<Instant> = None;
         move |snapshots| {
-            let Some(server) = &self.0 else { return };
-            if last.is_some_and(|t| t.elapsed() < PUBLISH_INTERVAL) {
+            if self.server.is_none() || last.is_some_and(|t| t.elapsed() < PUBLISH_INTERVAL) {
                 return;
             }
             last = Some(Instant::now());
             match snapshots() {
-                Ok(snapshots) => server.publish(prometheus_text(&snapshots, &info)),
+                Ok(snapshots) => self.publish(&snapshots, &build_info),
                 Err(err) => tracing::warn!("reading the statistics for /metrics: {err:#}"),
             }
         }

@@ -14,13 +14,15 @@ use libbpf_rs::{MapCore, MapFlags};
 use crate::bpf::port_nat::types::{
     nat_event, nat_flow, nat_flow_key, nat_flow_state, nat_port, nat_stat,
 };
-use crate::bpf::port_nat::{PortNatProgs, PortNatSkel, PortNatSkelBuilder};
+use crate::bpf::port_nat::{PortNatSkel, PortNatSkelBuilder};
+use crate::bpf::OwnedSkel;
 use crate::cli::{self, EventFormat, OutputArgs};
 use crate::events;
 use crate::interface_watch::{self, InterfaceWatch};
 use crate::links::{self, Attachments, TcAttachMode, TcDirection};
+use crate::service::{self, Datapath, EventSource, Settings, Shared};
 use crate::stats::{Metric, Snapshot};
-use crate::{maps, metrics, privileges, shutdown};
+use crate::{maps, privileges};
 
 // SAFETY: generated from include/port_nat.h: fixed-width integers with
 // explicit padding.
@@ -185,13 +187,20 @@ pub fn load<'obj>(
         .rodata_data
         .as_deref_mut()
         .context("the port-nat object has no .rodata")?;
-    rodata.proto_mask = config.protocols.mask();
     rodata.emit_events = config.events.into();
     open.maps
         .flows
         .set_max_entries(config.max_flows)
         .context("sizing the flow table")?;
-    let skel = open.load().context("loading the port-nat BPF programs")?;
+    let mut skel = open.load().context("loading the port-nat BPF programs")?;
+    set_protocols(&mut skel, config.protocols)?;
+    set_mappings(&skel, &config.mappings)?;
+    Ok(skel)
+}
+
+/// Makes the port map hold exactly `mappings`: flows already tracked keep
+/// their translation until they end.
+fn set_mappings(skel: &PortNatSkel<'_>, mappings: &[Mapping]) -> Result<()> {
     let mut roles: Vec<(u16, nat_port)> = Vec::new();
     let mut role = |port: u16, update: &dyn Fn(&mut nat_port)| {
         let index = match roles.iter().position(|(p, _)| *p == port) {
@@ -203,17 +212,36 @@ pub fn load<'obj>(
         };
         update(&mut roles[index].1);
     };
-    for mapping in &config.mappings {
+    for mapping in mappings {
         role(mapping.from, &|p| {
             p.role |= NAT_PORT_FROM;
             p.to_port = mapping.to;
         });
         role(mapping.to, &|p| p.role |= NAT_PORT_TO);
     }
+    let ports = &skel.maps.nat_ports;
     for (port, value) in &roles {
-        maps::update(&skel.maps.nat_ports, port, value)?;
+        maps::update(ports, port, value)?;
     }
-    Ok(skel)
+    let stale: Vec<Vec<u8>> = ports
+        .keys()
+        .filter(|key| !roles.iter().any(|(port, _)| key[..] == port.to_ne_bytes()))
+        .collect();
+    for key in stale {
+        ports.delete(&key).context("updating map nat_ports")?;
+    }
+    Ok(())
+}
+
+fn set_protocols(skel: &mut PortNatSkel<'_>, protocols: Protocols) -> Result<()> {
+    let data = skel
+        .maps
+        .data_data
+        .as_deref_mut()
+        .context("the port-nat object has no .data")?;
+    // SAFETY: a byte of the mmap'ed .data, which the programs read as volatile.
+    unsafe { std::ptr::write_volatile(&mut data.proto_mask, protocols.mask()) };
+    Ok(())
 }
 
 /// Tells the programs whether packets start with an Ethernet header; set
@@ -238,13 +266,13 @@ fn l2_len(has_l2_header: bool) -> u32 {
 
 /// Checks the interface's link type, then attaches both programs to it.
 fn attach(
-    progs: &PortNatProgs<'_>,
-    l2_len_var: &mut u32,
+    skel: &mut PortNatSkel<'_>,
     interface: &str,
     ifindex: u32,
     args: &PortNatArgs,
 ) -> Result<(Attachments, links::TcPath)> {
-    *l2_len_var = l2_len(links::link_has_l2_header(interface, "port-nat")?);
+    set_l2_header(skel, links::link_has_l2_header(interface, "port-nat")?)?;
+    let progs = &skel.progs;
     let mut attachments = Attachments::default();
     // Egress first: it only touches tracked flows, and every flow ingress
     // creates must find its reply path ready.
@@ -263,86 +291,183 @@ fn attach(
     Ok((attachments, path))
 }
 
+/// Everything `prepare` would check, without changing the system.
+pub fn check(args: &PortNatArgs) -> Result<()> {
+    mappings(&args.from, &args.to)?;
+    interface_index(&args.interface)?;
+    privileges::require_bpf("port-nat")
+}
+
 pub fn run(args: &PortNatArgs) -> Result<()> {
-    let mappings = mappings(&args.from, &args.to)?;
-    let ifindex = interface_index(&args.interface)?;
-    privileges::require_bpf("port-nat")?;
-    let metrics = metrics::Metrics::bind(args.output.metrics)?;
-    shutdown::install()?;
-    let format = args.output.event_format();
-    let config = NatConfig {
-        mappings,
-        protocols: args.proto,
-        max_flows: args.max_flows,
-        events: format != EventFormat::Off,
-    };
-    let timeouts = Timeouts {
+    service::run_one(Settings::PortNat(args.clone()), &args.output)
+}
+
+fn timeouts(args: &PortNatArgs) -> Timeouts {
+    Timeouts {
         tcp_established: Duration::from_secs(args.tcp_timeout),
         tcp_closing: Duration::from_secs(args.tcp_closing_timeout),
         udp: Duration::from_secs(args.udp_timeout),
-    };
+    }
+}
 
-    let mut open_object = MaybeUninit::uninit();
-    let mut skel = load(&config, &mut open_object)?;
-    // Watching before attaching: a deletion in between is not missed.
-    let mut watch = InterfaceWatch::new(&args.interface, ifindex)?;
-    let data = skel
-        .maps
-        .data_data
-        .as_deref_mut()
-        .context("the port-nat object has no .data")?;
-    let (attached, path) = attach(
-        &skel.progs,
-        &mut data.l2_len,
-        &args.interface,
-        ifindex,
-        args,
-    )?;
-    let mut attachments = Some(attached);
+/// The port-nat datapath of one interface.
+pub struct PortNat {
+    args: PortNatArgs,
+    config: NatConfig,
+    timeouts: Timeouts,
+    ifindex: u32,
+    skel: OwnedSkel<PortNatSkel<'static>>,
+    watch: InterfaceWatch,
+    /// None while the interface is gone.
+    tc: Option<Attachments>,
+    path: Option<links::TcPath>,
+    expired: u64,
+    last_sweep: Instant,
+}
 
-    print_configuration(args, &config, ifindex, &timeouts);
-    warn_about_local_ports(&config.mappings);
-    println!(
-        "Attached ingress and egress programs to {} via {path}; press Ctrl-C to stop",
-        args.interface
-    );
+impl PortNat {
+    pub fn prepare(args: &PortNatArgs, ctx: &Shared) -> Result<PortNat> {
+        let mappings = mappings(&args.from, &args.to)?;
+        let ifindex = interface_index(&args.interface)?;
+        privileges::require_bpf("port-nat")?;
+        let config = NatConfig {
+            mappings,
+            protocols: args.proto,
+            max_flows: args.max_flows,
+            events: ctx.format != EventFormat::Off,
+        };
+        let skel = OwnedSkel::load(|object| load(&config, object))?;
+        // Watching before attaching: a deletion in between is not missed.
+        let watch = InterfaceWatch::new(&args.interface, ifindex)?;
+        Ok(PortNat {
+            args: args.clone(),
+            config,
+            timeouts: timeouts(args),
+            ifindex,
+            skel,
+            watch,
+            tc: None,
+            path: None,
+            expired: 0,
+            last_sweep: Instant::now(),
+        })
+    }
+}
 
-    let start_ns = events::monotonic_ns();
-    let header = format!("{:>12} {:<7} PACKET", "TIME(s)", "ACTION");
-    let ring = events::stream(&skel.maps.events, format, &header, move |e: &nat_event| {
-        print_event(e, format, start_ns)
-    })?;
-    let mut expired = 0u64;
-    let mut last_sweep = Instant::now();
-    let mut publish = metrics.publisher(&[("attach", path.to_string())]);
-    events::run_until_shutdown(ring.as_ref(), || {
-        interface_watch::follow(&mut watch, &mut attachments, format, start_ns, |index| {
-            attach(&skel.progs, &mut data.l2_len, &args.interface, index, args)
-        });
-        if last_sweep.elapsed() < Duration::from_secs(1) {
+impl Datapath for PortNat {
+    fn name(&self) -> String {
+        format!("port-nat {}", self.args.interface)
+    }
+
+    fn attach(&mut self, _ctx: &Shared) -> Result<()> {
+        let (attached, path) = attach(
+            &mut self.skel,
+            &self.args.interface,
+            self.ifindex,
+            &self.args,
+        )?;
+        self.tc = Some(attached);
+        self.path = Some(path);
+        print_configuration(&self.args, &self.config, self.ifindex, &self.timeouts);
+        warn_about_local_ports(&self.config.mappings);
+        println!(
+            "Attached ingress and egress programs to {} via {path}; press Ctrl-C to stop",
+            self.args.interface
+        );
+        Ok(())
+    }
+
+    fn attach_mode(&self) -> String {
+        self.path.map_or("none".into(), |path| path.to_string())
+    }
+
+    fn events(&self, ctx: &Shared) -> Result<Option<EventSource>> {
+        let header = format!("{:>12} {:<7} PACKET", "TIME(s)", "ACTION");
+        let (format, start_ns) = (ctx.format, ctx.start_ns);
+        EventSource::new(&self.skel.maps.events, header, move |e: &nat_event| {
+            print_event(e, format, start_ns)
+        })
+        .map(Some)
+    }
+
+    fn tick(&mut self, ctx: &Shared) {
+        let (skel, args) = (&mut self.skel, &self.args);
+        interface_watch::follow(
+            &mut self.watch,
+            &mut self.tc,
+            ctx.format,
+            ctx.start_ns,
+            |index| attach(skel, &args.interface, index, args),
+        );
+        if self.last_sweep.elapsed() < Duration::from_secs(1) {
             return;
         }
-        last_sweep = Instant::now();
-        match sweep(&skel.maps.flows, &timeouts, events::monotonic_ns()) {
+        self.last_sweep = Instant::now();
+        match sweep(
+            &self.skel.maps.flows,
+            &self.timeouts,
+            events::monotonic_ns(),
+        ) {
             Ok(flows) => {
-                expired += flows.len() as u64;
+                self.expired += flows.len() as u64;
                 for (key, flow) in &flows {
-                    print_expired(key, flow, format, start_ns);
+                    print_expired(key, flow, ctx.format, ctx.start_ns);
                 }
             }
             Err(err) => tracing::warn!("sweeping the flow table: {err:#}"),
         }
-        publish(&|| {
-            let (stats, flows) = (&skel.maps.stats, &skel.maps.flows);
-            Ok(vec![snapshot(stats, flows, &args.interface, expired)?])
-        });
-    })?;
-    drop(ring);
+    }
 
-    print_statistics(&skel, &args.interface, expired)?;
-    drop(attachments);
-    println!("Cleaned up");
-    Ok(())
+    fn snapshots(&self) -> Result<Vec<Snapshot>> {
+        let (stats, flows) = (&self.skel.maps.stats, &self.skel.maps.flows);
+        Ok(vec![snapshot(
+            stats,
+            flows,
+            &self.args.interface,
+            self.expired,
+        )?])
+    }
+
+    fn status(&self) -> serde_json::Value {
+        let mappings: Vec<String> = self
+            .config
+            .mappings
+            .iter()
+            .map(|m| format!("{} -> {}", m.from, m.to))
+            .collect();
+        serde_json::json!({
+            "name": self.name(),
+            "interface": self.args.interface,
+            "mappings": mappings,
+            "protocols": format!("{:?}", self.config.protocols).to_lowercase(),
+            "programs": self.tc.as_ref().map(Attachments::describe).unwrap_or_default(),
+        })
+    }
+
+    fn reload(&mut self, settings: &Settings, _ctx: &Shared) -> Result<()> {
+        let Settings::PortNat(new) = settings else {
+            bail!("not port-nat settings");
+        };
+        let mappings = mappings(&new.from, &new.to)?;
+        let fixed = [
+            ("max-flows", new.max_flows != self.args.max_flows),
+            ("tc-attach", new.tc_attach != self.args.tc_attach),
+        ];
+        if let Some((key, _)) = fixed.iter().find(|(_, changed)| *changed) {
+            bail!("{key} cannot change while running; restart the service to change it");
+        }
+        set_mappings(&self.skel, &mappings)?;
+        set_protocols(&mut self.skel, new.proto)?;
+        self.config.mappings = mappings;
+        self.config.protocols = new.proto;
+        self.timeouts = timeouts(new);
+        self.args = new.clone();
+        Ok(())
+    }
+
+    fn print_statistics(&self) -> Result<()> {
+        print_statistics(&self.skel, &self.args.interface, self.expired)
+    }
 }
 
 /// This host's own connections may get a FROM as their local port; their

@@ -240,28 +240,38 @@ impl BoundProxy {
             .enable_all()
             .build()
             .context("starting the proxy runtime")?;
+        self.start_on(Arc::new(runtime))
+    }
+
+    /// Starts relaying on `runtime`, which other proxies may share; dropping
+    /// the returned handle stops accepting, while relays in progress finish
+    /// (or end with the runtime).
+    pub fn start_on(self, runtime: Arc<tokio::runtime::Runtime>) -> Result<RunningProxy> {
         let stats = Arc::new(ProxyStats::default());
         let shared = Arc::new(Shared {
             config: self.config,
             listen_addrs: self.local_addrs(),
             stats: stats.clone(),
         });
+        let mut accept_loops = Vec::new();
         for listener in self.listeners {
             listener.set_nonblocking(true)?;
             let shared = shared.clone();
             let _guard = runtime.enter();
             let listener = tokio::net::TcpListener::from_std(listener)?;
-            runtime.spawn(accept_loop(listener, shared));
+            accept_loops.push(runtime.spawn(accept_loop(listener, shared)));
         }
         Ok(RunningProxy {
             runtime: Some(runtime),
+            accept_loops,
             stats,
         })
     }
 }
 
 pub struct RunningProxy {
-    runtime: Option<tokio::runtime::Runtime>,
+    runtime: Option<Arc<tokio::runtime::Runtime>>,
+    accept_loops: Vec<tokio::task::JoinHandle<()>>,
     pub stats: Arc<ProxyStats>,
 }
 
@@ -274,7 +284,11 @@ impl RunningProxy {
 
 impl Drop for RunningProxy {
     fn drop(&mut self) {
-        if let Some(runtime) = self.runtime.take() {
+        for accept_loop in &self.accept_loops {
+            accept_loop.abort();
+        }
+        // A runtime of its own ends here; a shared one with its last user.
+        if let Some(Ok(runtime)) = self.runtime.take().map(Arc::try_unwrap) {
             runtime.shutdown_timeout(Duration::from_secs(1));
         }
     }
@@ -350,7 +364,7 @@ fn listen(addr: SocketAddr, transparent: bool) -> Result<std::net::TcpListener> 
 
 /// Thousands of connections need more than the usual 1024 descriptors (each
 /// connection holds two sockets and two pipes).
-fn raise_open_file_limit() {
+pub fn raise_open_file_limit() {
     use nix::sys::resource::{getrlimit, setrlimit, Resource};
     if let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
         let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);

@@ -7,6 +7,7 @@
 use std::mem::MaybeUninit;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
@@ -19,14 +20,16 @@ use crate::bpf::redirect::types::{
     redirect_action, redirect_event, redirect_stat,
 };
 use crate::bpf::redirect::{RedirectSkel, RedirectSkelBuilder};
+use crate::bpf::OwnedSkel;
 use crate::cgroup::{self, CgroupFd};
 use crate::cli::{self, Cidr, EventFormat, OutputArgs, PortList};
-use crate::events::{self, comm_to_string};
+use crate::events::comm_to_string;
 use crate::links::Attachments;
-use crate::proxy::{BoundProxy, DestinationSource, ProxyConfig, RelayArgs};
+use crate::proxy::{BoundProxy, DestinationSource, ProxyConfig, RelayArgs, RunningProxy};
+use crate::service::{self, Datapath, EventSource, Settings, Shared};
 use crate::stats::{Metric, Snapshot};
-use crate::udp_relay::{BoundUdpRelay, UdpRelayConfig};
-use crate::{maps, metrics, privileges, shutdown};
+use crate::udp_relay::{BoundUdpRelay, UdpRelayConfig, UdpStats};
+use crate::{maps, privileges};
 
 // SAFETY: generated from include/*.h: fixed-width integers with explicit padding.
 unsafe impl plain::Plain for redirect_event {}
@@ -111,6 +114,7 @@ pub enum ProxyDown {
 }
 
 /// Everything resolved and checked before anything is attached.
+#[derive(Debug, Clone)]
 struct Plan {
     cgroup: PathBuf,
     sockopt_cgroup: PathBuf,
@@ -151,115 +155,236 @@ fn plan(args: &RedirectArgs) -> Result<Plan> {
     })
 }
 
+/// Everything `prepare` would check, without changing the system.
+pub fn check(args: &RedirectArgs) -> Result<()> {
+    plan(args)?;
+    privileges::require_bpf("redirect")
+}
+
 pub fn run(args: &RedirectArgs) -> Result<()> {
-    let plan = plan(args)?;
-    privileges::require_bpf("redirect")?;
-    let metrics = metrics::Metrics::bind(args.output.metrics)?;
-    let proxy = if args.no_proxy {
-        None
-    } else {
-        let config = ProxyConfig {
-            mark: args.mark,
-            destination: DestinationSource::OriginalDstOption,
-            transparent: false,
-            idle_timeout: args.relay.idle_timeout(),
-        };
-        Some(BoundProxy::bind(&[plan.proxy_v4, plan.proxy_v6], config)?)
-    };
-    let udp_relay = match (&proxy, &args.udp_ports) {
-        (Some(_), Some(_)) => Some(BoundUdpRelay::bind(&[plan.proxy_v4, plan.proxy_v6])?),
-        _ => None,
-    };
-    shutdown::install()?;
+    service::run_one(Settings::Redirect(args.clone()), &args.output)
+}
 
-    let mut open_object = MaybeUninit::uninit();
-    let skel = load(args, &plan, proxy.is_some(), &mut open_object)?;
-    let mut attachments = Attachments::default();
-    // sockops and getsockopt first: no connection may be redirected before
-    // its original destination can be re-keyed and answered.
-    let cgroup = CgroupFd::open(&plan.cgroup)?;
-    let sockopt_cgroup = CgroupFd::open(&plan.sockopt_cgroup)?;
-    attachments.attach_cgroup(&skel.progs.redirect_sockops, &cgroup)?;
-    attachments.attach_cgroup(&skel.progs.redirect_proxy_sockops, &sockopt_cgroup)?;
-    attachments.attach_cgroup(&skel.progs.redirect_getsockopt, &sockopt_cgroup)?;
-    attachments.attach_cgroup(&skel.progs.redirect_getpeername4, &cgroup)?;
-    attachments.attach_cgroup(&skel.progs.redirect_getpeername6, &cgroup)?;
-    if args.udp_ports.is_some() {
-        // Replies are shown from the original before any datagram leaves.
-        attachments.attach_cgroup(&skel.progs.redirect_recvmsg4, &cgroup)?;
-        attachments.attach_cgroup(&skel.progs.redirect_recvmsg6, &cgroup)?;
-        if udp_relay.is_some() {
-            attachments.attach_cgroup(&skel.progs.redirect_proxy_recvmsg4, &sockopt_cgroup)?;
-            attachments.attach_cgroup(&skel.progs.redirect_proxy_recvmsg6, &sockopt_cgroup)?;
-        }
-        attachments.attach_cgroup(&skel.progs.redirect_sendmsg4, &cgroup)?;
-        attachments.attach_cgroup(&skel.progs.redirect_sendmsg6, &cgroup)?;
-    }
-    attachments.attach_cgroup(&skel.progs.redirect_connect4, &cgroup)?;
-    attachments.attach_cgroup(&skel.progs.redirect_connect6, &cgroup)?;
+/// The redirect datapath: its programs, where they are attached, and the
+/// built-in proxy.
+pub struct Redirect {
+    args: RedirectArgs,
+    plan: Plan,
+    skel: OwnedSkel<RedirectSkel<'static>>,
+    attachments: Attachments,
+    /// Bound by prepare(), started by attach().
+    bound: Option<(BoundProxy, Option<BoundUdpRelay>)>,
+    proxy: Option<RunningProxy>,
+    udp_stats: Option<Arc<UdpStats>>,
+}
 
-    print_configuration(args, &plan);
-    let format = args.output.event_format();
-    let start_ns = events::monotonic_ns();
-    let proxy = proxy.map(BoundProxy::start).transpose()?;
-    let udp_stats = match (udp_relay, &proxy) {
-        (Some(relay), Some(proxy)) => {
-            let orig_dst = libbpf_rs::MapHandle::try_from(&skel.maps.udp_orig_dst)
-                .context("sharing the udp_orig_dst map with the relay")?;
-            let config = UdpRelayConfig {
+impl Redirect {
+    pub fn prepare(args: &RedirectArgs, ctx: &Shared) -> Result<Redirect> {
+        let plan = plan(args)?;
+        privileges::require_bpf("redirect")?;
+        let bound = if args.no_proxy {
+            None
+        } else {
+            let config = ProxyConfig {
                 mark: args.mark,
-                idle_timeout: Duration::from_secs(args.udp_idle_timeout),
-                events: format,
-                start_ns,
+                destination: DestinationSource::OriginalDstOption,
+                transparent: false,
+                idle_timeout: args.relay.idle_timeout(),
             };
-            Some(relay.start(proxy.handle(), orig_dst, config)?)
+            let proxy = BoundProxy::bind(&[plan.proxy_v4, plan.proxy_v6], config)?;
+            let udp_relay = args
+                .udp_ports
+                .as_ref()
+                .map(|_| BoundUdpRelay::bind(&[plan.proxy_v4, plan.proxy_v6]))
+                .transpose()?;
+            Some((proxy, udp_relay))
+        };
+        let builtin_proxy = bound.is_some();
+        let skel = OwnedSkel::load(|object| load(args, &plan, builtin_proxy, ctx, object))?;
+        Ok(Redirect {
+            args: args.clone(),
+            plan,
+            skel,
+            attachments: Attachments::default(),
+            bound,
+            proxy: None,
+            udp_stats: None,
+        })
+    }
+
+    /// Attaches every program for `args` to its cgroup.
+    fn attach_programs(&self, args: &RedirectArgs, plan: &Plan) -> Result<Attachments> {
+        let progs = &self.skel.progs;
+        let mut attachments = Attachments::default();
+        // sockops and getsockopt first: no connection may be redirected
+        // before its original destination can be re-keyed and answered.
+        let cgroup = CgroupFd::open(&plan.cgroup)?;
+        let sockopt_cgroup = CgroupFd::open(&plan.sockopt_cgroup)?;
+        attachments.attach_cgroup(&progs.redirect_sockops, &cgroup)?;
+        attachments.attach_cgroup(&progs.redirect_proxy_sockops, &sockopt_cgroup)?;
+        attachments.attach_cgroup(&progs.redirect_getsockopt, &sockopt_cgroup)?;
+        attachments.attach_cgroup(&progs.redirect_getpeername4, &cgroup)?;
+        attachments.attach_cgroup(&progs.redirect_getpeername6, &cgroup)?;
+        if args.udp_ports.is_some() {
+            // Replies are shown from the original before any datagram leaves.
+            attachments.attach_cgroup(&progs.redirect_recvmsg4, &cgroup)?;
+            attachments.attach_cgroup(&progs.redirect_recvmsg6, &cgroup)?;
+            if !args.no_proxy {
+                attachments.attach_cgroup(&progs.redirect_proxy_recvmsg4, &sockopt_cgroup)?;
+                attachments.attach_cgroup(&progs.redirect_proxy_recvmsg6, &sockopt_cgroup)?;
+            }
+            attachments.attach_cgroup(&progs.redirect_sendmsg4, &cgroup)?;
+            attachments.attach_cgroup(&progs.redirect_sendmsg6, &cgroup)?;
         }
-        _ => None,
-    };
-    println!(
-        "Attached {} programs; press Ctrl-C to stop",
-        attachments.len()
-    );
+        attachments.attach_cgroup(&progs.redirect_connect4, &cgroup)?;
+        attachments.attach_cgroup(&progs.redirect_connect6, &cgroup)?;
+        Ok(attachments)
+    }
+}
 
-    let header = format!(
-        "{:>12} {:<8} {:<16} {:<8} CONNECTION",
-        "TIME(s)", "ACTION", "PROCESS", "COOKIE"
-    );
-    let ring = events::stream(
-        &skel.maps.events,
-        format,
-        &header,
-        move |e: &redirect_event| print_event(e, format, start_ns),
-    )?;
-    let mut publish = metrics.publisher(&[("attach", "cgroup bpf_link".to_owned())]);
-    let snapshots = || -> Result<Vec<Snapshot>> {
-        let mut all = vec![snapshot(&skel)?];
-        all.extend(proxy.as_ref().map(|proxy| proxy.stats.snapshot()));
-        all.extend(udp_stats.as_ref().map(|udp| udp.snapshot()));
+impl Datapath for Redirect {
+    fn name(&self) -> String {
+        "redirect".into()
+    }
+
+    fn attach(&mut self, ctx: &Shared) -> Result<()> {
+        self.attachments = self.attach_programs(&self.args, &self.plan)?;
+        print_configuration(&self.args, &self.plan);
+        if let Some((proxy, udp_relay)) = self.bound.take() {
+            let proxy = proxy.start_on(ctx.proxy_runtime()?)?;
+            if let Some(relay) = udp_relay {
+                let orig_dst = libbpf_rs::MapHandle::try_from(&self.skel.maps.udp_orig_dst)
+                    .context("sharing the udp_orig_dst map with the relay")?;
+                let config = UdpRelayConfig {
+                    mark: self.args.mark,
+                    idle_timeout: Duration::from_secs(self.args.udp_idle_timeout),
+                    events: ctx.format,
+                    start_ns: ctx.start_ns,
+                };
+                self.udp_stats = Some(relay.start(proxy.handle(), orig_dst, config)?);
+            }
+            self.proxy = Some(proxy);
+        }
+        println!(
+            "Attached {} programs; press Ctrl-C to stop",
+            self.attachments.len()
+        );
+        Ok(())
+    }
+
+    fn attach_mode(&self) -> String {
+        "cgroup bpf_link".into()
+    }
+
+    fn events(&self, ctx: &Shared) -> Result<Option<EventSource>> {
+        let header = format!(
+            "{:>12} {:<8} {:<16} {:<8} CONNECTION",
+            "TIME(s)", "ACTION", "PROCESS", "COOKIE"
+        );
+        let (format, start_ns) = (ctx.format, ctx.start_ns);
+        EventSource::new(&self.skel.maps.events, header, move |e: &redirect_event| {
+            print_event(e, format, start_ns)
+        })
+        .map(Some)
+    }
+
+    fn snapshots(&self) -> Result<Vec<Snapshot>> {
+        let mut all = vec![snapshot(&self.skel)?];
+        all.extend(self.proxy.as_ref().map(|proxy| proxy.stats.snapshot()));
+        all.extend(self.udp_stats.as_ref().map(|udp| udp.snapshot()));
         Ok(all)
-    };
-    events::run_until_shutdown(ring.as_ref(), || publish(&snapshots))?;
-    drop(ring);
+    }
 
-    print_statistics(&skel)?;
-    if let Some(proxy) = proxy {
-        proxy.stats.print();
-        drop(proxy);
+    fn status(&self) -> serde_json::Value {
+        serde_json::json!({
+            "name": self.name(),
+            "cgroup": self.plan.cgroup.display().to_string(),
+            "sockopt_cgroup": self.plan.sockopt_cgroup.display().to_string(),
+            "ports": self.args.ports.to_string(),
+            "udp_ports": self.args.udp_ports.as_ref().map(PortList::to_string),
+            "proxy": if self.args.no_proxy { "external" } else { "built-in" },
+            "proxy_addresses": [self.plan.proxy_v4.to_string(), self.plan.proxy_v6.to_string()],
+            "programs": self.attachments.describe(),
+        })
     }
-    if let Some(udp_stats) = udp_stats {
-        udp_stats.print();
+
+    fn reload(&mut self, settings: &Settings, _ctx: &Shared) -> Result<()> {
+        let Settings::Redirect(new) = settings else {
+            bail!("not redirect settings");
+        };
+        let plan = plan(new)?;
+        fixed_while_running(&self.args, new, &self.plan, &plan)?;
+        // The new attachments come first, so that no connection passes
+        // unredirected in between.
+        if plan.cgroup != self.plan.cgroup || plan.sockopt_cgroup != self.plan.sockopt_cgroup {
+            self.attachments = self.attach_programs(new, &plan)?;
+        }
+        let maps = &self.skel.maps;
+        maps::sync_set(&maps.redirect_ports, &new.ports.0)?;
+        maps::sync_set(
+            &maps.redirect_udp_ports,
+            new.udp_ports.as_ref().map_or(&[][..], |p| &p.0),
+        )?;
+        set_filters(&mut self.skel, new, &plan)?;
+        self.args = new.clone();
+        self.plan = plan;
+        Ok(())
     }
-    drop(attachments);
-    println!("Cleaned up");
+
+    fn print_statistics(&self) -> Result<()> {
+        print_statistics(&self.skel)?;
+        if let Some(proxy) = &self.proxy {
+            proxy.stats.print();
+        }
+        if let Some(udp_stats) = &self.udp_stats {
+            udp_stats.print();
+        }
+        Ok(())
+    }
+}
+
+/// Settings a reload cannot change: the proxy's address and sockets, and
+/// what the loaded programs were built with.
+fn fixed_while_running(
+    old: &RedirectArgs,
+    new: &RedirectArgs,
+    old_plan: &Plan,
+    new_plan: &Plan,
+) -> Result<()> {
+    let fixed = [
+        (
+            "proxy-ip",
+            old_plan.proxy_v4 != new_plan.proxy_v4 || old_plan.proxy_v6 != new_plan.proxy_v6,
+        ),
+        ("proxy-port", old.proxy_port != new.proxy_port),
+        ("mark", old.mark != new.mark),
+        ("no-proxy", old.no_proxy != new.no_proxy),
+        (
+            "udp-ports (on or off)",
+            old.udp_ports.is_some() != new.udp_ports.is_some(),
+        ),
+        (
+            "udp-idle-timeout",
+            old.udp_idle_timeout != new.udp_idle_timeout,
+        ),
+        (
+            "idle-timeout",
+            old.relay.idle_timeout() != new.relay.idle_timeout(),
+        ),
+    ];
+    if let Some((key, _)) = fixed.iter().find(|(_, changed)| *changed) {
+        bail!("{key} cannot change while running; restart the service to change it");
+    }
     Ok(())
 }
 
-fn load<'obj>(
+fn load(
     args: &RedirectArgs,
     plan: &Plan,
     builtin_proxy: bool,
-    open_object: &'obj mut MaybeUninit<libbpf_rs::OpenObject>,
-) -> Result<RedirectSkel<'obj>> {
+    ctx: &Shared,
+    open_object: &'static mut MaybeUninit<libbpf_rs::OpenObject>,
+) -> Result<RedirectSkel<'static>> {
     let mut open = RedirectSkelBuilder::default()
         .open(open_object)
         .context("opening the redirect BPF object")?;
@@ -279,30 +404,66 @@ fn load<'obj>(
     rodata.proxy_port = args.proxy_port.to_be();
     rodata.proxy_mark = args.mark;
     rodata.proxy_tgid = if builtin_proxy { std::process::id() } else { 0 };
-    if let Some(uid) = plan.excluded_uid {
-        rodata.excluded_uid = uid;
-        rodata.has_excluded_uid = 1;
-    }
-    rodata.include_v4_active = args.include.iter().any(|c| c.addr.is_ipv4()).into();
-    rodata.include_v6_active = args.include.iter().any(|c| c.addr.is_ipv6()).into();
-    rodata.exclude_v4_active = args.exclude.iter().any(|c| c.addr.is_ipv4()).into();
-    rodata.exclude_v6_active = args.exclude.iter().any(|c| c.addr.is_ipv6()).into();
-    rodata.emit_events = (args.output.event_format() != EventFormat::Off).into();
-    rodata.proxy_down_policy = match args.when_proxy_down {
-        ProxyDown::Open => proxy_down_policy::PROXY_DOWN_OPEN.0 as u8,
-        ProxyDown::Closed => proxy_down_policy::PROXY_DOWN_CLOSED.0 as u8,
-    };
+    rodata.emit_events = (ctx.format != EventFormat::Off).into();
 
-    let skel = open.load().context("loading the redirect BPF programs")?;
+    let mut skel = open.load().context("loading the redirect BPF programs")?;
     for port in &args.ports.0 {
         maps::update(&skel.maps.redirect_ports, port, &1u8)?;
     }
     for port in args.udp_ports.iter().flat_map(|p| &p.0) {
         maps::update(&skel.maps.redirect_udp_ports, port, &1u8)?;
     }
-    fill_cidrs(&args.include, &skel.maps.include_v4, &skel.maps.include_v6)?;
-    fill_cidrs(&args.exclude, &skel.maps.exclude_v4, &skel.maps.exclude_v6)?;
+    set_filters(&mut skel, args, plan)?;
     Ok(skel)
+}
+
+/// The excluded user, the networks and the proxy-down policy: set at load
+/// and changed in place by a reload.
+fn set_filters(skel: &mut RedirectSkel<'_>, args: &RedirectArgs, plan: &Plan) -> Result<()> {
+    let maps = &skel.maps;
+    sync_cidrs(&args.include, &maps.include_v4, &maps.include_v6)?;
+    sync_cidrs(&args.exclude, &maps.exclude_v4, &maps.exclude_v6)?;
+    let bss = skel
+        .maps
+        .bss_data
+        .as_deref_mut()
+        .context("the redirect object has no .bss")?;
+    let policy = match args.when_proxy_down {
+        ProxyDown::Open => proxy_down_policy::PROXY_DOWN_OPEN.0 as u8,
+        ProxyDown::Closed => proxy_down_policy::PROXY_DOWN_CLOSED.0 as u8,
+    };
+    let values = [
+        (
+            &mut bss.include_v4_active,
+            args.include.iter().any(|c| c.addr.is_ipv4()).into(),
+        ),
+        (
+            &mut bss.include_v6_active,
+            args.include.iter().any(|c| c.addr.is_ipv6()).into(),
+        ),
+        (
+            &mut bss.exclude_v4_active,
+            args.exclude.iter().any(|c| c.addr.is_ipv4()).into(),
+        ),
+        (
+            &mut bss.exclude_v6_active,
+            args.exclude.iter().any(|c| c.addr.is_ipv6()).into(),
+        ),
+        (&mut bss.proxy_down_policy, policy),
+    ];
+    for (field, value) in values {
+        // SAFETY: a byte of the mmap'ed .bss, which the programs read as volatile.
+        unsafe { std::ptr::write_volatile(field, value) };
+    }
+    // SAFETY: as above; the uid before the flag that enables it.
+    unsafe {
+        std::ptr::write_volatile(&mut bss.excluded_uid, plan.excluded_uid.unwrap_or(0));
+        std::ptr::write_volatile(
+            &mut bss.has_excluded_uid,
+            plan.excluded_uid.is_some().into(),
+        );
+    }
+    Ok(())
 }
 
 fn ipv6_words(ip: Ipv6Addr) -> [u32; 4] {
@@ -310,27 +471,25 @@ fn ipv6_words(ip: Ipv6Addr) -> [u32; 4] {
     std::array::from_fn(|i| u32::from_ne_bytes(octets[i * 4..i * 4 + 4].try_into().unwrap()))
 }
 
-fn fill_cidrs(cidrs: &[Cidr], v4: &dyn MapCore, v6: &dyn MapCore) -> Result<()> {
+/// Makes the two tries hold exactly `cidrs`.
+fn sync_cidrs(cidrs: &[Cidr], v4: &dyn MapCore, v6: &dyn MapCore) -> Result<()> {
+    let mut keys_v4 = Vec::new();
+    let mut keys_v6 = Vec::new();
     for cidr in cidrs {
         let prefixlen = u32::from(cidr.prefix_len);
         match cidr.addr {
-            IpAddr::V4(ip) => {
-                let key = cidr_v4_key {
-                    prefixlen,
-                    addr: u32::from_ne_bytes(ip.octets()),
-                };
-                maps::update(v4, &key, &1u8)?;
-            }
-            IpAddr::V6(ip) => {
-                let key = cidr_v6_key {
-                    prefixlen,
-                    addr: ipv6_words(ip),
-                };
-                maps::update(v6, &key, &1u8)?;
-            }
+            IpAddr::V4(ip) => keys_v4.push(cidr_v4_key {
+                prefixlen,
+                addr: u32::from_ne_bytes(ip.octets()),
+            }),
+            IpAddr::V6(ip) => keys_v6.push(cidr_v6_key {
+                prefixlen,
+                addr: ipv6_words(ip),
+            }),
         }
     }
-    Ok(())
+    maps::sync_set(v4, &keys_v4)?;
+    maps::sync_set(v6, &keys_v6)
 }
 
 /// An endpoint from the kernel (network byte order) as a socket address.

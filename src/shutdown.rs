@@ -1,24 +1,57 @@
-//! SIGINT, SIGTERM and SIGHUP ask the running subcommand to stop cleanly.
+//! Signals: SIGINT and SIGTERM ask the running process to stop cleanly.
+//! SIGHUP asks a service (`run --config`) to reload its file, and stops a
+//! single subcommand, as a closed terminal should.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::OnceLock;
 
 use anyhow::{Context, Result};
+use nix::sys::signal::{self, SaFlags, SigAction, SigHandler, SigSet, Signal};
 
 static REQUESTED: AtomicBool = AtomicBool::new(false);
+static RELOAD_REQUESTED: AtomicBool = AtomicBool::new(false);
+static HANGUP_RELOADS: AtomicBool = AtomicBool::new(false);
 static INSTALLED: OnceLock<()> = OnceLock::new();
 
-/// Installs the handler once per process; later calls do nothing.
+extern "C" fn on_signal(signal: libc::c_int) {
+    // Only atomic stores: this runs in signal context.
+    if signal == libc::SIGHUP && HANGUP_RELOADS.load(Ordering::SeqCst) {
+        RELOAD_REQUESTED.store(true, Ordering::SeqCst);
+    } else {
+        REQUESTED.store(true, Ordering::SeqCst);
+    }
+}
+
+/// Installs the handlers once per process; later calls do nothing.
 pub fn install() -> Result<()> {
     if INSTALLED.get().is_some() {
         return Ok(());
     }
-    ctrlc::set_handler(|| REQUESTED.store(true, Ordering::SeqCst))
-        .context("installing the SIGINT/SIGTERM handler")?;
+    // No SA_RESTART: a signal interrupts the run loop's poll at once.
+    let action = SigAction::new(
+        SigHandler::Handler(on_signal),
+        SaFlags::empty(),
+        SigSet::empty(),
+    );
+    for sig in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
+        // SAFETY: the handler only stores to atomics.
+        unsafe { signal::sigaction(sig, &action) }
+            .with_context(|| format!("installing the {sig} handler"))?;
+    }
     let _ = INSTALLED.set(());
     Ok(())
 }
 
+/// From now on SIGHUP asks for a reload instead of a stop.
+pub fn reload_on_hangup() {
+    HANGUP_RELOADS.store(true, Ordering::SeqCst);
+}
+
 pub fn requested() -> bool {
     REQUESTED.load(Ordering::SeqCst)
+}
+
+/// Whether a reload was asked for since the last call.
+pub fn take_reload_request() -> bool {
+    RELOAD_REQUESTED.swap(false, Ordering::SeqCst)
 }

@@ -19,14 +19,15 @@ use libbpf_rs::MapCore;
 
 use crate::bpf::tproxy::types::{endpoint, tproxy_action, tproxy_event, tproxy_stat};
 use crate::bpf::tproxy::{TproxySkel, TproxySkelBuilder};
+use crate::bpf::OwnedSkel;
 use crate::cli::{self, EventFormat, OutputArgs, PortList};
-use crate::events;
 use crate::interface_watch::{self, InterfaceWatch};
-use crate::links::{Attachments, TcAttachMode, TcDirection};
+use crate::links::{Attachments, TcAttachMode, TcDirection, TcPath};
 use crate::local_route::{self, LocalRouteSpec, LocalRoutes};
-use crate::proxy::{BoundProxy, DestinationSource, ProxyConfig, RelayArgs};
+use crate::proxy::{BoundProxy, DestinationSource, ProxyConfig, RelayArgs, RunningProxy};
+use crate::service::{self, Datapath, EventSource, Settings, Shared};
 use crate::stats::Snapshot;
-use crate::{maps, metrics, privileges, redirect, shutdown};
+use crate::{maps, privileges, redirect};
 
 // SAFETY: generated from include/tproxy.h: fixed-width integers with explicit padding.
 unsafe impl plain::Plain for tproxy_event {}
@@ -184,7 +185,7 @@ struct InstanceLock {
 
 impl InstanceLock {
     fn take(table: u32) -> Result<Self> {
-        let dir = Path::new(LOCK_DIR);
+        let dir = Path::new(crate::status::RUN_DIR);
         // Network namespaces are told apart by their nsfs inode.
         let netns = fs::metadata("/proc/self/ns/net")
             .context("reading this process's network namespace")?
@@ -247,126 +248,220 @@ impl Drop for InstanceLock {
     }
 }
 
+/// Everything `prepare` would check, without changing the system.
+pub fn check(args: &TproxyArgs) -> Result<()> {
+    plan(args)?;
+    privileges::require_bpf("tproxy")
+}
+
 pub fn run(args: &TproxyArgs) -> Result<()> {
-    let plan = plan(args)?;
-    privileges::require_bpf("tproxy")?;
-    let metrics = metrics::Metrics::bind(args.output.metrics)?;
-    let _lock = InstanceLock::take(args.route_table)?;
-    let proxy = if args.no_proxy {
-        None
-    } else {
-        let config = ProxyConfig {
-            mark: args.mark,
-            destination: DestinationSource::LocalAddress,
-            transparent: true,
-            idle_timeout: args.relay.idle_timeout(),
+    service::run_one(Settings::Tproxy(args.clone()), &args.output)
+}
+
+/// The tproxy datapath: the TC program on the intercepted interface, the
+/// local routes, and the built-in transparent proxy.
+pub struct Tproxy {
+    args: TproxyArgs,
+    plan: Plan,
+    skel: OwnedSkel<TproxySkel<'static>>,
+    bound: Option<BoundProxy>,
+    proxy: Option<RunningProxy>,
+    watch: InterfaceWatch,
+    /// The intercepted interface's attachment; None while it is gone.
+    tc: Option<Attachments>,
+    /// The upstream interface and sk_lookup.
+    attachments: Attachments,
+    path: Option<TcPath>,
+    // Dropped after the programs are detached (field order).
+    routes: Option<LocalRoutes>,
+    _lock: InstanceLock,
+}
+
+impl Tproxy {
+    pub fn prepare(args: &TproxyArgs, ctx: &Shared) -> Result<Tproxy> {
+        let plan = plan(args)?;
+        privileges::require_bpf("tproxy")?;
+        let lock = InstanceLock::take(args.route_table)?;
+        let bound = if args.no_proxy {
+            None
+        } else {
+            let config = ProxyConfig {
+                mark: args.mark,
+                destination: DestinationSource::LocalAddress,
+                transparent: true,
+                idle_timeout: args.relay.idle_timeout(),
+            };
+            Some(BoundProxy::bind(&[plan.proxy_v4, plan.proxy_v6], config)?)
         };
-        Some(BoundProxy::bind(&[plan.proxy_v4, plan.proxy_v6], config)?)
-    };
-    shutdown::install()?;
-
-    let mut open_object = MaybeUninit::uninit();
-    let config = DatapathConfig {
-        ports: args.ports.0.clone(),
-        proxy_v4: plan.proxy_v4,
-        proxy_v6: plan.proxy_v6,
-        route_mark: args.route_mark,
-        ifindex: plan.ifindex,
-        has_l2_header: plan.has_l2_header,
-        upstream_has_l2_header: plan.upstream.is_some_and(|(_, l2)| l2),
-        events: args.output.event_format() != EventFormat::Off,
-    };
-    let mut skel = load(&config, &mut open_object)?;
-    if let Some(proxy) = &proxy {
-        for (key, fd) in proxy.listener_fds().into_iter().enumerate() {
-            maps::update(&skel.maps.proxy_listeners, &(key as u32), &(fd as u64))?;
+        let config = DatapathConfig {
+            ports: args.ports.0.clone(),
+            proxy_v4: plan.proxy_v4,
+            proxy_v6: plan.proxy_v6,
+            route_mark: args.route_mark,
+            ifindex: plan.ifindex,
+            has_l2_header: plan.has_l2_header,
+            upstream_has_l2_header: plan.upstream.is_some_and(|(_, l2)| l2),
+            events: ctx.format != EventFormat::Off,
+        };
+        let skel = OwnedSkel::load(|object| load(&config, object))?;
+        if let Some(proxy) = &bound {
+            for (key, fd) in proxy.listener_fds().into_iter().enumerate() {
+                maps::update(&skel.maps.proxy_listeners, &(key as u32), &(fd as u64))?;
+            }
         }
-    }
-    for removed in local_route::remove_leftovers(&plan.routes)? {
-        println!("Removed a leftover of a killed run: {removed}");
-    }
-    // Rules and routes before the program: a packet that carries a socket
-    // but is not routed locally would be dropped by ip_forward().
-    let routes = LocalRoutes::install(&plan.routes)?;
-    // Watching before attaching: a deletion in between is not missed. The
-    // rule follows the name by itself (iif), the route is on lo.
-    let mut watch = InterfaceWatch::new(&args.interface, plan.ifindex)?;
-    let mut tc = Attachments::default();
-    let path = tc.attach_tc(
-        &skel.progs.tproxy_ingress,
-        plan.ifindex,
-        TcDirection::Ingress,
-        args.tc_attach,
-    )?;
-    let mut tc = Some(tc);
-    let mut attachments = Attachments::default();
-
-    if let Some((upstream_ifindex, _)) = plan.upstream {
-        attachments.attach_tc(
-            &skel.progs.tproxy_upstream_ingress,
-            upstream_ifindex,
-            TcDirection::Ingress,
-            args.tc_attach,
-        )?;
-    }
-
-    if proxy.is_some() {
-        attachments.attach_netns(&skel.progs.tproxy_sk_lookup)?;
-    }
-
-    print_configuration(args, &plan, &path.to_string());
-    let proxy = proxy.map(BoundProxy::start).transpose()?;
-    println!(
-        "Attached tproxy_ingress to {} ingress ({path}); press Ctrl-C to stop",
-        args.interface
-    );
-
-    let format = args.output.event_format();
-    let start_ns = events::monotonic_ns();
-    let proxy_addrs = [plan.proxy_v4, plan.proxy_v6];
-    let header = format!("{:>12} {:<10} CONNECTION", "TIME(s)", "ACTION");
-    let ring = events::stream(
-        &skel.maps.events,
-        format,
-        &header,
-        move |e: &tproxy_event| print_event(e, format, start_ns, &proxy_addrs),
-    )?;
-    let bss = skel
-        .maps
-        .bss_data
-        .as_deref_mut()
-        .context("the tproxy object has no .bss")?;
-    let mut publish = metrics.publisher(&[("attach", path.to_string())]);
-    events::run_until_shutdown(ring.as_ref(), || {
-        publish(&|| {
-            let mut all = vec![snapshot(&skel.maps.stats, &args.interface)?];
-            all.extend(proxy.as_ref().map(|proxy| proxy.stats.snapshot()));
-            Ok(all)
-        });
-        interface_watch::follow(&mut watch, &mut tc, format, start_ns, |index| {
-            bss.ifindex = index;
-            bss.has_l2_header = crate::links::link_has_l2_header(&args.interface, "tproxy")?.into();
-            let mut attached = Attachments::default();
-            let path = attached.attach_tc(
-                &skel.progs.tproxy_ingress,
-                index,
-                TcDirection::Ingress,
-                args.tc_attach,
-            )?;
-            Ok((attached, path))
+        // Watching before attaching: a deletion in between is not missed.
+        // The rule follows the name by itself (iif), the route is on lo.
+        let watch = InterfaceWatch::new(&args.interface, plan.ifindex)?;
+        Ok(Tproxy {
+            args: args.clone(),
+            plan,
+            skel,
+            bound,
+            proxy: None,
+            watch,
+            tc: None,
+            attachments: Attachments::default(),
+            path: None,
+            routes: None,
+            _lock: lock,
         })
-    })?;
-    drop(ring);
-
-    print_statistics(&skel, &args.interface)?;
-    if let Some(proxy) = proxy {
-        proxy.stats.print();
     }
-    drop(tc);
-    drop(attachments);
-    drop(routes);
-    println!("Cleaned up");
-    Ok(())
+}
+
+impl Datapath for Tproxy {
+    fn name(&self) -> String {
+        "tproxy".into()
+    }
+
+    fn attach(&mut self, ctx: &Shared) -> Result<()> {
+        for removed in local_route::remove_leftovers(&self.plan.routes)? {
+            println!("Removed a leftover of a killed run: {removed}");
+        }
+        // Rules and routes before the program: a packet that carries a
+        // socket but is not routed locally would be dropped by ip_forward().
+        self.routes = Some(LocalRoutes::install(&self.plan.routes)?);
+        let mut tc = Attachments::default();
+        let path = tc.attach_tc(
+            &self.skel.progs.tproxy_ingress,
+            self.plan.ifindex,
+            TcDirection::Ingress,
+            self.args.tc_attach,
+        )?;
+        self.tc = Some(tc);
+        self.path = Some(path);
+        if let Some((upstream_ifindex, _)) = self.plan.upstream {
+            self.attachments.attach_tc(
+                &self.skel.progs.tproxy_upstream_ingress,
+                upstream_ifindex,
+                TcDirection::Ingress,
+                self.args.tc_attach,
+            )?;
+        }
+        if self.bound.is_some() {
+            self.attachments
+                .attach_netns(&self.skel.progs.tproxy_sk_lookup)?;
+        }
+        print_configuration(&self.args, &self.plan, &path.to_string());
+        if let Some(proxy) = self.bound.take() {
+            self.proxy = Some(proxy.start_on(ctx.proxy_runtime()?)?);
+        }
+        println!(
+            "Attached tproxy_ingress to {} ingress ({path}); press Ctrl-C to stop",
+            self.args.interface
+        );
+        Ok(())
+    }
+
+    fn attach_mode(&self) -> String {
+        self.path.map_or("none".into(), |path| path.to_string())
+    }
+
+    fn events(&self, ctx: &Shared) -> Result<Option<EventSource>> {
+        let header = format!("{:>12} {:<10} CONNECTION", "TIME(s)", "ACTION");
+        let (format, start_ns) = (ctx.format, ctx.start_ns);
+        let proxy_addrs = [self.plan.proxy_v4, self.plan.proxy_v6];
+        EventSource::new(&self.skel.maps.events, header, move |e: &tproxy_event| {
+            print_event(e, format, start_ns, &proxy_addrs)
+        })
+        .map(Some)
+    }
+
+    fn tick(&mut self, ctx: &Shared) {
+        let (skel, args) = (&mut self.skel, &self.args);
+        interface_watch::follow(
+            &mut self.watch,
+            &mut self.tc,
+            ctx.format,
+            ctx.start_ns,
+            |index| {
+                let has_l2_header = crate::links::link_has_l2_header(&args.interface, "tproxy")?;
+                let bss = skel
+                    .maps
+                    .bss_data
+                    .as_deref_mut()
+                    .context("the tproxy object has no .bss")?;
+                bss.ifindex = index;
+                bss.has_l2_header = has_l2_header.into();
+                let mut attached = Attachments::default();
+                let path = attached.attach_tc(
+                    &skel.progs.tproxy_ingress,
+                    index,
+                    TcDirection::Ingress,
+                    args.tc_attach,
+                )?;
+                Ok((attached, path))
+            },
+        );
+    }
+
+    fn snapshots(&self) -> Result<Vec<Snapshot>> {
+        let mut all = vec![snapshot(&self.skel.maps.stats, &self.args.interface)?];
+        all.extend(self.proxy.as_ref().map(|proxy| proxy.stats.snapshot()));
+        Ok(all)
+    }
+
+    fn status(&self) -> serde_json::Value {
+        let mut programs = self
+            .tc
+            .as_ref()
+            .map(Attachments::describe)
+            .unwrap_or_default();
+        programs.extend(self.attachments.describe());
+        serde_json::json!({
+            "name": self.name(),
+            "interface": self.args.interface,
+            "upstream_interface": self.args.upstream_interface,
+            "ports": self.args.ports.to_string(),
+            "proxy": if self.args.no_proxy { "external" } else { "built-in" },
+            "proxy_addresses": [self.plan.proxy_v4.to_string(), self.plan.proxy_v6.to_string()],
+            "programs": programs,
+        })
+    }
+
+    fn reload(&mut self, settings: &Settings, _ctx: &Shared) -> Result<()> {
+        let Settings::Tproxy(new) = settings else {
+            bail!("not tproxy settings");
+        };
+        let mut unchanged_but_ports = new.clone();
+        unchanged_but_ports.ports = self.args.ports.clone();
+        if format!("{unchanged_but_ports:?}") != format!("{:?}", self.args) {
+            bail!(
+                "only ports can change while tproxy runs; restart the service to change \
+                 anything else"
+            );
+        }
+        maps::sync_set(&self.skel.maps.tproxy_ports, &new.ports.0)?;
+        self.args = new.clone();
+        Ok(())
+    }
+
+    fn print_statistics(&self) -> Result<()> {
+        print_statistics(&self.skel, &self.args.interface)?;
+        if let Some(proxy) = &self.proxy {
+            proxy.stats.print();
+        }
+        Ok(())
+    }
 }
 
 /// What the BPF programs are loaded with.

@@ -1,0 +1,452 @@
+//! One lifecycle for every datapath. A datapath is prepared (everything
+//! checked and loaded, nothing attached), attached, then watched by one run
+//! loop: one shutdown signal, one event stream, one statistics printer, one
+//! metrics page and one status page for any set of datapaths. The
+//! subcommands run one datapath through it; `run --config` runs several and
+//! reloads them on SIGHUP.
+
+use std::cell::OnceCell;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result};
+use libbpf_rs::{MapHandle, RingBufferBuilder};
+
+use crate::cli::{EventFormat, OutputArgs};
+use crate::metrics::Metrics;
+use crate::stats::Snapshot;
+use crate::{events, shutdown, status};
+
+/// What every datapath shares while it runs.
+pub struct Shared {
+    pub format: EventFormat,
+    /// events::monotonic_ns() at start, the zero of event times.
+    pub start_ns: u64,
+    proxy_runtime: OnceCell<Arc<tokio::runtime::Runtime>>,
+}
+
+impl Shared {
+    pub fn new(format: EventFormat) -> Shared {
+        Shared {
+            format,
+            start_ns: events::monotonic_ns(),
+            proxy_runtime: OnceCell::new(),
+        }
+    }
+
+    /// The one runtime of the built-in proxies (TCP and UDP) of every
+    /// datapath, started by the first that needs it.
+    pub fn proxy_runtime(&self) -> Result<Arc<tokio::runtime::Runtime>> {
+        if let Some(runtime) = self.proxy_runtime.get() {
+            return Ok(runtime.clone());
+        }
+        crate::proxy::raise_open_file_limit();
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(std::thread::available_parallelism().map_or(2, |n| n.get()))
+            .thread_name("proxy")
+            .enable_all()
+            .build()
+            .context("starting the proxy runtime")?;
+        Ok(self.proxy_runtime.get_or_init(|| Arc::new(runtime)).clone())
+    }
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.proxy_runtime.take() {
+            if let Ok(runtime) = Arc::try_unwrap(runtime) {
+                runtime.shutdown_timeout(Duration::from_secs(1));
+            }
+        }
+    }
+}
+
+/// What a datapath does with one ring-buffer record.
+pub type EventHandler = Box<dyn FnMut(&[u8])>;
+
+/// A datapath's ring buffer and what to do with each record.
+pub struct EventSource {
+    pub map: MapHandle,
+    /// The column header printed before the first text event.
+    pub header: String,
+    pub handle: EventHandler,
+}
+
+impl EventSource {
+    /// Records of type `T` from `map`, each passed to `handle`.
+    pub fn new<T: plain::Plain + 'static>(
+        map: &libbpf_rs::Map<'_>,
+        header: String,
+        mut handle: impl FnMut(&T) + 'static,
+    ) -> Result<EventSource> {
+        Ok(EventSource {
+            map: MapHandle::try_from(map).context("sharing the events map")?,
+            header,
+            handle: Box::new(move |bytes| {
+                if let Ok(event) = plain::from_bytes::<T>(bytes) {
+                    handle(event);
+                }
+            }),
+        })
+    }
+}
+
+/// A running datapath, as the run loop sees it.
+pub trait Datapath {
+    /// `redirect`, `bypass`, `tproxy`, or `port-nat IFACE`: unique in a service.
+    fn name(&self) -> String;
+    /// Attaches everything prepared and prints the configuration.
+    fn attach(&mut self, ctx: &Shared) -> Result<()>;
+    /// How the programs are attached, for the build-info metric.
+    fn attach_mode(&self) -> String;
+    /// The events to stream while events are on.
+    fn events(&self, ctx: &Shared) -> Result<Option<EventSource>>;
+    /// Called about every 100 ms: follow interfaces, expire flows.
+    fn tick(&mut self, _ctx: &Shared) {}
+    /// Counters and gauges, read for /metrics, the status page and the exit
+    /// statistics.
+    fn snapshots(&self) -> Result<Vec<Snapshot>>;
+    /// What is attached where, for `proxy-redirect status`.
+    fn status(&self) -> serde_json::Value;
+    /// Applies new settings of the same datapath in place (map updates,
+    /// attaching to a new cgroup or interface before leaving the old); the
+    /// new settings were checked with `check` first.
+    fn reload(&mut self, settings: &Settings, ctx: &Shared) -> Result<()>;
+    /// Stops new work before the final statistics are read.
+    fn stop(&mut self) {}
+    fn print_statistics(&self) -> Result<()>;
+}
+
+/// The settings of one datapath, from the command line or a config section.
+#[derive(Debug, Clone)]
+pub enum Settings {
+    Redirect(crate::redirect::RedirectArgs),
+    Bypass(crate::bypass::BypassArgs),
+    PortNat(crate::port_nat::PortNatArgs),
+    Tproxy(crate::tproxy::TproxyArgs),
+}
+
+impl Settings {
+    /// The name of the datapath these settings make; a reload matches old
+    /// and new datapaths by it.
+    pub fn name(&self) -> String {
+        match self {
+            Settings::Redirect(_) => "redirect".into(),
+            Settings::Bypass(_) => "bypass".into(),
+            Settings::PortNat(args) => format!("port-nat {}", args.interface),
+            Settings::Tproxy(_) => "tproxy".into(),
+        }
+    }
+
+    /// Checks everything that can be checked without changing the system
+    /// (users, cgroups, interfaces, privileges).
+    pub fn check(&self) -> Result<()> {
+        match self {
+            Settings::Redirect(args) => crate::redirect::check(args),
+            Settings::Bypass(args) => crate::bypass::check(args),
+            Settings::PortNat(args) => crate::port_nat::check(args),
+            Settings::Tproxy(args) => crate::tproxy::check(args),
+        }
+    }
+
+    /// Loads the programs and binds the sockets; nothing is attached yet.
+    pub fn prepare(&self, ctx: &Shared) -> Result<Box<dyn Datapath>> {
+        Ok(match self {
+            Settings::Redirect(args) => Box::new(crate::redirect::Redirect::prepare(args, ctx)?),
+            Settings::Bypass(args) => Box::new(crate::bypass::Bypass::prepare(args, ctx)?),
+            Settings::PortNat(args) => Box::new(crate::port_nat::PortNat::prepare(args, ctx)?),
+            Settings::Tproxy(args) => Box::new(crate::tproxy::Tproxy::prepare(args, ctx)?),
+        })
+    }
+}
+
+/// Where a service's settings come from, and how to read them again.
+pub trait Source {
+    fn load(&self) -> Result<(Vec<Settings>, Option<std::net::SocketAddr>)>;
+}
+
+#[derive(clap::Args, Debug, Clone)]
+#[command(after_help = "\
+Example:
+  proxy-redirect run --config /etc/proxy-redirect/config.toml
+
+The file has a section per datapath: [redirect], [bypass], [[port-nat]]
+(one per interface), [tproxy], and [metrics] with listen = \"ADDR\". Keys are
+the long options of the subcommand of that name, with typed values:
+  [redirect]
+  cgroup = \"pods.slice\"
+  ports = [80, 443]
+  [[port-nat]]
+  interface = \"eth0\"
+  from = [8080]
+  to = [80]
+Everything is checked before anything is attached. SIGHUP reloads the file:
+ports, networks, excluded users and port mappings change in place without
+dropping a connection, a new cgroup is attached before the old one is left,
+and a file with an error is refused while the running configuration stays.
+`proxy-redirect status` shows what runs.")]
+pub struct RunArgs {
+    /// The TOML configuration file
+    #[arg(short, long, value_name = "FILE")]
+    pub config: std::path::PathBuf,
+    #[command(flatten)]
+    pub output: OutputArgs,
+}
+
+/// A config file, read again on every reload; `--metrics` on the command
+/// line wins over `[metrics]`.
+struct ConfigFile<'a>(&'a RunArgs);
+
+impl Source for ConfigFile<'_> {
+    fn load(&self) -> Result<(Vec<Settings>, Option<std::net::SocketAddr>)> {
+        let config = crate::config::load(&self.0.config)?;
+        let mut settings = Vec::new();
+        settings.extend(config.redirect.map(Settings::Redirect));
+        settings.extend(config.bypass.map(Settings::Bypass));
+        settings.extend(config.port_nat.into_iter().map(Settings::PortNat));
+        settings.extend(config.tproxy.map(Settings::Tproxy));
+        Ok((settings, self.0.output.metrics.or(config.metrics)))
+    }
+}
+
+/// `proxy-redirect run --config FILE`.
+pub fn run(args: &RunArgs) -> Result<()> {
+    run_service(&ConfigFile(args), &args.output)
+}
+
+/// Runs one subcommand's datapath until SIGINT/SIGTERM/SIGHUP.
+pub fn run_one(settings: Settings, output: &OutputArgs) -> Result<()> {
+    settings.check()?;
+    let ctx = Shared::new(output.event_format());
+    let metrics = Metrics::bind(output.metrics)?;
+    shutdown::install()?;
+    let mut datapaths = vec![settings.prepare(&ctx)?];
+    for datapath in &mut datapaths {
+        datapath.attach(&ctx)?;
+    }
+    run_loop(&ctx, &mut datapaths, metrics, None, None)?;
+    finish(datapaths)
+}
+
+/// `run --config`: every datapath of the file, reloaded on SIGHUP.
+fn run_service(source: &dyn Source, output: &OutputArgs) -> Result<()> {
+    let (settings, metrics_addr) = source.load()?;
+    let metrics_addr = output.metrics.or(metrics_addr);
+    for each in &settings {
+        each.check()
+            .with_context(|| format!("[{}]", section_name(each)))?;
+    }
+    let ctx = Shared::new(output.event_format());
+    let metrics = Metrics::bind(metrics_addr)?;
+    let status = status::Server::bind()?;
+    shutdown::install()?;
+    shutdown::reload_on_hangup();
+    let mut datapaths = Vec::new();
+    for each in &settings {
+        datapaths.push(each.prepare(&ctx)?);
+    }
+    for datapath in &mut datapaths {
+        datapath.attach(&ctx)?;
+    }
+    println!(
+        "Service running {} datapath(s); SIGHUP reloads the configuration",
+        datapaths.len()
+    );
+    run_loop(&ctx, &mut datapaths, metrics, Some(source), Some(&status))?;
+    finish(datapaths)
+}
+
+fn section_name(settings: &Settings) -> String {
+    match settings {
+        Settings::PortNat(args) => format!("port-nat {}", args.interface),
+        other => other.name(),
+    }
+}
+
+fn finish(mut datapaths: Vec<Box<dyn Datapath>>) -> Result<()> {
+    for datapath in &mut datapaths {
+        datapath.stop();
+    }
+    for datapath in &datapaths {
+        datapath.print_statistics()?;
+    }
+    // Detached in reverse order of attachment.
+    while let Some(datapath) = datapaths.pop() {
+        drop(datapath);
+    }
+    println!("Cleaned up");
+    Ok(())
+}
+
+const TICK: Duration = Duration::from_millis(100);
+const PUBLISH_INTERVAL: Duration = Duration::from_secs(1);
+
+fn run_loop(
+    ctx: &Shared,
+    datapaths: &mut Vec<Box<dyn Datapath>>,
+    mut metrics: Metrics,
+    source: Option<&dyn Source>,
+    status: Option<&status::Server>,
+) -> Result<()> {
+    let mut headers_printed = false;
+    loop {
+        let mut maps = Vec::new();
+        let mut handles = Vec::new();
+        for datapath in datapaths.iter() {
+            if ctx.format == EventFormat::Off {
+                break;
+            }
+            if let Some(source) = datapath.events(ctx)? {
+                if ctx.format == EventFormat::Text && !headers_printed {
+                    println!("{}", source.header);
+                }
+                maps.push(source.map);
+                handles.push(source.handle);
+            }
+        }
+        headers_printed = true;
+        let ring = match maps.is_empty() {
+            true => None,
+            false => {
+                let mut builder = RingBufferBuilder::new();
+                for (map, mut handle) in maps.iter().zip(handles) {
+                    builder.add(map, move |bytes: &[u8]| {
+                        handle(bytes);
+                        0
+                    })?;
+                }
+                Some(builder.build()?)
+            }
+        };
+        let mut last_publish: Option<Instant> = None;
+        let build_info = build_info(datapaths);
+        loop {
+            match &ring {
+                Some(ring) => {
+                    if let Err(err) = ring.poll(TICK) {
+                        // The signal that asks us to stop interrupts the poll.
+                        if err.kind() != libbpf_rs::ErrorKind::Interrupted {
+                            return Err(err.into());
+                        }
+                    }
+                }
+                None => std::thread::sleep(TICK),
+            }
+            for datapath in datapaths.iter_mut() {
+                datapath.tick(ctx);
+            }
+            if last_publish.is_none_or(|at| at.elapsed() >= PUBLISH_INTERVAL) {
+                last_publish = Some(Instant::now());
+                publish(datapaths, &metrics, &build_info, status);
+            }
+            if shutdown::requested() {
+                if let Some(ring) = &ring {
+                    ring.consume()?;
+                }
+                return Ok(());
+            }
+            if source.is_some() && shutdown::take_reload_request() {
+                break;
+            }
+        }
+        if let Some(ring) = &ring {
+            ring.consume()?;
+        }
+        drop(ring);
+        if let Some(source) = source {
+            reload(ctx, datapaths, source, &mut metrics);
+        }
+    }
+}
+
+/// The labels of the build-info gauge: how each datapath is attached.
+fn build_info(datapaths: &[Box<dyn Datapath>]) -> Vec<(&'static str, String)> {
+    let mut modes: Vec<String> = datapaths.iter().map(|d| d.attach_mode()).collect();
+    modes.sort();
+    modes.dedup();
+    vec![("attach", modes.join(", "))]
+}
+
+fn publish(
+    datapaths: &[Box<dyn Datapath>],
+    metrics: &Metrics,
+    build_info: &[(&'static str, String)],
+    status: Option<&status::Server>,
+) {
+    let mut snapshots = Vec::new();
+    for datapath in datapaths {
+        match datapath.snapshots() {
+            Ok(mut more) => snapshots.append(&mut more),
+            Err(err) => tracing::warn!("reading the statistics of {}: {err:#}", datapath.name()),
+        }
+    }
+    metrics.publish(&snapshots, build_info);
+    if let Some(status) = status {
+        status.publish(status_page(datapaths, &snapshots));
+    }
+}
+
+fn status_page(datapaths: &[Box<dyn Datapath>], snapshots: &[Snapshot]) -> serde_json::Value {
+    serde_json::json!({
+        "pid": std::process::id(),
+        "version": env!("CARGO_PKG_VERSION"),
+        "datapaths": datapaths.iter().map(|d| d.status()).collect::<Vec<_>>(),
+        "statistics": snapshots.iter().map(Snapshot::to_json).collect::<Vec<_>>(),
+    })
+}
+
+/// SIGHUP: the new file is read and checked whole; if anything in it is
+/// wrong, one line says what and the running configuration stays.
+fn reload(
+    ctx: &Shared,
+    datapaths: &mut Vec<Box<dyn Datapath>>,
+    source: &dyn Source,
+    metrics: &mut Metrics,
+) {
+    let checked = source.load().and_then(|(settings, metrics_addr)| {
+        for each in &settings {
+            each.check()
+                .with_context(|| format!("[{}]", section_name(each)))?;
+        }
+        Ok((settings, metrics_addr))
+    });
+    let (settings, metrics_addr) = match checked {
+        Ok(loaded) => loaded,
+        Err(err) => {
+            eprintln!("reload refused, the running configuration stays: {err:#}");
+            return;
+        }
+    };
+    // New and changed datapaths first, so that nothing is left without a
+    // datapath in between; then the ones the file no longer names.
+    for each in &settings {
+        let name = each.name();
+        let result = match datapaths.iter_mut().find(|d| d.name() == name) {
+            Some(running) => running.reload(each, ctx),
+            None => each.prepare(ctx).and_then(|mut datapath| {
+                datapath.attach(ctx)?;
+                datapaths.push(datapath);
+                Ok(())
+            }),
+        };
+        match result {
+            Ok(()) => println!("Reloaded {name}"),
+            Err(err) => eprintln!("reload of {name} failed, it keeps its settings: {err:#}"),
+        }
+    }
+    let names: Vec<String> = settings.iter().map(Settings::name).collect();
+    datapaths.retain_mut(|datapath| {
+        let keep = names.contains(&datapath.name());
+        if !keep {
+            datapath.stop();
+            println!("Stopped {}", datapath.name());
+        }
+        keep
+    });
+    if metrics.addr() != metrics_addr {
+        match Metrics::bind(metrics_addr) {
+            Ok(new) => *metrics = new,
+            Err(err) => eprintln!("reload of [metrics] failed, it keeps its address: {err:#}"),
+        }
+    }
+}

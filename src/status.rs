@@ -1,0 +1,193 @@
+//! `proxy-redirect status`: a running service (`run --config`) answers on a
+//! unix socket under /run/proxy-redirect that only root can open, with what
+//! it has attached and its counters.
+
+use std::fs::{self, DirBuilder};
+use std::io::{Read, Write};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+
+/// root's directory for the status socket and the tproxy instance locks.
+pub const RUN_DIR: &str = "/run/proxy-redirect";
+const SOCKET_NAME: &str = "status.sock";
+
+/// Creates RUN_DIR if needed and checks that only root can write to it.
+pub fn create_run_dir() -> Result<&'static Path> {
+    let dir = Path::new(RUN_DIR);
+    match DirBuilder::new().mode(0o755).create(dir) {
+        Ok(()) => {}
+        Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(err) => bail!("creating {RUN_DIR}: {err}"),
+    }
+    let meta = fs::symlink_metadata(dir).with_context(|| format!("reading {RUN_DIR}"))?;
+    if !meta.is_dir() || meta.uid() != 0 || meta.mode() & 0o022 != 0 {
+        bail!("{RUN_DIR} must be a directory owned by root and writable by root only");
+    }
+    Ok(dir)
+}
+
+/// The status socket of a running service.
+pub struct Server {
+    page: Arc<Mutex<String>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+    path: PathBuf,
+}
+
+impl Server {
+    pub fn bind() -> Result<Server> {
+        let path = create_run_dir()?.join(SOCKET_NAME);
+        if UnixStream::connect(&path).is_ok() {
+            bail!(
+                "another proxy-redirect service is running (see `proxy-redirect status`); \
+                 one service per host"
+            );
+        }
+        // Left by a service that was killed.
+        let _ = fs::remove_file(&path);
+        let listener = UnixListener::bind(&path)
+            .with_context(|| format!("creating the status socket {}", path.display()))?;
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o600))?;
+        listener.set_nonblocking(true)?;
+        let page = Arc::new(Mutex::new(String::from("{}")));
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let (page, stop) = (page.clone(), stop.clone());
+            std::thread::spawn(move || serve(listener, &page, &stop))
+        };
+        Ok(Server {
+            page,
+            stop,
+            thread: Some(thread),
+            path,
+        })
+    }
+
+    pub fn publish(&self, page: serde_json::Value) {
+        *self.page.lock().unwrap() = page.to_string();
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+        let _ = fs::remove_file(&self.path);
+        // Only when no tproxy holds a lock in it.
+        let _ = fs::remove_dir(RUN_DIR);
+    }
+}
+
+fn serve(listener: UnixListener, page: &Mutex<String>, stop: &AtomicBool) {
+    while !stop.load(Ordering::SeqCst) {
+        match listener.accept() {
+            Ok((mut stream, _)) => {
+                let text = page.lock().unwrap().clone();
+                let _ = stream.set_write_timeout(Some(Duration::from_secs(2)));
+                let _ = stream.write_all(text.as_bytes());
+            }
+            Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(err) => {
+                tracing::warn!("status socket: {err}");
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+    }
+}
+
+#[derive(Args, Debug, Clone)]
+#[command(after_help = "\
+Reads the status socket of the service started with `proxy-redirect run`
+(/run/proxy-redirect/status.sock, root only).")]
+pub struct StatusArgs {
+    /// Print the status as one JSON object
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(args: &StatusArgs) -> Result<()> {
+    let path = Path::new(RUN_DIR).join(SOCKET_NAME);
+    let mut stream = match UnixStream::connect(&path) {
+        Ok(stream) => stream,
+        Err(err) => match err.kind() {
+            std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {
+                bail!(
+                    "no proxy-redirect service is running ({} is not answering)",
+                    path.display()
+                )
+            }
+            std::io::ErrorKind::PermissionDenied => {
+                bail!("only root can read the service status ({})", path.display())
+            }
+            _ => return Err(err).with_context(|| format!("connecting to {}", path.display())),
+        },
+    };
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let mut text = String::new();
+    stream
+        .read_to_string(&mut text)
+        .context("reading the status")?;
+    let status: serde_json::Value =
+        serde_json::from_str(&text).context("the service sent a status that is not JSON")?;
+    if args.json {
+        println!("{status}");
+    } else {
+        print_status(&status);
+    }
+    Ok(())
+}
+
+fn print_status(status: &serde_json::Value) {
+    println!(
+        "proxy-redirect {} service, pid {}",
+        status["version"].as_str().unwrap_or("?"),
+        status["pid"]
+    );
+    for datapath in status["datapaths"].as_array().into_iter().flatten() {
+        println!("{}", datapath["name"].as_str().unwrap_or("?"));
+        for (key, value) in datapath.as_object().into_iter().flatten() {
+            if key == "name" || key == "programs" {
+                continue;
+            }
+            let value = match value {
+                serde_json::Value::String(text) => text.clone(),
+                other => other.to_string(),
+            };
+            println!("  {key}: {value}");
+        }
+        for program in datapath["programs"].as_array().into_iter().flatten() {
+            println!(
+                "  program {} (id {}) on {}",
+                program["program"].as_str().unwrap_or("?"),
+                program["id"],
+                program["target"].as_str().unwrap_or("?")
+            );
+        }
+    }
+    for snapshot in status["statistics"].as_array().into_iter().flatten() {
+        let Some(object) = snapshot.as_object() else {
+            continue;
+        };
+        println!(
+            "statistics of {}",
+            object["datapath"].as_str().unwrap_or("?")
+        );
+        for (key, value) in object {
+            if key != "datapath" {
+                println!("  {key}: {value}");
+            }
+        }
+    }
+}
