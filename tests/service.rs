@@ -1,0 +1,317 @@
+//! `proxy-redirect run --config`: redirect, bypass and port-nat in one
+//! process, in namespaces and child cgroups the test makes; metrics, status,
+//! reload on SIGHUP while a transfer goes on, and a clean stop.
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use common::*;
+use nix::sys::signal::Signal;
+use proxy_redirect::links::{self, TcDirection};
+use proxy_redirect::netns;
+
+const METRICS: &str = "127.0.0.1:9479";
+
+/// redirect of `apps` (ports given), bypass of the whole test tree, and
+/// port-nat 8081 -> 18080 on the client's veth.
+fn config(testbed: &Testbed, redirect_ports: &str) -> String {
+    format!(
+        r#"# written by tests/service.rs
+[redirect]
+cgroup = "{apps}"
+sockopt-cgroup = "{parent}"
+ports = [{redirect_ports}]
+
+[bypass]
+cgroup = "{parent}"
+
+[[port-nat]]
+interface = "veth-c"
+from = [8081]
+to = [18080]
+
+[metrics]
+listen = "{METRICS}"
+"#,
+        apps = testbed.apps.path().display(),
+        parent = testbed.parent.path().display(),
+    )
+}
+
+fn start_service(testbed: &Testbed, config_path: &Path) -> Running {
+    let args = [
+        "run".to_owned(),
+        "--config".into(),
+        config_path.display().to_string(),
+        "--json".into(),
+    ];
+    Running::start(
+        BIN,
+        &args,
+        Some(&testbed.client),
+        Some(&testbed.proxy),
+        "Service running",
+    )
+}
+
+/// Rejects direct TCP from `apps` to `port`, so that only the redirect can
+/// deliver.
+fn reject_direct(testbed: &Testbed, port: u16) {
+    let path = testbed.apps.relative_path().unwrap();
+    for tool in ["iptables", "ip6tables"] {
+        let mut command = testbed.in_client_netns(tool);
+        command.args(["-A", "OUTPUT", "-p", "tcp", "--dport", &port.to_string()]);
+        command.args(["-m", "cgroup", "--path"]).arg(&path);
+        command.args(["-j", "REJECT"]);
+        assert!(run(command).status.success(), "{tool} rule");
+    }
+}
+
+fn veth_tcx_programs(testbed: &Testbed) -> u32 {
+    testbed
+        .client
+        .spawn(|| {
+            let ifindex = nix::net::if_::if_nametoindex("veth-c")?;
+            let ingress = links::tcx_program_count(ifindex, TcDirection::Ingress)?;
+            Ok(ingress + links::tcx_program_count(ifindex, TcDirection::Egress)?)
+        })
+        .unwrap()
+        .join()
+        .unwrap()
+        .unwrap()
+}
+
+/// Streams `chunks` x 64 KiB through an echo server over about `seconds`,
+/// checking every byte that comes back.
+fn streaming_echo_script(port: u16, chunks: usize, seconds: f64) -> String {
+    format!(
+        r#"
+import socket, time, threading
+s = socket.create_connection(("{SERVER_V4}", {port}), timeout=20)
+chunks = [bytes([(i * 7 + j) % 251 for j in range(256)]) * 256 for i in range({chunks})]
+def send():
+    for chunk in chunks:
+        s.sendall(chunk)
+        time.sleep({seconds} / {chunks})
+    s.shutdown(socket.SHUT_WR)
+threading.Thread(target=send).start()
+expected = b"".join(chunks)
+received = bytearray()
+while True:
+    data = s.recv(65536)
+    if not data:
+        break
+    received += data
+assert bytes(received) == expected, "echo differs: %d of %d bytes" % (len(received), len(expected))
+print("intact", len(received))
+"#
+    )
+}
+
+#[test]
+fn one_service_runs_redirect_bypass_and_port_nat_and_reloads_in_place() {
+    if !have_root() {
+        return;
+    }
+    let testbed = Testbed::new();
+    let _echo = servers::echo(&testbed.server, "[::]:80").unwrap();
+    let _web81 = servers::http(&testbed.server, "[::]:81").unwrap();
+    let _local_web = servers::http(&testbed.client, "[::]:18080").unwrap();
+    reject_direct(&testbed, 80);
+    reject_direct(&testbed, 81);
+    let dir = TempDir::new();
+    let config_path = dir.join("config.toml");
+    std::fs::write(&config_path, config(&testbed, "80")).unwrap();
+    let mut service = start_service(&testbed, &config_path);
+
+    // redirect: only the proxy can reach port 80; port 81 is not redirected
+    // yet, so the rule rejects it.
+    let out = python(testbed.in_apps(PYTHON), &streaming_echo_script(80, 4, 0.1));
+    assert!(out.starts_with("intact"), "{out}");
+    let direct81 = curl(
+        testbed.in_apps("curl"),
+        &format!("http://{SERVER_V4}:81/"),
+        &[],
+    );
+    assert!(
+        !direct81.status.success(),
+        "port 81 went through before the reload"
+    );
+    // port-nat: a client on the server side reaches 18080 through 8081.
+    let translated = curl(
+        netns::command_in("curl", Some(&testbed.server), None).unwrap(),
+        &format!("http://{CLIENT_V4}:8081/"),
+        &[],
+    );
+    assert!(translated.status.success(), "port-nat did not translate");
+
+    let page = scrape_metrics(&testbed.client, METRICS);
+    assert!(metric_value(&page, "proxy_redirect_redirect_redirected_total") >= 1);
+    assert!(
+        metric_value(
+            &page,
+            "proxy_redirect_port_nat_ingress_translated_total{interface=\"veth-c\"}"
+        ) >= 1,
+        "{page}"
+    );
+    // The proxy's client leg is a same-host connection of the tree.
+    assert!(
+        metric_value(&page, "proxy_redirect_bypass_inserted_total") >= 2,
+        "{page}"
+    );
+    assert!(page.contains("proxy_redirect_build_info{"), "{page}");
+    assert_promtool_accepts(&page);
+
+    // status answers on the root-only socket.
+    let status = run({
+        let mut command = std::process::Command::new(BIN);
+        command.args(["status", "--json"]);
+        command
+    });
+    assert!(
+        status.status.success(),
+        "{}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    let names: Vec<&str> = status["datapaths"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["redirect", "bypass", "port-nat veth-c"]);
+    assert!(status["datapaths"][0]["programs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|p| p["id"].as_u64().unwrap() > 0));
+
+    // A long transfer through the proxy goes on while SIGHUP adds port 81.
+    let transfer = {
+        let command = testbed.in_apps(PYTHON);
+        std::thread::spawn(move || python(command, &streaming_echo_script(80, 60, 4.0)))
+    };
+    std::thread::sleep(Duration::from_millis(800));
+    std::fs::write(&config_path, config(&testbed, "80, 81")).unwrap();
+    service.signal(Signal::SIGHUP);
+    service
+        .wait_for_line(|l| l == "Reloaded redirect", Duration::from_secs(10))
+        .expect("no 'Reloaded redirect' after SIGHUP");
+    let through81 = curl(
+        testbed.in_apps("curl"),
+        &format!("http://{SERVER_V4}:81/"),
+        &[],
+    );
+    assert!(
+        through81.status.success(),
+        "port 81 was not redirected at once after the reload: {}",
+        String::from_utf8_lossy(&through81.stderr)
+    );
+    let out = transfer.join().unwrap();
+    assert_eq!(
+        out.trim(),
+        format!("intact {}", 60 * 65536),
+        "the transfer across the reload"
+    );
+
+    // A broken file is refused and the running configuration stays.
+    std::fs::write(&config_path, "[redirect]\nports = [80, 70000]\n").unwrap();
+    service.signal(Signal::SIGHUP);
+    std::thread::sleep(Duration::from_millis(1000));
+    let again81 = curl(
+        testbed.in_apps("curl"),
+        &format!("http://{SERVER_V4}:81/"),
+        &[],
+    );
+    assert!(
+        again81.status.success(),
+        "the old configuration stopped after a broken reload"
+    );
+
+    let (exit, output, stderr) = service.stop();
+    assert!(exit.success(), "{stderr}");
+    assert!(
+        stderr.contains("reload refused, the running configuration stays")
+            && stderr.contains("ports"),
+        "{stderr}"
+    );
+    assert_eq!(
+        stderr
+            .lines()
+            .filter(|l| l.contains("reload refused"))
+            .count(),
+        1,
+        "{stderr}"
+    );
+    assert!(output.contains("Cleaned up"), "{output}");
+    assert_eq!(testbed.attached_redirect_programs(), 0);
+    assert_eq!(veth_tcx_programs(&testbed), 0);
+    assert!(!Path::new("/run/proxy-redirect/status.sock").exists());
+}
+
+#[test]
+fn bad_config_files_give_one_line_and_attach_nothing() {
+    if !have_root() {
+        return;
+    }
+    let testbed = Testbed::new();
+    let dir = TempDir::new();
+    let apps = testbed.apps.path().display().to_string();
+    let cases = [
+        (
+            "unknown key",
+            format!("[redirect]\ncgroup = \"{apps}\"\nport = [80]\n"),
+            "unknown key 'port'",
+        ),
+        (
+            "port out of range",
+            format!("[redirect]\ncgroup = \"{apps}\"\nports = [70000]\n"),
+            "70000",
+        ),
+        (
+            "wrong type",
+            "[bypass]\ncgroup = 5\n".to_owned(),
+            "[bypass] cgroup",
+        ),
+        (
+            "no such cgroup",
+            "[bypass]\ncgroup = \"/no/such/cgroup\"\n".to_owned(),
+            "/no/such/cgroup",
+        ),
+        (
+            "unknown interface",
+            "[[port-nat]]\ninterface = \"nosuch0\"\nfrom = [8081]\nto = [80]\n".to_owned(),
+            "nosuch0",
+        ),
+        (
+            "no datapath",
+            "[metrics]\nlisten = \"127.0.0.1:9480\"\n".to_owned(),
+            "datapath",
+        ),
+    ];
+    for (what, text, expected) in cases {
+        let path = dir.join("bad.toml");
+        std::fs::write(&path, text).unwrap();
+        let mut command = netns::command_in(BIN, Some(&testbed.client), None).unwrap();
+        command.args(["run", "--config"]).arg(&path);
+        assert_one_line_error(&run(command), what, expected);
+        assert_eq!(testbed.attached_redirect_programs(), 0, "{what}");
+    }
+    let mut command = std::process::Command::new(BIN);
+    command.args(["run", "--config", "/no/such/file.toml"]);
+    assert_one_line_error(&run(command), "missing file", "/no/such/file.toml");
+
+    // Nothing runs: status says so in one line.
+    if !Path::new("/run/proxy-redirect/status.sock").exists() {
+        let mut command = std::process::Command::new(BIN);
+        command.arg("status");
+        assert_one_line_error(
+            &run(command),
+            "status",
+            "no proxy-redirect service is running",
+        );
+    }
+}
