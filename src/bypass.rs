@@ -18,7 +18,7 @@ use crate::bpf::OwnedSkel;
 use crate::cgroup::{self, CgroupFd};
 use crate::cli::{self, EventFormat, OutputArgs, PortList};
 use crate::links::{self, Attachments};
-use crate::service::{self, Datapath, EventSource, Settings, Shared};
+use crate::service::{self, Datapath, EventSource, RunContext, Settings};
 use crate::stats::{Metric, Snapshot};
 use crate::{maps, privileges, redirect};
 
@@ -103,7 +103,7 @@ pub struct Bypass {
 }
 
 impl Bypass {
-    pub fn prepare(args: &BypassArgs, ctx: &Shared) -> Result<Bypass> {
+    pub fn prepare(args: &BypassArgs, ctx: &RunContext) -> Result<Bypass> {
         let cgroup = cgroup::resolve(args.cgroup.as_deref())?;
         privileges::require_bpf("bypass")?;
         let events = ctx.format != EventFormat::Off;
@@ -122,7 +122,7 @@ impl Datapath for Bypass {
         "bypass".into()
     }
 
-    fn attach(&mut self, _ctx: &Shared) -> Result<()> {
+    fn attach(&mut self, _ctx: &RunContext) -> Result<()> {
         // The map holds the sk_msg program (released with the map when this
         // process exits); sockops comes second, so that no socket enters the
         // map before its messages can be redirected.
@@ -154,7 +154,7 @@ impl Datapath for Bypass {
         "cgroup bpf_link".into()
     }
 
-    fn events(&self, ctx: &Shared) -> Result<Option<EventSource>> {
+    fn events(&self, ctx: &RunContext) -> Result<Option<EventSource>> {
         let header = format!(
             "{:>12} {:<8} {:<8} {:<8} {:<8} CONNECTION",
             "TIME(s)", "ACTION", "SIDE", "NETNS", "COOKIE"
@@ -186,7 +186,7 @@ impl Datapath for Bypass {
         })
     }
 
-    fn reload(&mut self, settings: &Settings, _ctx: &Shared) -> Result<()> {
+    fn reload(&mut self, settings: &Settings, _ctx: &RunContext) -> Result<()> {
         let Settings::Bypass(new) = settings else {
             bail!("not bypass settings");
         };

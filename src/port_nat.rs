@@ -20,7 +20,7 @@ use crate::cli::{self, EventFormat, OutputArgs};
 use crate::events;
 use crate::interface_watch::{self, InterfaceWatch};
 use crate::links::{self, Attachments, TcAttachMode, TcDirection};
-use crate::service::{self, Datapath, EventSource, Settings, Shared};
+use crate::service::{self, Datapath, EventSource, RunContext, Settings};
 use crate::stats::{Metric, Snapshot};
 use crate::{maps, privileges};
 
@@ -326,7 +326,7 @@ pub struct PortNat {
 }
 
 impl PortNat {
-    pub fn prepare(args: &PortNatArgs, ctx: &Shared) -> Result<PortNat> {
+    pub fn prepare(args: &PortNatArgs, ctx: &RunContext) -> Result<PortNat> {
         let mappings = mappings(&args.from, &args.to)?;
         let ifindex = interface_index(&args.interface)?;
         privileges::require_bpf("port-nat")?;
@@ -359,7 +359,7 @@ impl Datapath for PortNat {
         format!("port-nat {}", self.args.interface)
     }
 
-    fn attach(&mut self, _ctx: &Shared) -> Result<()> {
+    fn attach(&mut self, _ctx: &RunContext) -> Result<()> {
         let (attached, path) = attach(
             &mut self.skel,
             &self.args.interface,
@@ -381,7 +381,7 @@ impl Datapath for PortNat {
         self.path.map_or("none".into(), |path| path.to_string())
     }
 
-    fn events(&self, ctx: &Shared) -> Result<Option<EventSource>> {
+    fn events(&self, ctx: &RunContext) -> Result<Option<EventSource>> {
         let header = format!("{:>12} {:<7} PACKET", "TIME(s)", "ACTION");
         let (format, start_ns) = (ctx.format, ctx.start_ns);
         EventSource::new(&self.skel.maps.events, header, move |e: &nat_event| {
@@ -390,7 +390,7 @@ impl Datapath for PortNat {
         .map(Some)
     }
 
-    fn tick(&mut self, ctx: &Shared) {
+    fn tick(&mut self, ctx: &RunContext) {
         let (skel, args) = (&mut self.skel, &self.args);
         interface_watch::follow(
             &mut self.watch,
@@ -444,7 +444,7 @@ impl Datapath for PortNat {
         })
     }
 
-    fn reload(&mut self, settings: &Settings, _ctx: &Shared) -> Result<()> {
+    fn reload(&mut self, settings: &Settings, _ctx: &RunContext) -> Result<()> {
         let Settings::PortNat(new) = settings else {
             bail!("not port-nat settings");
         };

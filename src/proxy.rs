@@ -25,7 +25,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::Args;
 use nix::sys::socket::{
     self as nixsock, sockopt, AddressFamily, SockFlag, SockType, SockaddrStorage,
@@ -34,9 +34,11 @@ use tokio::io::Interest;
 use tokio::net::{TcpSocket, TcpStream};
 use tracing::{debug, warn};
 
+use crate::cli::OutputArgs;
+use crate::service::{self, Datapath, EventSource, RunContext, Settings};
 use crate::sockopt::{original_destination, set_mark};
 use crate::stats::Snapshot;
-use crate::{cli, metrics, privileges, shutdown};
+use crate::{cli, privileges};
 
 /// Bytes a pipe (one per direction) may hold; also the largest splice.
 const PIPE_SIZE: usize = 256 * 1024;
@@ -230,19 +232,6 @@ impl BoundProxy {
             .collect()
     }
 
-    /// Starts relaying on a runtime of its own; it stops when the returned
-    /// handle is dropped.
-    pub fn start(self) -> Result<RunningProxy> {
-        raise_open_file_limit();
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(std::thread::available_parallelism().map_or(2, |n| n.get()))
-            .thread_name("proxy")
-            .enable_all()
-            .build()
-            .context("starting the proxy runtime")?;
-        self.start_on(Arc::new(runtime))
-    }
-
     /// Starts relaying on `runtime`, which other proxies may share; dropping
     /// the returned handle stops accepting, while relays in progress finish
     /// (or end with the runtime).
@@ -296,41 +285,97 @@ impl Drop for RunningProxy {
 
 /// `proxy-redirect proxy`: relay until SIGINT/SIGTERM, then print counters.
 pub fn run(args: &ProxyArgs) -> Result<()> {
-    privileges::require_proxy(args.mark, args.transparent)?;
-    let config = ProxyConfig {
-        mark: args.mark,
-        destination: if args.transparent {
-            DestinationSource::LocalAddress
-        } else {
-            DestinationSource::OriginalDstOption
-        },
-        transparent: args.transparent,
-        idle_timeout: args.relay.idle_timeout(),
+    let output = OutputArgs {
+        metrics: args.metrics,
+        ..OutputArgs::default()
     };
-    let bound = BoundProxy::bind(&args.listen, config)?;
-    let metrics = metrics::Metrics::bind(args.metrics)?;
-    shutdown::install()?;
-    let addrs: Vec<String> = bound.local_addrs().iter().map(|a| a.to_string()).collect();
-    println!(
-        "Proxy listening on {} (upstream mark {:#x}{})",
-        addrs.join(", "),
-        args.mark,
-        if args.transparent {
-            ", transparent"
-        } else {
-            ""
-        }
-    );
-    let proxy = bound.start()?;
-    let mut publish = metrics.publisher(&[]);
-    while !shutdown::requested() {
-        std::thread::sleep(Duration::from_millis(100));
-        publish(&|| Ok(vec![proxy.stats.snapshot()]));
+    service::run_one(Settings::Proxy(args.clone()), &output)
+}
+
+pub fn check(args: &ProxyArgs) -> Result<()> {
+    privileges::require_proxy(args.mark, args.transparent)
+}
+
+/// The built-in proxy on its own, as a datapath without BPF programs.
+pub struct Proxy {
+    args: ProxyArgs,
+    bound: Option<BoundProxy>,
+    addrs: Vec<SocketAddr>,
+    running: Option<RunningProxy>,
+}
+
+impl Proxy {
+    pub fn prepare(args: &ProxyArgs) -> Result<Proxy> {
+        check(args)?;
+        let config = ProxyConfig {
+            mark: args.mark,
+            destination: if args.transparent {
+                DestinationSource::LocalAddress
+            } else {
+                DestinationSource::OriginalDstOption
+            },
+            transparent: args.transparent,
+            idle_timeout: args.relay.idle_timeout(),
+        };
+        let bound = BoundProxy::bind(&args.listen, config)?;
+        Ok(Proxy {
+            args: args.clone(),
+            addrs: bound.local_addrs(),
+            bound: Some(bound),
+            running: None,
+        })
     }
-    proxy.stats.print();
-    drop(proxy);
-    println!("Cleaned up");
-    Ok(())
+}
+
+impl Datapath for Proxy {
+    fn name(&self) -> String {
+        "proxy".into()
+    }
+
+    fn attach(&mut self, ctx: &RunContext) -> Result<()> {
+        let addrs: Vec<String> = self.addrs.iter().map(|a| a.to_string()).collect();
+        println!(
+            "Proxy listening on {} (upstream mark {:#x}{})",
+            addrs.join(", "),
+            self.args.mark,
+            if self.args.transparent {
+                ", transparent"
+            } else {
+                ""
+            }
+        );
+        if let Some(bound) = self.bound.take() {
+            self.running = Some(bound.start_on(ctx.proxy_runtime()?)?);
+        }
+        Ok(())
+    }
+
+    fn attach_mode(&self) -> String {
+        "none".into()
+    }
+
+    fn events(&self, _ctx: &RunContext) -> Result<Option<EventSource>> {
+        Ok(None)
+    }
+
+    fn snapshots(&self) -> Result<Vec<Snapshot>> {
+        Ok(self.running.iter().map(|p| p.stats.snapshot()).collect())
+    }
+
+    fn status(&self) -> serde_json::Value {
+        serde_json::json!({"name": self.name(), "listen": self.addrs.iter().map(|a| a.to_string()).collect::<Vec<_>>()})
+    }
+
+    fn reload(&mut self, _settings: &Settings, _ctx: &RunContext) -> Result<()> {
+        bail!("the proxy alone cannot be reloaded")
+    }
+
+    fn print_statistics(&self) -> Result<()> {
+        if let Some(running) = &self.running {
+            running.stats.print();
+        }
+        Ok(())
+    }
 }
 
 fn listen(addr: SocketAddr, transparent: bool) -> Result<std::net::TcpListener> {

@@ -26,7 +26,7 @@ use crate::cli::{self, Cidr, EventFormat, OutputArgs, PortList};
 use crate::events::comm_to_string;
 use crate::links::Attachments;
 use crate::proxy::{BoundProxy, DestinationSource, ProxyConfig, RelayArgs, RunningProxy};
-use crate::service::{self, Datapath, EventSource, Settings, Shared};
+use crate::service::{self, Datapath, EventSource, RunContext, Settings};
 use crate::stats::{Metric, Snapshot};
 use crate::udp_relay::{BoundUdpRelay, UdpRelayConfig, UdpStats};
 use crate::{maps, privileges};
@@ -179,7 +179,7 @@ pub struct Redirect {
 }
 
 impl Redirect {
-    pub fn prepare(args: &RedirectArgs, ctx: &Shared) -> Result<Redirect> {
+    pub fn prepare(args: &RedirectArgs, ctx: &RunContext) -> Result<Redirect> {
         let plan = plan(args)?;
         privileges::require_bpf("redirect")?;
         let bound = if args.no_proxy {
@@ -247,7 +247,7 @@ impl Datapath for Redirect {
         "redirect".into()
     }
 
-    fn attach(&mut self, ctx: &Shared) -> Result<()> {
+    fn attach(&mut self, ctx: &RunContext) -> Result<()> {
         self.attachments = self.attach_programs(&self.args, &self.plan)?;
         print_configuration(&self.args, &self.plan);
         if let Some((proxy, udp_relay)) = self.bound.take() {
@@ -276,7 +276,7 @@ impl Datapath for Redirect {
         "cgroup bpf_link".into()
     }
 
-    fn events(&self, ctx: &Shared) -> Result<Option<EventSource>> {
+    fn events(&self, ctx: &RunContext) -> Result<Option<EventSource>> {
         let header = format!(
             "{:>12} {:<8} {:<16} {:<8} CONNECTION",
             "TIME(s)", "ACTION", "PROCESS", "COOKIE"
@@ -308,7 +308,7 @@ impl Datapath for Redirect {
         })
     }
 
-    fn reload(&mut self, settings: &Settings, _ctx: &Shared) -> Result<()> {
+    fn reload(&mut self, settings: &Settings, _ctx: &RunContext) -> Result<()> {
         let Settings::Redirect(new) = settings else {
             bail!("not redirect settings");
         };
@@ -382,7 +382,7 @@ fn load(
     args: &RedirectArgs,
     plan: &Plan,
     builtin_proxy: bool,
-    ctx: &Shared,
+    ctx: &RunContext,
     open_object: &'static mut MaybeUninit<libbpf_rs::OpenObject>,
 ) -> Result<RedirectSkel<'static>> {
     let mut open = RedirectSkelBuilder::default()

@@ -18,16 +18,16 @@ use crate::stats::Snapshot;
 use crate::{events, shutdown, status};
 
 /// What every datapath shares while it runs.
-pub struct Shared {
+pub struct RunContext {
     pub format: EventFormat,
     /// events::monotonic_ns() at start, the zero of event times.
     pub start_ns: u64,
     proxy_runtime: OnceCell<Arc<tokio::runtime::Runtime>>,
 }
 
-impl Shared {
-    pub fn new(format: EventFormat) -> Shared {
-        Shared {
+impl RunContext {
+    pub fn new(format: EventFormat) -> RunContext {
+        RunContext {
             format,
             start_ns: events::monotonic_ns(),
             proxy_runtime: OnceCell::new(),
@@ -51,7 +51,7 @@ impl Shared {
     }
 }
 
-impl Drop for Shared {
+impl Drop for RunContext {
     fn drop(&mut self) {
         if let Some(runtime) = self.proxy_runtime.take() {
             if let Ok(runtime) = Arc::try_unwrap(runtime) {
@@ -96,13 +96,13 @@ pub trait Datapath {
     /// `redirect`, `bypass`, `tproxy`, or `port-nat IFACE`: unique in a service.
     fn name(&self) -> String;
     /// Attaches everything prepared and prints the configuration.
-    fn attach(&mut self, ctx: &Shared) -> Result<()>;
+    fn attach(&mut self, ctx: &RunContext) -> Result<()>;
     /// How the programs are attached, for the build-info metric.
     fn attach_mode(&self) -> String;
     /// The events to stream while events are on.
-    fn events(&self, ctx: &Shared) -> Result<Option<EventSource>>;
+    fn events(&self, ctx: &RunContext) -> Result<Option<EventSource>>;
     /// Called about every 100 ms: follow interfaces, expire flows.
-    fn tick(&mut self, _ctx: &Shared) {}
+    fn tick(&mut self, _ctx: &RunContext) {}
     /// Counters and gauges, read for /metrics, the status page and the exit
     /// statistics.
     fn snapshots(&self) -> Result<Vec<Snapshot>>;
@@ -111,7 +111,7 @@ pub trait Datapath {
     /// Applies new settings of the same datapath in place (map updates,
     /// attaching to a new cgroup or interface before leaving the old); the
     /// new settings were checked with `check` first.
-    fn reload(&mut self, settings: &Settings, ctx: &Shared) -> Result<()>;
+    fn reload(&mut self, settings: &Settings, ctx: &RunContext) -> Result<()>;
     /// Stops new work before the final statistics are read.
     fn stop(&mut self) {}
     fn print_statistics(&self) -> Result<()>;
@@ -124,6 +124,8 @@ pub enum Settings {
     Bypass(crate::bypass::BypassArgs),
     PortNat(crate::port_nat::PortNatArgs),
     Tproxy(crate::tproxy::TproxyArgs),
+    /// The built-in proxy alone (the `proxy` subcommand; not in config files).
+    Proxy(crate::proxy::ProxyArgs),
 }
 
 impl Settings {
@@ -135,6 +137,7 @@ impl Settings {
             Settings::Bypass(_) => "bypass".into(),
             Settings::PortNat(args) => format!("port-nat {}", args.interface),
             Settings::Tproxy(_) => "tproxy".into(),
+            Settings::Proxy(_) => "proxy".into(),
         }
     }
 
@@ -146,16 +149,18 @@ impl Settings {
             Settings::Bypass(args) => crate::bypass::check(args),
             Settings::PortNat(args) => crate::port_nat::check(args),
             Settings::Tproxy(args) => crate::tproxy::check(args),
+            Settings::Proxy(args) => crate::proxy::check(args),
         }
     }
 
     /// Loads the programs and binds the sockets; nothing is attached yet.
-    pub fn prepare(&self, ctx: &Shared) -> Result<Box<dyn Datapath>> {
+    pub fn prepare(&self, ctx: &RunContext) -> Result<Box<dyn Datapath>> {
         Ok(match self {
             Settings::Redirect(args) => Box::new(crate::redirect::Redirect::prepare(args, ctx)?),
             Settings::Bypass(args) => Box::new(crate::bypass::Bypass::prepare(args, ctx)?),
             Settings::PortNat(args) => Box::new(crate::port_nat::PortNat::prepare(args, ctx)?),
             Settings::Tproxy(args) => Box::new(crate::tproxy::Tproxy::prepare(args, ctx)?),
+            Settings::Proxy(args) => Box::new(crate::proxy::Proxy::prepare(args)?),
         })
     }
 }
@@ -217,7 +222,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
 /// Runs one subcommand's datapath until SIGINT/SIGTERM/SIGHUP.
 pub fn run_one(settings: Settings, output: &OutputArgs) -> Result<()> {
     settings.check()?;
-    let ctx = Shared::new(output.event_format());
+    let ctx = RunContext::new(output.event_format());
     let metrics = Metrics::bind(output.metrics)?;
     shutdown::install()?;
     let mut datapaths = vec![settings.prepare(&ctx)?];
@@ -225,7 +230,7 @@ pub fn run_one(settings: Settings, output: &OutputArgs) -> Result<()> {
         datapath.attach(&ctx)?;
     }
     run_loop(&ctx, &mut datapaths, metrics, None, None)?;
-    finish(datapaths)
+    finish(&ctx, datapaths)
 }
 
 /// `run --config`: every datapath of the file, reloaded on SIGHUP.
@@ -236,7 +241,7 @@ fn run_service(source: &dyn Source, output: &OutputArgs) -> Result<()> {
         each.check()
             .with_context(|| format!("[{}]", section_name(each)))?;
     }
-    let ctx = Shared::new(output.event_format());
+    let ctx = RunContext::new(output.event_format());
     let metrics = Metrics::bind(metrics_addr)?;
     let status = status::Server::bind()?;
     shutdown::install()?;
@@ -253,7 +258,7 @@ fn run_service(source: &dyn Source, output: &OutputArgs) -> Result<()> {
         datapaths.len()
     );
     run_loop(&ctx, &mut datapaths, metrics, Some(source), Some(&status))?;
-    finish(datapaths)
+    finish(&ctx, datapaths)
 }
 
 fn section_name(settings: &Settings) -> String {
@@ -263,12 +268,21 @@ fn section_name(settings: &Settings) -> String {
     }
 }
 
-fn finish(mut datapaths: Vec<Box<dyn Datapath>>) -> Result<()> {
+fn finish(ctx: &RunContext, mut datapaths: Vec<Box<dyn Datapath>>) -> Result<()> {
     for datapath in &mut datapaths {
         datapath.stop();
     }
     for datapath in &datapaths {
         datapath.print_statistics()?;
+    }
+    if ctx.format == EventFormat::Json {
+        // The same counters as one JSON line, for programs.
+        let mut snapshots = Vec::new();
+        for datapath in &datapaths {
+            snapshots.extend(datapath.snapshots()?);
+        }
+        let statistics: Vec<_> = snapshots.iter().map(Snapshot::to_json).collect();
+        println!("{}", serde_json::json!({ "statistics": statistics }));
     }
     // Detached in reverse order of attachment.
     while let Some(datapath) = datapaths.pop() {
@@ -282,7 +296,7 @@ const TICK: Duration = Duration::from_millis(100);
 const PUBLISH_INTERVAL: Duration = Duration::from_secs(1);
 
 fn run_loop(
-    ctx: &Shared,
+    ctx: &RunContext,
     datapaths: &mut Vec<Box<dyn Datapath>>,
     mut metrics: Metrics,
     source: Option<&dyn Source>,
@@ -398,7 +412,7 @@ fn status_page(datapaths: &[Box<dyn Datapath>], snapshots: &[Snapshot]) -> serde
 /// SIGHUP: the new file is read and checked whole; if anything in it is
 /// wrong, one line says what and the running configuration stays.
 fn reload(
-    ctx: &Shared,
+    ctx: &RunContext,
     datapaths: &mut Vec<Box<dyn Datapath>>,
     source: &dyn Source,
     metrics: &mut Metrics,

@@ -25,7 +25,7 @@ use crate::interface_watch::{self, InterfaceWatch};
 use crate::links::{Attachments, TcAttachMode, TcDirection, TcPath};
 use crate::local_route::{self, LocalRouteSpec, LocalRoutes};
 use crate::proxy::{BoundProxy, DestinationSource, ProxyConfig, RelayArgs, RunningProxy};
-use crate::service::{self, Datapath, EventSource, Settings, Shared};
+use crate::service::{self, Datapath, EventSource, RunContext, Settings};
 use crate::stats::Snapshot;
 use crate::{maps, privileges, redirect};
 
@@ -278,7 +278,7 @@ pub struct Tproxy {
 }
 
 impl Tproxy {
-    pub fn prepare(args: &TproxyArgs, ctx: &Shared) -> Result<Tproxy> {
+    pub fn prepare(args: &TproxyArgs, ctx: &RunContext) -> Result<Tproxy> {
         let plan = plan(args)?;
         privileges::require_bpf("tproxy")?;
         let lock = InstanceLock::take(args.route_table)?;
@@ -333,7 +333,7 @@ impl Datapath for Tproxy {
         "tproxy".into()
     }
 
-    fn attach(&mut self, ctx: &Shared) -> Result<()> {
+    fn attach(&mut self, ctx: &RunContext) -> Result<()> {
         for removed in local_route::remove_leftovers(&self.plan.routes)? {
             println!("Removed a leftover of a killed run: {removed}");
         }
@@ -376,7 +376,7 @@ impl Datapath for Tproxy {
         self.path.map_or("none".into(), |path| path.to_string())
     }
 
-    fn events(&self, ctx: &Shared) -> Result<Option<EventSource>> {
+    fn events(&self, ctx: &RunContext) -> Result<Option<EventSource>> {
         let header = format!("{:>12} {:<10} CONNECTION", "TIME(s)", "ACTION");
         let (format, start_ns) = (ctx.format, ctx.start_ns);
         let proxy_addrs = [self.plan.proxy_v4, self.plan.proxy_v6];
@@ -386,7 +386,7 @@ impl Datapath for Tproxy {
         .map(Some)
     }
 
-    fn tick(&mut self, ctx: &Shared) {
+    fn tick(&mut self, ctx: &RunContext) {
         let (skel, args) = (&mut self.skel, &self.args);
         interface_watch::follow(
             &mut self.watch,
@@ -438,7 +438,7 @@ impl Datapath for Tproxy {
         })
     }
 
-    fn reload(&mut self, settings: &Settings, _ctx: &Shared) -> Result<()> {
+    fn reload(&mut self, settings: &Settings, _ctx: &RunContext) -> Result<()> {
         let Settings::Tproxy(new) = settings else {
             bail!("not tproxy settings");
         };

@@ -247,6 +247,14 @@ fn one_service_runs_redirect_bypass_and_port_nat_and_reloads_in_place() {
         "{stderr}"
     );
     assert!(output.contains("Cleaned up"), "{output}");
+    // Connections through the proxy: the first transfer, curl to 81 twice,
+    // the transfer across the reload.
+    assert_eq!(
+        summary_value(&output, "redirect", "redirected"),
+        4,
+        "{output}"
+    );
+    assert_eq!(summary_value(&output, "proxy", "relayed"), 4, "{output}");
     assert_eq!(testbed.attached_redirect_programs(), 0);
     assert_eq!(veth_tcx_programs(&testbed), 0);
     assert!(!Path::new("/run/proxy-redirect/status.sock").exists());

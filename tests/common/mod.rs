@@ -374,8 +374,27 @@ pub fn json_events(output: &str) -> Vec<serde_json::Value> {
     output
         .lines()
         .filter(|l| l.starts_with('{'))
-        .map(|l| serde_json::from_str(l).expect("valid JSON event"))
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("valid JSON event"))
+        .filter(|record| record.get("statistics").is_none())
         .collect()
+}
+
+/// The counter `name` of `datapath` in the JSON summary that `--json` runs
+/// print at exit.
+pub fn summary_value(output: &str, datapath: &str, name: &str) -> u64 {
+    let summary: serde_json::Value = output
+        .lines()
+        .rev()
+        .find(|l| l.starts_with("{\"statistics\""))
+        .map(|l| serde_json::from_str(l).expect("valid JSON summary"))
+        .unwrap_or_else(|| panic!("no JSON summary in:\n{output}"));
+    summary["statistics"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["datapath"] == datapath)
+        .and_then(|s| s[name].as_u64())
+        .unwrap_or_else(|| panic!("no {datapath} {name} in {summary}"))
 }
 
 /// The number in a `  label:   N` statistics line.
