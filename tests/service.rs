@@ -9,14 +9,27 @@ use std::time::Duration;
 
 use common::*;
 use nix::sys::signal::Signal;
+use proxy_redirect::cgroup::ChildCgroup;
 use proxy_redirect::links::{self, TcDirection};
 use proxy_redirect::netns;
 
 const METRICS: &str = "127.0.0.1:9479";
 
+/// One service per host (one status socket): the tests of this file take
+/// turns.
+static ONE_SERVICE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn one_service_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    ONE_SERVICE.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 /// redirect of `apps` (ports given), bypass of the whole test tree, and
 /// port-nat 8081 -> 18080 on the client's veth.
 fn config(testbed: &Testbed, redirect_ports: &str) -> String {
+    config_for(testbed.apps.path(), testbed, redirect_ports, "veth-c")
+}
+
+fn config_for(apps: &Path, testbed: &Testbed, redirect_ports: &str, nat_interface: &str) -> String {
     format!(
         r#"# written by tests/service.rs
 [redirect]
@@ -28,14 +41,14 @@ ports = [{redirect_ports}]
 cgroup = "{parent}"
 
 [[port-nat]]
-interface = "veth-c"
+interface = "{nat_interface}"
 from = [8081]
 to = [18080]
 
 [metrics]
 listen = "{METRICS}"
 "#,
-        apps = testbed.apps.path().display(),
+        apps = apps.display(),
         parent = testbed.parent.path().display(),
     )
 }
@@ -59,7 +72,11 @@ fn start_service(testbed: &Testbed, config_path: &Path) -> Running {
 /// Rejects direct TCP from `apps` to `port`, so that only the redirect can
 /// deliver.
 fn reject_direct(testbed: &Testbed, port: u16) {
-    let path = testbed.apps.relative_path().unwrap();
+    reject_direct_from(testbed, &testbed.apps, port);
+}
+
+fn reject_direct_from(testbed: &Testbed, apps: &ChildCgroup, port: u16) {
+    let path = apps.relative_path().unwrap();
     for tool in ["iptables", "ip6tables"] {
         let mut command = testbed.in_client_netns(tool);
         command.args(["-A", "OUTPUT", "-p", "tcp", "--dport", &port.to_string()]);
@@ -70,10 +87,14 @@ fn reject_direct(testbed: &Testbed, port: u16) {
 }
 
 fn veth_tcx_programs(testbed: &Testbed) -> u32 {
+    tcx_programs(testbed, "veth-c")
+}
+
+fn tcx_programs(testbed: &Testbed, device: &'static str) -> u32 {
     testbed
         .client
-        .spawn(|| {
-            let ifindex = nix::net::if_::if_nametoindex("veth-c")?;
+        .spawn(move || {
+            let ifindex = nix::net::if_::if_nametoindex(device)?;
             let ingress = links::tcx_program_count(ifindex, TcDirection::Ingress)?;
             Ok(ingress + links::tcx_program_count(ifindex, TcDirection::Egress)?)
         })
@@ -115,6 +136,7 @@ fn one_service_runs_redirect_bypass_and_port_nat_and_reloads_in_place() {
     if !have_root() {
         return;
     }
+    let _turn = one_service_at_a_time();
     let testbed = Testbed::new();
     let _echo = servers::echo(&testbed.server, "[::]:80").unwrap();
     let _web81 = servers::http(&testbed.server, "[::]:81").unwrap();
@@ -189,6 +211,13 @@ fn one_service_runs_redirect_bypass_and_port_nat_and_reloads_in_place() {
         .iter()
         .all(|p| p["id"].as_u64().unwrap() > 0));
 
+    // Another user is not told.
+    let bin = BinForOthers::new();
+    let mut nobody = std::process::Command::new(&bin.path);
+    nobody.arg("status");
+    std::os::unix::process::CommandExt::uid(&mut nobody, 65534);
+    assert_one_line_error(&run(nobody), "status as nobody", "only root");
+
     // A long transfer through the proxy goes on while SIGHUP adds port 81.
     let transfer = {
         let command = testbed.in_apps(PYTHON);
@@ -261,10 +290,96 @@ fn one_service_runs_redirect_bypass_and_port_nat_and_reloads_in_place() {
 }
 
 #[test]
+fn a_reload_moves_to_another_cgroup_and_interface_attaching_the_new_first() {
+    if !have_root() {
+        return;
+    }
+    let _turn = one_service_at_a_time();
+    let testbed = Testbed::new();
+    let apps2 = ChildCgroup::create(testbed.parent.path(), "apps2").unwrap();
+    netns::veth_pair(&testbed.client, "veth-c2", &testbed.server, "veth-s2").unwrap();
+    testbed
+        .client
+        .configure("veth-c2", &["10.78.0.1/24"])
+        .unwrap();
+    testbed
+        .server
+        .configure("veth-s2", &["10.78.0.2/24"])
+        .unwrap();
+    let _web = servers::http(&testbed.server, "[::]:80").unwrap();
+    let _local_web = servers::http(&testbed.client, "[::]:18080").unwrap();
+    reject_direct(&testbed, 80);
+    reject_direct_from(&testbed, &apps2, 80);
+    let in_apps2 = || netns::command_in("curl", Some(&testbed.client), Some(&apps2)).unwrap();
+    let from_server = || netns::command_in("curl", Some(&testbed.server), None).unwrap();
+    let url = format!("http://{SERVER_V4}/");
+    let dir = TempDir::new();
+    let config_path = dir.join("config.toml");
+    std::fs::write(&config_path, config(&testbed, "80")).unwrap();
+    let mut service = start_service(&testbed, &config_path);
+    assert!(curl(testbed.in_apps("curl"), &url, &[]).status.success());
+    assert!(
+        !curl(in_apps2(), &url, &[]).status.success(),
+        "apps2 redirected too early"
+    );
+    assert!(
+        curl(from_server(), &format!("http://{CLIENT_V4}:8081/"), &[])
+            .status
+            .success()
+    );
+
+    let moved = config_for(apps2.path(), &testbed, "80", "veth-c2");
+    std::fs::write(&config_path, moved).unwrap();
+    service.signal(Signal::SIGHUP);
+    service
+        .wait_for_line(|l| l == "Stopped port-nat veth-c", Duration::from_secs(10))
+        .expect("the old port-nat was not stopped");
+    let lines = service.seen.join("\n");
+    let added = lines.find("Reloaded port-nat veth-c2").expect(&lines);
+    let stopped = lines.find("Stopped port-nat veth-c").unwrap();
+    assert!(
+        added < stopped,
+        "the new interface must be attached first:\n{lines}"
+    );
+
+    assert!(
+        curl(in_apps2(), &url, &[]).status.success(),
+        "apps2 not redirected"
+    );
+    assert!(
+        !curl(testbed.in_apps("curl"), &url, &[]).status.success(),
+        "apps still redirected"
+    );
+    assert!(curl(from_server(), "http://10.78.0.1:8081/", &[])
+        .status
+        .success());
+    assert!(
+        !curl(from_server(), &format!("http://{CLIENT_V4}:8081/"), &[])
+            .status
+            .success()
+    );
+    assert_eq!(tcx_programs(&testbed, "veth-c"), 0);
+    assert_eq!(tcx_programs(&testbed, "veth-c2"), 2);
+    // Only the new cgroup holds the client-side programs.
+    let connect4 = |cgroup: &Path| {
+        links::cgroup_program_count(cgroup, libbpf_sys::BPF_CGROUP_INET4_CONNECT).unwrap()
+    };
+    assert_eq!(connect4(testbed.apps.path()), 0);
+    assert_eq!(connect4(apps2.path()), 1);
+
+    let (exit, output, stderr) = service.stop();
+    assert!(exit.success(), "{stderr}");
+    assert!(output.contains("Cleaned up"));
+    assert_eq!(connect4(apps2.path()), 0);
+    assert_eq!(tcx_programs(&testbed, "veth-c2"), 0);
+}
+
+#[test]
 fn bad_config_files_give_one_line_and_attach_nothing() {
     if !have_root() {
         return;
     }
+    let _turn = one_service_at_a_time();
     let testbed = Testbed::new();
     let dir = TempDir::new();
     let apps = testbed.apps.path().display().to_string();
