@@ -20,7 +20,9 @@ const METRICS: &str = "127.0.0.1:9479";
 static ONE_SERVICE: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn one_service_at_a_time() -> std::sync::MutexGuard<'static, ()> {
-    ONE_SERVICE.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    ONE_SERVICE
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// redirect of `apps` (ports given), bypass of the whole test tree, and
@@ -53,19 +55,12 @@ listen = "{METRICS}"
     )
 }
 
-fn start_service(testbed: &Testbed, config_path: &Path) -> Running {
-    let args = [
-        "run".to_owned(),
-        "--config".into(),
-        config_path.display().to_string(),
-        "--json".into(),
-    ];
-    Running::start(
-        BIN,
-        &args,
+fn start(testbed: &Testbed, config_path: &Path) -> Running {
+    start_service(
+        config_path,
+        &["--json"],
         Some(&testbed.client),
         Some(&testbed.proxy),
-        "Service running",
     )
 }
 
@@ -146,7 +141,7 @@ fn one_service_runs_redirect_bypass_and_port_nat_and_reloads_in_place() {
     let dir = TempDir::new();
     let config_path = dir.join("config.toml");
     std::fs::write(&config_path, config(&testbed, "80")).unwrap();
-    let mut service = start_service(&testbed, &config_path);
+    let mut service = start(&testbed, &config_path);
 
     // redirect: only the proxy can reach port 80; port 81 is not redirected
     // yet, so the rule rejects it.
@@ -316,7 +311,7 @@ fn a_reload_moves_to_another_cgroup_and_interface_attaching_the_new_first() {
     let dir = TempDir::new();
     let config_path = dir.join("config.toml");
     std::fs::write(&config_path, config(&testbed, "80")).unwrap();
-    let mut service = start_service(&testbed, &config_path);
+    let mut service = start(&testbed, &config_path);
     assert!(curl(testbed.in_apps("curl"), &url, &[]).status.success());
     assert!(
         !curl(in_apps2(), &url, &[]).status.success(),

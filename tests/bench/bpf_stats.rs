@@ -22,19 +22,29 @@ impl ProgramStats {
     }
 }
 
-/// Run time and count of the first loaded program whose name (bpftool
-/// shows the full name, from BTF) starts with `name`.
+/// Run time and count of the loaded programs whose name (bpftool shows
+/// the full name, from BTF) starts with `name`, summed: a benchmark may run
+/// two instances (a subcommand and the service).
 pub fn program(name: &str) -> Option<ProgramStats> {
     let out = Command::new("bpftool")
         .args(["-j", "prog", "show"])
         .output()
         .ok()?;
     let progs: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
-    progs.as_array()?.iter().find_map(|p| {
-        p["name"].as_str()?.starts_with(name).then(|| ProgramStats {
-            run_time_ns: p["run_time_ns"].as_u64().unwrap_or(0),
-            run_count: p["run_cnt"].as_u64().unwrap_or(0),
-        })
+    let matching: Vec<&serde_json::Value> = progs
+        .as_array()?
+        .iter()
+        .filter(|p| p["name"].as_str().is_some_and(|n| n.starts_with(name)))
+        .collect();
+    (!matching.is_empty()).then(|| ProgramStats {
+        run_time_ns: matching
+            .iter()
+            .map(|p| p["run_time_ns"].as_u64().unwrap_or(0))
+            .sum(),
+        run_count: matching
+            .iter()
+            .map(|p| p["run_cnt"].as_u64().unwrap_or(0))
+            .sum(),
     })
 }
 

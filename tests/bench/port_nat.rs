@@ -197,10 +197,20 @@ fn connections_per_second(settings: &Settings) {
         ],
     );
 
-    let arms: [(&str, &Testbed, SocketAddr); 3] = [
+    // The same translation, run by the service from a config file.
+    let service = tuned_testbed();
+    let _service_server = StopOnDrop(start_rr_server(&service.server, server_80));
+    let config = TempDir::new();
+    let config_path = config.join("config.toml");
+    let toml = "[[port-nat]]\ninterface = \"veth-s\"\nfrom = [8080]\nto = [80]\n";
+    std::fs::write(&config_path, toml).unwrap();
+    let service_run = start_service(&config_path, &[], Some(&service.server), None);
+
+    let arms: [(&str, &Testbed, SocketAddr); 4] = [
         ("direct to :80", &direct, server_80),
         ("port-nat 8080 -> 80", &bpf, server_8080),
         ("iptables REDIRECT 8080 -> 80", &iptables, server_8080),
+        ("run --config [[port-nat]]", &service, server_8080),
     ];
     let mut results = vec![Vec::new(); arms.len()];
     for round in 0..settings.rounds {
@@ -211,16 +221,28 @@ fn connections_per_second(settings: &Settings) {
         }
     }
     let (_, output, _) = translator.stop();
-    assert!(
-        stat(&output, "translated on ingress") > 0 && stat(&output, "dropped") == 0,
-        "port-nat did not translate cleanly:\n{output}"
-    );
+    let (_, service_output, _) = service_run.stop();
+    for output in [output, service_output] {
+        assert!(
+            stat(&output, "translated on ingress") > 0 && stat(&output, "dropped") == 0,
+            "port-nat did not translate cleanly:\n{output}"
+        );
+    }
 
     let names: Vec<&str> = arms.iter().map(|(name, _, _)| *name).collect();
     let medians = ratio_table("median conn/s", &names, &mut results, 2);
     println!(
         "  target: port-nat no slower than iptables REDIRECT: {}",
         if medians[1] >= medians[2] * 0.97 {
+            "met"
+        } else {
+            "NOT met"
+        }
+    );
+    println!(
+        "  target: the service adds nothing per connection (run --config within 3% of \
+         port-nat): {}",
+        if medians[3] >= medians[1] * 0.97 {
             "met"
         } else {
             "NOT met"

@@ -150,10 +150,29 @@ fn connections_per_second(settings: &Settings) {
     let _ipt_proxy = builtin_proxy(&iptables);
     iptables_redirect(&iptables, CPS_PORT);
 
-    let arms: [(&str, &Testbed); 3] = [
+    // The same redirect, run by the service from a config file.
+    let service = tuned_testbed();
+    let _service_server = start_cps_server(&service.server);
+    let config = TempDir::new();
+    let config_path = config.join("config.toml");
+    let toml = format!(
+        "[redirect]\ncgroup = \"{}\"\nsockopt-cgroup = \"{}\"\nports = [{CPS_PORT}]\n",
+        service.apps.path().display(),
+        service.parent.path().display()
+    );
+    std::fs::write(&config_path, toml).unwrap();
+    let service_run = start_service(
+        &config_path,
+        &[],
+        Some(&service.client),
+        Some(&service.proxy),
+    );
+
+    let arms: [(&str, &Testbed); 4] = [
         ("direct", &direct),
         ("redirect + built-in proxy", &bpf),
         ("iptables REDIRECT + built-in proxy", &iptables),
+        ("run --config [redirect]", &service),
     ];
     let mut results = vec![Vec::new(); arms.len()];
     let stats_start = bpf_stats::programs(&REDIRECT_PROGRAMS);
@@ -166,11 +185,14 @@ fn connections_per_second(settings: &Settings) {
     }
     let stats_end = bpf_stats::programs(&REDIRECT_PROGRAMS);
     let (_, output, _) = redirector.stop();
+    let (_, service_output, _) = service_run.stop();
     bpf_stats::set_enabled(bpf_stats_before == "1");
-    assert!(
-        stat(&output, "redirected") > 0,
-        "redirect did not redirect:\n{output}"
-    );
+    for output in [output, service_output] {
+        assert!(
+            stat(&output, "redirected") > 0,
+            "redirect did not redirect:\n{output}"
+        );
+    }
 
     let names: Vec<&str> = arms.iter().map(|(name, _)| *name).collect();
     let medians = report::ratio_table("median conn/s", &names, &mut results, 2);
@@ -178,6 +200,15 @@ fn connections_per_second(settings: &Settings) {
     println!(
         "  target: redirect no slower than iptables REDIRECT with the same proxy: {}",
         if medians[1] >= medians[2] * 0.97 {
+            "met"
+        } else {
+            "NOT met"
+        }
+    );
+    println!(
+        "  target: the service adds nothing per connection (run --config within 3% of \
+         redirect): {}",
+        if medians[3] >= medians[1] * 0.97 {
             "met"
         } else {
             "NOT met"

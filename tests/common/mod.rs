@@ -9,7 +9,7 @@ pub mod packet;
 pub use proxy_redirect::servers;
 
 use std::io::{BufRead, BufReader, Read};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::mpsc;
@@ -172,6 +172,23 @@ impl Testbed {
         }
         total
     }
+}
+
+/// `proxy-redirect run --config FILE` with `extra` options, ready once the
+/// service runs.
+pub fn start_service(
+    config: &Path,
+    extra: &[&str],
+    netns: Option<&NetNs>,
+    cgroup: Option<&ChildCgroup>,
+) -> Running {
+    let mut args = vec![
+        "run".to_owned(),
+        "--config".into(),
+        config.display().to_string(),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    Running::start(BIN, &args, netns, cgroup, "Service running")
 }
 
 /// A background process whose stdout is collected; ready once a line
