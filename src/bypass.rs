@@ -186,13 +186,24 @@ impl Datapath for Bypass {
         })
     }
 
-    fn reload(&mut self, settings: &Settings, _ctx: &RunContext) -> Result<()> {
+    fn check_reload(&self, settings: &Settings) -> Result<()> {
         let Settings::Bypass(new) = settings else {
             bail!("not bypass settings");
         };
         if new.ports.is_some() != self.args.ports.is_some() {
-            bail!("ports (all or a list) cannot change while running; restart the service to change it");
+            bail!(
+                "ports (all or a list) cannot change while running; restart the service to \
+                 change it"
+            );
         }
+        Ok(())
+    }
+
+    fn reload(&mut self, settings: &Settings, _ctx: &RunContext) -> Result<()> {
+        self.check_reload(settings)?;
+        let Settings::Bypass(new) = settings else {
+            unreachable!("checked above")
+        };
         let cgroup = cgroup::resolve(new.cgroup.as_deref())?;
         if cgroup != self.cgroup {
             // The new cgroup first: connections there are bypassed at once.

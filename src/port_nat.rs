@@ -444,11 +444,11 @@ impl Datapath for PortNat {
         })
     }
 
-    fn reload(&mut self, settings: &Settings, _ctx: &RunContext) -> Result<()> {
+    fn check_reload(&self, settings: &Settings) -> Result<()> {
         let Settings::PortNat(new) = settings else {
             bail!("not port-nat settings");
         };
-        let mappings = mappings(&new.from, &new.to)?;
+        mappings(&new.from, &new.to)?;
         let fixed = [
             ("max-flows", new.max_flows != self.args.max_flows),
             ("tc-attach", new.tc_attach != self.args.tc_attach),
@@ -456,6 +456,15 @@ impl Datapath for PortNat {
         if let Some((key, _)) = fixed.iter().find(|(_, changed)| *changed) {
             bail!("{key} cannot change while running; restart the service to change it");
         }
+        Ok(())
+    }
+
+    fn reload(&mut self, settings: &Settings, _ctx: &RunContext) -> Result<()> {
+        self.check_reload(settings)?;
+        let Settings::PortNat(new) = settings else {
+            unreachable!("checked above")
+        };
+        let mappings = mappings(&new.from, &new.to)?;
         set_mappings(&self.skel, &mappings)?;
         set_protocols(&mut self.skel, new.proto)?;
         self.config.mappings = mappings;

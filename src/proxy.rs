@@ -366,8 +366,12 @@ impl Datapath for Proxy {
         serde_json::json!({"name": self.name(), "listen": self.addrs.iter().map(|a| a.to_string()).collect::<Vec<_>>()})
     }
 
-    fn reload(&mut self, _settings: &Settings, _ctx: &RunContext) -> Result<()> {
+    fn check_reload(&self, _settings: &Settings) -> Result<()> {
         bail!("the proxy alone cannot be reloaded")
+    }
+
+    fn reload(&mut self, settings: &Settings, _ctx: &RunContext) -> Result<()> {
+        self.check_reload(settings)
     }
 
     fn print_statistics(&self) -> Result<()> {

@@ -308,12 +308,19 @@ impl Datapath for Redirect {
         })
     }
 
-    fn reload(&mut self, settings: &Settings, _ctx: &RunContext) -> Result<()> {
+    fn check_reload(&self, settings: &Settings) -> Result<()> {
         let Settings::Redirect(new) = settings else {
             bail!("not redirect settings");
         };
+        fixed_while_running(&self.args, new, &self.plan, &plan(new)?)
+    }
+
+    fn reload(&mut self, settings: &Settings, _ctx: &RunContext) -> Result<()> {
+        self.check_reload(settings)?;
+        let Settings::Redirect(new) = settings else {
+            unreachable!("checked above")
+        };
         let plan = plan(new)?;
-        fixed_while_running(&self.args, new, &self.plan, &plan)?;
         // The new attachments come first, so that no connection passes
         // unredirected in between.
         if plan.cgroup != self.plan.cgroup || plan.sockopt_cgroup != self.plan.sockopt_cgroup {
@@ -354,7 +361,8 @@ fn fixed_while_running(
     let fixed = [
         (
             "proxy-ip",
-            old_plan.proxy_v4 != new_plan.proxy_v4 || old_plan.proxy_v6 != new_plan.proxy_v6,
+            old_plan.proxy_v4.ip() != new_plan.proxy_v4.ip()
+                || old_plan.proxy_v6.ip() != new_plan.proxy_v6.ip(),
         ),
         ("proxy-port", old.proxy_port != new.proxy_port),
         ("mark", old.mark != new.mark),

@@ -108,9 +108,11 @@ pub trait Datapath {
     fn snapshots(&self) -> Result<Vec<Snapshot>>;
     /// What is attached where, for `proxy-redirect status`.
     fn status(&self) -> serde_json::Value;
-    /// Applies new settings of the same datapath in place (map updates,
-    /// attaching to a new cgroup or interface before leaving the old); the
-    /// new settings were checked with `check` first.
+    /// Whether `reload` can apply these settings (of the same datapath,
+    /// already through `Settings::check`); changes nothing.
+    fn check_reload(&self, settings: &Settings) -> Result<()>;
+    /// Applies settings that passed `check_reload` in place: map updates,
+    /// attaching to a new cgroup before leaving the old.
     fn reload(&mut self, settings: &Settings, ctx: &RunContext) -> Result<()>;
     /// Stops new work before the final statistics are read.
     fn stop(&mut self) {}
@@ -238,8 +240,7 @@ fn run_service(source: &dyn Source, output: &OutputArgs) -> Result<()> {
     let (settings, metrics_addr) = source.load()?;
     let metrics_addr = output.metrics.or(metrics_addr);
     for each in &settings {
-        each.check()
-            .with_context(|| format!("[{}]", section_name(each)))?;
+        each.check().with_context(|| format!("[{}]", each.name()))?;
     }
     let ctx = RunContext::new(output.event_format());
     let metrics = Metrics::bind(metrics_addr)?;
@@ -259,13 +260,6 @@ fn run_service(source: &dyn Source, output: &OutputArgs) -> Result<()> {
     );
     run_loop(&ctx, &mut datapaths, metrics, Some(source), Some(&status))?;
     finish(&ctx, datapaths)
-}
-
-fn section_name(settings: &Settings) -> String {
-    match settings {
-        Settings::PortNat(args) => format!("port-nat {}", args.interface),
-        other => other.name(),
-    }
 }
 
 fn finish(ctx: &RunContext, mut datapaths: Vec<Box<dyn Datapath>>) -> Result<()> {
@@ -409,43 +403,42 @@ fn status_page(datapaths: &[Box<dyn Datapath>], snapshots: &[Snapshot]) -> serde
     })
 }
 
-/// SIGHUP: the new file is read and checked whole; if anything in it is
-/// wrong, one line says what and the running configuration stays.
+/// SIGHUP: the new file is read and checked whole, and every change is
+/// checked and every new datapath prepared before anything changes; if
+/// anything is wrong, one line says what and the running configuration
+/// stays.
 fn reload(
     ctx: &RunContext,
     datapaths: &mut Vec<Box<dyn Datapath>>,
     source: &dyn Source,
     metrics: &mut Metrics,
 ) {
-    let checked = source.load().and_then(|(settings, metrics_addr)| {
-        for each in &settings {
-            each.check()
-                .with_context(|| format!("[{}]", section_name(each)))?;
-        }
-        Ok((settings, metrics_addr))
-    });
-    let (settings, metrics_addr) = match checked {
-        Ok(loaded) => loaded,
+    let (settings, added, new_metrics) = match prepare_reload(ctx, datapaths, source, metrics) {
+        Ok(prepared) => prepared,
         Err(err) => {
             eprintln!("reload refused, the running configuration stays: {err:#}");
             return;
         }
     };
-    // New and changed datapaths first, so that nothing is left without a
+    // New datapaths and changes first, so that nothing is left without a
     // datapath in between; then the ones the file no longer names.
+    for mut datapath in added {
+        let name = datapath.name();
+        match datapath.attach(ctx) {
+            Ok(()) => {
+                println!("Reloaded {name}");
+                datapaths.push(datapath);
+            }
+            Err(err) => eprintln!("reload could not attach {name}: {err:#}"),
+        }
+    }
     for each in &settings {
         let name = each.name();
-        let result = match datapaths.iter_mut().find(|d| d.name() == name) {
-            Some(running) => running.reload(each, ctx),
-            None => each.prepare(ctx).and_then(|mut datapath| {
-                datapath.attach(ctx)?;
-                datapaths.push(datapath);
-                Ok(())
-            }),
-        };
-        match result {
-            Ok(()) => println!("Reloaded {name}"),
-            Err(err) => eprintln!("reload of {name} failed, it keeps its settings: {err:#}"),
+        if let Some(running) = datapaths.iter_mut().find(|d| d.name() == name) {
+            match running.reload(each, ctx) {
+                Ok(()) => println!("Reloaded {name}"),
+                Err(err) => eprintln!("reload of {name} failed: {err:#}"),
+            }
         }
     }
     let names: Vec<String> = settings.iter().map(Settings::name).collect();
@@ -457,10 +450,33 @@ fn reload(
         }
         keep
     });
-    if metrics.addr() != metrics_addr {
-        match Metrics::bind(metrics_addr) {
-            Ok(new) => *metrics = new,
-            Err(err) => eprintln!("reload of [metrics] failed, it keeps its address: {err:#}"),
+    if let Some(new_metrics) = new_metrics {
+        *metrics = new_metrics;
+    }
+}
+
+type PreparedReload = (Vec<Settings>, Vec<Box<dyn Datapath>>, Option<Metrics>);
+
+/// Everything a reload can check or prepare without changing what runs.
+fn prepare_reload(
+    ctx: &RunContext,
+    datapaths: &[Box<dyn Datapath>],
+    source: &dyn Source,
+    metrics: &Metrics,
+) -> Result<PreparedReload> {
+    let (settings, metrics_addr) = source.load()?;
+    let mut added = Vec::new();
+    for each in &settings {
+        let section = || format!("[{}]", each.name());
+        each.check().with_context(section)?;
+        match datapaths.iter().find(|d| d.name() == each.name()) {
+            Some(running) => running.check_reload(each).with_context(section)?,
+            None => added.push(each.prepare(ctx).with_context(section)?),
         }
     }
+    let new_metrics = match metrics.addr() == metrics_addr {
+        true => None,
+        false => Some(Metrics::bind(metrics_addr).context("[metrics]")?),
+    };
+    Ok((settings, added, new_metrics))
 }

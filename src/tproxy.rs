@@ -438,7 +438,7 @@ impl Datapath for Tproxy {
         })
     }
 
-    fn reload(&mut self, settings: &Settings, _ctx: &RunContext) -> Result<()> {
+    fn check_reload(&self, settings: &Settings) -> Result<()> {
         let Settings::Tproxy(new) = settings else {
             bail!("not tproxy settings");
         };
@@ -450,6 +450,14 @@ impl Datapath for Tproxy {
                  anything else"
             );
         }
+        Ok(())
+    }
+
+    fn reload(&mut self, settings: &Settings, _ctx: &RunContext) -> Result<()> {
+        self.check_reload(settings)?;
+        let Settings::Tproxy(new) = settings else {
+            unreachable!("checked above")
+        };
         maps::sync_set(&self.skel.maps.tproxy_ports, &new.ports.0)?;
         self.args = new.clone();
         Ok(())

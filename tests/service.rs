@@ -254,6 +254,23 @@ fn one_service_runs_redirect_bypass_and_port_nat_and_reloads_in_place() {
         again81.status.success(),
         "the old configuration stopped after a broken reload"
     );
+    // A valid file with one change that cannot be made live is refused
+    // whole: its port-nat change is not applied either.
+    let unappliable = config(&testbed, "80, 81")
+        .replace("ports = [80, 81]", "ports = [80, 81]\nproxy-port = 15009")
+        .replace("from = [8081]", "from = [8082]");
+    std::fs::write(&config_path, unappliable).unwrap();
+    service.signal(Signal::SIGHUP);
+    std::thread::sleep(Duration::from_millis(1000));
+    let still_8081 = curl(
+        netns::command_in("curl", Some(&testbed.server), None).unwrap(),
+        &format!("http://{CLIENT_V4}:8081/"),
+        &[],
+    );
+    assert!(
+        still_8081.status.success(),
+        "a refused reload changed port-nat"
+    );
 
     let (exit, output, stderr) = service.stop();
     assert!(exit.success(), "{stderr}");
@@ -262,12 +279,16 @@ fn one_service_runs_redirect_bypass_and_port_nat_and_reloads_in_place() {
             && stderr.contains("ports"),
         "{stderr}"
     );
+    assert!(
+        stderr.contains("[redirect]: proxy-port cannot change while running"),
+        "{stderr}"
+    );
     assert_eq!(
         stderr
             .lines()
             .filter(|l| l.contains("reload refused"))
             .count(),
-        1,
+        2,
         "{stderr}"
     );
     assert!(output.contains("Cleaned up"), "{output}");
