@@ -267,6 +267,9 @@ fn finish(ctx: &RunContext, mut datapaths: Vec<Box<dyn Datapath>>) -> Result<()>
         datapath.stop();
     }
     for datapath in &datapaths {
+        if datapaths.len() > 1 {
+            println!("##### {} #####", datapath.name());
+        }
         datapath.print_statistics()?;
     }
     if ctx.format == EventFormat::Json {

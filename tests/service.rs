@@ -206,6 +206,27 @@ fn one_service_runs_redirect_bypass_and_port_nat_and_reloads_in_place() {
         .iter()
         .all(|p| p["id"].as_u64().unwrap() > 0));
 
+    let text = run({
+        let mut command = std::process::Command::new(BIN);
+        command.arg("status");
+        command
+    });
+    let text = String::from_utf8_lossy(&text.stdout);
+    for expected in [
+        "redirect\n",
+        "bypass\n",
+        "port-nat veth-c\n",
+        "  interface: veth-c",
+        "  program redirect_connect4 (id ",
+        "  program port_nat_ingress (id ",
+        "statistics of redirect",
+    ] {
+        assert!(
+            text.contains(expected),
+            "status lacks '{expected}':\n{text}"
+        );
+    }
+
     // Another user is not told.
     let bin = BinForOthers::new();
     let mut nobody = std::process::Command::new(&bin.path);
@@ -272,7 +293,7 @@ fn one_service_runs_redirect_bypass_and_port_nat_and_reloads_in_place() {
         "a refused reload changed port-nat"
     );
 
-    let (exit, output, stderr) = service.stop();
+    let (exit, output, stderr) = service.stop_with(Signal::SIGTERM);
     assert!(exit.success(), "{stderr}");
     assert!(
         stderr.contains("reload refused, the running configuration stays")

@@ -278,8 +278,16 @@ impl Running {
     }
 
     /// SIGINT, then the exit status, all of stdout and stderr.
-    pub fn stop(mut self) -> (std::process::ExitStatus, String, String) {
-        self.signal(nix::sys::signal::Signal::SIGINT);
+    pub fn stop(self) -> (std::process::ExitStatus, String, String) {
+        self.stop_with(nix::sys::signal::Signal::SIGINT)
+    }
+
+    /// `signal`, then the exit status, all of stdout and stderr.
+    pub fn stop_with(
+        mut self,
+        signal: nix::sys::signal::Signal,
+    ) -> (std::process::ExitStatus, String, String) {
+        self.signal(signal);
         let status = wait_timeout(&mut self.child, Duration::from_secs(20));
         let (out, err) = self.finish_output();
         (status, out, err)
