@@ -447,6 +447,13 @@ fn bad_config_files_give_one_line_and_attach_nothing() {
             "nosuch0",
         ),
         (
+            "one interface twice",
+            "[[port-nat]]\ninterface = \"veth-c\"\nfrom = [8081]\nto = [80]\n\
+             [[port-nat]]\ninterface = \"veth-c\"\nfrom = [8082]\nto = [80]\n"
+                .to_owned(),
+            "interface veth-c twice",
+        ),
+        (
             "no datapath",
             "[metrics]\nlisten = \"127.0.0.1:9480\"\n".to_owned(),
             "datapath",
