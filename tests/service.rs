@@ -81,11 +81,23 @@ fn reject_direct_from(testbed: &Testbed, apps: &ChildCgroup, port: u16) {
     }
 }
 
-fn veth_tcx_programs(testbed: &Testbed) -> u32 {
-    tcx_programs(testbed, "veth-c")
+fn veth_tc_programs(testbed: &Testbed) -> u32 {
+    tc_programs(testbed, "veth-c")
 }
 
-fn tcx_programs(testbed: &Testbed, device: &'static str) -> u32 {
+/// TC programs on a device of the client netns: tcx links, or on kernels
+/// before 6.6 the filters of the clsact fallback.
+fn tc_programs(testbed: &Testbed, device: &'static str) -> u32 {
+    if !kernel::has_tcx() {
+        let mut total = 0;
+        for direction in ["ingress", "egress"] {
+            let mut command = testbed.in_client_netns("tc");
+            command.args(["filter", "show", "dev", device, direction]);
+            let out = String::from_utf8(run(command).stdout).unwrap();
+            total += out.lines().filter(|l| l.contains(" bpf ")).count() as u32;
+        }
+        return total;
+    }
     testbed
         .client
         .spawn(move || {
@@ -322,7 +334,7 @@ fn one_service_runs_redirect_bypass_and_port_nat_and_reloads_in_place() {
     );
     assert_eq!(summary_value(&output, "proxy", "relayed"), 4, "{output}");
     assert_eq!(testbed.attached_redirect_programs(), 0);
-    assert_eq!(veth_tcx_programs(&testbed), 0);
+    assert_eq!(veth_tc_programs(&testbed), 0);
     assert!(!Path::new("/run/proxy-redirect/status.sock").exists());
 }
 
@@ -395,8 +407,8 @@ fn a_reload_moves_to_another_cgroup_and_interface_attaching_the_new_first() {
             .status
             .success()
     );
-    assert_eq!(tcx_programs(&testbed, "veth-c"), 0);
-    assert_eq!(tcx_programs(&testbed, "veth-c2"), 2);
+    assert_eq!(tc_programs(&testbed, "veth-c"), 0);
+    assert_eq!(tc_programs(&testbed, "veth-c2"), 2);
     // Only the new cgroup holds the client-side programs.
     let connect4 = |cgroup: &Path| {
         links::cgroup_program_count(cgroup, libbpf_sys::BPF_CGROUP_INET4_CONNECT).unwrap()
@@ -408,7 +420,7 @@ fn a_reload_moves_to_another_cgroup_and_interface_attaching_the_new_first() {
     assert!(exit.success(), "{stderr}");
     assert!(output.contains("Cleaned up"));
     assert_eq!(connect4(apps2.path()), 0);
-    assert_eq!(tcx_programs(&testbed, "veth-c2"), 0);
+    assert_eq!(tc_programs(&testbed, "veth-c2"), 0);
 }
 
 #[test]
