@@ -251,7 +251,6 @@ pub fn run_one(settings: Settings, output: &OutputArgs) -> Result<()> {
 /// `run --config`: every datapath of the file, reloaded on SIGHUP.
 fn run_service(source: &dyn Source, output: &OutputArgs) -> Result<()> {
     let (settings, metrics_addr) = source.load()?;
-    let metrics_addr = output.metrics.or(metrics_addr);
     for each in &settings {
         each.check().with_context(|| format!("[{}]", each.name()))?;
     }

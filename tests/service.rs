@@ -94,7 +94,10 @@ fn tc_programs(testbed: &Testbed, device: &'static str) -> u32 {
             let mut command = testbed.in_client_netns("tc");
             command.args(["filter", "show", "dev", device, direction]);
             let out = String::from_utf8(run(command).stdout).unwrap();
-            total += out.lines().filter(|l| l.contains(" bpf ")).count() as u32;
+            let filters = out
+                .lines()
+                .filter(|l| l.contains(" bpf ") && l.contains(" handle "));
+            total += filters.count() as u32;
         }
         return total;
     }
