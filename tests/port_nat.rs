@@ -1152,10 +1152,20 @@ fn lo_http_download_and_connected_udp_through_mappings_without_checksum_errors()
         .any(|e| e["event"] == "egress" && e["src"] == "[::1]:5353" && e["new_port"] == 5300));
     // Fewer packets than MSS-sized segments: loopback carries 64 KiB GSO
     // packets.
-    assert!(stat(&output, "translated on ingress") > 200, "{output}");
-    assert!(stat(&output, "translated on egress") > 200, "{output}");
-    assert_eq!(stat(&output, "new flows"), 6, "{output}");
-    assert_eq!(stat(&output, "dropped"), 0);
+    assert!(
+        summary_value(&output, "port_nat", "ingress_translated") > 200,
+        "{output}"
+    );
+    assert!(
+        summary_value(&output, "port_nat", "egress_translated") > 200,
+        "{output}"
+    );
+    assert_eq!(
+        summary_value(&output, "port_nat", "new_flows"),
+        6,
+        "{output}"
+    );
+    assert_eq!(summary_value(&output, "port_nat", "dropped"), 0);
     assert!(output.contains("Cleaned up"));
     assert_eq!(attached_tc(&ns, "lo").0, 0);
 }
@@ -1189,7 +1199,10 @@ fn veth_a_download_survives_spoofed_acks_straight_to_to() {
     let testbed = Testbed::new();
     let (client, server) = (&testbed.client, &testbed.server);
     let _echo = servers::echo(server, "[::]:80").unwrap();
-    let nat = port_nat(server, &["-i", "veth-s", "-f", "8080", "-t", "80"]);
+    let nat = port_nat(
+        server,
+        &["-i", "veth-s", "-f", "8080", "-t", "80", "--json"],
+    );
     let total = 16usize << 20;
     let transfer = client
         .spawn(move || {
@@ -1227,9 +1240,13 @@ fn veth_a_download_survives_spoofed_acks_straight_to_to() {
     transfer.join().unwrap().unwrap();
     let (status, output, stderr) = nat.stop();
     assert!(status.success(), "{stderr}");
-    assert_eq!(stat(&output, "direct packets ignored"), 3, "{output}");
     assert_eq!(
-        stat(&output, "flows ended by direct traffic"),
+        summary_value(&output, "port_nat", "direct_ignored"),
+        3,
+        "{output}"
+    );
+    assert_eq!(
+        summary_value(&output, "port_nat", "direct_ended_flows"),
         0,
         "{output}"
     );
@@ -1259,6 +1276,7 @@ fn lo_a_local_connection_from_port_from_works_and_from_in_the_local_range_is_war
             "80",
             "--metrics",
             "127.0.0.1:9477",
+            "--json",
         ],
     );
     // This host's own connection from local port 40000 (FROM). Once: the
@@ -1288,7 +1306,7 @@ fn lo_a_local_connection_from_port_from_works_and_from_in_the_local_range_is_war
         "{stderr}"
     );
     assert!(
-        stat(&output, "passed: replies to local sockets") > 0,
+        summary_value(&output, "port_nat", "passed_local") > 0,
         "{output}"
     );
 }
@@ -1299,7 +1317,7 @@ fn lo_a_udp_client_of_from_gets_econnrefused_when_nothing_listens_on_to() {
         return;
     }
     let ns = lo_netns();
-    let nat = port_nat(&ns, &["-i", "lo", "-f", "5300", "-t", "5353"]);
+    let nat = port_nat(&ns, &["-i", "lo", "-f", "5300", "-t", "5353", "--json"]);
     for server in ["127.0.0.1:5300", "[::1]:5300"] {
         let server: SocketAddr = server.parse().unwrap();
         let refused = ns
@@ -1330,7 +1348,11 @@ fn lo_a_udp_client_of_from_gets_econnrefused_when_nothing_listens_on_to() {
     }
     let (status, output, stderr) = nat.stop();
     assert!(status.success(), "{stderr}");
-    assert_eq!(stat(&output, "ICMP errors translated"), 2, "{output}");
+    assert_eq!(
+        summary_value(&output, "port_nat", "icmp_translated"),
+        2,
+        "{output}"
+    );
 }
 
 /// A tun device in `ns`: its descriptor, through which the test is the
@@ -1409,7 +1431,7 @@ fn tun_device_translates_tcp_and_udp() {
     let nat = port_nat(
         &ns,
         &[
-            "-i", "pntun0", "-f", "8080", "-t", "80", "-f", "5300", "-t", "5353",
+            "-i", "pntun0", "-f", "8080", "-t", "80", "-f", "5300", "-t", "5353", "--json",
         ],
     );
     let write = |packet: &Packet| {
@@ -1432,8 +1454,16 @@ fn tun_device_translates_tcp_and_udp() {
 
     let (status, output, stderr) = nat.stop();
     assert!(status.success(), "{stderr}");
-    assert_eq!(stat(&output, "passed: truncated"), 0, "{output}");
-    assert_eq!(stat(&output, "translated on ingress"), 2, "{output}");
+    assert_eq!(
+        summary_value(&output, "port_nat", "passed_truncated"),
+        0,
+        "{output}"
+    );
+    assert_eq!(
+        summary_value(&output, "port_nat", "ingress_translated"),
+        2,
+        "{output}"
+    );
     drop(tun);
 }
 
@@ -1516,6 +1546,7 @@ fn veth_ipv4_ipv6_with_and_without_checksum_offload_and_direct_clients() {
         server,
         &[
             "-i", "veth-s", "-f", "8080", "-t", "80", "-f", "5300", "-t", "5353", "--proto", "all",
+            "--json",
         ],
     );
     for offload in [true, false] {
@@ -1557,10 +1588,10 @@ fn veth_ipv4_ipv6_with_and_without_checksum_offload_and_direct_clients() {
     let (status, output, stderr) = nat.stop();
     assert!(status.success(), "{stderr}");
     assert!(
-        stat(&output, "untracked replies left alone") > 0,
+        summary_value(&output, "port_nat", "untracked_replies") > 0,
         "{output}"
     );
-    assert_eq!(stat(&output, "dropped"), 0);
+    assert_eq!(summary_value(&output, "port_nat", "dropped"), 0);
     assert_eq!(attached_tc(server, "veth-s").0, 0);
 }
 
@@ -1636,6 +1667,8 @@ fn flows_expire_after_their_timeout_and_active_ones_recover() {
     go_tx.send(()).unwrap();
     held.join().unwrap().unwrap();
 
+    // -v prints text events, and no JSON summary: this run is read from
+    // its human-readable statistics.
     let (status, output, _) = nat.stop();
     assert!(status.success());
     assert!(stat(&output, "flows expired") >= 3, "{output}");
@@ -1663,6 +1696,7 @@ fn a_full_flow_table_evicts_the_least_recently_used_flows() {
             "udp",
             "--max-flows",
             "16",
+            "--json",
         ],
     );
     // One long-lived flow, then far more new flows than the table holds:
@@ -1696,17 +1730,17 @@ fn a_full_flow_table_evicts_the_least_recently_used_flows() {
     // 301 flows, or 302 when the old one was evicted and came back (the
     // LRU's per-CPU free lists decide which entries go first).
     let (new, tracked) = (
-        stat(&output, "new flows"),
-        stat(&output, "flows tracked at exit"),
+        summary_value(&output, "port_nat", "new_flows"),
+        summary_value(&output, "port_nat", "flows"),
     );
     assert!((301..=302).contains(&new), "{output}");
     assert!(tracked <= 16, "{output}");
     assert_eq!(
-        stat(&output, "flows evicted (table full)"),
+        summary_value(&output, "port_nat", "evicted_flows"),
         new - tracked,
         "{output}"
     );
-    assert_eq!(stat(&output, "dropped"), 0, "{output}");
+    assert_eq!(summary_value(&output, "port_nat", "dropped"), 0, "{output}");
 }
 
 #[test]
@@ -1746,12 +1780,12 @@ fn sigkill_leaves_no_tcx_link_and_a_clsact_leftover_is_replaced() {
     // The legacy path cannot avoid this: the filters outlive the process...
     assert_eq!(attached_tc(&ns, "lo"), (0, true));
     // ...and the next run finds and replaces them, then removes everything.
-    let nat = port_nat(&ns, &clsact);
+    let nat = port_nat(&ns, &[&clsact[..], &["--json"]].concat());
     assert!(curl(&ns, "http://127.0.0.1:8080/", &[]).contains("local=127.0.0.1:80"));
     let (status, output, _) = nat.stop();
     assert!(status.success());
     assert_eq!(
-        stat(&output, "new flows"),
+        summary_value(&output, "port_nat", "new_flows"),
         1,
         "one filter pair ran, not two"
     );
@@ -1871,7 +1905,7 @@ fn lo_fast_open_data_in_the_syn_is_translated() {
     let ns = lo_netns();
     let out = in_netns(&ns, "sysctl", &["-qw", "net.ipv4.tcp_fastopen=0x607"]);
     assert!(out.status.success());
-    let nat = port_nat(&ns, &["-i", "lo", "-f", "8080", "-t", "80"]);
+    let nat = port_nat(&ns, &["-i", "lo", "-f", "8080", "-t", "80", "--json"]);
     for host in ["127.0.0.1", "::1"] {
         let before = fast_open_passive(&ns);
         let out = in_netns(&ns, PYTHON, &["-c", FAST_OPEN_THROUGH_FROM, host]);
@@ -1887,6 +1921,10 @@ fn lo_fast_open_data_in_the_syn_is_translated() {
     }
     let (status, output, _) = nat.stop();
     assert!(status.success());
-    assert_eq!(stat(&output, "new flows"), 10, "{output}");
-    assert_eq!(stat(&output, "dropped"), 0, "{output}");
+    assert_eq!(
+        summary_value(&output, "port_nat", "new_flows"),
+        10,
+        "{output}"
+    );
+    assert_eq!(summary_value(&output, "port_nat", "dropped"), 0, "{output}");
 }

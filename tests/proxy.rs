@@ -108,7 +108,7 @@ fn aborts_are_passed_on_as_resets_in_both_directions() {
             "direct",
         );
     }
-    let redirector = testbed.redirect_without_events(&testbed.proxy, &[]);
+    let redirector = testbed.redirect(&[]);
     for host in [SERVER_V4, SERVER_V6] {
         assert_aborts_seen(
             || testbed.in_apps(PYTHON),
@@ -119,10 +119,10 @@ fn aborts_are_passed_on_as_resets_in_both_directions() {
     }
     wait_for_tcp_to_settle(&testbed.client);
     let (_, output, _) = redirector.stop();
-    assert_eq!(stat(&output, "connections accepted"), 4);
-    assert_eq!(stat(&output, "aborted, reset passed on"), 4);
-    assert_eq!(stat(&output, "bytes upstream->client"), 200000);
-    assert_eq!(stat(&output, "bytes client->upstream"), 200002);
+    assert_eq!(summary_value(&output, "proxy", "accepted"), 4);
+    assert_eq!(summary_value(&output, "proxy", "aborted"), 4);
+    assert_eq!(summary_value(&output, "proxy", "downstream_bytes"), 200000);
+    assert_eq!(summary_value(&output, "proxy", "upstream_bytes"), 200002);
 }
 
 #[test]
@@ -132,7 +132,7 @@ fn idle_connections_are_closed_on_both_sides_and_busy_ones_kept() {
     }
     let testbed = Testbed::new();
     let _server = servers::echo(&testbed.server, "[::]:80").unwrap();
-    let redirector = testbed.redirect_without_events(&testbed.proxy, &["--idle-timeout", "2"]);
+    let redirector = testbed.redirect(&["--idle-timeout", "2"]);
     // Three idle connections and one that sends a byte every half second
     // for seven seconds: the idle ones see EOF between 2 and 2.5 s (the
     // check allows 4), the busy one keeps its echo.
@@ -170,8 +170,8 @@ print('ok')
     wait_for_tcp_to_settle(&testbed.server);
     wait_for_tcp_to_settle(&testbed.client);
     let (_, output, _) = redirector.stop();
-    assert_eq!(stat(&output, "closed when idle"), 3);
-    assert_eq!(stat(&output, "relayed to the end"), 1);
+    assert_eq!(summary_value(&output, "proxy", "idle_closed"), 3);
+    assert_eq!(summary_value(&output, "proxy", "relayed"), 1);
 }
 
 #[test]
@@ -181,7 +181,7 @@ fn idle_timeout_0_keeps_idle_connections() {
     }
     let testbed = Testbed::new();
     let _server = servers::echo(&testbed.server, "[::]:80").unwrap();
-    let redirector = testbed.redirect_without_events(&testbed.proxy, &["--idle-timeout", "0"]);
+    let redirector = testbed.redirect(&["--idle-timeout", "0"]);
     let script = format!(
         "\
 import socket, time
@@ -195,8 +195,8 @@ print('ok')
     python(testbed.in_apps(PYTHON), &script);
     wait_for_tcp_to_settle(&testbed.client);
     let (_, output, _) = redirector.stop();
-    assert_eq!(stat(&output, "closed when idle"), 0);
-    assert_eq!(stat(&output, "relayed to the end"), 1);
+    assert_eq!(summary_value(&output, "proxy", "idle_closed"), 0);
+    assert_eq!(summary_value(&output, "proxy", "relayed"), 1);
 }
 
 /// setpriv's arguments that run `bin proxy ARGS` as nobody.

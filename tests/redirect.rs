@@ -83,8 +83,11 @@ fn http_through_builtin_proxy_over_ipv4_ipv6_and_v4_mapped() {
         "v4-mapped goes to the IPv4 proxy"
     );
     assert_eq!(redirected[1]["target"], "[::1]:15001");
-    assert_eq!(stat(&output, "original destinations answered"), 3);
-    assert_eq!(stat(&output, "relayed to the end"), 3);
+    assert_eq!(
+        summary_value(&output, "redirect", "original_destinations_answered"),
+        3
+    );
+    assert_eq!(summary_value(&output, "proxy", "relayed"), 3);
 }
 
 /// A proxy that knows nothing of BPF: accept, getsockopt(SO_ORIGINAL_DST) or
@@ -219,8 +222,8 @@ fn other_ports_excluded_destinations_and_the_proxys_own_connections_are_untouche
         reasons,
         ["excluded network", "excluded network", "proxy mark"]
     );
-    assert_eq!(stat(&output, "to other ports"), 1);
-    assert_eq!(stat(&output, "connections accepted"), 0);
+    assert_eq!(summary_value(&output, "redirect", "other_port_connects"), 1);
+    assert_eq!(summary_value(&output, "proxy", "accepted"), 0);
 
     // Without exclusions the proxy, still inside the cgroup, relays without
     // redirecting its own upstream connection back to itself.
@@ -242,7 +245,7 @@ fn other_ports_excluded_destinations_and_the_proxys_own_connections_are_untouche
     assert_eq!(events[0]["action"], "redirect");
     assert_eq!(events[1]["action"], "bypass");
     assert_eq!(events[1]["reason"], "proxy's own connection");
-    assert_eq!(stat(&output, "relayed to the end"), 1);
+    assert_eq!(summary_value(&output, "proxy", "relayed"), 1);
 }
 
 #[test]
@@ -370,8 +373,11 @@ fn original_destination_maps_are_empty_after_many_connections() {
     // Let the last closes pass through TCP_CLOSE.
     wait_for_tcp_to_settle(&testbed.client);
     let (_, output, _) = redirector.stop();
-    assert_eq!(stat(&output, "redirected"), 300);
-    assert_eq!(stat(&output, "original destinations answered"), 300);
+    assert_eq!(summary_value(&output, "redirect", "redirected"), 300);
+    assert_eq!(
+        summary_value(&output, "redirect", "original_destinations_answered"),
+        300
+    );
     assert_maps_empty(&output);
 }
 
@@ -401,11 +407,13 @@ fn sigkill_leaves_nothing_attached_and_a_restart_works_at_once() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    // SIGTERM ends it cleanly too, with statistics.
+    // SIGTERM ends it cleanly too, with statistics: the human-readable
+    // ones and the summary agree.
     redirector.signal(Signal::SIGTERM);
     let (status, output, _) = redirector.stop();
     assert!(status.success());
-    assert_eq!(stat(&output, "redirected"), 1);
+    assert_eq!(stat(&output, "redirected"), 1, "{output}");
+    assert_eq!(summary_value(&output, "redirect", "redirected"), 1);
     assert!(output.contains("Cleaned up"));
     assert_eq!(testbed.attached_redirect_programs(), 0);
 }
@@ -530,7 +538,7 @@ fn include_networks_excluded_users_and_udp() {
     assert_eq!(summary, expected, "{output}");
     assert_eq!(events[2]["uid"], 65534);
     assert_eq!(
-        stat(&output, "TCP connects seen"),
+        summary_value(&output, "redirect", "tcp_connects"),
         3,
         "UDP must not be counted"
     );
@@ -543,7 +551,7 @@ fn builtin_proxy_holds_a_thousand_concurrent_connections() {
     }
     let testbed = Testbed::new();
     let _server = servers::echo(&testbed.server, "[::]:80").unwrap();
-    let redirector = testbed.redirect_without_events(&testbed.proxy, &[]);
+    let redirector = testbed.redirect(&[]);
     let script = format!(
         "import resource, socket\nresource.setrlimit(resource.RLIMIT_NOFILE, (4096, 4096))\n\
          socks = [socket.create_connection(('{SERVER_V4}', 80), timeout=30) for i in range(1000)]\n\
@@ -554,8 +562,8 @@ fn builtin_proxy_holds_a_thousand_concurrent_connections() {
     python(testbed.in_apps(PYTHON), &script);
     wait_for_tcp_to_settle(&testbed.client);
     let (_, output, _) = redirector.stop();
-    assert_eq!(stat(&output, "connections accepted"), 1000);
-    assert_eq!(stat(&output, "relayed to the end"), 1000);
+    assert_eq!(summary_value(&output, "proxy", "accepted"), 1000);
+    assert_eq!(summary_value(&output, "proxy", "relayed"), 1000);
 }
 
 #[test]
@@ -583,11 +591,8 @@ fn builtin_proxy_passes_half_close_and_is_never_an_open_relay() {
                   except ConnectionResetError:\n    pass\nprint('closed')";
     python(testbed.in_client_netns(PYTHON), script);
     let (_, output, stderr) = redirector.stop();
-    assert_eq!(stat(&output, "relayed to the end"), 1);
-    assert_eq!(
-        stat(&output, "refused (no original destination or a loop)"),
-        1
-    );
+    assert_eq!(summary_value(&output, "proxy", "relayed"), 1);
+    assert_eq!(summary_value(&output, "proxy", "refused"), 1);
     assert!(stderr.contains("no original destination"), "{stderr}");
 }
 

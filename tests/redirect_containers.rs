@@ -87,9 +87,12 @@ fn each_namespace_is_told_its_own_original_destinations() {
     wait_for_tcp_to_settle(&second);
     let (status, output, _) = redirector.stop();
     assert!(status.success());
-    assert_eq!(stat(&output, "redirected"), 2 * (60 + 400));
     assert_eq!(
-        stat(&output, "original destinations answered"),
+        summary_value(&output, "redirect", "redirected"),
+        2 * (60 + 400)
+    );
+    assert_eq!(
+        summary_value(&output, "redirect", "original_destinations_answered"),
         2 * (60 + 400)
     );
     assert_maps_empty(&output);
@@ -157,7 +160,10 @@ fn another_user_reads_nothing_from_any_socket() {
     client.kill();
     let (status, output, _) = redirector.stop();
     assert!(status.success());
-    assert_eq!(stat(&output, "original destinations answered"), 1);
+    assert_eq!(
+        summary_value(&output, "redirect", "original_destinations_answered"),
+        1
+    );
 }
 
 fn fast_open_passive_count(netns: &NetNs) -> u64 {
@@ -229,7 +235,10 @@ fn fast_open_is_told_the_right_destination_and_leaves_nothing_behind() {
     wait_for_tcp_to_settle(&testbed.client);
     let (status, output, _) = redirector.stop();
     assert!(status.success());
-    assert_eq!(stat(&output, "original destinations answered"), 20);
+    assert_eq!(
+        summary_value(&output, "redirect", "original_destinations_answered"),
+        20
+    );
     assert_maps_empty(&output);
 }
 
@@ -284,7 +293,10 @@ fn device_bound_sockets_go_direct_at_once() {
             .all(|e| e["action"] == "bypass" && e["reason"] == "bound to a device"),
         "{events:?}"
     );
-    assert_eq!(stat(&output, "bound to a device"), 2);
+    assert_eq!(
+        summary_value(&output, "redirect", "bypassed_bound_to_a_device"),
+        2
+    );
 }
 
 #[test]
@@ -320,7 +332,7 @@ fn when_proxy_down_closed_refuses_at_once() {
             .all(|e| e["action"] == "refuse" && e["reason"] == "no proxy"),
         "{events:?}"
     );
-    assert_eq!(stat(&output, "refused (no proxy)"), 2);
+    assert_eq!(summary_value(&output, "redirect", "refused"), 2);
     assert_maps_empty(&output);
 }
 
@@ -407,9 +419,12 @@ fn no_record_outlives_its_connection() {
     wait_for_tcp_to_settle(&testbed.client);
     let (status, output, _) = redirector.stop();
     assert!(status.success());
-    assert_eq!(stat(&output, "redirected"), 2 + 20 + 5 + 5);
     assert_eq!(
-        stat(&output, "closed before the proxy accepted"),
+        summary_value(&output, "redirect", "redirected"),
+        2 + 20 + 5 + 5
+    );
+    assert_eq!(
+        summary_value(&output, "redirect", "closed_before_accept"),
         5,
         "{output}"
     );
@@ -519,5 +534,8 @@ fn haproxy_sidecars_in_two_namespaces_reach_each_ones_own_destinations() {
     }
     let (status, output, _) = redirector.stop();
     assert!(status.success());
-    assert_eq!(stat(&output, "original destinations answered"), 120);
+    assert_eq!(
+        summary_value(&output, "redirect", "original_destinations_answered"),
+        120
+    );
 }

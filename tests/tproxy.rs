@@ -118,12 +118,18 @@ fn intercepts_ipv4_and_ipv6_relays_megabytes_and_forwards_other_ports() {
         .unwrap()
         .starts_with(&format!("{CLIENT4}:")));
     assert_eq!(events[1]["proxy"], "[::1]:15002");
-    assert_eq!(stat(&output, "connections intercepted"), 4);
-    assert!(stat(&output, "to other ports") >= 2, "{output}");
-    assert!(stat(&output, "packets to proxy sockets") > 100, "{output}");
-    assert_eq!(stat(&output, "assign failed"), 0);
-    assert_eq!(stat(&output, "relayed to the end"), 4);
-    assert!(stat(&output, "bytes client->upstream") >= 2 * data.len() as u64);
+    assert_eq!(summary_value(&output, "tproxy", "intercepted"), 4);
+    assert!(
+        summary_value(&output, "tproxy", "other_port_packets") >= 2,
+        "{output}"
+    );
+    assert!(
+        summary_value(&output, "tproxy", "socket_packets") > 100,
+        "{output}"
+    );
+    assert_eq!(summary_value(&output, "tproxy", "assign_failed"), 0);
+    assert_eq!(summary_value(&output, "proxy", "relayed"), 4);
+    assert!(summary_value(&output, "proxy", "upstream_bytes") >= 2 * data.len() as u64);
     assert!(output.contains("Cleaned up"));
 
     assert_forwarded_directly(&gw);
@@ -169,7 +175,10 @@ fn sigkill_leftovers_are_removed_by_the_next_start_for_tcx_and_clsact() {
         let (status, output, stderr) = tproxy.stop();
         assert!(status.success(), "{mode}: {stderr}");
         assert!(output.contains("Cleaned up"));
-        assert_eq!(stat(&output, "connections intercepted"), 2);
+        // The human-readable statistics are printed and agree with the
+        // summary.
+        assert_eq!(stat(&output, "connections intercepted"), 2, "{output}");
+        assert_eq!(summary_value(&output, "tproxy", "intercepted"), 2);
         assert_forwarded_directly(&gw);
         assert_eq!(
             gw.snapshot(),
@@ -346,9 +355,9 @@ fn squid_spoofing_the_client_address_gets_its_replies_with_upstream_interface() 
     assert_eq!(peer_seen_by_server(&gw, &url6(80)), CLIENT6);
     let (status, output, stderr) = tproxy.stop();
     assert!(status.success(), "{stderr}");
-    assert_eq!(stat(&output, "connections intercepted"), 2);
+    assert_eq!(summary_value(&output, "tproxy", "intercepted"), 2);
     assert!(
-        stat(&output, "upstream replies to sockets") >= 4,
+        summary_value(&output, "tproxy", "upstream_replies") >= 4,
         "{output}"
     );
     drop(_squid);
@@ -396,8 +405,11 @@ fn connections_forwarded_before_the_start_keep_being_forwarded() {
     }
     drop(old);
     let (_, output, _) = tproxy.stop();
-    assert!(stat(&output, "forwarded, no local socket") >= 4, "{output}");
-    assert_eq!(stat(&output, "connections intercepted"), 1);
+    assert!(
+        summary_value(&output, "tproxy", "forwarded_not_ours") >= 4,
+        "{output}"
+    );
+    assert_eq!(summary_value(&output, "tproxy", "intercepted"), 1);
     let peers: Vec<String> = echo
         .peers()
         .iter()
@@ -427,8 +439,12 @@ fn handshakes_completed_with_syncookies_reach_the_proxy() {
     let tproxy = gw.tproxy(&[]);
     assert_intercepted(&gw);
     let (_, output, _) = tproxy.stop();
-    assert_eq!(stat(&output, "syncookie ACKs to the proxy"), 2, "{output}");
-    assert_eq!(stat(&output, "relayed to the end"), 2);
+    assert_eq!(
+        summary_value(&output, "tproxy", "syncookie_acks"),
+        2,
+        "{output}"
+    );
+    assert_eq!(summary_value(&output, "proxy", "relayed"), 2);
 }
 
 #[test]
@@ -459,6 +475,8 @@ fn external_transparent_proxy_and_no_listener() {
     );
     assert!(proxy.seen[0].contains("transparent"), "{:?}", proxy.seen);
     assert_intercepted(&gw);
+    // The standalone proxy runs without --json: its human-readable
+    // statistics.
     let (_, proxy_output, _) = proxy.stop();
     assert_eq!(stat(&proxy_output, "relayed to the end"), 2);
     let (_, output, _) = tproxy.stop();
@@ -482,7 +500,7 @@ fn external_transparent_proxy_and_no_listener() {
         ],
         "{events:?}"
     );
-    assert_eq!(stat(&output, "forwarded, no listener"), 2);
+    assert_eq!(summary_value(&output, "tproxy", "forwarded_no_listener"), 2);
 }
 
 #[test]
@@ -627,13 +645,21 @@ fn a_client_port_reused_while_the_proxy_holds_time_wait_gets_through() {
     let (_, output, _) = tproxy.stop();
     // The first connection meets no TIME_WAIT socket; the other two do, and
     // sk_lookup lets the listener replace it, as TPROXY would.
-    assert_eq!(stat(&output, "SYNs meeting TIME_WAIT"), 2, "{output}");
-    assert!(
-        stat(&output, "listeners given by sk_lookup") >= 2,
+    assert_eq!(
+        summary_value(&output, "tproxy", "time_wait_syns"),
+        2,
         "{output}"
     );
-    assert_eq!(stat(&output, "connections intercepted"), 1, "{output}");
-    assert_eq!(stat(&output, "relayed to the end"), 3);
+    assert!(
+        summary_value(&output, "tproxy", "sk_lookup_assigned") >= 2,
+        "{output}"
+    );
+    assert_eq!(
+        summary_value(&output, "tproxy", "intercepted"),
+        1,
+        "{output}"
+    );
+    assert_eq!(summary_value(&output, "proxy", "relayed"), 3);
 }
 
 const TC_ACT_OK: u32 = 0;
@@ -902,7 +928,11 @@ fn a_recreated_interface_is_followed_by_name() {
     let (status, output, stderr) = tproxy.stop();
     assert!(status.success(), "{stderr}");
     assert!(stderr.contains("interface gw-c is gone"), "{stderr}");
-    assert_eq!(stat(&output, "connections intercepted"), 4, "{output}");
+    assert_eq!(
+        summary_value(&output, "tproxy", "intercepted"),
+        4,
+        "{output}"
+    );
     let after = gw.snapshot();
     assert!(
         !after.contains("5052"),
@@ -936,6 +966,10 @@ fn fast_open_requests_in_the_syn_are_intercepted_intact() {
     }
     let (status, output, _) = tproxy.stop();
     assert!(status.success());
-    assert_eq!(stat(&output, "connections intercepted"), 2, "{output}");
-    assert_eq!(stat(&output, "relayed to the end"), 2, "{output}");
+    assert_eq!(
+        summary_value(&output, "tproxy", "intercepted"),
+        2,
+        "{output}"
+    );
+    assert_eq!(summary_value(&output, "proxy", "relayed"), 2, "{output}");
 }
