@@ -7,6 +7,7 @@ pub mod bpf;
 pub mod bypass;
 pub mod cgroup;
 pub mod cli;
+pub mod config;
 pub mod demo;
 pub mod dns;
 pub mod events;
