@@ -450,6 +450,39 @@ mod tests {
         assert!(config.metrics.is_some());
     }
 
+    /// Every `key = value` the README's service section shows is accepted
+    /// by some section (only keys another section requires may be missing).
+    #[test]
+    fn the_readme_shows_real_keys_and_values() {
+        let readme = include_str!("../README.md");
+        let start = readme.find("## Run as a service").unwrap();
+        let section = &readme[start..];
+        let end = section[1..].find("\n## ").unwrap() + 1;
+        let snippets: Vec<&str> = section[..end]
+            .split('`')
+            .skip(1)
+            .step_by(2)
+            .filter(|code| code.contains(" = "))
+            .collect();
+        assert!(snippets.len() >= 9, "{snippets:?}");
+        for snippet in snippets {
+            let text = match snippet.strip_prefix("[metrics] ") {
+                Some(line) => format!("[bypass]\n[metrics]\n{line}"),
+                None => snippet.to_owned(),
+            };
+            let accepted = ["[redirect]", "[bypass]", "[[port-nat]]", "[tproxy]"]
+                .iter()
+                .any(|header| match parse(&format!("{header}\n{text}")) {
+                    Ok(_) => true,
+                    Err(err) => err.to_string().contains("missing key"),
+                });
+            assert!(
+                accepted,
+                "the README shows `{snippet}`, which no section accepts"
+            );
+        }
+    }
+
     #[test]
     fn a_bad_value_names_the_section_and_the_key() {
         assert_eq!(
