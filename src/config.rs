@@ -87,7 +87,38 @@ pub fn parse(text: &str) -> Result<ServiceConfig> {
     {
         bail!("no datapath to run: add at least one of [redirect], [bypass], [[port-nat]] or [tproxy]");
     }
+    check_tc_interfaces(&config)?;
     Ok(config)
+}
+
+/// One TC datapath per interface: port-nat and tproxy return TC_ACT_OK
+/// (TCX_PASS) for the packets they leave alone, which ends the chain, so a
+/// second program on the same interface would never see a packet.
+fn check_tc_interfaces(config: &ServiceConfig) -> Result<()> {
+    // (section, key, interface)
+    let mut users: Vec<(String, &str, &str)> = Vec::new();
+    for (i, args) in config.port_nat.iter().enumerate() {
+        users.push((
+            format!("[port-nat #{}]", i + 1),
+            "interface",
+            &args.interface,
+        ));
+    }
+    if let Some(tproxy) = &config.tproxy {
+        users.push(("[tproxy]".into(), "interface", &tproxy.interface));
+        if let Some(upstream) = &tproxy.upstream_interface {
+            users.push(("[tproxy]".into(), "upstream-interface", upstream));
+        }
+    }
+    for (i, (section, key, interface)) in users.iter().enumerate() {
+        if let Some((first, _, _)) = users[..i].iter().find(|(_, _, other)| other == interface) {
+            bail!(
+                "{section} {key}: '{interface}' already runs {first}: only the first TC program \
+                 on an interface sees its packets (give one [[port-nat]] all of its mappings)"
+            );
+        }
+    }
+    Ok(())
 }
 
 /// `line L, column C: message`, on one line.
@@ -450,6 +481,39 @@ mod tests {
         assert!(config.metrics.is_some());
     }
 
+    /// Every `key = value` the README's service section shows is accepted
+    /// by some section (only keys another section requires may be missing).
+    #[test]
+    fn the_readme_shows_real_keys_and_values() {
+        let readme = include_str!("../README.md");
+        let start = readme.find("## Run as a service").unwrap();
+        let section = &readme[start..];
+        let end = section[1..].find("\n## ").unwrap() + 1;
+        let snippets: Vec<&str> = section[..end]
+            .split('`')
+            .skip(1)
+            .step_by(2)
+            .filter(|code| code.contains(" = "))
+            .collect();
+        assert!(snippets.len() >= 9, "{snippets:?}");
+        for snippet in snippets {
+            let text = match snippet.strip_prefix("[metrics] ") {
+                Some(line) => format!("[bypass]\n[metrics]\n{line}"),
+                None => snippet.to_owned(),
+            };
+            let accepted = ["[redirect]", "[bypass]", "[[port-nat]]", "[tproxy]"]
+                .iter()
+                .any(|header| match parse(&format!("{header}\n{text}")) {
+                    Ok(_) => true,
+                    Err(err) => err.to_string().contains("missing key"),
+                });
+            assert!(
+                accepted,
+                "the README shows `{snippet}`, which no section accepts"
+            );
+        }
+    }
+
     #[test]
     fn a_bad_value_names_the_section_and_the_key() {
         assert_eq!(
@@ -485,6 +549,21 @@ mod tests {
         assert_eq!(
             error(text),
             "[port-nat #2] interface: expected a string, got an integer"
+        );
+        let twice = "[[port-nat]]\ninterface = \"eth0\"\nfrom = [8080]\nto = [80]\n\
+                     [[port-nat]]\ninterface = \"eth0\"\nfrom = [8443]\nto = [443]\n";
+        assert_eq!(
+            error(twice),
+            "[port-nat #2] interface: 'eth0' already runs [port-nat #1]: only the first TC \
+             program on an interface sees its packets (give one [[port-nat]] all of its mappings)"
+        );
+        let shared = "[[port-nat]]\ninterface = \"eth0\"\nfrom = [8080]\nto = [80]\n\
+                      [tproxy]\ninterface = \"br0\"\nupstream-interface = \"eth0\"\n";
+        assert!(
+            error(shared)
+                .starts_with("[tproxy] upstream-interface: 'eth0' already runs [port-nat #1]: "),
+            "{}",
+            error(shared)
         );
         assert_eq!(
             error("[[port-nat]]\nfrom = [8080]\nto = [80]"),

@@ -34,6 +34,29 @@ pub fn have_root() -> bool {
     false
 }
 
+/// True when `what`, a program or module a test needs, is `present`. Missing,
+/// it fails under CI=true and skips elsewhere, saying why.
+pub fn have(what: &str, present: bool) -> bool {
+    if present {
+        return true;
+    }
+    if std::env::var("CI").as_deref() == Ok("true") {
+        panic!("this test needs {what}; CI must provide it (`make deps` installs it)");
+    }
+    eprintln!("skipped: needs {what} (`make deps` installs it)");
+    false
+}
+
+/// True when `program` is an executable file in a directory of $PATH.
+pub fn on_path(program: &str) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path).any(|dir| {
+        std::fs::metadata(dir.join(program))
+            .is_ok_and(|meta| meta.is_file() && meta.permissions().mode() & 0o111 != 0)
+    })
+}
+
 /// The servers run inside the test process, next to other tests: one that
 /// holds a thousand connections must not leave the others without file
 /// descriptors (the soft limit is often 1024).
