@@ -87,7 +87,7 @@ fn splice_readers(args: &BypassArgs) -> Vec<String> {
 /// Everything `prepare` would check, without changing the system.
 pub fn check(args: &BypassArgs) -> Result<()> {
     cgroup::resolve(args.cgroup.as_deref())?;
-    privileges::require_bpf("bypass")
+    privileges::require_bpf_and_perfmon("bypass")
 }
 
 pub fn run(args: &BypassArgs) -> Result<()> {
@@ -105,7 +105,7 @@ pub struct Bypass {
 impl Bypass {
     pub fn prepare(args: &BypassArgs, ctx: &RunContext) -> Result<Bypass> {
         let cgroup = cgroup::resolve(args.cgroup.as_deref())?;
-        privileges::require_bpf("bypass")?;
+        privileges::require_bpf_and_perfmon("bypass")?;
         let events = ctx.format != EventFormat::Off;
         let skel = OwnedSkel::load(|object| load(args, events, object))?;
         Ok(Bypass {

@@ -295,7 +295,7 @@ fn attach(
 pub fn check(args: &PortNatArgs) -> Result<()> {
     mappings(&args.from, &args.to)?;
     interface_index(&args.interface)?;
-    privileges::require_bpf("port-nat")
+    privileges::require_bpf_and_perfmon("port-nat")
 }
 
 pub fn run(args: &PortNatArgs) -> Result<()> {
@@ -329,7 +329,7 @@ impl PortNat {
     pub fn prepare(args: &PortNatArgs, ctx: &RunContext) -> Result<PortNat> {
         let mappings = mappings(&args.from, &args.to)?;
         let ifindex = interface_index(&args.interface)?;
-        privileges::require_bpf("port-nat")?;
+        privileges::require_bpf_and_perfmon("port-nat")?;
         let config = NatConfig {
             mappings,
             protocols: args.proto,

@@ -8,6 +8,7 @@ use anyhow::{bail, Context, Result};
 const CAP_NET_ADMIN: u32 = 12;
 const CAP_NET_RAW: u32 = 13;
 const CAP_SYS_ADMIN: u32 = 21;
+const CAP_PERFMON: u32 = 38;
 const CAP_BPF: u32 = 39;
 
 /// The effective capability set of this process, from `/proc/self/status`.
@@ -30,6 +31,22 @@ pub fn require_bpf(subcommand: &str) -> Result<()> {
     }
     bail!(
         "{subcommand} needs root (CAP_BPF and CAP_NET_ADMIN); run it with sudo (running as uid {})",
+        nix::unistd::geteuid()
+    )
+}
+
+/// `require_bpf`, and CAP_PERFMON (or CAP_SYS_ADMIN) as well: port-nat's
+/// programs need it from the verifier (pointer arithmetic on the stack),
+/// bypass's to read the current task.
+pub fn require_bpf_and_perfmon(subcommand: &str) -> Result<()> {
+    require_bpf(subcommand)?;
+    let caps = effective_capabilities()?;
+    if caps & (1u64 << CAP_PERFMON) != 0 || caps & (1u64 << CAP_SYS_ADMIN) != 0 {
+        return Ok(());
+    }
+    bail!(
+        "{subcommand} needs CAP_PERFMON as well as CAP_BPF and CAP_NET_ADMIN; run it with sudo \
+         or add CAP_PERFMON (running as uid {})",
         nix::unistd::geteuid()
     )
 }

@@ -212,19 +212,6 @@ impl Source for ConfigFile<'_> {
         settings.extend(config.bypass.map(Settings::Bypass));
         settings.extend(config.port_nat.into_iter().map(Settings::PortNat));
         settings.extend(config.tproxy.map(Settings::Tproxy));
-        for (i, each) in settings.iter().enumerate() {
-            if settings[..i]
-                .iter()
-                .any(|earlier| earlier.name() == each.name())
-            {
-                anyhow::bail!(
-                    "{}: [[port-nat]] sections name interface {} twice; give one section all \
-                     of its mappings",
-                    self.0.config.display(),
-                    each.name().trim_start_matches("port-nat ")
-                );
-            }
-        }
         Ok((settings, self.0.output.metrics.or(config.metrics)))
     }
 }

@@ -466,7 +466,7 @@ fn bad_config_files_give_one_line_and_attach_nothing() {
             "[[port-nat]]\ninterface = \"veth-c\"\nfrom = [8081]\nto = [80]\n\
              [[port-nat]]\ninterface = \"veth-c\"\nfrom = [8082]\nto = [80]\n"
                 .to_owned(),
-            "interface veth-c twice",
+            "'veth-c' already runs [port-nat #1]",
         ),
         (
             "no datapath",

@@ -650,7 +650,15 @@ impl BinForOthers {
     pub fn new() -> BinForOthers {
         let dir = TempDir::new();
         let path = dir.join("proxy-redirect");
-        std::fs::copy(BIN, &path).expect("copying the binary");
+        // Copied by cp, not std::fs::copy: a process another test thread
+        // forks meanwhile would inherit our descriptor open for writing, and
+        // executing the copy would fail with ETXTBSY ("Text file busy").
+        let copied = Command::new("cp")
+            .arg(BIN)
+            .arg(&path)
+            .status()
+            .expect("running cp");
+        assert!(copied.success(), "copying the binary");
         BinForOthers {
             path: path.display().to_string(),
             _dir: dir,
