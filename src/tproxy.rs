@@ -5,11 +5,11 @@
 //! connection's destination from its accepted socket's local address, as
 //! behind iptables TPROXY.
 
-use std::fs::{self, DirBuilder, File, OpenOptions};
+use std::fs::{self, File, OpenOptions};
 use std::mem::MaybeUninit;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
@@ -27,6 +27,7 @@ use crate::local_route::{self, LocalRouteSpec, LocalRoutes};
 use crate::proxy::{BoundProxy, DestinationSource, ProxyConfig, RelayArgs, RunningProxy};
 use crate::service::{self, Datapath, EventSource, RunContext, Settings};
 use crate::stats::Snapshot;
+use crate::status::RUN_DIR;
 use crate::{maps, privileges, redirect};
 
 // SAFETY: generated from include/tproxy.h: fixed-width integers with explicit padding.
@@ -171,10 +172,6 @@ fn plan(args: &TproxyArgs) -> Result<Plan> {
     })
 }
 
-/// Directory of the instance locks: root's, so no other user can create or
-/// open a lock in it.
-const LOCK_DIR: &str = "/run/proxy-redirect";
-
 /// Held while running: one tproxy per routing table and network namespace.
 /// An flock is released when its process dies, even by SIGKILL, so whatever
 /// carries our table's tag while nobody holds the lock is a leftover.
@@ -185,22 +182,14 @@ struct InstanceLock {
 
 impl InstanceLock {
     fn take(table: u32) -> Result<Self> {
-        let dir = Path::new(crate::status::RUN_DIR);
+        let dir = Path::new(RUN_DIR);
         // Network namespaces are told apart by their nsfs inode.
         let netns = fs::metadata("/proc/self/ns/net")
             .context("reading this process's network namespace")?
             .ino();
         let path = dir.join(format!("tproxy-netns-{netns}-table-{table}.lock"));
         loop {
-            match DirBuilder::new().mode(0o755).create(dir) {
-                Ok(()) => {}
-                Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists => {}
-                Err(err) => bail!("creating {LOCK_DIR} for the tproxy instance lock: {err}"),
-            }
-            let meta = fs::symlink_metadata(dir).with_context(|| format!("reading {LOCK_DIR}"))?;
-            if !meta.is_dir() || meta.uid() != 0 || meta.mode() & 0o022 != 0 {
-                bail!("{LOCK_DIR} must be a directory owned by root and writable by root only");
-            }
+            crate::status::create_run_dir()?;
             let file = match OpenOptions::new()
                 .read(true)
                 .write(true)
@@ -244,7 +233,7 @@ impl Drop for InstanceLock {
         // Removed while still held, so nobody can lock the unlinked file;
         // the directory too when no other instance has a lock in it.
         let _ = fs::remove_file(&self.path);
-        let _ = fs::remove_dir(LOCK_DIR);
+        let _ = fs::remove_dir(RUN_DIR);
     }
 }
 
