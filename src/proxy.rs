@@ -37,7 +37,7 @@ use tracing::{debug, warn};
 use crate::cli::OutputArgs;
 use crate::service::{self, Datapath, EventSource, RunContext, Settings};
 use crate::sockopt::{original_destination, set_mark};
-use crate::stats::Snapshot;
+use crate::stats::{Metric, Snapshot};
 use crate::{cli, privileges};
 
 /// Bytes a pipe (one per direction) may hold; also the largest splice.
@@ -54,6 +54,9 @@ const KEEPALIVE_COUNT: u32 = 6;
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
 /// Marks the proxy's upstream sockets so `redirect` never sends them back.
 pub const DEFAULT_MARK: u32 = 0x5052;
+
+/// How long a stopping proxy waits for its connections to end.
+pub const STOP_GRACE: Duration = Duration::from_secs(1);
 
 #[derive(Args, Debug, Clone)]
 pub struct ProxyArgs {
@@ -129,6 +132,17 @@ pub struct ProxyStats {
     pub bytes_upstream: AtomicU64,
     pub bytes_downstream: AtomicU64,
     pub copy_fallbacks: AtomicU64,
+    /// Connections accepted and not yet ended.
+    pub open: AtomicU64,
+}
+
+/// Counts a connection as open while it lives.
+struct OpenConnection(Arc<Shared>);
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.stats.open.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl ProxyStats {
@@ -195,6 +209,12 @@ impl ProxyStats {
         snapshot.push_counters(
             counters.map(|(name, label, help, counter)| (name, label, help, get(counter))),
         );
+        snapshot.push(Metric::gauge(
+            "open_connections",
+            "open connections",
+            "Connections accepted and not yet ended.",
+            get(&self.open),
+        ));
         snapshot
     }
 
@@ -265,6 +285,18 @@ pub struct RunningProxy {
 }
 
 impl RunningProxy {
+    /// Stops accepting and gives the connections in progress up to
+    /// `grace` to end, so that the final statistics count them.
+    pub fn stop(&self, grace: Duration) {
+        for accept_loop in &self.accept_loops {
+            accept_loop.abort();
+        }
+        let deadline = std::time::Instant::now() + grace;
+        while self.stats.open.load(Ordering::Relaxed) > 0 && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     /// The proxy's runtime, for relays that run beside the TCP one.
     pub fn handle(&self) -> &tokio::runtime::Handle {
         self.runtime.as_ref().expect("running").handle()
@@ -374,6 +406,12 @@ impl Datapath for Proxy {
         self.check_reload(settings)
     }
 
+    fn stop(&mut self) {
+        if let Some(running) = &self.running {
+            running.stop(STOP_GRACE);
+        }
+    }
+
     fn print_statistics(&self) -> Result<()> {
         if let Some(running) = &self.running {
             running.stats.print();
@@ -431,7 +469,12 @@ async fn accept_loop(listener: tokio::net::TcpListener, shared: Arc<Shared>) {
         match listener.accept().await {
             Ok((client, peer)) => {
                 shared.stats.accepted.fetch_add(1, Ordering::Relaxed);
-                tokio::spawn(serve(client, peer, shared.clone()));
+                shared.stats.open.fetch_add(1, Ordering::Relaxed);
+                let open = OpenConnection(shared.clone());
+                tokio::spawn(async move {
+                    serve(client, peer, open.0.clone()).await;
+                    drop(open);
+                });
             }
             Err(err) => {
                 // EMFILE and friends: back off instead of spinning.

@@ -338,6 +338,12 @@ impl Datapath for Redirect {
         Ok(())
     }
 
+    fn stop(&mut self) {
+        if let Some(proxy) = &self.proxy {
+            proxy.stop(crate::proxy::STOP_GRACE);
+        }
+    }
+
     fn print_statistics(&self) -> Result<()> {
         print_statistics(&self.skel)?;
         if let Some(proxy) = &self.proxy {

@@ -452,6 +452,12 @@ impl Datapath for Tproxy {
         Ok(())
     }
 
+    fn stop(&mut self) {
+        if let Some(proxy) = &self.proxy {
+            proxy.stop(crate::proxy::STOP_GRACE);
+        }
+    }
+
     fn print_statistics(&self) -> Result<()> {
         print_statistics(&self.skel, &self.args.interface)?;
         if let Some(proxy) = &self.proxy {

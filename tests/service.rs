@@ -336,6 +336,7 @@ fn one_service_runs_redirect_bypass_and_port_nat_and_reloads_in_place() {
         "{output}"
     );
     assert_eq!(summary_value(&output, "proxy", "relayed"), 4, "{output}");
+    assert_eq!(summary_value(&output, "proxy", "open_connections"), 0);
     assert_eq!(testbed.attached_redirect_programs(), 0);
     assert_eq!(veth_tc_programs(&testbed), 0);
     assert!(!Path::new("/run/proxy-redirect/status.sock").exists());
