@@ -307,6 +307,25 @@ fn one_service_runs_redirect_bypass_and_port_nat_and_reloads_in_place() {
         still_8081.status.success(),
         "a refused reload changed port-nat"
     );
+    // Networks and users change in place too: the server's network is
+    // excluded now, so the rule rejects what is no longer redirected.
+    let excluding = config(&testbed, "80, 81").replace(
+        "ports = [80, 81]",
+        "ports = [80, 81]\nexclude = [\"10.77.0.0/24\"]\nexclude-user = \"nobody\"",
+    );
+    std::fs::write(&config_path, excluding).unwrap();
+    service.signal(Signal::SIGHUP);
+    let reloaded = service.wait_for_line(|l| l == "Reloaded redirect", Duration::from_secs(10));
+    assert!(reloaded.is_some(), "no reload with exclude");
+    let excluded81 = curl(
+        testbed.in_apps("curl"),
+        &format!("http://{SERVER_V4}:81/"),
+        &[],
+    );
+    assert!(
+        !excluded81.status.success(),
+        "an excluded network was redirected"
+    );
 
     let (exit, output, stderr) = service.stop_with(Signal::SIGTERM);
     assert!(exit.success(), "{stderr}");
@@ -337,6 +356,10 @@ fn one_service_runs_redirect_bypass_and_port_nat_and_reloads_in_place() {
     );
     assert_eq!(summary_value(&output, "proxy", "relayed"), 4, "{output}");
     assert_eq!(summary_value(&output, "proxy", "open_connections"), 0);
+    assert_eq!(
+        summary_value(&output, "redirect", "bypassed_excluded_network"),
+        1
+    );
     assert_eq!(testbed.attached_redirect_programs(), 0);
     assert_eq!(veth_tc_programs(&testbed), 0);
     assert!(!Path::new("/run/proxy-redirect/status.sock").exists());
