@@ -26,9 +26,10 @@ unsafe impl plain::Plain for endpoint {}
 unsafe impl plain::Plain for sock_key {}
 unsafe impl plain::Plain for comm {}
 
-/// Programs known to read sockets with splice(2): HAProxy with `option
-/// splice-request` / `splice-response` / `splice-auto`.
-const KNOWN_SPLICE_READERS: [&str; 1] = ["haproxy"];
+/// Programs that splice(2) and read themselves what splice cannot see in a
+/// sockmap socket: the built-in proxy (`redirect`, `proxy`), whose relay
+/// threads carry this name. They are never learned as splice readers.
+const SPLICE_AWARE: [&str; 1] = ["proxy"];
 
 #[derive(Args, Debug, Clone)]
 #[command(after_help = "\
@@ -41,8 +42,10 @@ Examples:
 A socket enters the bypass only when its peer is another socket of the same
 network namespace (its route leads to that namespace's loopback device), in
 any namespace of the cgroup, no byte crossed TCP before (Fast Open), and its
-program does not read with splice(2) (haproxy, --splice-readers), which
-cannot see bypassed data. Applications see ordinary TCP sockets; on exit
+program does not read with splice(2), which cannot see bypassed data: named
+with --splice-readers (haproxy by default), or learned at its first splice.
+A message is redirected only once the peer has read with recv every byte
+sent before it over TCP. Applications see ordinary TCP sockets; on exit
 every connection goes back to the normal path without losing a byte.")]
 pub struct BypassArgs {
     /// cgroup whose sockets may take the bypass: absolute, or relative to the
@@ -53,33 +56,82 @@ pub struct BypassArgs {
     /// [default: every port]
     #[arg(short = 'P', long, value_name = "PORTS", value_parser = cli::parse_port_list)]
     pub ports: Option<PortList>,
-    /// Programs (process names, as in /proc/PID/comm) that read sockets
+    /// Programs (process names, as in /proc/PID/comm) known to read sockets
     /// with splice(2), which cannot see bypassed data: their sockets never
-    /// take the bypass. Comma-separated, in addition to haproxy
-    #[arg(long, value_name = "NAMES", value_delimiter = ',', value_parser = parse_program_name)]
+    /// take the bypass. Comma-separated; '' names none. Others are learned
+    /// at their first splice, which protects their later connections only
+    #[arg(
+        long,
+        value_name = "NAMES",
+        value_delimiter = ',',
+        default_value = "haproxy",
+        value_parser = parse_program_name
+    )]
     pub splice_readers: Vec<String>,
     #[command(flatten)]
     pub output: OutputArgs,
 }
 
+/// A process name, or nothing ('' names no program).
 fn parse_program_name(text: &str) -> Result<String, String> {
-    if text.is_empty() || text.len() > 15 {
+    if text.len() > 15 {
         return Err(format!(
-            "'{text}' is not a process name (1 to 15 bytes, as in /proc/PID/comm)"
+            "'{text}' is not a process name (at most 15 bytes, as in /proc/PID/comm)"
         ));
     }
     Ok(text.to_owned())
 }
 
-/// The built-in splice readers and those of --splice-readers.
+/// The programs of --splice-readers.
+fn named_splice_readers(args: &BypassArgs) -> impl Iterator<Item = &str> {
+    args.splice_readers
+        .iter()
+        .map(String::as_str)
+        .filter(|name| !name.is_empty())
+}
+
+/// Every kind of splice reader, for the banner.
 fn splice_readers(args: &BypassArgs) -> Vec<String> {
-    let mut names: Vec<String> = KNOWN_SPLICE_READERS.map(String::from).to_vec();
-    for name in &args.splice_readers {
-        if !names.contains(name) {
-            names.push(name.clone());
-        }
+    named_splice_readers(args)
+        .map(String::from)
+        .chain(["programs seen splicing".to_owned()])
+        .collect()
+}
+
+fn comm_key(name: &str) -> comm {
+    let mut key = comm { name: [0; 16] };
+    for (slot, byte) in key.name.iter_mut().zip(name.bytes()) {
+        *slot = byte as _;
     }
-    names
+    key
+}
+
+/// The tracing programs that tell readers apart: how far each socket's
+/// reader has read with recvmsg, and which programs splice. Attached before
+/// sockops, so that every inserted socket is watched from the start.
+fn attach_readers(skel: &BypassSkel<'_>) -> Result<Vec<libbpf_rs::Link>> {
+    let progs = &skel.progs;
+    let receive = if progs.bypass_recv_length.autoload() {
+        progs.bypass_recv_length.attach()
+    } else {
+        progs.bypass_recvmsg_exit.attach()
+    };
+    Ok(vec![
+        receive.context("attaching the program that follows recvmsg")?,
+        progs
+            .bypass_tcp_read
+            .attach()
+            .context("attaching tp_btf/tcp_rcv_space_adjust")?,
+    ])
+}
+
+/// Whether the kernel has the sock_recv_length tracepoint (6.4+); older
+/// ones follow recvmsg with fexit on tcp_bpf_recvmsg instead.
+fn kernel_has_recv_length_tracepoint() -> bool {
+    libbpf_rs::btf::Btf::from_vmlinux().is_ok_and(|btf| {
+        btf.type_by_name::<libbpf_rs::btf::BtfType<'_>>("btf_trace_sock_recv_length")
+            .is_some()
+    })
 }
 
 pub fn run(args: &BypassArgs) -> Result<()> {
@@ -99,6 +151,7 @@ pub fn run(args: &BypassArgs) -> Result<()> {
         .bypass_msg
         .attach_sockmap(skel.maps.sockets.as_fd().as_raw_fd())
         .context("attaching bypass_msg to the sockets map")?;
+    let _readers = attach_readers(&skel)?;
     let mut attachments = Attachments::default();
     attachments.attach_cgroup(&skel.progs.bypass_sockops, &cgroup)?;
 
@@ -113,7 +166,7 @@ pub fn run(args: &BypassArgs) -> Result<()> {
         "  splice readers:    {} (never bypassed)",
         splice_readers(args).join(", ")
     );
-    println!("Attached 2 programs; press Ctrl-C to stop");
+    println!("Attached 4 programs; press Ctrl-C to stop");
 
     let format = args.output.event_format();
     let start_ns = events::monotonic_ns();
@@ -152,16 +205,18 @@ fn load<'obj>(
         .context("the bypass object has no .rodata")?;
     rodata.filter_ports = args.ports.is_some().into();
     rodata.emit_events = (args.output.event_format() != EventFormat::Off).into();
+    let recv_length = kernel_has_recv_length_tracepoint();
+    open.progs.bypass_recv_length.set_autoload(recv_length);
+    open.progs.bypass_recvmsg_exit.set_autoload(!recv_length);
     let skel = open.load().context("loading the bypass BPF programs")?;
     for port in args.ports.iter().flat_map(|p| &p.0) {
         maps::update(&skel.maps.ports, port, &1u8)?;
     }
-    for name in splice_readers(args) {
-        let mut key = comm { name: [0; 16] };
-        for (slot, byte) in key.name.iter_mut().zip(name.bytes()) {
-            *slot = byte as _;
-        }
-        maps::update(&skel.maps.splicers, &key, &1u8)?;
+    for name in named_splice_readers(args) {
+        maps::update(&skel.maps.splicers, &comm_key(name), &1u8)?;
+    }
+    for name in SPLICE_AWARE {
+        maps::update(&skel.maps.splice_aware, &comm_key(name), &1u8)?;
     }
     Ok(skel)
 }
@@ -274,6 +329,18 @@ fn snapshot(skel: &BypassSkel<'_>) -> Result<Snapshot> {
             bypass_stat::BYPASS_STAT_SPLICE_READER,
         ),
         (
+            "splice_readers_learned",
+            "splice readers learned",
+            "Programs seen splicing a socket in the map, kept out from then on.",
+            bypass_stat::BYPASS_STAT_SPLICERS_LEARNED,
+        ),
+        (
+            "splice_after_redirect",
+            "splices after redirects",
+            "First splices of sockets to which messages were already redirected: those messages are lost to the reader.",
+            bypass_stat::BYPASS_STAT_SPLICE_TOO_LATE,
+        ),
+        (
             "other_port",
             "other ports",
             "Sockets outside the -P ports.",
@@ -302,6 +369,12 @@ fn snapshot(skel: &BypassSkel<'_>) -> Result<Snapshot> {
             "messages passed",
             "Messages of inserted sockets sent the normal way.",
             bypass_stat::BYPASS_STAT_MSG_PASSED,
+        ),
+        (
+            "messages_peer_behind",
+            "passed, peer behind",
+            "Messages passed because the peer had not yet read with recv every byte sent before over TCP.",
+            bypass_stat::BYPASS_STAT_MSG_PEER_BEHIND,
         ),
         (
             "bytes_passed",
