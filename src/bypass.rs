@@ -58,8 +58,9 @@ pub struct BypassArgs {
     pub ports: Option<PortList>,
     /// Programs (process names, as in /proc/PID/comm) known to read sockets
     /// with splice(2), which cannot see bypassed data: their sockets never
-    /// take the bypass. Comma-separated; '' names none. Others are learned
-    /// at their first splice, which protects their later connections only
+    /// take the bypass. Comma-separated; '' names none. Unnamed ones get no
+    /// redirected data before they have read with recv, and are learned at
+    /// their first splice
     #[arg(
         long,
         value_name = "NAMES",
