@@ -973,3 +973,47 @@ fn a_reader_behind_never_has_bytes_overtaken() {
         "{output}"
     );
 }
+
+/// A reader that asks for more than is there (MSG_WAITALL, SO_RCVLOWAT)
+/// waits inside tcp_recvmsg, which would not notice redirected messages.
+const WAITING_READERS: &str = r#"
+import random, socket, sys, threading, time
+data = random.Random(5).randbytes(1 << 20)
+for mode in ("waitall", "rcvlowat"):
+    s = socket.socket(); s.bind(("127.0.0.1", 0)); s.listen(1)
+    def send():
+        c = socket.create_connection(s.getsockname())
+        for k in range(0, len(data), 1000):
+            c.sendall(data[k:k + 1000])
+            if k % 50000 == 0:
+                time.sleep(0.01)
+        c.close()
+    threading.Thread(target=send).start()
+    conn, _ = s.accept()
+    conn.settimeout(20)
+    if mode == "rcvlowat":
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 4096)
+    flags = socket.MSG_WAITALL if mode == "waitall" else 0
+    got = []
+    while True:
+        d = conn.recv(8192, flags)
+        if not d: break
+        got.append(d)
+    got = b"".join(got)
+    assert got == data, f"{mode}: {len(got)} of {len(data)} bytes"
+print("ok")
+"#;
+
+#[test]
+fn readers_waiting_for_more_than_is_there_get_every_byte() {
+    if !have_root() {
+        return;
+    }
+    let testbed = Testbed::new();
+    let bypasser = bypass(&testbed, &testbed.apps, &[]);
+    let out = python(testbed.in_apps(PYTHON), WAITING_READERS);
+    let (_, output, _) = bypasser.stop();
+    assert!(out.contains("ok"), "{out}\n{output}");
+    assert_eq!(stat(&output, "inserted"), 4, "{output}");
+    assert!(stat(&output, "bytes redirected") > 0, "{output}");
+}
