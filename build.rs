@@ -13,6 +13,12 @@ fn main() {
     // The UAPI headers include <asm/types.h>, which Debian keeps under the
     // multiarch directory; clang -target bpf does not look there by itself.
     let multiarch = format!("/usr/include/{arch}-linux-gnu");
+    // The register names of kprobe arguments (bpf_tracing.h).
+    let target_arch = match arch.as_str() {
+        "x86_64" => "-D__TARGET_ARCH_x86",
+        "aarch64" => "-D__TARGET_ARCH_arm64",
+        other => panic!("no BPF kprobe register layout for {other}"),
+    };
 
     println!("cargo:rerun-if-changed=include");
     println!("cargo:rerun-if-changed=bpf/lib");
@@ -31,6 +37,7 @@ fn main() {
                 "-Ibpf",
                 "-I",
                 multiarch.as_str(),
+                target_arch,
             ])
             .build_and_generate(out_dir.join(format!("{name}.skel.rs")))
             .unwrap_or_else(|err| panic!("building {}: {err:#}", path.display()));

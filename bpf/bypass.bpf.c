@@ -28,18 +28,9 @@ struct {
 	__type(value, __u64);
 } sockets SEC(".maps");
 
-/* Sockets that sent a message while their peer was not in the map: that
- * data went over TCP, so later messages must follow it there, never
- * overtake it through the peer's redirect queue. */
-struct {
-	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__type(key, int);
-	__type(value, __u8);
-} normal_path SEC(".maps");
-
 /* Programs (comm) that read sockets with splice(2), which cannot see
- * redirected messages: their sockets never enter the map. */
+ * redirected messages: named by user space, or learned at their first
+ * splice. Their sockets never enter the map. */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 1024);
@@ -47,22 +38,40 @@ struct {
 	__type(value, __u8);
 } splicers SEC(".maps");
 
-/* Listening ports whose listen() came from one of the splicers: the
- * sockets they accept belong to that program. */
+/* Programs that splice and read what splice misses themselves (the
+ * built-in proxy): never learned as splicers. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 16);
+	__type(key, struct comm);
+	__type(value, __u8);
+} splice_aware SEC(".maps");
+
+/* The program that called listen() on each listening port: the sockets
+ * the port accepts belong to it. */
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, 65536);
 	__type(key, struct listener_key);
-	__type(value, __u8);
-} splice_listeners SEC(".maps");
+	__type(value, struct comm);
+} listeners SEC(".maps");
 
-/* Connecting sockets whose connect() came from one of the splicers. */
+/* The program that called connect() on each connecting socket. */
 struct {
 	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__type(key, int);
-	__type(value, __u8);
-} splice_connectors SEC(".maps");
+	__type(value, struct comm);
+} connectors SEC(".maps");
+
+/* How far the reader of each inserted socket has read from TCP, by the
+ * socket's key (see bypass_msg). */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct sock_key);
+	__type(value, struct reader);
+} readers SEC(".maps");
 
 /* With filter_ports: ports (host order) whose connections may be bypassed. */
 struct {
@@ -88,6 +97,7 @@ struct {
 
 /* Keep the shared types in BTF so that the skeleton generates them for Rust. */
 struct bypass_event unused_bypass_event __attribute__((unused));
+struct reader unused_reader __attribute__((unused));
 enum bypass_side unused_bypass_side __attribute__((unused));
 enum bypass_stat unused_bypass_stat __attribute__((unused));
 
@@ -104,18 +114,82 @@ struct dst_entry {
 	struct net_device *dev;
 } __attribute__((preserve_access_index));
 
+struct net {
+	__u64 net_cookie;
+} __attribute__((preserve_access_index));
+
+struct in6_addr {
+	union {
+		__u32 u6_addr32[4];
+	} in6_u;
+} __attribute__((preserve_access_index));
+
+struct sock_common {
+	__u32 skc_daddr;
+	__u32 skc_rcv_saddr;
+	__u16 skc_dport;
+	__u16 skc_num;
+	unsigned short skc_family;
+	struct {
+		struct net *net;
+	} skc_net;
+	struct in6_addr skc_v6_daddr;
+	struct in6_addr skc_v6_rcv_saddr;
+} __attribute__((preserve_access_index));
+
 struct sock {
+	struct sock_common __sk_common;
 	struct dst_entry *sk_dst_cache;
+	void *sk_user_data;
+	__u16 sk_protocol;
+} __attribute__((preserve_access_index));
+
+struct socket {
+	struct sock *sk;
+} __attribute__((preserve_access_index));
+
+struct list_head {
+	struct list_head *next;
+} __attribute__((preserve_access_index));
+
+struct sk_psock {
+	struct list_head ingress_msg;
 } __attribute__((preserve_access_index));
 
 struct task_struct {
 	char comm[16];
 } __attribute__((preserve_access_index));
 
+/* The system call a task is in, and the numbers of those that read a
+ * socket through splice_read. */
+#if defined(__TARGET_ARCH_x86)
+struct pt_regs {
+	long orig_ax;
+} __attribute__((preserve_access_index));
+#define SYSCALL_NR(regs) ((regs)->orig_ax)
+#define NR_SENDFILE 40
+#define NR_SPLICE 275
+#elif defined(__TARGET_ARCH_arm64)
+struct pt_regs {
+	int syscallno;
+} __attribute__((preserve_access_index));
+#define SYSCALL_NR(regs) ((regs)->syscallno)
+#define NR_SENDFILE 71
+#define NR_SPLICE 76
+#else
+#error "bypass needs the system call numbers of this architecture"
+#endif
+
 struct tcp_sock {
+	__u32 copied_seq;
 	__u32 write_seq;
 	__u32 snd_nxt;
 } __attribute__((preserve_access_index));
+
+/* sk_user_data holds a psock, flagged in its low bits, while the socket is
+ * in a sockmap (include/net/sock.h). */
+#define SK_USER_DATA_PSOCK 4UL
+#define SK_USER_DATA_PTRMASK (~7UL)
 
 /*
  * The key of a socket from a sockops or sk_msg context, which name their
@@ -208,20 +282,19 @@ static __always_inline void emit(struct bpf_sock_ops *skops, const struct sock_k
 
 /* Linux 6.1 does not give sockops bpf_get_current_comm(); the current task
  * and a read of its comm do the same there and everywhere later. */
-static __always_inline int current_program_splices(void)
+static __always_inline void current_comm(struct comm *comm)
 {
 	struct task_struct *task = (struct task_struct *)bpf_get_current_task();
-	struct comm comm = {};
 
-	if (bpf_probe_read_kernel(comm.name, sizeof(comm.name), &task->comm))
-		return 0;
-	return bpf_map_lookup_elem(&splicers, &comm) != NULL;
+	bpf_probe_read_kernel(comm->name, sizeof(comm->name), &task->comm);
 }
 
 /*
  * TCP_LISTEN_CB and TCP_CONNECT_CB run in the listen() and connect() calls
  * of the program that owns the socket; ESTABLISHED runs in softirq context,
- * where the current task is anyone's.
+ * where the current task is anyone's. The name is kept rather than the
+ * verdict, so that a program learned as a splicer later (at its first
+ * splice) loses the bypass on the sockets its earlier listen() accepts.
  */
 static __always_inline void remember_program(struct bpf_sock_ops *skops)
 {
@@ -230,16 +303,19 @@ static __always_inline void remember_program(struct bpf_sock_ops *skops)
 	    .port = (__u16)skops->local_port,
 	};
 	struct bpf_sock *sk = skops->sk;
-	__u8 one = 1;
+	struct comm comm = {};
+	struct comm *stored;
 
+	current_comm(&comm);
 	if (skops->op == BPF_SOCK_OPS_TCP_LISTEN_CB) {
-		if (current_program_splices())
-			bpf_map_update_elem(&splice_listeners, &listener, &one, BPF_ANY);
-		else
-			bpf_map_delete_elem(&splice_listeners, &listener);
-	} else if (sk && current_program_splices()) {
-		bpf_sk_storage_get(&splice_connectors, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+		bpf_map_update_elem(&listeners, &listener, &comm, BPF_ANY);
+		return;
 	}
+	if (!sk)
+		return;
+	stored = bpf_sk_storage_get(&connectors, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+	if (stored)
+		*stored = comm;
 }
 
 static __always_inline int program_splices(struct bpf_sock_ops *skops, struct bpf_sock *sk,
@@ -249,14 +325,18 @@ static __always_inline int program_splices(struct bpf_sock_ops *skops, struct bp
 	    .netns = bpf_get_netns_cookie(skops),
 	    .port = (__u16)skops->local_port,
 	};
+	struct comm *comm;
 
 	if (side == SIDE_ACTIVE)
-		return bpf_sk_storage_get(&splice_connectors, sk, 0, 0) != NULL;
-	return bpf_map_lookup_elem(&splice_listeners, &listener) != NULL;
+		comm = bpf_sk_storage_get(&connectors, sk, 0, 0);
+	else
+		comm = bpf_map_lookup_elem(&listeners, &listener);
+	return comm && bpf_map_lookup_elem(&splicers, comm);
 }
 
 static __always_inline void established(struct bpf_sock_ops *skops, __u8 side)
 {
+	struct reader reader = {};
 	struct sock_key key = {};
 	struct bpf_sock *sk = skops->sk;
 	struct tcp_sock *tp;
@@ -291,6 +371,8 @@ static __always_inline void established(struct bpf_sock_ops *skops, __u8 side)
 		stat_add(&stats, BYPASS_STAT_STOPPING, 1);
 		return;
 	}
+	reader.copied_seq = tp->copied_seq;
+	bpf_map_update_elem(&readers, &key, &reader, BPF_ANY);
 	err = bpf_sock_hash_update(skops, &sockets, &key, BPF_ANY);
 	stat_add(&stats, err ? BYPASS_STAT_INSERT_FAILED : BYPASS_STAT_INSERTED, 1);
 	emit(skops, &key, side, err);
@@ -314,32 +396,178 @@ int bypass_sockops(struct bpf_sock_ops *skops)
 	return 1;
 }
 
+/*
+ * A message may be redirected only once the peer's reader has read, with
+ * recvmsg, every byte this socket ever sent over TCP. The receiver reads
+ * its redirect queue before its TCP queue, so a message redirected while
+ * older bytes still wait there (a first write that left before the socket
+ * was inserted, a message that found no peer) would overtake them.
+ * write_seq counts every byte this socket queued to TCP and none of the
+ * redirected ones; the peer's copied_seq counts what its reader took from
+ * TCP, published as each recvmsg returns (received()). A socket never
+ * read with recvmsg (a splice reader) or seen splicing is never a target.
+ */
 SEC("sk_msg")
 int bypass_msg(struct sk_msg_md *msg)
 {
 	struct sock_key peer = {};
 	struct endpoint local;
 	struct bpf_sock *sk = msg->sk;
+	struct reader *reader;
+	struct tcp_sock *tp;
 	__u32 size = msg->size;
 
-	if (READ_ONCE(stopping) || !sk || bpf_sk_storage_get(&normal_path, sk, 0, 0))
+	if (READ_ONCE(stopping) || !sk)
+		goto pass;
+	tp = bpf_skc_to_tcp_sock(sk);
+	if (!tp)
 		goto pass;
 	SOCK_KEY_FROM_CTX(msg, &peer);
 	/* The peer socket sees the same connection the other way round. */
 	local = peer.local;
 	peer.local = peer.remote;
 	peer.remote = local;
+	reader = bpf_map_lookup_elem(&readers, &peer);
+	if (!reader || !READ_ONCE(reader->received) || READ_ONCE(reader->spliced) ||
+	    READ_ONCE(reader->copied_seq) != tp->write_seq) {
+		stat_add(&stats, BYPASS_STAT_MSG_PEER_BEHIND, 1);
+		goto pass;
+	}
 	/* SK_DROP means no peer: the message then takes the normal path. */
 	if (bpf_msg_redirect_hash(msg, &sockets, &peer, BPF_F_INGRESS) == SK_PASS) {
 		stat_add(&stats, BYPASS_STAT_MSG_REDIRECTED, 1);
 		stat_add(&stats, BYPASS_STAT_BYTES_REDIRECTED, size);
 		return SK_PASS;
 	}
-	bpf_sk_storage_get(&normal_path, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
 pass:
 	stat_add(&stats, BYPASS_STAT_MSG_PASSED, 1);
 	stat_add(&stats, BYPASS_STAT_BYTES_PASSED, size);
 	return SK_PASS;
+}
+
+/* The key of a socket as sockops built it, read from the socket itself. */
+static __always_inline void sock_key_from_sk(struct sock *sk, struct sock_key *key)
+{
+	struct sock_common *common = &sk->__sk_common;
+	__u16 lport = bpf_htons(common->skc_num);
+	__u16 rport = common->skc_dport;
+
+	key->netns = common->skc_net.net->net_cookie;
+	if (common->skc_family == ADDR_FAMILY_INET) {
+		endpoint_set_v4(&key->local, common->skc_rcv_saddr, lport);
+		endpoint_set_v4(&key->remote, common->skc_daddr, rport);
+	} else {
+		__u32 l6[4], r6[4];
+
+		bpf_probe_read_kernel(l6, sizeof(l6), &common->skc_v6_rcv_saddr);
+		bpf_probe_read_kernel(r6, sizeof(r6), &common->skc_v6_daddr);
+		endpoint_set_v6(&key->local, l6, lport);
+		endpoint_set_v6(&key->remote, r6, rport);
+	}
+}
+
+/* The reader entry of a TCP socket in a sockmap, if bypass inserted it. */
+static __always_inline struct reader *reader_of(struct sock *sk)
+{
+	struct sock_key key = {};
+
+	if (!sk || sk->sk_protocol != IPPROTO_TCP ||
+	    !((__u64)sk->sk_user_data & SK_USER_DATA_PSOCK))
+		return 0;
+	sock_key_from_sk(sk, &key);
+	return bpf_map_lookup_elem(&readers, &key);
+}
+
+/*
+ * A recvmsg that returned data: publish how far the socket's reader has
+ * read from TCP. Published when the call has returned, so a reader still
+ * inside tcp_recvmsg (waiting for MSG_WAITALL, say), which would not see
+ * redirected messages, never has them sent behind its back.
+ */
+static __always_inline void received(struct sock *sk, int ret)
+{
+	struct reader *reader;
+	struct tcp_sock *tp;
+	__u32 copied;
+
+	if (ret <= 0)
+		return;
+	reader = reader_of(sk);
+	tp = bpf_skc_to_tcp_sock(sk);
+	if (!reader || !tp)
+		return;
+	copied = tp->copied_seq;
+	if (copied != READ_ONCE(reader->copied_seq) || !READ_ONCE(reader->received)) {
+		WRITE_ONCE(reader->copied_seq, copied);
+		WRITE_ONCE(reader->received, 1);
+	}
+}
+
+/* Every recvmsg, read() and recvmmsg of a socket, as it returns (6.4+). */
+SEC("tp_btf/sock_recv_length")
+int bypass_recv_length(__u64 *ctx)
+{
+	received((struct sock *)ctx[0], (int)ctx[1]);
+	return 0;
+}
+
+/* The same on kernels without that tracepoint: the recvmsg of sockets in a
+ * sockmap. */
+SEC("fexit/tcp_bpf_recvmsg")
+int bypass_recvmsg_exit(__u64 *ctx)
+{
+	__u64 ret = 0;
+
+	if (!bpf_get_func_ret(ctx, &ret))
+		received((struct sock *)ctx[0], (int)ret);
+	return 0;
+}
+
+/*
+ * splice(2) reads the TCP queue only: whatever was redirected to the
+ * socket is out of its reach. tcp_rcv_space_adjust runs whenever a reader
+ * has taken data from TCP, in the reader's system call; within splice or
+ * sendfile, the socket's program becomes a splicer, so that none of its
+ * later sockets enters the map. If nothing waits in the socket's redirect
+ * queue, senders stop redirecting to it and everything arrives over TCP,
+ * in order. If something already waits there, nothing can bring it to
+ * splice; senders keep redirecting, so that later bytes never overtake
+ * it, and the event is counted.
+ */
+SEC("tp_btf/tcp_rcv_space_adjust")
+int bypass_tcp_read(__u64 *ctx)
+{
+	struct sock *sk = (struct sock *)ctx[0];
+	struct pt_regs *regs;
+	struct comm comm = {};
+	struct list_head *queue;
+	struct list_head *next = 0;
+	struct reader *reader;
+	__u64 user_data;
+	long nr;
+	__u8 one = 1;
+
+	reader = reader_of(sk);
+	if (!reader || READ_ONCE(reader->spliced))
+		return 0;
+	regs = (struct pt_regs *)bpf_task_pt_regs(bpf_get_current_task_btf());
+	nr = SYSCALL_NR(regs);
+	if (nr != NR_SPLICE && nr != NR_SENDFILE)
+		return 0;
+	bpf_get_current_comm(comm.name, sizeof(comm.name));
+	if (bpf_map_lookup_elem(&splice_aware, &comm))
+		return 0;
+	if (!bpf_map_update_elem(&splicers, &comm, &one, BPF_NOEXIST))
+		stat_add(&stats, BYPASS_STAT_SPLICERS_LEARNED, 1);
+	user_data = (__u64)sk->sk_user_data;
+	queue = &((struct sk_psock *)(user_data & SK_USER_DATA_PTRMASK))->ingress_msg;
+	bpf_probe_read_kernel(&next, sizeof(next), &queue->next);
+	if (next != queue) {
+		stat_add(&stats, BYPASS_STAT_SPLICE_TOO_LATE, 1);
+		return 0;
+	}
+	WRITE_ONCE(reader->spliced, 1);
+	return 0;
 }
 
 char LICENSE[] SEC("license") = "GPL";

@@ -26,6 +26,14 @@ struct listener_key {
 	__u16 pad[3];
 };
 
+/* How far a socket's reader has read, as its peer's sk_msg program sees it. */
+struct reader {
+	__u32 copied_seq; /* the socket's copied_seq at its last recvmsg */
+	__u8 received;	  /* its reader has taken bytes from TCP with recvmsg */
+	__u8 spliced;	  /* its reader uses splice(2): never redirect to it */
+	__u8 pad[2];
+};
+
 /* Which end of the connection a socket is. */
 enum bypass_side {
 	SIDE_ACTIVE = 1,  /* connect() */
@@ -47,6 +55,9 @@ enum bypass_stat {
 	BYPASS_STAT_MSG_PASSED, /* no peer in the map: the normal path */
 	BYPASS_STAT_BYTES_PASSED,
 	BYPASS_STAT_EVENTS_LOST,
+	BYPASS_STAT_MSG_PEER_BEHIND,  /* passed: the peer had not read earlier bytes */
+	BYPASS_STAT_SPLICERS_LEARNED, /* programs seen splicing a sockmap socket */
+	BYPASS_STAT_SPLICE_TOO_LATE,  /* first splice after messages were redirected */
 	BYPASS_STAT_COUNT,
 };
 

@@ -28,9 +28,10 @@ unsafe impl plain::Plain for endpoint {}
 unsafe impl plain::Plain for sock_key {}
 unsafe impl plain::Plain for comm {}
 
-/// Programs known to read sockets with splice(2): HAProxy with `option
-/// splice-request` / `splice-response` / `splice-auto`.
-const KNOWN_SPLICE_READERS: [&str; 1] = ["haproxy"];
+/// Programs that splice(2) and read themselves what splice cannot see in a
+/// sockmap socket: the built-in proxy (`redirect`, `proxy`), whose relay
+/// threads carry this name. They are never learned as splice readers.
+const SPLICE_AWARE: [&str; 1] = ["proxy"];
 
 #[derive(Args, Debug, Clone)]
 #[command(after_help = "\
@@ -43,8 +44,10 @@ Examples:
 A socket enters the bypass only when its peer is another socket of the same
 network namespace (its route leads to that namespace's loopback device), in
 any namespace of the cgroup, no byte crossed TCP before (Fast Open), and its
-program does not read with splice(2) (haproxy, --splice-readers), which
-cannot see bypassed data. Applications see ordinary TCP sockets; on exit
+program does not read with splice(2), which cannot see bypassed data: named
+with --splice-readers (haproxy by default), or learned at its first splice.
+A message is redirected only once the peer has read with recv every byte
+sent before it over TCP. Applications see ordinary TCP sockets; on exit
 every connection goes back to the normal path without losing a byte.")]
 pub struct BypassArgs {
     /// cgroup whose sockets may take the bypass: absolute, or relative to the
@@ -55,33 +58,83 @@ pub struct BypassArgs {
     /// [default: every port]
     #[arg(short = 'P', long, value_name = "PORTS", value_parser = cli::parse_port_list)]
     pub ports: Option<PortList>,
-    /// Programs (process names, as in /proc/PID/comm) that read sockets
+    /// Programs (process names, as in /proc/PID/comm) known to read sockets
     /// with splice(2), which cannot see bypassed data: their sockets never
-    /// take the bypass. Comma-separated, in addition to haproxy
-    #[arg(long, value_name = "NAMES", value_delimiter = ',', value_parser = parse_program_name)]
+    /// take the bypass. Comma-separated; '' names none. Unnamed ones get no
+    /// redirected data before they have read with recv, and are learned at
+    /// their first splice
+    #[arg(
+        long,
+        value_name = "NAMES",
+        value_delimiter = ',',
+        default_value = "haproxy",
+        value_parser = parse_program_name
+    )]
     pub splice_readers: Vec<String>,
     #[command(flatten)]
     pub output: OutputArgs,
 }
 
+/// A process name, or nothing ('' names no program).
 fn parse_program_name(text: &str) -> Result<String, String> {
-    if text.is_empty() || text.len() > 15 {
+    if text.len() > 15 {
         return Err(format!(
-            "'{text}' is not a process name (1 to 15 bytes, as in /proc/PID/comm)"
+            "'{text}' is not a process name (at most 15 bytes, as in /proc/PID/comm)"
         ));
     }
     Ok(text.to_owned())
 }
 
-/// The built-in splice readers and those of --splice-readers.
+/// The programs of --splice-readers.
+fn named_splice_readers(args: &BypassArgs) -> impl Iterator<Item = &str> {
+    args.splice_readers
+        .iter()
+        .map(String::as_str)
+        .filter(|name| !name.is_empty())
+}
+
+/// Every kind of splice reader, for the banner.
 fn splice_readers(args: &BypassArgs) -> Vec<String> {
-    let mut names: Vec<String> = KNOWN_SPLICE_READERS.map(String::from).to_vec();
-    for name in &args.splice_readers {
-        if !names.contains(name) {
-            names.push(name.clone());
-        }
+    named_splice_readers(args)
+        .map(String::from)
+        .chain(["programs seen splicing".to_owned()])
+        .collect()
+}
+
+fn comm_key(name: &str) -> comm {
+    let mut key = comm { name: [0; 16] };
+    for (slot, byte) in key.name.iter_mut().zip(name.bytes()) {
+        *slot = byte as _;
     }
-    names
+    key
+}
+
+/// The tracing programs that tell readers apart: how far each socket's
+/// reader has read with recvmsg, and which programs splice. Attached before
+/// sockops, so that every inserted socket is watched from the start.
+fn attach_readers(skel: &BypassSkel<'_>) -> Result<Vec<libbpf_rs::Link>> {
+    let progs = &skel.progs;
+    let receive = if progs.bypass_recv_length.autoload() {
+        progs.bypass_recv_length.attach()
+    } else {
+        progs.bypass_recvmsg_exit.attach()
+    };
+    Ok(vec![
+        receive.context("attaching the program that follows recvmsg")?,
+        progs
+            .bypass_tcp_read
+            .attach()
+            .context("attaching tp_btf/tcp_rcv_space_adjust")?,
+    ])
+}
+
+/// Whether the kernel has the sock_recv_length tracepoint (6.4+); older
+/// ones follow recvmsg with fexit on tcp_bpf_recvmsg instead.
+fn kernel_has_recv_length_tracepoint() -> bool {
+    libbpf_rs::btf::Btf::from_vmlinux().is_ok_and(|btf| {
+        btf.type_by_name::<libbpf_rs::btf::BtfType<'_>>("btf_trace_sock_recv_length")
+            .is_some()
+    })
 }
 
 /// Everything `prepare` would check, without changing the system.
@@ -99,6 +152,8 @@ pub struct Bypass {
     args: BypassArgs,
     cgroup: PathBuf,
     skel: OwnedSkel<BypassSkel<'static>>,
+    /// The tracing programs that follow readers (attach_readers).
+    readers: Vec<libbpf_rs::Link>,
     attachments: Attachments,
 }
 
@@ -112,6 +167,7 @@ impl Bypass {
             args: args.clone(),
             cgroup,
             skel,
+            readers: Vec::new(),
             attachments: Attachments::default(),
         })
     }
@@ -131,6 +187,7 @@ impl Datapath for Bypass {
             .bypass_msg
             .attach_sockmap(self.skel.maps.sockets.as_fd().as_raw_fd())
             .context("attaching bypass_msg to the sockets map")?;
+        self.readers = attach_readers(&self.skel)?;
         let cgroup = CgroupFd::open(&self.cgroup)?;
         self.attachments
             .attach_cgroup(&self.skel.progs.bypass_sockops, &cgroup)?;
@@ -146,7 +203,7 @@ impl Datapath for Bypass {
             "  splice readers:    {} (never bypassed)",
             splice_readers(&self.args).join(", ")
         );
-        println!("Attached 2 programs; press Ctrl-C to stop");
+        println!("Attached 4 programs; press Ctrl-C to stop");
         Ok(())
     }
 
@@ -172,11 +229,24 @@ impl Datapath for Bypass {
 
     fn status(&self) -> serde_json::Value {
         let mut programs = self.attachments.describe();
-        programs.push(serde_json::json!({
-            "program": "bypass_msg",
-            "id": links::program_id(&self.skel.progs.bypass_msg),
-            "target": "the sockets map",
-        }));
+        let progs = &self.skel.progs;
+        let mut others = vec![(&progs.bypass_msg, "the sockets map")];
+        for tracing in [
+            &progs.bypass_recv_length,
+            &progs.bypass_recvmsg_exit,
+            &progs.bypass_tcp_read,
+        ] {
+            if tracing.autoload() {
+                others.push((tracing, "the kernel (tracing)"));
+            }
+        }
+        for (program, target) in others {
+            programs.push(serde_json::json!({
+                "program": program.name().to_string_lossy(),
+                "id": links::program_id(program),
+                "target": target,
+            }));
+        }
         serde_json::json!({
             "name": self.name(),
             "cgroup": self.cgroup.display().to_string(),
@@ -215,7 +285,11 @@ impl Datapath for Bypass {
         }
         let ports = new.ports.as_ref().map_or(&[][..], |p| &p.0);
         maps::sync_set(&self.skel.maps.ports, ports)?;
-        maps::sync_set(&self.skel.maps.splicers, &splicer_keys(new))?;
+        // Names are only added: the map also holds the programs learned
+        // splicing, and a socket of a splicer must never enter the bypass.
+        for name in named_splice_readers(new) {
+            maps::update(&self.skel.maps.splicers, &comm_key(name), &1u8)?;
+        }
         self.args = new.clone();
         Ok(())
     }
@@ -227,20 +301,6 @@ impl Datapath for Bypass {
     fn print_statistics(&self) -> Result<()> {
         print_statistics(&self.skel)
     }
-}
-
-/// The splice readers as keys of the `splicers` map.
-fn splicer_keys(args: &BypassArgs) -> Vec<comm> {
-    splice_readers(args)
-        .iter()
-        .map(|name| {
-            let mut key = comm { name: [0; 16] };
-            for (slot, byte) in key.name.iter_mut().zip(name.bytes()) {
-                *slot = byte as _;
-            }
-            key
-        })
-        .collect()
 }
 
 fn load<'obj>(
@@ -258,11 +318,19 @@ fn load<'obj>(
         .context("the bypass object has no .rodata")?;
     rodata.filter_ports = args.ports.is_some().into();
     rodata.emit_events = events.into();
+    let recv_length = kernel_has_recv_length_tracepoint();
+    open.progs.bypass_recv_length.set_autoload(recv_length);
+    open.progs.bypass_recvmsg_exit.set_autoload(!recv_length);
     let skel = open.load().context("loading the bypass BPF programs")?;
     for port in args.ports.iter().flat_map(|p| &p.0) {
         maps::update(&skel.maps.ports, port, &1u8)?;
     }
-    maps::sync_set(&skel.maps.splicers, &splicer_keys(args))?;
+    for name in named_splice_readers(args) {
+        maps::update(&skel.maps.splicers, &comm_key(name), &1u8)?;
+    }
+    for name in SPLICE_AWARE {
+        maps::update(&skel.maps.splice_aware, &comm_key(name), &1u8)?;
+    }
     Ok(skel)
 }
 
@@ -374,6 +442,18 @@ fn snapshot(skel: &BypassSkel<'_>) -> Result<Snapshot> {
             bypass_stat::BYPASS_STAT_SPLICE_READER,
         ),
         (
+            "splice_readers_learned",
+            "splice readers learned",
+            "Programs seen splicing a socket in the map, kept out from then on.",
+            bypass_stat::BYPASS_STAT_SPLICERS_LEARNED,
+        ),
+        (
+            "splice_after_redirect",
+            "splices after redirects",
+            "First splices of sockets to which messages were already redirected: those messages are lost to the reader.",
+            bypass_stat::BYPASS_STAT_SPLICE_TOO_LATE,
+        ),
+        (
             "other_port",
             "other ports",
             "Sockets outside the -P ports.",
@@ -402,6 +482,12 @@ fn snapshot(skel: &BypassSkel<'_>) -> Result<Snapshot> {
             "messages passed",
             "Messages of inserted sockets sent the normal way.",
             bypass_stat::BYPASS_STAT_MSG_PASSED,
+        ),
+        (
+            "messages_peer_behind",
+            "passed, peer behind",
+            "Messages passed because the peer had not yet read with recv every byte sent before over TCP.",
+            bypass_stat::BYPASS_STAT_MSG_PEER_BEHIND,
         ),
         (
             "bytes_passed",

@@ -48,6 +48,22 @@ fn sock_ops_programs(cgroup: &ChildCgroup) -> u32 {
     cgroup_program_count(cgroup.path(), libbpf_sys::BPF_CGROUP_SOCK_OPS).unwrap()
 }
 
+/// Checks that the TCP payload `payload` seen on `lo`, while the
+/// applications sent `sent` bytes in all, left out the bytes bypass
+/// redirected: at most `sent` minus half of them. Not exactly `sent` minus
+/// all of them: retransmissions count twice on `lo`, and a client's first
+/// write can leave before its socket's insertion has finished, unseen by
+/// the sk_msg program (on 6.1 under emulation, poll() sees the socket
+/// established while sockops still runs).
+fn assert_redirected_bytes_skipped_lo(payload: u64, sent: u64, output: &str) {
+    let redirected = stat(output, "bytes redirected");
+    assert!(redirected > 0, "{output}");
+    assert!(
+        payload + redirected / 2 <= sent,
+        "{payload} payload bytes on lo, {sent} sent:\n{output}"
+    );
+}
+
 /// tcpdump on `lo` of a namespace, written to a file until stopped.
 struct Capture {
     child: Child,
@@ -91,9 +107,9 @@ impl Capture {
         Capture { child, file }
     }
 
-    /// Stops the capture; returns (SYN packets, packets carrying data, the
+    /// Stops the capture; returns (SYN packets, TCP payload bytes, the
     /// packets as text).
-    fn stop(mut self) -> (usize, usize, String) {
+    fn stop(mut self) -> (usize, u64, String) {
         // Let the last packets reach the file before tcpdump stops.
         std::thread::sleep(Duration::from_millis(500));
         let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
@@ -104,16 +120,11 @@ impl Capture {
         let out = run(command);
         let text = String::from_utf8_lossy(&out.stdout);
         let syns = text.lines().filter(|l| l.contains("Flags [S]")).count();
-        let data = text
+        let payload = text
             .lines()
-            .filter(|l| {
-                l.rsplit("length ")
-                    .next()
-                    .and_then(|n| n.trim().parse::<u64>().ok())
-                    .is_some_and(|n| n > 0)
-            })
-            .count();
-        (syns, data, text.into_owned())
+            .filter_map(|l| l.rsplit("length ").next()?.trim().parse::<u64>().ok())
+            .sum();
+        (syns, payload, text.into_owned())
     }
 }
 
@@ -146,23 +157,16 @@ fn echo_over_ipv4_ipv6_and_v4_mapped_takes_the_bypass_byte_for_byte() {
         let out = peers(&testbed, &["echo", server, client, &size, "1"]);
         assert!(String::from_utf8_lossy(&out.stdout).contains("ok"));
     }
-    let (syns, data_packets, packets) = capture.stop();
+    let (syns, payload, packets) = capture.stop();
     let (status, output, _) = bypasser.stop();
     assert!(status.success());
     assert_eq!(stat(&output, "inserted"), 8, "{output}");
     assert_eq!(stat(&output, "insert failures"), 0);
-    let redirected = stat(&output, "bytes redirected");
-    assert!(
-        redirected >= 2 * 4 * 24 * MIB as u64,
-        "only {redirected} bytes redirected:\n{output}"
-    );
-    // The stack saw the handshakes (SYN and SYN-ACK), and next to no data:
-    // 192 MiB over loopback would be thousands of segments.
+    // The first bytes each way wait for their reader over TCP; the rest
+    // takes the bypass once the reader has caught up with its writer, and
+    // never crosses lo.
     assert_eq!(syns, 4, "SYN packets on lo:\n{packets}");
-    assert!(
-        data_packets <= 8,
-        "{data_packets} data packets on lo:\n{packets}"
-    );
+    assert_redirected_bytes_skipped_lo(payload, 4 * 2 * 24 * MIB as u64, &output);
 
     // Every socket was inserted once, and each has its peer: the same two
     // endpoints the other way round, IPv4 for all but the IPv6 pair.
@@ -206,7 +210,9 @@ fn many_concurrent_connections_all_take_the_bypass() {
     let (_, output, _) = bypasser.stop();
     assert_eq!(stat(&output, "inserted"), 400, "{output}");
     assert_eq!(stat(&output, "insert failures"), 0);
-    assert!(stat(&output, "bytes redirected") >= 2 * 200 * 256 * 1024);
+    // 400 writers racing their readers: each takes the bypass once its
+    // reader has caught up, which many never do before the end.
+    assert!(stat(&output, "bytes redirected") > 0, "{output}");
     // Closed sockets leave the map by themselves.
     assert_eq!(stat(&output, "sockets in the map at exit"), 0);
 }
@@ -225,11 +231,11 @@ fn half_close_and_close_with_data_in_flight() {
     }
     let (_, output, _) = bypasser.stop();
     assert_eq!(stat(&output, "inserted"), 12, "{output}");
-    // peers.py checked every byte. How many took the bypass depends on
-    // timing: on a slow machine (the 6.1 VM) a first write can leave over
-    // TCP while its socket is still being inserted, or before the peer's
-    // is (then it passes, and the socket stays on the normal path).
-    assert!(stat(&output, "bytes redirected") > 0, "{output}");
+    // peers.py checked every byte. Each of these transfers starts before
+    // its reader has read anything, and a reader that never catches up
+    // with its writer keeps it on TCP: how many bytes take the bypass
+    // depends on timing.
+    assert!(stat(&output, "passed, peer behind") > 0, "{output}");
 }
 
 #[test]
@@ -385,9 +391,10 @@ fn redirect_builtin_proxy_and_bypass_together_deliver_intact() {
     assert_eq!(stat(&redirect_output, "redirected"), 8, "{redirect_output}");
     assert_eq!(stat(&redirect_output, "relayed to the end"), 8);
     assert_eq!(stat(&bypass_output, "inserted"), 32, "{bypass_output}");
-    assert!(stat(&bypass_output, "bytes redirected") >= 4 * 2 * 16 * MIB as u64);
-    // The proxy could not splice from its sockmap sockets and copied.
-    assert!(stat(&redirect_output, "splice->copy fallbacks") > 0);
+    assert!(
+        stat(&bypass_output, "bytes redirected") > 0,
+        "{bypass_output}"
+    );
 }
 
 /// peers.py with its servers on port 80 (which `redirect -P 80` catches)
@@ -505,19 +512,19 @@ fn one_instance_in_the_host_namespace_pairs_within_each_child_namespace() {
             String::from_utf8_lossy(&out.stderr)
         );
     }
+    let mut payload = 0u64;
     for capture in captures {
-        let (syns, data_packets, packets) = capture.stop();
+        let (syns, bytes, packets) = capture.stop();
         assert_eq!(syns, 1, "SYN packets on lo:\n{packets}");
-        assert!(
-            data_packets <= 2,
-            "{data_packets} data packets on lo:\n{packets}"
-        );
+        payload += bytes;
     }
     let (status, output, _) = bypasser.stop();
     assert!(status.success());
     assert_eq!(stat(&output, "inserted"), 4, "{output}");
     assert_eq!(stat(&output, "peer not in the namespace"), 0);
-    assert!(stat(&output, "bytes redirected") >= 2 * 2 * 32 * MIB as u64);
+    // How much takes the bypass depends on how soon each reader catches up
+    // with its writer; none of it crossed either namespace's lo.
+    assert_redirected_bytes_skipped_lo(payload, 2 * 2 * 32 * MIB as u64, &output);
     // Two pairs with one 4-tuple, told apart by their namespace.
     let events = json_events(&output);
     assert_eq!(events.len(), 4, "{events:?}");
@@ -796,11 +803,11 @@ if got != data:
 print("ok")
 "#;
 
-#[test]
-fn haproxy_splicing_both_ways_gets_every_byte() {
-    if !have_root() {
-        return;
-    }
+/// HAProxy relaying 127.0.0.1:7003 to an echo server on 7002 with `option
+/// splice-request` and `option splice-response`, under `bypass` with
+/// `bypass_args`: one connection after the other, each echoing 4,000,000
+/// bytes that must come back intact. Returns bypass's output.
+fn haproxy_splicing(bypass_args: &[&str], connections: usize) -> String {
     let testbed = Testbed::new();
     let dir = TempDir::new();
     let config = dir.join("haproxy.cfg");
@@ -811,7 +818,7 @@ fn haproxy_splicing_both_ways_gets_every_byte() {
          listen relay\n  bind 127.0.0.1:7003\n  server echo 127.0.0.1:7002\n",
     )
     .unwrap();
-    let bypasser = bypass(&testbed, &testbed.apps, &[]);
+    let bypasser = bypass(&testbed, &testbed.apps, bypass_args);
     let mut haproxy = netns::command_in("haproxy", Some(&testbed.client), Some(&testbed.apps))
         .unwrap()
         .args(["-db", "-f"])
@@ -820,30 +827,63 @@ fn haproxy_splicing_both_ways_gets_every_byte() {
         .stderr(Stdio::null())
         .spawn()
         .expect("haproxy (apt-get install haproxy)");
-    let out = python(
-        testbed.in_apps(PYTHON),
-        &ECHO_THROUGH.replace("int(sys.argv[1]), int(sys.argv[2])", "7003, 4000000"),
-    );
+    let outs: Vec<String> = (0..connections)
+        .map(|_| {
+            let mut command = testbed.in_apps(PYTHON);
+            command.args([
+                "-c",
+                &ECHO_THROUGH.replace("int(sys.argv[1]), int(sys.argv[2])", "7003, 4000000"),
+            ]);
+            let out = run(command);
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })
+        .collect();
     let _ = haproxy.kill();
     let _ = haproxy.wait();
     let (_, output, _) = bypasser.stop();
-    assert!(out.contains("ok"), "{out}\n{output}");
-    // HAProxy's two sockets stayed out; the client's and the server's
-    // sockets went in, and found no peer.
+    for (i, out) in outs.iter().enumerate() {
+        assert!(out.starts_with("ok"), "connection {i}: {out}\n{output}");
+    }
+    output
+}
+
+#[test]
+fn haproxy_splicing_both_ways_gets_every_byte() {
+    if !have_root() {
+        return;
+    }
+    let output = haproxy_splicing(&[], 1);
+    // haproxy is named by default: its two sockets stayed out; the client's
+    // and the server's sockets went in, and found no peer.
     assert_eq!(stat(&output, "splice reader's sockets"), 2, "{output}");
     assert_eq!(stat(&output, "messages redirected"), 0, "{output}");
 }
 
 #[test]
-fn a_splice_reader_named_with_splice_readers_gets_every_byte() {
+fn haproxy_unnamed_is_learned_at_its_first_splice_and_gets_every_byte() {
     if !have_root() {
         return;
     }
-    let testbed = Testbed::new();
-    // A server that names itself, then reads with splice(2) only.
-    let script = r#"
+    let output = haproxy_splicing(&["--splice-readers", ""], 3);
+    // The first connection's four sockets went in; HAProxy read the first
+    // bytes with recv, which left it behind the client, and spliced the
+    // rest: it was learned, and its sockets of the two later connections
+    // stayed out.
+    assert_eq!(stat(&output, "inserted"), 4 + 2 * 2, "{output}");
+    assert_eq!(stat(&output, "splice readers learned"), 1, "{output}");
+    assert_eq!(stat(&output, "splice reader's sockets"), 2 * 2, "{output}");
+    assert_eq!(stat(&output, "splices after redirects"), 0, "{output}");
+}
+
+/// A program that names itself NAME, connects to itself and reads 1 MiB
+/// with splice(2) only.
+const PLAIN_SPLICE_READER: &str = r#"
 import ctypes, os, socket, threading, random
-ctypes.CDLL(None).prctl(15, b"splicer", 0, 0, 0)
+ctypes.CDLL(None).prctl(15, b"NAME", 0, 0, 0)
 s = socket.socket(); s.bind(("127.0.0.1", 0)); s.listen(1)
 data = random.Random(3).randbytes(1 << 20)
 def send():
@@ -861,11 +901,119 @@ got = b"".join(got)
 assert got == data, f"{len(got)} of {len(data)} bytes"
 print("ok")
 "#;
+
+#[test]
+fn a_splice_reader_named_with_splice_readers_gets_every_byte() {
+    if !have_root() {
+        return;
+    }
+    let testbed = Testbed::new();
     let bypasser = bypass(&testbed, &testbed.apps, &["--splice-readers", "splicer"]);
-    let out = python(testbed.in_apps(PYTHON), script);
+    let out = python(
+        testbed.in_apps(PYTHON),
+        &PLAIN_SPLICE_READER.replace("NAME", "splicer"),
+    );
     let (_, output, _) = bypasser.stop();
     assert!(out.contains("ok"), "{out}\n{output}");
     // Its client thread carries the name too: both ends stayed out.
     assert_eq!(stat(&output, "splice reader's sockets"), 2, "{output}");
     assert_eq!(stat(&output, "bytes redirected"), 0, "{output}");
+}
+
+#[test]
+fn an_unnamed_splice_reader_gets_every_byte() {
+    if !have_root() {
+        return;
+    }
+    let testbed = Testbed::new();
+    let bypasser = bypass(&testbed, &testbed.apps, &[]);
+    for _ in 0..2 {
+        let out = python(
+            testbed.in_apps(PYTHON),
+            &PLAIN_SPLICE_READER.replace("NAME", "plainsplicer"),
+        );
+        assert!(out.contains("ok"), "{out}");
+    }
+    let (_, output, _) = bypasser.stop();
+    // The first run's sockets went in, but the reader never read with
+    // recv: nothing was redirected to it. Its first splice taught bypass
+    // the program, whose second run stayed out.
+    assert_eq!(stat(&output, "inserted"), 2, "{output}");
+    assert_eq!(stat(&output, "bytes redirected"), 0, "{output}");
+    assert_eq!(stat(&output, "splice readers learned"), 1, "{output}");
+    assert_eq!(stat(&output, "splice reader's sockets"), 2, "{output}");
+}
+
+/// See the file: numbered streams whose reader falls behind, then catches up.
+const ORDER_STRESS: &str = include_str!("common/order_stress.py");
+
+#[test]
+fn a_reader_behind_never_has_bytes_overtaken() {
+    if !have_root() {
+        return;
+    }
+    let testbed = Testbed::new();
+    let bypasser = bypass(&testbed, &testbed.apps, &[]);
+    let mut command = testbed.in_apps(PYTHON);
+    command.args(["-c", ORDER_STRESS, "400"]);
+    let out = run(command);
+    let (_, output, _) = bypasser.stop();
+    assert!(
+        out.status.success(),
+        "{}{}\n{output}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(stat(&output, "inserted"), 800, "{output}");
+    // Parts 1 and 2 waited for the reader, over TCP; part 3 of every
+    // connection took the bypass.
+    assert!(stat(&output, "passed, peer behind") >= 2 * 400, "{output}");
+    assert!(
+        stat(&output, "bytes redirected") >= 400 * (16384 - 9000),
+        "{output}"
+    );
+}
+
+/// A reader that asks for more than is there (MSG_WAITALL, SO_RCVLOWAT)
+/// waits inside tcp_recvmsg, which would not notice redirected messages.
+const WAITING_READERS: &str = r#"
+import random, socket, sys, threading, time
+data = random.Random(5).randbytes(1 << 20)
+for mode in ("waitall", "rcvlowat"):
+    s = socket.socket(); s.bind(("127.0.0.1", 0)); s.listen(1)
+    def send():
+        c = socket.create_connection(s.getsockname())
+        for k in range(0, len(data), 1000):
+            c.sendall(data[k:k + 1000])
+            if k % 50000 == 0:
+                time.sleep(0.01)
+        c.close()
+    threading.Thread(target=send).start()
+    conn, _ = s.accept()
+    conn.settimeout(20)
+    if mode == "rcvlowat":
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 4096)
+    flags = socket.MSG_WAITALL if mode == "waitall" else 0
+    got = []
+    while True:
+        d = conn.recv(8192, flags)
+        if not d: break
+        got.append(d)
+    got = b"".join(got)
+    assert got == data, f"{mode}: {len(got)} of {len(data)} bytes"
+print("ok")
+"#;
+
+#[test]
+fn readers_waiting_for_more_than_is_there_get_every_byte() {
+    if !have_root() {
+        return;
+    }
+    let testbed = Testbed::new();
+    let bypasser = bypass(&testbed, &testbed.apps, &[]);
+    let out = python(testbed.in_apps(PYTHON), WAITING_READERS);
+    let (_, output, _) = bypasser.stop();
+    assert!(out.contains("ok"), "{out}\n{output}");
+    assert_eq!(stat(&output, "inserted"), 4, "{output}");
+    assert!(stat(&output, "bytes redirected") > 0, "{output}");
 }

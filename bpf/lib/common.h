@@ -19,6 +19,7 @@
 #define SYS_PROCEED 1
 
 #define READ_ONCE(x) (*(volatile typeof(x) *)&(x))
+#define WRITE_ONCE(x, v) (*(volatile typeof(x) *)&(x) = (v))
 #define barrier() asm volatile("" ::: "memory")
 
 /**
