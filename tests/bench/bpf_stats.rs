@@ -25,17 +25,41 @@ impl ProgramStats {
 /// Run time and count of the first loaded program whose name (bpftool
 /// shows the full name, from BTF) starts with `name`.
 pub fn program(name: &str) -> Option<ProgramStats> {
+    find(name, None)
+}
+
+/// The same, among the programs process `pid` holds: other instances of
+/// the same programs (another test run on the machine) are not ours.
+fn find(name: &str, ids: Option<&[u64]>) -> Option<ProgramStats> {
     let out = Command::new("bpftool")
         .args(["-j", "prog", "show"])
         .output()
         .ok()?;
     let progs: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
     progs.as_array()?.iter().find_map(|p| {
-        p["name"].as_str()?.starts_with(name).then(|| ProgramStats {
+        let ours = ids.is_none_or(|ids| p["id"].as_u64().is_some_and(|id| ids.contains(&id)));
+        (ours && p["name"].as_str()?.starts_with(name)).then(|| ProgramStats {
             run_time_ns: p["run_time_ns"].as_u64().unwrap_or(0),
             run_count: p["run_cnt"].as_u64().unwrap_or(0),
         })
     })
+}
+
+/// The ids of the BPF programs behind process `pid`'s descriptors
+/// (program and link descriptors both name theirs in fdinfo).
+fn program_ids(pid: u32) -> Vec<u64> {
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fdinfo")) else {
+        return Vec::new();
+    };
+    fds.flatten()
+        .filter_map(|fd| std::fs::read_to_string(fd.path()).ok())
+        .flat_map(|info| {
+            info.lines()
+                .filter_map(|l| l.strip_prefix("prog_id:"))
+                .filter_map(|id| id.trim().parse().ok())
+                .collect::<Vec<u64>>()
+        })
+        .collect()
 }
 
 /// Turns the statistics on or off; returns the previous setting ("0"/"1").
@@ -46,9 +70,14 @@ pub fn set_enabled(enabled: bool) -> String {
     before.trim().to_owned()
 }
 
-/// The statistics of each `(what, name)` program, now.
-pub fn programs(programs: &[(&str, &str)]) -> Vec<Option<ProgramStats>> {
-    programs.iter().map(|(_, name)| program(name)).collect()
+/// The statistics of each `(what, name)` program that process `pid`
+/// loaded, now.
+pub fn programs(programs: &[(&str, &str)], pid: u32) -> Vec<Option<ProgramStats>> {
+    let ids = program_ids(pid);
+    programs
+        .iter()
+        .map(|(_, name)| find(name, Some(&ids)))
+        .collect()
 }
 
 /// One line per program: its run time per call between two snapshots

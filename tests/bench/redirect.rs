@@ -156,7 +156,7 @@ fn connections_per_second(settings: &Settings) {
         ("iptables REDIRECT + built-in proxy", &iptables),
     ];
     let mut results = vec![Vec::new(); arms.len()];
-    let stats_start = bpf_stats::programs(&REDIRECT_PROGRAMS);
+    let stats_start = bpf_stats::programs(&REDIRECT_PROGRAMS, redirector.pid());
     for round in 0..settings.rounds {
         for (i, (name, testbed)) in arms.iter().enumerate() {
             let cps = measure_cps(testbed, settings.cps_seconds);
@@ -164,7 +164,7 @@ fn connections_per_second(settings: &Settings) {
             results[i].push(cps);
         }
     }
-    let stats_end = bpf_stats::programs(&REDIRECT_PROGRAMS);
+    let stats_end = bpf_stats::programs(&REDIRECT_PROGRAMS, redirector.pid());
     let (_, output, _) = redirector.stop();
     bpf_stats::set_enabled(bpf_stats_before == "1");
     assert!(
@@ -220,7 +220,7 @@ fn udp_request_rate(settings: &Settings) {
         ("redirect --udp-ports + built-in relay", &bpf),
     ];
     let mut results = vec![Vec::new(); arms.len()];
-    let stats_start = bpf_stats::programs(&UDP_PROGRAMS);
+    let stats_start = bpf_stats::programs(&UDP_PROGRAMS, redirector.pid());
     for round in 0..settings.rounds {
         for (i, (name, testbed)) in arms.iter().enumerate() {
             let exe = std::env::current_exe().unwrap();
@@ -232,12 +232,17 @@ fn udp_request_rate(settings: &Settings) {
             results[i].push(rate);
         }
     }
-    let stats_end = bpf_stats::programs(&UDP_PROGRAMS);
+    let stats_end = bpf_stats::programs(&UDP_PROGRAMS, redirector.pid());
     let (_, output, _) = redirector.stop();
     bpf_stats::set_enabled(bpf_stats_before == "1");
     assert!(
         stat(&output, "datagrams client->upstream") > 0,
         "the relay relayed nothing:\n{output}"
+    );
+    assert!(
+        results[0].iter().all(|&rate| rate > 0.0),
+        "the direct arm exchanged nothing: {:?}",
+        results[0]
     );
     let names: Vec<&str> = arms.iter().map(|(name, _)| *name).collect();
     let medians = report::ratio_table("median exchanges/s", &names, &mut results, 1);
