@@ -23,8 +23,8 @@
  * proxy's replies as coming from that destination, and getpeername4/6 tell
  * it as the peer of a redirected TCP or connected UDP socket. On the proxy's
  * UDP socket, recvmsg4/6 find the sending socket in the caller's namespace
- * and hand its destination to the relay under (namespace, client), for
- * this one datagram: the relay deletes it as it reads it.
+ * and leave its destination, for this one datagram, in the relay socket's
+ * slot, which the relay reads as soon as its recvfrom returns.
  */
 #include "lib/common.h"
 #include "redirect.h"
@@ -112,13 +112,17 @@ struct {
 	__type(value, struct endpoint);
 } proxy_answer SEC(".maps");
 
-/* The original destination of the datagram the relay is receiving. */
+/* The original destination of the datagram each relay socket received
+ * last. The relay maps it into its memory and reads it after each recvfrom
+ * without a system call: only its one receiving thread per socket reads
+ * there, right after the program wrote in that same thread's recvfrom. */
 struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 65536);
-	__type(key, struct udp_flow_key);
-	__type(value, struct endpoint);
-} udp_orig_dst SEC(".maps");
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, UDP_SLOT_COUNT);
+	__uint(map_flags, BPF_F_MMAPABLE);
+	__type(key, __u32);
+	__type(value, struct udp_relay_slot);
+} udp_relay_slots SEC(".maps");
 
 /* One record per redirect or bypass decision, when emit_events is set. */
 struct {
@@ -140,7 +144,8 @@ enum redirect_action unused_redirect_action __attribute__((unused));
 enum bypass_reason unused_bypass_reason __attribute__((unused));
 enum redirect_stat unused_redirect_stat __attribute__((unused));
 enum proxy_down_policy unused_proxy_down_policy __attribute__((unused));
-struct udp_flow_key unused_udp_flow_key __attribute__((unused));
+struct udp_relay_slot unused_udp_relay_slot __attribute__((unused));
+enum udp_relay_slot_index unused_udp_relay_slot_index __attribute__((unused));
 
 struct sockaddr_in_orig {
 	__u16 family;
@@ -560,21 +565,27 @@ int redirect_recvmsg6(struct bpf_sock_addr *ctx)
  * publish_datagram_origin() - on the proxy's UDP socket, hand the relay the
  * original destination of the datagram it is receiving from @client
  * @proxy: the proxy's own endpoint, which the receiving socket must be bound to
+ * @index: the slot of the receiving socket's family (enum udp_relay_slot_index)
  *
  * The sender is found as the socket a packet from the proxy to @client
  * would reach, in the proxy's namespace; only a socket that redirect4/6
- * sent to the proxy holds a record.
+ * sent to the proxy holds a record. The slot is written for every
+ * datagram, with no original when there is none, so that it never shows
+ * the relay an earlier datagram's destination.
  */
 static __always_inline void publish_datagram_origin(struct bpf_sock_addr *ctx,
 						    const struct endpoint *proxy,
-						    const struct endpoint *client)
+						    const struct endpoint *client, __u32 index)
 {
-	struct udp_flow_key key = {};
 	struct bpf_sock_tuple tuple = {};
-	struct endpoint *original;
+	struct udp_relay_slot *slot;
+	struct endpoint *original = NULL;
 	struct bpf_sock *sk;
 	__u32 tuple_size;
 
+	slot = bpf_map_lookup_elem(&udp_relay_slots, &index);
+	if (!slot)
+		return;
 	if (proxy->family == ADDR_FAMILY_INET) {
 		tuple.ipv4.saddr = proxy->ip[0];
 		tuple.ipv4.sport = proxy->port;
@@ -588,21 +599,21 @@ static __always_inline void publish_datagram_origin(struct bpf_sock_addr *ctx,
 		tuple.ipv6.dport = client->port;
 		tuple_size = sizeof(tuple.ipv6);
 	}
+	slot->netns_cookie = bpf_get_netns_cookie(ctx);
+	slot->client = *client;
 	sk = bpf_sk_lookup_udp(ctx, &tuple, tuple_size, BPF_F_CURRENT_NETNS, 0);
-	if (!sk) {
-		stat_add(&stats, STAT_UDP_NO_RECORD, 1);
-		return;
+	if (sk) {
+		original = bpf_sk_storage_get(&client_orig_dst, sk, 0, 0);
+		if (original)
+			slot->original = *original;
+		bpf_sk_release(sk);
 	}
-	original = bpf_sk_storage_get(&client_orig_dst, sk, 0, 0);
 	if (original) {
-		key.netns_cookie = bpf_get_netns_cookie(ctx);
-		key.client = *client;
-		if (bpf_map_update_elem(&udp_orig_dst, &key, original, BPF_ANY) == 0)
-			stat_add(&stats, STAT_UDP_TO_PROXY, 1);
+		stat_add(&stats, STAT_UDP_TO_PROXY, 1);
 	} else {
+		__builtin_memset(&slot->original, 0, sizeof(slot->original));
 		stat_add(&stats, STAT_UDP_NO_RECORD, 1);
 	}
-	bpf_sk_release(sk);
 }
 
 /* Whether @ctx's socket is the built-in relay's own UDP socket of this
@@ -623,7 +634,7 @@ static __always_inline int is_proxy_socket(struct bpf_sock_addr *ctx, const stru
 }
 
 /* On the proxy's sockets (attached where getsockopt is, with the built-in
- * relay only: nobody else deletes what these publish). */
+ * relay only: nobody else reads the slots). */
 SEC("cgroup/recvmsg4")
 int redirect_proxy_recvmsg4(struct bpf_sock_addr *ctx)
 {
@@ -633,7 +644,7 @@ int redirect_proxy_recvmsg4(struct bpf_sock_addr *ctx)
 	if (!is_proxy_socket(ctx, &proxy))
 		return 1;
 	endpoint_set_v4(&client, ctx->user_ip4, (__u16)ctx->user_port);
-	publish_datagram_origin(ctx, &proxy, &client);
+	publish_datagram_origin(ctx, &proxy, &client, UDP_SLOT_INET);
 	return 1;
 }
 
@@ -648,7 +659,7 @@ int redirect_proxy_recvmsg6(struct bpf_sock_addr *ctx)
 	user_endpoint6(ctx, &client);
 	if (client.family != ADDR_FAMILY_INET6)
 		return 1;
-	publish_datagram_origin(ctx, &proxy, &client);
+	publish_datagram_origin(ctx, &proxy, &client, UDP_SLOT_INET6);
 	return 1;
 }
 

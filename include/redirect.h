@@ -20,13 +20,21 @@ struct handover_key {
 	struct conn_tuple tuple;
 };
 
-/* A datagram the proxy's UDP socket is receiving: who sent it, in which
- * network namespace. The relay looks its original destination up (and
- * deletes it) right after recvfrom. */
-struct udp_flow_key {
+/* The datagram the relay's UDP socket of one family just received: who
+ * sent it, in which network namespace, and its original destination
+ * (family 0: none). The relay-side recvmsg program writes it on every
+ * datagram; the relay's receiving thread reads it right after recvfrom. */
+struct udp_relay_slot {
 	__u64 netns_cookie;
 	struct endpoint client;
-	__u32 pad;
+	struct endpoint original;
+};
+
+/* udp_relay_slots: one slot per relay socket. */
+enum udp_relay_slot_index {
+	UDP_SLOT_INET = 0,
+	UDP_SLOT_INET6 = 1,
+	UDP_SLOT_COUNT = 2,
 };
 
 enum redirect_action {

@@ -7,7 +7,6 @@
 use std::mem::MaybeUninit;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
@@ -28,7 +27,7 @@ use crate::links::Attachments;
 use crate::proxy::{BoundProxy, DestinationSource, ProxyConfig, RelayArgs, RunningProxy};
 use crate::service::{self, Datapath, EventSource, RunContext, Settings};
 use crate::stats::{Metric, Snapshot};
-use crate::udp_relay::{BoundUdpRelay, UdpRelayConfig, UdpStats};
+use crate::udp_relay::{BoundUdpRelay, UdpRelay, UdpRelayConfig};
 use crate::{maps, privileges};
 
 // SAFETY: generated from include/*.h: fixed-width integers with explicit padding.
@@ -175,7 +174,7 @@ pub struct Redirect {
     /// Bound by prepare(), started by attach().
     bound: Option<(BoundProxy, Option<BoundUdpRelay>)>,
     proxy: Option<RunningProxy>,
-    udp_stats: Option<Arc<UdpStats>>,
+    udp_relay: Option<UdpRelay>,
 }
 
 impl Redirect {
@@ -208,7 +207,7 @@ impl Redirect {
             attachments: Attachments::default(),
             bound,
             proxy: None,
-            udp_stats: None,
+            udp_relay: None,
         })
     }
 
@@ -253,15 +252,15 @@ impl Datapath for Redirect {
         if let Some((proxy, udp_relay)) = self.bound.take() {
             let proxy = proxy.start_on(ctx.proxy_runtime()?)?;
             if let Some(relay) = udp_relay {
-                let orig_dst = libbpf_rs::MapHandle::try_from(&self.skel.maps.udp_orig_dst)
-                    .context("sharing the udp_orig_dst map with the relay")?;
+                let slots = libbpf_rs::MapHandle::try_from(&self.skel.maps.udp_relay_slots)
+                    .context("sharing the udp_relay_slots map with the relay")?;
                 let config = UdpRelayConfig {
                     mark: self.args.mark,
                     idle_timeout: Duration::from_secs(self.args.udp_idle_timeout),
                     events: ctx.format,
                     start_ns: ctx.start_ns,
                 };
-                self.udp_stats = Some(relay.start(proxy.handle(), orig_dst, config)?);
+                self.udp_relay = Some(relay.start(&slots, config)?);
             }
             self.proxy = Some(proxy);
         }
@@ -291,7 +290,7 @@ impl Datapath for Redirect {
     fn snapshots(&self) -> Result<Vec<Snapshot>> {
         let mut all = vec![snapshot(&self.skel)?];
         all.extend(self.proxy.as_ref().map(|proxy| proxy.stats.snapshot()));
-        all.extend(self.udp_stats.as_ref().map(|udp| udp.snapshot()));
+        all.extend(self.udp_relay.as_ref().map(|udp| udp.stats().snapshot()));
         Ok(all)
     }
 
@@ -349,8 +348,8 @@ impl Datapath for Redirect {
         if let Some(proxy) = &self.proxy {
             proxy.stats.print();
         }
-        if let Some(udp_stats) = &self.udp_stats {
-            udp_stats.print();
+        if let Some(udp_relay) = &self.udp_relay {
+            udp_relay.stats().print();
         }
         Ok(())
     }
@@ -769,24 +768,16 @@ fn snapshot(skel: &RedirectSkel<'_>) -> Result<Snapshot> {
         "Original destinations published and not yet taken by the proxy.",
         maps::count(&skel.maps.pending_orig_dst)? as u64,
     ));
-    snapshot.push(Metric::gauge(
-        "udp_destinations_waiting",
-        "UDP destinations not taken by the relay",
-        "UDP original destinations published for the relay and not yet read.",
-        maps::count(&skel.maps.udp_orig_dst)? as u64,
-    ));
     Ok(snapshot)
 }
 
 fn print_statistics(skel: &RedirectSkel<'_>) -> Result<()> {
     let snapshot = snapshot(skel)?;
-    let (open, counters): (Vec<Metric>, Vec<Metric>) =
-        snapshot.metrics.iter().cloned().partition(|m| {
-            matches!(
-                m.name,
-                "answers_held" | "awaiting_accept" | "udp_destinations_waiting"
-            )
-        });
+    let (open, counters): (Vec<Metric>, Vec<Metric>) = snapshot
+        .metrics
+        .iter()
+        .cloned()
+        .partition(|m| matches!(m.name, "answers_held" | "awaiting_accept"));
     println!("=== Statistics ===");
     Snapshot {
         metrics: counters,

@@ -69,10 +69,15 @@ pub fn udp_echo(netns: &NetNs, addr: &str) -> Result<Server> {
                     peers.lock().unwrap().push(peer);
                     socket.send_to(&buffer[..n], peer)?;
                 }
+                // A receive timeout lets the loop see `stop`; a signal to
+                // the process (with SO_RCVTIMEO set, the kernel does not
+                // restart the call) is no reason to stop serving.
                 Err(e)
                     if matches!(
                         e.kind(),
-                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                        std::io::ErrorKind::WouldBlock
+                            | std::io::ErrorKind::TimedOut
+                            | std::io::ErrorKind::Interrupted
                     ) => {}
                 Err(e) => return Err(e.into()),
             }

@@ -1,32 +1,36 @@
 //! The built-in proxy's UDP relay for `redirect --udp-ports`.
 //!
-//! The proxy's UDP socket receives every redirected datagram. While it does,
-//! a `cgroup/recvmsg` program finds the sending socket in this namespace and
-//! leaves the datagram's original destination in a map under (namespace
-//! cookie, client address); the relay takes it (lookup and delete) right
-//! after `recvfrom`, so nothing stays in the map past its datagram and no
-//! other namespace's entry can ever match. Each (client, destination) pair
-//! is a flow with one connected, marked upstream socket; replies go back
-//! from the proxy's socket, where the client's own recvmsg program shows
-//! them as coming from the destination. Flows idle for the timeout close;
-//! at most `MAX_FLOWS` are open, so memory is bounded.
+//! The proxy's UDP socket of each family receives every redirected datagram,
+//! on a thread of its own blocked in `recvfrom`. While it receives, a
+//! `cgroup/recvmsg` program finds the sending socket in this namespace and
+//! writes the datagram's original destination into that socket's slot of
+//! the `udp_relay_slots` map, which the relay has mapped into its memory:
+//! the thread reads (and clears) the slot as `recvfrom` returns, without a
+//! system call. Each (client, destination) pair is a flow with one
+//! connected, marked upstream socket. One more thread waits on every
+//! upstream socket at once (epoll) and sends each reply back from the
+//! proxy's socket, where the client's own recvmsg program shows it as
+//! coming from the destination; it also closes flows idle for the timeout.
+//! At most `MAX_FLOWS` are open, so memory is bounded. Per request and
+//! reply the relay makes five system calls: recvfrom and send up, then
+//! epoll_wait, recv and sendto down.
 
-use std::cell::RefCell;
 use std::collections::HashMap;
 use std::io;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use libbpf_rs::{MapCore, MapHandle};
 use nix::sys::socket::{self as nixsock, sockopt, AddressFamily, SockFlag, SockType};
-use tokio::net::UdpSocket;
 use tracing::debug;
 
-use crate::bpf::redirect::types::{endpoint, udp_flow_key};
+use crate::bpf::redirect::types::{udp_relay_slot, udp_relay_slot_index};
 use crate::cli::EventFormat;
 use crate::redirect::endpoint_addr;
 use crate::sockopt::{netns_cookie, set_mark};
@@ -39,9 +43,6 @@ pub const MAX_FLOWS: usize = 16384;
 const PROXY_RCVBUF: usize = 4 << 20;
 /// The largest UDP payload.
 const DATAGRAM_MAX: usize = 65535;
-
-// SAFETY: generated from include/redirect.h: fixed-width fields, explicit padding.
-unsafe impl plain::Plain for udp_flow_key {}
 
 #[derive(Debug, Default)]
 pub struct UdpStats {
@@ -147,7 +148,7 @@ pub struct UdpRelayConfig {
 
 /// The proxy's UDP sockets, bound before anything is attached.
 pub struct BoundUdpRelay {
-    sockets: Vec<std::net::UdpSocket>,
+    sockets: Vec<UdpSocket>,
 }
 
 impl BoundUdpRelay {
@@ -156,40 +157,101 @@ impl BoundUdpRelay {
         Ok(Self { sockets })
     }
 
-    /// Relays on `runtime` until it shuts down; `orig_dst` is the
-    /// `udp_orig_dst` map of the redirect programs.
-    pub fn start(
-        self,
-        runtime: &tokio::runtime::Handle,
-        orig_dst: MapHandle,
-        config: UdpRelayConfig,
-    ) -> Result<Arc<UdpStats>> {
-        let stats = Arc::new(UdpStats::default());
+    /// Starts the relay's threads; `slots` is the `udp_relay_slots` map of
+    /// the redirect programs. They stop when the returned relay is dropped.
+    pub fn start(self, slots: &MapHandle, config: UdpRelayConfig) -> Result<UdpRelay> {
+        let slots = Arc::new(Slots::map(slots)?);
+        let epoll = Epoll::new().context("creating the UDP relay's epoll")?;
+        // SAFETY: eventfd() returns a new descriptor or -1.
+        let wake = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        if wake < 0 {
+            return Err(io::Error::last_os_error()).context("creating the UDP relay's eventfd");
+        }
+        // SAFETY: `wake` is a new descriptor that nothing else owns.
+        let wake = unsafe { OwnedFd::from_raw_fd(wake) };
+        epoll.add(wake.as_raw_fd(), WAKE_TOKEN)?;
         let shared = Arc::new(Shared {
             config,
-            orig_dst,
             listen_addrs: self
                 .sockets
                 .iter()
                 .filter_map(|s| s.local_addr().ok())
                 .collect(),
-            flows: Mutex::new(HashMap::new()),
-            stats: stats.clone(),
+            flows: Mutex::new(Flows::default()),
+            stats: UdpStats::default(),
             epoch: Instant::now(),
+            epoll,
+            wake,
+            stop: AtomicBool::new(false),
         });
+        // Built first, so that a failure below stops what already runs.
+        let mut relay = UdpRelay {
+            shared: shared.clone(),
+            proxies: Vec::new(),
+            threads: Vec::new(),
+        };
         for socket in self.sockets {
             let cookie = netns_cookie(socket.as_raw_fd())
                 .context("reading the UDP relay's network namespace cookie")?;
-            socket.set_nonblocking(true)?;
-            let _guard = runtime.enter();
-            let socket = Arc::new(UdpSocket::from_std(socket)?);
-            runtime.spawn(receive_loop(socket, cookie, shared.clone()));
+            let slot = match socket.local_addr()? {
+                SocketAddr::V4(_) => udp_relay_slot_index::UDP_SLOT_INET,
+                SocketAddr::V6(_) => udp_relay_slot_index::UDP_SLOT_INET6,
+            };
+            let socket = Arc::new(socket);
+            relay.proxies.push(socket.clone());
+            let (shared, slots) = (shared.clone(), slots.clone());
+            let thread = std::thread::Builder::new()
+                .name("udp-relay-in".into())
+                .spawn(move || receive_loop(&socket, &slots, slot, cookie, &shared))
+                .context("starting a UDP relay thread")?;
+            relay.threads.push(thread);
         }
-        Ok(stats)
+        let thread = std::thread::Builder::new()
+            .name("udp-relay-out".into())
+            .spawn(move || reply_loop(&shared))
+            .context("starting a UDP relay thread")?;
+        relay.threads.push(thread);
+        Ok(relay)
     }
 }
 
-fn bind(addr: SocketAddr) -> Result<std::net::UdpSocket> {
+/// The running relay; dropping it stops its threads and closes its sockets.
+pub struct UdpRelay {
+    shared: Arc<Shared>,
+    proxies: Vec<Arc<UdpSocket>>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl UdpRelay {
+    pub fn stats(&self) -> &UdpStats {
+        &self.shared.stats
+    }
+}
+
+impl Drop for UdpRelay {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::SeqCst);
+        // Wakes the threads blocked in recvfrom (which then returns 0)
+        // even on an unconnected socket, where shutdown() also says
+        // ENOTCONN.
+        for proxy in &self.proxies {
+            let _ = nixsock::shutdown(proxy.as_raw_fd(), nixsock::Shutdown::Read);
+        }
+        // SAFETY: an 8-byte write to our own eventfd.
+        unsafe {
+            libc::write(
+                self.shared.wake.as_raw_fd(),
+                (&1u64 as *const u64).cast(),
+                8,
+            )
+        };
+        for thread in self.threads.drain(..) {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn bind(addr: SocketAddr) -> Result<UdpSocket> {
     let family = match addr {
         SocketAddr::V4(_) => AddressFamily::Inet,
         SocketAddr::V6(_) => AddressFamily::Inet6,
@@ -212,32 +274,181 @@ fn bind(addr: SocketAddr) -> Result<std::net::UdpSocket> {
             other => anyhow::anyhow!("binding the UDP proxy to {addr}: {other}"),
         }
     })?;
-    Ok(std::net::UdpSocket::from(fd))
+    Ok(UdpSocket::from(fd))
+}
+
+/// The `udp_relay_slots` map, mapped into this process.
+struct Slots {
+    base: NonNull<udp_relay_slot>,
+    len: usize,
+}
+
+// SAFETY: each slot is read and written by one thread only, the one that
+// receives on its socket (and by the BPF program inside that thread's
+// recvfrom).
+unsafe impl Send for Slots {}
+unsafe impl Sync for Slots {}
+
+impl Slots {
+    fn map(map: &MapHandle) -> Result<Self> {
+        let count = udp_relay_slot_index::UDP_SLOT_COUNT.0 as usize;
+        anyhow::ensure!(
+            map.value_size() as usize == std::mem::size_of::<udp_relay_slot>()
+                && map.max_entries() as usize == count,
+            "udp_relay_slots does not hold {count} slots of {} bytes",
+            std::mem::size_of::<udp_relay_slot>()
+        );
+        // Array values lie back to back from the start of the mapping
+        // (48 bytes each: already a multiple of 8).
+        let len = count * std::mem::size_of::<udp_relay_slot>();
+        // SAFETY: a new shared mapping of the map's memory, unmapped on drop.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                map.as_fd().as_raw_fd(),
+                0,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error()).context("mapping udp_relay_slots");
+        }
+        let base = NonNull::new(base.cast()).context("mmap returned null")?;
+        Ok(Self { base, len })
+    }
+
+    /// The original destination the relay-side recvmsg program left in
+    /// `slot` for the datagram this thread just received from `client` on
+    /// that slot's socket, if it found one; clears the slot, so that a
+    /// datagram the program did not see never gets an earlier one's.
+    fn take(
+        &self,
+        slot: udp_relay_slot_index,
+        netns_cookie: u64,
+        client: SocketAddr,
+    ) -> Option<SocketAddr> {
+        // SAFETY: slot < UDP_SLOT_COUNT, which map() checked; only this
+        // thread touches the slot, and the program wrote it before this
+        // thread's recvfrom returned.
+        let record = unsafe {
+            let ptr = self.base.as_ptr().add(slot.0 as usize);
+            let record = ptr.read_volatile();
+            ptr.write_volatile(udp_relay_slot::default());
+            record
+        };
+        let sender = endpoint_addr(&record.client);
+        let same_sender = record.client.family != 0
+            && record.netns_cookie == netns_cookie
+            && sender.ip() == client.ip()
+            && sender.port() == client.port();
+        (same_sender && record.original.family != 0).then(|| endpoint_addr(&record.original))
+    }
+}
+
+impl Drop for Slots {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in map(), used by no thread any more.
+        unsafe { libc::munmap(self.base.as_ptr().cast(), self.len) };
+    }
+}
+
+/// The epoll token of the eventfd that wakes the reply thread to stop.
+const WAKE_TOKEN: u64 = 0;
+
+struct Epoll {
+    fd: OwnedFd,
+}
+
+impl Epoll {
+    fn new() -> io::Result<Self> {
+        // SAFETY: epoll_create1() returns a new descriptor or -1.
+        let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` is a new descriptor that nothing else owns.
+        Ok(Self {
+            fd: unsafe { OwnedFd::from_raw_fd(fd) },
+        })
+    }
+
+    /// Watches `fd` for input (level-triggered), reported as `token`.
+    fn add(&self, fd: RawFd, token: u64) -> io::Result<()> {
+        let mut event = libc::epoll_event {
+            events: libc::EPOLLIN as u32,
+            u64: token,
+        };
+        // SAFETY: `event` is a valid epoll_event for the call.
+        let rc =
+            unsafe { libc::epoll_ctl(self.fd.as_raw_fd(), libc::EPOLL_CTL_ADD, fd, &mut event) };
+        if rc < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    fn remove(&self, fd: RawFd) {
+        // SAFETY: a null event is allowed for EPOLL_CTL_DEL.
+        unsafe {
+            libc::epoll_ctl(
+                self.fd.as_raw_fd(),
+                libc::EPOLL_CTL_DEL,
+                fd,
+                std::ptr::null_mut(),
+            )
+        };
+    }
+
+    /// Waits up to `timeout` for events; how many were written to `events`.
+    fn wait(&self, events: &mut [libc::epoll_event], timeout: Duration) -> io::Result<usize> {
+        let timeout_ms = timeout.as_millis().min(i32::MAX as u128) as i32;
+        // SAFETY: `events` has room for `events.len()` entries.
+        let ready = unsafe {
+            libc::epoll_wait(
+                self.fd.as_raw_fd(),
+                events.as_mut_ptr(),
+                events.len() as i32,
+                timeout_ms,
+            )
+        };
+        if ready < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(ready as usize)
+    }
 }
 
 struct Shared {
     config: UdpRelayConfig,
-    orig_dst: MapHandle,
     listen_addrs: Vec<SocketAddr>,
-    flows: Mutex<HashMap<(SocketAddr, SocketAddr), Arc<Flow>>>,
-    stats: Arc<UdpStats>,
+    flows: Mutex<Flows>,
+    stats: UdpStats,
     epoch: Instant,
+    /// Every flow's upstream socket, and `wake`.
+    epoll: Epoll,
+    wake: OwnedFd,
+    stop: AtomicBool,
+}
+
+#[derive(Default)]
+struct Flows {
+    by_pair: HashMap<(SocketAddr, SocketAddr), Arc<Flow>>,
+    /// The same flows by their epoll token.
+    by_token: HashMap<u64, Arc<Flow>>,
+    last_token: u64,
 }
 
 struct Flow {
     upstream: UdpSocket,
+    /// The proxy socket the client sends to, which sends it the replies.
+    proxy: Arc<UdpSocket>,
+    client: SocketAddr,
+    destination: SocketAddr,
+    token: u64,
     /// Milliseconds since `Shared::epoch` of the last datagram either way.
     last_active_ms: AtomicU64,
-}
-
-impl Flow {
-    /// How long the flow may stay idle from now; zero when it expired.
-    fn idle_left(&self, shared: &Shared, idle: Duration) -> Duration {
-        let idle_ms = shared
-            .now_ms()
-            .saturating_sub(self.last_active_ms.load(Ordering::Relaxed));
-        idle.saturating_sub(Duration::from_millis(idle_ms))
-    }
 }
 
 impl Shared {
@@ -245,38 +456,29 @@ impl Shared {
         self.epoch.elapsed().as_millis() as u64
     }
 
-    /// Takes the original destination the recvmsg program left for this
-    /// datagram.
-    fn original_destination(&self, netns_cookie: u64, client: SocketAddr) -> Option<SocketAddr> {
-        let key = udp_flow_key {
-            netns_cookie,
-            client: endpoint_of(client),
-            ..Default::default()
-        };
-        // SAFETY: udp_flow_key is Plain.
-        let key = unsafe { plain::as_bytes(&key) };
-        let value = self.orig_dst.lookup_and_delete(key).ok()??;
-        let original = plain::from_bytes::<endpoint>(&value).ok()?;
-        Some(endpoint_addr(original))
-    }
-
     fn flow(
-        self: &Arc<Self>,
+        &self,
         client: SocketAddr,
         destination: SocketAddr,
         proxy: &Arc<UdpSocket>,
     ) -> Option<Arc<Flow>> {
         let mut flows = self.flows.lock().unwrap();
-        if let Some(flow) = flows.get(&(client, destination)) {
+        if let Some(flow) = flows.by_pair.get(&(client, destination)) {
             // Under the lock: an expiring flow sees this and stays.
             flow.last_active_ms.store(self.now_ms(), Ordering::Relaxed);
             return Some(flow.clone());
         }
-        if flows.len() >= MAX_FLOWS {
+        if flows.by_pair.len() >= MAX_FLOWS {
             self.stats.flows_refused.fetch_add(1, Ordering::Relaxed);
             return None;
         }
-        let upstream = match connect_upstream(destination, self.config.mark) {
+        flows.last_token += 1;
+        let token = flows.last_token;
+        let upstream = connect_upstream(destination, self.config.mark).and_then(|upstream| {
+            self.epoll.add(upstream.as_raw_fd(), token)?;
+            Ok(upstream)
+        });
+        let upstream = match upstream {
             Ok(upstream) => upstream,
             Err(err) => {
                 debug!("{client} -> {destination}: upstream socket: {err}");
@@ -286,19 +488,42 @@ impl Shared {
         };
         let flow = Arc::new(Flow {
             upstream,
-            last_active_ms: AtomicU64::new(self.now_ms()),
-        });
-        flows.insert((client, destination), flow.clone());
-        self.stats.flows_opened.fetch_add(1, Ordering::Relaxed);
-        self.stats.flows_open.fetch_add(1, Ordering::Relaxed);
-        tokio::spawn(replies(
-            flow.clone(),
-            proxy.clone(),
+            proxy: proxy.clone(),
             client,
             destination,
-            self.clone(),
-        ));
+            token,
+            last_active_ms: AtomicU64::new(self.now_ms()),
+        });
+        flows.by_pair.insert((client, destination), flow.clone());
+        flows.by_token.insert(token, flow.clone());
+        self.stats.flows_opened.fetch_add(1, Ordering::Relaxed);
+        self.stats.flows_open.fetch_add(1, Ordering::Relaxed);
         Some(flow)
+    }
+
+    fn close(&self, flows: &mut Flows, flow: &Flow) {
+        flows.by_pair.remove(&(flow.client, flow.destination));
+        if flows.by_token.remove(&flow.token).is_some() {
+            self.epoll.remove(flow.upstream.as_raw_fd());
+            self.stats.flows_open.fetch_sub(1, Ordering::Relaxed);
+            self.stats.flows_expired.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Closes the flows idle for the timeout.
+    fn expire(&self) {
+        let now = self.now_ms();
+        let idle_ms = self.config.idle_timeout.as_millis() as u64;
+        let mut flows = self.flows.lock().unwrap();
+        let idle: Vec<Arc<Flow>> = flows
+            .by_token
+            .values()
+            .filter(|f| now.saturating_sub(f.last_active_ms.load(Ordering::Relaxed)) >= idle_ms)
+            .cloned()
+            .collect();
+        for flow in idle {
+            self.close(&mut flows, &flow);
+        }
     }
 
     fn dns_event(&self, client: SocketAddr, destination: SocketAddr, query: &[u8]) {
@@ -333,60 +558,47 @@ impl Shared {
     }
 }
 
-fn endpoint_of(addr: SocketAddr) -> endpoint {
-    let mut ep = endpoint {
-        port: addr.port().to_be(),
-        ..Default::default()
-    };
-    match addr.ip() {
-        IpAddr::V4(ip) => {
-            ep.family = libc::AF_INET as u16;
-            ep.ip[0] = u32::from_ne_bytes(ip.octets());
-        }
-        IpAddr::V6(ip) => {
-            ep.family = libc::AF_INET6 as u16;
-            let octets = ip.octets();
-            for (word, chunk) in ep.ip.iter_mut().zip(octets.chunks(4)) {
-                *word = u32::from_ne_bytes(chunk.try_into().unwrap());
-            }
-        }
-    }
-    ep
-}
-
 fn connect_upstream(destination: SocketAddr, mark: u32) -> io::Result<UdpSocket> {
     let any = match destination {
         SocketAddr::V4(_) => SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0),
         SocketAddr::V6(_) => SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), 0),
     };
-    let socket = std::net::UdpSocket::bind(any)?;
+    let socket = UdpSocket::bind(any)?;
     set_mark(socket.as_raw_fd(), mark)?;
     socket.connect(destination)?;
     socket.set_nonblocking(true)?;
-    UdpSocket::from_std(socket)
+    Ok(socket)
 }
 
-/// Sends without waiting. Tokio's try_send refuses to before its reactor
-/// has seen the socket writable once, which a new flow's socket has not.
-fn send_now(socket: &UdpSocket, datagram: &[u8], to: Option<SocketAddr>) -> io::Result<usize> {
+/// Sends without waiting on a socket that another thread receives on in
+/// blocking mode.
+fn send_now(socket: &UdpSocket, datagram: &[u8], to: SocketAddr) -> io::Result<usize> {
     let flags = nixsock::MsgFlags::MSG_DONTWAIT;
-    let fd = socket.as_raw_fd();
-    match to {
-        Some(to) => nixsock::sendto(fd, datagram, &nixsock::SockaddrStorage::from(to), flags),
-        None => nixsock::send(fd, datagram, flags),
-    }
+    nixsock::sendto(
+        socket.as_raw_fd(),
+        datagram,
+        &nixsock::SockaddrStorage::from(to),
+        flags,
+    )
     .map_err(io::Error::from)
 }
 
-thread_local! {
-    static REPLY_BUFFER: RefCell<Vec<u8>> = RefCell::new(vec![0; DATAGRAM_MAX]);
-}
-
-async fn receive_loop(proxy: Arc<UdpSocket>, netns_cookie: u64, shared: Arc<Shared>) {
+/// Relays what clients send to `proxy` until the relay stops.
+fn receive_loop(
+    proxy: &Arc<UdpSocket>,
+    slots: &Slots,
+    slot: udp_relay_slot_index,
+    netns_cookie: u64,
+    shared: &Shared,
+) {
     let stats = &shared.stats;
     let mut buffer = vec![0u8; DATAGRAM_MAX];
     loop {
-        let (len, client) = match proxy.recv_from(&mut buffer).await {
+        let received = proxy.recv_from(&mut buffer);
+        if shared.stop.load(Ordering::Relaxed) {
+            return;
+        }
+        let (len, client) = match received {
             Ok(received) => received,
             Err(err) => {
                 debug!("UDP proxy receive: {err}");
@@ -394,17 +606,17 @@ async fn receive_loop(proxy: Arc<UdpSocket>, netns_cookie: u64, shared: Arc<Shar
             }
         };
         let datagram = &buffer[..len];
-        let destination = shared
-            .original_destination(netns_cookie, client)
+        let destination = slots
+            .take(slot, netns_cookie, client)
             .filter(|d| !shared.listen_addrs.contains(d));
         let Some(destination) = destination else {
             stats.no_destination.fetch_add(1, Ordering::Relaxed);
             continue;
         };
-        let Some(flow) = shared.flow(client, destination, &proxy) else {
+        let Some(flow) = shared.flow(client, destination, proxy) else {
             continue;
         };
-        match send_now(&flow.upstream, datagram, None) {
+        match flow.upstream.send(datagram) {
             Ok(_) => {
                 stats.datagrams_up.fetch_add(1, Ordering::Relaxed);
                 stats.bytes_up.fetch_add(len as u64, Ordering::Relaxed);
@@ -420,67 +632,67 @@ async fn receive_loop(proxy: Arc<UdpSocket>, netns_cookie: u64, shared: Arc<Shar
     }
 }
 
-/// Relays the replies of one flow until it has been idle for the timeout.
-async fn replies(
-    flow: Arc<Flow>,
-    proxy: Arc<UdpSocket>,
-    client: SocketAddr,
-    destination: SocketAddr,
-    shared: Arc<Shared>,
-) {
+/// Relays the replies of every flow, and closes idle flows, until the
+/// relay stops.
+fn reply_loop(shared: &Shared) {
+    let sweep_every =
+        (shared.config.idle_timeout / 2).clamp(Duration::from_millis(10), Duration::from_secs(1));
+    let mut next_sweep = Instant::now() + sweep_every;
+    let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; 64];
+    let mut buffer = vec![0u8; DATAGRAM_MAX];
+    while !shared.stop.load(Ordering::Relaxed) {
+        let timeout = next_sweep.saturating_duration_since(Instant::now());
+        let ready = match shared.epoll.wait(&mut events, timeout) {
+            Ok(ready) => ready,
+            Err(err) => {
+                if err.kind() != io::ErrorKind::Interrupted {
+                    debug!("UDP relay epoll_wait: {err}");
+                }
+                0
+            }
+        };
+        for event in &events[..ready] {
+            let token = event.u64;
+            if token == WAKE_TOKEN {
+                continue;
+            }
+            let flow = shared.flows.lock().unwrap().by_token.get(&token).cloned();
+            if let Some(flow) = flow {
+                relay_reply(&flow, &mut buffer, shared);
+            }
+        }
+        if Instant::now() >= next_sweep {
+            shared.expire();
+            next_sweep = Instant::now() + sweep_every;
+        }
+    }
+}
+
+/// Sends one reply waiting on `flow`'s upstream socket to its client.
+fn relay_reply(flow: &Flow, buffer: &mut [u8], shared: &Shared) {
     let stats = &shared.stats;
-    let idle = shared.config.idle_timeout;
-    loop {
-        let left = flow.idle_left(&shared, idle);
-        if left.is_zero() {
-            // Removed only if still idle under the lock, so that a datagram
-            // just handed to this flow never goes out without its replies.
-            let mut flows = shared.flows.lock().unwrap();
-            if flow.idle_left(&shared, idle).is_zero() {
-                flows.remove(&(client, destination));
-                break;
-            }
-            continue;
-        }
-        match tokio::time::timeout(left, flow.upstream.readable()).await {
-            Err(_) => continue, // re-check: the client may have sent meanwhile
-            Ok(Err(err)) => {
-                debug!("{client} -> {destination}: {err}");
-                shared.flows.lock().unwrap().remove(&(client, destination));
-                break;
-            }
-            Ok(Ok(())) => {}
-        }
-        // One buffer per worker thread, not per flow: receive and send
-        // without yielding in between.
-        let relayed = REPLY_BUFFER.with_borrow_mut(|buffer| {
-            let len = flow.upstream.try_recv(buffer)?;
-            if let Err(err) = send_now(&proxy, &buffer[..len], Some(client)) {
-                debug!("{destination} -> {client}: {err}");
-                stats.dropped.fetch_add(1, Ordering::Relaxed);
-                return Ok(None);
-            }
-            io::Result::Ok(Some(len))
-        });
-        match relayed {
-            Ok(None) => {}
-            Ok(Some(len)) => {
+    let (client, destination) = (flow.client, flow.destination);
+    match flow.upstream.recv(buffer) {
+        Ok(len) => match send_now(&flow.proxy, &buffer[..len], client) {
+            Ok(_) => {
                 flow.last_active_ms
                     .store(shared.now_ms(), Ordering::Relaxed);
                 stats.datagrams_down.fetch_add(1, Ordering::Relaxed);
                 stats.bytes_down.fetch_add(len as u64, Ordering::Relaxed);
             }
-            Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
-            // ICMP unreachable from the destination: the flow stays, as the
-            // client's own socket would.
-            Err(err) if err.kind() == io::ErrorKind::ConnectionRefused => {}
             Err(err) => {
-                debug!("{client} -> {destination}: {err}");
-                shared.flows.lock().unwrap().remove(&(client, destination));
-                break;
+                debug!("{destination} -> {client}: {err}");
+                stats.dropped.fetch_add(1, Ordering::Relaxed);
             }
+        },
+        Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
+        // ICMP unreachable from the destination: the flow stays, as the
+        // client's own socket would.
+        Err(err) if err.kind() == io::ErrorKind::ConnectionRefused => {}
+        Err(err) => {
+            debug!("{client} -> {destination}: {err}");
+            let mut flows = shared.flows.lock().unwrap();
+            shared.close(&mut flows, flow);
         }
     }
-    stats.flows_open.fetch_sub(1, Ordering::Relaxed);
-    stats.flows_expired.fetch_add(1, Ordering::Relaxed);
 }

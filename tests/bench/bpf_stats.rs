@@ -26,6 +26,12 @@ impl ProgramStats {
 /// the full name, from BTF) starts with `name`, summed: a benchmark may run
 /// two instances (a subcommand and the service).
 pub fn program(name: &str) -> Option<ProgramStats> {
+    find(name, None)
+}
+
+/// The same, among the programs process `pid` holds: other instances of
+/// the same programs (another test run on the machine) are not ours.
+fn find(name: &str, ids: Option<&[u64]>) -> Option<ProgramStats> {
     let out = Command::new("bpftool")
         .args(["-j", "prog", "show"])
         .output()
@@ -34,6 +40,7 @@ pub fn program(name: &str) -> Option<ProgramStats> {
     let matching: Vec<&serde_json::Value> = progs
         .as_array()?
         .iter()
+        .filter(|p| ids.is_none_or(|ids| p["id"].as_u64().is_some_and(|id| ids.contains(&id))))
         .filter(|p| p["name"].as_str().is_some_and(|n| n.starts_with(name)))
         .collect();
     (!matching.is_empty()).then(|| ProgramStats {
@@ -48,6 +55,23 @@ pub fn program(name: &str) -> Option<ProgramStats> {
     })
 }
 
+/// The ids of the BPF programs behind process `pid`'s descriptors
+/// (program and link descriptors both name theirs in fdinfo).
+fn program_ids(pid: u32) -> Vec<u64> {
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fdinfo")) else {
+        return Vec::new();
+    };
+    fds.flatten()
+        .filter_map(|fd| std::fs::read_to_string(fd.path()).ok())
+        .flat_map(|info| {
+            info.lines()
+                .filter_map(|l| l.strip_prefix("prog_id:"))
+                .filter_map(|id| id.trim().parse().ok())
+                .collect::<Vec<u64>>()
+        })
+        .collect()
+}
+
 /// Turns the statistics on or off; returns the previous setting ("0"/"1").
 pub fn set_enabled(enabled: bool) -> String {
     let path = "/proc/sys/kernel/bpf_stats_enabled";
@@ -56,9 +80,14 @@ pub fn set_enabled(enabled: bool) -> String {
     before.trim().to_owned()
 }
 
-/// The statistics of each `(what, name)` program, now.
-pub fn programs(programs: &[(&str, &str)]) -> Vec<Option<ProgramStats>> {
-    programs.iter().map(|(_, name)| program(name)).collect()
+/// The statistics of each `(what, name)` program that process `pid`
+/// loaded, now.
+pub fn programs(programs: &[(&str, &str)], pid: u32) -> Vec<Option<ProgramStats>> {
+    let ids = program_ids(pid);
+    programs
+        .iter()
+        .map(|(_, name)| find(name, Some(&ids)))
+        .collect()
 }
 
 /// One line per program: its run time per call between two snapshots

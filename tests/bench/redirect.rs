@@ -175,7 +175,7 @@ fn connections_per_second(settings: &Settings) {
         ("run --config [redirect]", &service),
     ];
     let mut results = vec![Vec::new(); arms.len()];
-    let stats_start = bpf_stats::programs(&REDIRECT_PROGRAMS);
+    let stats_start = bpf_stats::programs(&REDIRECT_PROGRAMS, redirector.pid());
     for round in 0..settings.rounds {
         for (i, (name, testbed)) in arms.iter().enumerate() {
             let cps = measure_cps(testbed, settings.cps_seconds);
@@ -183,7 +183,7 @@ fn connections_per_second(settings: &Settings) {
             results[i].push(cps);
         }
     }
-    let stats_end = bpf_stats::programs(&REDIRECT_PROGRAMS);
+    let stats_end = bpf_stats::programs(&REDIRECT_PROGRAMS, redirector.pid());
     let (_, output, _) = redirector.stop();
     let (_, service_output, _) = service_run.stop();
     bpf_stats::set_enabled(bpf_stats_before == "1");
@@ -251,7 +251,8 @@ fn udp_request_rate(settings: &Settings) {
         ("redirect --udp-ports + built-in relay", &bpf),
     ];
     let mut results = vec![Vec::new(); arms.len()];
-    let stats_start = bpf_stats::programs(&UDP_PROGRAMS);
+    let stats_start = bpf_stats::programs(&UDP_PROGRAMS, redirector.pid());
+    let relay_cpu_start = cpu_seconds(redirector.pid());
     for round in 0..settings.rounds {
         for (i, (name, testbed)) in arms.iter().enumerate() {
             let exe = std::env::current_exe().unwrap();
@@ -263,16 +264,28 @@ fn udp_request_rate(settings: &Settings) {
             results[i].push(rate);
         }
     }
-    let stats_end = bpf_stats::programs(&UDP_PROGRAMS);
+    let stats_end = bpf_stats::programs(&UDP_PROGRAMS, redirector.pid());
+    let relay_cpu = cpu_seconds(redirector.pid()) - relay_cpu_start;
     let (_, output, _) = redirector.stop();
     bpf_stats::set_enabled(bpf_stats_before == "1");
     assert!(
         stat(&output, "datagrams client->upstream") > 0,
         "the relay relayed nothing:\n{output}"
     );
+    assert!(
+        results[0].iter().all(|&rate| rate > 0.0),
+        "the direct arm exchanged nothing: {:?}",
+        results[0]
+    );
     let names: Vec<&str> = arms.iter().map(|(name, _)| *name).collect();
     let medians = report::ratio_table("median exchanges/s", &names, &mut results, 1);
     bpf_stats::print_per_call(&UDP_PROGRAMS, &stats_start, &stats_end);
+    // Unlike the rates, this does not depend on what else the machine runs.
+    let exchanges = stat(&output, "datagrams client->upstream");
+    println!(
+        "  relay process CPU (user + system): {:.2} us per exchange over {exchanges}",
+        relay_cpu * 1e6 / exchanges as f64
+    );
     println!(
         "  target: redirect + relay at least 0.5x direct: {}",
         if medians[1] >= medians[0] * 0.5 {
@@ -281,6 +294,17 @@ fn udp_request_rate(settings: &Settings) {
             "NOT met"
         }
     );
+}
+
+/// User and system CPU seconds process `pid` has used so far.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("/proc/PID/stat");
+    // The fields after the command name, which may hold spaces, start at
+    // field 3: utime and stime are fields 14 and 15.
+    let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
+    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+    // SAFETY: sysconf has no preconditions.
+    ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
 }
 
 const HAPROXY_CONFIG: &str = "\
