@@ -459,7 +459,9 @@ impl Drop for Background {
 }
 
 fn wait_for_listener(netns: &NetNs, port: u16) {
-    let deadline = Instant::now() + Duration::from_secs(20);
+    // HAProxy under the software-emulated VM of `make vm-test`, next to
+    // another test, has taken more than 20 s to listen.
+    let deadline = Instant::now() + Duration::from_secs(90);
     loop {
         let mut command = netns::command_in("ss", Some(netns), None).unwrap();
         command.args(["-Htln", &format!("sport = :{port}")]);
