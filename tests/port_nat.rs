@@ -1023,13 +1023,18 @@ fn upload_and_download(netns: &NetNs, url: &str, len: usize, seed: u64) {
 /// Datagrams through a connected UDP socket, which accepts replies only
 /// from the address and port it sent to.
 fn udp_exchange(netns: &NetNs, to: &str, count: usize) {
+    udp_exchange_from(netns, 0, to, count)
+}
+
+/// udp_exchange from local port `from` (0: the kernel picks one).
+fn udp_exchange_from(netns: &NetNs, from: u16, to: &str, count: usize) {
     let to: SocketAddr = to.parse().unwrap();
     let exchange = netns
         .spawn(move || {
             let bind: SocketAddr = if to.is_ipv4() {
-                "0.0.0.0:0".parse()?
+                SocketAddr::new(std::net::Ipv4Addr::UNSPECIFIED.into(), from)
             } else {
-                "[::]:0".parse()?
+                SocketAddr::new(std::net::Ipv6Addr::UNSPECIFIED.into(), from)
             };
             let socket = UdpSocket::bind(bind)?;
             socket.connect(to)?;
@@ -1720,8 +1725,10 @@ fn a_full_flow_table_evicts_the_least_recently_used_flows() {
         })
         .unwrap();
     std::thread::sleep(Duration::from_millis(200));
-    for _ in 0..300 {
-        udp_exchange(&ns, "127.0.0.1:5300", 1);
+    // Distinct source ports below the ephemeral range: a port the kernel
+    // picked twice would make one "new" flow an old one still tracked.
+    for i in 0..300 {
+        udp_exchange_from(&ns, 20000 + i, "127.0.0.1:5300", 1);
     }
     go_tx.send(()).unwrap();
     old.join().unwrap().unwrap();
