@@ -72,6 +72,7 @@ const CLSACT_FILTER_PRIORITY: u32 = 1;
 /// removed explicitly on drop (with the qdisc when we created it).
 struct ClsactFilter {
     hook: TcHook,
+    ifindex: u32,
     remove_qdisc: bool,
 }
 
@@ -121,6 +122,16 @@ pub fn program_id(program: &ProgramMut) -> u32 {
         info.id
     } else {
         0
+    }
+}
+
+impl Drop for Attachments {
+    fn drop(&mut self) {
+        // Last attached first: the filter that created the clsact qdisc
+        // removes it, and must not go before the filters that still use it.
+        while let Some(filter) = self.clsact_filters.pop() {
+            drop(filter);
+        }
     }
 }
 
@@ -192,8 +203,16 @@ impl Attachments {
                 }
             }
         }
-        let filter = attach_clsact(program, ifindex, direction)
+        let mut filter = attach_clsact(program, ifindex, direction)
             .with_context(|| format!("attaching {name} to a clsact qdisc"))?;
+        // One filter per interface removes the qdisc: the first, dropped last.
+        if self
+            .clsact_filters
+            .iter()
+            .any(|f| f.ifindex == ifindex && f.remove_qdisc)
+        {
+            filter.remove_qdisc = false;
+        }
         self.clsact_filters.push(filter);
         self.record(program, target + "(clsact)");
         Ok(TcPath::Clsact)
@@ -267,7 +286,7 @@ fn attach_clsact(
         ..Default::default()
     };
     // SAFETY: qdisc is a complete bpf_tc_hook that outlives the call.
-    let created = unsafe { libbpf_sys::bpf_tc_hook_create(&mut qdisc) };
+    let created = quietly(|| unsafe { libbpf_sys::bpf_tc_hook_create(&mut qdisc) });
     if created != 0 && created != -libc::EEXIST {
         bail!(
             "creating a clsact qdisc: {}",
@@ -276,12 +295,26 @@ fn attach_clsact(
     }
     // A filter of ours already there was left by a run that was killed: the
     // qdisc is ours to remove as well.
-    let leftover = hook.query().is_ok();
+    let leftover = quietly(|| hook.query().is_ok());
     hook.attach()?;
     Ok(ClsactFilter {
         hook,
+        ifindex,
         remove_qdisc: created == 0 || leftover,
     })
+}
+
+/// Runs `call` with libbpf's messages off: for netlink requests whose
+/// failure is an expected answer (the qdisc exists already, no filter of
+/// ours is there), which libbpf would otherwise print as kernel errors.
+fn quietly<T>(call: impl FnOnce() -> T) -> T {
+    // SAFETY: swaps libbpf's print function and puts the previous one back;
+    // this process loads and attaches from one thread.
+    let previous = unsafe { libbpf_sys::libbpf_set_print(None) };
+    let result = call();
+    // SAFETY: as above.
+    unsafe { libbpf_sys::libbpf_set_print(previous) };
+    result
 }
 
 /// How many programs are attached to a cgroup for one attach type (a

@@ -1789,7 +1789,7 @@ fn sigkill_leaves_no_tcx_link_and_a_clsact_leftover_is_replaced() {
     // ...and the next run finds and replaces them, then removes everything.
     let nat = port_nat(&ns, &[&clsact[..], &["--json"]].concat());
     assert!(curl(&ns, "http://127.0.0.1:8080/", &[]).contains("local=127.0.0.1:80"));
-    let (status, output, _) = nat.stop();
+    let (status, output, stderr) = nat.stop();
     assert!(status.success());
     assert_eq!(
         summary_value(&output, "port_nat", "new_flows"),
@@ -1797,6 +1797,9 @@ fn sigkill_leaves_no_tcx_link_and_a_clsact_leftover_is_replaced() {
         "one filter pair ran, not two"
     );
     assert_eq!(attached_tc(&ns, "lo"), (0, false), "after a clean exit");
+    // Neither the expected netlink answers at attach (the qdisc exists, no
+    // filter is there) nor the removal prints a warning or libbpf message.
+    assert!(stderr.trim().is_empty(), "{stderr}");
     let filters = in_netns(&ns, "tc", &["filter", "show", "dev", "lo", "ingress"]);
     assert!(filters.stdout.is_empty());
 }
