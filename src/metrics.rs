@@ -8,7 +8,7 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 
@@ -131,6 +131,10 @@ impl Metrics {
         })
     }
 
+    pub fn is_serving(&self) -> bool {
+        self.server.is_some()
+    }
+
     /// The address asked for (port 0 stays 0).
     pub fn addr(&self) -> Option<SocketAddr> {
         self.requested
@@ -147,29 +151,7 @@ impl Metrics {
         info.extend_from_slice(build_info);
         server.publish(prometheus_text(snapshots, &info));
     }
-
-    /// A closure for a run loop's tick: about once a second, takes the
-    /// snapshots and publishes them.
-    pub fn publisher<'a>(
-        &'a self,
-        build_info: &[(&'static str, String)],
-    ) -> impl FnMut(&dyn Fn() -> Result<Vec<Snapshot>>) + 'a {
-        let build_info = build_info.to_vec();
-        let mut last: Option<Instant> = None;
-        move |snapshots| {
-            if self.server.is_none() || last.is_some_and(|t| t.elapsed() < PUBLISH_INTERVAL) {
-                return;
-            }
-            last = Some(Instant::now());
-            match snapshots() {
-                Ok(snapshots) => self.publish(&snapshots, &build_info),
-                Err(err) => tracing::warn!("reading the statistics for /metrics: {err:#}"),
-            }
-        }
-    }
 }
-
-const PUBLISH_INTERVAL: Duration = Duration::from_secs(1);
 
 fn kernel_release() -> String {
     std::fs::read_to_string("/proc/sys/kernel/osrelease")

@@ -383,6 +383,11 @@ fn publish(
     build_info: &[(&'static str, String)],
     status: Option<&status::Server>,
 ) {
+    // Reading the maps is for readers: nobody scrapes a subcommand that
+    // was started without --metrics.
+    if !metrics.is_serving() && status.is_none() {
+        return;
+    }
     let mut snapshots = Vec::new();
     for datapath in datapaths {
         match datapath.snapshots() {

@@ -1894,19 +1894,6 @@ for i in range(5):
     s.close()
 "#;
 
-fn fast_open_passive(ns: &NetNs) -> u64 {
-    let out = in_netns(ns, "cat", &["/proc/net/netstat"]);
-    let text = String::from_utf8_lossy(&out.stdout);
-    let mut lines = text.lines().filter(|l| l.starts_with("TcpExt:"));
-    let (names, values) = (lines.next().unwrap(), lines.next().unwrap());
-    names
-        .split_whitespace()
-        .zip(values.split_whitespace())
-        .find(|(name, _)| *name == "TCPFastOpenPassive")
-        .map(|(_, value)| value.parse().unwrap())
-        .expect("TCPFastOpenPassive")
-}
-
 #[test]
 fn lo_fast_open_data_in_the_syn_is_translated() {
     if !have_root() {

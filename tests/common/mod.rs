@@ -665,3 +665,21 @@ impl BinForOthers {
         }
     }
 }
+
+/// The TCPFastOpenPassive counter of a namespace: connections whose SYN
+/// carried data that the server accepted.
+pub fn fast_open_passive(netns: &NetNs) -> u64 {
+    let mut command = netns::command_in("cat", Some(netns), None).unwrap();
+    command.arg("/proc/net/netstat");
+    let out = run(command);
+    assert!(out.status.success(), "reading /proc/net/netstat");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut lines = text.lines().filter(|l| l.starts_with("TcpExt:"));
+    let (names, values) = (lines.next().unwrap(), lines.next().unwrap());
+    names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .find(|(name, _)| *name == "TCPFastOpenPassive")
+        .map(|(_, value)| value.parse().unwrap())
+        .expect("TCPFastOpenPassive counter")
+}
