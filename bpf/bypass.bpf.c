@@ -466,13 +466,19 @@ static __always_inline void sock_key_from_sk(struct sock *sk, struct sock_key *k
 	}
 }
 
+/* Whether a socket is a TCP socket in a sockmap (ours or another tool's). */
+static __always_inline int in_a_sockmap(struct sock *sk)
+{
+	return sk && sk->sk_protocol == IPPROTO_TCP &&
+	       ((__u64)sk->sk_user_data & SK_USER_DATA_PSOCK);
+}
+
 /* The reader entry of a TCP socket in a sockmap, if bypass inserted it. */
 static __always_inline struct reader *reader_of(struct sock *sk)
 {
 	struct sock_key key = {};
 
-	if (!sk || sk->sk_protocol != IPPROTO_TCP ||
-	    !((__u64)sk->sk_user_data & SK_USER_DATA_PSOCK))
+	if (!in_a_sockmap(sk))
 		return 0;
 	sock_key_from_sk(sk, &key);
 	return bpf_map_lookup_elem(&readers, &key);
@@ -547,12 +553,17 @@ int bypass_tcp_read(__u64 *ctx)
 	long nr;
 	__u8 one = 1;
 
-	reader = reader_of(sk);
-	if (!reader || READ_ONCE(reader->spliced))
+	/* Every TCP read of the host comes here: the cheap tests first, the
+	 * reader's lookup only for a splice or sendfile of a socket in a
+	 * sockmap. */
+	if (!in_a_sockmap(sk))
 		return 0;
 	regs = (struct pt_regs *)bpf_task_pt_regs(bpf_get_current_task_btf());
 	nr = SYSCALL_NR(regs);
 	if (nr != NR_SPLICE && nr != NR_SENDFILE)
+		return 0;
+	reader = reader_of(sk);
+	if (!reader || READ_ONCE(reader->spliced))
 		return 0;
 	bpf_get_current_comm(comm.name, sizeof(comm.name));
 	if (bpf_map_lookup_elem(&splice_aware, &comm))
