@@ -7,7 +7,7 @@ use clap::Args;
 
 /// `-v` / `--json` / `--metrics`: how events and statistics are shown while
 /// running.
-#[derive(Args, Debug, Clone, Copy, Default)]
+#[derive(Args, Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct OutputArgs {
     /// Print one line per event
     #[arg(short, long)]

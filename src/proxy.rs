@@ -80,7 +80,7 @@ pub struct ProxyArgs {
 }
 
 /// Options of the relay itself, shared by every subcommand that runs it.
-#[derive(Args, Debug, Clone, Copy)]
+#[derive(Args, Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RelayArgs {
     /// Close a relayed connection on both sides after this many seconds
     /// without a byte in either direction (0: never)

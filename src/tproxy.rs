@@ -33,7 +33,7 @@ use crate::{maps, privileges, redirect};
 // SAFETY: generated from include/tproxy.h: fixed-width integers with explicit padding.
 unsafe impl plain::Plain for tproxy_event {}
 
-#[derive(Args, Debug, Clone)]
+#[derive(Args, Debug, Clone, PartialEq, Eq)]
 #[command(after_help = "\
 Examples:
   # A gateway: intercept web traffic that clients send through eth1
@@ -433,7 +433,7 @@ impl Datapath for Tproxy {
         };
         let mut unchanged_but_ports = new.clone();
         unchanged_but_ports.ports = self.args.ports.clone();
-        if format!("{unchanged_but_ports:?}") != format!("{:?}", self.args) {
+        if unchanged_but_ports != self.args {
             bail!(
                 "only ports can change while tproxy runs; restart the service to change \
                  anything else"
