@@ -148,7 +148,6 @@ impl Drop for OpenConnection {
 impl ProxyStats {
     /// The relay's counters as named data.
     pub fn snapshot(&self) -> Snapshot {
-        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         let mut snapshot = Snapshot::new("proxy");
         let counters = [
             (
@@ -206,14 +205,12 @@ impl ProxyStats {
                 &self.copy_fallbacks,
             ),
         ];
-        snapshot.push_counters(
-            counters.map(|(name, label, help, counter)| (name, label, help, get(counter))),
-        );
+        snapshot.push_atomic_counters(counters);
         snapshot.push(Metric::gauge(
             "open_connections",
             "open connections",
             "Connections accepted and not yet ended.",
-            get(&self.open),
+            self.open.load(Ordering::Relaxed),
         ));
         snapshot
     }

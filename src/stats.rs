@@ -94,6 +94,28 @@ impl Snapshot {
         }
     }
 
+    /// One counter per `(name, label, help, counter)` row of a user-space
+    /// relay's atomic counters.
+    pub fn push_atomic_counters<'a>(
+        &mut self,
+        rows: impl IntoIterator<
+            Item = (
+                &'static str,
+                &'static str,
+                &'static str,
+                &'a std::sync::atomic::AtomicU64,
+            ),
+        >,
+    ) {
+        let load = |counter: &std::sync::atomic::AtomicU64| {
+            counter.load(std::sync::atomic::Ordering::Relaxed)
+        };
+        self.push_counters(
+            rows.into_iter()
+                .map(|(name, label, help, counter)| (name, label, help, load(counter))),
+        );
+    }
+
     /// The value of the metric called `name` (the first, if labelled).
     pub fn get(&self, name: &str) -> Option<u64> {
         self.metrics

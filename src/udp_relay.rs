@@ -61,7 +61,6 @@ pub struct UdpStats {
 impl UdpStats {
     /// The UDP relay's counters, under the `proxy` datapath.
     pub fn snapshot(&self) -> Snapshot {
-        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         let rows = [
             (
                 "udp_upstream_datagrams",
@@ -119,14 +118,12 @@ impl UdpStats {
             ),
         ];
         let mut snapshot = Snapshot::new("proxy");
-        snapshot.push_counters(
-            rows.map(|(name, label, help, counter)| (name, label, help, get(counter))),
-        );
+        snapshot.push_atomic_counters(rows);
         snapshot.push(Metric::gauge(
             "udp_flows",
             "UDP flows open now",
             "UDP flows open now.",
-            get(&self.flows_open),
+            self.flows_open.load(Ordering::Relaxed),
         ));
         snapshot
     }
