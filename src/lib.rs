@@ -17,6 +17,7 @@ pub mod local_route;
 pub mod maps;
 pub mod metrics;
 pub mod netns;
+pub mod page_server;
 pub mod port_nat;
 pub mod privileges;
 pub mod proxy;

@@ -1,23 +1,17 @@
 //! `--metrics ADDR`: the statistics as Prometheus text on
-//! `http://ADDR/metrics`, served from a thread of its own. The run loop
-//! publishes a fresh page about once a second (BPF maps are read there, not
-//! here), so a scrape never waits for the datapath.
+//! `http://ADDR/metrics`, served by a `PageServer`.
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 
+use crate::page_server::PageServer;
 use crate::stats::{prometheus_text, Snapshot};
 
 pub struct MetricsServer {
-    page: Arc<Mutex<String>>,
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
+    pages: PageServer,
     addr: SocketAddr,
 }
 
@@ -29,16 +23,8 @@ impl MetricsServer {
             TcpListener::bind(addr).with_context(|| format!("serving metrics on {addr}"))?;
         listener.set_nonblocking(true)?;
         let addr = listener.local_addr()?;
-        let page = Arc::new(Mutex::new(String::new()));
-        let stop = Arc::new(AtomicBool::new(false));
-        let thread = {
-            let (page, stop) = (page.clone(), stop.clone());
-            std::thread::spawn(move || serve(listener, &page, &stop))
-        };
         Ok(MetricsServer {
-            page,
-            stop,
-            thread: Some(thread),
+            pages: PageServer::spawn("metrics", listener, String::new(), answer),
             addr,
         })
     }
@@ -49,39 +35,11 @@ impl MetricsServer {
 
     /// The page the next scrape gets.
     pub fn publish(&self, text: String) {
-        *self.page.lock().unwrap() = text;
+        self.pages.publish(text);
     }
 }
 
-impl Drop for MetricsServer {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
-}
-
-fn serve(listener: TcpListener, page: &Mutex<String>, stop: &AtomicBool) {
-    while !stop.load(Ordering::SeqCst) {
-        match listener.accept() {
-            Ok((stream, _)) => {
-                if let Err(err) = answer(stream, page) {
-                    tracing::debug!("metrics request: {err}");
-                }
-            }
-            Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            Err(err) => {
-                tracing::warn!("metrics listener: {err}");
-                std::thread::sleep(Duration::from_millis(200));
-            }
-        }
-    }
-}
-
-fn answer(stream: TcpStream, page: &Mutex<String>) -> std::io::Result<()> {
+fn answer(stream: TcpStream, page: &str) -> std::io::Result<()> {
     stream.set_nonblocking(false)?;
     stream.set_read_timeout(Some(Duration::from_secs(2)))?;
     stream.set_write_timeout(Some(Duration::from_secs(2)))?;
@@ -99,7 +57,7 @@ fn answer(stream: TcpStream, page: &Mutex<String>) -> std::io::Result<()> {
         (
             "200 OK",
             "text/plain; version=0.0.4; charset=utf-8",
-            page.lock().unwrap().clone(),
+            page.to_owned(),
         )
     } else {
         (

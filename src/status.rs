@@ -7,13 +7,12 @@ use std::io::{Read, Write};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
+
+use crate::page_server::PageServer;
 
 /// root's directory for the status socket and the tproxy instance locks.
 pub const RUN_DIR: &str = "/run/proxy-redirect";
@@ -36,9 +35,7 @@ pub fn create_run_dir() -> Result<&'static Path> {
 
 /// The status socket of a running service.
 pub struct Server {
-    page: Arc<Mutex<String>>,
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
+    pages: PageServer,
     path: PathBuf,
 }
 
@@ -57,53 +54,23 @@ impl Server {
             .with_context(|| format!("creating the status socket {}", path.display()))?;
         fs::set_permissions(&path, fs::Permissions::from_mode(0o600))?;
         listener.set_nonblocking(true)?;
-        let page = Arc::new(Mutex::new(String::from("{}")));
-        let stop = Arc::new(AtomicBool::new(false));
-        let thread = {
-            let (page, stop) = (page.clone(), stop.clone());
-            std::thread::spawn(move || serve(listener, &page, &stop))
-        };
-        Ok(Server {
-            page,
-            stop,
-            thread: Some(thread),
-            path,
-        })
+        let pages = PageServer::spawn("status", listener, "{}".into(), |mut stream, page| {
+            stream.set_write_timeout(Some(Duration::from_secs(2)))?;
+            stream.write_all(page.as_bytes())
+        });
+        Ok(Server { pages, path })
     }
 
     pub fn publish(&self, page: serde_json::Value) {
-        *self.page.lock().unwrap() = page.to_string();
+        self.pages.publish(page.to_string());
     }
 }
 
 impl Drop for Server {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
         let _ = fs::remove_file(&self.path);
         // Only when no tproxy holds a lock in it.
         let _ = fs::remove_dir(RUN_DIR);
-    }
-}
-
-fn serve(listener: UnixListener, page: &Mutex<String>, stop: &AtomicBool) {
-    while !stop.load(Ordering::SeqCst) {
-        match listener.accept() {
-            Ok((mut stream, _)) => {
-                let text = page.lock().unwrap().clone();
-                let _ = stream.set_write_timeout(Some(Duration::from_secs(2)));
-                let _ = stream.write_all(text.as_bytes());
-            }
-            Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            Err(err) => {
-                tracing::warn!("status socket: {err}");
-                std::thread::sleep(Duration::from_millis(200));
-            }
-        }
     }
 }
 
