@@ -13,7 +13,6 @@ use common::*;
 use libbpf_rs::{OpenObject, ProgramInput};
 use proxy_redirect::bpf::port_nat::types::{nat_flow, nat_flow_key, nat_flow_state, nat_stat};
 use proxy_redirect::bpf::port_nat::PortNatSkel;
-use proxy_redirect::links::TcDirection;
 use proxy_redirect::maps;
 use proxy_redirect::netns::{self, NetNs};
 use proxy_redirect::port_nat::{self, Mapping, NatConfig, Protocols};
@@ -1077,19 +1076,7 @@ fn checksum_errors(netns: &NetNs) -> (u64, u64, u64) {
 /// Attached TC programs on an interface of a namespace: tcx links and
 /// clsact filters.
 fn attached_tc(netns: &NetNs, device: &str) -> (u32, bool) {
-    let name = device.to_owned();
-    let tcx = netns
-        .spawn(move || {
-            let ifindex = nix::net::if_::if_nametoindex(name.as_str())?;
-            Ok(
-                proxy_redirect::links::tcx_program_count(ifindex, TcDirection::Ingress)?
-                    + proxy_redirect::links::tcx_program_count(ifindex, TcDirection::Egress)?,
-            )
-        })
-        .unwrap()
-        .join()
-        .unwrap()
-        .unwrap();
+    let tcx = tcx_programs(netns, device);
     let qdiscs = in_netns(netns, "tc", &["qdisc", "show", "dev", device]);
     (
         tcx,

@@ -10,7 +10,7 @@ use std::time::Duration;
 use common::*;
 use nix::sys::signal::Signal;
 use proxy_redirect::cgroup::ChildCgroup;
-use proxy_redirect::links::{self, TcDirection};
+use proxy_redirect::links;
 use proxy_redirect::netns;
 
 const METRICS: &str = "127.0.0.1:9479";
@@ -87,7 +87,7 @@ fn veth_tc_programs(testbed: &Testbed) -> u32 {
 
 /// TC programs on a device of the client netns: tcx links, or on kernels
 /// before 6.6 the filters of the clsact fallback.
-fn tc_programs(testbed: &Testbed, device: &'static str) -> u32 {
+fn tc_programs(testbed: &Testbed, device: &str) -> u32 {
     if !kernel::has_tcx() {
         let mut total = 0;
         for direction in ["ingress", "egress"] {
@@ -101,17 +101,7 @@ fn tc_programs(testbed: &Testbed, device: &'static str) -> u32 {
         }
         return total;
     }
-    testbed
-        .client
-        .spawn(move || {
-            let ifindex = nix::net::if_::if_nametoindex(device)?;
-            let ingress = links::tcx_program_count(ifindex, TcDirection::Ingress)?;
-            Ok(ingress + links::tcx_program_count(ifindex, TcDirection::Egress)?)
-        })
-        .unwrap()
-        .join()
-        .unwrap()
-        .unwrap()
+    tcx_programs(&testbed.client, device)
 }
 
 /// Streams `chunks` x 64 KiB through an echo server over about `seconds`,

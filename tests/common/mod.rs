@@ -683,3 +683,19 @@ pub fn fast_open_passive(netns: &NetNs) -> u64 {
         .map(|(_, value)| value.parse().unwrap())
         .expect("TCPFastOpenPassive counter")
 }
+
+/// tcx programs, ingress and egress, on a device of `netns`.
+pub fn tcx_programs(netns: &NetNs, device: &str) -> u32 {
+    use proxy_redirect::links::{tcx_program_count, TcDirection};
+    let device = device.to_owned();
+    netns
+        .spawn(move || {
+            let ifindex = nix::net::if_::if_nametoindex(device.as_str())?;
+            Ok(tcx_program_count(ifindex, TcDirection::Ingress)?
+                + tcx_program_count(ifindex, TcDirection::Egress)?)
+        })
+        .unwrap()
+        .join()
+        .unwrap()
+        .unwrap()
+}
