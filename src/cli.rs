@@ -1,6 +1,6 @@
 //! Argument parsers and output flags shared by every subcommand.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
@@ -115,6 +115,35 @@ pub fn parse_cidr(text: &str) -> Result<Cidr, String> {
             .ok_or_else(|| format!("'{text}' has a bad prefix length (0-{max})"))?,
     };
     Ok(Cidr { addr, prefix_len })
+}
+
+/// The proxy's IPv4 and IPv6 socket addresses on `port`, from the values
+/// of `option` (at most one of each family; 127.0.0.1 and ::1 by default).
+pub fn proxy_addresses(
+    ips: &[IpAddr],
+    port: u16,
+    option: &str,
+) -> Result<(SocketAddr, SocketAddr)> {
+    let mut v4 = IpAddr::V4(Ipv4Addr::LOCALHOST);
+    let mut v6 = IpAddr::V6(Ipv6Addr::LOCALHOST);
+    let (mut seen_v4, mut seen_v6) = (false, false);
+    for ip in ips {
+        let (slot, seen) = match ip {
+            IpAddr::V4(_) => (&mut v4, &mut seen_v4),
+            IpAddr::V6(_) => (&mut v6, &mut seen_v6),
+        };
+        if std::mem::replace(seen, true) {
+            bail!("give at most one IPv4 and one IPv6 proxy address ({option})");
+        }
+        *slot = *ip;
+    }
+    Ok((SocketAddr::new(v4, port), SocketAddr::new(v6, port)))
+}
+
+/// An IPv6 address as the BPF programs hold it: four words in network order.
+pub fn ipv6_words(ip: Ipv6Addr) -> [u32; 4] {
+    let octets = ip.octets();
+    std::array::from_fn(|i| u32::from_ne_bytes(octets[i * 4..i * 4 + 4].try_into().unwrap()))
 }
 
 /// A socket mark, decimal or 0x-prefixed hexadecimal.

@@ -120,6 +120,24 @@ pub struct ProxyConfig {
     pub idle_timeout: Option<Duration>,
 }
 
+impl ProxyConfig {
+    /// A proxy behind REDIRECT learns destinations from SO_ORIGINAL_DST; a
+    /// transparent one (TPROXY, `tproxy`) from its accepted sockets' own
+    /// local address.
+    pub fn new(mark: u32, transparent: bool, relay: &RelayArgs) -> ProxyConfig {
+        ProxyConfig {
+            mark,
+            destination: if transparent {
+                DestinationSource::LocalAddress
+            } else {
+                DestinationSource::OriginalDstOption
+            },
+            transparent,
+            idle_timeout: relay.idle_timeout(),
+        }
+    }
+}
+
 /// Counters of a running proxy.
 #[derive(Debug, Default)]
 pub struct ProxyStats {
@@ -336,16 +354,7 @@ pub struct Proxy {
 impl Proxy {
     pub fn prepare(args: &ProxyArgs) -> Result<Proxy> {
         check(args)?;
-        let config = ProxyConfig {
-            mark: args.mark,
-            destination: if args.transparent {
-                DestinationSource::LocalAddress
-            } else {
-                DestinationSource::OriginalDstOption
-            },
-            transparent: args.transparent,
-            idle_timeout: args.relay.idle_timeout(),
-        };
+        let config = ProxyConfig::new(args.mark, args.transparent, &args.relay);
         let bound = BoundProxy::bind(&args.listen, config)?;
         Ok(Proxy {
             args: args.clone(),

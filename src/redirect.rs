@@ -24,7 +24,7 @@ use crate::cgroup::{self, CgroupFd};
 use crate::cli::{self, Cidr, EventFormat, OutputArgs, PortList};
 use crate::events::comm_to_string;
 use crate::links::Attachments;
-use crate::proxy::{BoundProxy, DestinationSource, ProxyConfig, RelayArgs, RunningProxy};
+use crate::proxy::{BoundProxy, ProxyConfig, RelayArgs, RunningProxy};
 use crate::service::{self, Datapath, EventSource, RunContext, Settings};
 use crate::stats::{Metric, Snapshot};
 use crate::udp_relay::{BoundUdpRelay, UdpRelay, UdpRelayConfig};
@@ -123,17 +123,7 @@ struct Plan {
 }
 
 fn plan(args: &RedirectArgs) -> Result<Plan> {
-    let mut proxy_ip4 = None;
-    let mut proxy_ip6 = None;
-    for ip in &args.proxy_ips {
-        let slot = match ip {
-            IpAddr::V4(_) => &mut proxy_ip4,
-            IpAddr::V6(_) => &mut proxy_ip6,
-        };
-        if slot.replace(*ip).is_some() {
-            bail!("give at most one IPv4 and one IPv6 proxy address (-i)");
-        }
-    }
+    let (proxy_v4, proxy_v6) = cli::proxy_addresses(&args.proxy_ips, args.proxy_port, "-i")?;
     let excluded_uid = args
         .exclude_user
         .as_deref()
@@ -142,14 +132,8 @@ fn plan(args: &RedirectArgs) -> Result<Plan> {
     Ok(Plan {
         cgroup: cgroup::resolve(args.cgroup.as_deref())?,
         sockopt_cgroup: cgroup::resolve(args.sockopt_cgroup.as_deref())?,
-        proxy_v4: SocketAddr::new(
-            proxy_ip4.unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST)),
-            args.proxy_port,
-        ),
-        proxy_v6: SocketAddr::new(
-            proxy_ip6.unwrap_or(IpAddr::V6(Ipv6Addr::LOCALHOST)),
-            args.proxy_port,
-        ),
+        proxy_v4,
+        proxy_v6,
         excluded_uid,
     })
 }
@@ -184,12 +168,7 @@ impl Redirect {
         let bound = if args.no_proxy {
             None
         } else {
-            let config = ProxyConfig {
-                mark: args.mark,
-                destination: DestinationSource::OriginalDstOption,
-                transparent: false,
-                idle_timeout: args.relay.idle_timeout(),
-            };
+            let config = ProxyConfig::new(args.mark, false, &args.relay);
             let proxy = BoundProxy::bind(&[plan.proxy_v4, plan.proxy_v6], config)?;
             let udp_relay = args
                 .udp_ports
@@ -413,7 +392,7 @@ fn load(
         unreachable!("plan() puts an IPv6 address here")
     };
     rodata.proxy_ip4 = u32::from(*proxy_v4.ip()).to_be();
-    rodata.proxy_ip6 = ipv6_words(proxy_ip6);
+    rodata.proxy_ip6 = cli::ipv6_words(proxy_ip6);
     rodata.proxy_port = args.proxy_port.to_be();
     rodata.proxy_mark = args.mark;
     rodata.proxy_tgid = if builtin_proxy { std::process::id() } else { 0 };
@@ -479,11 +458,6 @@ fn set_filters(skel: &mut RedirectSkel<'_>, args: &RedirectArgs, plan: &Plan) ->
     Ok(())
 }
 
-fn ipv6_words(ip: Ipv6Addr) -> [u32; 4] {
-    let octets = ip.octets();
-    std::array::from_fn(|i| u32::from_ne_bytes(octets[i * 4..i * 4 + 4].try_into().unwrap()))
-}
-
 /// Makes the two tries hold exactly `cidrs`.
 fn sync_cidrs(cidrs: &[Cidr], v4: &dyn MapCore, v6: &dyn MapCore) -> Result<()> {
     let mut keys_v4 = Vec::new();
@@ -497,7 +471,7 @@ fn sync_cidrs(cidrs: &[Cidr], v4: &dyn MapCore, v6: &dyn MapCore) -> Result<()> 
             }),
             IpAddr::V6(ip) => keys_v6.push(cidr_v6_key {
                 prefixlen,
-                addr: ipv6_words(ip),
+                addr: cli::ipv6_words(ip),
             }),
         }
     }

@@ -7,7 +7,7 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::mem::MaybeUninit;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
@@ -24,7 +24,7 @@ use crate::cli::{self, EventFormat, OutputArgs, PortList};
 use crate::interface_watch::{self, InterfaceWatch};
 use crate::links::{Attachments, TcAttachMode, TcDirection, TcPath};
 use crate::local_route::{self, LocalRouteSpec, LocalRoutes};
-use crate::proxy::{BoundProxy, DestinationSource, ProxyConfig, RelayArgs, RunningProxy};
+use crate::proxy::{BoundProxy, ProxyConfig, RelayArgs, RunningProxy};
 use crate::service::{self, Datapath, EventSource, RunContext, Settings};
 use crate::stats::Snapshot;
 use crate::status::RUN_DIR;
@@ -128,17 +128,8 @@ fn plan(args: &TproxyArgs) -> Result<Plan> {
             Some((index, crate::links::link_has_l2_header(name, "tproxy")?))
         }
     };
-    let mut proxy_ip4 = None;
-    let mut proxy_ip6 = None;
-    for ip in &args.proxy_ips {
-        let slot = match ip {
-            IpAddr::V4(_) => &mut proxy_ip4,
-            IpAddr::V6(_) => &mut proxy_ip6,
-        };
-        if slot.replace(*ip).is_some() {
-            bail!("give at most one IPv4 and one IPv6 proxy address (--proxy-ip)");
-        }
-    }
+    let (proxy_v4, proxy_v6) =
+        cli::proxy_addresses(&args.proxy_ips, args.proxy_port, "--proxy-ip")?;
     if args.route_mark == args.mark {
         bail!(
             "--route-mark must differ from the upstream --mark ({:#x}): upstream connections \
@@ -160,14 +151,8 @@ fn plan(args: &TproxyArgs) -> Result<Plan> {
         ifindex,
         has_l2_header,
         upstream,
-        proxy_v4: SocketAddr::new(
-            proxy_ip4.unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST)),
-            args.proxy_port,
-        ),
-        proxy_v6: SocketAddr::new(
-            proxy_ip6.unwrap_or(IpAddr::V6(Ipv6Addr::LOCALHOST)),
-            args.proxy_port,
-        ),
+        proxy_v4,
+        proxy_v6,
         routes,
     })
 }
@@ -274,12 +259,7 @@ impl Tproxy {
         let bound = if args.no_proxy {
             None
         } else {
-            let config = ProxyConfig {
-                mark: args.mark,
-                destination: DestinationSource::LocalAddress,
-                transparent: true,
-                idle_timeout: args.relay.idle_timeout(),
-            };
+            let config = ProxyConfig::new(args.mark, true, &args.relay);
             Some(BoundProxy::bind(&[plan.proxy_v4, plan.proxy_v6], config)?)
         };
         let config = DatapathConfig {
@@ -500,9 +480,7 @@ pub fn load<'obj>(
         bail!("the proxy needs one IPv4 and one IPv6 address");
     };
     rodata.proxy_ip4 = u32::from(ip4).to_be();
-    let octets = ip6.octets();
-    rodata.proxy_ip6 =
-        std::array::from_fn(|i| u32::from_ne_bytes(octets[i * 4..i * 4 + 4].try_into().unwrap()));
+    rodata.proxy_ip6 = cli::ipv6_words(ip6);
     rodata.proxy_port = config.proxy_v4.port().to_be();
     rodata.route_mark = config.route_mark;
     rodata.emit_events = config.events.into();
