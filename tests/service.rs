@@ -440,6 +440,117 @@ fn a_reload_moves_to_another_cgroup_and_interface_attaching_the_new_first() {
     assert_eq!(tc_programs(&testbed, "veth-c2"), 0);
 }
 
+const ORIGINAL_DST: &str = include_str!("common/original_dst.py");
+
+/// original_dst.py with `args`, as argv for `python3`.
+fn original_dst_args(args: &[&str]) -> Vec<String> {
+    ["-c", ORIGINAL_DST]
+        .iter()
+        .chain(args)
+        .map(|s| s.to_string())
+        .collect()
+}
+
+#[test]
+fn containers_in_two_namespaces_with_their_own_proxies_one_unprivileged_one_with_fast_open() {
+    if !have_root() {
+        return;
+    }
+    let _turn = one_service_at_a_time();
+    let testbed = Testbed::new();
+    let second = netns::NetNs::create(&unique("prtest-second")).unwrap();
+    let dir = TempDir::new();
+    let config_path = dir.join("config.toml");
+    let config = format!(
+        "[redirect]\ncgroup = \"{apps}\"\nsockopt-cgroup = \"{parent}\"\nports = [80]\n\
+         no-proxy = true\n\n[bypass]\ncgroup = \"{parent}\"\n",
+        apps = testbed.apps.path().display(),
+        parent = testbed.parent.path().display(),
+    );
+    std::fs::write(&config_path, config).unwrap();
+    let service = start(&testbed, &config_path);
+
+    // A sidecar proxy on 127.0.0.1:15001 in each namespace, the second run
+    // by user nobody; their clients use the same source ports at the same
+    // time, so every 4-tuple exists twice.
+    let go = dir.join("go");
+    let go = go.to_str().unwrap();
+    let sidecar = original_dst_args(&["sidecar", "", "60", "60", "41000", "0.3", go]);
+    let mut as_nobody: Vec<String> = ["--reuid=nobody", "--regid=nogroup", "--clear-groups"]
+        .map(String::from)
+        .to_vec();
+    as_nobody.push(PYTHON.into());
+    let sidecars: Vec<Running> = [
+        (&testbed.client, "10.1.0", PYTHON, Vec::new()),
+        (&second, "10.2.0", "setpriv", as_nobody),
+    ]
+    .into_iter()
+    .map(|(ns, prefix, program, mut args)| {
+        let mut own = sidecar.clone();
+        own[3] = prefix.into();
+        args.extend(own);
+        Running::start(program, &args, Some(ns), Some(&testbed.apps), "ready")
+    })
+    .collect();
+    std::fs::write(go, "").unwrap();
+    for mut sidecar in sidecars {
+        let line = sidecar.wait_for_line(
+            |l| l.starts_with("ok") || l == "failed",
+            Duration::from_secs(120),
+        );
+        assert_eq!(
+            line.as_deref(),
+            Some("ok 60"),
+            "{}",
+            sidecar.seen.join("\n")
+        );
+    }
+
+    // Data in the SYN in the second namespace: the proxy's socket is
+    // established by the SYN itself.
+    let mut sysctl = netns::command_in("sysctl", Some(&second), None).unwrap();
+    sysctl.args(["-qw", "net.ipv4.tcp_fastopen=0x607"]);
+    assert!(run(sysctl).status.success());
+    let _fast_open_proxy = Running::start(
+        PYTHON,
+        &original_dst_args(&["fastopen-proxy"]),
+        Some(&second),
+        Some(&testbed.proxy),
+        "ready",
+    );
+    let before = fast_open_passive(&second);
+    let mut clients = netns::command_in(PYTHON, Some(&second), Some(&testbed.apps)).unwrap();
+    clients.args(original_dst_args(&["fastopen-clients", "10.2.0.9", "20"]));
+    let out = run(clients);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let answers = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(answers.lines().count(), 20, "{answers}");
+    assert!(
+        answers.lines().all(|l| l.ends_with(" 10.2.0.9:80")),
+        "{answers}"
+    );
+    assert!(fast_open_passive(&second) >= before + 20, "no Fast Open");
+
+    wait_for_tcp_to_settle(&testbed.client);
+    wait_for_tcp_to_settle(&second);
+    let (exit, output, stderr) = service.stop_with(Signal::SIGTERM);
+    assert!(exit.success(), "{stderr}");
+    assert_eq!(
+        summary_value(&output, "redirect", "redirected"),
+        2 * 60 + 20
+    );
+    assert_eq!(
+        summary_value(&output, "redirect", "original_destinations_answered"),
+        2 * 60 + 20
+    );
+    assert_maps_empty(&output);
+    assert_eq!(testbed.attached_redirect_programs(), 0);
+}
+
 #[test]
 fn bad_config_files_give_one_line_and_attach_nothing() {
     if !have_root() {
