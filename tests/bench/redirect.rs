@@ -11,7 +11,8 @@
 //!   through HAProxy (`option splice-auto`) behind the same redirect.
 //!
 //! Each arm has namespaces of its own: a nat table, once created in a
-//! netns, keeps conntrack on there. `BENCH_QUICK=1` runs a short smoke test.
+//! netns, keeps conntrack on there. `BENCH_QUICK=1` runs a short smoke test;
+//! `BENCH_ONLY=cps`, `udp` or `bulk` runs one part.
 
 mod bpf_stats;
 #[path = "../common/mod.rs"]
@@ -33,6 +34,8 @@ const MESSAGE: usize = 64;
 const CPS_PORT: u16 = 80;
 const BULK_PORT: u16 = 443;
 const UDP_PORT: u16 = 53;
+/// The steady UDP request rate at which the relay's CPU is measured too.
+const PACED_RATE: u32 = 5000;
 
 struct Settings {
     rounds: usize,
@@ -52,9 +55,18 @@ fn main() {
         cps_seconds: if quick { 0.5 } else { 2.0 },
         bulk_seconds: if quick { 1 } else { 3 },
     };
-    connections_per_second(&settings);
-    udp_request_rate(&settings);
-    bulk_throughput(&settings);
+    let only = std::env::var("BENCH_ONLY").ok();
+    type Part = fn(&Settings);
+    let parts: [(&str, Part); 3] = [
+        ("cps", connections_per_second),
+        ("udp", udp_request_rate),
+        ("bulk", bulk_throughput),
+    ];
+    for (name, part) in parts {
+        if only.as_deref().is_none_or(|only| only == name) {
+            part(&settings);
+        }
+    }
 }
 
 fn measure_cps(testbed: &Testbed, seconds: f64) -> f64 {
@@ -266,6 +278,15 @@ fn udp_request_rate(settings: &Settings) {
     }
     let stats_end = bpf_stats::programs(&UDP_PROGRAMS, redirector.pid());
     let relay_cpu = cpu_seconds(redirector.pid()) - relay_cpu_start;
+    // At a moderate, steady rate the relay must not poll: its CPU per
+    // exchange then shows what a sleep and a wakeup cost.
+    let paced_cpu_start = cpu_seconds(redirector.pid());
+    let exe = std::env::current_exe().unwrap();
+    let mut command = bpf.in_apps(&exe.display().to_string());
+    command.arg(UDP_RR_CLIENT);
+    let addr = format!("{SERVER_V4}:{UDP_PORT}").parse().unwrap();
+    let paced_rate = measure_rr_paced(command, addr, settings.cps_seconds, Some(PACED_RATE));
+    let paced_cpu = cpu_seconds(redirector.pid()) - paced_cpu_start;
     let (_, output, _) = redirector.stop();
     bpf_stats::set_enabled(bpf_stats_before == "1");
     assert!(
@@ -285,6 +306,11 @@ fn udp_request_rate(settings: &Settings) {
     println!(
         "  relay process CPU (user + system): {:.2} us per exchange over {exchanges}",
         relay_cpu * 1e6 / exchanges as f64
+    );
+    println!(
+        "  relay process CPU at {PACED_RATE} requests/s from one client: {:.2} us per exchange \
+         ({paced_rate:.0} exchanges/s)",
+        paced_cpu * 1e6 / (paced_rate * settings.cps_seconds)
     );
     println!(
         "  target: redirect + relay at least 0.5x direct: {}",

@@ -91,26 +91,37 @@ pub fn run_client_if_asked() -> bool {
 /// The UDP client: two threads, each sending a MESSAGE-byte datagram with
 /// sendto() on an unconnected socket (as a DNS stub does) and waiting for
 /// the reply with recvfrom(); a datagram lost is sent again after 200 ms.
-/// Then getpeername() on a connected socket, `GETPEERNAME_CALLS` times, so
-/// that the getpeername programs' run time can be read. Prints
+/// With a RATE, one thread instead, sending RATE requests a second. Then
+/// getpeername() on a connected socket, `GETPEERNAME_CALLS` times, so that
+/// the getpeername programs' run time can be read. Prints
 /// "EXCHANGES SECONDS".
 pub fn udp_rr_client_main(args: &[String]) {
     let addr: SocketAddr = args[0].parse().unwrap();
     let seconds: f64 = args[1].parse().unwrap();
-    let (exchanges, elapsed) = on_two_threads(seconds, move |deadline, done| {
+    let pace = args
+        .get(2)
+        .map(|rate| Duration::from_secs_f64(1.0 / rate.parse::<f64>().unwrap()));
+    let exchange = move |deadline: Instant, done: &AtomicU64| {
         let socket = UdpSocket::bind("0.0.0.0:0").unwrap();
         socket
             .set_read_timeout(Some(Duration::from_millis(200)))
             .unwrap();
         let request = [7u8; MESSAGE];
         let mut reply = [0u8; 2048];
+        let mut next = Instant::now();
         while Instant::now() < deadline {
+            if let Some(pace) = pace {
+                next += pace;
+                std::thread::sleep(next.saturating_duration_since(Instant::now()));
+            }
             socket.send_to(&request, addr).unwrap();
             if let Ok((MESSAGE, _)) = socket.recv_from(&mut reply) {
                 done.fetch_add(1, Ordering::Relaxed);
             }
         }
-    });
+    };
+    let threads = if pace.is_some() { 1 } else { 2 };
+    let (exchanges, elapsed) = on_threads(threads, seconds, exchange);
     let connected = UdpSocket::bind("0.0.0.0:0").unwrap();
     connected.connect(addr).unwrap();
     for _ in 0..GETPEERNAME_CALLS {
@@ -119,16 +130,17 @@ pub fn udp_rr_client_main(args: &[String]) {
     println!("{exchanges} {elapsed}");
 }
 
-/// Runs `work(deadline, counter)` on two threads until `seconds` have
-/// passed; returns what they counted and the seconds it took.
-fn on_two_threads(
+/// Runs `work(deadline, counter)` on `threads` threads until `seconds`
+/// have passed; returns what they counted and the seconds it took.
+fn on_threads(
+    threads: usize,
     seconds: f64,
     work: impl Fn(Instant, &AtomicU64) + Send + Sync + Clone + 'static,
 ) -> (u64, f64) {
     let done = Arc::new(AtomicU64::new(0));
     let start = Instant::now();
     let deadline = start + Duration::from_secs_f64(seconds);
-    let threads: Vec<_> = (0..2)
+    let threads: Vec<_> = (0..threads)
         .map(|_| {
             let (done, work) = (done.clone(), work.clone());
             std::thread::spawn(move || work(deadline, &done))
@@ -149,7 +161,7 @@ pub const GETPEERNAME_CALLS: usize = 20000;
 pub fn rr_client_main(args: &[String]) {
     let addr: SocketAddr = args[0].parse().unwrap();
     let seconds: f64 = args[1].parse().unwrap();
-    let (connections, elapsed) = on_two_threads(seconds, move |deadline, done| {
+    let (connections, elapsed) = on_threads(2, seconds, move |deadline, done| {
         let request = [7u8; MESSAGE];
         let mut reply = [0u8; MESSAGE];
         while Instant::now() < deadline {
@@ -164,8 +176,19 @@ pub fn rr_client_main(args: &[String]) {
 
 /// Runs `command` (this bench binary's client mode, already placed in its
 /// namespace) against `addr` for `seconds`; connections per second.
-pub fn measure_rr(mut command: Command, addr: SocketAddr, seconds: f64) -> f64 {
+pub fn measure_rr(command: Command, addr: SocketAddr, seconds: f64) -> f64 {
+    measure_rr_paced(command, addr, seconds, None)
+}
+
+/// The same, with the UDP client sending `rate` requests a second.
+pub fn measure_rr_paced(
+    mut command: Command,
+    addr: SocketAddr,
+    seconds: f64,
+    rate: Option<u32>,
+) -> f64 {
     command.args([addr.to_string(), seconds.to_string()]);
+    command.args(rate.map(|r| r.to_string()));
     let out = run(command);
     assert!(
         out.status.success(),
