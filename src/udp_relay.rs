@@ -1,19 +1,23 @@
 //! The built-in proxy's UDP relay for `redirect --udp-ports`.
 //!
-//! The proxy's UDP socket of each family receives every redirected datagram,
-//! on a thread of its own blocked in `recvfrom`. While it receives, a
+//! One thread serves the proxy's UDP socket of each family and every flow,
+//! from one epoll set. While it receives from a proxy socket, a
 //! `cgroup/recvmsg` program finds the sending socket in this namespace and
 //! writes the datagram's original destination into that socket's slot of
 //! the `udp_relay_slots` map, which the relay has mapped into its memory:
 //! the thread reads (and clears) the slot as `recvfrom` returns, without a
 //! system call. Each (client, destination) pair is a flow with one
-//! connected, marked upstream socket. One more thread waits on every
-//! upstream socket at once (epoll) and sends each reply back from the
-//! proxy's socket, where the client's own recvmsg program shows it as
-//! coming from the destination; it also closes flows idle for the timeout.
-//! At most `MAX_FLOWS` are open, so memory is bounded. Per request and
-//! reply the relay makes five system calls: recvfrom and send up, then
-//! epoll_wait, recv and sendto down.
+//! connected, marked upstream socket; a reply is sent back from the proxy's
+//! socket, where the client's own recvmsg program shows it as coming from
+//! the destination. The thread also closes flows idle for the timeout. At
+//! most `MAX_FLOWS` are open, so memory is bounded.
+//!
+//! One thread rather than one per direction, because a relay adds two hops
+//! to an exchange and waking a sleeping thread costs more than the system
+//! calls of a hop: one `epoll_wait` hands the thread every request and
+//! reply that is ready, and while datagrams keep coming it polls instead of
+//! sleeping (`BusyPoll`). Per request and reply it makes six system calls:
+//! epoll_wait, recvfrom and send up, then epoll_wait, recv and sendto down.
 
 use std::collections::HashMap;
 use std::io;
@@ -157,7 +161,7 @@ impl BoundUdpRelay {
     /// Starts the relay's threads; `slots` is the `udp_relay_slots` map of
     /// the redirect programs. They stop when the returned relay is dropped.
     pub fn start(self, slots: &MapHandle, config: UdpRelayConfig) -> Result<UdpRelay> {
-        let slots = Arc::new(Slots::map(slots)?);
+        let slots = Slots::map(slots)?;
         let epoll = Epoll::new().context("creating the UDP relay's epoll")?;
         // SAFETY: eventfd() returns a new descriptor or -1.
         let wake = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
@@ -181,42 +185,50 @@ impl BoundUdpRelay {
             wake,
             stop: AtomicBool::new(false),
         });
-        // Built first, so that a failure below stops what already runs.
-        let mut relay = UdpRelay {
-            shared: shared.clone(),
-            proxies: Vec::new(),
-            threads: Vec::new(),
-        };
-        for socket in self.sockets {
+        let mut proxies = Vec::new();
+        for (index, socket) in self.sockets.into_iter().enumerate() {
             let cookie = netns_cookie(socket.as_raw_fd())
                 .context("reading the UDP relay's network namespace cookie")?;
             let slot = match socket.local_addr()? {
                 SocketAddr::V4(_) => udp_relay_slot_index::UDP_SLOT_INET,
                 SocketAddr::V6(_) => udp_relay_slot_index::UDP_SLOT_INET6,
             };
-            let socket = Arc::new(socket);
-            relay.proxies.push(socket.clone());
-            let (shared, slots) = (shared.clone(), slots.clone());
-            let thread = std::thread::Builder::new()
-                .name("udp-relay-in".into())
-                .spawn(move || receive_loop(&socket, &slots, slot, cookie, &shared))
-                .context("starting a UDP relay thread")?;
-            relay.threads.push(thread);
+            socket.set_nonblocking(true)?;
+            shared
+                .epoll
+                .add(socket.as_raw_fd(), PROXY_TOKEN + index as u64)?;
+            proxies.push(Proxy {
+                socket: Arc::new(socket),
+                slot,
+                netns_cookie: cookie,
+            });
         }
-        let thread = std::thread::Builder::new()
-            .name("udp-relay-out".into())
-            .spawn(move || reply_loop(&shared))
-            .context("starting a UDP relay thread")?;
-        relay.threads.push(thread);
-        Ok(relay)
+        let thread = {
+            let shared = shared.clone();
+            std::thread::Builder::new()
+                .name("udp-relay".into())
+                .spawn(move || relay_loop(&shared, &proxies, &slots))
+                .context("starting the UDP relay thread")?
+        };
+        Ok(UdpRelay {
+            shared,
+            thread: Some(thread),
+        })
     }
 }
 
-/// The running relay; dropping it stops its threads and closes its sockets.
+/// A proxy socket that clients' datagrams are redirected to.
+struct Proxy {
+    socket: Arc<UdpSocket>,
+    /// Its slot in `udp_relay_slots`.
+    slot: udp_relay_slot_index,
+    netns_cookie: u64,
+}
+
+/// The running relay; dropping it stops its thread and closes its sockets.
 pub struct UdpRelay {
     shared: Arc<Shared>,
-    proxies: Vec<Arc<UdpSocket>>,
-    threads: Vec<JoinHandle<()>>,
+    thread: Option<JoinHandle<()>>,
 }
 
 impl UdpRelay {
@@ -228,12 +240,6 @@ impl UdpRelay {
 impl Drop for UdpRelay {
     fn drop(&mut self) {
         self.shared.stop.store(true, Ordering::SeqCst);
-        // Wakes the threads blocked in recvfrom (which then returns 0)
-        // even on an unconnected socket, where shutdown() also says
-        // ENOTCONN.
-        for proxy in &self.proxies {
-            let _ = nixsock::shutdown(proxy.as_raw_fd(), nixsock::Shutdown::Read);
-        }
         // SAFETY: an 8-byte write to our own eventfd.
         unsafe {
             libc::write(
@@ -242,7 +248,7 @@ impl Drop for UdpRelay {
                 8,
             )
         };
-        for thread in self.threads.drain(..) {
+        if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
     }
@@ -280,11 +286,9 @@ struct Slots {
     len: usize,
 }
 
-// SAFETY: each slot is read and written by one thread only, the one that
-// receives on its socket (and by the BPF program inside that thread's
-// recvfrom).
+// SAFETY: the slots are read and written by the relay's thread only (and by
+// the BPF program inside that thread's recvfrom).
 unsafe impl Send for Slots {}
-unsafe impl Sync for Slots {}
 
 impl Slots {
     fn map(map: &MapHandle) -> Result<Self> {
@@ -351,8 +355,10 @@ impl Drop for Slots {
     }
 }
 
-/// The epoll token of the eventfd that wakes the reply thread to stop.
+/// The epoll token of the eventfd that wakes the relay's thread to stop.
 const WAKE_TOKEN: u64 = 0;
+/// The epoll token of the first proxy socket; flows count up from 1.
+const PROXY_TOKEN: u64 = 1 << 63;
 
 struct Epoll {
     fd: OwnedFd,
@@ -423,7 +429,7 @@ struct Shared {
     flows: Mutex<Flows>,
     stats: UdpStats,
     epoch: Instant,
-    /// Every flow's upstream socket, and `wake`.
+    /// The proxy sockets, every flow's upstream socket, and `wake`.
     epoll: Epoll,
     wake: OwnedFd,
     stop: AtomicBool,
@@ -567,78 +573,17 @@ fn connect_upstream(destination: SocketAddr, mark: u32) -> io::Result<UdpSocket>
     Ok(socket)
 }
 
-/// Sends without waiting on a socket that another thread receives on in
-/// blocking mode.
-fn send_now(socket: &UdpSocket, datagram: &[u8], to: SocketAddr) -> io::Result<usize> {
-    let flags = nixsock::MsgFlags::MSG_DONTWAIT;
-    nixsock::sendto(
-        socket.as_raw_fd(),
-        datagram,
-        &nixsock::SockaddrStorage::from(to),
-        flags,
-    )
-    .map_err(io::Error::from)
-}
-
-/// Relays what clients send to `proxy` until the relay stops.
-fn receive_loop(
-    proxy: &Arc<UdpSocket>,
-    slots: &Slots,
-    slot: udp_relay_slot_index,
-    netns_cookie: u64,
-    shared: &Shared,
-) {
-    let stats = &shared.stats;
-    let mut buffer = vec![0u8; DATAGRAM_MAX];
-    loop {
-        let received = proxy.recv_from(&mut buffer);
-        if shared.stop.load(Ordering::Relaxed) {
-            return;
-        }
-        let (len, client) = match received {
-            Ok(received) => received,
-            Err(err) => {
-                debug!("UDP proxy receive: {err}");
-                continue;
-            }
-        };
-        let datagram = &buffer[..len];
-        let destination = slots
-            .take(slot, netns_cookie, client)
-            .filter(|d| !shared.listen_addrs.contains(d));
-        let Some(destination) = destination else {
-            stats.no_destination.fetch_add(1, Ordering::Relaxed);
-            continue;
-        };
-        let Some(flow) = shared.flow(client, destination, proxy) else {
-            continue;
-        };
-        match flow.upstream.send(datagram) {
-            Ok(_) => {
-                stats.datagrams_up.fetch_add(1, Ordering::Relaxed);
-                stats.bytes_up.fetch_add(len as u64, Ordering::Relaxed);
-            }
-            Err(err) => {
-                debug!("{client} -> {destination}: {err}");
-                stats.dropped.fetch_add(1, Ordering::Relaxed);
-            }
-        }
-        if destination.port() == 53 {
-            shared.dns_event(client, destination, datagram);
-        }
-    }
-}
-
-/// Relays the replies of every flow, and closes idle flows, until the
-/// relay stops.
-fn reply_loop(shared: &Shared) {
+/// Relays requests and replies, and closes idle flows, until the relay
+/// stops.
+fn relay_loop(shared: &Shared, proxies: &[Proxy], slots: &Slots) {
     let sweep_every =
         (shared.config.idle_timeout / 2).clamp(Duration::from_millis(10), Duration::from_secs(1));
     let mut next_sweep = Instant::now() + sweep_every;
     let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; 64];
     let mut buffer = vec![0u8; DATAGRAM_MAX];
+    let mut busy_poll = BusyPoll::new();
     while !shared.stop.load(Ordering::Relaxed) {
-        let timeout = next_sweep.saturating_duration_since(Instant::now());
+        let timeout = busy_poll.timeout(next_sweep.saturating_duration_since(Instant::now()));
         let ready = match shared.epoll.wait(&mut events, timeout) {
             Ok(ready) => ready,
             Err(err) => {
@@ -648,14 +593,26 @@ fn reply_loop(shared: &Shared) {
                 0
             }
         };
+        busy_poll.waited(ready > 0);
+        // Level-triggered: one datagram per ready socket and round, so
+        // that no socket waits behind a busy one and no call is spent on
+        // an empty queue.
         for event in &events[..ready] {
+            // epoll_event is packed on x86-64: copy the token out.
             let token = event.u64;
-            if token == WAKE_TOKEN {
-                continue;
-            }
-            let flow = shared.flows.lock().unwrap().by_token.get(&token).cloned();
-            if let Some(flow) = flow {
-                relay_reply(&flow, &mut buffer, shared);
+            match token {
+                WAKE_TOKEN => {}
+                token if token >= PROXY_TOKEN => {
+                    if let Some(proxy) = proxies.get((token - PROXY_TOKEN) as usize) {
+                        relay_request(proxy, slots, &mut buffer, shared);
+                    }
+                }
+                token => {
+                    let flow = shared.flows.lock().unwrap().by_token.get(&token).cloned();
+                    if let Some(flow) = flow {
+                        relay_reply(&flow, &mut buffer, shared);
+                    }
+                }
             }
         }
         if Instant::now() >= next_sweep {
@@ -665,12 +622,111 @@ fn reply_loop(shared: &Shared) {
     }
 }
 
+/// How long the relay polls for the next datagram before it sleeps, while
+/// datagrams come faster than that.
+const POLL_WINDOW: Duration = Duration::from_micros(30);
+
+/// Adaptive busy polling. A relay adds two hops to each exchange, and
+/// waking a sleeping thread costs several microseconds on a virtual
+/// machine, more than the system calls of a hop. Once two sleeps in a row
+/// ended within `POLL_WINDOW`, the relay polls instead of sleeping, for as
+/// long as datagrams keep following each other within the window; a
+/// window that passes empty puts it back to sleeping. A lone client's
+/// request and its reply (one short sleep, then a long one) never make it
+/// poll, so a moderate rate costs no CPU in polling.
+struct BusyPoll {
+    /// Sleeps in a row that ended within the window.
+    short_sleeps: u32,
+    last_datagram: Instant,
+    /// When the current sleep began; None while polling.
+    sleeping_since: Option<Instant>,
+}
+
+/// Short sleeps in a row after which the relay polls.
+const SHORT_SLEEPS_TO_POLL: u32 = 2;
+
+impl BusyPoll {
+    fn new() -> Self {
+        Self {
+            short_sleeps: 0,
+            last_datagram: Instant::now(),
+            sleeping_since: None,
+        }
+    }
+
+    /// The timeout of the next wait, `idle` when the relay may sleep.
+    fn timeout(&mut self, idle: Duration) -> Duration {
+        if self.short_sleeps >= SHORT_SLEEPS_TO_POLL {
+            if self.last_datagram.elapsed() < POLL_WINDOW {
+                self.sleeping_since = None;
+                return Duration::ZERO;
+            }
+            self.short_sleeps = 0;
+        }
+        self.sleeping_since = Some(Instant::now());
+        idle
+    }
+
+    /// After a wait; `ready`: it returned work.
+    fn waited(&mut self, ready: bool) {
+        if !ready {
+            return;
+        }
+        self.last_datagram = Instant::now();
+        if let Some(since) = self.sleeping_since {
+            self.short_sleeps = if since.elapsed() < POLL_WINDOW {
+                self.short_sleeps + 1
+            } else {
+                0
+            };
+        }
+    }
+}
+
+/// Sends one datagram waiting on `proxy` to its original destination.
+fn relay_request(proxy: &Proxy, slots: &Slots, buffer: &mut [u8], shared: &Shared) {
+    let stats = &shared.stats;
+    let (len, client) = match proxy.socket.recv_from(buffer) {
+        Ok(received) => received,
+        Err(err) => {
+            if err.kind() != io::ErrorKind::WouldBlock {
+                debug!("UDP proxy receive: {err}");
+            }
+            return;
+        }
+    };
+    let datagram = &buffer[..len];
+    let destination = slots
+        .take(proxy.slot, proxy.netns_cookie, client)
+        .filter(|d| !shared.listen_addrs.contains(d));
+    let Some(destination) = destination else {
+        stats.no_destination.fetch_add(1, Ordering::Relaxed);
+        return;
+    };
+    let Some(flow) = shared.flow(client, destination, &proxy.socket) else {
+        return;
+    };
+    match flow.upstream.send(datagram) {
+        Ok(_) => {
+            stats.datagrams_up.fetch_add(1, Ordering::Relaxed);
+            stats.bytes_up.fetch_add(len as u64, Ordering::Relaxed);
+        }
+        Err(err) => {
+            debug!("{client} -> {destination}: {err}");
+            stats.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    if destination.port() == 53 {
+        shared.dns_event(client, destination, datagram);
+    }
+}
+
 /// Sends one reply waiting on `flow`'s upstream socket to its client.
 fn relay_reply(flow: &Flow, buffer: &mut [u8], shared: &Shared) {
     let stats = &shared.stats;
     let (client, destination) = (flow.client, flow.destination);
     match flow.upstream.recv(buffer) {
-        Ok(len) => match send_now(&flow.proxy, &buffer[..len], client) {
+        Ok(len) => match flow.proxy.send_to(&buffer[..len], client) {
             Ok(_) => {
                 flow.last_active_ms
                     .store(shared.now_ms(), Ordering::Relaxed);
