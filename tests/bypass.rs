@@ -460,13 +460,14 @@ fn bad_input_fails_with_one_line_and_attaches_nothing() {
 }
 
 /// peers.py with the server on port 7001 and the client bound to port
-/// 41001: the same two endpoints in every namespace it runs in.
+/// 21001 (below the ephemeral range, so never already taken): the same two
+/// endpoints in every namespace it runs in.
 fn peers_on_fixed_ports(netns: &proxy_redirect::netns::NetNs, cgroup: &ChildCgroup) -> Child {
     let script = PEERS
         .replace("s.bind((host, 0))", "s.bind((host, 7001))")
         .replace(
             "c.connect((host, port))",
-            "c.bind((host, 41001))\n    c.connect((host, port))",
+            "c.bind((host, 21001))\n    c.connect((host, port))",
         );
     let size = (32 * MIB).to_string();
     netns::command_in(PYTHON, Some(netns), Some(cgroup))

@@ -55,7 +55,9 @@ fn each_namespace_is_told_its_own_original_destinations() {
     for (phase, count, concurrency, port_base, hold) in [
         // Both namespaces use the same source ports at the same time, so
         // every 4-tuple exists twice, and each proxy waits before asking.
-        ("same source ports", "60", "60", "41000", "0.3"),
+        // Below the ephemeral range, so that no port the kernel picks for
+        // a proxy's own connection holds one of them first.
+        ("same source ports", "60", "60", "21000", "0.3"),
         // Many short connections with ports the kernel picks.
         ("kernel-chosen ports", "400", "20", "0", "0"),
     ] {
@@ -491,7 +493,9 @@ fn haproxy_sidecars_in_two_namespaces_reach_each_ones_own_destinations() {
         })
         .collect();
     let redirector = testbed.redirect(&["--no-proxy", "-P", "80"]);
-    // Both containers' curls use the same source ports at the same time.
+    // Both containers' curls use the same source ports at the same time,
+    // below the ephemeral range: HAProxy's upstream connections, numbered
+    // by the kernel, would otherwise hold one of them now and then.
     let curls: Vec<_> = containers
         .iter()
         .map(|(ns, server)| {
@@ -499,7 +503,7 @@ fn haproxy_sidecars_in_two_namespaces_reach_each_ones_own_destinations() {
             command.args([
                 "-c",
                 &format!(
-                    "for i in $(seq 0 59); do curl -sS --max-time 10 --local-port $((42000 + i)) \
+                    "for i in $(seq 0 59); do curl -sS --max-time 10 --local-port $((22000 + i)) \
                      http://{server}/ || exit 1; echo; done"
                 ),
             ]);

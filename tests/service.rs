@@ -472,10 +472,11 @@ fn containers_in_two_namespaces_with_their_own_proxies_one_unprivileged_one_with
 
     // A sidecar proxy on 127.0.0.1:15001 in each namespace, the second run
     // by user nobody; their clients use the same source ports at the same
-    // time, so every 4-tuple exists twice.
+    // time, so every 4-tuple exists twice (below the ephemeral range, which
+    // the sidecars' own connections draw from).
     let go = dir.join("go");
     let go = go.to_str().unwrap();
-    let sidecar = original_dst_args(&["sidecar", "", "60", "60", "41000", "0.3", go]);
+    let sidecar = original_dst_args(&["sidecar", "", "60", "60", "21000", "0.3", go]);
     let mut as_nobody: Vec<String> = ["--reuid=nobody", "--regid=nogroup", "--clear-groups"]
         .map(String::from)
         .to_vec();
