@@ -268,8 +268,17 @@ impl Datapath for Redirect {
 
     fn snapshots(&self) -> Result<Vec<Snapshot>> {
         let mut all = vec![snapshot(&self.skel)?];
-        all.extend(self.proxy.as_ref().map(|proxy| proxy.stats.snapshot()));
-        all.extend(self.udp_relay.as_ref().map(|udp| udp.stats().snapshot()));
+        if let Some(proxy) = &self.proxy {
+            let mut snapshot = proxy.stats.snapshot();
+            // The UDP relay is part of the built-in proxy: one `proxy`
+            // entry for both in the JSON summary and the status.
+            if let Some(udp_relay) = &self.udp_relay {
+                snapshot
+                    .metrics
+                    .extend(udp_relay.stats().snapshot().metrics);
+            }
+            all.push(snapshot);
+        }
         Ok(all)
     }
 

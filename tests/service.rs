@@ -442,6 +442,95 @@ fn a_reload_moves_to_another_cgroup_and_interface_attaching_the_new_first() {
 
 const ORIGINAL_DST: &str = include_str!("common/original_dst.py");
 
+/// Rejects direct UDP from the test's cgroup to `port`, so that only the
+/// redirect can deliver.
+fn reject_direct_udp(testbed: &Testbed, port: u16) {
+    let path = testbed.apps.relative_path().unwrap();
+    for tool in ["iptables", "ip6tables"] {
+        let mut command = testbed.in_client_netns(tool);
+        command.args(["-A", "OUTPUT", "-p", "udp", "--dport", &port.to_string()]);
+        command.args(["-m", "cgroup", "--path"]).arg(&path);
+        command.args(["-j", "REJECT"]);
+        assert!(run(command).status.success(), "{tool} rule");
+    }
+}
+
+/// DNS as a service captures it: dig in the cgroup resolves through the
+/// service's redirect and its UDP relay from dnsmasq in the server's
+/// namespace, and a reload adds a UDP port in place.
+#[test]
+fn the_service_relays_dns_and_a_reload_adds_a_udp_port() {
+    if !have_root() {
+        return;
+    }
+    let _turn = one_service_at_a_time();
+    let testbed = Testbed::new();
+    // dnsmasq logs to stderr only; its "started" line says it listens.
+    let _dnsmasqs: Vec<Running> = [53, 5353]
+        .iter()
+        .map(|port| {
+            let script = format!(
+                "exec dnsmasq --conf-file=/dev/null --no-resolv --no-hosts \
+                 --address=/example.test/10.77.0.99 --listen-address={SERVER_V4} --port={port} \
+                 --bind-interfaces --pid-file= --log-facility=- -k 2>&1"
+            );
+            Running::start(
+                "sh",
+                &["-c".to_owned(), script],
+                Some(&testbed.server),
+                None,
+                "dnsmasq[",
+            )
+        })
+        .collect();
+    reject_direct_udp(&testbed, 53);
+    reject_direct_udp(&testbed, 5353);
+    let dig = |port: u16| {
+        let mut command = testbed.in_apps("dig");
+        command.args(["+short", "+tries=1", "+time=3", &format!("@{SERVER_V4}")]);
+        command.args(["-p", &port.to_string(), "www.example.test", "A"]);
+        String::from_utf8(run(command).stdout).unwrap()
+    };
+    let config = |udp_ports: &str| {
+        format!(
+            "[redirect]\ncgroup = \"{}\"\nsockopt-cgroup = \"{}\"\nports = [80]\n\
+             udp-ports = [{udp_ports}]\n",
+            testbed.apps.path().display(),
+            testbed.parent.path().display()
+        )
+    };
+    let dir = TempDir::new();
+    let config_path = dir.join("config.toml");
+    std::fs::write(&config_path, config("53")).unwrap();
+    let mut service = start(&testbed, &config_path);
+
+    assert_eq!(dig(53).trim(), "10.77.0.99");
+    assert!(
+        !dig(5353).contains("10.77.0.99"),
+        "port 5353 went through before the reload"
+    );
+    std::fs::write(&config_path, config("53, 5353")).unwrap();
+    service.signal(Signal::SIGHUP);
+    let reloaded = service.wait_for_line(|l| l == "Reloaded redirect", Duration::from_secs(10));
+    assert!(reloaded.is_some(), "no reload adding UDP port 5353");
+    assert_eq!(dig(5353).trim(), "10.77.0.99");
+
+    let (exit, output, stderr) = service.stop_with(Signal::SIGTERM);
+    assert!(exit.success(), "{stderr}");
+    // One query each way through the relay: the rule rejected the one to
+    // 5353 before the reload at the client.
+    assert_eq!(
+        summary_value(&output, "proxy", "udp_upstream_datagrams"),
+        2,
+        "{output}"
+    );
+    assert_eq!(
+        summary_value(&output, "proxy", "udp_downstream_datagrams"),
+        2
+    );
+    assert_eq!(testbed.attached_redirect_programs(), 0);
+}
+
 /// original_dst.py with `args`, as argv for `python3`.
 fn original_dst_args(args: &[&str]) -> Vec<String> {
     ["-c", ORIGINAL_DST]
