@@ -594,6 +594,11 @@ fn relay_loop(shared: &Shared, proxies: &[Proxy], slots: &Slots) {
             }
         };
         busy_poll.waited(ready > 0);
+        if ready == 0 && timeout.is_zero() {
+            // Polling found nothing: let a thread that waits for this CPU
+            // (the client or the server of the exchange, often) run first.
+            std::thread::yield_now();
+        }
         // Level-triggered: one datagram per ready socket and round, so
         // that no socket waits behind a busy one and no call is spent on
         // an empty queue.
