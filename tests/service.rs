@@ -440,6 +440,113 @@ fn a_reload_moves_to_another_cgroup_and_interface_attaching_the_new_first() {
     assert_eq!(tc_programs(&testbed, "veth-c2"), 0);
 }
 
+/// The descriptors a process holds, by kind: BPF programs, maps and links
+/// by their anon inode, everything else as "other".
+fn descriptors(pid: u32) -> std::collections::BTreeMap<String, usize> {
+    let mut kinds = std::collections::BTreeMap::new();
+    for entry in std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .flatten()
+    {
+        let target = std::fs::read_link(entry.path()).unwrap_or_default();
+        let target = target.to_string_lossy();
+        let kind = match target.strip_prefix("anon_inode:") {
+            Some(kind) if kind.starts_with("bpf") => kind.to_owned(),
+            _ => "other".to_owned(),
+        };
+        *kinds.entry(kind).or_insert(0) += 1;
+    }
+    kinds
+}
+
+/// `descriptors(pid)` once three readings 100 ms apart agree (5 s at most).
+fn settled_descriptors(pid: u32) -> std::collections::BTreeMap<String, usize> {
+    let mut readings = vec![descriptors(pid)];
+    for _ in 0..50 {
+        std::thread::sleep(Duration::from_millis(100));
+        readings.push(descriptors(pid));
+        if let [.., a, b, c] = readings.as_slice() {
+            if a == b && b == c {
+                break;
+            }
+        }
+    }
+    readings.pop().unwrap()
+}
+
+/// A service runs for weeks and is reloaded many times: reloads that move
+/// redirect and bypass to another cgroup and port-nat to another interface,
+/// and reloads that change ports in place, leave it holding exactly the
+/// descriptors it held before, with traffic through the proxy in between.
+#[test]
+fn many_reloads_leave_no_descriptor_behind() {
+    if !have_root() {
+        return;
+    }
+    let _turn = one_service_at_a_time();
+    let testbed = Testbed::new();
+    let apps2 = ChildCgroup::create(testbed.parent.path(), "apps2").unwrap();
+    netns::veth_pair(&testbed.client, "veth-c2", &testbed.server, "veth-s2").unwrap();
+    testbed
+        .client
+        .configure("veth-c2", &["10.78.0.1/24"])
+        .unwrap();
+    let _web = servers::http(&testbed.server, "[::]:80").unwrap();
+    let url = format!("http://{SERVER_V4}/");
+    let dir = TempDir::new();
+    let config_path = dir.join("config.toml");
+    let with_udp =
+        |config: String| config.replace("ports = [80]", "ports = [80]\nudp-ports = [53]");
+    let first = with_udp(config(&testbed, "80"));
+    std::fs::write(&config_path, &first).unwrap();
+    let mut service = start(&testbed, &config_path);
+    assert!(curl(testbed.in_apps("curl"), &url, &[]).status.success());
+    // Once the proxy has closed that connection's sockets.
+    let before = settled_descriptors(service.pid());
+    for round in 0..10 {
+        // Moved to apps2 and veth-c2, then back, each reload attaching
+        // the new before it leaves the old.
+        let (apps, old, new) = if round % 2 == 0 {
+            (&apps2, "veth-c", "veth-c2")
+        } else {
+            (&testbed.apps, "veth-c2", "veth-c")
+        };
+        std::fs::write(
+            &config_path,
+            with_udp(config_for(apps.path(), &testbed, "80", new)),
+        )
+        .unwrap();
+        service.signal(Signal::SIGHUP);
+        let stopped = format!("Stopped port-nat {old}");
+        service
+            .wait_for_line(|l| l == stopped, Duration::from_secs(20))
+            .unwrap_or_else(|| panic!("round {round}: no '{stopped}'"));
+        // Ports in place.
+        let in_place = with_udp(config_for(apps.path(), &testbed, "80", new))
+            .replace("ports = [80]", "ports = [80, 81]");
+        std::fs::write(&config_path, in_place).unwrap();
+        service.signal(Signal::SIGHUP);
+        let reloaded = format!("Reloaded port-nat {new}");
+        service
+            .wait_for_line(|l| l == reloaded, Duration::from_secs(20))
+            .unwrap_or_else(|| panic!("round {round}: no '{reloaded}'"));
+        let in_apps = netns::command_in("curl", Some(&testbed.client), Some(apps)).unwrap();
+        assert!(curl(in_apps, &url, &[]).status.success(), "round {round}");
+    }
+    // Back where it started, and through the proxy again.
+    std::fs::write(&config_path, &first).unwrap();
+    service.signal(Signal::SIGHUP);
+    service
+        .wait_for_line(|l| l == "Reloaded port-nat veth-c", Duration::from_secs(20))
+        .expect("no final reload");
+    assert!(curl(testbed.in_apps("curl"), &url, &[]).status.success());
+    let after = settled_descriptors(service.pid());
+    assert_eq!(before, after, "descriptors before and after 21 reloads");
+    let (exit, _, stderr) = service.stop();
+    assert!(exit.success(), "{stderr}");
+    assert!(!stderr.contains("reload"), "{stderr}");
+}
+
 const ORIGINAL_DST: &str = include_str!("common/original_dst.py");
 
 /// Rejects direct UDP from the test's cgroup to `port`, so that only the
