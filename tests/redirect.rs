@@ -13,27 +13,6 @@ fn curl_from_apps(testbed: &Testbed, url: &str) -> std::process::Output {
     curl(testbed.in_apps("curl"), url, &[])
 }
 
-fn reject_direct_http_from_apps(testbed: &Testbed) {
-    let path = testbed.apps.relative_path().unwrap();
-    let mut command = testbed.in_client_netns("iptables");
-    command.args([
-        "-A", "OUTPUT", "-p", "tcp", "--dport", "80", "-m", "cgroup", "--path",
-    ]);
-    command.arg(&path).args(["-j", "REJECT"]);
-    let out = run(command);
-    assert!(
-        out.status.success(),
-        "iptables: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let mut command = testbed.in_client_netns("ip6tables");
-    command.args([
-        "-A", "OUTPUT", "-p", "tcp", "--dport", "80", "-m", "cgroup", "--path",
-    ]);
-    command.arg(&path).args(["-j", "REJECT"]);
-    assert!(run(command).status.success());
-}
-
 #[test]
 fn http_through_builtin_proxy_over_ipv4_ipv6_and_v4_mapped() {
     if !have_root() {
@@ -41,7 +20,7 @@ fn http_through_builtin_proxy_over_ipv4_ipv6_and_v4_mapped() {
     }
     let testbed = Testbed::new();
     let _server = servers::http(&testbed.server, "[::]:80").unwrap();
-    reject_direct_http_from_apps(&testbed);
+    testbed.reject_direct(&testbed.apps, "tcp", 80);
     // The rule really rejects direct connections from the cgroup.
     let direct = curl_from_apps(&testbed, &format!("http://{SERVER_V4}/"));
     assert!(

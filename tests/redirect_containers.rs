@@ -71,19 +71,7 @@ fn each_namespace_is_told_its_own_original_destinations() {
                 Running::start(PYTHON, &args, Some(ns), Some(&testbed.apps), "ready")
             })
             .collect();
-        std::fs::write(go, "").unwrap();
-        for mut sidecar in sidecars {
-            let line = sidecar.wait_for_line(
-                |l| l.starts_with("ok") || l == "failed",
-                Duration::from_secs(120),
-            );
-            assert_eq!(
-                line.as_deref(),
-                Some(format!("ok {count}").as_str()),
-                "{phase}: {}",
-                sidecar.seen.join("\n")
-            );
-        }
+        release_sidecars(go, sidecars, count, phase);
     }
     wait_for_tcp_to_settle(&testbed.client);
     wait_for_tcp_to_settle(&second);

@@ -12,22 +12,6 @@ const UDP_PORT: &str = "5353";
 
 /// Rejects UDP to `port` from the `apps` cgroup, so that only the redirect
 /// can deliver a datagram to the server.
-fn reject_direct_udp_from_apps(testbed: &Testbed, port: &str) {
-    let path = testbed.apps.relative_path().unwrap();
-    for tool in ["iptables", "ip6tables"] {
-        let mut command = testbed.in_client_netns(tool);
-        command.args(["-A", "OUTPUT", "-p", "udp", "--dport", port]);
-        command.args(["-m", "cgroup", "--path"]).arg(&path);
-        command.args(["-j", "REJECT"]);
-        let out = run(command);
-        assert!(
-            out.status.success(),
-            "{tool}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-}
-
 /// For each destination: a connected socket (whose peer must read as the
 /// destination) and an unconnected one using sendto/recvfrom (whose reply
 /// must come from the destination), each exchanging three datagrams.
@@ -76,7 +60,7 @@ fn udp_connected_and_recvfrom_clients_over_ipv4_ipv6_and_v4_mapped() {
     }
     let testbed = Testbed::new();
     let server = servers::udp_echo(&testbed.server, &format!("[::]:{UDP_PORT}")).unwrap();
-    reject_direct_udp_from_apps(&testbed, UDP_PORT);
+    testbed.reject_direct(&testbed.apps, "udp", UDP_PORT);
     let direct = udp_clients(&testbed);
     assert!(!direct.status.success(), "direct UDP was not rejected");
 
@@ -121,20 +105,8 @@ fn dig_resolves_through_dnsmasq_and_the_event_names_the_query() {
         return;
     }
     let testbed = Testbed::new();
-    // dnsmasq logs to stderr only; its "started" line says it listens.
-    let dnsmasq = format!(
-        "exec dnsmasq --conf-file=/dev/null --no-resolv --no-hosts \
-         --address=/example.test/10.77.0.99 --listen-address={SERVER_V4} \
-         --bind-interfaces --pid-file= --log-facility=- -k 2>&1"
-    );
-    let _dnsmasq = Running::start(
-        "sh",
-        &["-c".to_owned(), dnsmasq],
-        Some(&testbed.server),
-        None,
-        "dnsmasq[",
-    );
-    reject_direct_udp_from_apps(&testbed, "53");
+    let _dnsmasq = start_dnsmasq(&testbed, 53);
+    testbed.reject_direct(&testbed.apps, "udp", 53);
     let dig = || {
         let mut command = testbed.in_apps("dig");
         command.args(["+short", "+tries=1", "+time=3", &format!("@{SERVER_V4}")]);
@@ -224,8 +196,8 @@ fn unconnected_client_switching_destinations_and_an_unredirected_sender() {
     let testbed = Testbed::new();
     let first = servers::udp_echo(&testbed.server, &format!("[::]:{UDP_PORT}")).unwrap();
     let second = servers::udp_echo(&testbed.server, &format!("[::]:{OTHER_PORT}")).unwrap();
-    reject_direct_udp_from_apps(&testbed, UDP_PORT);
-    reject_direct_udp_from_apps(&testbed, OTHER_PORT);
+    testbed.reject_direct(&testbed.apps, "udp", UDP_PORT);
+    testbed.reject_direct(&testbed.apps, "udp", OTHER_PORT);
     let ports = format!("{UDP_PORT},{OTHER_PORT}");
     let redirector = testbed.redirect(&["--udp-ports", &ports]);
     let script = format!(
@@ -278,7 +250,7 @@ fn many_concurrent_udp_flows_then_the_flow_table_empties() {
     }
     let testbed = Testbed::new();
     let _server = servers::udp_echo(&testbed.server, &format!("[::]:{UDP_PORT}")).unwrap();
-    reject_direct_udp_from_apps(&testbed, UDP_PORT);
+    testbed.reject_direct(&testbed.apps, "udp", UDP_PORT);
     let redirector = testbed.redirect(&["--udp-ports", UDP_PORT, "--udp-idle-timeout", "1"]);
     let script = format!(
         r#"

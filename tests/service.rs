@@ -64,23 +64,6 @@ fn start(testbed: &Testbed, config_path: &Path) -> Running {
     )
 }
 
-/// Rejects direct TCP from `apps` to `port`, so that only the redirect can
-/// deliver.
-fn reject_direct(testbed: &Testbed, port: u16) {
-    reject_direct_from(testbed, &testbed.apps, port);
-}
-
-fn reject_direct_from(testbed: &Testbed, apps: &ChildCgroup, port: u16) {
-    let path = apps.relative_path().unwrap();
-    for tool in ["iptables", "ip6tables"] {
-        let mut command = testbed.in_client_netns(tool);
-        command.args(["-A", "OUTPUT", "-p", "tcp", "--dport", &port.to_string()]);
-        command.args(["-m", "cgroup", "--path"]).arg(&path);
-        command.args(["-j", "REJECT"]);
-        assert!(run(command).status.success(), "{tool} rule");
-    }
-}
-
 fn veth_tc_programs(testbed: &Testbed) -> u32 {
     tc_programs(testbed, "veth-c")
 }
@@ -141,8 +124,8 @@ fn one_service_runs_redirect_bypass_and_port_nat_and_reloads_in_place() {
     let _echo = servers::echo(&testbed.server, "[::]:80").unwrap();
     let _web81 = servers::http(&testbed.server, "[::]:81").unwrap();
     let _local_web = servers::http(&testbed.client, "[::]:18080").unwrap();
-    reject_direct(&testbed, 80);
-    reject_direct(&testbed, 81);
+    testbed.reject_direct(&testbed.apps, "tcp", 80);
+    testbed.reject_direct(&testbed.apps, "tcp", 81);
     let dir = TempDir::new();
     let config_path = dir.join("config.toml");
     std::fs::write(&config_path, config(&testbed, "80")).unwrap();
@@ -355,13 +338,9 @@ fn one_service_runs_redirect_bypass_and_port_nat_and_reloads_in_place() {
     assert!(!Path::new("/run/proxy-redirect/status.sock").exists());
 }
 
-#[test]
-fn a_reload_moves_to_another_cgroup_and_interface_attaching_the_new_first() {
-    if !have_root() {
-        return;
-    }
-    let _turn = one_service_at_a_time();
-    let testbed = Testbed::new();
+/// A second cgroup under the test's parent, apps2, and a second link
+/// between the namespaces: veth-c2 10.78.0.1 to veth-s2 10.78.0.2.
+fn second_cgroup_and_link(testbed: &Testbed) -> ChildCgroup {
     let apps2 = ChildCgroup::create(testbed.parent.path(), "apps2").unwrap();
     netns::veth_pair(&testbed.client, "veth-c2", &testbed.server, "veth-s2").unwrap();
     testbed
@@ -372,10 +351,21 @@ fn a_reload_moves_to_another_cgroup_and_interface_attaching_the_new_first() {
         .server
         .configure("veth-s2", &["10.78.0.2/24"])
         .unwrap();
+    apps2
+}
+
+#[test]
+fn a_reload_moves_to_another_cgroup_and_interface_attaching_the_new_first() {
+    if !have_root() {
+        return;
+    }
+    let _turn = one_service_at_a_time();
+    let testbed = Testbed::new();
+    let apps2 = second_cgroup_and_link(&testbed);
     let _web = servers::http(&testbed.server, "[::]:80").unwrap();
     let _local_web = servers::http(&testbed.client, "[::]:18080").unwrap();
-    reject_direct(&testbed, 80);
-    reject_direct_from(&testbed, &apps2, 80);
+    testbed.reject_direct(&testbed.apps, "tcp", 80);
+    testbed.reject_direct(&apps2, "tcp", 80);
     let in_apps2 = || netns::command_in("curl", Some(&testbed.client), Some(&apps2)).unwrap();
     let from_server = || netns::command_in("curl", Some(&testbed.server), None).unwrap();
     let url = format!("http://{SERVER_V4}/");
@@ -485,12 +475,7 @@ fn many_reloads_leave_no_descriptor_behind() {
     }
     let _turn = one_service_at_a_time();
     let testbed = Testbed::new();
-    let apps2 = ChildCgroup::create(testbed.parent.path(), "apps2").unwrap();
-    netns::veth_pair(&testbed.client, "veth-c2", &testbed.server, "veth-s2").unwrap();
-    testbed
-        .client
-        .configure("veth-c2", &["10.78.0.1/24"])
-        .unwrap();
+    let apps2 = second_cgroup_and_link(&testbed);
     let _web = servers::http(&testbed.server, "[::]:80").unwrap();
     let url = format!("http://{SERVER_V4}/");
     let dir = TempDir::new();
@@ -549,19 +534,6 @@ fn many_reloads_leave_no_descriptor_behind() {
 
 const ORIGINAL_DST: &str = include_str!("common/original_dst.py");
 
-/// Rejects direct UDP from the test's cgroup to `port`, so that only the
-/// redirect can deliver.
-fn reject_direct_udp(testbed: &Testbed, port: u16) {
-    let path = testbed.apps.relative_path().unwrap();
-    for tool in ["iptables", "ip6tables"] {
-        let mut command = testbed.in_client_netns(tool);
-        command.args(["-A", "OUTPUT", "-p", "udp", "--dport", &port.to_string()]);
-        command.args(["-m", "cgroup", "--path"]).arg(&path);
-        command.args(["-j", "REJECT"]);
-        assert!(run(command).status.success(), "{tool} rule");
-    }
-}
-
 /// DNS as a service captures it: dig in the cgroup resolves through the
 /// service's redirect and its UDP relay from dnsmasq in the server's
 /// namespace, and a reload adds a UDP port in place.
@@ -572,26 +544,9 @@ fn the_service_relays_dns_and_a_reload_adds_a_udp_port() {
     }
     let _turn = one_service_at_a_time();
     let testbed = Testbed::new();
-    // dnsmasq logs to stderr only; its "started" line says it listens.
-    let _dnsmasqs: Vec<Running> = [53, 5353]
-        .iter()
-        .map(|port| {
-            let script = format!(
-                "exec dnsmasq --conf-file=/dev/null --no-resolv --no-hosts \
-                 --address=/example.test/10.77.0.99 --listen-address={SERVER_V4} --port={port} \
-                 --bind-interfaces --pid-file= --log-facility=- -k 2>&1"
-            );
-            Running::start(
-                "sh",
-                &["-c".to_owned(), script],
-                Some(&testbed.server),
-                None,
-                "dnsmasq[",
-            )
-        })
-        .collect();
-    reject_direct_udp(&testbed, 53);
-    reject_direct_udp(&testbed, 5353);
+    let _dnsmasqs = [53, 5353].map(|port| start_dnsmasq(&testbed, port));
+    testbed.reject_direct(&testbed.apps, "udp", 53);
+    testbed.reject_direct(&testbed.apps, "udp", 5353);
     let dig = |port: u16| {
         let mut command = testbed.in_apps("dig");
         command.args(["+short", "+tries=1", "+time=3", &format!("@{SERVER_V4}")]);
@@ -689,19 +644,7 @@ fn containers_in_two_namespaces_with_their_own_proxies_one_unprivileged_one_with
         Running::start(program, &args, Some(ns), Some(&testbed.apps), "ready")
     })
     .collect();
-    std::fs::write(go, "").unwrap();
-    for mut sidecar in sidecars {
-        let line = sidecar.wait_for_line(
-            |l| l.starts_with("ok") || l == "failed",
-            Duration::from_secs(120),
-        );
-        assert_eq!(
-            line.as_deref(),
-            Some("ok 60"),
-            "{}",
-            sidecar.seen.join("\n")
-        );
-    }
+    release_sidecars(go, sidecars, "60", "same source ports");
 
     // Data in the SYN in the second namespace: the proxy's socket is
     // established by the SYN itself.

@@ -156,6 +156,29 @@ impl Testbed {
         netns::command_in(program, Some(&self.client), Some(&self.apps)).unwrap()
     }
 
+    /// Rejects, in the client netns, `protocol` traffic from `cgroup` to
+    /// `port` (IPv4 and IPv6), so that only a redirect can deliver it.
+    pub fn reject_direct(
+        &self,
+        cgroup: &ChildCgroup,
+        protocol: &str,
+        port: impl std::fmt::Display,
+    ) {
+        let path = cgroup.relative_path().unwrap();
+        for tool in ["iptables", "ip6tables"] {
+            let mut command = self.in_client_netns(tool);
+            command.args(["-A", "OUTPUT", "-p", protocol, "--dport", &port.to_string()]);
+            command.args(["-m", "cgroup", "--path"]).arg(&path);
+            command.args(["-j", "REJECT"]);
+            let out = run(command);
+            assert!(
+                out.status.success(),
+                "{tool}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+
     /// A command run in the client netns inside the `proxy` cgroup.
     pub fn in_proxy_cgroup(&self, program: &str) -> Command {
         netns::command_in(program, Some(&self.client), Some(&self.proxy)).unwrap()
@@ -351,6 +374,42 @@ fn wait_timeout(child: &mut Child, timeout: Duration) -> std::process::ExitStatu
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// Lets the sidecars of original_dst.py, each waiting for the file `go`,
+/// start their clients at once, and checks that each reports "ok COUNT".
+pub fn release_sidecars(go: &str, sidecars: Vec<Running>, count: &str, what: &str) {
+    std::fs::write(go, "").unwrap();
+    for mut sidecar in sidecars {
+        let line = sidecar.wait_for_line(
+            |l| l.starts_with("ok") || l == "failed",
+            Duration::from_secs(120),
+        );
+        assert_eq!(
+            line.as_deref(),
+            Some(format!("ok {count}").as_str()),
+            "{what}: {}",
+            sidecar.seen.join("\n")
+        );
+    }
+}
+
+/// dnsmasq in the server netns on SERVER_V4:`port`, answering 10.77.0.99
+/// for every name under example.test; returned once it listens.
+pub fn start_dnsmasq(testbed: &Testbed, port: u16) -> Running {
+    // dnsmasq logs to stderr only; its "started" line says it listens.
+    let script = format!(
+        "exec dnsmasq --conf-file=/dev/null --no-resolv --no-hosts \
+         --address=/example.test/10.77.0.99 --listen-address={SERVER_V4} --port={port} \
+         --bind-interfaces --pid-file= --log-facility=- -k 2>&1"
+    );
+    Running::start(
+        "sh",
+        &["-c".to_owned(), script],
+        Some(&testbed.server),
+        None,
+        "dnsmasq[",
+    )
 }
 
 /// Runs a command to the end, with a time limit.
