@@ -25,7 +25,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -158,8 +158,8 @@ impl BoundUdpRelay {
         Ok(Self { sockets })
     }
 
-    /// Starts the relay's threads; `slots` is the `udp_relay_slots` map of
-    /// the redirect programs. They stop when the returned relay is dropped.
+    /// Starts the relay's thread; `slots` is the `udp_relay_slots` map of
+    /// the redirect programs. It stops when the returned relay is dropped.
     pub fn start(self, slots: &MapHandle, config: UdpRelayConfig) -> Result<UdpRelay> {
         let slots = Slots::map(slots)?;
         let epoll = Epoll::new().context("creating the UDP relay's epoll")?;
@@ -171,20 +171,11 @@ impl BoundUdpRelay {
         // SAFETY: `wake` is a new descriptor that nothing else owns.
         let wake = unsafe { OwnedFd::from_raw_fd(wake) };
         epoll.add(wake.as_raw_fd(), WAKE_TOKEN)?;
-        let shared = Arc::new(Shared {
-            config,
-            listen_addrs: self
-                .sockets
-                .iter()
-                .filter_map(|s| s.local_addr().ok())
-                .collect(),
-            flows: Mutex::new(Flows::default()),
-            stats: UdpStats::default(),
-            epoch: Instant::now(),
-            epoll,
-            wake,
-            stop: AtomicBool::new(false),
-        });
+        let listen_addrs = self
+            .sockets
+            .iter()
+            .filter_map(|s| s.local_addr().ok())
+            .collect();
         let mut proxies = Vec::new();
         for (index, socket) in self.sockets.into_iter().enumerate() {
             let cookie = netns_cookie(socket.as_raw_fd())
@@ -194,22 +185,32 @@ impl BoundUdpRelay {
                 SocketAddr::V6(_) => udp_relay_slot_index::UDP_SLOT_INET6,
             };
             socket.set_nonblocking(true)?;
-            shared
-                .epoll
-                .add(socket.as_raw_fd(), PROXY_TOKEN + index as u64)?;
+            epoll.add(socket.as_raw_fd(), PROXY_TOKEN + index as u64)?;
             proxies.push(Proxy {
-                socket: Arc::new(socket),
+                socket,
                 slot,
                 netns_cookie: cookie,
             });
         }
-        let thread = {
-            let shared = shared.clone();
-            std::thread::Builder::new()
-                .name("udp-relay".into())
-                .spawn(move || relay_loop(&shared, &proxies, &slots))
-                .context("starting the UDP relay thread")?
+        let shared = Arc::new(Shared {
+            stats: UdpStats::default(),
+            wake,
+            stop: AtomicBool::new(false),
+        });
+        let relay = Relay {
+            config,
+            shared: shared.clone(),
+            proxies,
+            slots,
+            listen_addrs,
+            epoll,
+            flows: Flows::default(),
+            epoch: Instant::now(),
         };
+        let thread = std::thread::Builder::new()
+            .name("udp-relay".into())
+            .spawn(move || relay.run())
+            .context("starting the UDP relay thread")?;
         Ok(UdpRelay {
             shared,
             thread: Some(thread),
@@ -219,7 +220,7 @@ impl BoundUdpRelay {
 
 /// A proxy socket that clients' datagrams are redirected to.
 struct Proxy {
-    socket: Arc<UdpSocket>,
+    socket: UdpSocket,
     /// Its slot in `udp_relay_slots`.
     slot: udp_relay_slot_index,
     netns_cookie: u64,
@@ -423,112 +424,253 @@ impl Epoll {
     }
 }
 
+/// What the relay's owner shares with its thread.
 struct Shared {
-    config: UdpRelayConfig,
-    listen_addrs: Vec<SocketAddr>,
-    flows: Mutex<Flows>,
     stats: UdpStats,
-    epoch: Instant,
-    /// The proxy sockets, every flow's upstream socket, and `wake`.
-    epoll: Epoll,
+    /// Written to wake the thread when it must stop.
     wake: OwnedFd,
     stop: AtomicBool,
 }
 
+/// The relay's thread and everything only it uses.
+struct Relay {
+    config: UdpRelayConfig,
+    shared: Arc<Shared>,
+    proxies: Vec<Proxy>,
+    slots: Slots,
+    listen_addrs: Vec<SocketAddr>,
+    /// The proxy sockets, every flow's upstream socket, and `wake`.
+    epoll: Epoll,
+    flows: Flows,
+    epoch: Instant,
+}
+
 #[derive(Default)]
 struct Flows {
-    by_pair: HashMap<(SocketAddr, SocketAddr), Arc<Flow>>,
-    /// The same flows by their epoll token.
-    by_token: HashMap<u64, Arc<Flow>>,
+    /// Flows by their epoll token.
+    by_token: HashMap<u64, Flow>,
+    /// The same flows' tokens by (client, destination).
+    by_pair: HashMap<(SocketAddr, SocketAddr), u64>,
     last_token: u64,
 }
 
 struct Flow {
     upstream: UdpSocket,
-    /// The proxy socket the client sends to, which sends it the replies.
-    proxy: Arc<UdpSocket>,
+    /// The index in `Relay::proxies` of the socket the client sends to,
+    /// which sends it the replies.
+    proxy: usize,
     client: SocketAddr,
     destination: SocketAddr,
-    token: u64,
-    /// Milliseconds since `Shared::epoch` of the last datagram either way.
-    last_active_ms: AtomicU64,
+    /// Milliseconds since `Relay::epoch` of the last datagram either way.
+    last_active_ms: u64,
 }
 
-impl Shared {
+impl Relay {
     fn now_ms(&self) -> u64 {
         self.epoch.elapsed().as_millis() as u64
     }
 
-    fn flow(
-        &self,
-        client: SocketAddr,
-        destination: SocketAddr,
-        proxy: &Arc<UdpSocket>,
-    ) -> Option<Arc<Flow>> {
-        let mut flows = self.flows.lock().unwrap();
-        if let Some(flow) = flows.by_pair.get(&(client, destination)) {
-            // Under the lock: an expiring flow sees this and stays.
-            flow.last_active_ms.store(self.now_ms(), Ordering::Relaxed);
-            return Some(flow.clone());
-        }
-        if flows.by_pair.len() >= MAX_FLOWS {
-            self.stats.flows_refused.fetch_add(1, Ordering::Relaxed);
-            return None;
-        }
-        flows.last_token += 1;
-        let token = flows.last_token;
-        let upstream = connect_upstream(destination, self.config.mark).and_then(|upstream| {
-            self.epoll.add(upstream.as_raw_fd(), token)?;
-            Ok(upstream)
-        });
-        let upstream = match upstream {
-            Ok(upstream) => upstream,
-            Err(err) => {
-                debug!("{client} -> {destination}: upstream socket: {err}");
-                self.stats.flows_refused.fetch_add(1, Ordering::Relaxed);
-                return None;
+    /// Relays requests and replies, and closes idle flows, until the relay
+    /// stops.
+    fn run(mut self) {
+        let sweep_every =
+            (self.config.idle_timeout / 2).clamp(Duration::from_millis(10), Duration::from_secs(1));
+        let mut next_sweep = Instant::now() + sweep_every;
+        let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; 64];
+        let mut buffer = vec![0u8; DATAGRAM_MAX];
+        let mut busy_poll = BusyPoll::new();
+        while !self.shared.stop.load(Ordering::Relaxed) {
+            let timeout = busy_poll.timeout(next_sweep.saturating_duration_since(Instant::now()));
+            let ready = match self.epoll.wait(&mut events, timeout) {
+                Ok(ready) => ready,
+                Err(err) => {
+                    if err.kind() != io::ErrorKind::Interrupted {
+                        debug!("UDP relay epoll_wait: {err}");
+                    }
+                    0
+                }
+            };
+            busy_poll.waited(ready > 0);
+            if ready == 0 && timeout.is_zero() {
+                // Polling found nothing: let a thread that waits for this
+                // CPU (the client or the server of the exchange, often) run
+                // first.
+                std::thread::yield_now();
             }
-        };
-        let flow = Arc::new(Flow {
-            upstream,
-            proxy: proxy.clone(),
-            client,
-            destination,
-            token,
-            last_active_ms: AtomicU64::new(self.now_ms()),
-        });
-        flows.by_pair.insert((client, destination), flow.clone());
-        flows.by_token.insert(token, flow.clone());
-        self.stats.flows_opened.fetch_add(1, Ordering::Relaxed);
-        self.stats.flows_open.fetch_add(1, Ordering::Relaxed);
-        Some(flow)
+            // Level-triggered: one datagram per ready socket and round, so
+            // that no socket waits behind a busy one and no call is spent
+            // on an empty queue.
+            for event in &events[..ready] {
+                // epoll_event is packed on x86-64: copy the token out.
+                let token = event.u64;
+                match token {
+                    WAKE_TOKEN => {}
+                    token if token >= PROXY_TOKEN => {
+                        self.relay_request((token - PROXY_TOKEN) as usize, &mut buffer)
+                    }
+                    token => self.relay_reply(token, &mut buffer),
+                }
+            }
+            if Instant::now() >= next_sweep {
+                self.expire();
+                next_sweep = Instant::now() + sweep_every;
+            }
+        }
     }
 
-    fn close(&self, flows: &mut Flows, flow: &Flow) {
-        flows.by_pair.remove(&(flow.client, flow.destination));
-        if flows.by_token.remove(&flow.token).is_some() {
-            self.epoll.remove(flow.upstream.as_raw_fd());
-            self.stats.flows_open.fetch_sub(1, Ordering::Relaxed);
-            self.stats.flows_expired.fetch_add(1, Ordering::Relaxed);
+    /// Sends one datagram waiting on proxy socket `index` to its original
+    /// destination.
+    fn relay_request(&mut self, index: usize, buffer: &mut [u8]) {
+        let Some(proxy) = self.proxies.get(index) else {
+            return;
+        };
+        let (len, client) = match proxy.socket.recv_from(buffer) {
+            Ok(received) => received,
+            Err(err) => {
+                if err.kind() != io::ErrorKind::WouldBlock {
+                    debug!("UDP proxy receive: {err}");
+                }
+                return;
+            }
+        };
+        let datagram = &buffer[..len];
+        let destination = self
+            .slots
+            .take(proxy.slot, proxy.netns_cookie, client)
+            .filter(|d| !self.listen_addrs.contains(d));
+        let stats = &self.shared.stats;
+        let Some(destination) = destination else {
+            stats.no_destination.fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        let Some(token) = self.flow(client, destination, index) else {
+            return;
+        };
+        let stats = &self.shared.stats;
+        let flow = &self.flows.by_token[&token];
+        match flow.upstream.send(datagram) {
+            Ok(_) => {
+                stats.datagrams_up.fetch_add(1, Ordering::Relaxed);
+                stats.bytes_up.fetch_add(len as u64, Ordering::Relaxed);
+            }
+            Err(err) => {
+                debug!("{client} -> {destination}: {err}");
+                stats.dropped.fetch_add(1, Ordering::Relaxed);
+            }
         }
+        if destination.port() == 53 {
+            self.dns_event(client, destination, datagram);
+        }
+    }
+
+    /// Sends one reply waiting on the upstream socket of flow `token` to
+    /// its client.
+    fn relay_reply(&mut self, token: u64, buffer: &mut [u8]) {
+        let now_ms = self.now_ms();
+        let Some(flow) = self.flows.by_token.get_mut(&token) else {
+            return;
+        };
+        let stats = &self.shared.stats;
+        let (client, destination) = (flow.client, flow.destination);
+        match flow.upstream.recv(buffer) {
+            Ok(len) => match self.proxies[flow.proxy]
+                .socket
+                .send_to(&buffer[..len], client)
+            {
+                Ok(_) => {
+                    flow.last_active_ms = now_ms;
+                    stats.datagrams_down.fetch_add(1, Ordering::Relaxed);
+                    stats.bytes_down.fetch_add(len as u64, Ordering::Relaxed);
+                }
+                Err(err) => {
+                    debug!("{destination} -> {client}: {err}");
+                    stats.dropped.fetch_add(1, Ordering::Relaxed);
+                }
+            },
+            Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
+            // ICMP unreachable from the destination: the flow stays, as the
+            // client's own socket would.
+            Err(err) if err.kind() == io::ErrorKind::ConnectionRefused => {}
+            Err(err) => {
+                debug!("{client} -> {destination}: {err}");
+                self.close(token);
+            }
+        }
+    }
+
+    /// The token of the flow of (client, destination), opened if new,
+    /// marked active.
+    fn flow(&mut self, client: SocketAddr, destination: SocketAddr, proxy: usize) -> Option<u64> {
+        let now_ms = self.now_ms();
+        let stats = &self.shared.stats;
+        let flows = &mut self.flows;
+        let token = match flows.by_pair.get(&(client, destination)) {
+            Some(&token) => token,
+            None => {
+                if flows.by_pair.len() >= MAX_FLOWS {
+                    stats.flows_refused.fetch_add(1, Ordering::Relaxed);
+                    return None;
+                }
+                flows.last_token += 1;
+                let token = flows.last_token;
+                let upstream =
+                    connect_upstream(destination, self.config.mark).and_then(|upstream| {
+                        self.epoll.add(upstream.as_raw_fd(), token)?;
+                        Ok(upstream)
+                    });
+                let upstream = match upstream {
+                    Ok(upstream) => upstream,
+                    Err(err) => {
+                        debug!("{client} -> {destination}: upstream socket: {err}");
+                        stats.flows_refused.fetch_add(1, Ordering::Relaxed);
+                        return None;
+                    }
+                };
+                let flow = Flow {
+                    upstream,
+                    proxy,
+                    client,
+                    destination,
+                    last_active_ms: now_ms,
+                };
+                flows.by_pair.insert((client, destination), token);
+                flows.by_token.insert(token, flow);
+                stats.flows_opened.fetch_add(1, Ordering::Relaxed);
+                stats.flows_open.fetch_add(1, Ordering::Relaxed);
+                token
+            }
+        };
+        let flow = flows.by_token.get_mut(&token)?;
+        flow.last_active_ms = now_ms;
+        Some(token)
+    }
+
+    fn close(&mut self, token: u64) {
+        let Some(flow) = self.flows.by_token.remove(&token) else {
+            return;
+        };
+        self.flows.by_pair.remove(&(flow.client, flow.destination));
+        self.epoll.remove(flow.upstream.as_raw_fd());
+        let stats = &self.shared.stats;
+        stats.flows_open.fetch_sub(1, Ordering::Relaxed);
+        stats.flows_expired.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Closes the flows idle for the timeout.
-    fn expire(&self) {
+    fn expire(&mut self) {
         let now = self.now_ms();
         let idle_ms = self.config.idle_timeout.as_millis() as u64;
-        let mut flows = self.flows.lock().unwrap();
-        let idle: Vec<Arc<Flow>> = flows
+        let idle: Vec<u64> = self
+            .flows
             .by_token
-            .values()
-            .filter(|f| now.saturating_sub(f.last_active_ms.load(Ordering::Relaxed)) >= idle_ms)
-            .cloned()
+            .iter()
+            .filter(|(_, flow)| now.saturating_sub(flow.last_active_ms) >= idle_ms)
+            .map(|(&token, _)| token)
             .collect();
-        for flow in idle {
-            self.close(&mut flows, &flow);
+        for token in idle {
+            self.close(token);
         }
     }
-
     fn dns_event(&self, client: SocketAddr, destination: SocketAddr, query: &[u8]) {
         let format = self.config.events;
         if format == EventFormat::Off {
@@ -571,60 +713,6 @@ fn connect_upstream(destination: SocketAddr, mark: u32) -> io::Result<UdpSocket>
     socket.connect(destination)?;
     socket.set_nonblocking(true)?;
     Ok(socket)
-}
-
-/// Relays requests and replies, and closes idle flows, until the relay
-/// stops.
-fn relay_loop(shared: &Shared, proxies: &[Proxy], slots: &Slots) {
-    let sweep_every =
-        (shared.config.idle_timeout / 2).clamp(Duration::from_millis(10), Duration::from_secs(1));
-    let mut next_sweep = Instant::now() + sweep_every;
-    let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; 64];
-    let mut buffer = vec![0u8; DATAGRAM_MAX];
-    let mut busy_poll = BusyPoll::new();
-    while !shared.stop.load(Ordering::Relaxed) {
-        let timeout = busy_poll.timeout(next_sweep.saturating_duration_since(Instant::now()));
-        let ready = match shared.epoll.wait(&mut events, timeout) {
-            Ok(ready) => ready,
-            Err(err) => {
-                if err.kind() != io::ErrorKind::Interrupted {
-                    debug!("UDP relay epoll_wait: {err}");
-                }
-                0
-            }
-        };
-        busy_poll.waited(ready > 0);
-        if ready == 0 && timeout.is_zero() {
-            // Polling found nothing: let a thread that waits for this CPU
-            // (the client or the server of the exchange, often) run first.
-            std::thread::yield_now();
-        }
-        // Level-triggered: one datagram per ready socket and round, so
-        // that no socket waits behind a busy one and no call is spent on
-        // an empty queue.
-        for event in &events[..ready] {
-            // epoll_event is packed on x86-64: copy the token out.
-            let token = event.u64;
-            match token {
-                WAKE_TOKEN => {}
-                token if token >= PROXY_TOKEN => {
-                    if let Some(proxy) = proxies.get((token - PROXY_TOKEN) as usize) {
-                        relay_request(proxy, slots, &mut buffer, shared);
-                    }
-                }
-                token => {
-                    let flow = shared.flows.lock().unwrap().by_token.get(&token).cloned();
-                    if let Some(flow) = flow {
-                        relay_reply(&flow, &mut buffer, shared);
-                    }
-                }
-            }
-        }
-        if Instant::now() >= next_sweep {
-            shared.expire();
-            next_sweep = Instant::now() + sweep_every;
-        }
-    }
 }
 
 /// How long the relay polls for the next datagram before it sleeps, while
@@ -684,73 +772,6 @@ impl BusyPoll {
             } else {
                 0
             };
-        }
-    }
-}
-
-/// Sends one datagram waiting on `proxy` to its original destination.
-fn relay_request(proxy: &Proxy, slots: &Slots, buffer: &mut [u8], shared: &Shared) {
-    let stats = &shared.stats;
-    let (len, client) = match proxy.socket.recv_from(buffer) {
-        Ok(received) => received,
-        Err(err) => {
-            if err.kind() != io::ErrorKind::WouldBlock {
-                debug!("UDP proxy receive: {err}");
-            }
-            return;
-        }
-    };
-    let datagram = &buffer[..len];
-    let destination = slots
-        .take(proxy.slot, proxy.netns_cookie, client)
-        .filter(|d| !shared.listen_addrs.contains(d));
-    let Some(destination) = destination else {
-        stats.no_destination.fetch_add(1, Ordering::Relaxed);
-        return;
-    };
-    let Some(flow) = shared.flow(client, destination, &proxy.socket) else {
-        return;
-    };
-    match flow.upstream.send(datagram) {
-        Ok(_) => {
-            stats.datagrams_up.fetch_add(1, Ordering::Relaxed);
-            stats.bytes_up.fetch_add(len as u64, Ordering::Relaxed);
-        }
-        Err(err) => {
-            debug!("{client} -> {destination}: {err}");
-            stats.dropped.fetch_add(1, Ordering::Relaxed);
-        }
-    }
-    if destination.port() == 53 {
-        shared.dns_event(client, destination, datagram);
-    }
-}
-
-/// Sends one reply waiting on `flow`'s upstream socket to its client.
-fn relay_reply(flow: &Flow, buffer: &mut [u8], shared: &Shared) {
-    let stats = &shared.stats;
-    let (client, destination) = (flow.client, flow.destination);
-    match flow.upstream.recv(buffer) {
-        Ok(len) => match flow.proxy.send_to(&buffer[..len], client) {
-            Ok(_) => {
-                flow.last_active_ms
-                    .store(shared.now_ms(), Ordering::Relaxed);
-                stats.datagrams_down.fetch_add(1, Ordering::Relaxed);
-                stats.bytes_down.fetch_add(len as u64, Ordering::Relaxed);
-            }
-            Err(err) => {
-                debug!("{destination} -> {client}: {err}");
-                stats.dropped.fetch_add(1, Ordering::Relaxed);
-            }
-        },
-        Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
-        // ICMP unreachable from the destination: the flow stays, as the
-        // client's own socket would.
-        Err(err) if err.kind() == io::ErrorKind::ConnectionRefused => {}
-        Err(err) => {
-            debug!("{client} -> {destination}: {err}");
-            let mut flows = shared.flows.lock().unwrap();
-            shared.close(&mut flows, flow);
         }
     }
 }
