@@ -435,3 +435,86 @@ fn bad_udp_input_fails_with_one_line_and_attaches_nothing() {
     );
     assert_eq!(testbed.attached_redirect_programs(), 0);
 }
+
+/// Root and user nobody in the same cgroup and namespace at once, each with
+/// 20 sockets to two destinations through the one relay: every reply
+/// carries the bytes its socket sent and comes from the address that
+/// socket dialled. Then dig, run by nobody, resolves from dnsmasq.
+#[test]
+fn root_and_an_unprivileged_user_at_once_each_get_their_own_replies() {
+    if !have_root() {
+        return;
+    }
+    const OTHER_PORT: &str = "5354";
+    let testbed = Testbed::new();
+    let _first = servers::udp_echo(&testbed.server, &format!("[::]:{UDP_PORT}")).unwrap();
+    let _second = servers::udp_echo(&testbed.server, &format!("[::]:{OTHER_PORT}")).unwrap();
+    let _dnsmasq = start_dnsmasq(&testbed, 53);
+    for port in [UDP_PORT, OTHER_PORT, "53"] {
+        testbed.reject_direct(&testbed.apps, "udp", port);
+    }
+    let ports = format!("{UDP_PORT},{OTHER_PORT},53");
+    let redirector = testbed.redirect(&["--udp-ports", &ports]);
+    let script = format!(
+        r#"
+import os, socket, threading
+failures = []
+def client(i):
+    dst = ("{SERVER_V4}", ({UDP_PORT}, {OTHER_PORT})[i % 2])
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.settimeout(5)
+    try:
+        for _ in range(20):
+            data = os.urandom(48) + str(os.getuid()).encode()
+            s.sendto(data, dst)
+            back, source = s.recvfrom(2048)
+            assert back == data, "socket %d: other bytes came back" % i
+            assert source == dst, "socket %d to %r: reply from %r" % (i, dst, source)
+    except Exception as e:
+        failures.append(repr(e))
+threads = [threading.Thread(target=client, args=(i,)) for i in range(20)]
+for t in threads: t.start()
+for t in threads: t.join()
+print("ok" if not failures else failures[0], flush=True)
+"#
+    );
+    let as_nobody = ["--reuid=nobody", "--regid=nogroup", "--clear-groups"];
+    let spawn = |command: &mut std::process::Command| {
+        command
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let mut root = testbed.in_apps(PYTHON);
+    root.args(["-c", &script]);
+    let mut nobody = testbed.in_apps("setpriv");
+    nobody.args(as_nobody).args([PYTHON, "-c", &script]);
+    let clients = [spawn(&mut root), spawn(&mut nobody)];
+    for (who, client) in ["root", "nobody"].iter().zip(clients) {
+        let out = client.wait_with_output().unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            "ok",
+            "{who}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let mut dig = testbed.in_apps("setpriv");
+    dig.args(as_nobody).arg("dig");
+    dig.args(["+short", "+tries=1", "+time=3", &format!("@{SERVER_V4}")]);
+    dig.args(["www.example.test", "A"]);
+    let out = run(dig);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "10.77.0.99",
+        "dig as nobody: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (status, output, _) = redirector.stop();
+    assert!(status.success());
+    // 2 x 20 sockets x 20 datagrams, and dig's query.
+    assert_eq!(stat(&output, "datagrams client->upstream"), 801);
+    assert_eq!(stat(&output, "datagrams upstream->client"), 801);
+    assert_eq!(stat(&output, "UDP flows opened"), 41);
+}
