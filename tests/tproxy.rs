@@ -603,15 +603,28 @@ fn a_foreign_route_in_the_table_is_refused_and_kept() {
 /// The proxy closes first, so its accepted socket stays in TIME_WAIT on the
 /// gateway; a client that reuses its port must still get through at once
 /// (handed to the listener, that SYN would be dropped for a minute).
+/// The client's own last socket holds the port in LAST_ACK until the ACK of
+/// its FIN arrives (milliseconds, longer under emulation): connect() then
+/// fails with EADDRNOTAVAIL, and the client tries again.
 const SAME_PORT_CLIENT: &str = r#"
-import socket, sys, time
+import errno, socket, sys, time
 start = time.time()
+def connect():
+    while True:
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind((sys.argv[1], 21500))
+        s.settimeout(5)
+        try:
+            s.connect((sys.argv[2], 80))
+            return s
+        except OSError as e:
+            s.close()
+            if e.errno != errno.EADDRNOTAVAIL or time.time() - start > 1:
+                raise
+            time.sleep(0.005)
 for i in range(3):
-    s = socket.socket()
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    s.bind((sys.argv[1], 40000))
-    s.settimeout(5)
-    s.connect((sys.argv[2], 80))
+    s = connect()
     s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
     reply = b""
     while True:
