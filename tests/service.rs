@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use common::*;
@@ -55,9 +55,31 @@ listen = "{METRICS}"
     )
 }
 
-fn start(testbed: &Testbed, config_path: &Path) -> Running {
+/// The service's config file, in a directory of its own, rewritten by the
+/// test as an operator would before a reload.
+struct ConfigFile {
+    dir: TempDir,
+    path: PathBuf,
+}
+
+impl ConfigFile {
+    fn new(text: &str) -> ConfigFile {
+        let dir = TempDir::new();
+        let path = dir.join("config.toml");
+        std::fs::write(&path, text).unwrap();
+        ConfigFile { dir, path }
+    }
+
+    /// Rewrites the file and sends the service SIGHUP.
+    fn reload(&self, service: &Running, text: &str) {
+        std::fs::write(&self.path, text).unwrap();
+        service.signal(Signal::SIGHUP);
+    }
+}
+
+fn start(testbed: &Testbed, file: &ConfigFile) -> Running {
     start_service(
-        config_path,
+        &file.path,
         &["--json"],
         Some(&testbed.client),
         Some(&testbed.proxy),
@@ -126,10 +148,8 @@ fn one_service_runs_redirect_bypass_and_port_nat_and_reloads_in_place() {
     let _local_web = servers::http(&testbed.client, "[::]:18080").unwrap();
     testbed.reject_direct(&testbed.apps, "tcp", 80);
     testbed.reject_direct(&testbed.apps, "tcp", 81);
-    let dir = TempDir::new();
-    let config_path = dir.join("config.toml");
-    std::fs::write(&config_path, config(&testbed, "80")).unwrap();
-    let mut service = start(&testbed, &config_path);
+    let file = ConfigFile::new(&config(&testbed, "80"));
+    let mut service = start(&testbed, &file);
 
     // redirect: only the proxy can reach port 80; port 81 is not redirected
     // yet, so the rule rejects it.
@@ -228,8 +248,7 @@ fn one_service_runs_redirect_bypass_and_port_nat_and_reloads_in_place() {
         std::thread::spawn(move || python(command, &streaming_echo_script(80, 60, 4.0)))
     };
     std::thread::sleep(Duration::from_millis(800));
-    std::fs::write(&config_path, config(&testbed, "80, 81")).unwrap();
-    service.signal(Signal::SIGHUP);
+    file.reload(&service, &config(&testbed, "80, 81"));
     service
         .wait_for_line(|l| l == "Reloaded redirect", Duration::from_secs(10))
         .expect("no 'Reloaded redirect' after SIGHUP");
@@ -251,8 +270,7 @@ fn one_service_runs_redirect_bypass_and_port_nat_and_reloads_in_place() {
     );
 
     // A broken file is refused and the running configuration stays.
-    std::fs::write(&config_path, "[redirect]\nports = [80, 70000]\n").unwrap();
-    service.signal(Signal::SIGHUP);
+    file.reload(&service, "[redirect]\nports = [80, 70000]\n");
     std::thread::sleep(Duration::from_millis(1000));
     let again81 = curl(
         testbed.in_apps("curl"),
@@ -268,8 +286,7 @@ fn one_service_runs_redirect_bypass_and_port_nat_and_reloads_in_place() {
     let unappliable = config(&testbed, "80, 81")
         .replace("ports = [80, 81]", "ports = [80, 81]\nproxy-port = 15009")
         .replace("from = [8081]", "from = [8082]");
-    std::fs::write(&config_path, unappliable).unwrap();
-    service.signal(Signal::SIGHUP);
+    file.reload(&service, &unappliable);
     std::thread::sleep(Duration::from_millis(1000));
     let still_8081 = curl(
         netns::command_in("curl", Some(&testbed.server), None).unwrap(),
@@ -286,8 +303,7 @@ fn one_service_runs_redirect_bypass_and_port_nat_and_reloads_in_place() {
         "ports = [80, 81]",
         "ports = [80, 81]\nexclude = [\"10.77.0.0/24\"]\nexclude-user = \"nobody\"",
     );
-    std::fs::write(&config_path, excluding).unwrap();
-    service.signal(Signal::SIGHUP);
+    file.reload(&service, &excluding);
     let reloaded = service.wait_for_line(|l| l == "Reloaded redirect", Duration::from_secs(10));
     assert!(reloaded.is_some(), "no reload with exclude");
     let excluded81 = curl(
@@ -369,10 +385,8 @@ fn a_reload_moves_to_another_cgroup_and_interface_attaching_the_new_first() {
     let in_apps2 = || netns::command_in("curl", Some(&testbed.client), Some(&apps2)).unwrap();
     let from_server = || netns::command_in("curl", Some(&testbed.server), None).unwrap();
     let url = format!("http://{SERVER_V4}/");
-    let dir = TempDir::new();
-    let config_path = dir.join("config.toml");
-    std::fs::write(&config_path, config(&testbed, "80")).unwrap();
-    let mut service = start(&testbed, &config_path);
+    let file = ConfigFile::new(&config(&testbed, "80"));
+    let mut service = start(&testbed, &file);
     assert!(curl(testbed.in_apps("curl"), &url, &[]).status.success());
     assert!(
         !curl(in_apps2(), &url, &[]).status.success(),
@@ -385,8 +399,7 @@ fn a_reload_moves_to_another_cgroup_and_interface_attaching_the_new_first() {
     );
 
     let moved = config_for(apps2.path(), &testbed, "80", "veth-c2");
-    std::fs::write(&config_path, moved).unwrap();
-    service.signal(Signal::SIGHUP);
+    file.reload(&service, &moved);
     service
         .wait_for_line(|l| l == "Stopped port-nat veth-c", Duration::from_secs(10))
         .expect("the old port-nat was not stopped");
@@ -478,13 +491,11 @@ fn many_reloads_leave_no_descriptor_behind() {
     let apps2 = second_cgroup_and_link(&testbed);
     let _web = servers::http(&testbed.server, "[::]:80").unwrap();
     let url = format!("http://{SERVER_V4}/");
-    let dir = TempDir::new();
-    let config_path = dir.join("config.toml");
     let with_udp =
         |config: String| config.replace("ports = [80]", "ports = [80]\nudp-ports = [53]");
     let first = with_udp(config(&testbed, "80"));
-    std::fs::write(&config_path, &first).unwrap();
-    let mut service = start(&testbed, &config_path);
+    let file = ConfigFile::new(&first);
+    let mut service = start(&testbed, &file);
     assert!(curl(testbed.in_apps("curl"), &url, &[]).status.success());
     // Once the proxy has closed that connection's sockets.
     let before = settled_descriptors(service.pid());
@@ -496,12 +507,10 @@ fn many_reloads_leave_no_descriptor_behind() {
         } else {
             (&testbed.apps, "veth-c2", "veth-c")
         };
-        std::fs::write(
-            &config_path,
-            with_udp(config_for(apps.path(), &testbed, "80", new)),
-        )
-        .unwrap();
-        service.signal(Signal::SIGHUP);
+        file.reload(
+            &service,
+            &with_udp(config_for(apps.path(), &testbed, "80", new)),
+        );
         let stopped = format!("Stopped port-nat {old}");
         service
             .wait_for_line(|l| l == stopped, Duration::from_secs(20))
@@ -509,8 +518,7 @@ fn many_reloads_leave_no_descriptor_behind() {
         // Ports in place.
         let in_place = with_udp(config_for(apps.path(), &testbed, "80", new))
             .replace("ports = [80]", "ports = [80, 81]");
-        std::fs::write(&config_path, in_place).unwrap();
-        service.signal(Signal::SIGHUP);
+        file.reload(&service, &in_place);
         let reloaded = format!("Reloaded port-nat {new}");
         service
             .wait_for_line(|l| l == reloaded, Duration::from_secs(20))
@@ -519,8 +527,7 @@ fn many_reloads_leave_no_descriptor_behind() {
         assert!(curl(in_apps, &url, &[]).status.success(), "round {round}");
     }
     // Back where it started, and through the proxy again.
-    std::fs::write(&config_path, &first).unwrap();
-    service.signal(Signal::SIGHUP);
+    file.reload(&service, &first);
     service
         .wait_for_line(|l| l == "Reloaded port-nat veth-c", Duration::from_secs(20))
         .expect("no final reload");
@@ -531,8 +538,6 @@ fn many_reloads_leave_no_descriptor_behind() {
     assert!(exit.success(), "{stderr}");
     assert!(!stderr.contains("reload"), "{stderr}");
 }
-
-const ORIGINAL_DST: &str = include_str!("common/original_dst.py");
 
 /// DNS as a service captures it: dig in the cgroup resolves through the
 /// service's redirect and its UDP relay from dnsmasq in the server's
@@ -561,18 +566,15 @@ fn the_service_relays_dns_and_a_reload_adds_a_udp_port() {
             testbed.parent.path().display()
         )
     };
-    let dir = TempDir::new();
-    let config_path = dir.join("config.toml");
-    std::fs::write(&config_path, config("53")).unwrap();
-    let mut service = start(&testbed, &config_path);
+    let file = ConfigFile::new(&config("53"));
+    let mut service = start(&testbed, &file);
 
     assert_eq!(dig(53).trim(), "10.77.0.99");
     assert!(
         !dig(5353).contains("10.77.0.99"),
         "port 5353 went through before the reload"
     );
-    std::fs::write(&config_path, config("53, 5353")).unwrap();
-    service.signal(Signal::SIGHUP);
+    file.reload(&service, &config("53, 5353"));
     let reloaded = service.wait_for_line(|l| l == "Reloaded redirect", Duration::from_secs(10));
     assert!(reloaded.is_some(), "no reload adding UDP port 5353");
     assert_eq!(dig(5353).trim(), "10.77.0.99");
@@ -593,15 +595,6 @@ fn the_service_relays_dns_and_a_reload_adds_a_udp_port() {
     assert_eq!(testbed.attached_redirect_programs(), 0);
 }
 
-/// original_dst.py with `args`, as argv for `python3`.
-fn original_dst_args(args: &[&str]) -> Vec<String> {
-    ["-c", ORIGINAL_DST]
-        .iter()
-        .chain(args)
-        .map(|s| s.to_string())
-        .collect()
-}
-
 #[test]
 fn containers_in_two_namespaces_with_their_own_proxies_one_unprivileged_one_with_fast_open() {
     if !have_root() {
@@ -610,22 +603,20 @@ fn containers_in_two_namespaces_with_their_own_proxies_one_unprivileged_one_with
     let _turn = one_service_at_a_time();
     let testbed = Testbed::new();
     let second = netns::NetNs::create(&unique("prtest-second")).unwrap();
-    let dir = TempDir::new();
-    let config_path = dir.join("config.toml");
     let config = format!(
         "[redirect]\ncgroup = \"{apps}\"\nsockopt-cgroup = \"{parent}\"\nports = [80]\n\
          no-proxy = true\n\n[bypass]\ncgroup = \"{parent}\"\n",
         apps = testbed.apps.path().display(),
         parent = testbed.parent.path().display(),
     );
-    std::fs::write(&config_path, config).unwrap();
-    let service = start(&testbed, &config_path);
+    let file = ConfigFile::new(&config);
+    let service = start(&testbed, &file);
 
     // A sidecar proxy on 127.0.0.1:15001 in each namespace, the second run
     // by user nobody; their clients use the same source ports at the same
     // time, so every 4-tuple exists twice (below the ephemeral range, which
     // the sidecars' own connections draw from).
-    let go = dir.join("go");
+    let go = file.dir.join("go");
     let go = go.to_str().unwrap();
     let sidecar = original_dst_args(&["sidecar", "", "60", "60", "21000", "0.3", go]);
     let mut as_nobody: Vec<String> = ["--reuid=nobody", "--regid=nogroup", "--clear-groups"]
