@@ -11,20 +11,10 @@ use std::time::{Duration, Instant};
 use common::*;
 use proxy_redirect::netns::{self, NetNs};
 
-const ORIGINAL_DST: &str = include_str!("common/original_dst.py");
-
 /// original_dst.py `args` as a command placed by `command`.
 fn script(mut command: Command, args: &[&str]) -> Command {
-    command.args(["-c", ORIGINAL_DST]).args(args);
+    command.args(original_dst_args(args));
     command
-}
-
-fn script_args(args: &[&str]) -> Vec<String> {
-    ["-c", ORIGINAL_DST]
-        .iter()
-        .chain(args)
-        .map(|s| s.to_string())
-        .collect()
 }
 
 fn stdout_of(out: &Output, what: &str) -> String {
@@ -66,8 +56,15 @@ fn each_namespace_is_told_its_own_original_destinations() {
         let sidecars: Vec<Running> = [(&testbed.client, "10.1.0"), (&second, "10.2.0")]
             .into_iter()
             .map(|(ns, prefix)| {
-                let args =
-                    script_args(&["sidecar", prefix, count, concurrency, port_base, hold, go]);
+                let args = original_dst_args(&[
+                    "sidecar",
+                    prefix,
+                    count,
+                    concurrency,
+                    port_base,
+                    hold,
+                    go,
+                ]);
                 Running::start(PYTHON, &args, Some(ns), Some(&testbed.apps), "ready")
             })
             .collect();
@@ -96,7 +93,7 @@ fn another_user_reads_nothing_from_any_socket() {
     let testbed = Testbed::new();
     let mut holder = Running::start(
         PYTHON,
-        &script_args(&["holder"]),
+        &original_dst_args(&["holder"]),
         Some(&testbed.client),
         Some(&testbed.proxy),
         "ready",
@@ -167,7 +164,7 @@ fn fast_open_is_told_the_right_destination_and_leaves_nothing_behind() {
     sysctl(&testbed.client, "net.ipv4.tcp_fastopen=0x607");
     let proxy = Running::start(
         PYTHON,
-        &script_args(&["fastopen-proxy"]),
+        &original_dst_args(&["fastopen-proxy"]),
         Some(&testbed.client),
         Some(&testbed.proxy),
         "ready",

@@ -9,9 +9,17 @@ use std::time::Duration;
 use common::*;
 
 const UDP_PORT: &str = "5353";
+const OTHER_PORT: &str = "5354";
 
-/// Rejects UDP to `port` from the `apps` cgroup, so that only the redirect
-/// can deliver a datagram to the server.
+/// UDP echo servers on UDP_PORT and OTHER_PORT in the server's namespace,
+/// which the `apps` cgroup reaches only through the redirect.
+fn echoes_on_both_ports(testbed: &Testbed) -> [servers::Server; 2] {
+    [UDP_PORT, OTHER_PORT].map(|port| {
+        testbed.reject_direct(&testbed.apps, "udp", port);
+        servers::udp_echo(&testbed.server, &format!("[::]:{port}")).unwrap()
+    })
+}
+
 /// For each destination: a connected socket (whose peer must read as the
 /// destination) and an unconnected one using sendto/recvfrom (whose reply
 /// must come from the destination), each exchanging three datagrams.
@@ -192,12 +200,8 @@ fn unconnected_client_switching_destinations_and_an_unredirected_sender() {
     if !have_root() {
         return;
     }
-    const OTHER_PORT: &str = "5354";
     let testbed = Testbed::new();
-    let first = servers::udp_echo(&testbed.server, &format!("[::]:{UDP_PORT}")).unwrap();
-    let second = servers::udp_echo(&testbed.server, &format!("[::]:{OTHER_PORT}")).unwrap();
-    testbed.reject_direct(&testbed.apps, "udp", UDP_PORT);
-    testbed.reject_direct(&testbed.apps, "udp", OTHER_PORT);
+    let [first, second] = echoes_on_both_ports(&testbed);
     let ports = format!("{UDP_PORT},{OTHER_PORT}");
     let redirector = testbed.redirect(&["--udp-ports", &ports]);
     let script = format!(
@@ -445,14 +449,10 @@ fn root_and_an_unprivileged_user_at_once_each_get_their_own_replies() {
     if !have_root() {
         return;
     }
-    const OTHER_PORT: &str = "5354";
     let testbed = Testbed::new();
-    let _first = servers::udp_echo(&testbed.server, &format!("[::]:{UDP_PORT}")).unwrap();
-    let _second = servers::udp_echo(&testbed.server, &format!("[::]:{OTHER_PORT}")).unwrap();
+    let _echoes = echoes_on_both_ports(&testbed);
     let _dnsmasq = start_dnsmasq(&testbed, 53);
-    for port in [UDP_PORT, OTHER_PORT, "53"] {
-        testbed.reject_direct(&testbed.apps, "udp", port);
-    }
+    testbed.reject_direct(&testbed.apps, "udp", 53);
     let ports = format!("{UDP_PORT},{OTHER_PORT},53");
     let redirector = testbed.redirect(&["--udp-ports", &ports]);
     let script = format!(

@@ -394,6 +394,18 @@ pub fn release_sidecars(go: &str, sidecars: Vec<Running>, count: &str, what: &st
     }
 }
 
+const ORIGINAL_DST: &str = include_str!("original_dst.py");
+
+/// original_dst.py (SO_ORIGINAL_DST sidecars, proxies and clients) with
+/// `args`, as argv for `python3`.
+pub fn original_dst_args(args: &[&str]) -> Vec<String> {
+    ["-c", ORIGINAL_DST]
+        .iter()
+        .chain(args)
+        .map(|s| s.to_string())
+        .collect()
+}
+
 /// dnsmasq in the server netns on SERVER_V4:`port`, answering 10.77.0.99
 /// for every name under example.test; returned once it listens.
 pub fn start_dnsmasq(testbed: &Testbed, port: u16) -> Running {
