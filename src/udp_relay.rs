@@ -466,8 +466,9 @@ struct Flow {
 }
 
 impl Relay {
-    fn now_ms(&self) -> u64 {
-        self.epoch.elapsed().as_millis() as u64
+    /// Milliseconds since `epoch` at `now`.
+    fn ms_at(&self, now: Instant) -> u64 {
+        now.duration_since(self.epoch).as_millis() as u64
     }
 
     /// Relays requests and replies, and closes idle flows, until the relay
@@ -480,7 +481,8 @@ impl Relay {
         let mut buffer = vec![0u8; DATAGRAM_MAX];
         let mut busy_poll = BusyPoll::new();
         while !self.shared.stop.load(Ordering::Relaxed) {
-            let timeout = busy_poll.timeout(next_sweep.saturating_duration_since(Instant::now()));
+            let before = Instant::now();
+            let timeout = busy_poll.timeout(before, next_sweep.saturating_duration_since(before));
             let ready = match self.epoll.wait(&mut events, timeout) {
                 Ok(ready) => ready,
                 Err(err) => {
@@ -490,13 +492,16 @@ impl Relay {
                     0
                 }
             };
-            busy_poll.waited(ready > 0);
+            // One clock reading after the wait serves the whole round.
+            let now = Instant::now();
+            busy_poll.waited(now, ready > 0);
             if ready == 0 && timeout.is_zero() {
                 // Polling found nothing: let a thread that waits for this
                 // CPU (the client or the server of the exchange, often) run
                 // first.
                 std::thread::yield_now();
             }
+            let now_ms = self.ms_at(now);
             // Level-triggered: one datagram per ready socket and round, so
             // that no socket waits behind a busy one and no call is spent
             // on an empty queue.
@@ -506,21 +511,21 @@ impl Relay {
                 match token {
                     WAKE_TOKEN => {}
                     token if token >= PROXY_TOKEN => {
-                        self.relay_request((token - PROXY_TOKEN) as usize, &mut buffer)
+                        self.relay_request((token - PROXY_TOKEN) as usize, &mut buffer, now_ms)
                     }
-                    token => self.relay_reply(token, &mut buffer),
+                    token => self.relay_reply(token, &mut buffer, now_ms),
                 }
             }
-            if Instant::now() >= next_sweep {
-                self.expire();
-                next_sweep = Instant::now() + sweep_every;
+            if now >= next_sweep {
+                self.expire(now_ms);
+                next_sweep = now + sweep_every;
             }
         }
     }
 
     /// Sends one datagram waiting on proxy socket `index` to its original
     /// destination.
-    fn relay_request(&mut self, index: usize, buffer: &mut [u8]) {
+    fn relay_request(&mut self, index: usize, buffer: &mut [u8], now_ms: u64) {
         let Some(proxy) = self.proxies.get(index) else {
             return;
         };
@@ -538,17 +543,19 @@ impl Relay {
             .slots
             .take(proxy.slot, proxy.netns_cookie, client)
             .filter(|d| !self.listen_addrs.contains(d));
-        let stats = &self.shared.stats;
         let Some(destination) = destination else {
-            stats.no_destination.fetch_add(1, Ordering::Relaxed);
+            self.shared
+                .stats
+                .no_destination
+                .fetch_add(1, Ordering::Relaxed);
             return;
         };
-        let Some(token) = self.flow(client, destination, index) else {
+        let Some(flow) = self.flow(client, destination, index, now_ms) else {
             return;
         };
+        let sent = flow.upstream.send(datagram);
         let stats = &self.shared.stats;
-        let flow = &self.flows.by_token[&token];
-        match flow.upstream.send(datagram) {
+        match sent {
             Ok(_) => {
                 stats.datagrams_up.fetch_add(1, Ordering::Relaxed);
                 stats.bytes_up.fetch_add(len as u64, Ordering::Relaxed);
@@ -565,8 +572,7 @@ impl Relay {
 
     /// Sends one reply waiting on the upstream socket of flow `token` to
     /// its client.
-    fn relay_reply(&mut self, token: u64, buffer: &mut [u8]) {
-        let now_ms = self.now_ms();
+    fn relay_reply(&mut self, token: u64, buffer: &mut [u8], now_ms: u64) {
         let Some(flow) = self.flows.by_token.get_mut(&token) else {
             return;
         };
@@ -598,50 +604,59 @@ impl Relay {
         }
     }
 
-    /// The token of the flow of (client, destination), opened if new,
-    /// marked active.
-    fn flow(&mut self, client: SocketAddr, destination: SocketAddr, proxy: usize) -> Option<u64> {
-        let now_ms = self.now_ms();
+    /// The flow of (client, destination), opened if new, marked active at
+    /// `now_ms`.
+    fn flow(
+        &mut self,
+        client: SocketAddr,
+        destination: SocketAddr,
+        proxy: usize,
+        now_ms: u64,
+    ) -> Option<&Flow> {
+        let token = match self.flows.by_pair.get(&(client, destination)) {
+            Some(&token) => token,
+            None => self.open(client, destination, proxy)?,
+        };
+        let flow = self.flows.by_token.get_mut(&token)?;
+        flow.last_active_ms = now_ms;
+        Some(flow)
+    }
+
+    /// Opens the flow of (client, destination) with an upstream socket of
+    /// its own, and returns its token; None at the flow limit or when the
+    /// socket cannot be made.
+    fn open(&mut self, client: SocketAddr, destination: SocketAddr, proxy: usize) -> Option<u64> {
         let stats = &self.shared.stats;
         let flows = &mut self.flows;
-        let token = match flows.by_pair.get(&(client, destination)) {
-            Some(&token) => token,
-            None => {
-                if flows.by_pair.len() >= MAX_FLOWS {
-                    stats.flows_refused.fetch_add(1, Ordering::Relaxed);
-                    return None;
-                }
-                flows.last_token += 1;
-                let token = flows.last_token;
-                let upstream =
-                    connect_upstream(destination, self.config.mark).and_then(|upstream| {
-                        self.epoll.add(upstream.as_raw_fd(), token)?;
-                        Ok(upstream)
-                    });
-                let upstream = match upstream {
-                    Ok(upstream) => upstream,
-                    Err(err) => {
-                        debug!("{client} -> {destination}: upstream socket: {err}");
-                        stats.flows_refused.fetch_add(1, Ordering::Relaxed);
-                        return None;
-                    }
-                };
-                let flow = Flow {
-                    upstream,
-                    proxy,
-                    client,
-                    destination,
-                    last_active_ms: now_ms,
-                };
-                flows.by_pair.insert((client, destination), token);
-                flows.by_token.insert(token, flow);
-                stats.flows_opened.fetch_add(1, Ordering::Relaxed);
-                stats.flows_open.fetch_add(1, Ordering::Relaxed);
-                token
+        if flows.by_pair.len() >= MAX_FLOWS {
+            stats.flows_refused.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        flows.last_token += 1;
+        let token = flows.last_token;
+        let upstream = connect_upstream(destination, self.config.mark).and_then(|upstream| {
+            self.epoll.add(upstream.as_raw_fd(), token)?;
+            Ok(upstream)
+        });
+        let upstream = match upstream {
+            Ok(upstream) => upstream,
+            Err(err) => {
+                debug!("{client} -> {destination}: upstream socket: {err}");
+                stats.flows_refused.fetch_add(1, Ordering::Relaxed);
+                return None;
             }
         };
-        let flow = flows.by_token.get_mut(&token)?;
-        flow.last_active_ms = now_ms;
+        let flow = Flow {
+            upstream,
+            proxy,
+            client,
+            destination,
+            last_active_ms: 0,
+        };
+        flows.by_pair.insert((client, destination), token);
+        flows.by_token.insert(token, flow);
+        stats.flows_opened.fetch_add(1, Ordering::Relaxed);
+        stats.flows_open.fetch_add(1, Ordering::Relaxed);
         Some(token)
     }
 
@@ -657,14 +672,13 @@ impl Relay {
     }
 
     /// Closes the flows idle for the timeout.
-    fn expire(&mut self) {
-        let now = self.now_ms();
+    fn expire(&mut self, now_ms: u64) {
         let idle_ms = self.config.idle_timeout.as_millis() as u64;
         let idle: Vec<u64> = self
             .flows
             .by_token
             .iter()
-            .filter(|(_, flow)| now.saturating_sub(flow.last_active_ms) >= idle_ms)
+            .filter(|(_, flow)| now_ms.saturating_sub(flow.last_active_ms) >= idle_ms)
             .map(|(&token, _)| token)
             .collect();
         for token in idle {
@@ -747,27 +761,28 @@ impl BusyPoll {
         }
     }
 
-    /// The timeout of the next wait, `idle` when the relay may sleep.
-    fn timeout(&mut self, idle: Duration) -> Duration {
+    /// The timeout of the next wait at `now`, `idle` when the relay may
+    /// sleep.
+    fn timeout(&mut self, now: Instant, idle: Duration) -> Duration {
         if self.short_sleeps >= SHORT_SLEEPS_TO_POLL {
-            if self.last_datagram.elapsed() < POLL_WINDOW {
+            if now.duration_since(self.last_datagram) < POLL_WINDOW {
                 self.sleeping_since = None;
                 return Duration::ZERO;
             }
             self.short_sleeps = 0;
         }
-        self.sleeping_since = Some(Instant::now());
+        self.sleeping_since = Some(now);
         idle
     }
 
-    /// After a wait; `ready`: it returned work.
-    fn waited(&mut self, ready: bool) {
+    /// After a wait that ended at `now`; `ready`: it returned work.
+    fn waited(&mut self, now: Instant, ready: bool) {
         if !ready {
             return;
         }
-        self.last_datagram = Instant::now();
+        self.last_datagram = now;
         if let Some(since) = self.sleeping_since {
-            self.short_sleeps = if since.elapsed() < POLL_WINDOW {
+            self.short_sleeps = if now.duration_since(since) < POLL_WINDOW {
                 self.short_sleeps + 1
             } else {
                 0
