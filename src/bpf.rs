@@ -1,4 +1,7 @@
-//! The generated skeletons, one module per `bpf/<name>.bpf.c`.
+//! The generated skeletons, one module per `bpf/<name>.bpf.c`, and the
+//! conversions every skeleton shares.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 macro_rules! skeleton {
     ($name:ident, $file:literal) => {
@@ -13,6 +16,39 @@ skeleton!(redirect, "redirect.skel.rs");
 skeleton!(bypass, "bypass.skel.rs");
 skeleton!(port_nat, "port_nat.skel.rs");
 skeleton!(tproxy, "tproxy.skel.rs");
+
+/// An address and port as the kernel hands them over (include/addr.h:
+/// network byte order, an IPv4 address in the first word) as a socket
+/// address.
+pub fn socket_addr(family: impl Into<u32>, ip: &[u32; 4], port_be: u16) -> SocketAddr {
+    let port = u16::from_be(port_be);
+    if family.into() == libc::AF_INET as u32 {
+        return SocketAddr::new(IpAddr::V4(Ipv4Addr::from(ip[0].to_ne_bytes())), port);
+    }
+    let mut octets = [0u8; 16];
+    for (chunk, word) in octets.chunks_mut(4).zip(ip) {
+        chunk.copy_from_slice(&word.to_ne_bytes());
+    }
+    SocketAddr::new(IpAddr::V6(Ipv6Addr::from(octets)), port)
+}
+
+/// include/addr.h's `struct endpoint`, which every skeleton that uses it
+/// generates as a type of its own.
+pub trait Endpoint {
+    fn addr(&self) -> SocketAddr;
+}
+
+macro_rules! endpoint {
+    ($($skeleton:ident),*) => {
+        $(impl Endpoint for $skeleton::types::endpoint {
+            fn addr(&self) -> SocketAddr {
+                socket_addr(self.family, &self.ip, self.port)
+            }
+        })*
+    };
+}
+
+endpoint!(redirect, bypass, tproxy);
 
 /// A loaded skeleton together with the object storage it borrows, so that
 /// a running datapath can be one value that the service holds, reloads and

@@ -4,7 +4,6 @@
 //! program moves each message into the peer socket's receive queue.
 
 use std::mem::MaybeUninit;
-use std::net::SocketAddr;
 use std::os::fd::{AsFd, AsRawFd};
 use std::path::PathBuf;
 
@@ -14,13 +13,14 @@ use libbpf_rs::skel::{OpenSkel, SkelBuilder};
 
 use crate::bpf::bypass::types::{bypass_event, bypass_side, bypass_stat, comm, endpoint, sock_key};
 use crate::bpf::bypass::{BypassSkel, BypassSkelBuilder};
+use crate::bpf::Endpoint as _;
 use crate::bpf::OwnedSkel;
 use crate::cgroup::{self, CgroupFd};
 use crate::cli::{self, EventFormat, OutputArgs, PortList};
 use crate::links::{self, Attachments};
 use crate::service::{self, Datapath, EventSource, RunContext, Settings};
 use crate::stats::{Metric, Snapshot};
-use crate::{maps, privileges, redirect};
+use crate::{maps, privileges};
 
 // SAFETY: generated from include/*.h: fixed-width integers with explicit padding.
 unsafe impl plain::Plain for bypass_event {}
@@ -348,15 +348,6 @@ fn stop(skel: &mut BypassSkel<'_>) {
     }
 }
 
-fn endpoint_addr(ep: &endpoint) -> SocketAddr {
-    // The same include/addr.h struct, generated into the redirect skeleton.
-    redirect::endpoint_addr(&crate::bpf::redirect::types::endpoint {
-        ip: ep.ip,
-        port: ep.port,
-        family: ep.family,
-    })
-}
-
 fn side_name(side: u8) -> &'static str {
     match bypass_side(side.into()) {
         bypass_side::SIDE_ACTIVE => "connect",
@@ -367,8 +358,8 @@ fn side_name(side: u8) -> &'static str {
 
 fn print_event(event: &bypass_event, format: EventFormat, start_ns: u64) {
     let seconds = event.timestamp_ns.saturating_sub(start_ns) as f64 / 1e9;
-    let local = endpoint_addr(&event.key.local);
-    let remote = endpoint_addr(&event.key.remote);
+    let local = event.key.local.addr();
+    let remote = event.key.remote.addr();
     let side = side_name(event.side);
     let error = (event.error != 0).then(|| std::io::Error::from_raw_os_error(-event.error));
     let action = if error.is_some() { "FAILED" } else { "INSERT" };

@@ -22,6 +22,8 @@ pub mod port_nat;
 pub mod privileges;
 pub mod proxy;
 pub mod redirect;
+pub mod rlimit;
+pub mod run_dir;
 pub mod servers;
 pub mod service;
 pub mod shutdown;

@@ -3,7 +3,6 @@
 //! with a conntrack table that user space sweeps.
 
 use std::mem::MaybeUninit;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -37,7 +36,6 @@ const NAT_PORT_TO: u8 = 2;
 const NAT_DIR_ORIGINAL: u8 = 0;
 const IPPROTO_TCP: u8 = 6;
 const IPPROTO_UDP: u8 = 17;
-const ADDR_FAMILY_INET: u8 = 2;
 
 /// Which transport protocols are translated.
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -532,19 +530,6 @@ pub fn sweep(
     Ok(expired)
 }
 
-/// An address and port from the kernel (network byte order).
-pub fn socket_addr(family: u8, ip: &[u32; 4], port_be: u16) -> SocketAddr {
-    let port = u16::from_be(port_be);
-    if family == ADDR_FAMILY_INET {
-        return SocketAddr::new(IpAddr::V4(Ipv4Addr::from(ip[0].to_ne_bytes())), port);
-    }
-    let mut octets = [0u8; 16];
-    for (chunk, word) in octets.chunks_mut(4).zip(ip) {
-        chunk.copy_from_slice(&word.to_ne_bytes());
-    }
-    SocketAddr::new(IpAddr::V6(Ipv6Addr::from(octets)), port)
-}
-
 pub fn protocol_name(protocol: u8) -> &'static str {
     match protocol {
         IPPROTO_TCP => "tcp",
@@ -565,8 +550,8 @@ pub fn state_name(state: u8) -> &'static str {
 
 fn print_event(event: &nat_event, format: EventFormat, start_ns: u64) {
     let seconds = event.timestamp_ns.saturating_sub(start_ns) as f64 / 1e9;
-    let src = socket_addr(event.family, &event.src_ip, event.src_port);
-    let dst = socket_addr(event.family, &event.dst_ip, event.dst_port);
+    let src = crate::bpf::socket_addr(event.family, &event.src_ip, event.src_port);
+    let dst = crate::bpf::socket_addr(event.family, &event.dst_ip, event.dst_port);
     let ingress = event.direction == NAT_DIR_ORIGINAL;
     let action = if ingress { "INGRESS" } else { "EGRESS" };
     let new_port = u16::from_be(event.new_port);
@@ -598,8 +583,8 @@ fn print_expired(key: &nat_flow_key, flow: &nat_flow, format: EventFormat, start
     let now = events::monotonic_ns();
     let seconds = now.saturating_sub(start_ns) as f64 / 1e9;
     let idle = now.saturating_sub(flow.last_seen_ns) as f64 / 1e9;
-    let client = socket_addr(key.family, &key.client_ip, key.client_port);
-    let server = socket_addr(key.family, &key.server_ip, flow.original_port);
+    let client = crate::bpf::socket_addr(key.family, &key.client_ip, key.client_port);
+    let server = crate::bpf::socket_addr(key.family, &key.server_ip, flow.original_port);
     let to_port = u16::from_be(key.server_port);
     let protocol = protocol_name(key.protocol);
     let state = state_name(flow.state);
@@ -829,8 +814,8 @@ fn print_statistics(skel: &PortNatSkel<'_>, interface: &str, expired: u64) -> Re
         println!(
             "  {} {} -> {} [to {}] {}, packets {}/{}, bytes {}/{}",
             protocol_name(key.protocol),
-            socket_addr(key.family, &key.client_ip, key.client_port),
-            socket_addr(key.family, &key.server_ip, flow.original_port),
+            crate::bpf::socket_addr(key.family, &key.client_ip, key.client_port),
+            crate::bpf::socket_addr(key.family, &key.server_ip, flow.original_port),
             u16::from_be(key.server_port),
             state_name(flow.state),
             flow.packets[0],

@@ -5,7 +5,7 @@
 //! recvmsg4/6 do the same for UDP, relayed by `udp_relay`.
 
 use std::mem::MaybeUninit;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -19,7 +19,7 @@ use crate::bpf::redirect::types::{
     redirect_action, redirect_event, redirect_stat,
 };
 use crate::bpf::redirect::{RedirectSkel, RedirectSkelBuilder};
-use crate::bpf::OwnedSkel;
+use crate::bpf::{Endpoint as _, OwnedSkel};
 use crate::cgroup::{self, CgroupFd};
 use crate::cli::{self, Cidr, EventFormat, OutputArgs, PortList};
 use crate::events::comm_to_string;
@@ -488,20 +488,6 @@ fn sync_cidrs(cidrs: &[Cidr], v4: &dyn MapCore, v6: &dyn MapCore) -> Result<()> 
     maps::sync_set(v6, &keys_v6)
 }
 
-/// An endpoint from the kernel (network byte order) as a socket address.
-pub fn endpoint_addr(ep: &endpoint) -> SocketAddr {
-    let port = u16::from_be(ep.port);
-    if u32::from(ep.family) == libc::AF_INET as u32 {
-        let ip = Ipv4Addr::from(ep.ip[0].to_ne_bytes());
-        return SocketAddr::new(IpAddr::V4(ip), port);
-    }
-    let mut octets = [0u8; 16];
-    for (chunk, word) in octets.chunks_mut(4).zip(ep.ip) {
-        chunk.copy_from_slice(&word.to_ne_bytes());
-    }
-    SocketAddr::new(IpAddr::V6(Ipv6Addr::from(octets)), port)
-}
-
 pub fn reason_name(reason: u8) -> &'static str {
     match bypass_reason(reason.into()) {
         bypass_reason::REASON_NONE => "none",
@@ -533,8 +519,8 @@ fn print_event(event: &redirect_event, format: EventFormat, start_ns: u64) {
         "tcp"
     };
     let comm = comm_to_string(&event.comm);
-    let original = endpoint_addr(&event.original);
-    let target = endpoint_addr(&event.target);
+    let original = event.original.addr();
+    let target = event.target.addr();
     match format {
         EventFormat::Off => {}
         EventFormat::Text => {
@@ -778,9 +764,9 @@ fn print_statistics(skel: &RedirectSkel<'_>) -> Result<()> {
         println!(
             "    netns {}: {} -> {} (originally {})",
             key.netns_cookie,
-            endpoint_addr(&key.tuple.peer),
-            endpoint_addr(&key.tuple.local),
-            endpoint_addr(original)
+            key.tuple.peer.addr(),
+            key.tuple.local.addr(),
+            original.addr()
         );
     }
     Ok(())

@@ -40,7 +40,7 @@ impl RunContext {
         if let Some(runtime) = self.proxy_runtime.get() {
             return Ok(runtime.clone());
         }
-        crate::proxy::raise_open_file_limit();
+        crate::rlimit::raise_open_file_limit();
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(std::thread::available_parallelism().map_or(2, |n| n.get()))
             .thread_name("proxy")

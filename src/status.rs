@@ -2,9 +2,9 @@
 //! unix socket under /run/proxy-redirect that only root can open, with what
 //! it has attached and its counters.
 
-use std::fs::{self, DirBuilder};
+use std::fs;
 use std::io::{Read, Write};
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -13,25 +13,9 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 
 use crate::page_server::PageServer;
+use crate::run_dir::{self, RUN_DIR};
 
-/// root's directory for the status socket and the tproxy instance locks.
-pub const RUN_DIR: &str = "/run/proxy-redirect";
 const SOCKET_NAME: &str = "status.sock";
-
-/// Creates RUN_DIR if needed and checks that only root can write to it.
-pub fn create_run_dir() -> Result<&'static Path> {
-    let dir = Path::new(RUN_DIR);
-    match DirBuilder::new().mode(0o755).create(dir) {
-        Ok(()) => {}
-        Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists => {}
-        Err(err) => bail!("creating {RUN_DIR}: {err}"),
-    }
-    let meta = fs::symlink_metadata(dir).with_context(|| format!("reading {RUN_DIR}"))?;
-    if !meta.is_dir() || meta.uid() != 0 || meta.mode() & 0o022 != 0 {
-        bail!("{RUN_DIR} must be a directory owned by root and writable by root only");
-    }
-    Ok(dir)
-}
 
 /// The status socket of a running service.
 pub struct Server {
@@ -41,7 +25,7 @@ pub struct Server {
 
 impl Server {
     pub fn bind() -> Result<Server> {
-        let path = create_run_dir()?.join(SOCKET_NAME);
+        let path = run_dir::create()?.join(SOCKET_NAME);
         if UnixStream::connect(&path).is_ok() {
             bail!(
                 "another proxy-redirect service is running (see `proxy-redirect status`); \

@@ -17,18 +17,19 @@ use clap::Args;
 use libbpf_rs::skel::{OpenSkel, SkelBuilder};
 use libbpf_rs::MapCore;
 
-use crate::bpf::tproxy::types::{endpoint, tproxy_action, tproxy_event, tproxy_stat};
+use crate::bpf::tproxy::types::{tproxy_action, tproxy_event, tproxy_stat};
 use crate::bpf::tproxy::{TproxySkel, TproxySkelBuilder};
+use crate::bpf::Endpoint as _;
 use crate::bpf::OwnedSkel;
 use crate::cli::{self, EventFormat, OutputArgs, PortList};
 use crate::interface_watch::{self, InterfaceWatch};
 use crate::links::{Attachments, TcAttachMode, TcDirection, TcPath};
 use crate::local_route::{self, LocalRouteSpec, LocalRoutes};
 use crate::proxy::{BoundProxy, ProxyConfig, RelayArgs, RunningProxy};
+use crate::run_dir::{self, RUN_DIR};
 use crate::service::{self, Datapath, EventSource, RunContext, Settings};
 use crate::stats::Snapshot;
-use crate::status::RUN_DIR;
-use crate::{maps, privileges, redirect};
+use crate::{maps, privileges};
 
 // SAFETY: generated from include/tproxy.h: fixed-width integers with explicit padding.
 unsafe impl plain::Plain for tproxy_event {}
@@ -174,7 +175,7 @@ impl InstanceLock {
             .ino();
         let path = dir.join(format!("tproxy-netns-{netns}-table-{table}.lock"));
         loop {
-            crate::status::create_run_dir()?;
+            run_dir::create()?;
             let file = match OpenOptions::new()
                 .read(true)
                 .write(true)
@@ -541,15 +542,6 @@ fn print_configuration(args: &TproxyArgs, plan: &Plan, path: &str) {
     println!("  TC attachment:     {path}");
 }
 
-fn endpoint_addr(ep: &endpoint) -> SocketAddr {
-    // The same include/addr.h struct, generated into the redirect skeleton.
-    redirect::endpoint_addr(&crate::bpf::redirect::types::endpoint {
-        ip: ep.ip,
-        port: ep.port,
-        family: ep.family,
-    })
-}
-
 fn action_name(event: &tproxy_event) -> (&'static str, Option<&'static str>) {
     match tproxy_action(event.action.into()) {
         tproxy_action::TPROXY_INTERCEPT => ("INTERCEPT", None),
@@ -562,8 +554,8 @@ fn action_name(event: &tproxy_event) -> (&'static str, Option<&'static str>) {
 fn print_event(event: &tproxy_event, format: EventFormat, start_ns: u64, proxy: &[SocketAddr; 2]) {
     let seconds = event.timestamp_ns.saturating_sub(start_ns) as f64 / 1e9;
     let (action, reason) = action_name(event);
-    let client = endpoint_addr(&event.client);
-    let original = endpoint_addr(&event.original);
+    let client = event.client.addr();
+    let original = event.original.addr();
     let listener = if client.is_ipv4() { proxy[0] } else { proxy[1] };
     match format {
         EventFormat::Off => {}

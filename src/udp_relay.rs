@@ -35,8 +35,8 @@ use nix::sys::socket::{self as nixsock, sockopt, AddressFamily, SockFlag, SockTy
 use tracing::debug;
 
 use crate::bpf::redirect::types::{udp_relay_slot, udp_relay_slot_index};
+use crate::bpf::Endpoint as _;
 use crate::cli::EventFormat;
-use crate::redirect::endpoint_addr;
 use crate::sockopt::{netns_cookie, set_mark};
 use crate::stats::{Metric, Snapshot};
 use crate::{dns, events};
@@ -340,12 +340,12 @@ impl Slots {
             ptr.write_volatile(udp_relay_slot::default());
             record
         };
-        let sender = endpoint_addr(&record.client);
+        let sender = record.client.addr();
         let same_sender = record.client.family != 0
             && record.netns_cookie == netns_cookie
             && sender.ip() == client.ip()
             && sender.port() == client.port();
-        (same_sender && record.original.family != 0).then(|| endpoint_addr(&record.original))
+        (same_sender && record.original.family != 0).then(|| record.original.addr())
     }
 }
 
