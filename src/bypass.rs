@@ -18,7 +18,7 @@ use crate::bpf::OwnedSkel;
 use crate::cgroup::{self, CgroupFd};
 use crate::cli::{self, EventFormat, OutputArgs, PortList};
 use crate::links::{self, Attachments};
-use crate::service::{self, Datapath, EventSource, RunContext, Settings};
+use crate::runtime::{Datapath, EventSource, RunContext};
 use crate::stats::{Metric, Snapshot};
 use crate::{maps, privileges};
 
@@ -143,10 +143,6 @@ pub fn check(args: &BypassArgs) -> Result<()> {
     privileges::require_bpf_and_perfmon("bypass")
 }
 
-pub fn run(args: &BypassArgs) -> Result<()> {
-    service::run_one(Settings::Bypass(args.clone()), &args.output)
-}
-
 /// The bypass datapath: sockops on a cgroup, sk_msg on the socket map.
 pub struct Bypass {
     args: BypassArgs,
@@ -170,6 +166,41 @@ impl Bypass {
             readers: Vec::new(),
             attachments: Attachments::default(),
         })
+    }
+}
+
+/// What a reload may change while bypass runs, applied in place.
+impl Bypass {
+    pub fn check_reload(&self, new: &BypassArgs) -> Result<()> {
+        if new.ports.is_some() != self.args.ports.is_some() {
+            bail!(
+                "ports (all or a list) cannot change while running; restart the service to \
+                 change it"
+            );
+        }
+        Ok(())
+    }
+
+    pub fn reload(&mut self, new: &BypassArgs, _ctx: &RunContext) -> Result<()> {
+        self.check_reload(new)?;
+        let cgroup = cgroup::resolve(new.cgroup.as_deref())?;
+        if cgroup != self.cgroup {
+            // The new cgroup first: connections there are bypassed at once.
+            let mut attachments = Attachments::default();
+            attachments
+                .attach_cgroup(&self.skel.progs.bypass_sockops, &CgroupFd::open(&cgroup)?)?;
+            self.attachments = attachments;
+            self.cgroup = cgroup;
+        }
+        let ports = new.ports.as_ref().map_or(&[][..], |p| &p.0);
+        maps::sync_set(&self.skel.maps.ports, ports)?;
+        // Names are only added: the map also holds the programs learned
+        // splicing, and a socket of a splicer must never enter the bypass.
+        for name in named_splice_readers(new) {
+            maps::update(&self.skel.maps.splicers, &comm_key(name), &1u8)?;
+        }
+        self.args = new.clone();
+        Ok(())
     }
 }
 
@@ -254,44 +285,6 @@ impl Datapath for Bypass {
             "splice_readers": splice_readers(&self.args),
             "programs": programs,
         })
-    }
-
-    fn check_reload(&self, settings: &Settings) -> Result<()> {
-        let Settings::Bypass(new) = settings else {
-            bail!("not bypass settings");
-        };
-        if new.ports.is_some() != self.args.ports.is_some() {
-            bail!(
-                "ports (all or a list) cannot change while running; restart the service to \
-                 change it"
-            );
-        }
-        Ok(())
-    }
-
-    fn reload(&mut self, settings: &Settings, _ctx: &RunContext) -> Result<()> {
-        self.check_reload(settings)?;
-        let Settings::Bypass(new) = settings else {
-            unreachable!("checked above")
-        };
-        let cgroup = cgroup::resolve(new.cgroup.as_deref())?;
-        if cgroup != self.cgroup {
-            // The new cgroup first: connections there are bypassed at once.
-            let mut attachments = Attachments::default();
-            attachments
-                .attach_cgroup(&self.skel.progs.bypass_sockops, &CgroupFd::open(&cgroup)?)?;
-            self.attachments = attachments;
-            self.cgroup = cgroup;
-        }
-        let ports = new.ports.as_ref().map_or(&[][..], |p| &p.0);
-        maps::sync_set(&self.skel.maps.ports, ports)?;
-        // Names are only added: the map also holds the programs learned
-        // splicing, and a socket of a splicer must never enter the bypass.
-        for name in named_splice_readers(new) {
-            maps::update(&self.skel.maps.splicers, &comm_key(name), &1u8)?;
-        }
-        self.args = new.clone();
-        Ok(())
     }
 
     fn stop(&mut self) {

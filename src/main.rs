@@ -4,6 +4,7 @@ use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use proxy_redirect::datapath::Settings;
 use proxy_redirect::{bypass, demo, port_nat, proxy, redirect, service, status, tproxy};
 
 #[derive(Parser, Debug)]
@@ -63,11 +64,11 @@ fn main() -> ExitCode {
         }
     };
     let result = match &cli.command {
-        Command::Redirect(args) => redirect::run(args),
-        Command::Proxy(args) => proxy::run(args),
-        Command::Bypass(args) => bypass::run(args),
-        Command::PortNat(args) => port_nat::run(args),
-        Command::Tproxy(args) => tproxy::run(args),
+        Command::Redirect(args) => service::run_one(Settings::Redirect(args.clone()), &args.output),
+        Command::Proxy(args) => service::run_one(Settings::Proxy(args.clone()), &args.output()),
+        Command::Bypass(args) => service::run_one(Settings::Bypass(args.clone()), &args.output),
+        Command::PortNat(args) => service::run_one(Settings::PortNat(args.clone()), &args.output),
+        Command::Tproxy(args) => service::run_one(Settings::Tproxy(args.clone()), &args.output),
         Command::Run(args) => service::run(args),
         Command::Status(args) => status::run(args),
         Command::Demo(args) => demo::run(args),

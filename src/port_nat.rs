@@ -19,7 +19,7 @@ use crate::cli::{self, EventFormat, OutputArgs};
 use crate::events;
 use crate::interface_watch::{self, InterfaceWatch};
 use crate::links::{self, Attachments, TcAttachMode, TcDirection};
-use crate::service::{self, Datapath, EventSource, RunContext, Settings};
+use crate::runtime::{Datapath, EventSource, RunContext};
 use crate::stats::{Metric, Snapshot};
 use crate::{maps, privileges};
 
@@ -296,10 +296,6 @@ pub fn check(args: &PortNatArgs) -> Result<()> {
     privileges::require_bpf_and_perfmon("port-nat")
 }
 
-pub fn run(args: &PortNatArgs) -> Result<()> {
-    service::run_one(Settings::PortNat(args.clone()), &args.output)
-}
-
 fn timeouts(args: &PortNatArgs) -> Timeouts {
     Timeouts {
         tcp_established: Duration::from_secs(args.tcp_timeout),
@@ -349,6 +345,33 @@ impl PortNat {
             expired: 0,
             last_sweep: Instant::now(),
         })
+    }
+}
+
+/// What a reload may change while port-nat runs, applied in place.
+impl PortNat {
+    pub fn check_reload(&self, new: &PortNatArgs) -> Result<()> {
+        mappings(&new.from, &new.to)?;
+        let fixed = [
+            ("max-flows", new.max_flows != self.args.max_flows),
+            ("tc-attach", new.tc_attach != self.args.tc_attach),
+        ];
+        if let Some((key, _)) = fixed.iter().find(|(_, changed)| *changed) {
+            bail!("{key} cannot change while running; restart the service to change it");
+        }
+        Ok(())
+    }
+
+    pub fn reload(&mut self, new: &PortNatArgs, _ctx: &RunContext) -> Result<()> {
+        self.check_reload(new)?;
+        let mappings = mappings(&new.from, &new.to)?;
+        set_mappings(&self.skel, &mappings)?;
+        set_protocols(&mut self.skel, new.proto)?;
+        self.config.mappings = mappings;
+        self.config.protocols = new.proto;
+        self.timeouts = timeouts(new);
+        self.args = new.clone();
+        Ok(())
     }
 }
 
@@ -440,36 +463,6 @@ impl Datapath for PortNat {
             "protocols": format!("{:?}", self.config.protocols).to_lowercase(),
             "programs": self.tc.as_ref().map(Attachments::describe).unwrap_or_default(),
         })
-    }
-
-    fn check_reload(&self, settings: &Settings) -> Result<()> {
-        let Settings::PortNat(new) = settings else {
-            bail!("not port-nat settings");
-        };
-        mappings(&new.from, &new.to)?;
-        let fixed = [
-            ("max-flows", new.max_flows != self.args.max_flows),
-            ("tc-attach", new.tc_attach != self.args.tc_attach),
-        ];
-        if let Some((key, _)) = fixed.iter().find(|(_, changed)| *changed) {
-            bail!("{key} cannot change while running; restart the service to change it");
-        }
-        Ok(())
-    }
-
-    fn reload(&mut self, settings: &Settings, _ctx: &RunContext) -> Result<()> {
-        self.check_reload(settings)?;
-        let Settings::PortNat(new) = settings else {
-            unreachable!("checked above")
-        };
-        let mappings = mappings(&new.from, &new.to)?;
-        set_mappings(&self.skel, &mappings)?;
-        set_protocols(&mut self.skel, new.proto)?;
-        self.config.mappings = mappings;
-        self.config.protocols = new.proto;
-        self.timeouts = timeouts(new);
-        self.args = new.clone();
-        Ok(())
     }
 
     fn print_statistics(&self) -> Result<()> {

@@ -25,7 +25,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use clap::Args;
 use nix::sys::socket::{
     self as nixsock, sockopt, AddressFamily, SockFlag, SockType, SockaddrStorage,
@@ -35,7 +35,7 @@ use tokio::net::{TcpSocket, TcpStream};
 use tracing::{debug, warn};
 
 use crate::cli::OutputArgs;
-use crate::service::{self, Datapath, EventSource, RunContext, Settings};
+use crate::runtime::{Datapath, EventSource, RunContext};
 use crate::sockopt::{original_destination, set_mark};
 use crate::stats::{Metric, Snapshot};
 use crate::{cli, privileges};
@@ -330,13 +330,14 @@ impl Drop for RunningProxy {
     }
 }
 
-/// `proxy-redirect proxy`: relay until SIGINT/SIGTERM, then print counters.
-pub fn run(args: &ProxyArgs) -> Result<()> {
-    let output = OutputArgs {
-        metrics: args.metrics,
-        ..OutputArgs::default()
-    };
-    service::run_one(Settings::Proxy(args.clone()), &output)
+impl ProxyArgs {
+    /// The proxy alone streams no events; it serves metrics when asked.
+    pub fn output(&self) -> OutputArgs {
+        OutputArgs {
+            metrics: self.metrics,
+            ..OutputArgs::default()
+        }
+    }
 }
 
 pub fn check(args: &ProxyArgs) -> Result<()> {
@@ -402,14 +403,6 @@ impl Datapath for Proxy {
 
     fn status(&self) -> serde_json::Value {
         serde_json::json!({"name": self.name(), "listen": self.addrs.iter().map(|a| a.to_string()).collect::<Vec<_>>()})
-    }
-
-    fn check_reload(&self, _settings: &Settings) -> Result<()> {
-        bail!("the proxy alone cannot be reloaded")
-    }
-
-    fn reload(&mut self, settings: &Settings, _ctx: &RunContext) -> Result<()> {
-        self.check_reload(settings)
     }
 
     fn stop(&mut self) {

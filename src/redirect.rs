@@ -25,7 +25,7 @@ use crate::cli::{self, Cidr, EventFormat, OutputArgs, PortList};
 use crate::events::comm_to_string;
 use crate::links::Attachments;
 use crate::proxy::{BoundProxy, ProxyConfig, RelayArgs, RunningProxy};
-use crate::service::{self, Datapath, EventSource, RunContext, Settings};
+use crate::runtime::{Datapath, EventSource, RunContext};
 use crate::stats::{Metric, Snapshot};
 use crate::udp_relay::{BoundUdpRelay, UdpRelay, UdpRelayConfig};
 use crate::{maps, privileges};
@@ -144,10 +144,6 @@ pub fn check(args: &RedirectArgs) -> Result<()> {
     privileges::require_bpf("redirect")
 }
 
-pub fn run(args: &RedirectArgs) -> Result<()> {
-    service::run_one(Settings::Redirect(args.clone()), &args.output)
-}
-
 /// The redirect datapath: its programs, where they are attached, and the
 /// built-in proxy.
 pub struct Redirect {
@@ -217,6 +213,33 @@ impl Redirect {
         attachments.attach_cgroup(&progs.redirect_connect4, &cgroup)?;
         attachments.attach_cgroup(&progs.redirect_connect6, &cgroup)?;
         Ok(attachments)
+    }
+}
+
+/// What a reload may change while redirect runs, applied in place.
+impl Redirect {
+    pub fn check_reload(&self, new: &RedirectArgs) -> Result<()> {
+        fixed_while_running(&self.args, new, &self.plan, &plan(new)?)
+    }
+
+    pub fn reload(&mut self, new: &RedirectArgs, _ctx: &RunContext) -> Result<()> {
+        self.check_reload(new)?;
+        let plan = plan(new)?;
+        // The new attachments come first, so that no connection passes
+        // unredirected in between.
+        if plan.cgroup != self.plan.cgroup || plan.sockopt_cgroup != self.plan.sockopt_cgroup {
+            self.attachments = self.attach_programs(new, &plan)?;
+        }
+        let maps = &self.skel.maps;
+        maps::sync_set(&maps.redirect_ports, &new.ports.0)?;
+        maps::sync_set(
+            &maps.redirect_udp_ports,
+            new.udp_ports.as_ref().map_or(&[][..], |p| &p.0),
+        )?;
+        set_filters(&mut self.skel, new, &plan)?;
+        self.args = new.clone();
+        self.plan = plan;
+        Ok(())
     }
 }
 
@@ -293,36 +316,6 @@ impl Datapath for Redirect {
             "proxy_addresses": [self.plan.proxy_v4.to_string(), self.plan.proxy_v6.to_string()],
             "programs": self.attachments.describe(),
         })
-    }
-
-    fn check_reload(&self, settings: &Settings) -> Result<()> {
-        let Settings::Redirect(new) = settings else {
-            bail!("not redirect settings");
-        };
-        fixed_while_running(&self.args, new, &self.plan, &plan(new)?)
-    }
-
-    fn reload(&mut self, settings: &Settings, _ctx: &RunContext) -> Result<()> {
-        self.check_reload(settings)?;
-        let Settings::Redirect(new) = settings else {
-            unreachable!("checked above")
-        };
-        let plan = plan(new)?;
-        // The new attachments come first, so that no connection passes
-        // unredirected in between.
-        if plan.cgroup != self.plan.cgroup || plan.sockopt_cgroup != self.plan.sockopt_cgroup {
-            self.attachments = self.attach_programs(new, &plan)?;
-        }
-        let maps = &self.skel.maps;
-        maps::sync_set(&maps.redirect_ports, &new.ports.0)?;
-        maps::sync_set(
-            &maps.redirect_udp_ports,
-            new.udp_ports.as_ref().map_or(&[][..], |p| &p.0),
-        )?;
-        set_filters(&mut self.skel, new, &plan)?;
-        self.args = new.clone();
-        self.plan = plan;
-        Ok(())
     }
 
     fn stop(&mut self) {

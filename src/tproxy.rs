@@ -27,7 +27,7 @@ use crate::links::{Attachments, TcAttachMode, TcDirection, TcPath};
 use crate::local_route::{self, LocalRouteSpec, LocalRoutes};
 use crate::proxy::{BoundProxy, ProxyConfig, RelayArgs, RunningProxy};
 use crate::run_dir::{self, RUN_DIR};
-use crate::service::{self, Datapath, EventSource, RunContext, Settings};
+use crate::runtime::{Datapath, EventSource, RunContext};
 use crate::stats::Snapshot;
 use crate::{maps, privileges};
 
@@ -229,10 +229,6 @@ pub fn check(args: &TproxyArgs) -> Result<()> {
     privileges::require_bpf("tproxy")
 }
 
-pub fn run(args: &TproxyArgs) -> Result<()> {
-    service::run_one(Settings::Tproxy(args.clone()), &args.output)
-}
-
 /// The tproxy datapath: the TC program on the intercepted interface, the
 /// local routes, and the built-in transparent proxy.
 pub struct Tproxy {
@@ -295,6 +291,28 @@ impl Tproxy {
             routes: None,
             _lock: lock,
         })
+    }
+}
+
+/// What a reload may change while tproxy runs, applied in place.
+impl Tproxy {
+    pub fn check_reload(&self, new: &TproxyArgs) -> Result<()> {
+        let mut unchanged_but_ports = new.clone();
+        unchanged_but_ports.ports = self.args.ports.clone();
+        if unchanged_but_ports != self.args {
+            bail!(
+                "only ports can change while tproxy runs; restart the service to change \
+                 anything else"
+            );
+        }
+        Ok(())
+    }
+
+    pub fn reload(&mut self, new: &TproxyArgs, _ctx: &RunContext) -> Result<()> {
+        self.check_reload(new)?;
+        maps::sync_set(&self.skel.maps.tproxy_ports, &new.ports.0)?;
+        self.args = new.clone();
+        Ok(())
     }
 }
 
@@ -406,31 +424,6 @@ impl Datapath for Tproxy {
             "proxy_addresses": [self.plan.proxy_v4.to_string(), self.plan.proxy_v6.to_string()],
             "programs": programs,
         })
-    }
-
-    fn check_reload(&self, settings: &Settings) -> Result<()> {
-        let Settings::Tproxy(new) = settings else {
-            bail!("not tproxy settings");
-        };
-        let mut unchanged_but_ports = new.clone();
-        unchanged_but_ports.ports = self.args.ports.clone();
-        if unchanged_but_ports != self.args {
-            bail!(
-                "only ports can change while tproxy runs; restart the service to change \
-                 anything else"
-            );
-        }
-        Ok(())
-    }
-
-    fn reload(&mut self, settings: &Settings, _ctx: &RunContext) -> Result<()> {
-        self.check_reload(settings)?;
-        let Settings::Tproxy(new) = settings else {
-            unreachable!("checked above")
-        };
-        maps::sync_set(&self.skel.maps.tproxy_ports, &new.ports.0)?;
-        self.args = new.clone();
-        Ok(())
     }
 
     fn stop(&mut self) {

@@ -296,7 +296,7 @@ fn the_daemonset_is_valid_yaml_and_matches_the_unit() {
         format!("{}/config.toml", mount["mountPath"].as_str().unwrap())
     );
     let text = config_map["data"]["config.toml"].as_str().unwrap();
-    let config = proxy_redirect::config::parse(text).unwrap();
+    let config = proxy_redirect::service::config::parse(text).unwrap();
 
     // The liveness probe asks the metrics address the config serves.
     let listen = config.metrics.expect("a [metrics] section");

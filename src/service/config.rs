@@ -19,34 +19,39 @@
 //! the subcommand's own clap definition, so the file accepts exactly what
 //! the command line accepts and checks it the same way.
 
-use std::any::TypeId;
 use std::net::SocketAddr;
 use std::path::Path;
 
 use anyhow::{anyhow, bail, Result};
-use clap::error::{ContextKind, ContextValue, ErrorKind};
-use clap::{Arg, ArgAction, Args, Command};
 use toml::{Table, Value};
 
-use crate::bypass::BypassArgs;
-use crate::cli::{OutputArgs, PortList};
-use crate::port_nat::{self, PortNatArgs};
-use crate::redirect::RedirectArgs;
-use crate::tproxy::TproxyArgs;
+use crate::cli::toml::type_name;
+use crate::datapath::{Settings, SECTIONS};
 
 /// What `run --config` runs: at least one datapath, and where to serve metrics.
 #[derive(Debug, Clone)]
 pub struct ServiceConfig {
-    pub redirect: Option<RedirectArgs>,
-    pub bypass: Option<BypassArgs>,
-    /// `[[port-nat]]`, one per interface (the section repeats).
-    pub port_nat: Vec<PortNatArgs>,
-    pub tproxy: Option<TproxyArgs>,
+    /// In the order of the registry's sections; `[[port-nat]]` repeats,
+    /// one per interface.
+    pub datapaths: Vec<Settings>,
     /// `[metrics] listen = "127.0.0.1:9477"`
     pub metrics: Option<SocketAddr>,
 }
 
-const SECTIONS: &str = "[redirect], [bypass], [[port-nat]], [tproxy] and [metrics]";
+/// `[redirect], [bypass], [[port-nat]], [tproxy]`, as the file writes them.
+fn section_names() -> Vec<String> {
+    SECTIONS
+        .iter()
+        .map(|section| match section.repeats {
+            true => format!("[[{}]]", section.name),
+            false => format!("[{}]", section.name),
+        })
+        .collect()
+}
+
+fn all_sections() -> String {
+    format!("{} and [metrics]", section_names().join(", "))
+}
 
 /// Reads and parses the file; every error is one line starting with the path.
 pub fn load(path: &Path) -> Result<ServiceConfig> {
@@ -58,56 +63,71 @@ pub fn load(path: &Path) -> Result<ServiceConfig> {
 /// Parses and checks a whole file; the error names the section and the key.
 pub fn parse(text: &str) -> Result<ServiceConfig> {
     let table: Table = text.parse().map_err(|err| syntax_error(text, &err))?;
-    let mut config = ServiceConfig {
-        redirect: None,
-        bypass: None,
-        port_nat: Vec::new(),
-        tproxy: None,
-        metrics: None,
-    };
     for (name, value) in &table {
-        match name.as_str() {
-            "redirect" => config.redirect = Some(datapath("[redirect]", single(name, value)?)?),
-            "bypass" => config.bypass = Some(datapath("[bypass]", single(name, value)?)?),
-            "tproxy" => config.tproxy = Some(datapath("[tproxy]", single(name, value)?)?),
-            "port-nat" => {
-                for (i, section) in repeated(name, value)?.into_iter().enumerate() {
-                    config.port_nat.push(port_nat_section(i + 1, section)?);
-                }
+        if name != "metrics" && !SECTIONS.iter().any(|section| section.name == name) {
+            match value.is_table() {
+                true => bail!(
+                    "unknown section [{name}]; the sections are {}",
+                    all_sections()
+                ),
+                false => bail!(
+                    "key '{name}' is outside any section; the sections are {}",
+                    all_sections()
+                ),
             }
-            "metrics" => config.metrics = Some(metrics(single(name, value)?)?),
-            _ if value.is_table() => bail!("unknown section [{name}]; the sections are {SECTIONS}"),
-            _ => bail!("key '{name}' is outside any section; the sections are {SECTIONS}"),
         }
     }
-    if config.redirect.is_none()
-        && config.bypass.is_none()
-        && config.port_nat.is_empty()
-        && config.tproxy.is_none()
-    {
-        bail!("no datapath to run: add at least one of [redirect], [bypass], [[port-nat]] or [tproxy]");
+    // (label, settings)
+    let mut datapaths: Vec<(String, Settings)> = Vec::new();
+    for section in SECTIONS {
+        let Some(value) = table.get(section.name) else {
+            continue;
+        };
+        let name = section.name;
+        if section.repeats {
+            for (i, each) in repeated(name, value)?.into_iter().enumerate() {
+                let label = format!("[{name} #{}]", i + 1);
+                datapaths.push((label.clone(), (section.parse)(&label, each)?));
+            }
+        } else {
+            let label = format!("[{name}]");
+            datapaths.push((
+                label.clone(),
+                (section.parse)(&label, single(name, value)?)?,
+            ));
+        }
     }
-    check_tc_interfaces(&config)?;
-    Ok(config)
+    let metrics = table
+        .get("metrics")
+        .map(|value| metrics(single("metrics", value)?))
+        .transpose()?;
+    if datapaths.is_empty() {
+        let names = section_names();
+        let (last, first) = names.split_last().expect("the registry names datapaths");
+        bail!(
+            "no datapath to run: add at least one of {} or {last}",
+            first.join(", ")
+        );
+    }
+    check_tc_interfaces(&datapaths)?;
+    Ok(ServiceConfig {
+        datapaths: datapaths
+            .into_iter()
+            .map(|(_, settings)| settings)
+            .collect(),
+        metrics,
+    })
 }
 
 /// One TC datapath per interface: port-nat and tproxy return TC_ACT_OK
 /// (TCX_PASS) for the packets they leave alone, which ends the chain, so a
 /// second program on the same interface would never see a packet.
-fn check_tc_interfaces(config: &ServiceConfig) -> Result<()> {
+fn check_tc_interfaces(datapaths: &[(String, Settings)]) -> Result<()> {
     // (section, key, interface)
-    let mut users: Vec<(String, &str, &str)> = Vec::new();
-    for (i, args) in config.port_nat.iter().enumerate() {
-        users.push((
-            format!("[port-nat #{}]", i + 1),
-            "interface",
-            &args.interface,
-        ));
-    }
-    if let Some(tproxy) = &config.tproxy {
-        users.push(("[tproxy]".into(), "interface", &tproxy.interface));
-        if let Some(upstream) = &tproxy.upstream_interface {
-            users.push(("[tproxy]".into(), "upstream-interface", upstream));
+    let mut users: Vec<(&str, &str, &str)> = Vec::new();
+    for (label, settings) in datapaths {
+        for (key, interface) in settings.tc_interfaces() {
+            users.push((label, key, interface));
         }
     }
     for (i, (section, key, interface)) in users.iter().enumerate() {
@@ -146,7 +166,10 @@ fn single<'a>(name: &str, value: &'a Value) -> Result<&'a Table> {
     match value {
         Value::Table(table) => Ok(table),
         Value::Array(_) => bail!("[[{name}]] may appear only once: write [{name}]"),
-        _ => bail!("key '{name}' is outside any section; the sections are {SECTIONS}"),
+        _ => bail!(
+            "key '{name}' is outside any section; the sections are {}",
+            all_sections()
+        ),
     }
 }
 
@@ -158,27 +181,18 @@ fn repeated<'a>(name: &str, value: &'a Value) -> Result<Vec<&'a Table>> {
             .iter()
             .map(|item| {
                 item.as_table().ok_or_else(|| {
-                    anyhow!("key '{name}' is outside any section; the sections are {SECTIONS}")
+                    anyhow!(
+                        "key '{name}' is outside any section; the sections are {}",
+                        all_sections()
+                    )
                 })
             })
             .collect(),
-        _ => bail!("key '{name}' is outside any section; the sections are {SECTIONS}"),
+        _ => bail!(
+            "key '{name}' is outside any section; the sections are {}",
+            all_sections()
+        ),
     }
-}
-
-fn port_nat_section(number: usize, table: &Table) -> Result<PortNatArgs> {
-    let label = format!("[port-nat #{number}]");
-    let args: PortNatArgs = datapath(&label, table)?;
-    // clap cannot pair `from` with `to`; the subcommand does it in run().
-    if args.from.len() != args.to.len() {
-        bail!(
-            "{label} from, to: {} 'from' port(s) but {} 'to' port(s); they pair up in order",
-            args.from.len(),
-            args.to.len()
-        );
-    }
-    port_nat::mappings(&args.from, &args.to).map_err(|err| anyhow!("{label} from, to: {err}"))?;
-    Ok(args)
 }
 
 fn metrics(table: &Table) -> Result<SocketAddr> {
@@ -197,198 +211,43 @@ fn metrics(table: &Table) -> Result<SocketAddr> {
     }
 }
 
-/// Parses a datapath section with its subcommand's clap definition.
-fn datapath<A: Args>(label: &str, table: &Table) -> Result<A> {
-    let command = A::augment_args(
-        Command::new("section")
-            .no_binary_name(true)
-            .disable_help_flag(true),
-    );
-    let argv = command_line(label, &command, table)?;
-    let matches = command
-        .try_get_matches_from(argv)
-        .map_err(|err| anyhow!("{label} {}", clap_error(&err)))?;
-    A::from_arg_matches(&matches).map_err(|err| anyhow!("{label} {}", clap_error(&err)))
-}
-
-/// The TOML type a key takes, from its clap argument.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Kind {
-    /// A flag: `true` gives `--key`, `false` nothing.
-    Flag,
-    Integer,
-    String,
-    /// A comma-separated port list on the command line, an array here.
-    Ports,
-}
-
-fn kind(arg: &Arg) -> Kind {
-    let parsed = arg.get_value_parser().type_id();
-    let integers = [
-        TypeId::of::<u8>(),
-        TypeId::of::<u16>(),
-        TypeId::of::<u32>(),
-        TypeId::of::<u64>(),
-    ];
-    if matches!(arg.get_action(), ArgAction::SetTrue) {
-        Kind::Flag
-    } else if parsed == TypeId::of::<PortList>() {
-        Kind::Ports
-    } else if integers.iter().any(|integer| parsed == *integer) {
-        Kind::Integer
-    } else {
-        Kind::String
-    }
-}
-
-/// The keys that would repeat in every section but belong to the whole service.
-fn service_wide_keys() -> Vec<String> {
-    let output = OutputArgs::augment_args(Command::new("output"));
-    output
-        .get_arguments()
-        .filter_map(|arg| arg.get_long().map(str::to_owned))
-        .collect()
-}
-
-/// The section as the subcommand's arguments: `--key=value` each.
-fn command_line(label: &str, command: &Command, table: &Table) -> Result<Vec<String>> {
-    let service_wide = service_wide_keys();
-    let mut argv = Vec::new();
-    for (key, value) in table {
-        if service_wide.contains(key) {
-            bail!(
-                "{label} {key}: applies to the whole service; set it under [metrics] \
-                 or on the run command line"
-            );
-        }
-        let Some(arg) = command
-            .get_arguments()
-            .find(|arg| arg.get_long() == Some(key))
-        else {
-            let dashed = key.replace('_', "-");
-            if dashed != *key
-                && command
-                    .get_arguments()
-                    .any(|a| a.get_long() == Some(&dashed))
-            {
-                bail!("{label} unknown key '{key}'; keys are written with dashes: '{dashed}'");
-            }
-            bail!("{label} unknown key '{key}'");
-        };
-        let kind = kind(arg);
-        let repeatable = matches!(arg.get_action(), ArgAction::Append);
-        let values: Vec<String> = match (value, kind) {
-            (Value::Boolean(true), Kind::Flag) => {
-                argv.push(format!("--{key}"));
-                continue;
-            }
-            (Value::Boolean(false), Kind::Flag) => continue,
-            (Value::Array(items), Kind::Ports) => {
-                let ports = items
-                    .iter()
-                    .map(|item| scalar(item, Kind::Integer))
-                    .collect::<Result<Vec<_>, _>>();
-                vec![ports
-                    .map_err(|err| anyhow!("{label} {key}: {err}"))?
-                    .join(",")]
-            }
-            (Value::Array(items), _) if repeatable => items
-                .iter()
-                .map(|item| scalar(item, kind))
-                .collect::<Result<_, _>>()
-                .map_err(|err| anyhow!("{label} {key}: {err}"))?,
-            (Value::Integer(_), Kind::Ports) => vec![scalar(value, Kind::Integer)?],
-            _ => vec![scalar(value, kind).map_err(|err| anyhow!("{label} {key}: {err}"))?],
-        };
-        // `--key=value`, so that a value starting with '-' stays a value.
-        argv.extend(values.into_iter().map(|value| format!("--{key}={value}")));
-    }
-    Ok(argv)
-}
-
-/// One value as command-line text, if it has the type the key takes.
-fn scalar(value: &Value, kind: Kind) -> Result<String> {
-    match (kind, value) {
-        (Kind::Integer, Value::Integer(number)) => Ok(number.to_string()),
-        (Kind::String, Value::String(text)) => Ok(text.clone()),
-        (Kind::Integer, _) => bail!("expected an integer, got {}", type_name(value)),
-        (Kind::String, _) => bail!("expected a string, got {}", type_name(value)),
-        (Kind::Flag, _) => bail!("expected true or false, got {}", type_name(value)),
-        (Kind::Ports, _) => bail!(
-            "expected a list of ports such as [80, 443], got {}",
-            type_name(value)
-        ),
-    }
-}
-
-fn type_name(value: &Value) -> &'static str {
-    match value {
-        Value::String(_) => "a string",
-        Value::Integer(_) => "an integer",
-        Value::Float(_) => "a float",
-        Value::Boolean(_) => "a boolean",
-        Value::Datetime(_) => "a date",
-        Value::Array(_) => "an array",
-        Value::Table(_) => "a table",
-    }
-}
-
-/// clap's error as `key: what is wrong`, in the file's terms.
-fn clap_error(err: &clap::Error) -> String {
-    // clap names arguments as `--key <VALUE>`.
-    let key_of = |text: &str| {
-        let name = text.split_whitespace().next().unwrap_or(text);
-        name.trim_start_matches('-').to_owned()
-    };
-    let keys: Vec<String> = match err.get(ContextKind::InvalidArg) {
-        Some(ContextValue::String(arg)) => vec![key_of(arg)],
-        Some(ContextValue::Strings(args)) => args.iter().map(|arg| key_of(arg)).collect(),
-        _ => Vec::new(),
-    };
-    let value = match err.get(ContextKind::InvalidValue) {
-        Some(ContextValue::String(value)) => value.clone(),
-        _ => String::new(),
-    };
-    match err.kind() {
-        ErrorKind::MissingRequiredArgument => {
-            let quoted: Vec<String> = keys.iter().map(|key| format!("'{key}'")).collect();
-            format!("missing key {}", quoted.join(", "))
-        }
-        ErrorKind::ValueValidation => {
-            let source = std::error::Error::source(err);
-            // The standard library's parse errors do not quote the value.
-            let bare = source.is_some_and(|source| {
-                source.is::<std::num::ParseIntError>() || source.is::<std::net::AddrParseError>()
-            });
-            match source {
-                Some(source) if !bare => format!("{}: {source}", keys.join(", ")),
-                Some(source) => format!("{}: invalid value '{value}': {source}", keys.join(", ")),
-                None => format!("{}: invalid value '{value}'", keys.join(", ")),
-            }
-        }
-        ErrorKind::InvalidValue => {
-            let valid = match err.get(ContextKind::ValidValue) {
-                Some(ContextValue::Strings(valid)) => format!("; one of {}", valid.join(", ")),
-                _ => String::new(),
-            };
-            format!("{}: invalid value '{value}'{valid}", keys.join(", "))
-        }
-        _ => {
-            let rendered = err.render().to_string();
-            let first = rendered.lines().next().unwrap_or("invalid value");
-            let message = first.strip_prefix("error: ").unwrap_or(first);
-            if keys.is_empty() {
-                message.to_owned()
-            } else {
-                format!("{}: {message}", keys.join(", "))
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::bypass::BypassArgs;
+    use crate::cli::PortList;
+    use crate::port_nat::{self, PortNatArgs};
+    use crate::redirect::RedirectArgs;
+    use crate::tproxy::TproxyArgs;
+
+    /// A parsed file by section, as the assertions name them.
+    struct Sections {
+        redirect: Option<RedirectArgs>,
+        bypass: Option<BypassArgs>,
+        port_nat: Vec<PortNatArgs>,
+        tproxy: Option<TproxyArgs>,
+        metrics: Option<SocketAddr>,
+    }
+
+    fn sections(config: ServiceConfig) -> Sections {
+        let mut sections = Sections {
+            redirect: None,
+            bypass: None,
+            port_nat: Vec::new(),
+            tproxy: None,
+            metrics: config.metrics,
+        };
+        for settings in config.datapaths {
+            match settings {
+                Settings::Redirect(args) => sections.redirect = Some(args),
+                Settings::Bypass(args) => sections.bypass = Some(args),
+                Settings::PortNat(args) => sections.port_nat.push(args),
+                Settings::Tproxy(args) => sections.tproxy = Some(args),
+                Settings::Proxy(_) => unreachable!("no config section makes the proxy alone"),
+            }
+        }
+        sections
+    }
 
     fn error(text: &str) -> String {
         format!("{:#}", parse(text).unwrap_err())
@@ -396,8 +255,9 @@ mod tests {
 
     #[test]
     fn a_full_file_parses_into_each_subcommands_arguments() {
-        let config = parse(
-            r#"
+        let config = sections(
+            parse(
+                r#"
             [redirect]
             cgroup = "pods.slice"
             ports = [80, 443]
@@ -434,8 +294,9 @@ mod tests {
             [metrics]
             listen = "127.0.0.1:9477"
             "#,
-        )
-        .unwrap();
+            )
+            .unwrap(),
+        );
 
         let redirect = config.redirect.unwrap();
         assert_eq!(redirect.cgroup.unwrap().to_str(), Some("pods.slice"));
@@ -473,7 +334,7 @@ mod tests {
 
     #[test]
     fn the_example_in_deploy_parses() {
-        let config = parse(include_str!("../deploy/config.toml")).unwrap();
+        let config = sections(parse(include_str!("../../deploy/config.toml")).unwrap());
         assert!(config.redirect.is_some());
         assert!(config.bypass.is_some());
         assert!(!config.port_nat.is_empty());
@@ -485,7 +346,7 @@ mod tests {
     /// by some section (only keys another section requires may be missing).
     #[test]
     fn the_readme_shows_real_keys_and_values() {
-        let readme = include_str!("../README.md");
+        let readme = include_str!("../../README.md");
         let start = readme.find("## Run as a service").unwrap();
         let section = &readme[start..];
         let end = section[1..].find("\n## ").unwrap() + 1;

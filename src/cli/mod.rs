@@ -1,5 +1,7 @@
 //! Argument parsers and output flags shared by every subcommand.
 
+pub mod toml;
+
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use anyhow::{bail, Context, Result};

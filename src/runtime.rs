@@ -1,0 +1,139 @@
+//! What every datapath is to the service that runs it: the `Datapath`
+//! trait, the context they share while they run, their event streams, and
+//! the two traits by which the registry hands settings to the service.
+//! Everything above (the registry, the service) depends on this; this
+//! depends on nothing above it.
+
+use std::cell::OnceCell;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context as _, Result};
+use libbpf_rs::MapHandle;
+
+use crate::cli::EventFormat;
+use crate::events;
+use crate::stats::Snapshot;
+
+/// What every datapath shares while it runs.
+pub struct RunContext {
+    pub format: EventFormat,
+    /// events::monotonic_ns() at start, the zero of event times.
+    pub start_ns: u64,
+    proxy_runtime: OnceCell<Arc<tokio::runtime::Runtime>>,
+}
+
+impl RunContext {
+    pub fn new(format: EventFormat) -> RunContext {
+        RunContext {
+            format,
+            start_ns: events::monotonic_ns(),
+            proxy_runtime: OnceCell::new(),
+        }
+    }
+
+    /// The one runtime of the built-in proxies (TCP and UDP) of every
+    /// datapath, started by the first that needs it.
+    pub fn proxy_runtime(&self) -> Result<Arc<tokio::runtime::Runtime>> {
+        if let Some(runtime) = self.proxy_runtime.get() {
+            return Ok(runtime.clone());
+        }
+        crate::rlimit::raise_open_file_limit();
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(std::thread::available_parallelism().map_or(2, |n| n.get()))
+            .thread_name("proxy")
+            .enable_all()
+            .build()
+            .context("starting the proxy runtime")?;
+        Ok(self.proxy_runtime.get_or_init(|| Arc::new(runtime)).clone())
+    }
+}
+
+impl Drop for RunContext {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.proxy_runtime.take() {
+            if let Ok(runtime) = Arc::try_unwrap(runtime) {
+                runtime.shutdown_timeout(Duration::from_secs(1));
+            }
+        }
+    }
+}
+
+/// What a datapath does with one ring-buffer record.
+pub type EventHandler = Box<dyn FnMut(&[u8])>;
+
+/// A datapath's ring buffer and what to do with each record.
+pub struct EventSource {
+    pub map: MapHandle,
+    /// The column header printed before the first text event.
+    pub header: String,
+    pub handle: EventHandler,
+}
+
+impl EventSource {
+    /// Records of type `T` from `map`, each passed to `handle`.
+    pub fn new<T: plain::Plain + 'static>(
+        map: &libbpf_rs::Map<'_>,
+        header: String,
+        mut handle: impl FnMut(&T) + 'static,
+    ) -> Result<EventSource> {
+        Ok(EventSource {
+            map: MapHandle::try_from(map).context("sharing the events map")?,
+            header,
+            handle: Box::new(move |bytes| {
+                if let Ok(event) = plain::from_bytes::<T>(bytes) {
+                    handle(event);
+                }
+            }),
+        })
+    }
+}
+
+/// A running datapath, as the run loop sees it.
+pub trait Datapath {
+    /// `redirect`, `bypass`, `tproxy`, or `port-nat IFACE`: unique in a service.
+    fn name(&self) -> String;
+    /// Attaches everything prepared and prints the configuration.
+    fn attach(&mut self, ctx: &RunContext) -> Result<()>;
+    /// How the programs are attached, for the build-info metric.
+    fn attach_mode(&self) -> String;
+    /// The events to stream while events are on.
+    fn events(&self, ctx: &RunContext) -> Result<Option<EventSource>>;
+    /// Called about every 100 ms: follow interfaces, expire flows.
+    fn tick(&mut self, _ctx: &RunContext) {}
+    /// Counters and gauges, read for /metrics, the status page and the exit
+    /// statistics.
+    fn snapshots(&self) -> Result<Vec<Snapshot>>;
+    /// What is attached where, for `proxy-redirect status`.
+    fn status(&self) -> serde_json::Value;
+    /// Stops new work before the final statistics are read.
+    fn stop(&mut self) {}
+    fn print_statistics(&self) -> Result<()>;
+}
+
+/// The settings of one datapath, as the service sees them: named, checked
+/// without changing the system, then prepared into a datapath.
+pub trait DatapathSettings: Sized {
+    type Running: RunningDatapath<Settings = Self>;
+    /// `redirect`, `bypass`, `tproxy`, or `port-nat IFACE`: unique in a
+    /// service; a reload matches old and new datapaths by it.
+    fn name(&self) -> String;
+    /// Checks everything that can be checked without changing the system
+    /// (users, cgroups, interfaces, privileges).
+    fn check(&self) -> Result<()>;
+    /// Loads the programs and binds the sockets; nothing is attached yet.
+    fn prepare(&self, ctx: &RunContext) -> Result<Self::Running>;
+}
+
+/// A running datapath together with the typed settings it can be given.
+pub trait RunningDatapath {
+    type Settings;
+    fn datapath(&self) -> &dyn Datapath;
+    fn datapath_mut(&mut self) -> &mut dyn Datapath;
+    /// Whether `reload` can apply these settings (of the same name, already
+    /// through `check`); changes nothing.
+    fn check_reload(&self, settings: &Self::Settings) -> Result<()>;
+    /// Applies settings that passed `check_reload` in place: map updates,
+    /// attaching to a new cgroup before leaving the old.
+    fn reload(&mut self, settings: &Self::Settings, ctx: &RunContext) -> Result<()>;
+}
