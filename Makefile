@@ -75,6 +75,7 @@ fmt:
 	clang-format -i $(C_SOURCES)
 
 lint:
+	python3 tools/check-imports.py
 	$(CARGO) fmt --check
 	$(CARGO) clippy --release --all-targets -- -D warnings
 	clang-format --dry-run --Werror $(C_SOURCES)

@@ -1,35 +1,18 @@
-//! proxy-redirect: transparent TCP steering with eBPF.
+//! proxy-redirect: transparent TCP and UDP steering with eBPF.
 //!
-//! One module per subcommand (`redirect`, `proxy`, `tproxy`, `demo`), on top of shared
-//! modules for cgroups, privileges, BPF links, maps, events and output.
+//! Imports point down only: `service` runs the datapaths that the
+//! `datapath` registry names; each datapath stands on the `relay`s, the
+//! `runtime` interface, and the lowest layer (`bpf`, `sys`, `telemetry`,
+//! `cli`). A datapath never imports the service, the registry or another
+//! datapath; `make lint` checks it (tools/check-imports.py). `demo` sits
+//! beside the service and uses only the lowest layer.
 
 pub mod bpf;
-pub mod bypass;
-pub mod cgroup;
 pub mod cli;
 pub mod datapath;
 pub mod demo;
-pub mod dns;
-pub mod events;
-pub mod interface_watch;
-pub mod links;
-pub mod local_route;
-pub mod maps;
-pub mod metrics;
-pub mod netns;
-pub mod page_server;
-pub mod port_nat;
-pub mod privileges;
-pub mod proxy;
-pub mod redirect;
-pub mod rlimit;
-pub mod run_dir;
+pub mod relay;
 pub mod runtime;
-pub mod servers;
 pub mod service;
-pub mod shutdown;
-pub mod sockopt;
-pub mod stats;
-pub mod status;
-pub mod tproxy;
-pub mod udp_relay;
+pub mod sys;
+pub mod telemetry;

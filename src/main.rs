@@ -5,7 +5,9 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use proxy_redirect::datapath::Settings;
-use proxy_redirect::{bypass, demo, port_nat, proxy, redirect, service, status, tproxy};
+use proxy_redirect::datapath::{bypass, port_nat, proxy, redirect, tproxy};
+use proxy_redirect::telemetry::status;
+use proxy_redirect::{demo, service};
 
 #[derive(Parser, Debug)]
 #[command(

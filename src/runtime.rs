@@ -12,13 +12,13 @@ use anyhow::{Context as _, Result};
 use libbpf_rs::MapHandle;
 
 use crate::cli::EventFormat;
-use crate::events;
-use crate::stats::Snapshot;
+use crate::sys::clock;
+use crate::telemetry::stats::Snapshot;
 
 /// What every datapath shares while it runs.
 pub struct RunContext {
     pub format: EventFormat,
-    /// events::monotonic_ns() at start, the zero of event times.
+    /// clock::monotonic_ns() at start, the zero of event times.
     pub start_ns: u64,
     proxy_runtime: OnceCell<Arc<tokio::runtime::Runtime>>,
 }
@@ -27,7 +27,7 @@ impl RunContext {
     pub fn new(format: EventFormat) -> RunContext {
         RunContext {
             format,
-            start_ns: events::monotonic_ns(),
+            start_ns: clock::monotonic_ns(),
             proxy_runtime: OnceCell::new(),
         }
     }
@@ -38,7 +38,7 @@ impl RunContext {
         if let Some(runtime) = self.proxy_runtime.get() {
             return Ok(runtime.clone());
         }
-        crate::rlimit::raise_open_file_limit();
+        crate::sys::rlimit::raise_open_file_limit();
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(std::thread::available_parallelism().map_or(2, |n| n.get()))
             .thread_name("proxy")

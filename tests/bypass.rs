@@ -11,9 +11,9 @@ use std::time::Duration;
 
 use common::*;
 use nix::sys::signal::Signal;
-use proxy_redirect::cgroup::ChildCgroup;
-use proxy_redirect::links::cgroup_program_count;
-use proxy_redirect::netns;
+use proxy_redirect::sys::cgroup::ChildCgroup;
+use proxy_redirect::sys::links::cgroup_program_count;
+use proxy_redirect::sys::netns;
 
 /// Both ends of the test connections, in one Python process (see the file).
 const PEERS: &str = include_str!("common/peers.py");
@@ -71,7 +71,7 @@ struct Capture {
 }
 
 impl Capture {
-    fn start(netns: &proxy_redirect::netns::NetNs, dir: &TempDir) -> Capture {
+    fn start(netns: &proxy_redirect::sys::netns::NetNs, dir: &TempDir) -> Capture {
         let file = dir.join("lo.pcap");
         let mut command = netns::command_in("tcpdump", Some(netns), None).unwrap();
         let mut child = command
@@ -462,7 +462,7 @@ fn bad_input_fails_with_one_line_and_attaches_nothing() {
 /// peers.py with the server on port 7001 and the client bound to port
 /// 21001 (below the ephemeral range, so never already taken): the same two
 /// endpoints in every namespace it runs in.
-fn peers_on_fixed_ports(netns: &proxy_redirect::netns::NetNs, cgroup: &ChildCgroup) -> Child {
+fn peers_on_fixed_ports(netns: &proxy_redirect::sys::netns::NetNs, cgroup: &ChildCgroup) -> Child {
     let script = PEERS
         .replace("s.bind((host, 0))", "s.bind((host, 7001))")
         .replace(
@@ -627,7 +627,7 @@ struct Nginx {
 
 impl Nginx {
     fn start(
-        netns: &proxy_redirect::netns::NetNs,
+        netns: &proxy_redirect::sys::netns::NetNs,
         cgroup: &ChildCgroup,
         files: &[(String, Vec<u8>)],
     ) -> Nginx {

@@ -187,7 +187,7 @@ fn every_datapath_runs_with_only_the_units_capabilities() {
         .cloned()
         .collect();
     let mut command =
-        proxy_redirect::netns::command_in("setpriv", Some(&testbed.server), None).unwrap();
+        proxy_redirect::sys::netns::command_in("setpriv", Some(&testbed.server), None).unwrap();
     command.args(with_capabilities(&fewer, &args));
     assert_one_line_error(
         &run(command),

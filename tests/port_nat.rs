@@ -11,11 +11,11 @@ use std::time::Duration;
 use common::packet::*;
 use common::*;
 use libbpf_rs::{OpenObject, ProgramInput};
+use proxy_redirect::bpf::maps;
 use proxy_redirect::bpf::port_nat::types::{nat_flow, nat_flow_key, nat_flow_state, nat_stat};
 use proxy_redirect::bpf::port_nat::PortNatSkel;
-use proxy_redirect::maps;
-use proxy_redirect::netns::{self, NetNs};
-use proxy_redirect::port_nat::{self, Mapping, NatConfig, Protocols};
+use proxy_redirect::datapath::port_nat::{self, Mapping, NatConfig, Protocols};
+use proxy_redirect::sys::netns::{self, NetNs};
 
 const TC_ACT_OK: u32 = 0;
 const C4: &str = "192.0.2.1";

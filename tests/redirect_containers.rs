@@ -9,7 +9,7 @@ use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use common::*;
-use proxy_redirect::netns::{self, NetNs};
+use proxy_redirect::sys::netns::{self, NetNs};
 
 /// original_dst.py `args` as a command placed by `command`.
 fn script(mut command: Command, args: &[&str]) -> Command {

@@ -385,7 +385,7 @@ print(data.decode(), source[0], source[1])
 "#
     );
     let mut command =
-        proxy_redirect::netns::command_in(PYTHON, Some(&testbed.server), Some(&testbed.apps))
+        proxy_redirect::sys::netns::command_in(PYTHON, Some(&testbed.server), Some(&testbed.apps))
             .unwrap();
     command.args(["-c", &client]);
     let out = run(command);

@@ -9,9 +9,9 @@ use std::time::Duration;
 
 use common::*;
 use nix::sys::signal::Signal;
-use proxy_redirect::cgroup::ChildCgroup;
-use proxy_redirect::links;
-use proxy_redirect::netns;
+use proxy_redirect::sys::cgroup::ChildCgroup;
+use proxy_redirect::sys::links;
+use proxy_redirect::sys::netns;
 
 const METRICS: &str = "127.0.0.1:9479";
 

@@ -16,8 +16,8 @@ use common::packet::{Ext, Packet, Rng, ETH_HLEN, TCP_ACK, TCP_FIN, TCP_RST, TCP_
 use common::*;
 use nix::sys::signal::Signal;
 use proxy_redirect::bpf::tproxy::types::tproxy_stat;
-use proxy_redirect::netns::NetNs;
-use proxy_redirect::tproxy::{self, DatapathConfig};
+use proxy_redirect::datapath::tproxy::{self, DatapathConfig};
+use proxy_redirect::sys::netns::NetNs;
 
 fn curl_from_client(gw: &Gateway, url: &str) -> std::process::Output {
     curl(gw.in_client("curl"), url, &[])
@@ -908,7 +908,7 @@ fn a_recreated_interface_is_followed_by_name() {
     let event = |name: &'static str| move |l: &str| l.contains(&format!("\"event\":\"{name}\""));
     let gone = tproxy.wait_for_line(event("interface-gone"), Duration::from_secs(10));
     assert!(gone.is_some(), "no interface-gone event: {:?}", tproxy.seen);
-    proxy_redirect::netns::veth_pair(&gw.client, "veth0", &gw.gateway, CLIENT_FACING).unwrap();
+    proxy_redirect::sys::netns::veth_pair(&gw.client, "veth0", &gw.gateway, CLIENT_FACING).unwrap();
     gw.client
         .configure(
             "veth0",
@@ -933,7 +933,10 @@ fn a_recreated_interface_is_followed_by_name() {
     let back = tproxy.wait_for_line(event("interface-back"), Duration::from_secs(10));
     assert!(back.is_some(), "no interface-back event: {:?}", tproxy.seen);
     assert_eq!(
-        gw.tcx_program_count(CLIENT_FACING, proxy_redirect::links::TcDirection::Ingress),
+        gw.tcx_program_count(
+            CLIENT_FACING,
+            proxy_redirect::sys::links::TcDirection::Ingress
+        ),
         u32::from(kernel::has_tcx())
     );
     // The rule (iif by name) and the route (on lo) held: intercepted again.
@@ -952,7 +955,10 @@ fn a_recreated_interface_is_followed_by_name() {
         "rules or routes left behind:\n{after}"
     );
     assert_eq!(
-        gw.tcx_program_count(CLIENT_FACING, proxy_redirect::links::TcDirection::Ingress),
+        gw.tcx_program_count(
+            CLIENT_FACING,
+            proxy_redirect::sys::links::TcDirection::Ingress
+        ),
         0
     );
 }

@@ -4,16 +4,23 @@
 //! datapath with its new settings on a reload. The service above sees only
 //! the `runtime` traits these implement.
 
+pub mod bypass;
+pub mod port_nat;
+pub mod proxy;
+pub mod redirect;
+pub mod tproxy;
+
 use anyhow::{anyhow, bail, Result};
 use toml::Table;
 
-use crate::bypass::{Bypass, BypassArgs};
 use crate::cli::toml::section_args;
-use crate::port_nat::{self, PortNat, PortNatArgs};
-use crate::proxy::{Proxy, ProxyArgs};
-use crate::redirect::{Redirect, RedirectArgs};
+use bypass::{Bypass, BypassArgs};
+use port_nat::{PortNat, PortNatArgs};
+use proxy::{Proxy, ProxyArgs};
+
 use crate::runtime::{Datapath, DatapathSettings, RunContext, RunningDatapath};
-use crate::tproxy::{Tproxy, TproxyArgs};
+use redirect::{Redirect, RedirectArgs};
+use tproxy::{Tproxy, TproxyArgs};
 
 /// The settings of one datapath, from the command line or a config section.
 #[derive(Debug, Clone)]
@@ -50,11 +57,11 @@ impl DatapathSettings for Settings {
 
     fn check(&self) -> Result<()> {
         match self {
-            Settings::Redirect(args) => crate::redirect::check(args),
-            Settings::Bypass(args) => crate::bypass::check(args),
-            Settings::PortNat(args) => crate::port_nat::check(args),
-            Settings::Tproxy(args) => crate::tproxy::check(args),
-            Settings::Proxy(args) => crate::proxy::check(args),
+            Settings::Redirect(args) => redirect::check(args),
+            Settings::Bypass(args) => bypass::check(args),
+            Settings::PortNat(args) => port_nat::check(args),
+            Settings::Tproxy(args) => tproxy::check(args),
+            Settings::Proxy(args) => proxy::check(args),
         }
     }
 

@@ -214,11 +214,11 @@ fn metrics(table: &Table) -> Result<SocketAddr> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bypass::BypassArgs;
     use crate::cli::PortList;
-    use crate::port_nat::{self, PortNatArgs};
-    use crate::redirect::RedirectArgs;
-    use crate::tproxy::TproxyArgs;
+    use crate::datapath::bypass::BypassArgs;
+    use crate::datapath::port_nat::{self, PortNatArgs};
+    use crate::datapath::redirect::RedirectArgs;
+    use crate::datapath::tproxy::TproxyArgs;
 
     /// A parsed file by section, as the assertions name them.
     struct Sections {
@@ -307,7 +307,10 @@ mod tests {
         assert_eq!(redirect.include[1].to_string(), "fd00::/8");
         assert_eq!(redirect.exclude_user.as_deref(), Some("proxy"));
         assert_eq!(redirect.mark, 0x5052);
-        assert_eq!(redirect.when_proxy_down, crate::redirect::ProxyDown::Closed);
+        assert_eq!(
+            redirect.when_proxy_down,
+            crate::datapath::redirect::ProxyDown::Closed
+        );
         // Defaults are the command line's.
         assert_eq!(redirect.relay.idle_timeout, 3600);
         assert!(redirect.udp_ports.is_none());

@@ -15,10 +15,11 @@ use libbpf_rs::RingBufferBuilder;
 
 use crate::cli::{EventFormat, OutputArgs};
 use crate::datapath::Settings;
-use crate::metrics::Metrics;
 use crate::runtime::{Datapath, DatapathSettings, RunContext, RunningDatapath};
-use crate::stats::Snapshot;
-use crate::{shutdown, status};
+use crate::sys::shutdown;
+use crate::telemetry::metrics::Metrics;
+use crate::telemetry::stats::Snapshot;
+use crate::telemetry::status;
 use reload::Source;
 
 #[derive(clap::Args, Debug, Clone)]

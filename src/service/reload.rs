@@ -9,8 +9,8 @@ use std::net::SocketAddr;
 
 use anyhow::{Context as _, Result};
 
-use crate::metrics::Metrics;
 use crate::runtime::{DatapathSettings, RunContext, RunningDatapath};
+use crate::telemetry::metrics::Metrics;
 
 /// Where a service's settings come from, and how to read them again.
 pub trait Source<S> {
@@ -165,7 +165,7 @@ mod tests {
     use super::*;
     use crate::cli::EventFormat;
     use crate::runtime::{Datapath, EventSource};
-    use crate::stats::Snapshot;
+    use crate::telemetry::stats::Snapshot;
 
     /// What the fakes did, in order: `attach a`, `reload a v2`, `stop a`,
     /// `detach a`, ...

@@ -20,8 +20,8 @@ use std::net::{TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
 use common::*;
-use proxy_redirect::cgroup::{self, ChildCgroup};
-use proxy_redirect::netns::{self, NetNs};
+use proxy_redirect::sys::cgroup::{self, ChildCgroup};
+use proxy_redirect::sys::netns::{self, NetNs};
 
 const SIZES: [usize; 3] = [64, 1024, 16 * 1024];
 const ARMS: [&str; 2] = ["plain loopback", "bypass"];

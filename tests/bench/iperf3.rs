@@ -3,7 +3,7 @@
 
 use std::process::Command;
 
-use proxy_redirect::netns::NetNs;
+use proxy_redirect::sys::netns::NetNs;
 
 use crate::common::{run, Running};
 

@@ -24,8 +24,8 @@ use common::packet::*;
 use common::*;
 use libbpf_rs::ProgramInput;
 use proxy_redirect::bpf::port_nat::types::nat_stat;
-use proxy_redirect::netns::{self, NetNs};
-use proxy_redirect::port_nat::{self, Mapping, NatConfig, Protocols};
+use proxy_redirect::datapath::port_nat::{self, Mapping, NatConfig, Protocols};
+use proxy_redirect::sys::netns::{self, NetNs};
 use report::ratio_table;
 use rr::*;
 

@@ -27,7 +27,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
-use proxy_redirect::netns::{self, NetNs};
+use proxy_redirect::sys::netns::{self, NetNs};
 use rr::*;
 
 const MESSAGE: usize = 64;

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use proxy_redirect::netns::{self, NetNs};
+use proxy_redirect::sys::netns::{self, NetNs};
 
 use crate::common::{run, Testbed};
 

@@ -23,7 +23,7 @@ use std::net::SocketAddr;
 
 use common::gateway::*;
 use common::*;
-use proxy_redirect::netns;
+use proxy_redirect::sys::netns;
 
 const CPS_PORT: u16 = 80;
 /// The argument that makes this binary the connection-rate client.

@@ -5,8 +5,8 @@
 
 use std::process::Command;
 
-use proxy_redirect::links::{self, TcDirection};
-use proxy_redirect::netns::{self, NetNs};
+use proxy_redirect::sys::links::{self, TcDirection};
+use proxy_redirect::sys::netns::{self, NetNs};
 
 use super::{run, unique, Running, BIN};
 

@@ -6,7 +6,7 @@
 pub mod gateway;
 pub mod kernel;
 pub mod packet;
-pub use proxy_redirect::servers;
+pub use proxy_redirect::demo::servers;
 
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
@@ -15,8 +15,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use proxy_redirect::cgroup::{self, ChildCgroup};
-use proxy_redirect::netns::{self, NetNs};
+use proxy_redirect::sys::cgroup::{self, ChildCgroup};
+use proxy_redirect::sys::netns::{self, NetNs};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_proxy-redirect");
 pub const PYTHON: &str = "/usr/bin/python3";
@@ -213,7 +213,8 @@ impl Testbed {
                 BPF_CGROUP_UDP4_RECVMSG,
                 BPF_CGROUP_UDP6_RECVMSG,
             ] {
-                total += proxy_redirect::links::cgroup_program_count(&path, attach_type).unwrap();
+                total +=
+                    proxy_redirect::sys::links::cgroup_program_count(&path, attach_type).unwrap();
             }
         }
         total
@@ -757,7 +758,7 @@ pub fn fast_open_passive(netns: &NetNs) -> u64 {
 
 /// tcx programs, ingress and egress, on a device of `netns`.
 pub fn tcx_programs(netns: &NetNs, device: &str) -> u32 {
-    use proxy_redirect::links::{tcx_program_count, TcDirection};
+    use proxy_redirect::sys::links::{tcx_program_count, TcDirection};
     let device = device.to_owned();
     netns
         .spawn(move || {

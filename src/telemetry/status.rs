@@ -12,8 +12,8 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 
-use crate::page_server::PageServer;
-use crate::run_dir::{self, RUN_DIR};
+use crate::sys::run_dir::{self, RUN_DIR};
+use crate::telemetry::page_server::PageServer;
 
 const SOCKET_NAME: &str = "status.sock";
 

@@ -17,19 +17,20 @@ use clap::Args;
 use libbpf_rs::skel::{OpenSkel, SkelBuilder};
 use libbpf_rs::MapCore;
 
+use crate::bpf::maps;
 use crate::bpf::tproxy::types::{tproxy_action, tproxy_event, tproxy_stat};
 use crate::bpf::tproxy::{TproxySkel, TproxySkelBuilder};
 use crate::bpf::Endpoint as _;
 use crate::bpf::OwnedSkel;
 use crate::cli::{self, EventFormat, OutputArgs, PortList};
-use crate::interface_watch::{self, InterfaceWatch};
-use crate::links::{Attachments, TcAttachMode, TcDirection, TcPath};
-use crate::local_route::{self, LocalRouteSpec, LocalRoutes};
-use crate::proxy::{BoundProxy, ProxyConfig, RelayArgs, RunningProxy};
-use crate::run_dir::{self, RUN_DIR};
+use crate::relay::tcp::{BoundProxy, ProxyConfig, RelayArgs, RunningProxy};
 use crate::runtime::{Datapath, EventSource, RunContext};
-use crate::stats::Snapshot;
-use crate::{maps, privileges};
+use crate::sys::interface_watch::{self, InterfaceWatch};
+use crate::sys::links::{Attachments, TcAttachMode, TcDirection, TcPath};
+use crate::sys::local_route::{self, LocalRouteSpec, LocalRoutes};
+use crate::sys::privileges;
+use crate::sys::run_dir::{self, RUN_DIR};
+use crate::telemetry::stats::Snapshot;
 
 // SAFETY: generated from include/tproxy.h: fixed-width integers with explicit padding.
 unsafe impl plain::Plain for tproxy_event {}
@@ -117,7 +118,7 @@ struct Plan {
 fn plan(args: &TproxyArgs) -> Result<Plan> {
     let ifindex = nix::net::if_::if_nametoindex(args.interface.as_str())
         .map_err(|_| anyhow::anyhow!("no interface named '{}' (see ip link)", args.interface))?;
-    let has_l2_header = crate::links::link_has_l2_header(&args.interface, "tproxy")?;
+    let has_l2_header = crate::sys::links::link_has_l2_header(&args.interface, "tproxy")?;
     let upstream = match &args.upstream_interface {
         None => None,
         Some(name) if *name == args.interface => {
@@ -126,7 +127,10 @@ fn plan(args: &TproxyArgs) -> Result<Plan> {
         Some(name) => {
             let index = nix::net::if_::if_nametoindex(name.as_str())
                 .map_err(|_| anyhow::anyhow!("no interface named '{name}' (see ip link)"))?;
-            Some((index, crate::links::link_has_l2_header(name, "tproxy")?))
+            Some((
+                index,
+                crate::sys::links::link_has_l2_header(name, "tproxy")?,
+            ))
         }
     };
     let (proxy_v4, proxy_v6) =
@@ -382,7 +386,8 @@ impl Datapath for Tproxy {
             ctx.format,
             ctx.start_ns,
             |index| {
-                let has_l2_header = crate::links::link_has_l2_header(&args.interface, "tproxy")?;
+                let has_l2_header =
+                    crate::sys::links::link_has_l2_header(&args.interface, "tproxy")?;
                 let bss = skel
                     .maps
                     .bss_data
@@ -428,7 +433,7 @@ impl Datapath for Tproxy {
 
     fn stop(&mut self) {
         if let Some(proxy) = &self.proxy {
-            proxy.stop(crate::proxy::STOP_GRACE);
+            proxy.stop(crate::relay::tcp::STOP_GRACE);
         }
     }
 

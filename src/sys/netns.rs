@@ -11,7 +11,7 @@ use std::thread::JoinHandle;
 use anyhow::{bail, Context, Result};
 use nix::sched::{setns, CloneFlags};
 
-use crate::cgroup::ChildCgroup;
+use crate::sys::cgroup::ChildCgroup;
 
 /// Runs `ip ARGS...`, failing with its stderr; returns its stdout.
 pub fn ip<S: AsRef<str>>(args: &[S]) -> Result<String> {

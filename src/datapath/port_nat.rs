@@ -10,18 +10,19 @@ use clap::Args;
 use libbpf_rs::skel::{OpenSkel, SkelBuilder};
 use libbpf_rs::{MapCore, MapFlags};
 
+use crate::bpf::maps;
 use crate::bpf::port_nat::types::{
     nat_event, nat_flow, nat_flow_key, nat_flow_state, nat_port, nat_stat,
 };
 use crate::bpf::port_nat::{PortNatSkel, PortNatSkelBuilder};
 use crate::bpf::OwnedSkel;
 use crate::cli::{self, EventFormat, OutputArgs};
-use crate::events;
-use crate::interface_watch::{self, InterfaceWatch};
-use crate::links::{self, Attachments, TcAttachMode, TcDirection};
 use crate::runtime::{Datapath, EventSource, RunContext};
-use crate::stats::{Metric, Snapshot};
-use crate::{maps, privileges};
+use crate::sys::clock;
+use crate::sys::interface_watch::{self, InterfaceWatch};
+use crate::sys::links::{self, Attachments, TcAttachMode, TcDirection};
+use crate::sys::privileges;
+use crate::telemetry::stats::{Metric, Snapshot};
 
 // SAFETY: generated from include/port_nat.h: fixed-width integers with
 // explicit padding.
@@ -424,11 +425,7 @@ impl Datapath for PortNat {
             return;
         }
         self.last_sweep = Instant::now();
-        match sweep(
-            &self.skel.maps.flows,
-            &self.timeouts,
-            events::monotonic_ns(),
-        ) {
+        match sweep(&self.skel.maps.flows, &self.timeouts, clock::monotonic_ns()) {
             Ok(flows) => {
                 self.expired += flows.len() as u64;
                 for (key, flow) in &flows {
@@ -573,7 +570,7 @@ fn print_event(event: &nat_event, format: EventFormat, start_ns: u64) {
 }
 
 fn print_expired(key: &nat_flow_key, flow: &nat_flow, format: EventFormat, start_ns: u64) {
-    let now = events::monotonic_ns();
+    let now = clock::monotonic_ns();
     let seconds = now.saturating_sub(start_ns) as f64 / 1e9;
     let idle = now.saturating_sub(flow.last_seen_ns) as f64 / 1e9;
     let client = crate::bpf::socket_addr(key.family, &key.client_ip, key.client_port);

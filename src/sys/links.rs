@@ -7,7 +7,7 @@ use std::path::Path;
 use anyhow::{bail, Context, Result};
 use libbpf_rs::{Link, ProgramMut, TcHook, TcHookBuilder, TC_EGRESS, TC_INGRESS};
 
-use crate::cgroup::CgroupFd;
+use crate::sys::cgroup::CgroupFd;
 
 /// Which TC hook point.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

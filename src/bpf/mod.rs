@@ -1,6 +1,8 @@
 //! The generated skeletons, one module per `bpf/<name>.bpf.c`, and the
 //! conversions every skeleton shares.
 
+pub mod maps;
+
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 macro_rules! skeleton {

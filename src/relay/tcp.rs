@@ -1,5 +1,5 @@
-//! The built-in transparent relay (`proxy-redirect proxy`, and the default
-//! proxy of `redirect`).
+//! The built-in transparent TCP relay (the `proxy` datapath, and the
+//! default proxy of `redirect` and `tproxy`).
 //!
 //! Architecture: one tokio event loop with a worker per core holds every
 //! connection as a task. Each direction starts by copying through a small
@@ -34,11 +34,8 @@ use tokio::io::Interest;
 use tokio::net::{TcpSocket, TcpStream};
 use tracing::{debug, warn};
 
-use crate::cli::OutputArgs;
-use crate::runtime::{Datapath, EventSource, RunContext};
-use crate::sockopt::{original_destination, set_mark};
-use crate::stats::{Metric, Snapshot};
-use crate::{cli, privileges};
+use crate::sys::sockopt::{original_destination, set_mark};
+use crate::telemetry::stats::{Metric, Snapshot};
 
 /// Bytes a pipe (one per direction) may hold; also the largest splice.
 const PIPE_SIZE: usize = 256 * 1024;
@@ -57,27 +54,6 @@ pub const DEFAULT_MARK: u32 = 0x5052;
 
 /// How long a stopping proxy waits for its connections to end.
 pub const STOP_GRACE: Duration = Duration::from_secs(1);
-
-#[derive(Args, Debug, Clone)]
-pub struct ProxyArgs {
-    /// Address to listen on (repeat for several)
-    #[arg(short, long = "listen", value_name = "ADDR:PORT",
-          default_values_t = default_listen_addrs(15001))]
-    pub listen: Vec<SocketAddr>,
-    /// Mark (SO_MARK) of upstream connections, which `redirect` never redirects
-    #[arg(long, default_value = "0x5052", value_parser = cli::parse_mark)]
-    pub mark: u32,
-    /// Be a TPROXY target (iptables TPROXY, `tproxy --no-proxy`): listen with
-    /// IP_TRANSPARENT and relay each connection to its own local address
-    /// instead of asking SO_ORIGINAL_DST
-    #[arg(long)]
-    pub transparent: bool,
-    #[command(flatten)]
-    pub relay: RelayArgs,
-    /// Serve the statistics as Prometheus metrics on http://ADDR/metrics
-    #[arg(long, value_name = "ADDR")]
-    pub metrics: Option<SocketAddr>,
-}
 
 /// Options of the relay itself, shared by every subcommand that runs it.
 #[derive(Args, Debug, Clone, Copy, PartialEq, Eq)]
@@ -327,95 +303,6 @@ impl Drop for RunningProxy {
         if let Some(Ok(runtime)) = self.runtime.take().map(Arc::try_unwrap) {
             runtime.shutdown_timeout(Duration::from_secs(1));
         }
-    }
-}
-
-impl ProxyArgs {
-    /// The proxy alone streams no events; it serves metrics when asked.
-    pub fn output(&self) -> OutputArgs {
-        OutputArgs {
-            metrics: self.metrics,
-            ..OutputArgs::default()
-        }
-    }
-}
-
-pub fn check(args: &ProxyArgs) -> Result<()> {
-    privileges::require_proxy(args.mark, args.transparent)
-}
-
-/// The built-in proxy on its own, as a datapath without BPF programs.
-pub struct Proxy {
-    args: ProxyArgs,
-    bound: Option<BoundProxy>,
-    addrs: Vec<SocketAddr>,
-    running: Option<RunningProxy>,
-}
-
-impl Proxy {
-    pub fn prepare(args: &ProxyArgs) -> Result<Proxy> {
-        check(args)?;
-        let config = ProxyConfig::new(args.mark, args.transparent, &args.relay);
-        let bound = BoundProxy::bind(&args.listen, config)?;
-        Ok(Proxy {
-            args: args.clone(),
-            addrs: bound.local_addrs(),
-            bound: Some(bound),
-            running: None,
-        })
-    }
-}
-
-impl Datapath for Proxy {
-    fn name(&self) -> String {
-        "proxy".into()
-    }
-
-    fn attach(&mut self, ctx: &RunContext) -> Result<()> {
-        let addrs: Vec<String> = self.addrs.iter().map(|a| a.to_string()).collect();
-        println!(
-            "Proxy listening on {} (upstream mark {:#x}{})",
-            addrs.join(", "),
-            self.args.mark,
-            if self.args.transparent {
-                ", transparent"
-            } else {
-                ""
-            }
-        );
-        if let Some(bound) = self.bound.take() {
-            self.running = Some(bound.start_on(ctx.proxy_runtime()?)?);
-        }
-        Ok(())
-    }
-
-    fn attach_mode(&self) -> String {
-        "none".into()
-    }
-
-    fn events(&self, _ctx: &RunContext) -> Result<Option<EventSource>> {
-        Ok(None)
-    }
-
-    fn snapshots(&self) -> Result<Vec<Snapshot>> {
-        Ok(self.running.iter().map(|p| p.stats.snapshot()).collect())
-    }
-
-    fn status(&self) -> serde_json::Value {
-        serde_json::json!({"name": self.name(), "listen": self.addrs.iter().map(|a| a.to_string()).collect::<Vec<_>>()})
-    }
-
-    fn stop(&mut self) {
-        if let Some(running) = &self.running {
-            running.stop(STOP_GRACE);
-        }
-    }
-
-    fn print_statistics(&self) -> Result<()> {
-        if let Some(running) = &self.running {
-            running.stats.print();
-        }
-        Ok(())
     }
 }
 

@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 
-use crate::page_server::PageServer;
-use crate::stats::{prometheus_text, Snapshot};
+use crate::telemetry::page_server::PageServer;
+use crate::telemetry::stats::{prometheus_text, Snapshot};
 
 pub struct MetricsServer {
     pages: PageServer,

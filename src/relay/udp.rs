@@ -37,9 +37,10 @@ use tracing::debug;
 use crate::bpf::redirect::types::{udp_relay_slot, udp_relay_slot_index};
 use crate::bpf::Endpoint as _;
 use crate::cli::EventFormat;
-use crate::sockopt::{netns_cookie, set_mark};
-use crate::stats::{Metric, Snapshot};
-use crate::{dns, events};
+use crate::relay::dns;
+use crate::sys::clock;
+use crate::sys::sockopt::{netns_cookie, set_mark};
+use crate::telemetry::stats::{Metric, Snapshot};
 
 /// Open flows at most; a datagram of a new flow beyond it is dropped.
 pub const MAX_FLOWS: usize = 16384;
@@ -143,7 +144,7 @@ pub struct UdpRelayConfig {
     pub mark: u32,
     pub idle_timeout: Duration,
     pub events: EventFormat,
-    /// events::monotonic_ns() at start, the zero of event times.
+    /// clock::monotonic_ns() at start, the zero of event times.
     pub start_ns: u64,
 }
 
@@ -693,7 +694,7 @@ impl Relay {
         let Some(question) = dns::question(query) else {
             return;
         };
-        let seconds = events::monotonic_ns().saturating_sub(self.config.start_ns) as f64 / 1e9;
+        let seconds = clock::monotonic_ns().saturating_sub(self.config.start_ns) as f64 / 1e9;
         let qtype = dns::type_name(question.qtype);
         match format {
             EventFormat::Off => {}

@@ -14,21 +14,22 @@ use clap::{Args, ValueEnum};
 use libbpf_rs::skel::{OpenSkel, SkelBuilder};
 use libbpf_rs::MapCore;
 
+use crate::bpf::maps;
 use crate::bpf::redirect::types::{
     bypass_reason, cidr_v4_key, cidr_v6_key, conn_tuple, endpoint, handover_key, proxy_down_policy,
     redirect_action, redirect_event, redirect_stat,
 };
 use crate::bpf::redirect::{RedirectSkel, RedirectSkelBuilder};
 use crate::bpf::{Endpoint as _, OwnedSkel};
-use crate::cgroup::{self, CgroupFd};
 use crate::cli::{self, Cidr, EventFormat, OutputArgs, PortList};
-use crate::events::comm_to_string;
-use crate::links::Attachments;
-use crate::proxy::{BoundProxy, ProxyConfig, RelayArgs, RunningProxy};
+use crate::relay::tcp::{BoundProxy, ProxyConfig, RelayArgs, RunningProxy};
+use crate::relay::udp::{BoundUdpRelay, UdpRelay, UdpRelayConfig};
 use crate::runtime::{Datapath, EventSource, RunContext};
-use crate::stats::{Metric, Snapshot};
-use crate::udp_relay::{BoundUdpRelay, UdpRelay, UdpRelayConfig};
-use crate::{maps, privileges};
+use crate::sys::cgroup::{self, CgroupFd};
+use crate::sys::links::Attachments;
+use crate::sys::privileges;
+use crate::telemetry::events::comm_to_string;
+use crate::telemetry::stats::{Metric, Snapshot};
 
 // SAFETY: generated from include/*.h: fixed-width integers with explicit padding.
 unsafe impl plain::Plain for redirect_event {}
@@ -320,7 +321,7 @@ impl Datapath for Redirect {
 
     fn stop(&mut self) {
         if let Some(proxy) = &self.proxy {
-            proxy.stop(crate::proxy::STOP_GRACE);
+            proxy.stop(crate::relay::tcp::STOP_GRACE);
         }
     }
 

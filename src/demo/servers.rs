@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, Context, Result};
 
-use crate::netns::NetNs;
+use crate::sys::netns::NetNs;
 
 /// A server thread; `peers` lists the client addresses it accepted.
 pub struct Server {

@@ -13,14 +13,15 @@ use libbpf_rs::skel::{OpenSkel, SkelBuilder};
 
 use crate::bpf::bypass::types::{bypass_event, bypass_side, bypass_stat, comm, endpoint, sock_key};
 use crate::bpf::bypass::{BypassSkel, BypassSkelBuilder};
+use crate::bpf::maps;
 use crate::bpf::Endpoint as _;
 use crate::bpf::OwnedSkel;
-use crate::cgroup::{self, CgroupFd};
 use crate::cli::{self, EventFormat, OutputArgs, PortList};
-use crate::links::{self, Attachments};
 use crate::runtime::{Datapath, EventSource, RunContext};
-use crate::stats::{Metric, Snapshot};
-use crate::{maps, privileges};
+use crate::sys::cgroup::{self, CgroupFd};
+use crate::sys::links::{self, Attachments};
+use crate::sys::privileges;
+use crate::telemetry::stats::{Metric, Snapshot};
 
 // SAFETY: generated from include/*.h: fixed-width integers with explicit padding.
 unsafe impl plain::Plain for bypass_event {}

@@ -7,8 +7,8 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use anyhow::{Context, Result};
 
 use crate::cli::EventFormat;
-use crate::events;
-use crate::links::{Attachments, TcPath};
+use crate::sys::clock;
+use crate::sys::links::{Attachments, TcPath};
 
 const RTMGRP_LINK: u32 = 1;
 const RTM_DELLINK: u16 = 17;
@@ -212,7 +212,7 @@ fn report(
 ) {
     match format {
         EventFormat::Json => {
-            let seconds = events::monotonic_ns().saturating_sub(start_ns) as f64 / 1e9;
+            let seconds = clock::monotonic_ns().saturating_sub(start_ns) as f64 / 1e9;
             let record = serde_json::json!({
                 "time": seconds,
                 "event": event,

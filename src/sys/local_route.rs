@@ -9,7 +9,7 @@
 
 use anyhow::{bail, Context, Result};
 
-use crate::netns::ip;
+use crate::sys::netns::ip;
 
 /// `proto 82` on our rules and routes (`/etc/iproute2/rt_protos` leaves it
 /// unnamed).

@@ -3,6 +3,8 @@
 //! joined by a veth pair, and a child cgroup for the client. It never
 //! attaches anything to the host's root cgroup or to a real interface.
 
+pub mod servers;
+
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Stdio};
 use std::sync::mpsc;
@@ -11,9 +13,9 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 
-use crate::cgroup::{self, ChildCgroup};
-use crate::netns::{self, NetNs};
-use crate::{privileges, servers};
+use crate::sys::cgroup::{self, ChildCgroup};
+use crate::sys::netns::{self, NetNs};
+use crate::sys::privileges;
 
 const CLIENT_V4: &str = "10.203.0.1";
 const SERVER_V4: &str = "10.203.0.2";
