@@ -29,23 +29,9 @@ use proxy_redirect::sys::netns::{self, NetNs};
 use report::ratio_table;
 use rr::*;
 
-struct Settings {
-    rounds: usize,
-    repeat: u32,
-    cps_seconds: f64,
-}
-
 fn main() {
-    if rr::run_client_if_asked() {
+    let Some(settings) = rr::start() else {
         return;
-    }
-    let Some(quick) = report::start() else {
-        return;
-    };
-    let settings = Settings {
-        rounds: if quick { 1 } else { 5 },
-        repeat: if quick { 100_000 } else { 2_000_000 },
-        cps_seconds: if quick { 0.5 } else { 2.0 },
     };
     per_packet(&settings);
     connections_per_second(&settings);

@@ -37,23 +37,9 @@ const UDP_PORT: u16 = 53;
 /// The steady UDP request rate at which the relay's CPU is measured too.
 const PACED_RATE: u32 = 5000;
 
-struct Settings {
-    rounds: usize,
-    cps_seconds: f64,
-    bulk_seconds: u32,
-}
-
 fn main() {
-    if rr::run_client_if_asked() {
+    let Some(settings) = rr::start() else {
         return;
-    }
-    let Some(quick) = report::start() else {
-        return;
-    };
-    let settings = Settings {
-        rounds: if quick { 1 } else { 5 },
-        cps_seconds: if quick { 0.5 } else { 2.0 },
-        bulk_seconds: if quick { 1 } else { 3 },
     };
     let only = std::env::var("BENCH_ONLY").ok();
     type Part = fn(&Settings);

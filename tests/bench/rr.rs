@@ -75,7 +75,33 @@ pub const UDP_RR_CLIENT: &str = "udp-rr-client";
 
 /// When this process was started as a client (`RR_CLIENT ADDR SECONDS` or
 /// `UDP_RR_CLIENT ADDR SECONDS`), runs it and returns true.
-pub fn run_client_if_asked() -> bool {
+/// What the connection-rate benchmarks take from the environment: full
+/// runs, or short ones with BENCH_QUICK. Not every benchmark reads each.
+#[allow(dead_code)]
+pub struct Settings {
+    pub rounds: usize,
+    pub cps_seconds: f64,
+    pub bulk_seconds: u32,
+    /// BPF_PROG_TEST_RUN repeats per measurement.
+    pub repeat: u32,
+}
+
+/// `None` when this process is a client of another run (it has done its
+/// work) or may not run; else the settings of a full or a quick run.
+pub fn start() -> Option<Settings> {
+    if run_client_if_asked() {
+        return None;
+    }
+    let quick = crate::report::start()?;
+    Some(Settings {
+        rounds: if quick { 1 } else { 5 },
+        cps_seconds: if quick { 0.5 } else { 2.0 },
+        bulk_seconds: if quick { 1 } else { 3 },
+        repeat: if quick { 100_000 } else { 2_000_000 },
+    })
+}
+
+fn run_client_if_asked() -> bool {
     let args: Vec<String> = std::env::args().collect();
     if let Some(i) = args.iter().position(|a| a == RR_CLIENT) {
         rr_client_main(&args[i + 1..]);

@@ -24,6 +24,7 @@ use std::net::SocketAddr;
 use common::gateway::*;
 use common::*;
 use proxy_redirect::sys::netns;
+use rr::Settings;
 
 const CPS_PORT: u16 = 80;
 /// The argument that makes this binary the connection-rate client.
@@ -32,23 +33,9 @@ const PROXY_PORT: &str = "15002";
 const ROUTE_MARK: &str = "0x5054";
 const TABLE: &str = "5052";
 
-struct Settings {
-    rounds: usize,
-    cps_seconds: f64,
-    bulk_seconds: u32,
-}
-
 fn main() {
-    if rr::run_client_if_asked() {
+    let Some(settings) = rr::start() else {
         return;
-    }
-    let Some(quick) = report::start() else {
-        return;
-    };
-    let settings = Settings {
-        rounds: if quick { 1 } else { 5 },
-        cps_seconds: if quick { 0.5 } else { 2.0 },
-        bulk_seconds: if quick { 1 } else { 3 },
     };
     connections_per_second(&settings);
     bulk_throughput(&settings);
