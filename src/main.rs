@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use proxy_redirect::datapath::Settings;
 use proxy_redirect::datapath::{bypass, port_nat, proxy, redirect, tproxy};
+use proxy_redirect::err_out;
 use proxy_redirect::telemetry::status;
 use proxy_redirect::{demo, service};
 
@@ -61,7 +62,7 @@ fn main() -> ExitCode {
             // clap's first line says what is wrong; the usage lines after it
             // are what --help is for.
             let rendered = err.render().to_string();
-            eprintln!("{}", rendered.lines().next().unwrap_or("invalid arguments"));
+            err_out!("{}", rendered.lines().next().unwrap_or("invalid arguments"));
             return ExitCode::from(2);
         }
     };
@@ -78,7 +79,7 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("error: {err:#}");
+            err_out!("error: {err:#}");
             ExitCode::FAILURE
         }
     }

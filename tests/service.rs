@@ -15,16 +15,6 @@ use proxy_redirect::sys::netns;
 
 const METRICS: &str = "127.0.0.1:9479";
 
-/// One service per host (one status socket): the tests of this file take
-/// turns.
-static ONE_SERVICE: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-fn one_service_at_a_time() -> std::sync::MutexGuard<'static, ()> {
-    ONE_SERVICE
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
 /// redirect of `apps` (ports given), bypass of the whole test tree, and
 /// port-nat 8081 -> 18080 on the client's veth.
 fn config(testbed: &Testbed, redirect_ports: &str) -> String {

@@ -17,6 +17,7 @@ use crate::bpf::maps;
 use crate::bpf::Endpoint as _;
 use crate::bpf::OwnedSkel;
 use crate::cli::{self, EventFormat, OutputArgs, PortList};
+use crate::out;
 use crate::runtime::{Datapath, EventSource, RunContext};
 use crate::sys::cgroup::{self, CgroupFd};
 use crate::sys::links::{self, Attachments};
@@ -224,18 +225,18 @@ impl Datapath for Bypass {
         self.attachments
             .attach_cgroup(&self.skel.progs.bypass_sockops, &cgroup)?;
 
-        println!("Bypassing same-host TCP");
-        println!("  cgroup:            {}", self.cgroup.display());
+        out!("Bypassing same-host TCP");
+        out!("  cgroup:            {}", self.cgroup.display());
         match &self.args.ports {
-            Some(ports) => println!("  ports:             {ports}"),
-            None => println!("  ports:             all"),
+            Some(ports) => out!("  ports:             {ports}"),
+            None => out!("  ports:             all"),
         }
-        println!("  peers:             sockets of the same network namespace");
-        println!(
+        out!("  peers:             sockets of the same network namespace");
+        out!(
             "  splice readers:    {} (never bypassed)",
             splice_readers(&self.args).join(", ")
         );
-        println!("Attached 4 programs; press Ctrl-C to stop");
+        out!("Attached 4 programs; press Ctrl-C to stop");
         Ok(())
     }
 
@@ -364,9 +365,10 @@ fn print_event(event: &bypass_event, format: EventFormat, start_ns: u64) {
                 .as_ref()
                 .map(|e| format!(" ({e})"))
                 .unwrap_or_default();
-            println!(
+            out!(
                 "{seconds:12.3} {action:<8} {side:<8} {:<8} [{}] {local} -> {remote}{why}",
-                event.key.netns, event.cookie
+                event.key.netns,
+                event.cookie
             );
         }
         EventFormat::Json => {
@@ -380,7 +382,7 @@ fn print_event(event: &bypass_event, format: EventFormat, start_ns: u64) {
                 "remote": remote.to_string(),
                 "error": error.map(|e| e.to_string()),
             });
-            println!("{record}");
+            out!("{record}");
         }
     }
 }
@@ -499,7 +501,7 @@ fn snapshot(skel: &BypassSkel<'_>) -> Result<Snapshot> {
 }
 
 fn print_statistics(skel: &BypassSkel<'_>) -> Result<()> {
-    println!("=== Statistics ===");
+    out!("=== Statistics ===");
     snapshot(skel)?.print();
     Ok(())
 }

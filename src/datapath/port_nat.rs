@@ -17,6 +17,7 @@ use crate::bpf::port_nat::types::{
 use crate::bpf::port_nat::{PortNatSkel, PortNatSkelBuilder};
 use crate::bpf::OwnedSkel;
 use crate::cli::{self, EventFormat, OutputArgs};
+use crate::out;
 use crate::runtime::{Datapath, EventSource, RunContext};
 use crate::sys::clock;
 use crate::sys::interface_watch::{self, InterfaceWatch};
@@ -392,7 +393,7 @@ impl Datapath for PortNat {
         self.path = Some(path);
         print_configuration(&self.args, &self.config, self.ifindex, &self.timeouts);
         warn_about_local_ports(&self.config.mappings);
-        println!(
+        out!(
             "Attached ingress and egress programs to {} via {path}; press Ctrl-C to stop",
             self.args.interface
         );
@@ -550,7 +551,7 @@ fn print_event(event: &nat_event, format: EventFormat, start_ns: u64) {
         EventFormat::Off => {}
         EventFormat::Text => {
             let new_flow = if event.new_flow != 0 { " new flow" } else { "" };
-            println!(
+            out!(
                 "{seconds:12.3} {action:<7} {src} -> {dst} [REDIRECTED to {new_port}] {protocol}{new_flow}"
             );
         }
@@ -564,7 +565,7 @@ fn print_event(event: &nat_event, format: EventFormat, start_ns: u64) {
                 "new_port": new_port,
                 "new_flow": event.new_flow != 0,
             });
-            println!("{record}");
+            out!("{record}");
         }
     }
 }
@@ -580,10 +581,13 @@ fn print_expired(key: &nat_flow_key, flow: &nat_flow, format: EventFormat, start
     let state = state_name(flow.state);
     match format {
         EventFormat::Off => {}
-        EventFormat::Text => println!(
+        EventFormat::Text => out!(
             "{seconds:12.3} EXPIRED {client} -> {server} [to {to_port}] {protocol} {state}, \
              idle {idle:.1}s, packets {}/{}, bytes {}/{}",
-            flow.packets[0], flow.packets[1], flow.bytes[0], flow.bytes[1]
+            flow.packets[0],
+            flow.packets[1],
+            flow.bytes[0],
+            flow.bytes[1]
         ),
         EventFormat::Json => {
             let record = serde_json::json!({
@@ -598,13 +602,13 @@ fn print_expired(key: &nat_flow_key, flow: &nat_flow, format: EventFormat, start
                 "packets": flow.packets,
                 "bytes": flow.bytes,
             });
-            println!("{record}");
+            out!("{record}");
         }
     }
 }
 
 fn print_configuration(args: &PortNatArgs, config: &NatConfig, ifindex: u32, t: &Timeouts) {
-    println!(
+    out!(
         "Translating ports on {} (ifindex {ifindex})",
         args.interface
     );
@@ -613,14 +617,14 @@ fn print_configuration(args: &PortNatArgs, config: &NatConfig, ifindex: u32, t: 
         .iter()
         .map(|m| format!("{} -> {}", m.from, m.to))
         .collect();
-    println!("  mappings:          {}", mappings.join(", "));
+    out!("  mappings:          {}", mappings.join(", "));
     let protocols = match config.protocols {
         Protocols::Tcp => "tcp",
         Protocols::Udp => "udp",
         Protocols::All => "tcp, udp",
     };
-    println!("  protocols:         {protocols}");
-    println!(
+    out!("  protocols:         {protocols}");
+    out!(
         "  flow table:        {} flows (LRU); idle timeouts: tcp {}s, tcp closing {}s, udp {}s",
         config.max_flows,
         t.tcp_established.as_secs(),
@@ -796,12 +800,12 @@ fn snapshot(
 }
 
 fn print_statistics(skel: &PortNatSkel<'_>, interface: &str, expired: u64) -> Result<()> {
-    println!("=== Statistics ===");
+    out!("=== Statistics ===");
     snapshot(&skel.maps.stats, &skel.maps.flows, interface, expired)?.print();
     let live: Vec<(nat_flow_key, nat_flow)> = maps::entries(&skel.maps.flows)?;
-    println!("=== Tracked flows: {} ===", live.len());
+    out!("=== Tracked flows: {} ===", live.len());
     for (key, flow) in live.iter().take(20) {
-        println!(
+        out!(
             "  {} {} -> {} [to {}] {}, packets {}/{}, bytes {}/{}",
             protocol_name(key.protocol),
             crate::bpf::socket_addr(key.family, &key.client_ip, key.client_port),

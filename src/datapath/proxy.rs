@@ -7,6 +7,7 @@ use anyhow::Result;
 use clap::Args;
 
 use crate::cli::{self, OutputArgs};
+use crate::out;
 use crate::relay::tcp::{
     default_listen_addrs, BoundProxy, ProxyConfig, RelayArgs, RunningProxy, STOP_GRACE,
 };
@@ -78,7 +79,7 @@ impl Datapath for Proxy {
 
     fn attach(&mut self, ctx: &RunContext) -> Result<()> {
         let addrs: Vec<String> = self.addrs.iter().map(|a| a.to_string()).collect();
-        println!(
+        out!(
             "Proxy listening on {} (upstream mark {:#x}{})",
             addrs.join(", "),
             self.args.mark,

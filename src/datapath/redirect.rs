@@ -22,6 +22,7 @@ use crate::bpf::redirect::types::{
 use crate::bpf::redirect::{RedirectSkel, RedirectSkelBuilder};
 use crate::bpf::{Endpoint as _, OwnedSkel};
 use crate::cli::{self, Cidr, EventFormat, OutputArgs, PortList};
+use crate::out;
 use crate::relay::tcp::{BoundProxy, ProxyConfig, RelayArgs, RunningProxy};
 use crate::relay::udp::{BoundUdpRelay, UdpRelay, UdpRelayConfig};
 use crate::runtime::{Datapath, EventSource, RunContext};
@@ -267,7 +268,7 @@ impl Datapath for Redirect {
             }
             self.proxy = Some(proxy);
         }
-        println!(
+        out!(
             "Attached {} programs; press Ctrl-C to stop",
             self.attachments.len()
         );
@@ -523,7 +524,7 @@ fn print_event(event: &redirect_event, format: EventFormat, start_ns: u64) {
             } else {
                 format!(" ({})", reason_name(event.reason))
             };
-            println!(
+            out!(
                 "{seconds:12.3} {action:<8} {comm:<16} [{}] {protocol} {original} -> {target}{why}",
                 event.cookie
             );
@@ -541,36 +542,37 @@ fn print_event(event: &redirect_event, format: EventFormat, start_ns: u64) {
                 "original": original.to_string(),
                 "target": target.to_string(),
             });
-            println!("{record}");
+            out!("{record}");
         }
     }
 }
 
 fn print_configuration(args: &RedirectArgs, plan: &Plan) {
-    println!("Redirecting TCP connections");
-    println!("  cgroup:            {}", plan.cgroup.display());
-    println!(
+    out!("Redirecting TCP connections");
+    out!("  cgroup:            {}", plan.cgroup.display());
+    out!(
         "  SO_ORIGINAL_DST:   answered in {}",
         plan.sockopt_cgroup.display()
     );
-    println!("  ports:             {}", args.ports);
+    out!("  ports:             {}", args.ports);
     match &args.udp_ports {
-        Some(ports) => println!(
+        Some(ports) => out!(
             "  UDP ports:         {ports} (flows idle for {} s close)",
             args.udp_idle_timeout
         ),
-        None => println!("  UDP ports:         none"),
+        None => out!("  UDP ports:         none"),
     }
-    println!(
+    out!(
         "  proxy:             {} and {}",
-        plan.proxy_v4, plan.proxy_v6
+        plan.proxy_v4,
+        plan.proxy_v6
     );
     let proxy = if args.no_proxy {
         "external (--no-proxy)"
     } else {
         "built-in"
     };
-    println!(
+    out!(
         "  proxy program:     {proxy}, upstream mark {:#x}",
         args.mark
     );
@@ -578,18 +580,18 @@ fn print_configuration(args: &RedirectArgs, plan: &Plan) {
         ProxyDown::Open => "open (connections go to their original destination)",
         ProxyDown::Closed => "closed (connections are refused)",
     };
-    println!("  when proxy down:   {when_down}");
+    out!("  when proxy down:   {when_down}");
     if let Some(addr) = args.output.metrics {
-        println!("  metrics:           http://{addr}/metrics");
+        out!("  metrics:           http://{addr}/metrics");
     }
     if let (Some(user), Some(uid)) = (&args.exclude_user, plan.excluded_uid) {
-        println!("  excluded user:     {user} (uid {uid})");
+        out!("  excluded user:     {user} (uid {uid})");
     }
     for cidr in &args.include {
-        println!("  include:           {cidr}");
+        out!("  include:           {cidr}");
     }
     for cidr in &args.exclude {
-        println!("  exclude:           {cidr}");
+        out!("  exclude:           {cidr}");
     }
 }
 
@@ -741,13 +743,13 @@ fn print_statistics(skel: &RedirectSkel<'_>) -> Result<()> {
         .iter()
         .cloned()
         .partition(|m| matches!(m.name, "answers_held" | "awaiting_accept"));
-    println!("=== Statistics ===");
+    out!("=== Statistics ===");
     Snapshot {
         metrics: counters,
         ..snapshot.clone()
     }
     .print();
-    println!("=== Open redirected connections ===");
+    out!("=== Open redirected connections ===");
     Snapshot {
         metrics: open,
         ..snapshot
@@ -755,7 +757,7 @@ fn print_statistics(skel: &RedirectSkel<'_>) -> Result<()> {
     .print();
     let pending: Vec<(handover_key, endpoint)> = maps::entries(&skel.maps.pending_orig_dst)?;
     for (key, original) in pending.iter().take(20) {
-        println!(
+        out!(
             "    netns {}: {} -> {} (originally {})",
             key.netns_cookie,
             key.tuple.peer.addr(),

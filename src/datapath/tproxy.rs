@@ -23,6 +23,7 @@ use crate::bpf::tproxy::{TproxySkel, TproxySkelBuilder};
 use crate::bpf::Endpoint as _;
 use crate::bpf::OwnedSkel;
 use crate::cli::{self, EventFormat, OutputArgs, PortList};
+use crate::out;
 use crate::relay::tcp::{BoundProxy, ProxyConfig, RelayArgs, RunningProxy};
 use crate::runtime::{Datapath, EventSource, RunContext};
 use crate::sys::interface_watch::{self, InterfaceWatch};
@@ -327,7 +328,7 @@ impl Datapath for Tproxy {
 
     fn attach(&mut self, ctx: &RunContext) -> Result<()> {
         for removed in local_route::remove_leftovers(&self.plan.routes)? {
-            println!("Removed a leftover of a killed run: {removed}");
+            out!("Removed a leftover of a killed run: {removed}");
         }
         // Rules and routes before the program: a packet that carries a
         // socket but is not routed locally would be dropped by ip_forward().
@@ -357,7 +358,7 @@ impl Datapath for Tproxy {
         if let Some(proxy) = self.bound.take() {
             self.proxy = Some(proxy.start_on(ctx.proxy_runtime()?)?);
         }
-        println!(
+        out!(
             "Attached tproxy_ingress to {} ingress ({path}); press Ctrl-C to stop",
             self.args.interface
         );
@@ -504,26 +505,28 @@ pub fn counters(skel: &TproxySkel<'_>) -> Result<Vec<u64>> {
 }
 
 fn print_configuration(args: &TproxyArgs, plan: &Plan, path: &str) {
-    println!(
+    out!(
         "Intercepting TCP connections arriving on {}",
         args.interface
     );
-    println!(
+    out!(
         "  interface:         {} (ifindex {})",
-        args.interface, plan.ifindex
+        args.interface,
+        plan.ifindex
     );
-    println!("  ports:             {}", args.ports);
-    println!(
+    out!("  ports:             {}", args.ports);
+    out!(
         "  proxy:             {} and {}",
-        plan.proxy_v4, plan.proxy_v6
+        plan.proxy_v4,
+        plan.proxy_v6
     );
     let proxy = if args.no_proxy {
         "external (--no-proxy); it must listen with IP_TRANSPARENT".to_owned()
     } else {
         format!("built-in, transparent, upstream mark {:#x}", args.mark)
     };
-    println!("  proxy program:     {proxy}");
-    println!(
+    out!("  proxy program:     {proxy}");
+    out!(
         "  local delivery:    fwmark {:#x} iif {} -> table {} (rule priority {}, proto {})",
         args.route_mark,
         args.interface,
@@ -532,12 +535,12 @@ fn print_configuration(args: &TproxyArgs, plan: &Plan, path: &str) {
         local_route::RT_PROTO
     );
     if let Some(upstream) = &args.upstream_interface {
-        println!(
+        out!(
             "  upstream replies:  on {upstream} ingress, to local sockets (fwmark {:#x} iif {upstream} -> table {})",
             args.route_mark, args.route_table
         );
     }
-    println!("  TC attachment:     {path}");
+    out!("  TC attachment:     {path}");
 }
 
 fn action_name(event: &tproxy_event) -> (&'static str, Option<&'static str>) {
@@ -563,7 +566,7 @@ fn print_event(event: &tproxy_event, format: EventFormat, start_ns: u64, proxy: 
                 Some("no listener") => format!(" (forwarded: nothing listens on {listener})"),
                 Some(other) => format!(" (forwarded: {other}, error {})", event.error),
             };
-            println!("{seconds:12.3} {action:<10} {client} -> {original}{why}");
+            out!("{seconds:12.3} {action:<10} {client} -> {original}{why}");
         }
         EventFormat::Json => {
             let record = serde_json::json!({
@@ -575,7 +578,7 @@ fn print_event(event: &tproxy_event, format: EventFormat, start_ns: u64, proxy: 
                 "original": original.to_string(),
                 "proxy": listener.to_string(),
             });
-            println!("{record}");
+            out!("{record}");
         }
     }
 }
@@ -671,7 +674,7 @@ fn snapshot(stats: &dyn MapCore, interface: &str) -> Result<Snapshot> {
 }
 
 fn print_statistics(skel: &TproxySkel<'_>, interface: &str) -> Result<()> {
-    println!("=== Statistics ===");
+    out!("=== Statistics ===");
     snapshot(&skel.maps.stats, interface)?.print();
     Ok(())
 }

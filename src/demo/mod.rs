@@ -13,6 +13,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 
+use crate::out;
 use crate::sys::cgroup::{self, ChildCgroup};
 use crate::sys::netns::{self, NetNs};
 use crate::sys::privileges;
@@ -81,22 +82,22 @@ pub fn run(_args: &DemoArgs) -> Result<()> {
         bail!("the demo needs curl (sudo apt-get install curl, or sudo make deps)");
     }
     let network = Network::create().context("building the demo network")?;
-    println!("== Demo network ==");
-    println!(
+    out!("== Demo network ==");
+    out!(
         "  client netns {} ({CLIENT_V4}, {CLIENT_V6})",
         network.client.name()
     );
-    println!(
+    out!(
         "  server netns {} ({SERVER_V4}, {SERVER_V6}), HTTP on port 80",
         network.server.name()
     );
-    println!(
+    out!(
         "  cgroup       {} (apps: redirected, proxy: the proxy)",
         network.parent.path().display()
     );
     let server = servers::http(&network.server, "[::]:80")?;
 
-    println!("\n== Starting: proxy-redirect redirect -c <apps> -v ==");
+    out!("\n== Starting: proxy-redirect redirect -c <apps> -v ==");
     let redirector = start_redirector(&network)?;
     for (label, url) in [
         ("IPv4", format!("http://{SERVER_V4}/")),
@@ -106,7 +107,7 @@ pub fn run(_args: &DemoArgs) -> Result<()> {
             format!("http://[::ffff:{SERVER_V4}]/"),
         ),
     ] {
-        println!("\n== curl {url}  ({label}, from the apps cgroup) ==");
+        out!("\n== curl {url}  ({label}, from the apps cgroup) ==");
         let output = netns::command_in("curl", Some(&network.client), Some(&network.apps))?
             .args(["-sS", "--max-time", "10", &url])
             .output()
@@ -118,19 +119,19 @@ pub fn run(_args: &DemoArgs) -> Result<()> {
                 String::from_utf8_lossy(&output.stderr).trim()
             );
         }
-        println!("server answered: {}", body.trim());
+        out!("server answered: {}", body.trim());
         std::thread::sleep(Duration::from_millis(100));
     }
-    println!(
+    out!(
         "\n(the server saw the proxy's connections: {} in all)",
         server.peers().len()
     );
 
-    println!("\n== Stopping the redirector (SIGINT) ==");
+    out!("\n== Stopping the redirector (SIGINT) ==");
     redirector.stop()?;
     drop(server);
     drop(network);
-    println!("\n== Removed the namespaces and the cgroup; nothing is attached ==");
+    out!("\n== Removed the namespaces and the cgroup; nothing is attached ==");
     Ok(())
 }
 
@@ -162,7 +163,7 @@ fn start_redirector(network: &Network) -> Result<Redirector> {
             if line.starts_with("Attached") {
                 let _ = ready_tx.send(());
             }
-            println!("  | {line}");
+            out!("  | {line}");
         }
     });
     if ready_rx.recv_timeout(Duration::from_secs(20)).is_err() {

@@ -7,8 +7,15 @@ pub struct Question {
     pub qtype: u16,
 }
 
+/// What an event shows for a name longer than DNS allows (RFC 1035: 255
+/// octets on the wire), with type 0.
+pub const MALFORMED_NAME: &str = "<malformed: over 255 octets or 127 labels>";
+const MAX_NAME_OCTETS: usize = 255;
+const MAX_LABELS: usize = 127;
+
 /// Parses the first question of `message`; `None` when it has none or is
 /// malformed. Query names are never compressed, so pointers are refused.
+/// A name beyond DNS's limits is `MALFORMED_NAME`, never printed whole.
 pub fn question(message: &[u8]) -> Option<Question> {
     let count = u16::from_be_bytes(message.get(4..6)?.try_into().ok()?);
     if count == 0 {
@@ -24,6 +31,14 @@ pub fn question(message: &[u8]) -> Option<Question> {
         }
         if len > 63 {
             return None;
+        }
+        // The wire name so far: a length octet and the label for each, and
+        // the root's zero octet still to come.
+        if at + len - 12 + 1 > MAX_NAME_OCTETS || labels.len() == MAX_LABELS {
+            return Some(Question {
+                name: MALFORMED_NAME.to_owned(),
+                qtype: 0,
+            });
         }
         let label = message.get(at..at + len)?;
         labels.push(
@@ -52,6 +67,7 @@ pub fn question(message: &[u8]) -> Option<Question> {
 /// The mnemonic of a record type, or `TYPEnnn` (RFC 3597).
 pub fn type_name(qtype: u16) -> String {
     let name = match qtype {
+        0 => "?",
         1 => "A",
         2 => "NS",
         5 => "CNAME",
@@ -92,6 +108,28 @@ mod tests {
         assert_eq!(q.name, "www.example.test");
         assert_eq!(type_name(q.qtype), "AAAA");
         assert_eq!(type_name(999), "TYPE999");
+    }
+
+    #[test]
+    fn names_beyond_dns_limits_are_shown_as_malformed() {
+        let longest = [
+            "a".repeat(63),
+            "b".repeat(63),
+            "c".repeat(63),
+            "d".repeat(61),
+        ]
+        .join(".");
+        assert_eq!(question(&query(&longest, 1)).unwrap().name, longest);
+        let too_long = format!("{longest}e");
+        let q = question(&query(&too_long, 1)).unwrap();
+        assert_eq!(
+            (q.name.as_str(), type_name(q.qtype).as_str()),
+            (MALFORMED_NAME, "?")
+        );
+        let most_labels = vec!["a"; 127].join(".");
+        assert_eq!(question(&query(&most_labels, 1)).unwrap().name, most_labels);
+        let labels = vec!["a"; 1000].join(".");
+        assert_eq!(question(&query(&labels, 1)).unwrap().name, MALFORMED_NAME);
     }
 
     #[test]

@@ -34,6 +34,7 @@ use tokio::io::Interest;
 use tokio::net::{TcpSocket, TcpStream};
 use tracing::{debug, warn};
 
+use crate::out;
 use crate::sys::sockopt::{original_destination, set_mark};
 use crate::telemetry::stats::{Metric, Snapshot};
 
@@ -210,7 +211,7 @@ impl ProxyStats {
     }
 
     pub fn print(&self) {
-        println!("=== Proxy ===");
+        out!("=== Proxy ===");
         self.snapshot().print();
     }
 }

@@ -37,6 +37,7 @@ use tracing::debug;
 use crate::bpf::redirect::types::{udp_relay_slot, udp_relay_slot_index};
 use crate::bpf::Endpoint as _;
 use crate::cli::EventFormat;
+use crate::out;
 use crate::relay::dns;
 use crate::sys::clock;
 use crate::sys::sockopt::{netns_cookie, set_mark};
@@ -134,7 +135,7 @@ impl UdpStats {
     }
 
     pub fn print(&self) {
-        println!("=== UDP relay ===");
+        out!("=== UDP relay ===");
         self.snapshot().print();
     }
 }
@@ -698,11 +699,13 @@ impl Relay {
         let qtype = dns::type_name(question.qtype);
         match format {
             EventFormat::Off => {}
-            EventFormat::Text => println!(
+            EventFormat::Text => out!(
                 "{seconds:12.3} {:<8} {:<16} {client} -> {destination} {} {qtype}",
-                "DNS", "", question.name
+                "DNS",
+                "",
+                question.name
             ),
-            EventFormat::Json => println!(
+            EventFormat::Json => out!(
                 "{}",
                 serde_json::json!({
                     "time": seconds,

@@ -10,16 +10,18 @@ pub mod reload;
 
 use std::time::{Duration, Instant};
 
-use anyhow::{Context as _, Result};
+use anyhow::{bail, Context as _, Result};
 use libbpf_rs::RingBufferBuilder;
 
 use crate::cli::{EventFormat, OutputArgs};
 use crate::datapath::Settings;
 use crate::runtime::{Datapath, DatapathSettings, RunContext, RunningDatapath};
-use crate::sys::shutdown;
+use crate::sys::{shutdown, trusted_file};
 use crate::telemetry::metrics::Metrics;
-use crate::telemetry::stats::Snapshot;
+use crate::telemetry::output;
+use crate::telemetry::stats::{Metric, Snapshot};
 use crate::telemetry::status;
+use crate::{err_out, out};
 use reload::Source;
 
 #[derive(clap::Args, Debug, Clone)]
@@ -43,9 +45,14 @@ dropping a connection, a new cgroup is attached before the old one is left,
 and a file with an error is refused while the running configuration stays.
 `proxy-redirect status` shows what runs.")]
 pub struct RunArgs {
-    /// The TOML configuration file
+    /// The TOML configuration file; it, every symlink to it and every
+    /// directory above them must be writable by root only
     #[arg(short, long, value_name = "FILE")]
     pub config: std::path::PathBuf,
+    /// Warn instead of refusing when a user other than root could change
+    /// the configuration file
+    #[arg(long)]
+    pub allow_writable_config: bool,
     #[command(flatten)]
     pub output: OutputArgs,
 }
@@ -56,7 +63,18 @@ struct ConfigFile<'a>(&'a RunArgs);
 
 impl Source<Settings> for ConfigFile<'_> {
     fn load(&self) -> Result<(Vec<Settings>, Option<std::net::SocketAddr>)> {
-        let config = config::load(&self.0.config)?;
+        let path = &self.0.config;
+        if let Some(why) = trusted_file::writable_by_others(path)? {
+            match self.0.allow_writable_config {
+                true => err_out!("warning: {}: {why}", path.display()),
+                false => bail!(
+                    "refusing {}: {why} (fix the owner and mode, or pass \
+                     --allow-writable-config)",
+                    path.display()
+                ),
+            }
+        }
+        let config = config::load(path)?;
         Ok((config.datapaths, self.0.output.metrics.or(config.metrics)))
     }
 }
@@ -98,7 +116,7 @@ fn run_service<S: DatapathSettings>(source: &dyn Source<S>, output: &OutputArgs)
     for datapath in &mut datapaths {
         datapath.datapath_mut().attach(&ctx)?;
     }
-    println!(
+    out!(
         "Service running {} datapath(s); SIGHUP reloads the configuration",
         datapaths.len()
     );
@@ -113,7 +131,7 @@ fn finish<R: RunningDatapath>(ctx: &RunContext, mut running: Vec<R>) -> Result<(
     let datapaths: Vec<&dyn Datapath> = running.iter().map(R::datapath).collect();
     for datapath in &datapaths {
         if datapaths.len() > 1 {
-            println!("##### {} #####", datapath.name());
+            out!("##### {} #####", datapath.name());
         }
         datapath.print_statistics()?;
     }
@@ -124,14 +142,14 @@ fn finish<R: RunningDatapath>(ctx: &RunContext, mut running: Vec<R>) -> Result<(
             snapshots.extend(datapath.snapshots()?);
         }
         let statistics: Vec<_> = snapshots.iter().map(Snapshot::to_json).collect();
-        println!("{}", serde_json::json!({ "statistics": statistics }));
+        out!("{}", serde_json::json!({ "statistics": statistics }));
     }
     drop(datapaths);
     // Detached in reverse order of attachment.
     while let Some(each) = running.pop() {
         drop(each);
     }
-    println!("Cleaned up");
+    out!("Cleaned up");
     Ok(())
 }
 
@@ -155,7 +173,7 @@ fn run_loop<S: DatapathSettings>(
             }
             if let Some(source) = datapath.datapath().events(ctx)? {
                 if ctx.format == EventFormat::Text && !headers_printed {
-                    println!("{}", source.header);
+                    out!("{}", source.header);
                 }
                 maps.push(source.map);
                 handles.push(source.handle);
@@ -246,10 +264,23 @@ fn publish<R: RunningDatapath>(
             Err(err) => tracing::warn!("reading the statistics of {}: {err:#}", datapath.name()),
         }
     }
+    snapshots.push(service_snapshot());
     metrics.publish(&snapshots, build_info);
     if let Some(status) = status {
         status.publish(status_page(&datapaths, &snapshots));
     }
+}
+
+/// The service's own counters.
+fn service_snapshot() -> Snapshot {
+    let mut snapshot = Snapshot::new("service");
+    snapshot.push(Metric::counter(
+        "output_lines_dropped",
+        "output lines dropped",
+        "Event and message lines dropped because stdout or stderr could not take them",
+        output::dropped_lines(),
+    ));
+    snapshot
 }
 
 fn status_page(datapaths: &[&dyn Datapath], snapshots: &[Snapshot]) -> serde_json::Value {

@@ -11,6 +11,7 @@ use anyhow::{Context as _, Result};
 
 use crate::runtime::{DatapathSettings, RunContext, RunningDatapath};
 use crate::telemetry::metrics::Metrics;
+use crate::{err_out, out};
 
 /// Where a service's settings come from, and how to read them again.
 pub trait Source<S> {
@@ -97,18 +98,18 @@ pub fn apply<S: DatapathSettings>(
         let name = each.datapath().name();
         match each.datapath_mut().attach(ctx) {
             Ok(()) => {
-                println!("Reloaded {name}");
+                out!("Reloaded {name}");
                 running.push(each);
             }
-            Err(err) => eprintln!("reload could not attach {name}: {err:#}"),
+            Err(err) => err_out!("reload could not attach {name}: {err:#}"),
         }
     }
     for settings in &prepared.change {
         let name = settings.name();
         if let Some(current) = running.iter_mut().find(|d| d.datapath().name() == name) {
             match current.reload(settings, ctx) {
-                Ok(()) => println!("Reloaded {name}"),
-                Err(err) => eprintln!("reload of {name} failed: {err:#}"),
+                Ok(()) => out!("Reloaded {name}"),
+                Err(err) => err_out!("reload of {name} failed: {err:#}"),
             }
         }
     }
@@ -117,7 +118,7 @@ pub fn apply<S: DatapathSettings>(
         let keep = !prepared.remove.contains(&name);
         if !keep {
             each.datapath_mut().stop();
-            println!("Stopped {name}");
+            out!("Stopped {name}");
         }
         keep
     });
@@ -148,7 +149,7 @@ pub fn reload<S: DatapathSettings>(
                 *metrics = new_metrics;
             }
         }
-        Err(err) => eprintln!("reload refused, the running configuration stays: {err:#}"),
+        Err(err) => err_out!("reload refused, the running configuration stays: {err:#}"),
     }
 }
 

@@ -7,6 +7,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use anyhow::{Context, Result};
 
 use crate::cli::EventFormat;
+use crate::out;
 use crate::sys::clock;
 use crate::sys::links::{Attachments, TcPath};
 
@@ -219,8 +220,8 @@ fn report(
                 "interface": name,
                 "ifindex": ifindex,
             });
-            println!("{record}");
+            out!("{record}");
         }
-        EventFormat::Text | EventFormat::Off => println!("{text}"),
+        EventFormat::Text | EventFormat::Off => out!("{text}"),
     }
 }

@@ -13,3 +13,4 @@ pub mod rlimit;
 pub mod run_dir;
 pub mod shutdown;
 pub mod sockopt;
+pub mod trusted_file;

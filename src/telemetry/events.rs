@@ -1,12 +1,16 @@
 //! Event helpers shared by the datapaths: process names. The ring buffers
 //! are polled by `service`.
 
-/// A NUL-padded `comm` from the kernel as a string.
+use crate::telemetry::output::escape_bytes;
+
+/// A NUL-padded `comm` from the kernel as a string, escaped: the process
+/// chose its name (`prctl(PR_SET_NAME)`), newlines and escape sequences
+/// included.
 pub fn comm_to_string(comm: &[i8]) -> String {
     let bytes: Vec<u8> = comm
         .iter()
         .take_while(|&&c| c != 0)
         .map(|&c| c as u8)
         .collect();
-    String::from_utf8_lossy(&bytes).into_owned()
+    escape_bytes(&bytes)
 }

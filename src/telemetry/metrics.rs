@@ -1,13 +1,11 @@
 //! `--metrics ADDR`: the statistics as Prometheus text on
 //! `http://ADDR/metrics`, served by a `PageServer`.
 
-use std::io::{BufRead, BufReader, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::time::Duration;
+use std::net::{SocketAddr, TcpListener};
 
 use anyhow::{Context, Result};
 
-use crate::telemetry::page_server::PageServer;
+use crate::telemetry::page_server::{Answer, PageServer};
 use crate::telemetry::stats::{prometheus_text, Snapshot};
 
 pub struct MetricsServer {
@@ -24,7 +22,12 @@ impl MetricsServer {
         listener.set_nonblocking(true)?;
         let addr = listener.local_addr()?;
         Ok(MetricsServer {
-            pages: PageServer::spawn("metrics", listener, String::new(), answer),
+            pages: PageServer::spawn(
+                "metrics",
+                listener,
+                String::new(),
+                Answer::ToRequest(respond),
+            ),
             addr,
         })
     }
@@ -39,40 +42,25 @@ impl MetricsServer {
     }
 }
 
-fn answer(stream: TcpStream, page: &str) -> std::io::Result<()> {
-    stream.set_nonblocking(false)?;
-    stream.set_read_timeout(Some(Duration::from_secs(2)))?;
-    stream.set_write_timeout(Some(Duration::from_secs(2)))?;
-    let mut reader = BufReader::new(&stream);
-    let mut request_line = String::new();
-    reader.read_line(&mut request_line)?;
-    // The headers are read and ignored.
-    let mut header = String::new();
-    while reader.read_line(&mut header)? > 2 {
-        header.clear();
-    }
-    let mut parts = request_line.split_whitespace();
+/// The answer to one HTTP request: the page at GET /metrics, else 404.
+fn respond(request: &[u8], page: &str) -> Vec<u8> {
+    let request = String::from_utf8_lossy(request);
+    let mut parts = request.lines().next().unwrap_or("").split_whitespace();
     let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
     let (status, content_type, body) = if method == "GET" && path == "/metrics" {
-        (
-            "200 OK",
-            "text/plain; version=0.0.4; charset=utf-8",
-            page.to_owned(),
-        )
+        ("200 OK", "text/plain; version=0.0.4; charset=utf-8", page)
     } else {
         (
             "404 Not Found",
             "text/plain; charset=utf-8",
-            "only /metrics is served here\n".to_owned(),
+            "only /metrics is served here\n",
         )
     };
-    let mut stream = &stream;
-    write!(
-        stream,
+    format!(
         "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
-    )?;
-    stream.flush()
+    )
+    .into_bytes()
 }
 
 /// `--metrics` / `[metrics]`: a server when an address was given.

@@ -3,6 +3,7 @@
 
 pub mod events;
 pub mod metrics;
+pub mod output;
 pub mod page_server;
 pub mod stats;
 pub mod status;

@@ -2,6 +2,7 @@
 //! the exit statistics, the JSON summary and the Prometheus `/metrics` page
 //! all read the same values.
 
+use crate::out;
 use std::collections::BTreeMap;
 use std::fmt::Write;
 
@@ -138,7 +139,7 @@ impl Snapshot {
             if !metric.labels.is_empty() && metric.value == 0 {
                 continue;
             }
-            println!("  {:<width$}{}", format!("{}:", metric.label), metric.value);
+            out!("  {:<width$}{}", format!("{}:", metric.label), metric.value);
         }
     }
 

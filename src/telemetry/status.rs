@@ -3,7 +3,7 @@
 //! it has attached and its counters.
 
 use std::fs;
-use std::io::{Read, Write};
+use std::io::Read;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -12,8 +12,9 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 
+use crate::out;
 use crate::sys::run_dir::{self, RUN_DIR};
-use crate::telemetry::page_server::PageServer;
+use crate::telemetry::page_server::{Answer, PageServer};
 
 const SOCKET_NAME: &str = "status.sock";
 
@@ -38,10 +39,7 @@ impl Server {
             .with_context(|| format!("creating the status socket {}", path.display()))?;
         fs::set_permissions(&path, fs::Permissions::from_mode(0o600))?;
         listener.set_nonblocking(true)?;
-        let pages = PageServer::spawn("status", listener, "{}".into(), |mut stream, page| {
-            stream.set_write_timeout(Some(Duration::from_secs(2)))?;
-            stream.write_all(page.as_bytes())
-        });
+        let pages = PageServer::spawn("status", listener, "{}".into(), Answer::Page);
         Ok(Server { pages, path })
     }
 
@@ -93,7 +91,7 @@ pub fn run(args: &StatusArgs) -> Result<()> {
     let status: serde_json::Value =
         serde_json::from_str(&text).context("the service sent a status that is not JSON")?;
     if args.json {
-        println!("{status}");
+        out!("{status}");
     } else {
         print_status(&status);
     }
@@ -101,13 +99,13 @@ pub fn run(args: &StatusArgs) -> Result<()> {
 }
 
 fn print_status(status: &serde_json::Value) {
-    println!(
+    out!(
         "proxy-redirect {} service, pid {}",
         status["version"].as_str().unwrap_or("?"),
         status["pid"]
     );
     for datapath in status["datapaths"].as_array().into_iter().flatten() {
-        println!("{}", datapath["name"].as_str().unwrap_or("?"));
+        out!("{}", datapath["name"].as_str().unwrap_or("?"));
         for (key, value) in datapath.as_object().into_iter().flatten() {
             if key == "name" || key == "programs" {
                 continue;
@@ -116,10 +114,10 @@ fn print_status(status: &serde_json::Value) {
                 serde_json::Value::String(text) => text.clone(),
                 other => other.to_string(),
             };
-            println!("  {key}: {value}");
+            out!("  {key}: {value}");
         }
         for program in datapath["programs"].as_array().into_iter().flatten() {
-            println!(
+            out!(
                 "  program {} (id {}) on {}",
                 program["program"].as_str().unwrap_or("?"),
                 program["id"],
@@ -131,13 +129,13 @@ fn print_status(status: &serde_json::Value) {
         let Some(object) = snapshot.as_object() else {
             continue;
         };
-        println!(
+        out!(
             "statistics of {}",
             object["datapath"].as_str().unwrap_or("?")
         );
         for (key, value) in object {
             if key != "datapath" {
-                println!("  {key}: {value}");
+                out!("  {key}: {value}");
             }
         }
     }

@@ -221,6 +221,16 @@ impl Testbed {
     }
 }
 
+/// One service per host (one status socket): the tests of a file that start
+/// services take turns.
+static ONE_SERVICE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+pub fn one_service_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    ONE_SERVICE
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 /// `proxy-redirect run --config FILE` with `extra` options, ready once the
 /// service runs.
 pub fn start_service(
@@ -317,6 +327,12 @@ impl Running {
                 Err(_) => return None,
             }
         }
+    }
+
+    /// Stops reading stdout, as `| head -1` does once it has its line: the
+    /// pipe closes at the next line, and writes after it fail with EPIPE.
+    pub fn close_stdout(&mut self) {
+        self.lines = mpsc::channel().1;
     }
 
     pub fn signal(&self, signal: nix::sys::signal::Signal) {

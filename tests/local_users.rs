@@ -1,0 +1,336 @@
+//! What an unprivileged local user (nobody, in the redirected cgroup, with
+//! `unshare -Urn` if it likes) can do to the relays and the service, next to
+//! root's traffic: none of it may forge, starve or silence them.
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::time::{Duration, Instant};
+
+use common::*;
+use nix::sys::signal::Signal;
+use proxy_redirect::sys::netns::NetNs;
+
+fn curl_ok(testbed: &Testbed, url: &str) {
+    let out = curl(testbed.in_apps("curl"), url, &[]);
+    assert!(
+        out.status.success(),
+        "curl {url}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn a_closed_stdout_leaves_redirect_attached_and_serving() {
+    if !have_root() {
+        return;
+    }
+    let testbed = Testbed::new();
+    let _server = servers::http(&testbed.server, "[::]:80").unwrap();
+    testbed.reject_direct(&testbed.apps, "tcp", 80);
+    // `redirect -v | head -1`: the reader goes away after the header.
+    let mut redirector = testbed.redirect_without_events(&testbed.proxy, &["-v"]);
+    redirector.close_stdout();
+    let attached = testbed.attached_redirect_programs();
+    let url = format!("http://{SERVER_V4}/");
+    // Each connection is an event line the closed pipe refuses.
+    for _ in 0..5 {
+        curl_ok(&testbed, &url);
+    }
+    assert_eq!(testbed.attached_redirect_programs(), attached);
+    let (status, _, stderr) = redirector.stop_with(Signal::SIGTERM);
+    assert!(status.success(), "{status:?}: {stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(testbed.attached_redirect_programs(), 0);
+}
+
+#[test]
+fn a_closed_stdout_survives_a_reload_and_counts_the_lines_it_dropped() {
+    if !have_root() {
+        return;
+    }
+    let _turn = one_service_at_a_time();
+    let testbed = Testbed::new();
+    let _server = servers::http(&testbed.server, "[::]:80").unwrap();
+    testbed.reject_direct(&testbed.apps, "tcp", 80);
+    let dir = TempDir::new();
+    let config = dir.join("config.toml");
+    let text = |ports: &str| {
+        format!(
+            "[redirect]\ncgroup = \"{}\"\nsockopt-cgroup = \"{}\"\nports = [{ports}]\n\
+             [metrics]\nlisten = \"127.0.0.1:9479\"\n",
+            testbed.apps.path().display(),
+            testbed.parent.path().display()
+        )
+    };
+    std::fs::write(&config, text("80")).unwrap();
+    let mut service = start_service(&config, &[], Some(&testbed.client), Some(&testbed.proxy));
+    service.close_stdout();
+    for ports in ["80, 8080", "80", "80, 443"] {
+        std::fs::write(&config, text(ports)).unwrap();
+        service.signal(Signal::SIGHUP);
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    curl_ok(&testbed, &format!("http://{SERVER_V4}/"));
+    let page = scrape_metrics(&testbed.client, "127.0.0.1:9479");
+    assert!(
+        metric_value(&page, "proxy_redirect_service_output_lines_dropped_total") >= 2,
+        "{page}"
+    );
+    let (status, _, stderr) = service.stop_with(Signal::SIGTERM);
+    assert!(status.success(), "{status:?}: {stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+#[test]
+fn status_piped_into_head_exits_quietly() {
+    if !have_root() {
+        return;
+    }
+    let _turn = one_service_at_a_time();
+    let netns = NetNs::create(&unique("prtest-status")).unwrap();
+    let dir = TempDir::new();
+    let config = dir.join("config.toml");
+    std::fs::write(
+        &config,
+        "[[port-nat]]\ninterface = \"lo\"\nfrom = [8080]\nto = [80]\n",
+    )
+    .unwrap();
+    let _service = start_service(&config, &[], Some(&netns), None);
+    let out = run({
+        let mut command = std::process::Command::new("bash");
+        command.args(["-c", &format!("set -o pipefail; {BIN} status | head -1")]);
+        command
+    });
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{:?}: {stderr}", out.status);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("proxy-redirect "));
+}
+
+#[test]
+fn a_trickling_client_does_not_hold_up_a_scrape() {
+    if !have_root() {
+        return;
+    }
+    let _turn = one_service_at_a_time();
+    let netns = NetNs::create(&unique("prtest-trickle")).unwrap();
+    let dir = TempDir::new();
+    let config = dir.join("config.toml");
+    std::fs::write(
+        &config,
+        "[[port-nat]]\ninterface = \"lo\"\nfrom = [8080]\nto = [80]\n\
+         [metrics]\nlisten = \"127.0.0.1:9478\"\n",
+    )
+    .unwrap();
+    let _service = start_service(&config, &[], Some(&netns), None);
+    // Nobody's slow clients, one header byte every 200 ms each.
+    let tricklers: Vec<_> = (0..4)
+        .map(|_| {
+            let mut command =
+                proxy_redirect::sys::netns::command_in("setpriv", Some(&netns), None).unwrap();
+            command.args([
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+                PYTHON,
+                "-c",
+            ]);
+            command.arg(
+                "import socket, time\n\
+                 s = socket.create_connection(('127.0.0.1', 9478))\n\
+                 start = time.monotonic()\n\
+                 try:\n\
+                 \x20   for b in b'GET /metrics HTTP/1.1\\r\\nHost: x\\r\\n':\n\
+                 \x20       s.send(bytes([b])); time.sleep(0.2)\n\
+                 except OSError:\n\
+                 \x20   pass\n\
+                 s.settimeout(10)\n\
+                 try:\n\
+                 \x20   while s.recv(4096): pass\n\
+                 except OSError:\n\
+                 \x20   pass\n\
+                 print(round(time.monotonic() - start, 1))\n",
+            );
+            command
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    for _ in 0..3 {
+        let started = Instant::now();
+        let command = proxy_redirect::sys::netns::command_in("curl", Some(&netns), None).unwrap();
+        let out = curl(
+            command,
+            "http://127.0.0.1:9478/metrics",
+            &["--max-time", "5"],
+        );
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            started.elapsed() < Duration::from_millis(500),
+            "a scrape took {:?} next to trickling clients",
+            started.elapsed()
+        );
+        assert!(String::from_utf8_lossy(&out.stdout).contains("proxy_redirect_port_nat"));
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    // Each trickler is cut at the whole-request deadline (2 s), not after
+    // its last byte (6 s).
+    for trickler in tricklers {
+        let out = trickler.wait_with_output().unwrap();
+        let seconds: f64 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+        assert!(
+            (1.5..4.0).contains(&seconds),
+            "a trickler was served for {seconds} s"
+        );
+    }
+}
+
+/// `run --config` on `path`, expected to refuse with a line containing
+/// `expected`.
+fn assert_config_refused(path: &std::path::Path, expected: &str) {
+    let mut command = std::process::Command::new(BIN);
+    command.args(["run", "--config"]).arg(path);
+    let out = run(command);
+    assert_one_line_error(&out, "an untrusted config", expected);
+}
+
+#[test]
+fn a_config_that_another_user_can_change_is_refused() {
+    if !have_root() {
+        return;
+    }
+    let _turn = one_service_at_a_time();
+    let netns = NetNs::create(&unique("prtest-config")).unwrap();
+    let text = "[[port-nat]]\ninterface = \"lo\"\nfrom = [8080]\nto = [80]\n";
+    let chown = |path: &std::path::Path| std::os::unix::fs::chown(path, Some(65534), None).unwrap();
+
+    let owned = TempDir::new();
+    let file = owned.join("config.toml");
+    std::fs::write(&file, text).unwrap();
+    chown(&file);
+    assert_config_refused(&file, "belongs to uid 65534");
+
+    let group_writable = TempDir::new();
+    let file = group_writable.join("config.toml");
+    std::fs::write(&file, text).unwrap();
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o664)).unwrap();
+    assert_config_refused(&file, "writable by users other than root (mode 664)");
+
+    // Root's own file, in a directory anyone may write: the file can be
+    // replaced.
+    let open_dir = TempDir::new();
+    std::fs::set_permissions(open_dir.join(""), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let file = open_dir.join("config.toml");
+    std::fs::write(&file, text).unwrap();
+    assert_config_refused(&file, "writable by users other than root (mode 777)");
+
+    // A root-owned symlink to a file of nobody's, and nobody's symlink to
+    // root's file.
+    let links = TempDir::new();
+    let target = links.join("target.toml");
+    std::fs::write(&target, text).unwrap();
+    chown(&target);
+    let link = links.join("config.toml");
+    std::os::unix::fs::symlink(&target, &link).unwrap();
+    assert_config_refused(&link, "belongs to uid 65534");
+    let roots = links.join("roots.toml");
+    std::fs::write(&roots, text).unwrap();
+    let nobodys_link = links.join("nobodys-link.toml");
+    std::os::unix::fs::symlink(&roots, &nobodys_link).unwrap();
+    std::os::unix::fs::lchown(&nobodys_link, Some(65534), None).unwrap();
+    assert_config_refused(&nobodys_link, "the symlink");
+
+    // The option turns the refusal into a warning.
+    let file = owned.join("config.toml");
+    let service = start_service(&file, &["--allow-writable-config"], Some(&netns), None);
+    let (status, _, stderr) = service.stop_with(Signal::SIGTERM);
+    assert!(status.success(), "{stderr}");
+    assert!(
+        stderr.contains("warning:") && stderr.contains("belongs to uid 65534"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn a_process_name_with_a_newline_and_escapes_prints_escaped() {
+    if !have_root() {
+        return;
+    }
+    let testbed = Testbed::new();
+    let _server = servers::http(&testbed.server, "[::]:80").unwrap();
+    let redirector = testbed.redirect_without_events(&testbed.proxy, &["-v"]);
+    let mut client = testbed.in_apps("setpriv");
+    client.args([
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+        PYTHON,
+        "-c",
+    ]);
+    client.arg(format!(
+        "import ctypes, socket\n\
+         ctypes.CDLL(None).prctl(15, b'ev\\nFORGED\\x1b[2J', 0, 0, 0)\n\
+         s = socket.create_connection(('{SERVER_V4}', 80))\n\
+         s.sendall(b'GET / HTTP/1.0\\r\\n\\r\\n')\n\
+         while s.recv(4096): pass\n"
+    ));
+    let out = run(client);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (status, output, _) = redirector.stop();
+    assert!(status.success());
+    assert!(
+        output.contains("ev\\x0aFORGED\\x1b[2J"),
+        "no escaped name in:\n{output}"
+    );
+    assert!(
+        !output.lines().any(|line| line.starts_with("FORGED")) && !output.contains('\x1b'),
+        "a forged line or an escape sequence in:\n{output}"
+    );
+}
+
+#[test]
+fn an_oversized_dns_name_prints_as_malformed() {
+    if !have_root() {
+        return;
+    }
+    let testbed = Testbed::new();
+    let _dns = servers::udp_echo(&testbed.server, "0.0.0.0:53").unwrap();
+    let redirector = testbed.redirect_without_events(&testbed.proxy, &["-v", "--udp-ports", "53"]);
+    let mut client = testbed.in_apps(PYTHON);
+    client.arg("-c").arg(format!(
+        "import socket, struct\n\
+         name = b''.join(b'\\x3f' + b'a' * 63 for _ in range(1000))[:65000] + b'\\x00'\n\
+         query = struct.pack('>HHHHHH', 0x1234, 0x0100, 1, 0, 0, 0) + name + struct.pack('>HH', 1, 1)\n\
+         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+         s.settimeout(5)\n\
+         s.sendto(query[:65000], ('{SERVER_V4}', 53))\n\
+         s.recvfrom(65535)\n"
+    ));
+    let out = run(client);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (status, output, _) = redirector.stop();
+    assert!(status.success());
+    let dns: Vec<&str> = output.lines().filter(|l| l.contains(" DNS ")).collect();
+    assert_eq!(dns.len(), 1, "{output}");
+    assert!(
+        dns[0].contains("<malformed: over 255 octets or 127 labels>"),
+        "{}",
+        dns[0]
+    );
+    assert!(dns[0].len() < 300, "a {}-byte event line", dns[0].len());
+}
