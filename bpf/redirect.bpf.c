@@ -35,6 +35,7 @@
 #define PAGE_SIZE 4096
 #define LOOPBACK_IFINDEX 1 /* lo, in every network namespace */
 #define ECONNREFUSED 111
+#define ENOBUFS 105
 
 /* Configuration, set by user space before load. */
 const volatile __u32 proxy_ip4;	   /* network order */
@@ -93,7 +94,7 @@ struct {
 	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__type(key, int);
-	__type(value, struct endpoint);
+	__type(value, struct client_record);
 } client_orig_dst SEC(".maps");
 
 /* Original destinations between the client's SYN and the proxy's accept. */
@@ -101,8 +102,50 @@ struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 65536);
 	__type(key, struct handover_key);
-	__type(value, struct endpoint);
+	__type(value, struct pending_record);
 } pending_orig_dst SEC(".maps");
+
+/* How many pending_orig_dst records each network namespace and each user
+ * holds. Every entry stands for at least one record, so neither map fills
+ * before pending_orig_dst does. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__type(key, __u64);
+	__type(value, __u32);
+} pending_per_netns SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__type(key, __u32);
+	__type(value, __u32);
+} pending_per_uid SEC(".maps");
+
+/* Refused records by namespace and reason, for the metrics. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 4096);
+	__type(key, struct refusal_key);
+	__type(value, __u64);
+} pending_refusals SEC(".maps");
+
+/* Connections whose record was refused, so that SO_ORIGINAL_DST says so
+ * (ENOBUFS) instead of ENOENT; gone with the client's socket. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 16384);
+	__type(key, struct handover_key);
+	__type(value, __u32);
+} refused_orig_dst SEC(".maps");
+
+/* The last redirected datagram of each UDP port of a namespace. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct udp_sender_key);
+	__type(value, struct client_record);
+} udp_last_send SEC(".maps");
 
 /* The answer to SO_ORIGINAL_DST, on the proxy's accepted socket. */
 struct {
@@ -145,6 +188,10 @@ enum bypass_reason unused_bypass_reason __attribute__((unused));
 enum redirect_stat unused_redirect_stat __attribute__((unused));
 enum proxy_down_policy unused_proxy_down_policy __attribute__((unused));
 struct udp_relay_slot unused_udp_relay_slot __attribute__((unused));
+struct pending_record unused_pending_record __attribute__((unused));
+struct client_record unused_client_record __attribute__((unused));
+struct refusal_key unused_refusal_key __attribute__((unused));
+enum refusal_reason unused_refusal_reason __attribute__((unused));
 enum udp_relay_slot_index unused_udp_relay_slot_index __attribute__((unused));
 
 struct sockaddr_in_orig {
@@ -311,6 +358,21 @@ static __always_inline int port_matches(struct bpf_sock_addr *ctx, __u16 port_ne
 	return bpf_map_lookup_elem(&redirect_ports, &port) != NULL;
 }
 
+/* A UDP send leaves the socket's record under its port too, where the
+ * relay finds it even when the socket is gone by the time the datagram is
+ * read. The socket has its port by now (autobind comes first). */
+static __always_inline void remember_send(struct bpf_sock_addr *ctx,
+					  const struct client_record *record)
+{
+	struct udp_sender_key key = {
+	    .netns_cookie = bpf_get_netns_cookie(ctx),
+	    .port = bpf_htons((__u16)ctx->sk->src_port),
+	    .family = record->original.family,
+	};
+
+	bpf_map_update_elem(&udp_last_send, &key, record, BPF_ANY);
+}
+
 enum connect_verdict {
 	CONNECT_LEAVE,	  /* keep the original destination */
 	CONNECT_REDIRECT, /* rewrite the destination to the proxy */
@@ -329,7 +391,7 @@ static __always_inline enum connect_verdict handle_connect(struct bpf_sock_addr 
 							   const struct endpoint *proxy,
 							   int is_loopback)
 {
-	struct endpoint *stored;
+	struct client_record *stored;
 	int reason, fresh = 1;
 
 	stat_add(&stats, ctx->type == SOCK_DGRAM ? STAT_UDP_SENDS : STAT_TCP_CONNECTS, 1);
@@ -348,8 +410,12 @@ static __always_inline enum connect_verdict handle_connect(struct bpf_sock_addr 
 						      BPF_SK_STORAGE_GET_F_CREATE)
 				 : NULL;
 		if (stored) {
-			fresh = !endpoint_equal(stored, original);
-			*stored = *original;
+			fresh = !endpoint_equal(&stored->original, original);
+			stored->original = *original;
+			stored->uid = (__u32)bpf_get_current_uid_gid();
+			stored->cookie = bpf_get_socket_cookie(ctx);
+			if (ctx->type == SOCK_DGRAM)
+				remember_send(ctx, stored);
 		} else {
 			reason = REASON_NO_MEMORY;
 		}
@@ -487,18 +553,18 @@ int redirect_sendmsg6(struct bpf_sock_addr *ctx)
 static __always_inline struct endpoint *original_of_proxy_peer(struct bpf_sock_addr *ctx,
 							       const struct endpoint *peer)
 {
+	struct client_record *record;
 	struct endpoint proxy;
-	struct endpoint *original;
 
 	if (!ctx->sk)
 		return NULL;
 	proxy_endpoint(&proxy, peer->family);
 	if (!endpoint_equal(peer, &proxy))
 		return NULL;
-	original = bpf_sk_storage_get(&client_orig_dst, ctx->sk, 0, 0);
-	if (!original || original->family != peer->family)
+	record = bpf_sk_storage_get(&client_orig_dst, ctx->sk, 0, 0);
+	if (!record || record->original.family != peer->family)
 		return NULL;
-	return original;
+	return &record->original;
 }
 
 /* Shows @ctx's socket the original destination where the kernel would show
@@ -561,59 +627,117 @@ int redirect_recvmsg6(struct bpf_sock_addr *ctx)
 	return 1;
 }
 
+/* The tuple of a packet from the proxy to @client, which finds the client's
+ * UDP socket; returns the tuple's size. */
+static __always_inline __u32 proxy_to_client_tuple(struct bpf_sock_tuple *tuple,
+						   const struct endpoint *proxy,
+						   const struct endpoint *client)
+{
+	if (proxy->family == ADDR_FAMILY_INET) {
+		tuple->ipv4.saddr = proxy->ip[0];
+		tuple->ipv4.sport = proxy->port;
+		tuple->ipv4.daddr = client->ip[0];
+		tuple->ipv4.dport = client->port;
+		return sizeof(tuple->ipv4);
+	}
+	__builtin_memcpy(tuple->ipv6.saddr, proxy->ip, sizeof(tuple->ipv6.saddr));
+	tuple->ipv6.sport = proxy->port;
+	__builtin_memcpy(tuple->ipv6.daddr, client->ip, sizeof(tuple->ipv6.daddr));
+	tuple->ipv6.dport = client->port;
+	return sizeof(tuple->ipv6);
+}
+
 /**
  * publish_datagram_origin() - on the proxy's UDP socket, hand the relay the
- * original destination of the datagram it is receiving from @client
+ * sender and the original destination of the datagram it is receiving from
+ * @client
  * @proxy: the proxy's own endpoint, which the receiving socket must be bound to
  * @index: the slot of the receiving socket's family (enum udp_relay_slot_index)
  *
  * The sender is found as the socket a packet from the proxy to @client
  * would reach, in the proxy's namespace; only a socket that redirect4/6
- * sent to the proxy holds a record. The slot is written for every
- * datagram, with no original when there is none, so that it never shows
- * the relay an earlier datagram's destination.
+ * sent to the proxy holds a record. A sender that closed right after its
+ * send is known by the record its last send left under its port. The slot
+ * is written for every datagram, with no original when there is none, so
+ * that it never shows the relay an earlier datagram's destination.
  */
 static __always_inline void publish_datagram_origin(struct bpf_sock_addr *ctx,
 						    const struct endpoint *proxy,
 						    const struct endpoint *client, __u32 index)
 {
 	struct bpf_sock_tuple tuple = {};
+	struct client_record *record = NULL;
 	struct udp_relay_slot *slot;
-	struct endpoint *original = NULL;
 	struct bpf_sock *sk;
 	__u32 tuple_size;
 
 	slot = bpf_map_lookup_elem(&udp_relay_slots, &index);
 	if (!slot)
 		return;
-	if (proxy->family == ADDR_FAMILY_INET) {
-		tuple.ipv4.saddr = proxy->ip[0];
-		tuple.ipv4.sport = proxy->port;
-		tuple.ipv4.daddr = client->ip[0];
-		tuple.ipv4.dport = client->port;
-		tuple_size = sizeof(tuple.ipv4);
-	} else {
-		__builtin_memcpy(tuple.ipv6.saddr, proxy->ip, sizeof(tuple.ipv6.saddr));
-		tuple.ipv6.sport = proxy->port;
-		__builtin_memcpy(tuple.ipv6.daddr, client->ip, sizeof(tuple.ipv6.daddr));
-		tuple.ipv6.dport = client->port;
-		tuple_size = sizeof(tuple.ipv6);
-	}
+	tuple_size = proxy_to_client_tuple(&tuple, proxy, client);
 	slot->netns_cookie = bpf_get_netns_cookie(ctx);
 	slot->client = *client;
 	sk = bpf_sk_lookup_udp(ctx, &tuple, tuple_size, BPF_F_CURRENT_NETNS, 0);
 	if (sk) {
-		original = bpf_sk_storage_get(&client_orig_dst, sk, 0, 0);
-		if (original)
-			slot->original = *original;
+		record = bpf_sk_storage_get(&client_orig_dst, sk, 0, 0);
+		if (record) {
+			slot->original = record->original;
+			slot->client_cookie = record->cookie;
+			slot->uid = record->uid;
+		}
 		bpf_sk_release(sk);
+	} else {
+		struct udp_sender_key key = {
+		    .netns_cookie = slot->netns_cookie,
+		    .port = client->port,
+		    .family = client->family,
+		};
+
+		record = bpf_map_lookup_elem(&udp_last_send, &key);
+		if (record) {
+			slot->original = record->original;
+			slot->client_cookie = record->cookie;
+			slot->uid = record->uid;
+			stat_add(&stats, STAT_UDP_FROM_RECORD, 1);
+		}
 	}
-	if (original) {
+	if (record) {
 		stat_add(&stats, STAT_UDP_TO_PROXY, 1);
 	} else {
 		__builtin_memset(&slot->original, 0, sizeof(slot->original));
+		slot->client_cookie = 0;
+		slot->uid = 0;
 		stat_add(&stats, STAT_UDP_NO_RECORD, 1);
 	}
+}
+
+/**
+ * reply_reaches_its_socket() - whether the relay's reply to @client would
+ * reach the socket the relay wrote into the slot's reply_cookie, and not
+ * another that took the client's port after it closed
+ */
+static __always_inline int reply_reaches_its_socket(struct bpf_sock_addr *ctx,
+						    const struct endpoint *proxy,
+						    const struct endpoint *client, __u32 index)
+{
+	struct bpf_sock_tuple tuple = {};
+	struct client_record *record;
+	struct udp_relay_slot *slot;
+	struct bpf_sock *sk;
+	__u32 tuple_size;
+	int same = 0;
+
+	slot = bpf_map_lookup_elem(&udp_relay_slots, &index);
+	if (!slot)
+		return 0;
+	tuple_size = proxy_to_client_tuple(&tuple, proxy, client);
+	sk = bpf_sk_lookup_udp(ctx, &tuple, tuple_size, BPF_F_CURRENT_NETNS, 0);
+	if (!sk)
+		return 0;
+	record = bpf_sk_storage_get(&client_orig_dst, sk, 0, 0);
+	same = record && record->cookie == READ_ONCE(slot->reply_cookie);
+	bpf_sk_release(sk);
+	return same;
 }
 
 /* Whether @ctx's socket is the built-in relay's own UDP socket of this
@@ -663,6 +787,39 @@ int redirect_proxy_recvmsg6(struct bpf_sock_addr *ctx)
 	return 1;
 }
 
+/* The relay's replies: refused (EPERM) when the client's socket is gone,
+ * so that a socket that took its port never gets its replies. */
+SEC("cgroup/sendmsg4")
+int redirect_proxy_sendmsg4(struct bpf_sock_addr *ctx)
+{
+	struct endpoint proxy, client;
+
+	proxy_endpoint(&proxy, ADDR_FAMILY_INET);
+	if (!is_proxy_socket(ctx, &proxy))
+		return SYS_PROCEED;
+	endpoint_set_v4(&client, ctx->user_ip4, (__u16)ctx->user_port);
+	if (reply_reaches_its_socket(ctx, &proxy, &client, UDP_SLOT_INET))
+		return SYS_PROCEED;
+	stat_add(&stats, STAT_UDP_REPLY_REFUSED, 1);
+	return SYS_REJECT;
+}
+
+SEC("cgroup/sendmsg6")
+int redirect_proxy_sendmsg6(struct bpf_sock_addr *ctx)
+{
+	struct endpoint proxy, client;
+
+	proxy_endpoint(&proxy, ADDR_FAMILY_INET6);
+	if (!is_proxy_socket(ctx, &proxy))
+		return SYS_PROCEED;
+	user_endpoint6(ctx, &client);
+	if (client.family == ADDR_FAMILY_INET6 &&
+	    reply_reaches_its_socket(ctx, &proxy, &client, UDP_SLOT_INET6))
+		return SYS_PROCEED;
+	stat_add(&stats, STAT_UDP_REPLY_REFUSED, 1);
+	return SYS_REJECT;
+}
+
 /**
  * sockops_tuple() - the connection as the proxy's accepted socket sees it
  * @is_client: @skops is the client's socket, whose remote end is the proxy;
@@ -704,12 +861,120 @@ static __always_inline void handover_key(struct bpf_sock_ops *skops, struct hand
 	sockops_tuple(skops, &key->tuple, is_client);
 }
 
+/**
+ * take_share() - count one more record for @key in @map, unless @key holds
+ * @limit already
+ *
+ * Returns 1 when counted. The check and the add are two steps: two records
+ * racing for the last place may both get it, which costs fairness one
+ * record, never a count that goes wrong.
+ */
+static __always_inline int take_share(void *map, const void *key, __u32 limit)
+{
+	__u32 one = 1, *count = bpf_map_lookup_elem(map, key);
+
+	if (!count) {
+		if (bpf_map_update_elem(map, key, &one, BPF_NOEXIST) == 0)
+			return 1;
+		count = bpf_map_lookup_elem(map, key);
+		if (!count)
+			return 0;
+	}
+	if (READ_ONCE(*count) >= limit)
+		return 0;
+	__sync_fetch_and_add(count, 1);
+	return 1;
+}
+
+/* Gives back a place take_share() counted; the last one removes the entry,
+ * so that namespaces and users that come and go leave nothing behind. */
+static __always_inline void give_back_share(void *map, const void *key)
+{
+	__u32 *count = bpf_map_lookup_elem(map, key);
+
+	if (!count)
+		return;
+	if (READ_ONCE(*count) <= 1)
+		bpf_map_delete_elem(map, key);
+	else
+		__sync_fetch_and_add(count, -1);
+}
+
+/* root's records count against their namespace only: every container of a
+ * host may run as root. */
+static __always_inline int has_uid_share(__u32 uid)
+{
+	return uid != 0;
+}
+
+static __always_inline void count_refusal(struct handover_key *key, __u32 reason)
+{
+	struct refusal_key refusal = {.netns_cookie = key->netns_cookie, .reason = reason};
+	__u64 one = 1, *count;
+
+	stat_add(&stats, STAT_ORIG_DST_REFUSED, 1);
+	bpf_map_update_elem(&refused_orig_dst, key, &reason, BPF_ANY);
+	count = bpf_map_lookup_elem(&pending_refusals, &refusal);
+	if (count)
+		__sync_fetch_and_add(count, 1);
+	else
+		bpf_map_update_elem(&pending_refusals, &refusal, &one, BPF_NOEXIST);
+}
+
+/**
+ * publish_pending() - the client's record under (namespace, 4-tuple), for
+ * the proxy's accepted socket, within the namespace's and the user's share
+ */
+static __always_inline void publish_pending(struct handover_key *key,
+					    const struct client_record *client)
+{
+	struct pending_record record = {.original = client->original, .uid = client->uid};
+	__u32 reason = 0;
+
+	if (!take_share(&pending_per_netns, &key->netns_cookie, PENDING_NETNS_SHARE)) {
+		reason = REFUSED_NETNS_SHARE;
+	} else if (has_uid_share(record.uid) &&
+		   !take_share(&pending_per_uid, &record.uid, PENDING_UID_SHARE)) {
+		give_back_share(&pending_per_netns, &key->netns_cookie);
+		reason = REFUSED_UID_SHARE;
+	} else if (bpf_map_update_elem(&pending_orig_dst, key, &record, BPF_NOEXIST) != 0) {
+		give_back_share(&pending_per_netns, &key->netns_cookie);
+		if (has_uid_share(record.uid))
+			give_back_share(&pending_per_uid, &record.uid);
+		reason = REFUSED_TABLE_FULL;
+	}
+	if (reason) {
+		count_refusal(key, reason);
+		return;
+	}
+	stat_add(&stats, STAT_ORIG_DST_PENDING, 1);
+}
+
+/* Removes the record of @key, giving back its shares; 1 if there was one. */
+static __always_inline int unpublish_pending(struct handover_key *key)
+{
+	struct pending_record *record = bpf_map_lookup_elem(&pending_orig_dst, key);
+	__u32 uid;
+
+	if (!record)
+		return 0;
+	uid = record->uid;
+	/* Of two callers racing here (the client closing, the proxy taking
+	 * the record), only the one whose delete succeeds gives back. */
+	if (bpf_map_delete_elem(&pending_orig_dst, key) != 0)
+		return 0;
+	give_back_share(&pending_per_netns, &key->netns_cookie);
+	if (has_uid_share(uid))
+		give_back_share(&pending_per_uid, &uid);
+	return 1;
+}
+
 /* On the redirected client's sockets (attached to the redirected cgroup). */
 SEC("sockops")
 int redirect_sockops(struct bpf_sock_ops *skops)
 {
 	struct handover_key key = {};
-	struct endpoint *original;
+	struct client_record *client;
 	struct bpf_sock *sk;
 
 	switch (skops->op) {
@@ -719,14 +984,11 @@ int redirect_sockops(struct bpf_sock_ops *skops)
 		sk = skops->sk;
 		if (!sk)
 			break;
-		original = bpf_sk_storage_get(&client_orig_dst, sk, 0, 0);
-		if (!original)
+		client = bpf_sk_storage_get(&client_orig_dst, sk, 0, 0);
+		if (!client)
 			break;
 		handover_key(skops, &key, 1);
-		if (bpf_map_update_elem(&pending_orig_dst, &key, original, BPF_ANY) == 0)
-			stat_add(&stats, STAT_ORIG_DST_PENDING, 1);
-		else
-			stat_add(&stats, STAT_ORIG_DST_LOST, 1);
+		publish_pending(&key, client);
 		request_state_changes(skops);
 		break;
 	case BPF_SOCK_OPS_STATE_CB:
@@ -735,8 +997,9 @@ int redirect_sockops(struct bpf_sock_ops *skops)
 		/* Taken by the proxy already, or never accepted: either way
 		 * nothing may stay behind once the client's socket is gone. */
 		handover_key(skops, &key, 1);
-		if (bpf_map_delete_elem(&pending_orig_dst, &key) == 0)
+		if (unpublish_pending(&key))
 			stat_add(&stats, STAT_ORIG_DST_UNCLAIMED, 1);
+		bpf_map_delete_elem(&refused_orig_dst, &key);
 		break;
 	}
 	return 1;
@@ -747,7 +1010,7 @@ SEC("sockops")
 int redirect_proxy_sockops(struct bpf_sock_ops *skops)
 {
 	struct handover_key key = {};
-	struct endpoint *original;
+	struct pending_record *record;
 	struct bpf_sock *sk;
 
 	switch (skops->op) {
@@ -756,17 +1019,18 @@ int redirect_proxy_sockops(struct bpf_sock_ops *skops)
 		if (!sk)
 			break;
 		handover_key(skops, &key, 0);
-		original = bpf_map_lookup_elem(&pending_orig_dst, &key);
-		if (!original)
+		record = bpf_map_lookup_elem(&pending_orig_dst, &key);
+		if (!record)
 			break;
 		/* Without storage the record stays published, where getsockopt
 		 * still finds it, until the client's socket closes. */
-		if (!bpf_sk_storage_get(&proxy_answer, sk, original, BPF_SK_STORAGE_GET_F_CREATE)) {
+		if (!bpf_sk_storage_get(&proxy_answer, sk, &record->original,
+					BPF_SK_STORAGE_GET_F_CREATE)) {
 			stat_add(&stats, STAT_ORIG_DST_LOST, 1);
 			break;
 		}
 		stat_add(&stats, STAT_ORIG_DST_HANDED_OVER, 1);
-		bpf_map_delete_elem(&pending_orig_dst, &key);
+		unpublish_pending(&key);
 		request_state_changes(skops);
 		break;
 	case BPF_SOCK_OPS_STATE_CB:
@@ -855,9 +1119,19 @@ int redirect_getsockopt(struct bpf_sockopt *ctx)
 		 * finished after. Until then only this socket, in this
 		 * namespace, has the connection's 4-tuple. */
 		struct handover_key key = {.netns_cookie = bpf_get_netns_cookie(ctx)};
+		struct pending_record *record;
 
 		tuple_from_accepted(sk, &key.tuple);
-		original = bpf_map_lookup_elem(&pending_orig_dst, &key);
+		record = bpf_map_lookup_elem(&pending_orig_dst, &key);
+		if (record) {
+			original = &record->original;
+		} else if (bpf_map_lookup_elem(&refused_orig_dst, &key)) {
+			/* A redirected connection whose record was over its
+			 * share: say so, rather than "not redirected". */
+			barrier();
+			ctx->retval = -ENOBUFS;
+			return 1;
+		}
 	}
 	if (!original || !answer_orig_dst(ctx, original))
 		return 1;

@@ -20,12 +20,49 @@ struct handover_key {
 	struct conn_tuple tuple;
 };
 
+/* What a redirected socket's storage holds from connect4/6 or sendmsg4/6
+ * on: where it wanted to go, which socket it is and who asked. */
+struct client_record {
+	struct endpoint original;
+	__u32 uid;
+	__u64 cookie;
+};
+
+/* A connection between the client's SYN and the proxy's accept. */
+struct pending_record {
+	struct endpoint original;
+	__u32 uid; /* whose share of pending_orig_dst it takes */
+};
+
+/* Of pending_orig_dst (65,536 records for the host), one network namespace
+ * may hold this many, and one user other than root as many again, in all
+ * its namespaces: nobody can take the others' records away. */
+#define PENDING_NETNS_SHARE 4096
+#define PENDING_UID_SHARE 4096
+
+/* The last redirected datagram a UDP socket of a namespace sent, by its
+ * port: the relay still learns where a datagram goes when its sender
+ * closed right after sendto(). */
+struct udp_sender_key {
+	__u64 netns_cookie;
+	__u16 port; /* network order */
+	__u16 family;
+	__u32 pad;
+};
+
 /* The datagram the relay's UDP socket of one family just received: who
- * sent it, in which network namespace, and its original destination
- * (family 0: none). The relay-side recvmsg program writes it on every
- * datagram; the relay's receiving thread reads it right after recvfrom. */
+ * sent it (address, socket, user), in which network namespace, and its
+ * original destination (family 0: none). The relay-side recvmsg program
+ * writes it on every datagram; the relay's thread reads it right after
+ * recvfrom. Before it sends a reply, the relay writes the socket the reply
+ * is for into reply_cookie, and the relay-side sendmsg program refuses the
+ * send when another socket holds the client's port by then. */
 struct udp_relay_slot {
 	__u64 netns_cookie;
+	__u64 client_cookie;
+	__u64 reply_cookie;
+	__u32 uid;
+	__u32 pad;
 	struct endpoint client;
 	struct endpoint original;
 };
@@ -35,6 +72,19 @@ enum udp_relay_slot_index {
 	UDP_SLOT_INET = 0,
 	UDP_SLOT_INET6 = 1,
 	UDP_SLOT_COUNT = 2,
+};
+
+/* Why a record was refused (pending_refusals, per network namespace). */
+enum refusal_reason {
+	REFUSED_NETNS_SHARE = 1, /* the namespace holds PENDING_NETNS_SHARE */
+	REFUSED_UID_SHARE = 2,	 /* the user holds PENDING_UID_SHARE */
+	REFUSED_TABLE_FULL = 3,	 /* pending_orig_dst itself is full */
+};
+
+struct refusal_key {
+	__u64 netns_cookie;
+	__u32 reason; /* enum refusal_reason */
+	__u32 pad;
 };
 
 enum redirect_action {
@@ -79,11 +129,14 @@ enum redirect_stat {
 	STAT_ORIG_DST_ANSWERED,
 	STAT_ORIG_DST_RELEASED, /* the proxy's socket closed */
 	STAT_ORIG_DST_LOST,	/* a record could not be stored: map full, no memory */
+	STAT_ORIG_DST_REFUSED,	/* over a namespace's or a user's share */
 	STAT_EVENTS_LOST,
 	STAT_UDP_SENDS,		/* connects and unconnected sends of UDP sockets */
 	STAT_UDP_TO_PROXY,	/* datagrams whose destination the proxy was told */
 	STAT_UDP_NO_RECORD,	/* datagrams at the proxy from no redirected socket */
 	STAT_UDP_REPLIES,	/* replies shown as coming from the original */
+	STAT_UDP_FROM_RECORD,	/* datagrams whose sender had closed: its last send told */
+	STAT_UDP_REPLY_REFUSED, /* replies for a socket that is gone */
 	STAT_PEERNAME_ANSWERED, /* getpeername() told the original destination */
 	STAT_COUNT,
 };

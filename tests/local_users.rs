@@ -4,6 +4,7 @@
 
 mod common;
 
+use std::io::Read;
 use std::os::unix::fs::PermissionsExt;
 use std::time::{Duration, Instant};
 
@@ -333,4 +334,271 @@ fn an_oversized_dns_name_prints_as_malformed() {
         dns[0]
     );
     assert!(dns[0].len() < 300, "a {}-byte event line", dns[0].len());
+}
+
+/// Nobody's client in `apps` (setpriv to uid 65534), running `script`.
+fn as_nobody_in_apps(testbed: &Testbed, script: &str) -> std::process::Command {
+    let mut command = testbed.in_apps("setpriv");
+    command.args([
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+        PYTHON,
+        "-c",
+        script,
+    ]);
+    command
+}
+
+fn assert_ran(out: &std::process::Output, what: &str) -> String {
+    assert!(
+        out.status.success(),
+        "{what}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A UDP server of the attacker's: it answers the first datagram from a
+/// peer late and many times, as a flow kept after its client left would
+/// carry it.
+const LATE_REPLIER: &str = r#"
+import socket, sys, time
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("0.0.0.0", int(sys.argv[1])))
+print("ready", flush=True)
+data, peer = s.recvfrom(2048)
+time.sleep(0.5)
+for i in range(30):
+    s.sendto(b"FORGED %d" % i, peer)
+    time.sleep(0.05)
+"#;
+
+#[test]
+fn a_udp_flow_kept_after_its_socket_closed_delivers_nothing_to_the_next_socket_on_its_port() {
+    if !have_root() {
+        return;
+    }
+    let testbed = Testbed::new();
+    let _real = servers::udp_echo(&testbed.server, "0.0.0.0:53").unwrap();
+    let redirector = testbed.redirect(&["--udp-ports", "53,5300"]);
+    for connected in [false, true] {
+        let mut late =
+            proxy_redirect::sys::netns::command_in(PYTHON, Some(&testbed.server), None).unwrap();
+        let mut late = late
+            .args(["-c", LATE_REPLIER, "5300"])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut ready = [0u8; 6];
+        late.stdout
+            .as_mut()
+            .unwrap()
+            .read_exact(&mut ready)
+            .unwrap();
+        // Nobody sends one datagram from port 21601 to its own server, and
+        // closes the socket.
+        let attacker = format!(
+            "import socket\n\
+             s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+             s.bind(('0.0.0.0', 21601))\n\
+             s.sendto(b'hello', ('{SERVER_V4}', 5300))\n\
+             s.close()\n"
+        );
+        assert_ran(&run(as_nobody_in_apps(&testbed, &attacker)), "the attacker");
+        // root's resolver gets the same port and asks the real server; it
+        // listens while the attacker's server answers its old flow.
+        let send = match connected {
+            true => format!("s.connect(('{SERVER_V4}', 53)); s.send(b'query')"),
+            false => format!("s.sendto(b'query', ('{SERVER_V4}', 53))"),
+        };
+        let root = format!(
+            "import socket, time\n\
+             s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+             s.bind(('0.0.0.0', 21601))\n\
+             {send}\n\
+             s.settimeout(0.2)\n\
+             end = time.monotonic() + 2.5\n\
+             while time.monotonic() < end:\n\
+             \x20   try:\n\
+             \x20       data, source = s.recvfrom(2048)\n\
+             \x20       print(data.decode(), source[0], source[1])\n\
+             \x20   except socket.timeout:\n\
+             \x20       pass\n"
+        );
+        let mut command = testbed.in_apps(PYTHON);
+        command.args(["-c", &root]);
+        let received = assert_ran(&run(command), "root's client");
+        let _ = late.wait();
+        assert_eq!(
+            received.lines().collect::<Vec<_>>(),
+            [format!("query {SERVER_V4} 53")],
+            "connected: {connected}"
+        );
+    }
+    let (status, output, _) = redirector.stop();
+    assert!(status.success());
+    assert!(
+        summary_value(&output, "redirect", "udp_replies_refused") > 0,
+        "{output}"
+    );
+}
+
+#[test]
+fn one_user_filling_the_udp_flows_leaves_roots_dns_alone() {
+    if !have_root() {
+        return;
+    }
+    let testbed = Testbed::new();
+    let _server = servers::udp_echo(&testbed.server, "0.0.0.0:53").unwrap();
+    let redirector = testbed.redirect(&["--udp-ports", "53"]);
+    // Nobody sends from 15,000 sockets that it keeps open (as many as its
+    // file limit allows), each a flow of its own. Sockets it closed would
+    // lose their flows at their first reply.
+    let flood = format!(
+        "import resource, socket, time\n\
+         hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]\n\
+         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))\n\
+         sockets = []\n\
+         for i in range(min(15000, hard - 64)):\n\
+         \x20   s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+         \x20   s.sendto(b'x', ('{SERVER_V4}', 53))\n\
+         \x20   sockets.append(s)\n\
+         print(len(sockets), flush=True)\n\
+         time.sleep(1)\n"
+    );
+    let flood = as_nobody_in_apps(&testbed, &flood)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    // A resolver's way: a new socket per query, asked again after 1 s (a
+    // flood overflows any UDP socket's queue, ours too).
+    let root = format!(
+        "import socket\n\
+         for i in range(20):\n\
+         \x20   s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+         \x20   s.settimeout(1)\n\
+         \x20   for attempt in range(3):\n\
+         \x20       s.sendto(b'query %d' % i, ('{SERVER_V4}', 53))\n\
+         \x20       try:\n\
+         \x20           assert s.recvfrom(2048)[0] == b'query %d' % i\n\
+         \x20           break\n\
+         \x20       except socket.timeout:\n\
+         \x20           pass\n\
+         \x20   else:\n\
+         \x20       raise SystemExit('query %d unanswered' % i)\n\
+         print('answered')\n"
+    );
+    let mut command = testbed.in_apps(PYTHON);
+    command.args(["-c", &root]);
+    assert_eq!(assert_ran(&run(command), "root's DNS").trim(), "answered");
+    let flood = flood.wait_with_output().unwrap();
+    let opened: u64 = assert_ran(&flood, "the flood").trim().parse().unwrap();
+    assert!(opened > 8000, "nobody could open only {opened} sockets");
+    let (status, output, _) = redirector.stop();
+    assert!(status.success());
+    // Each of nobody's flows beyond its share replaced one of its own: at
+    // most 4,096 of its flows stayed, beside root's 20 to 60. (A flood
+    // overflows the proxy's queue: not every datagram makes a flow.)
+    let evicted = summary_value(&output, "proxy", "udp_flows_evicted");
+    let flows = summary_value(&output, "proxy", "udp_flows_opened");
+    assert!(evicted > 3000, "{evicted} evicted of {opened}: {output}");
+    assert!(
+        (4096 + 20..=4096 + 60).contains(&(flows - evicted)),
+        "{flows} flows, {evicted} evicted"
+    );
+}
+
+#[test]
+fn fire_and_forget_datagrams_all_arrive() {
+    if !have_root() {
+        return;
+    }
+    let testbed = Testbed::new();
+    let server = servers::udp_echo(&testbed.server, "0.0.0.0:514").unwrap();
+    testbed.reject_direct(&testbed.apps, "udp", 514);
+    let redirector = testbed.redirect(&["--udp-ports", "514"]);
+    // syslog's way: a socket per message, closed right after sendto().
+    let sender = format!(
+        "import socket\n\
+         for i in range(200):\n\
+         \x20   s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+         \x20   s.sendto(b'<14>message %d' % i, ('{SERVER_V4}', 514))\n\
+         \x20   s.close()\n"
+    );
+    assert_ran(&run(as_nobody_in_apps(&testbed, &sender)), "the sender");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while server.peers().len() < 200 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (status, output, _) = redirector.stop();
+    assert!(status.success());
+    assert_eq!(server.peers().len(), 200, "{output}");
+    assert!(
+        summary_value(&output, "redirect", "udp_from_last_send") > 0,
+        "{output}"
+    );
+}
+
+#[test]
+fn one_user_holding_pending_records_in_its_own_namespace_leaves_root_answered() {
+    if !have_root() {
+        return;
+    }
+    let testbed = Testbed::new();
+    let _server = servers::http(&testbed.server, "[::]:80").unwrap();
+    testbed.reject_direct(&testbed.apps, "tcp", 80);
+    let redirector = testbed.redirect(&[]);
+    // Nobody, in a network namespace of its own, listens on the proxy
+    // address without accepting and leaves 6,000 connections half-open:
+    // each SYN keeps its record while the kernel retries it.
+    let attacker = r#"
+import os, resource, socket, subprocess, time
+hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+subprocess.run("ip link set lo up && ip addr add 10.99.0.1/32 dev lo", shell=True, check=True)
+listener = socket.socket()
+listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+listener.bind(("127.0.0.1", 15001))
+listener.listen(1)
+sockets = []
+for i in range(6000):
+    s = socket.socket()
+    s.setblocking(False)
+    try:
+        s.connect(("10.99.0.1", 80))
+    except BlockingIOError:
+        pass
+    sockets.append(s)
+print("holding", flush=True)
+time.sleep(8)
+"#;
+    let mut command = testbed.in_apps("setpriv");
+    command.args(["--reuid=65534", "--regid=65534", "--clear-groups"]);
+    command.args(["unshare", "-Urn", "--", PYTHON, "-c", attacker]);
+    let mut attacker = command
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut holding = [0u8; 7];
+    attacker
+        .stdout
+        .as_mut()
+        .unwrap()
+        .read_exact(&mut holding)
+        .unwrap();
+    // root's connections in the testbed's namespace are answered meanwhile.
+    for _ in 0..5 {
+        curl_ok(&testbed, &format!("http://{SERVER_V4}/"));
+    }
+    let _ = attacker.kill();
+    let _ = attacker.wait();
+    let (status, output, _) = redirector.stop();
+    assert!(status.success());
+    assert!(
+        summary_value(&output, "redirect", "original_destinations_refused") > 1000,
+        "{output}"
+    );
 }

@@ -74,8 +74,9 @@ fn udp_connected_and_recvfrom_clients_over_ipv4_ipv6_and_v4_mapped() {
 
     let redirector = testbed.redirect(&["--udp-ports", UDP_PORT]);
     // connect4/6, getpeername4/6, sendmsg4/6, recvmsg4/6 at apps;
-    // two sockops, getsockopt and the relay's recvmsg4/6 at the parent.
-    assert_eq!(testbed.attached_redirect_programs(), 13);
+    // two sockops, getsockopt and the relay's recvmsg4/6 and sendmsg4/6
+    // at the parent.
+    assert_eq!(testbed.attached_redirect_programs(), 15);
     let out = udp_clients(&testbed);
     let (status, output, _) = redirector.stop();
     assert!(

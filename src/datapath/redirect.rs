@@ -16,8 +16,8 @@ use libbpf_rs::MapCore;
 
 use crate::bpf::maps;
 use crate::bpf::redirect::types::{
-    bypass_reason, cidr_v4_key, cidr_v6_key, conn_tuple, endpoint, handover_key, proxy_down_policy,
-    redirect_action, redirect_event, redirect_stat,
+    bypass_reason, cidr_v4_key, cidr_v6_key, conn_tuple, endpoint, handover_key, pending_record,
+    proxy_down_policy, redirect_action, redirect_event, redirect_stat, refusal_key, refusal_reason,
 };
 use crate::bpf::redirect::{RedirectSkel, RedirectSkelBuilder};
 use crate::bpf::{Endpoint as _, OwnedSkel};
@@ -37,6 +37,8 @@ unsafe impl plain::Plain for redirect_event {}
 unsafe impl plain::Plain for endpoint {}
 unsafe impl plain::Plain for conn_tuple {}
 unsafe impl plain::Plain for handover_key {}
+unsafe impl plain::Plain for pending_record {}
+unsafe impl plain::Plain for refusal_key {}
 unsafe impl plain::Plain for cidr_v4_key {}
 unsafe impl plain::Plain for cidr_v6_key {}
 
@@ -208,6 +210,8 @@ impl Redirect {
             if !args.no_proxy {
                 attachments.attach_cgroup(&progs.redirect_proxy_recvmsg4, &sockopt_cgroup)?;
                 attachments.attach_cgroup(&progs.redirect_proxy_recvmsg6, &sockopt_cgroup)?;
+                attachments.attach_cgroup(&progs.redirect_proxy_sendmsg4, &sockopt_cgroup)?;
+                attachments.attach_cgroup(&progs.redirect_proxy_sendmsg6, &sockopt_cgroup)?;
             }
             attachments.attach_cgroup(&progs.redirect_sendmsg4, &cgroup)?;
             attachments.attach_cgroup(&progs.redirect_sendmsg6, &cgroup)?;
@@ -483,6 +487,15 @@ fn sync_cidrs(cidrs: &[Cidr], v4: &dyn MapCore, v6: &dyn MapCore) -> Result<()> 
     maps::sync_set(v6, &keys_v6)
 }
 
+fn refusal_name(reason: u32) -> &'static str {
+    match refusal_reason(reason) {
+        refusal_reason::REFUSED_NETNS_SHARE => "namespace share",
+        refusal_reason::REFUSED_UID_SHARE => "user share",
+        refusal_reason::REFUSED_TABLE_FULL => "table full",
+        _ => "unknown",
+    }
+}
+
 pub fn reason_name(reason: u8) -> &'static str {
     match bypass_reason(reason.into()) {
         bypass_reason::REASON_NONE => "none",
@@ -679,6 +692,12 @@ fn snapshot(skel: &RedirectSkel<'_>) -> Result<Snapshot> {
             redirect_stat::STAT_ORIG_DST_LOST,
         ),
         (
+            "original_destinations_refused",
+            "original destinations refused (over a share)",
+            "Records refused because their namespace or user held its share of the table.",
+            redirect_stat::STAT_ORIG_DST_REFUSED,
+        ),
+        (
             "getpeername_answered",
             "getpeername answered",
             "getpeername() calls told the dialled address.",
@@ -709,6 +728,18 @@ fn snapshot(skel: &RedirectSkel<'_>) -> Result<Snapshot> {
             redirect_stat::STAT_UDP_REPLIES,
         ),
         (
+            "udp_from_last_send",
+            "UDP datagrams of closed senders",
+            "Datagrams whose sender had closed, told by the record of its last send.",
+            redirect_stat::STAT_UDP_FROM_RECORD,
+        ),
+        (
+            "udp_replies_refused",
+            "UDP replies for closed sockets refused",
+            "Relay replies refused because the client's socket had closed.",
+            redirect_stat::STAT_UDP_REPLY_REFUSED,
+        ),
+        (
             "events_lost",
             "events lost",
             "Events dropped because the ring buffer was full.",
@@ -733,6 +764,23 @@ fn snapshot(skel: &RedirectSkel<'_>) -> Result<Snapshot> {
         "Original destinations published and not yet taken by the proxy.",
         maps::count(&skel.maps.pending_orig_dst)? as u64,
     ));
+    let refusals: Vec<(refusal_key, u64)> = maps::entries(&skel.maps.pending_refusals)?;
+    for (key, count) in refusals {
+        snapshot.push(
+            Metric::counter(
+                "original_destinations_refused_by_namespace",
+                format!(
+                    "refused in netns {} ({})",
+                    key.netns_cookie,
+                    refusal_name(key.reason)
+                ),
+                "Records refused, by network namespace cookie and reason.",
+                count,
+            )
+            .with_label("netns", key.netns_cookie.to_string())
+            .with_label("reason", refusal_name(key.reason)),
+        );
+    }
     Ok(snapshot)
 }
 
@@ -755,14 +803,14 @@ fn print_statistics(skel: &RedirectSkel<'_>) -> Result<()> {
         ..snapshot
     }
     .print();
-    let pending: Vec<(handover_key, endpoint)> = maps::entries(&skel.maps.pending_orig_dst)?;
+    let pending: Vec<(handover_key, pending_record)> = maps::entries(&skel.maps.pending_orig_dst)?;
     for (key, original) in pending.iter().take(20) {
         out!(
             "    netns {}: {} -> {} (originally {})",
             key.netns_cookie,
             key.tuple.peer.addr(),
             key.tuple.local.addr(),
-            original.addr()
+            original.original.addr()
         );
     }
     Ok(())

@@ -527,6 +527,15 @@ fn destination_of(client: &TcpStream, shared: &Shared) -> Option<SocketAddr> {
         DestinationSource::OriginalDstOption => {
             match original_destination(client.as_raw_fd(), local) {
                 Ok(found) => found,
+                Err(err) if err.raw_os_error() == Some(libc::ENOBUFS) => {
+                    warn!(
+                        "refused {peer}: no record of its original destination: its network \
+                         namespace or user holds its whole share of the host's table of \
+                         connections waiting for the proxy (see \
+                         redirect_original_destinations_refused_by_namespace)"
+                    );
+                    return None;
+                }
                 Err(err) => {
                     warn!("refused {peer}: reading its original destination failed: {err}");
                     return None;

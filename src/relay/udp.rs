@@ -6,11 +6,18 @@
 //! writes the datagram's original destination into that socket's slot of
 //! the `udp_relay_slots` map, which the relay has mapped into its memory:
 //! the thread reads (and clears) the slot as `recvfrom` returns, without a
-//! system call. Each (client, destination) pair is a flow with one
-//! connected, marked upstream socket; a reply is sent back from the proxy's
-//! socket, where the client's own recvmsg program shows it as coming from
-//! the destination. The thread also closes flows idle for the timeout. At
-//! most `MAX_FLOWS` are open, so memory is bounded.
+//! system call. Each (client socket, destination) pair is a flow with one
+//! connected, marked upstream socket: the slot names the sending socket by
+//! its cookie, so a new socket on a port another socket used starts a flow
+//! of its own. A reply is sent back from the proxy's socket, where the
+//! client's own recvmsg program shows it as coming from the destination;
+//! the relay first writes the flow's socket into the slot, and the
+//! relay-side sendmsg program refuses the reply when another socket holds
+//! the client's port by then. The thread also closes flows idle for the
+//! timeout. At most `MAX_FLOWS` are open, and one user at most
+//! `USER_SHARE` of them: a new flow beyond that replaces the user's oldest
+//! (UDP has no connection to cut; a client that sends again gets a new
+//! flow), and one beyond `MAX_FLOWS` the oldest of the user with most.
 //!
 //! One thread rather than one per direction, because a relay adds two hops
 //! to an exchange and waking a sleeping thread costs more than the system
@@ -43,8 +50,10 @@ use crate::sys::clock;
 use crate::sys::sockopt::{netns_cookie, set_mark};
 use crate::telemetry::stats::{Metric, Snapshot};
 
-/// Open flows at most; a datagram of a new flow beyond it is dropped.
+/// Open flows at most.
 pub const MAX_FLOWS: usize = 16384;
+/// Open flows of one user at most.
+pub const USER_SHARE: usize = MAX_FLOWS / 4;
 /// Receive buffer of the proxy's UDP sockets, in bytes.
 const PROXY_RCVBUF: usize = 4 << 20;
 /// The largest UDP payload.
@@ -61,6 +70,8 @@ pub struct UdpStats {
     pub flows_opened: AtomicU64,
     pub flows_expired: AtomicU64,
     pub flows_refused: AtomicU64,
+    pub flows_evicted: AtomicU64,
+    pub replies_refused: AtomicU64,
     pub flows_open: AtomicU64,
 }
 
@@ -118,9 +129,21 @@ impl UdpStats {
             ),
             (
                 "udp_flows_refused",
-                "UDP flows refused (limit)",
-                "UDP flows refused at the flow limit.",
+                "UDP flows refused (no socket)",
+                "UDP flows whose upstream socket could not be made.",
                 &self.flows_refused,
+            ),
+            (
+                "udp_flows_evicted",
+                "UDP flows evicted (user share, limit)",
+                "UDP flows closed to make room at a user's share or at the flow limit.",
+                &self.flows_evicted,
+            ),
+            (
+                "udp_replies_refused",
+                "UDP replies for closed client sockets",
+                "Replies not sent because the client's socket had closed; their flows close.",
+                &self.replies_refused,
             ),
         ];
         let mut snapshot = Snapshot::new("proxy");
@@ -323,16 +346,16 @@ impl Slots {
         Ok(Self { base, len })
     }
 
-    /// The original destination the relay-side recvmsg program left in
-    /// `slot` for the datagram this thread just received from `client` on
-    /// that slot's socket, if it found one; clears the slot, so that a
-    /// datagram the program did not see never gets an earlier one's.
+    /// The sender and original destination the relay-side recvmsg program
+    /// left in `slot` for the datagram this thread just received from
+    /// `client` on that slot's socket, if it found one; clears the slot, so
+    /// that a datagram the program did not see never gets an earlier one's.
     fn take(
         &self,
         slot: udp_relay_slot_index,
         netns_cookie: u64,
         client: SocketAddr,
-    ) -> Option<SocketAddr> {
+    ) -> Option<Sender> {
         // SAFETY: slot < UDP_SLOT_COUNT, which map() checked; only this
         // thread touches the slot, and the program wrote it before this
         // thread's recvfrom returned.
@@ -347,7 +370,23 @@ impl Slots {
             && record.netns_cookie == netns_cookie
             && sender.ip() == client.ip()
             && sender.port() == client.port();
-        (same_sender && record.original.family != 0).then(|| record.original.addr())
+        (same_sender && record.original.family != 0).then(|| Sender {
+            destination: record.original.addr(),
+            socket: record.client_cookie,
+            uid: record.uid,
+        })
+    }
+
+    /// Names the client socket the reply this thread sends next on `slot`'s
+    /// socket is for; the relay-side sendmsg program refuses it for any
+    /// other.
+    fn expect_reply_for(&self, slot: udp_relay_slot_index, socket: u64) {
+        // SAFETY: as in take(); the program reads the field during this
+        // thread's next sendto.
+        unsafe {
+            let ptr = self.base.as_ptr().add(slot.0 as usize);
+            std::ptr::addr_of_mut!((*ptr).reply_cookie).write_volatile(socket);
+        }
     }
 }
 
@@ -356,6 +395,14 @@ impl Drop for Slots {
         // SAFETY: the mapping made in map(), used by no thread any more.
         unsafe { libc::munmap(self.base.as_ptr().cast(), self.len) };
     }
+}
+
+/// Who sent a datagram, as the recvmsg program saw it.
+struct Sender {
+    destination: SocketAddr,
+    /// The sending socket's cookie.
+    socket: u64,
+    uid: u32,
 }
 
 /// The epoll token of the eventfd that wakes the relay's thread to stop.
@@ -451,9 +498,18 @@ struct Relay {
 struct Flows {
     /// Flows by their epoll token.
     by_token: HashMap<u64, Flow>,
-    /// The same flows' tokens by (client, destination).
-    by_pair: HashMap<(SocketAddr, SocketAddr), u64>,
+    /// The same flows' tokens by (client socket cookie, destination).
+    by_pair: HashMap<(u64, SocketAddr), u64>,
+    /// Each user's flow tokens, oldest first; tokens of closed flows stay
+    /// until they reach the front or the list is compacted.
+    by_user: HashMap<u32, UserFlows>,
     last_token: u64,
+}
+
+#[derive(Default)]
+struct UserFlows {
+    open: usize,
+    tokens: std::collections::VecDeque<u64>,
 }
 
 struct Flow {
@@ -462,6 +518,9 @@ struct Flow {
     /// which sends it the replies.
     proxy: usize,
     client: SocketAddr,
+    /// The client socket's cookie: replies go to that socket only.
+    socket: u64,
+    uid: u32,
     destination: SocketAddr,
     /// Milliseconds since `Relay::epoch` of the last datagram either way.
     last_active_ms: u64,
@@ -541,18 +600,19 @@ impl Relay {
             }
         };
         let datagram = &buffer[..len];
-        let destination = self
+        let sender = self
             .slots
             .take(proxy.slot, proxy.netns_cookie, client)
-            .filter(|d| !self.listen_addrs.contains(d));
-        let Some(destination) = destination else {
+            .filter(|sender| !self.listen_addrs.contains(&sender.destination));
+        let Some(sender) = sender else {
             self.shared
                 .stats
                 .no_destination
                 .fetch_add(1, Ordering::Relaxed);
             return;
         };
-        let Some(flow) = self.flow(client, destination, index, now_ms) else {
+        let destination = sender.destination;
+        let Some(flow) = self.flow(client, &sender, index, now_ms) else {
             return;
         };
         let sent = flow.upstream.send(datagram);
@@ -581,20 +641,27 @@ impl Relay {
         let stats = &self.shared.stats;
         let (client, destination) = (flow.client, flow.destination);
         match flow.upstream.recv(buffer) {
-            Ok(len) => match self.proxies[flow.proxy]
-                .socket
-                .send_to(&buffer[..len], client)
-            {
-                Ok(_) => {
-                    flow.last_active_ms = now_ms;
-                    stats.datagrams_down.fetch_add(1, Ordering::Relaxed);
-                    stats.bytes_down.fetch_add(len as u64, Ordering::Relaxed);
+            Ok(len) => {
+                let proxy = &self.proxies[flow.proxy];
+                self.slots.expect_reply_for(proxy.slot, flow.socket);
+                match proxy.socket.send_to(&buffer[..len], client) {
+                    Ok(_) => {
+                        flow.last_active_ms = now_ms;
+                        stats.datagrams_down.fetch_add(1, Ordering::Relaxed);
+                        stats.bytes_down.fetch_add(len as u64, Ordering::Relaxed);
+                    }
+                    // The client's socket is gone: whoever holds its port
+                    // now gets nothing of this flow.
+                    Err(err) if err.kind() == io::ErrorKind::PermissionDenied => {
+                        stats.replies_refused.fetch_add(1, Ordering::Relaxed);
+                        self.close(token);
+                    }
+                    Err(err) => {
+                        debug!("{destination} -> {client}: {err}");
+                        stats.dropped.fetch_add(1, Ordering::Relaxed);
+                    }
                 }
-                Err(err) => {
-                    debug!("{destination} -> {client}: {err}");
-                    stats.dropped.fetch_add(1, Ordering::Relaxed);
-                }
-            },
+            }
             Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
             // ICMP unreachable from the destination: the flow stays, as the
             // client's own socket would.
@@ -606,34 +673,46 @@ impl Relay {
         }
     }
 
-    /// The flow of (client, destination), opened if new, marked active at
-    /// `now_ms`.
+    /// The flow of (the sending socket, destination), opened if new,
+    /// marked active at `now_ms`.
     fn flow(
         &mut self,
         client: SocketAddr,
-        destination: SocketAddr,
+        sender: &Sender,
         proxy: usize,
         now_ms: u64,
     ) -> Option<&Flow> {
-        let token = match self.flows.by_pair.get(&(client, destination)) {
+        let token = match self.flows.by_pair.get(&(sender.socket, sender.destination)) {
             Some(&token) => token,
-            None => self.open(client, destination, proxy)?,
+            None => self.open(client, sender, proxy)?,
         };
         let flow = self.flows.by_token.get_mut(&token)?;
         flow.last_active_ms = now_ms;
         Some(flow)
     }
 
-    /// Opens the flow of (client, destination) with an upstream socket of
-    /// its own, and returns its token; None at the flow limit or when the
-    /// socket cannot be made.
-    fn open(&mut self, client: SocketAddr, destination: SocketAddr, proxy: usize) -> Option<u64> {
+    /// Opens the flow of (the sending socket, destination) with an
+    /// upstream socket of its own, making room within the user's share and
+    /// the flow limit first, and returns its token; None when the socket
+    /// cannot be made.
+    fn open(&mut self, client: SocketAddr, sender: &Sender, proxy: usize) -> Option<u64> {
+        let destination = sender.destination;
+        let user_open = self.flows.by_user.get(&sender.uid).map_or(0, |u| u.open);
+        if user_open >= USER_SHARE {
+            self.evict_oldest_of(sender.uid);
+        } else if self.flows.by_pair.len() >= MAX_FLOWS {
+            let busiest = self
+                .flows
+                .by_user
+                .iter()
+                .max_by_key(|(_, user)| user.open)
+                .map(|(&uid, _)| uid);
+            if let Some(uid) = busiest {
+                self.evict_oldest_of(uid);
+            }
+        }
         let stats = &self.shared.stats;
         let flows = &mut self.flows;
-        if flows.by_pair.len() >= MAX_FLOWS {
-            stats.flows_refused.fetch_add(1, Ordering::Relaxed);
-            return None;
-        }
         flows.last_token += 1;
         let token = flows.last_token;
         let upstream = connect_upstream(destination, self.config.mark).and_then(|upstream| {
@@ -652,25 +731,57 @@ impl Relay {
             upstream,
             proxy,
             client,
+            socket: sender.socket,
+            uid: sender.uid,
             destination,
             last_active_ms: 0,
         };
-        flows.by_pair.insert((client, destination), token);
+        flows.by_pair.insert((sender.socket, destination), token);
         flows.by_token.insert(token, flow);
+        let user = flows.by_user.entry(sender.uid).or_default();
+        user.open += 1;
+        user.tokens.push_back(token);
+        if user.tokens.len() > 2 * user.open + 64 {
+            let by_token = &flows.by_token;
+            user.tokens.retain(|token| by_token.contains_key(token));
+        }
         stats.flows_opened.fetch_add(1, Ordering::Relaxed);
         stats.flows_open.fetch_add(1, Ordering::Relaxed);
         Some(token)
+    }
+
+    /// Closes the oldest open flow of `uid`, to make room.
+    fn evict_oldest_of(&mut self, uid: u32) {
+        while let Some(token) = self
+            .flows
+            .by_user
+            .get_mut(&uid)
+            .and_then(|user| user.tokens.pop_front())
+        {
+            if self.flows.by_token.contains_key(&token) {
+                self.close(token);
+                self.shared
+                    .stats
+                    .flows_evicted
+                    .fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+        }
     }
 
     fn close(&mut self, token: u64) {
         let Some(flow) = self.flows.by_token.remove(&token) else {
             return;
         };
-        self.flows.by_pair.remove(&(flow.client, flow.destination));
+        self.flows.by_pair.remove(&(flow.socket, flow.destination));
+        if let Some(user) = self.flows.by_user.get_mut(&flow.uid) {
+            user.open -= 1;
+            if user.open == 0 {
+                self.flows.by_user.remove(&flow.uid);
+            }
+        }
         self.epoll.remove(flow.upstream.as_raw_fd());
-        let stats = &self.shared.stats;
-        stats.flows_open.fetch_sub(1, Ordering::Relaxed);
-        stats.flows_expired.fetch_add(1, Ordering::Relaxed);
+        self.shared.stats.flows_open.fetch_sub(1, Ordering::Relaxed);
     }
 
     /// Closes the flows idle for the timeout.
@@ -685,6 +796,10 @@ impl Relay {
             .collect();
         for token in idle {
             self.close(token);
+            self.shared
+                .stats
+                .flows_expired
+                .fetch_add(1, Ordering::Relaxed);
         }
     }
     fn dns_event(&self, client: SocketAddr, destination: SocketAddr, query: &[u8]) {

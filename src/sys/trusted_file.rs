@@ -29,8 +29,15 @@ pub fn writable_by_others(path: &Path) -> Result<Option<String>> {
         for component in current.components().skip(1) {
             let parent = walked.clone();
             walked.push(component);
-            let meta = fs::symlink_metadata(&walked)
-                .with_context(|| format!("reading {}", walked.display()))?;
+            let meta = match fs::symlink_metadata(&walked) {
+                Ok(meta) => meta,
+                // Nothing there to trust or distrust: reading the file
+                // says what is missing.
+                Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+                Err(err) => {
+                    return Err(err).with_context(|| format!("reading {}", walked.display()))
+                }
+            };
             let dir = fs::metadata(&parent)?;
             // A sticky directory (/tmp) lets nobody replace an entry of
             // someone else's; any other writable one lets them.
