@@ -17,6 +17,10 @@
 
 /* Configuration, set by user space before load. */
 const volatile __u8 emit_events;
+/* What a packet handed on returns: TC_NEXT, so that the programs behind ours
+ * see it too. The benchmark loads a copy with TC_ACT_OK, which ends the
+ * chain, to compare with the verdict before it. */
+const volatile int handed_on = TC_NEXT;
 /* Changed in place by a reload (SIGHUP), through the mmap'ed .data. */
 volatile __u8 proto_mask = NAT_PROTO_TCP;
 /* ETH_HLEN, or 0 on an L3 device; user space sets it before every attach,
@@ -122,17 +126,17 @@ static __always_inline int translate_icmp(struct __sk_buff *skb, struct l4_packe
 	__u32 icmp_off, port_offset;
 
 	if (parse_icmp_error(skb, pkt, &icmp_off) != PARSE_OK || !proto_enabled(pkt))
-		return TC_ACT_OK;
+		return handed_on;
 	if (ingress) {
 		port_host = bpf_ntohs(pkt->src_port);
 		port = bpf_map_lookup_elem(&nat_ports, &port_host);
 		if (!port || !(port->role & NAT_PORT_FROM))
-			return TC_ACT_OK;
+			return handed_on;
 		flow_key(&key, pkt, 0);
 		key.server_port = bpf_htons(port->to_port);
 		flow = bpf_map_lookup_elem(&flows, &key);
 		if (!flow || flow->original_port != pkt->src_port)
-			return TC_ACT_OK;
+			return handed_on;
 		old_port = pkt->src_port;
 		new_port = key.server_port;
 		port_offset = L4_SRC_PORT_OFFSET;
@@ -140,11 +144,11 @@ static __always_inline int translate_icmp(struct __sk_buff *skb, struct l4_packe
 		port_host = bpf_ntohs(pkt->dst_port);
 		port = bpf_map_lookup_elem(&nat_ports, &port_host);
 		if (!port || !(port->role & NAT_PORT_TO))
-			return TC_ACT_OK;
+			return handed_on;
 		flow_key(&key, pkt, 1);
 		flow = bpf_map_lookup_elem(&flows, &key);
 		if (!flow)
-			return TC_ACT_OK;
+			return handed_on;
 		old_port = pkt->dst_port;
 		new_port = flow->original_port;
 		port_offset = L4_DST_PORT_OFFSET;
@@ -154,7 +158,7 @@ static __always_inline int translate_icmp(struct __sk_buff *skb, struct l4_packe
 		return TC_ACT_SHOT;
 	}
 	stat_add(&stats, NAT_STAT_ICMP_TRANSLATED, 1);
-	return TC_ACT_OK;
+	return handed_on;
 }
 
 /* Parses the packet and counts it; returns the L4 port map entry of @port
@@ -165,7 +169,7 @@ static __always_inline struct nat_port *classify(struct __sk_buff *skb, struct l
 {
 	__u16 port;
 
-	*verdict = TC_ACT_OK;
+	*verdict = handed_on;
 	stat_add(&stats, NAT_STAT_PACKETS, 1);
 	stat_add(&stats, NAT_STAT_BYTES, skb->len);
 	switch (parse_packet(skb, l2_len, pkt)) {
@@ -220,14 +224,15 @@ static __always_inline __u8 initial_state(const struct l4_packet *pkt)
 	return FLOW_TCP_ESTABLISHED; /* picked up mid-stream */
 }
 
+/* Returns 0, or -1 (counted) when the packet could not be rewritten. */
 static __always_inline int rewrite(struct __sk_buff *skb, const struct l4_packet *pkt,
 				   __u32 port_offset, __u16 old_port, __u16 new_port)
 {
 	if (l4_rewrite_port(skb, pkt, port_offset, old_port, new_port)) {
 		stat_add(&stats, NAT_STAT_DROP_REWRITE_FAILED, 1);
-		return TC_ACT_SHOT;
+		return -1;
 	}
-	return TC_ACT_OK;
+	return 0;
 }
 
 /* Whether a TCP sequence number is near the client's latest one. */
@@ -319,7 +324,7 @@ int port_nat_ingress(struct __sk_buff *skb)
 		return verdict;
 	if (!(port->role & NAT_PORT_FROM)) {
 		direct_to_to(&pkt);
-		return TC_ACT_OK;
+		return handed_on;
 	}
 	to_port = bpf_htons(port->to_port);
 	flow_key(&key, &pkt, 1);
@@ -330,7 +335,7 @@ int port_nat_ingress(struct __sk_buff *skb)
 	 * open a flow or answer a local connect() (SYN-ACK). */
 	if ((!flow || (pkt.tcp_flags & TCP_FLAG_SYN)) && owned_locally(skb, &pkt)) {
 		stat_add(&stats, NAT_STAT_PASS_LOCAL, 1);
-		return TC_ACT_OK;
+		return handed_on;
 	}
 	if (flow && pkt.protocol == IPPROTO_TCP && flow->state != FLOW_TCP_SYN_SENT &&
 	    (pkt.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN) {
@@ -371,11 +376,11 @@ int port_nat_ingress(struct __sk_buff *skb)
 		}
 	}
 	count(flow, NAT_DIR_ORIGINAL, skb->len, now);
-	if (rewrite(skb, &pkt, L4_DST_PORT_OFFSET, pkt.dst_port, to_port) != TC_ACT_OK)
+	if (rewrite(skb, &pkt, L4_DST_PORT_OFFSET, pkt.dst_port, to_port))
 		return TC_ACT_SHOT;
 	stat_add(&stats, NAT_STAT_INGRESS_TRANSLATED, 1);
 	emit(&pkt, to_port, NAT_DIR_ORIGINAL, new_flow);
-	return TC_ACT_OK;
+	return handed_on;
 }
 
 SEC("tc")
@@ -392,22 +397,22 @@ int port_nat_egress(struct __sk_buff *skb)
 	if (!port)
 		return verdict;
 	if (!(port->role & NAT_PORT_TO))
-		return TC_ACT_OK;
+		return handed_on;
 	flow_key(&key, &pkt, 0);
 	flow = bpf_map_lookup_elem(&flows, &key);
 	if (!flow) {
 		stat_add(&stats, NAT_STAT_REPLY_UNTRACKED, 1);
-		return TC_ACT_OK;
+		return handed_on;
 	}
 	if (pkt.protocol == IPPROTO_TCP)
 		track_tcp(flow, pkt.tcp_flags, NAT_DIR_REPLY);
 	count(flow, NAT_DIR_REPLY, skb->len, bpf_ktime_get_ns());
 	original_port = flow->original_port;
-	if (rewrite(skb, &pkt, L4_SRC_PORT_OFFSET, pkt.src_port, original_port) != TC_ACT_OK)
+	if (rewrite(skb, &pkt, L4_SRC_PORT_OFFSET, pkt.src_port, original_port))
 		return TC_ACT_SHOT;
 	stat_add(&stats, NAT_STAT_EGRESS_TRANSLATED, 1);
 	emit(&pkt, original_port, NAT_DIR_REPLY, 0);
-	return TC_ACT_OK;
+	return handed_on;
 }
 
 char LICENSE[] SEC("license") = "GPL";

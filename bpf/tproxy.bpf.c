@@ -209,14 +209,14 @@ static __always_inline int steer(struct __sk_buff *skb, struct flow *flow, __u32
 				stat_add(&stats, TSTAT_SOCKET_PACKETS, 1);
 			else
 				stat_add(&stats, TSTAT_ASSIGN_FAILED, 1);
-			return TC_ACT_OK;
+			return TC_NEXT;
 		}
 		bpf_sk_release(sk);
 	}
 
 	if (!syn && !ack) {
 		stat_add(&stats, TSTAT_NOT_OURS, 1);
-		return TC_ACT_OK;
+		return TC_NEXT;
 	}
 	sk = lookup_listener(skb, flow);
 	if (!sk) {
@@ -226,7 +226,7 @@ static __always_inline int steer(struct __sk_buff *skb, struct flow *flow, __u32
 		} else {
 			stat_add(&stats, TSTAT_NOT_OURS, 1);
 		}
-		return TC_ACT_OK;
+		return TC_NEXT;
 	}
 	if (!syn) {
 		/* Without a request socket, the handshake's last ACK is only
@@ -235,13 +235,13 @@ static __always_inline int steer(struct __sk_buff *skb, struct flow *flow, __u32
 		    !syncookie_ok(skb, sk, ip_off, pkt)) {
 			bpf_sk_release(sk);
 			stat_add(&stats, TSTAT_NOT_OURS, 1);
-			return TC_ACT_OK;
+			return TC_NEXT;
 		}
 		if (assign(skb, sk) == 0)
 			stat_add(&stats, TSTAT_SYNCOOKIE_ACKS, 1);
 		else
 			stat_add(&stats, TSTAT_ASSIGN_FAILED, 1);
-		return TC_ACT_OK;
+		return TC_NEXT;
 	}
 	err = assign(skb, sk);
 	if (err == 0) {
@@ -251,7 +251,7 @@ static __always_inline int steer(struct __sk_buff *skb, struct flow *flow, __u32
 		stat_add(&stats, TSTAT_ASSIGN_FAILED, 1);
 		emit(TPROXY_ASSIGN_FAILED, (__s32)err, flow);
 	}
-	return TC_ACT_OK;
+	return TC_NEXT;
 }
 
 SEC("tc")
@@ -266,16 +266,16 @@ int tproxy_ingress(struct __sk_buff *skb)
 	ret = parse_packet(skb, ip_off, &pkt);
 	if (ret == PARSE_OTHER || ret == PARSE_ICMP ||
 	    (ret == PARSE_OK && pkt.protocol != IPPROTO_TCP))
-		return TC_ACT_OK;
+		return TC_NEXT;
 	if (ret != PARSE_OK) {
 		stat_add(&stats, TSTAT_UNPARSED, 1);
-		return TC_ACT_OK;
+		return TC_NEXT;
 	}
 	stat_add(&stats, TSTAT_TCP_PACKETS, 1);
 	port = bpf_ntohs(pkt.dst_port);
 	if (!bpf_map_lookup_elem(&tproxy_ports, &port)) {
 		stat_add(&stats, TSTAT_OTHER_PORT, 1);
-		return TC_ACT_OK;
+		return TC_NEXT;
 	}
 	if (pkt.family == ADDR_FAMILY_INET) {
 		flow.tuple.ipv4.saddr = pkt.src_ip[0];
@@ -318,10 +318,10 @@ int tproxy_upstream_ingress(struct __sk_buff *skb)
 
 	ret = parse_packet(skb, ip_off, &pkt);
 	if (ret != PARSE_OK || pkt.protocol != IPPROTO_TCP)
-		return TC_ACT_OK;
+		return TC_NEXT;
 	port = bpf_ntohs(pkt.src_port);
 	if (!bpf_map_lookup_elem(&tproxy_ports, &port))
-		return TC_ACT_OK;
+		return TC_NEXT;
 	if (pkt.family == ADDR_FAMILY_INET) {
 		tuple.ipv4.saddr = pkt.src_ip[0];
 		tuple.ipv4.daddr = pkt.dst_ip[0];
@@ -336,16 +336,16 @@ int tproxy_upstream_ingress(struct __sk_buff *skb)
 		sk = bpf_skc_lookup_tcp(skb, &tuple, sizeof(tuple.ipv6), BPF_F_CURRENT_NETNS, 0);
 	}
 	if (!sk)
-		return TC_ACT_OK;
+		return TC_NEXT;
 	if (sk->state == BPF_TCP_LISTEN) {
 		bpf_sk_release(sk);
-		return TC_ACT_OK;
+		return TC_NEXT;
 	}
 	if (assign(skb, sk) == 0)
 		stat_add(&stats, TSTAT_UPSTREAM_REPLIES, 1);
 	else
 		stat_add(&stats, TSTAT_ASSIGN_FAILED, 1);
-	return TC_ACT_OK;
+	return TC_NEXT;
 }
 
 /*

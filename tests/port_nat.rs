@@ -17,7 +17,9 @@ use proxy_redirect::bpf::port_nat::PortNatSkel;
 use proxy_redirect::datapath::port_nat::{self, Mapping, NatConfig, Protocols};
 use proxy_redirect::sys::netns::{self, NetNs};
 
-const TC_ACT_OK: u32 = 0;
+/// TCX_NEXT (TC_ACT_UNSPEC on clsact): every packet the program does not
+/// drop goes on to the programs behind it.
+const TC_NEXT: u32 = -1i32 as u32;
 const C4: &str = "192.0.2.1";
 const S4: &str = "198.51.100.2";
 const C6: &str = "2001:db8::1";
@@ -43,6 +45,7 @@ fn load(
         protocols,
         max_flows,
         events: false,
+        ends_chain: false,
     };
     port_nat::load(&config, object).expect("loading port-nat")
 }
@@ -92,7 +95,7 @@ fn assert_rewritten(
     verify_checksums(&frame)
         .unwrap_or_else(|e| panic!("{what}: the builder made a bad frame: {e}"));
     let (verdict, out) = run(&frame);
-    assert_eq!(verdict, TC_ACT_OK, "{what}: verdict");
+    assert_eq!(verdict, TC_NEXT, "{what}: verdict");
     assert_eq!(
         hex(&out),
         hex(&expected.build()),
@@ -103,7 +106,7 @@ fn assert_rewritten(
 
 fn assert_unchanged(what: &str, run: impl Fn(&[u8]) -> (u32, Vec<u8>), frame: &[u8]) {
     let (verdict, out) = run(frame);
-    assert_eq!(verdict, TC_ACT_OK, "{what}: verdict");
+    assert_eq!(verdict, TC_NEXT, "{what}: verdict");
     assert_eq!(hex(&out), hex(frame), "{what}: the packet changed");
 }
 
@@ -324,7 +327,7 @@ fn fixtures_replies_are_rewritten_only_for_tracked_flows() {
     for (client, server) in [(C4, S4), (C6, S6)] {
         let syn = Packet::tcp(client, 41000, server, 8080, TCP_SYN);
         let (verdict, _) = run_in(&syn.build());
-        assert_eq!(verdict, TC_ACT_OK);
+        assert_eq!(verdict, TC_NEXT);
         let tracked = flows(&skel);
         let (key, flow) = tracked
             .iter()
@@ -449,7 +452,7 @@ fn fixtures_only_evidence_ends_a_flow_and_a_spoofed_ack_does_not() {
         ] {
             let forged = Packet::tcp(client, 43000, server, 8080, flags).with_seq(0x9000_0000);
             let (verdict, _) = run_in(&forged.build());
-            assert_eq!(verdict, TC_ACT_OK, "{what}");
+            assert_eq!(verdict, TC_NEXT, "{what}");
             assert_eq!(
                 state_of(&skel, 43000, fam),
                 established,
@@ -615,7 +618,7 @@ fn fixtures_translate_on_l3_devices() {
             Packet::udp(client, 45001, server, 5300).with_payload(b"query"),
         ] {
             let (verdict, out) = ingress(&skel, &l3(&query));
-            assert_eq!(verdict, TC_ACT_OK);
+            assert_eq!(verdict, TC_NEXT);
             let translated = Packet {
                 dst_port: if query.protocol == IPPROTO_TCP {
                     80
@@ -662,7 +665,7 @@ fn assert_icmp_rewritten(
     verify_icmp_error(&frame)
         .unwrap_or_else(|e| panic!("{what}: the builder made a bad frame: {e}"));
     let (verdict, out) = run(&frame);
-    assert_eq!(verdict, TC_ACT_OK, "{what}: verdict");
+    assert_eq!(verdict, TC_NEXT, "{what}: verdict");
     assert_eq!(hex(&out), hex(&expected.build()), "{what}: output bytes");
     let quoted = verify_icmp_error(&out).unwrap_or_else(|e| panic!("{what}: {e}"));
     assert_eq!(hex(&quoted), hex(quoted_expected), "{what}: quoted packet");
@@ -870,7 +873,7 @@ fn expected_ingress(frame: &[u8]) -> Option<u16> {
 /// Checks one ingress run against the model: only the destination port and
 /// the L4 checksum may change, valid checksums stay valid.
 fn check_ingress(what: &str, frame: &[u8], verdict: u32, out: &[u8]) {
-    assert_eq!(verdict, TC_ACT_OK, "{what}: verdict for {}", hex(frame));
+    assert_eq!(verdict, TC_NEXT, "{what}: verdict for {}", hex(frame));
     assert_eq!(out.len(), frame.len(), "{what}: length changed");
     let Some(to) = expected_ingress(frame) else {
         assert_eq!(
@@ -929,7 +932,7 @@ fn randomized_and_mutated_packets_never_break_the_program_or_a_checksum() {
                 ..packet.reply(TCP_ACK)
             };
             let (verdict, back) = egress(&skel, &reply.build());
-            assert_eq!(verdict, TC_ACT_OK);
+            assert_eq!(verdict, TC_NEXT);
             let back_parsed = parse(&back).unwrap();
             assert_eq!(
                 back_parsed.src_port, packet.dst_port,
@@ -948,7 +951,7 @@ fn randomized_and_mutated_packets_never_break_the_program_or_a_checksum() {
         let (verdict, out) = ingress(&skel, &mutated);
         check_ingress(&format!("mutated packet {i}"), &mutated, verdict, &out);
         let (verdict, _) = egress(&skel, &mutated);
-        assert_eq!(verdict, TC_ACT_OK, "egress verdict for mutated packet {i}");
+        assert_eq!(verdict, TC_NEXT, "egress verdict for mutated packet {i}");
 
         let noise_len = ETH_HLEN + rng.below(120) as usize;
         let noise = rng.bytes(noise_len);

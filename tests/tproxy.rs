@@ -675,7 +675,9 @@ fn a_client_port_reused_while_the_proxy_holds_time_wait_gets_through() {
     assert_eq!(summary_value(&output, "proxy", "relayed"), 3);
 }
 
-const TC_ACT_OK: u32 = 0;
+/// TCX_NEXT (TC_ACT_UNSPEC on clsact): every packet the program does not
+/// drop goes on to the programs behind it.
+const TC_NEXT: u32 = -1i32 as u32;
 const MARK_IN: u32 = 7;
 
 /// A frame through tproxy_ingress with BPF_PROG_TEST_RUN: (verdict, output
@@ -823,7 +825,7 @@ fn fixture_packets_pass_unchanged_and_are_counted_by_kind() {
             let (verdict, out, mark) = test_run(program, &fixture.frame);
             let after = counters();
             let what = fixture.description;
-            assert_eq!(verdict, TC_ACT_OK, "{what}");
+            assert_eq!(verdict, TC_NEXT, "{what}");
             assert_eq!(out, fixture.frame, "{what}: the packet was changed");
             assert_eq!(mark, MARK_IN, "{what}: the mark was changed");
             let changed: Vec<u32> = (0..before.len() as u32)
@@ -856,7 +858,7 @@ fn a_refused_assign_leaves_the_packet_unmarked_and_random_packets_pass() {
             let before = counters();
             let (verdict, out, mark) = test_run(program, &frame);
             let after = counters();
-            assert_eq!((verdict, mark), (TC_ACT_OK, MARK_IN));
+            assert_eq!((verdict, mark), (TC_NEXT, MARK_IN));
             assert_eq!(out, frame);
             let stat = |s: tproxy_stat| after[s.0 as usize] - before[s.0 as usize];
             assert_eq!(stat(tproxy_stat::TSTAT_ASSIGN_FAILED), 1, "{syn:?}");
@@ -886,7 +888,7 @@ fn a_refused_assign_leaves_the_packet_unmarked_and_random_packets_pass() {
                 continue;
             };
             ran += 1;
-            assert_eq!((verdict, mark), (TC_ACT_OK, MARK_IN), "{frame:02x?}");
+            assert_eq!((verdict, mark), (TC_NEXT, MARK_IN), "{frame:02x?}");
             assert_eq!(out, frame);
         }
         assert!(ran > 1500, "only {ran} of 2000 frames could be run");

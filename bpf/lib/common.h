@@ -14,6 +14,15 @@
 #define IPPROTO_TCP 6
 #define IPPROTO_UDP 17
 
+/* What a TC program returns for a packet it hands on: in tcx TCX_NEXT
+ * runs the next program of the chain (TCX_PASS, the same value as
+ * TC_ACT_OK, would end it and hide the packet from every program behind
+ * ours); on the legacy clsact path TC_ACT_UNSPEC, the same -1, runs the
+ * next filter. Past the last program the packet goes on as with
+ * TC_ACT_OK. (Named apart from the kernel's TCX_NEXT, which newer headers
+ * define as an enum.) */
+#define TC_NEXT (-1)
+
 /* Return values of cgroup socket programs. */
 #define SYS_REJECT 0
 #define SYS_PROCEED 1

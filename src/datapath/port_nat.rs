@@ -21,7 +21,7 @@ use crate::out;
 use crate::runtime::{Datapath, EventSource, RunContext};
 use crate::sys::clock;
 use crate::sys::interface_watch::{self, InterfaceWatch};
-use crate::sys::links::{self, Attachments, TcAttachMode, TcDirection};
+use crate::sys::links::{self, Attachments, TcAttachMode, TcDirection, TcOrder};
 use crate::sys::privileges;
 use crate::telemetry::stats::{Metric, Snapshot};
 
@@ -108,6 +108,11 @@ pub struct PortNatArgs {
     /// How to attach: tcx links (6.6+), a clsact qdisc, or auto
     #[arg(long, value_enum, default_value_t = TcAttachMode::Auto)]
     pub tc_attach: TcAttachMode,
+    /// Where our programs go among the interface's other TC programs:
+    /// auto puts them where iptables puts a translation (first on ingress,
+    /// last on egress)
+    #[arg(long, value_enum, default_value_t = TcOrder::Auto)]
+    pub tc_order: TcOrder,
     #[command(flatten)]
     pub output: OutputArgs,
 }
@@ -126,6 +131,9 @@ pub struct NatConfig {
     pub protocols: Protocols,
     pub max_flows: u32,
     pub events: bool,
+    /// Hand packets on with TC_ACT_OK, which ends the tcx chain, as before
+    /// TC_NEXT: only the benchmark's baseline sets it.
+    pub ends_chain: bool,
 }
 
 /// Idle timeouts by flow state.
@@ -188,6 +196,9 @@ pub fn load<'obj>(
         .as_deref_mut()
         .context("the port-nat object has no .rodata")?;
     rodata.emit_events = config.events.into();
+    if config.ends_chain {
+        rodata.handed_on = 0;
+    }
     open.maps
         .flows
         .set_max_entries(config.max_flows)
@@ -281,12 +292,14 @@ fn attach(
         ifindex,
         TcDirection::Egress,
         args.tc_attach,
+        args.tc_order.position(TcDirection::Egress),
     )?;
     attachments.attach_tc(
         &progs.port_nat_ingress,
         ifindex,
         TcDirection::Ingress,
         args.tc_attach,
+        args.tc_order.position(TcDirection::Ingress),
     )?;
     Ok((attachments, path))
 }
@@ -331,6 +344,7 @@ impl PortNat {
             protocols: args.proto,
             max_flows: args.max_flows,
             events: ctx.format != EventFormat::Off,
+            ends_chain: false,
         };
         let skel = OwnedSkel::load(|object| load(&config, object))?;
         // Watching before attaching: a deletion in between is not missed.
@@ -357,6 +371,7 @@ impl PortNat {
         let fixed = [
             ("max-flows", new.max_flows != self.args.max_flows),
             ("tc-attach", new.tc_attach != self.args.tc_attach),
+            ("tc-order", new.tc_order != self.args.tc_order),
         ];
         if let Some((key, _)) = fixed.iter().find(|(_, changed)| *changed) {
             bail!("{key} cannot change while running; restart the service to change it");
@@ -393,6 +408,7 @@ impl Datapath for PortNat {
         self.path = Some(path);
         print_configuration(&self.args, &self.config, self.ifindex, &self.timeouts);
         warn_about_local_ports(&self.config.mappings);
+        out!("  TC order:          {}", self.args.tc_order.describe());
         out!(
             "Attached ingress and egress programs to {} via {path}; press Ctrl-C to stop",
             self.args.interface
@@ -459,6 +475,7 @@ impl Datapath for PortNat {
             "interface": self.args.interface,
             "mappings": mappings,
             "protocols": format!("{:?}", self.config.protocols).to_lowercase(),
+            "tc_order": self.args.tc_order.describe(),
             "programs": self.tc.as_ref().map(Attachments::describe).unwrap_or_default(),
         })
     }

@@ -27,7 +27,7 @@ use crate::out;
 use crate::relay::tcp::{BoundProxy, ProxyConfig, RelayArgs, RunningProxy};
 use crate::runtime::{Datapath, EventSource, RunContext};
 use crate::sys::interface_watch::{self, InterfaceWatch};
-use crate::sys::links::{Attachments, TcAttachMode, TcDirection, TcPath};
+use crate::sys::links::{Attachments, TcAttachMode, TcDirection, TcOrder, TcPath, TcPosition};
 use crate::sys::local_route::{self, LocalRouteSpec, LocalRoutes};
 use crate::sys::privileges;
 use crate::sys::run_dir::{self, RUN_DIR};
@@ -95,6 +95,11 @@ pub struct TproxyArgs {
     /// or auto (tcx when the kernel has it)
     #[arg(long, value_enum, default_value_t = TcAttachMode::Auto)]
     pub tc_attach: TcAttachMode,
+    /// Where our programs go among the interface's other TC programs:
+    /// auto puts them first, where iptables puts TPROXY (mangle
+    /// PREROUTING, before filter)
+    #[arg(long, value_enum, default_value_t = TcOrder::Auto)]
+    pub tc_order: TcOrder,
     /// Do not run the built-in proxy; an external transparent proxy listens
     /// on the proxy address
     #[arg(long)]
@@ -339,6 +344,7 @@ impl Datapath for Tproxy {
             self.plan.ifindex,
             TcDirection::Ingress,
             self.args.tc_attach,
+            self.args.tc_order.position(TcDirection::Ingress),
         )?;
         self.tc = Some(tc);
         self.path = Some(path);
@@ -348,6 +354,7 @@ impl Datapath for Tproxy {
                 upstream_ifindex,
                 TcDirection::Ingress,
                 self.args.tc_attach,
+                self.args.tc_order.position(TcDirection::Ingress),
             )?;
         }
         if self.bound.is_some() {
@@ -402,6 +409,7 @@ impl Datapath for Tproxy {
                     index,
                     TcDirection::Ingress,
                     args.tc_attach,
+                    args.tc_order.position(TcDirection::Ingress),
                 )?;
                 Ok((attached, path))
             },
@@ -427,6 +435,7 @@ impl Datapath for Tproxy {
             "upstream_interface": self.args.upstream_interface,
             "ports": self.args.ports.to_string(),
             "proxy": if self.args.no_proxy { "external" } else { "built-in" },
+            "tc_order": format!("{:?}", self.args.tc_order.position(TcDirection::Ingress)).to_lowercase(),
             "proxy_addresses": [self.plan.proxy_v4.to_string(), self.plan.proxy_v6.to_string()],
             "programs": programs,
         })
@@ -541,6 +550,13 @@ fn print_configuration(args: &TproxyArgs, plan: &Plan, path: &str) {
         );
     }
     out!("  TC attachment:     {path}");
+    out!(
+        "  TC order:          {} among the interface's TC programs",
+        match args.tc_order.position(TcDirection::Ingress) {
+            TcPosition::First => "first",
+            TcPosition::Last => "last",
+        }
+    );
 }
 
 fn action_name(event: &tproxy_event) -> (&'static str, Option<&'static str>) {

@@ -119,9 +119,9 @@ pub fn parse(text: &str) -> Result<ServiceConfig> {
     })
 }
 
-/// One TC datapath per interface: port-nat and tproxy return TC_ACT_OK
-/// (TCX_PASS) for the packets they leave alone, which ends the chain, so a
-/// second program on the same interface would never see a packet.
+/// One TC datapath of ours per interface: on the clsact fallback our
+/// filters share one handle, so a second would replace the first, and two
+/// translations of one interface would each see the other's rewrites.
 fn check_tc_interfaces(datapaths: &[(String, Settings)]) -> Result<()> {
     // (section, key, interface)
     let mut users: Vec<(&str, &str, &str)> = Vec::new();
@@ -133,8 +133,8 @@ fn check_tc_interfaces(datapaths: &[(String, Settings)]) -> Result<()> {
     for (i, (section, key, interface)) in users.iter().enumerate() {
         if let Some((first, _, _)) = users[..i].iter().find(|(_, _, other)| other == interface) {
             bail!(
-                "{section} {key}: '{interface}' already runs {first}: only the first TC program \
-                 on an interface sees its packets (give one [[port-nat]] all of its mappings)"
+                "{section} {key}: '{interface}' already runs {first}: one TC datapath of ours \
+                 per interface (give one [[port-nat]] all of its mappings)"
             );
         }
     }
@@ -418,8 +418,8 @@ mod tests {
                      [[port-nat]]\ninterface = \"eth0\"\nfrom = [8443]\nto = [443]\n";
         assert_eq!(
             error(twice),
-            "[port-nat #2] interface: 'eth0' already runs [port-nat #1]: only the first TC \
-             program on an interface sees its packets (give one [[port-nat]] all of its mappings)"
+            "[port-nat #2] interface: 'eth0' already runs [port-nat #1]: one TC datapath of \
+             ours per interface (give one [[port-nat]] all of its mappings)"
         );
         let shared = "[[port-nat]]\ninterface = \"eth0\"\nfrom = [8080]\nto = [80]\n\
                       [tproxy]\ninterface = \"br0\"\nupstream-interface = \"eth0\"\n";

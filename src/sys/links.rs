@@ -26,6 +26,50 @@ pub enum TcAttachMode {
     Clsact,
 }
 
+/// Where our TC programs go among the other programs of an interface's
+/// hook (tcx chain, or clsact filter priority).
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TcOrder {
+    /// Where iptables puts a translation: first on ingress (nat
+    /// PREROUTING before filter INPUT/FORWARD), last on egress (after filter
+    /// OUTPUT)
+    #[default]
+    Auto,
+    /// Before every other program, in both directions
+    First,
+    /// After every other program, in both directions
+    Last,
+}
+
+/// The place of one attachment: head or tail of its hook.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TcPosition {
+    First,
+    Last,
+}
+
+impl TcOrder {
+    pub fn position(self, direction: TcDirection) -> TcPosition {
+        match (self, direction) {
+            (TcOrder::First, _) | (TcOrder::Auto, TcDirection::Ingress) => TcPosition::First,
+            (TcOrder::Last, _) | (TcOrder::Auto, TcDirection::Egress) => TcPosition::Last,
+        }
+    }
+
+    /// `ingress first, egress last`, for start-up lines and status.
+    pub fn describe(self) -> String {
+        let name = |direction| match self.position(direction) {
+            TcPosition::First => "first",
+            TcPosition::Last => "last",
+        };
+        format!(
+            "ingress {}, egress {} among the interface's TC programs",
+            name(TcDirection::Ingress),
+            name(TcDirection::Egress)
+        )
+    }
+}
+
 /// The path a TC attachment took, printed so that users and tests know.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TcPath {
@@ -63,13 +107,17 @@ pub fn link_has_l2_header(interface: &str, program: &str) -> Result<bool> {
     }
 }
 
-/// Handle and priority of our legacy clsact filters, so that a restart
-/// after SIGKILL finds and replaces its own leftovers.
+/// Handle of our legacy clsact filters, so that a restart after SIGKILL
+/// finds and replaces its own leftovers; the priority says the position
+/// (lower runs first; the kernel numbers filters added without one from
+/// 0xc000 down).
 const CLSACT_FILTER_HANDLE: u32 = 0x5052;
-const CLSACT_FILTER_PRIORITY: u32 = 1;
+const CLSACT_FIRST_PRIORITY: u32 = 1;
+const CLSACT_LAST_PRIORITY: u32 = 0xffff;
 
 /// A legacy clsact filter; unlike a link it outlives the process, so it is
-/// removed explicitly on drop (with the qdisc when we created it).
+/// removed explicitly on drop, with the qdisc when we created it and no
+/// other tool's filter is left on it.
 struct ClsactFilter {
     hook: TcHook,
     ifindex: u32,
@@ -81,7 +129,7 @@ impl Drop for ClsactFilter {
         if let Err(err) = self.hook.detach() {
             tracing::warn!("detaching a clsact filter: {err}");
         }
-        if self.remove_qdisc {
+        if self.remove_qdisc && !has_filters(self.ifindex) {
             // Destroying the ingress|egress hook removes the clsact qdisc.
             let mut qdisc = self.hook;
             qdisc.attach_point(TC_INGRESS | TC_EGRESS);
@@ -90,6 +138,25 @@ impl Drop for ClsactFilter {
             }
         }
     }
+}
+
+/// Whether any filter is left on the clsact qdisc of `ifindex`, in either
+/// direction: another tool's, which the qdisc must keep. When in doubt,
+/// yes.
+fn has_filters(ifindex: u32) -> bool {
+    let mut name = [0 as libc::c_char; libc::IF_NAMESIZE];
+    // SAFETY: name has IF_NAMESIZE bytes, as if_indextoname requires.
+    if unsafe { libc::if_indextoname(ifindex, name.as_mut_ptr()) }.is_null() {
+        return true;
+    }
+    // SAFETY: if_indextoname wrote a NUL-terminated name.
+    let name = unsafe { std::ffi::CStr::from_ptr(name.as_ptr()) }.to_string_lossy();
+    ["ingress", "egress"].iter().any(|direction| {
+        std::process::Command::new("tc")
+            .args(["filter", "show", "dev", &name, direction])
+            .output()
+            .map_or(true, |out| !out.status.success() || !out.stdout.is_empty())
+    })
 }
 
 /// The attachments of one subcommand, all removed on drop; links are also
@@ -178,21 +245,27 @@ impl Attachments {
         Ok(())
     }
 
-    /// Attaches a TC program (`SEC("tc")`) to an interface.
+    /// Attaches a TC program (`SEC("tc")`) to an interface, at the head or
+    /// the tail of the programs already there.
     pub fn attach_tc(
         &mut self,
         program: &ProgramMut,
         ifindex: u32,
         direction: TcDirection,
         mode: TcAttachMode,
+        position: TcPosition,
     ) -> Result<TcPath> {
         let name = program.name().to_string_lossy().into_owned();
+        let place = match position {
+            TcPosition::First => "first",
+            TcPosition::Last => "last",
+        };
         let target = format!("ifindex {ifindex} {direction:?} ");
         if mode != TcAttachMode::Clsact {
-            match attach_tcx(program, ifindex, direction) {
+            match attach_tcx(program, ifindex, direction, position) {
                 Ok(fd) => {
                     self.link_fds.push(fd);
-                    self.record(program, target + "(tcx)");
+                    self.record(program, target + &format!("(tcx, {place})"));
                     return Ok(TcPath::Tcx);
                 }
                 // EINVAL: a kernel before 6.6, which has no tcx.
@@ -203,7 +276,7 @@ impl Attachments {
                 }
             }
         }
-        let mut filter = attach_clsact(program, ifindex, direction)
+        let mut filter = attach_clsact(program, ifindex, direction, position)
             .with_context(|| format!("attaching {name} to a clsact qdisc"))?;
         // One filter per interface removes the qdisc: the first, dropped last.
         if self
@@ -214,7 +287,7 @@ impl Attachments {
             filter.remove_qdisc = false;
         }
         self.clsact_filters.push(filter);
-        self.record(program, target + "(clsact)");
+        self.record(program, target + &format!("(clsact, {place})"));
         Ok(TcPath::Clsact)
     }
 
@@ -242,18 +315,29 @@ fn attach_tcx(
     program: &ProgramMut,
     ifindex: u32,
     direction: TcDirection,
+    position: TcPosition,
 ) -> std::io::Result<OwnedFd> {
     let attach_type = match direction {
         TcDirection::Ingress => libbpf_sys::BPF_TCX_INGRESS,
         TcDirection::Egress => libbpf_sys::BPF_TCX_EGRESS,
     };
-    // SAFETY: plain descriptors and a null options pointer (no options).
+    // Without a relative program, BPF_F_BEFORE attaches at the head of the
+    // chain and BPF_F_AFTER at its tail.
+    let opts = libbpf_sys::bpf_link_create_opts {
+        sz: std::mem::size_of::<libbpf_sys::bpf_link_create_opts>() as _,
+        flags: match position {
+            TcPosition::First => libbpf_sys::BPF_F_BEFORE,
+            TcPosition::Last => libbpf_sys::BPF_F_AFTER,
+        },
+        ..Default::default()
+    };
+    // SAFETY: plain descriptors and options that outlive the call.
     let fd = unsafe {
         libbpf_sys::bpf_link_create(
             program.as_fd().as_raw_fd(),
             ifindex as i32,
             attach_type,
-            std::ptr::null(),
+            &opts,
         )
     };
     if fd < 0 {
@@ -267,17 +351,25 @@ fn attach_clsact(
     program: &ProgramMut,
     ifindex: u32,
     direction: TcDirection,
+    position: TcPosition,
 ) -> Result<ClsactFilter> {
     let point = match direction {
         TcDirection::Ingress => TC_INGRESS,
         TcDirection::Egress => TC_EGRESS,
     };
-    let mut hook = TcHookBuilder::new(program.as_fd())
-        .ifindex(ifindex as i32)
-        .replace(true)
-        .handle(CLSACT_FILTER_HANDLE)
-        .priority(CLSACT_FILTER_PRIORITY)
-        .hook(point);
+    let (priority, other) = match position {
+        TcPosition::First => (CLSACT_FIRST_PRIORITY, CLSACT_LAST_PRIORITY),
+        TcPosition::Last => (CLSACT_LAST_PRIORITY, CLSACT_FIRST_PRIORITY),
+    };
+    let hook_at = |priority| {
+        TcHookBuilder::new(program.as_fd())
+            .ifindex(ifindex as i32)
+            .replace(true)
+            .handle(CLSACT_FILTER_HANDLE)
+            .priority(priority)
+            .hook(point)
+    };
+    let mut hook = hook_at(priority);
     // libbpf-rs's create() hides whether the qdisc existed; ask libbpf.
     let mut qdisc = libbpf_sys::bpf_tc_hook {
         sz: std::mem::size_of::<libbpf_sys::bpf_tc_hook>() as _,
@@ -294,8 +386,14 @@ fn attach_clsact(
         );
     }
     // A filter of ours already there was left by a run that was killed: the
-    // qdisc is ours to remove as well.
-    let leftover = quietly(|| hook.query().is_ok());
+    // qdisc is ours to remove as well (when nobody else's filter is on it).
+    // One at the other position was left by a run with another order.
+    let mut at_other = hook_at(other);
+    let leftover_elsewhere = quietly(|| at_other.query().is_ok());
+    if leftover_elsewhere {
+        at_other.detach()?;
+    }
+    let leftover = quietly(|| hook.query().is_ok()) || leftover_elsewhere;
     hook.attach()?;
     Ok(ClsactFilter {
         hook,

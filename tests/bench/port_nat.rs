@@ -37,8 +37,12 @@ fn main() {
     connections_per_second(&settings);
 }
 
-/// Average run time of `program` on `frame`, `repeat` times in the kernel.
-fn ns_per_run(program: &libbpf_rs::ProgramMut<'_>, frame: &[u8], repeat: u32) -> f64 {
+/// TCX_NEXT, what port-nat returns for every packet it hands on.
+const TC_NEXT: i32 = -1;
+
+/// Average run time of `program` on `frame`, `repeat` times in the kernel;
+/// it must return `verdict`.
+fn ns_per_run(program: &libbpf_rs::ProgramMut<'_>, frame: &[u8], repeat: u32, verdict: i32) -> f64 {
     let mut out = vec![0u8; frame.len() + 256];
     let input = ProgramInput {
         data_in: Some(frame),
@@ -47,7 +51,7 @@ fn ns_per_run(program: &libbpf_rs::ProgramMut<'_>, frame: &[u8], repeat: u32) ->
         ..Default::default()
     };
     let output = program.test_run(input).expect("BPF_PROG_TEST_RUN");
-    assert_eq!(output.return_value, 0, "TC_ACT_OK");
+    assert_eq!(output.return_value as i32, verdict, "the verdict");
     output.duration.as_nanos() as f64
 }
 
@@ -68,9 +72,18 @@ fn per_packet(settings: &Settings) {
         protocols: Protocols::All,
         max_flows: 65536,
         events: false,
+        ends_chain: false,
     };
     let mut object = MaybeUninit::uninit();
     let skel = port_nat::load(&config, &mut object).expect("loading port-nat");
+    // The same program as before TC_NEXT: TC_ACT_OK (TCX_PASS) for every
+    // packet it hands on, which ends the tcx chain.
+    let mut old_object = MaybeUninit::uninit();
+    let old = NatConfig {
+        ends_chain: true,
+        ..config.clone()
+    };
+    let old = port_nat::load(&old, &mut old_object).expect("loading port-nat");
     let payload = payload(100, 9);
     let request = Packet::tcp("192.0.2.1", 40000, "198.51.100.2", 8080, TCP_ACK | TCP_PSH)
         .with_payload(&payload);
@@ -85,41 +98,77 @@ fn per_packet(settings: &Settings) {
     let udp = Packet::udp("192.0.2.1", 40001, "198.51.100.2", 8080).with_payload(&payload);
     let (request, reply, miss, udp) = (request.build(), reply.build(), miss.build(), udp.build());
     // Create the flows the rewrite arms use.
-    ns_per_run(&skel.progs.port_nat_ingress, &request, 2);
-    ns_per_run(&skel.progs.port_nat_ingress, &udp, 2);
+    for skel in [&skel, &old] {
+        ns_per_run(&skel.progs.port_nat_ingress, &request, 2, TC_NEXT);
+        ns_per_run(&skel.progs.port_nat_ingress, &udp, 2, TC_NEXT);
+    }
+    let (next, ok) = (TC_NEXT, 0);
 
-    let arms: [(&str, &libbpf_rs::ProgramMut<'_>, &[u8]); 4] = [
+    type Arm<'a> = (&'a str, &'a libbpf_rs::ProgramMut<'a>, &'a [u8], i32);
+    let arms: [Arm; 6] = [
         (
             "miss (ingress, port not mapped)",
             &skel.progs.port_nat_ingress,
             &miss,
+            next,
         ),
         (
             "rewrite (ingress, TCP)",
             &skel.progs.port_nat_ingress,
             &request,
+            next,
         ),
-        ("rewrite (ingress, UDP)", &skel.progs.port_nat_ingress, &udp),
-        ("rewrite (egress, TCP)", &skel.progs.port_nat_egress, &reply),
+        (
+            "rewrite (ingress, UDP)",
+            &skel.progs.port_nat_ingress,
+            &udp,
+            next,
+        ),
+        (
+            "rewrite (egress, TCP)",
+            &skel.progs.port_nat_egress,
+            &reply,
+            next,
+        ),
+        (
+            "rewrite (ingress, TCP), TC_ACT_OK",
+            &old.progs.port_nat_ingress,
+            &request,
+            ok,
+        ),
+        (
+            "miss (ingress), TC_ACT_OK",
+            &old.progs.port_nat_ingress,
+            &miss,
+            ok,
+        ),
     ];
     let mut results = vec![Vec::new(); arms.len()];
     for round in 0..settings.rounds {
-        for (i, (name, program, frame)) in arms.iter().enumerate() {
-            let ns = ns_per_run(program, frame, settings.repeat);
+        for (i, (name, program, frame, verdict)) in arms.iter().enumerate() {
+            let ns = ns_per_run(program, frame, settings.repeat, *verdict);
             println!("  round {round} {name:<34} {ns:>8.1} ns");
             results[i].push(ns);
         }
     }
-    let counters = port_nat::counters(&skel).unwrap();
-    let rewritten = counters[nat_stat::NAT_STAT_INGRESS_TRANSLATED.0 as usize]
-        + counters[nat_stat::NAT_STAT_EGRESS_TRANSLATED.0 as usize];
-    let runs = u64::from(settings.repeat) * settings.rounds as u64 * 3;
+    let count = |skel: &proxy_redirect::bpf::port_nat::PortNatSkel<'_>, stat: nat_stat| {
+        port_nat::counters(skel).unwrap()[stat.0 as usize]
+    };
+    let rewritten = count(&skel, nat_stat::NAT_STAT_INGRESS_TRANSLATED)
+        + count(&skel, nat_stat::NAT_STAT_EGRESS_TRANSLATED)
+        + count(&old, nat_stat::NAT_STAT_INGRESS_TRANSLATED);
+    let runs = u64::from(settings.repeat) * settings.rounds as u64 * 4;
     assert!(
         rewritten >= runs,
         "only {rewritten} of {runs} rewrite-arm runs rewrote a packet"
     );
-    let names: Vec<&str> = arms.iter().map(|(name, _, _)| *name).collect();
-    ratio_table("median ns/packet", &names, &mut results, 1);
+    let names: Vec<&str> = arms.iter().map(|(name, _, _, _)| *name).collect();
+    let medians = ratio_table("median ns/packet", &names, &mut results, 1);
+    println!(
+        "  TC_NEXT against TC_ACT_OK: rewrite {:.2}x, miss {:.2}x (target: no slower)",
+        medians[1] / medians[4],
+        medians[0] / medians[5]
+    );
 }
 
 fn in_netns(ns: &NetNs, program: &str, args: &[&str]) {
