@@ -103,6 +103,7 @@ enum bypass_stat unused_bypass_stat __attribute__((unused));
 
 /* The loopback device has this index in every network namespace. */
 #define LOOPBACK_IFINDEX 1
+#define EBUSY 16
 
 /* The fields of the kernel's sockets that the sockops context lacks, found
  * by CO-RE in the running kernel's BTF. */
@@ -375,6 +376,10 @@ static __always_inline void established(struct bpf_sock_ops *skops, __u8 side)
 	bpf_map_update_elem(&readers, &key, &reader, BPF_ANY);
 	err = bpf_sock_hash_update(skops, &sockets, &key, BPF_ANY);
 	stat_add(&stats, err ? BYPASS_STAT_INSERT_FAILED : BYPASS_STAT_INSERTED, 1);
+	/* A socket belongs to one sockmap with msg programs: another tool's
+	 * holds it, and it stays on TCP with theirs. */
+	if (err == -EBUSY)
+		stat_add(&stats, BYPASS_STAT_HELD_ELSEWHERE, 1);
 	emit(skops, &key, side, err);
 }
 

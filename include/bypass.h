@@ -58,6 +58,7 @@ enum bypass_stat {
 	BYPASS_STAT_MSG_PEER_BEHIND,  /* passed: the peer had not read earlier bytes */
 	BYPASS_STAT_SPLICERS_LEARNED, /* programs seen splicing a sockmap socket */
 	BYPASS_STAT_SPLICE_TOO_LATE,  /* first splice after messages were redirected */
+	BYPASS_STAT_HELD_ELSEWHERE,   /* in another tool's sockmap with msg programs (EBUSY) */
 	BYPASS_STAT_COUNT,
 };
 

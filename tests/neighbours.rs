@@ -322,3 +322,530 @@ fn another_tools_clsact_filter_and_the_qdisc_stay_after_port_nat_stops() {
     assert!(has_clsact(&testbed.server, "veth-s"));
     assert!(tc_filters(&testbed.server, "veth-s", "ingress").contains("foreign_next"));
 }
+
+/// Loads raw instructions as a program of `prog_type` (for the cgroup
+/// hook `attach_type`, where it needs one).
+fn load_raw(
+    prog_type: libbpf_sys::bpf_prog_type,
+    attach_type: Option<libbpf_sys::bpf_attach_type>,
+    name: &std::ffi::CStr,
+    insns: &[u64],
+) -> OwnedFd {
+    let mut opts = libbpf_sys::bpf_prog_load_opts {
+        sz: std::mem::size_of::<libbpf_sys::bpf_prog_load_opts>() as _,
+        expected_attach_type: attach_type.unwrap_or(0),
+        ..Default::default()
+    };
+    // SAFETY: complete instructions and options; NUL-terminated names.
+    let fd = unsafe {
+        libbpf_sys::bpf_prog_load(
+            prog_type,
+            name.as_ptr(),
+            c"GPL".as_ptr(),
+            insns.as_ptr().cast(),
+            insns.len() as _,
+            &mut opts,
+        )
+    };
+    assert!(
+        fd >= 0,
+        "loading {name:?}: {}",
+        std::io::Error::from_raw_os_error(-fd)
+    );
+    // SAFETY: the kernel just returned this descriptor.
+    unsafe { OwnedFd::from_raw_fd(fd) }
+}
+
+/// `r0 = 1; exit`: a cgroup program that lets everything through.
+const ALLOW: [u64; 2] = [0x0000_0001_0000_00b7, 0x95];
+
+/// Another tool's program on a cgroup hook, attached the old way with
+/// `flags` (0: exclusive); detached on drop.
+struct CgroupProgram {
+    program: OwnedFd,
+    cgroup: std::fs::File,
+    attach_type: libbpf_sys::bpf_attach_type,
+}
+
+impl CgroupProgram {
+    fn attach(
+        cgroup: &std::path::Path,
+        prog_type: libbpf_sys::bpf_prog_type,
+        attach_type: libbpf_sys::bpf_attach_type,
+        name: &std::ffi::CStr,
+        flags: u32,
+    ) -> CgroupProgram {
+        let program = load_raw(prog_type, Some(attach_type), name, &ALLOW);
+        let cgroup = std::fs::File::open(cgroup).unwrap();
+        // SAFETY: plain descriptors.
+        let ret = unsafe {
+            libbpf_sys::bpf_prog_attach(program.as_raw_fd(), cgroup.as_raw_fd(), attach_type, flags)
+        };
+        assert_eq!(ret, 0, "attaching {name:?}");
+        CgroupProgram {
+            program,
+            cgroup,
+            attach_type,
+        }
+    }
+}
+
+impl Drop for CgroupProgram {
+    fn drop(&mut self) {
+        // SAFETY: plain descriptors.
+        unsafe {
+            libbpf_sys::bpf_prog_detach2(
+                self.program.as_raw_fd(),
+                self.cgroup.as_raw_fd(),
+                self.attach_type,
+            )
+        };
+    }
+}
+
+#[test]
+fn an_exclusive_cgroup_program_of_another_tool_refuses_start_naming_it() {
+    if !have_root() {
+        return;
+    }
+    use libbpf_sys::*;
+    let testbed = Testbed::new();
+    let exclusive = CgroupProgram::attach(
+        testbed.apps.path(),
+        BPF_PROG_TYPE_CGROUP_SOCK_ADDR,
+        BPF_CGROUP_INET4_CONNECT,
+        c"their_connect4",
+        0,
+    );
+    let id = {
+        let mut info = bpf_prog_info::default();
+        let mut len = std::mem::size_of::<bpf_prog_info>() as u32;
+        // SAFETY: info is a complete bpf_prog_info of len bytes.
+        unsafe { bpf_prog_get_info_by_fd(exclusive.program.as_raw_fd(), &mut info, &mut len) };
+        info.id
+    };
+    let apps = testbed.apps.path().display().to_string();
+    let parent = testbed.parent.path().display().to_string();
+    let mut redirect = testbed.in_client_netns(BIN);
+    redirect.args(["redirect", "-c", &apps, "--sockopt-cgroup", &parent]);
+    assert_one_line_error(
+        &run(redirect),
+        "redirect next to an exclusive program",
+        &format!("cgroup {apps} holds program {id} 'their_connect4' on connect4"),
+    );
+    assert_eq!(testbed.attached_redirect_programs(), 1, "only theirs stays");
+    // One above, not overridable, blocks every cgroup below it too.
+    let sockops = CgroupProgram::attach(
+        testbed.parent.path(),
+        BPF_PROG_TYPE_SOCK_OPS,
+        BPF_CGROUP_SOCK_OPS,
+        c"their_sockops",
+        0,
+    );
+    let mut bypass = testbed.in_client_netns(BIN);
+    bypass.args(["bypass", "-c", &apps]);
+    assert_one_line_error(
+        &run(bypass),
+        "bypass below an exclusive program",
+        &format!("cgroup {parent} holds program"),
+    );
+    drop(sockops);
+    drop(exclusive);
+    // With theirs gone, both start.
+    let redirector = testbed.redirect(&[]);
+    assert!(testbed.attached_redirect_programs() > 0);
+    let (status, _, stderr) = redirector.stop();
+    assert!(status.success(), "{stderr}");
+}
+
+#[test]
+fn a_routing_mark_or_table_of_another_tool_refuses_tproxy_naming_the_rule() {
+    if !have_root() {
+        return;
+    }
+    let gw = Gateway::new();
+    let rule = |args: &str| {
+        let mut command = gw.in_gateway("ip");
+        command.args(args.split_whitespace());
+        assert!(run(command).status.success(), "ip {args}");
+    };
+    let refused = |expected: &str| {
+        let before = gw.snapshot();
+        let mut command = gw.in_gateway(BIN);
+        command.args(["tproxy", "-i", CLIENT_FACING]);
+        assert_one_line_error(
+            &run(command),
+            "tproxy next to another tool's rule",
+            expected,
+        );
+        assert_eq!(
+            gw.snapshot(),
+            before,
+            "a refused tproxy changed the gateway"
+        );
+    };
+    // The default mark, 0x5054, as Calico-style masked marks see it.
+    rule("rule add pref 200 fwmark 0x4000/0x4000 lookup 200");
+    refused("the routing mark 0x5054 is already matched by the rule 'pref 200 fwmark 0x4000/0x4000 lookup 200'");
+    rule("rule del pref 200");
+    rule("-6 rule add pref 201 fwmark 0x5054 lookup 201");
+    refused("the routing mark 0x5054 is already matched by the rule 'pref 201 fwmark 0x5054 lookup 201'");
+    rule("-6 rule del pref 201");
+    rule("rule add pref 300 from 10.9.0.0/16 lookup 5052");
+    refused(
+        "routing table 5052 is already used by the rule 'pref 300 src 10.9.0.0/16 lookup 5052'",
+    );
+    rule("rule del pref 300");
+    let tproxy = gw.tproxy(&["-P", "80"]);
+    let (status, _, stderr) = tproxy.stop();
+    assert!(status.success(), "{stderr}");
+}
+
+/// One BPF instruction: opcode, registers, offset, immediate.
+const fn insn(code: u8, dst: u8, src: u8, off: i16, imm: i32) -> u64 {
+    code as u64
+        | ((dst | src << 4) as u64) << 8
+        | (off as u16 as u64) << 16
+        | (imm as u32 as u64) << 32
+}
+
+/// Another tool's sockmap accelerator: a sockops program that puts every
+/// socket established in its cgroup into its own sockhash (keyed by local
+/// port), which holds an sk_msg program that passes every message on.
+struct ForeignSockmap {
+    _map: OwnedFd,
+    _msg: OwnedFd,
+    _sockops: CgroupProgram,
+}
+
+impl ForeignSockmap {
+    fn attach(cgroup: &std::path::Path) -> ForeignSockmap {
+        use libbpf_sys::*;
+        // SAFETY: a plain system call; a descriptor or a negative errno.
+        let map = unsafe {
+            bpf_map_create(
+                BPF_MAP_TYPE_SOCKHASH,
+                c"their_sockhash".as_ptr(),
+                4,
+                4,
+                64,
+                std::ptr::null(),
+            )
+        };
+        assert!(map >= 0, "creating their sockhash: {map}");
+        // SAFETY: the kernel just returned this descriptor.
+        let map = unsafe { OwnedFd::from_raw_fd(map) };
+        let msg = load_raw(BPF_PROG_TYPE_SK_MSG, None, c"their_msg", &ALLOW);
+        // SAFETY: plain descriptors.
+        let ret =
+            unsafe { bpf_prog_attach(msg.as_raw_fd(), map.as_raw_fd(), BPF_SK_MSG_VERDICT, 0) };
+        assert_eq!(ret, 0, "attaching their sk_msg program");
+        let fd = map.as_raw_fd();
+        let sockops = [
+            insn(0xbf, 6, 1, 0, 0),   // r6 = ctx
+            insn(0x61, 2, 1, 0, 0),   // r2 = ctx->op
+            insn(0x15, 2, 0, 2, 4),   // ACTIVE_ESTABLISHED_CB: insert
+            insn(0x15, 2, 0, 1, 5),   // PASSIVE_ESTABLISHED_CB: insert
+            insn(0x05, 0, 0, 9, 0),   // else done
+            insn(0x61, 2, 6, 68, 0),  // r2 = ctx->local_port
+            insn(0x63, 10, 2, -4, 0), // key on the stack
+            insn(0x18, 2, 1, 0, fd),  // r2 = the sockhash (ld_imm64)
+            0,
+            insn(0xbf, 1, 6, 0, 0),  // r1 = ctx
+            insn(0xbf, 3, 10, 0, 0), // r3 = &key
+            insn(0x07, 3, 0, 0, -4),
+            insn(0xb7, 4, 0, 0, 0),  // BPF_ANY
+            insn(0x85, 0, 0, 0, 70), // bpf_sock_hash_update
+            insn(0xb7, 0, 0, 0, 1),  // done: return 1
+            insn(0x95, 0, 0, 0, 0),
+        ];
+        let program = load_raw(
+            BPF_PROG_TYPE_SOCK_OPS,
+            Some(BPF_CGROUP_SOCK_OPS),
+            c"their_sockops",
+            &sockops,
+        );
+        let cgroup_file = std::fs::File::open(cgroup).unwrap();
+        // SAFETY: plain descriptors; multi, as a well-behaved tool attaches.
+        let ret = unsafe {
+            bpf_prog_attach(
+                program.as_raw_fd(),
+                cgroup_file.as_raw_fd(),
+                BPF_CGROUP_SOCK_OPS,
+                BPF_F_ALLOW_MULTI,
+            )
+        };
+        assert_eq!(ret, 0, "attaching their sockops program");
+        ForeignSockmap {
+            _map: map,
+            _msg: msg,
+            _sockops: CgroupProgram {
+                program,
+                cgroup: cgroup_file,
+                attach_type: BPF_CGROUP_SOCK_OPS,
+            },
+        }
+    }
+}
+
+/// 200 request/response exchanges of 32 KiB over loopback inside one
+/// process (both sockets in the caller's cgroup), each checked. A blocking
+/// recv() on a socket in a sockmap can return EAGAIN (the kernel's
+/// tcp_bpf_recvmsg): it is retried, as an event loop would.
+const LOOPBACK_EXCHANGES: &str = r#"
+import os, socket, threading
+def recv_exactly(sock, size):
+    got = b""
+    while len(got) < size:
+        try:
+            data = sock.recv(size - len(got))
+        except BlockingIOError:
+            continue
+        if not data:
+            break
+        got += data
+    return got
+listener = socket.create_server(("127.0.0.1", 0))
+port = listener.getsockname()[1]
+def serve():
+    conn, _ = listener.accept()
+    while True:
+        data = recv_exactly(conn, 32768)
+        if not data:
+            break
+        conn.sendall(data)
+threading.Thread(target=serve, daemon=True).start()
+client = socket.create_connection(("127.0.0.1", port))
+for i in range(200):
+    block = os.urandom(32768)
+    client.sendall(block)
+    assert recv_exactly(client, len(block)) == block, i
+print("intact")
+"#;
+
+#[test]
+fn sockets_in_another_tools_sockmap_stay_theirs_and_the_rest_are_bypassed() {
+    if !have_root() {
+        return;
+    }
+    let testbed = Testbed::new();
+    // Theirs on `apps`; bypass on the parent, whose programs run after the
+    // child's: their insertion comes first.
+    let _theirs = ForeignSockmap::attach(testbed.apps.path());
+    let parent = testbed.parent.path().display().to_string();
+    let bypass = Running::start(
+        BIN,
+        &["bypass", "-c", &parent, "--json"].map(String::from),
+        Some(&testbed.client),
+        None,
+        "Attached",
+    );
+    for (whose, command) in [
+        ("theirs", testbed.in_apps(PYTHON)),
+        ("ours", testbed.in_proxy_cgroup(PYTHON)),
+    ] {
+        let mut command = command;
+        command.args(["-c", LOOPBACK_EXCHANGES]);
+        let out = run(command);
+        assert!(
+            out.status.success(),
+            "{whose}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "intact");
+    }
+    let (status, output, stderr) = bypass.stop();
+    assert!(status.success(), "{stderr}");
+    // The pair in `apps` is theirs: both sockets counted, left on TCP.
+    assert_eq!(
+        summary_value(&output, "bypass", "held_by_another_sockmap"),
+        2,
+        "{output}"
+    );
+    assert_eq!(
+        stderr.matches("another tool's sockmap").count(),
+        1,
+        "one line: {stderr}"
+    );
+    // The pair in `proxy` is ours.
+    assert_eq!(summary_value(&output, "bypass", "inserted"), 2, "{output}");
+    assert!(
+        summary_value(&output, "bypass", "bytes_redirected") > 0,
+        "{output}"
+    );
+}
+
+/// An SO_ORIGINAL_DST proxy on 127.0.0.1:PORT that answers each connection
+/// with "NAME ORIGINAL" (after one byte from the client), and clients that
+/// make COUNT connections to PREFIX.<1..250>:80, 50 at a time, and check
+/// that each answer names their own proxy and their own destination.
+const TWO_OF_OURS: &str = r#"
+import socket, struct, sys, threading
+from concurrent.futures import ThreadPoolExecutor
+if sys.argv[1] == "proxy":
+    name, port = sys.argv[2], int(sys.argv[3])
+    listener = socket.create_server(("127.0.0.1", port), backlog=4096)
+    print("ready", flush=True)
+    def answer(conn):
+        with conn:
+            conn.recv(1)
+            raw = conn.getsockopt(socket.SOL_IP, 80, 16)
+            port, = struct.unpack("!H", raw[2:4])
+            conn.sendall(("%s %s:%d" % (name, socket.inet_ntoa(raw[4:8]), port)).encode())
+    while True:
+        conn, _ = listener.accept()
+        threading.Thread(target=answer, args=(conn,), daemon=True).start()
+else:
+    name, prefix, count = sys.argv[2], sys.argv[3], int(sys.argv[4])
+    def client(i):
+        want = "%s %s.%d:80" % (name, prefix, i % 250 + 1)
+        s = socket.create_connection(("%s.%d" % (prefix, i % 250 + 1), 80), timeout=30)
+        s.sendall(b"x")
+        got = b""
+        while True:
+            part = s.recv(100)
+            if not part:
+                break
+            got += part
+        s.close()
+        return None if got.decode() == want else "wanted %r, got %r" % (want, got)
+    with ThreadPoolExecutor(50) as pool:
+        wrong = [w for w in pool.map(client, range(count)) if w]
+    print("ok" if not wrong else "\n".join(wrong[:5]))
+"#;
+
+#[test]
+fn two_redirects_on_sibling_cgroups_each_answer_their_own_connections() {
+    if !have_root() {
+        return;
+    }
+    let testbed = Testbed::new();
+    let apps2 =
+        proxy_redirect::sys::cgroup::ChildCgroup::create(testbed.parent.path(), "apps2").unwrap();
+    let parent = testbed.parent.path().display().to_string();
+    let egress = testbed.redirect(&["--no-proxy", "--proxy-port", "15001"]);
+    let sidecars = Running::start(
+        BIN,
+        &[
+            "redirect",
+            "-c",
+            &apps2.path().display().to_string(),
+            "--sockopt-cgroup",
+            &parent,
+            "--no-proxy",
+            "--proxy-port",
+            "15002",
+            "--json",
+        ]
+        .map(String::from),
+        Some(&testbed.client),
+        Some(&testbed.proxy),
+        "Attached",
+    );
+    let proxy = |name: &str, port: &str| {
+        let mut command = testbed.in_proxy_cgroup(PYTHON);
+        command.args(["-c", TWO_OF_OURS, "proxy", name, port]);
+        let mut child = command
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut ready = [0u8; 6];
+        std::io::Read::read_exact(child.stdout.as_mut().unwrap(), &mut ready).unwrap();
+        KillOnDrop(child)
+    };
+    let _a = proxy("A", "15001");
+    let _b = proxy("B", "15002");
+    let clients = |cgroup: &proxy_redirect::sys::cgroup::ChildCgroup, name: &str, prefix: &str| {
+        let mut command =
+            proxy_redirect::sys::netns::command_in(PYTHON, Some(&testbed.client), Some(cgroup))
+                .unwrap();
+        command.args(["-c", TWO_OF_OURS, "clients", name, prefix, "400"]);
+        command
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    // Both trees at once.
+    let first = clients(&testbed.apps, "A", "10.88.1");
+    let second = clients(&apps2, "B", "10.88.2");
+    for (name, child) in [("A", first), ("B", second)] {
+        let out = child.wait_with_output().unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            "ok",
+            "clients of {name}"
+        );
+    }
+    for redirector in [egress, sidecars] {
+        let (status, _, stderr) = redirector.stop();
+        assert!(status.success(), "{stderr}");
+    }
+}
+
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn two_bypasses_on_overlapping_cgroups_lose_no_data_and_take_no_socket_of_the_other() {
+    if !have_root() {
+        return;
+    }
+    let testbed = Testbed::new();
+    let start = |cgroup: &std::path::Path| {
+        Running::start(
+            BIN,
+            &["bypass", "-c", &cgroup.display().to_string(), "--json"].map(String::from),
+            Some(&testbed.client),
+            None,
+            "Attached",
+        )
+    };
+    let outer = start(testbed.parent.path());
+    let inner = start(testbed.apps.path());
+    for (whose, command) in [
+        ("both", testbed.in_apps(PYTHON)),
+        ("outer only", testbed.in_proxy_cgroup(PYTHON)),
+    ] {
+        let mut command = command;
+        command.args(["-c", LOOPBACK_EXCHANGES]);
+        let out = run(command);
+        assert!(
+            out.status.success(),
+            "{whose}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            "intact",
+            "{whose}"
+        );
+    }
+    let (status, inner_out, stderr) = inner.stop();
+    assert!(status.success(), "{stderr}");
+    let (status, outer_out, stderr) = outer.stop();
+    assert!(status.success(), "{stderr}");
+    // The child cgroup's programs run first: the inner bypass has the pair
+    // in `apps`, the outer one sees it held and leaves it; the pair in
+    // `proxy` is the outer one's.
+    assert_eq!(
+        summary_value(&inner_out, "bypass", "inserted"),
+        2,
+        "{inner_out}"
+    );
+    assert_eq!(
+        summary_value(&outer_out, "bypass", "held_by_another_sockmap"),
+        2,
+        "{outer_out}"
+    );
+    assert_eq!(
+        summary_value(&outer_out, "bypass", "inserted"),
+        2,
+        "{outer_out}"
+    );
+}

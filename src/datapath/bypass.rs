@@ -17,12 +17,12 @@ use crate::bpf::maps;
 use crate::bpf::Endpoint as _;
 use crate::bpf::OwnedSkel;
 use crate::cli::{self, EventFormat, OutputArgs, PortList};
-use crate::out;
 use crate::runtime::{Datapath, EventSource, RunContext};
 use crate::sys::cgroup::{self, CgroupFd};
 use crate::sys::links::{self, Attachments};
 use crate::sys::privileges;
 use crate::telemetry::stats::{Metric, Snapshot};
+use crate::{err_out, out};
 
 // SAFETY: generated from include/*.h: fixed-width integers with explicit padding.
 unsafe impl plain::Plain for bypass_event {}
@@ -141,8 +141,9 @@ fn kernel_has_recv_length_tracepoint() -> bool {
 
 /// Everything `prepare` would check, without changing the system.
 pub fn check(args: &BypassArgs) -> Result<()> {
-    cgroup::resolve(args.cgroup.as_deref())?;
-    privileges::require_bpf_and_perfmon("bypass")
+    let cgroup = cgroup::resolve(args.cgroup.as_deref())?;
+    privileges::require_bpf_and_perfmon("bypass")?;
+    links::check_cgroup_hook(&cgroup, libbpf_sys::BPF_CGROUP_SOCK_OPS, "sockops")
 }
 
 /// The bypass datapath: sockops on a cgroup, sk_msg on the socket map.
@@ -153,6 +154,8 @@ pub struct Bypass {
     /// The tracing programs that follow readers (attach_readers).
     readers: Vec<libbpf_rs::Link>,
     attachments: Attachments,
+    /// Whether the one line about another tool's sockmap was said.
+    told_of_neighbour: bool,
 }
 
 impl Bypass {
@@ -167,6 +170,7 @@ impl Bypass {
             skel,
             readers: Vec::new(),
             attachments: Attachments::default(),
+            told_of_neighbour: false,
         })
     }
 }
@@ -289,6 +293,25 @@ impl Datapath for Bypass {
         })
     }
 
+    /// Says once, in one line, when another tool's sockmap holds sockets
+    /// that bypass would take.
+    fn tick(&mut self, _ctx: &RunContext) {
+        if self.told_of_neighbour {
+            return;
+        }
+        let held = maps::percpu_sums(&self.skel.maps.stats, bypass_stat::BYPASS_STAT_COUNT.0)
+            .map_or(0, |counts| {
+                counts[bypass_stat::BYPASS_STAT_HELD_ELSEWHERE.0 as usize]
+            });
+        if held > 0 {
+            err_out!(
+                "warning: bypass: sockets are already in another tool's sockmap with its own \
+                 sk_msg program (EBUSY); they stay on TCP, counted as held_by_another_sockmap"
+            );
+            self.told_of_neighbour = true;
+        }
+    }
+
     fn stop(&mut self) {
         stop(&mut self.skel);
     }
@@ -409,6 +432,12 @@ fn snapshot(skel: &BypassSkel<'_>) -> Result<Snapshot> {
             "insert failures",
             "Sockets the sockmap refused.",
             bypass_stat::BYPASS_STAT_INSERT_FAILED,
+        ),
+        (
+            "held_by_another_sockmap",
+            "held by another tool's sockmap",
+            "Sockets already in another tool's sockmap with its own sk_msg program (EBUSY), left on TCP.",
+            bypass_stat::BYPASS_STAT_HELD_ELSEWHERE,
         ),
         (
             "peer_elsewhere",

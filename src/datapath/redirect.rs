@@ -22,15 +22,15 @@ use crate::bpf::redirect::types::{
 use crate::bpf::redirect::{RedirectSkel, RedirectSkelBuilder};
 use crate::bpf::{Endpoint as _, OwnedSkel};
 use crate::cli::{self, Cidr, EventFormat, OutputArgs, PortList};
-use crate::out;
 use crate::relay::tcp::{BoundProxy, ProxyConfig, RelayArgs, RunningProxy};
 use crate::relay::udp::{BoundUdpRelay, UdpRelay, UdpRelayConfig};
 use crate::runtime::{Datapath, EventSource, RunContext};
 use crate::sys::cgroup::{self, CgroupFd};
-use crate::sys::links::Attachments;
+use crate::sys::links::{self, Attachments};
 use crate::sys::privileges;
 use crate::telemetry::events::comm_to_string;
 use crate::telemetry::stats::{Metric, Snapshot};
+use crate::{err_out, out};
 
 // SAFETY: generated from include/*.h: fixed-width integers with explicit padding.
 unsafe impl plain::Plain for redirect_event {}
@@ -144,8 +144,76 @@ fn plan(args: &RedirectArgs) -> Result<Plan> {
 
 /// Everything `prepare` would check, without changing the system.
 pub fn check(args: &RedirectArgs) -> Result<()> {
-    plan(args)?;
-    privileges::require_bpf("redirect")
+    let plan = plan(args)?;
+    privileges::require_bpf("redirect")?;
+    for (cgroup, attach_type, hook) in hooks(args, &plan) {
+        links::check_cgroup_hook(cgroup, attach_type, hook)?;
+    }
+    Ok(())
+}
+
+/// Every cgroup hook redirect attaches to, as (cgroup, attach type, name).
+fn hooks<'a>(
+    args: &RedirectArgs,
+    plan: &'a Plan,
+) -> Vec<(
+    &'a std::path::Path,
+    libbpf_sys::bpf_attach_type,
+    &'static str,
+)> {
+    use libbpf_sys::*;
+    let (apps, sockopt) = (plan.cgroup.as_path(), plan.sockopt_cgroup.as_path());
+    let mut hooks = vec![
+        (apps, BPF_CGROUP_INET4_CONNECT, "connect4"),
+        (apps, BPF_CGROUP_INET6_CONNECT, "connect6"),
+        (apps, BPF_CGROUP_SOCK_OPS, "sockops"),
+        (apps, BPF_CGROUP_INET4_GETPEERNAME, "getpeername4"),
+        (apps, BPF_CGROUP_INET6_GETPEERNAME, "getpeername6"),
+        (sockopt, BPF_CGROUP_SOCK_OPS, "sockops"),
+        (sockopt, BPF_CGROUP_GETSOCKOPT, "getsockopt"),
+    ];
+    if args.udp_ports.is_some() {
+        hooks.extend([
+            (apps, BPF_CGROUP_UDP4_SENDMSG, "sendmsg4"),
+            (apps, BPF_CGROUP_UDP6_SENDMSG, "sendmsg6"),
+            (apps, BPF_CGROUP_UDP4_RECVMSG, "recvmsg4"),
+            (apps, BPF_CGROUP_UDP6_RECVMSG, "recvmsg6"),
+        ]);
+        if !args.no_proxy {
+            hooks.extend([
+                (sockopt, BPF_CGROUP_UDP4_SENDMSG, "sendmsg4"),
+                (sockopt, BPF_CGROUP_UDP6_SENDMSG, "sendmsg6"),
+                (sockopt, BPF_CGROUP_UDP4_RECVMSG, "recvmsg4"),
+                (sockopt, BPF_CGROUP_UDP6_RECVMSG, "recvmsg6"),
+            ]);
+        }
+    }
+    hooks
+}
+
+/// Cilium's socket load balancer at the same cgroups rewrites service
+/// addresses in connect() before our program sees them, so a sidecar
+/// never learns the service its client asked for.
+fn warn_about_cilium(plan: &Plan) {
+    for attach_type in [
+        libbpf_sys::BPF_CGROUP_INET4_CONNECT,
+        libbpf_sys::BPF_CGROUP_INET6_CONNECT,
+    ] {
+        let Ok(neighbours) = links::cgroup_neighbours(&plan.cgroup, attach_type) else {
+            continue;
+        };
+        if let Some(cilium) = neighbours.iter().find(|n| n.name.starts_with("cil_sock")) {
+            err_out!(
+                "warning: Cilium's socket load balancer (program {} '{}' at {}) rewrites \
+                 service addresses before redirect sees them; next to sidecars Cilium needs \
+                 socketLB.hostNamespaceOnly=true",
+                cilium.id,
+                cilium.name,
+                cilium.cgroup.display()
+            );
+            return;
+        }
+    }
 }
 
 /// The redirect datapath: its programs, where they are attached, and the
@@ -165,6 +233,7 @@ impl Redirect {
     pub fn prepare(args: &RedirectArgs, ctx: &RunContext) -> Result<Redirect> {
         let plan = plan(args)?;
         privileges::require_bpf("redirect")?;
+        warn_about_cilium(&plan);
         let bound = if args.no_proxy {
             None
         } else {

@@ -235,8 +235,9 @@ impl Drop for InstanceLock {
 
 /// Everything `prepare` would check, without changing the system.
 pub fn check(args: &TproxyArgs) -> Result<()> {
-    plan(args)?;
-    privileges::require_bpf("tproxy")
+    let plan = plan(args)?;
+    privileges::require_bpf("tproxy")?;
+    local_route::check_neighbours(&plan.routes)
 }
 
 /// The tproxy datapath: the TC program on the intercepted interface, the

@@ -462,3 +462,112 @@ fn attached_count(target: i32, attach_type: libbpf_sys::bpf_attach_type) -> std:
     }
     Ok(count)
 }
+
+/// A program another tool attached to a cgroup hook.
+pub struct CgroupNeighbour {
+    pub id: u32,
+    pub name: String,
+    pub cgroup: std::path::PathBuf,
+    /// The flags it was attached with (`BPF_F_ALLOW_MULTI`, ...).
+    pub flags: u32,
+}
+
+/// The programs of `attach_type` on `cgroup` and every cgroup above it,
+/// nearest first.
+pub fn cgroup_neighbours(
+    cgroup: &Path,
+    attach_type: libbpf_sys::bpf_attach_type,
+) -> Result<Vec<CgroupNeighbour>> {
+    let root = crate::sys::cgroup::cgroup2_mount()?;
+    let mut neighbours = Vec::new();
+    let mut current = Some(cgroup);
+    while let Some(dir) = current {
+        let fd = CgroupFd::open(dir)?;
+        let mut ids = [0u32; 64];
+        let mut count = ids.len() as u32;
+        let mut flags = 0u32;
+        // SAFETY: ids holds count entries; the kernel writes at most that.
+        let ret = unsafe {
+            libbpf_sys::bpf_prog_query(
+                fd.raw_fd(),
+                attach_type,
+                0,
+                &mut flags,
+                ids.as_mut_ptr(),
+                &mut count,
+            )
+        };
+        if ret != 0 {
+            return Err(std::io::Error::from_raw_os_error(-ret))
+                .with_context(|| format!("querying programs on {}", dir.display()));
+        }
+        for &id in &ids[..count.min(ids.len() as u32) as usize] {
+            neighbours.push(CgroupNeighbour {
+                id,
+                name: program_name(id).unwrap_or_else(|| "?".into()),
+                cgroup: dir.to_path_buf(),
+                flags,
+            });
+        }
+        current = if dir == root { None } else { dir.parent() };
+    }
+    Ok(neighbours)
+}
+
+/// The kernel's name of program `id`, if it can be read.
+fn program_name(id: u32) -> Option<String> {
+    // SAFETY: a plain system call; a new descriptor or a negative errno.
+    let fd = unsafe { libbpf_sys::bpf_prog_get_fd_by_id(id) };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: the kernel just returned this descriptor.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let mut info = libbpf_sys::bpf_prog_info::default();
+    let mut len = std::mem::size_of::<libbpf_sys::bpf_prog_info>() as u32;
+    // SAFETY: info is a complete bpf_prog_info of len bytes.
+    let ret = unsafe { libbpf_sys::bpf_prog_get_info_by_fd(fd.as_raw_fd(), &mut info, &mut len) };
+    if ret != 0 {
+        return None;
+    }
+    let name: Vec<u8> = info
+        .name
+        .iter()
+        .take_while(|&&c| c != 0)
+        .map(|&c| c as u8)
+        .collect();
+    Some(String::from_utf8_lossy(&name).into_owned())
+}
+
+/// Fails, naming the program, when another tool's program on `cgroup` or
+/// above it makes a multi-program link there impossible (the kernel
+/// would answer EPERM): one attached without `BPF_F_ALLOW_MULTI` on the
+/// cgroup itself, or above it without `BPF_F_ALLOW_OVERRIDE` either, with
+/// no multi attachment in between.
+pub fn check_cgroup_hook(
+    cgroup: &Path,
+    attach_type: libbpf_sys::bpf_attach_type,
+    hook: &str,
+) -> Result<()> {
+    let multi = libbpf_sys::BPF_F_ALLOW_MULTI;
+    let overridable = libbpf_sys::BPF_F_ALLOW_OVERRIDE;
+    // The nearest cgroup that holds a program decides.
+    let Some(nearest) = cgroup_neighbours(cgroup, attach_type)?.into_iter().next() else {
+        return Ok(());
+    };
+    let here = nearest.cgroup == cgroup;
+    // Multi there: that cgroup and everything below it can attach; an
+    // overridable program above lets this cgroup attach its own.
+    if nearest.flags & multi != 0 || (!here && nearest.flags & overridable != 0) {
+        return Ok(());
+    }
+    bail!(
+        "cgroup {} holds program {} '{}' on {hook}, attached by another tool without \
+         BPF_F_ALLOW_MULTI{}: no other program can attach to {} there",
+        nearest.cgroup.display(),
+        nearest.id,
+        nearest.name,
+        if here { "" } else { " or BPF_F_ALLOW_OVERRIDE" },
+        cgroup.display()
+    )
+}

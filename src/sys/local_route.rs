@@ -135,6 +135,76 @@ fn is_our_route(route: &serde_json::Value) -> bool {
         && field(route, "dst") == "default"
 }
 
+/// Fails, naming the rule, when a rule that is not ours would take packets
+/// with our mark or sends packets to our table: Calico, Tailscale, dae and
+/// others take marks and tables of their own.
+pub fn check_neighbours(spec: &LocalRouteSpec) -> Result<()> {
+    for family in FAMILIES {
+        let ours = our_rules(spec, family)?;
+        for rule in ip_json(&[family, "rule", "show"])? {
+            if ours.contains(&rule) {
+                continue;
+            }
+            if field(&rule, "table") == spec.table.to_string() {
+                bail!(
+                    "routing table {} is already used by the rule '{}' of another tool; pick \
+                     another with --route-table",
+                    spec.table,
+                    describe_rule(&rule)
+                );
+            }
+            if let Some((mark, mask)) = fwmark(&rule) {
+                if spec.mark & mask == mark & mask {
+                    bail!(
+                        "the routing mark {:#x} is already matched by the rule '{}' of another \
+                         tool; pick another with --route-mark",
+                        spec.mark,
+                        describe_rule(&rule)
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A rule's fwmark and mask, if it matches on one.
+fn fwmark(rule: &serde_json::Value) -> Option<(u32, u32)> {
+    let parse = |text: String| u32::from_str_radix(text.trim_start_matches("0x"), 16).ok();
+    let mark = parse(field(rule, "fwmark"))?;
+    let mask = parse(field(rule, "fwmask")).unwrap_or(u32::MAX);
+    Some((mark, mask))
+}
+
+/// `pref 100 fwmark 0x5053/0xffff lookup 100`, as `ip rule` writes it.
+fn describe_rule(rule: &serde_json::Value) -> String {
+    let mut words = vec![format!("pref {}", field(rule, "priority"))];
+    for (key, prefix) in [
+        ("src", "srclen"),
+        ("dst", "dstlen"),
+        ("iif", ""),
+        ("oif", ""),
+    ] {
+        let value = field(rule, key);
+        if !value.is_empty() && value != "all" {
+            match field(rule, prefix) {
+                len if !prefix.is_empty() && !len.is_empty() => {
+                    words.push(format!("{key} {value}/{len}"))
+                }
+                _ => words.push(format!("{key} {value}")),
+            }
+        }
+    }
+    if let Some((mark, mask)) = fwmark(rule) {
+        match mask {
+            u32::MAX => words.push(format!("fwmark {mark:#x}")),
+            mask => words.push(format!("fwmark {mark:#x}/{mask:#x}")),
+        }
+    }
+    words.push(format!("lookup {}", field(rule, "table")));
+    words.join(" ")
+}
+
 /// Removes the rules and routes a killed run with the same table and
 /// priority left, and returns what it removed (as `ip` prints it). Fails,
 /// removing nothing, when the table holds routes that are not ours.

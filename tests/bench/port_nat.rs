@@ -98,11 +98,11 @@ fn per_packet(settings: &Settings) {
     let udp = Packet::udp("192.0.2.1", 40001, "198.51.100.2", 8080).with_payload(&payload);
     let (request, reply, miss, udp) = (request.build(), reply.build(), miss.build(), udp.build());
     // Create the flows the rewrite arms use.
-    for skel in [&skel, &old] {
-        ns_per_run(&skel.progs.port_nat_ingress, &request, 2, TC_NEXT);
-        ns_per_run(&skel.progs.port_nat_ingress, &udp, 2, TC_NEXT);
-    }
     let (next, ok) = (TC_NEXT, 0);
+    for (skel, verdict) in [(&skel, next), (&old, ok)] {
+        ns_per_run(&skel.progs.port_nat_ingress, &request, 2, verdict);
+        ns_per_run(&skel.progs.port_nat_ingress, &udp, 2, verdict);
+    }
 
     type Arm<'a> = (&'a str, &'a libbpf_rs::ProgramMut<'a>, &'a [u8], i32);
     let arms: [Arm; 6] = [
