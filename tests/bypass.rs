@@ -137,10 +137,7 @@ impl Drop for Capture {
 
 #[test]
 fn echo_over_ipv4_ipv6_and_v4_mapped_takes_the_bypass_byte_for_byte() {
-    if !have_root() {
-        return;
-    }
-    let testbed = Testbed::new();
+    let testbed = root_testbed!();
     let dir = TempDir::new();
     let bypasser = bypass(&testbed, &testbed.apps, &[]);
     let capture = Capture::start(&testbed.client, &dir);
@@ -158,8 +155,7 @@ fn echo_over_ipv4_ipv6_and_v4_mapped_takes_the_bypass_byte_for_byte() {
         assert!(String::from_utf8_lossy(&out.stdout).contains("ok"));
     }
     let (syns, payload, packets) = capture.stop();
-    let (status, output, _) = bypasser.stop();
-    assert!(status.success());
+    let (output, _) = bypasser.stop_ok();
     assert_eq!(stat(&output, "inserted"), 8, "{output}");
     assert_eq!(stat(&output, "insert failures"), 0);
     // The first bytes each way wait for their reader over TCP; the rest
@@ -190,10 +186,7 @@ fn echo_over_ipv4_ipv6_and_v4_mapped_takes_the_bypass_byte_for_byte() {
 
 #[test]
 fn many_concurrent_connections_all_take_the_bypass() {
-    if !have_root() {
-        return;
-    }
-    let testbed = Testbed::new();
+    let testbed = root_testbed!();
     let bypasser = bypass(&testbed, &testbed.apps, &["-P", "1,65535"]);
     // -P with ports the test does not use: nothing is inserted.
     peers(&testbed, &["echo", "127.0.0.1", "127.0.0.1", "65536", "4"]);
@@ -219,10 +212,7 @@ fn many_concurrent_connections_all_take_the_bypass() {
 
 #[test]
 fn half_close_and_close_with_data_in_flight() {
-    if !have_root() {
-        return;
-    }
-    let testbed = Testbed::new();
+    let testbed = root_testbed!();
     let bypasser = bypass(&testbed, &testbed.apps, &[]);
     for host in ["127.0.0.1", "::1"] {
         peers(&testbed, &["push-close", host, &(8 * MIB).to_string()]);
@@ -240,10 +230,7 @@ fn half_close_and_close_with_data_in_flight() {
 
 #[test]
 fn a_peer_in_another_network_namespace_is_never_inserted() {
-    if !have_root() {
-        return;
-    }
-    let testbed = Testbed::new();
+    let testbed = root_testbed!();
     let bypasser = bypass(&testbed, &testbed.apps, &[]);
     // A server in the other namespace, in the same cgroup.
     let server_script = "import socket\ns = socket.socket(socket.AF_INET6)\n\
@@ -276,10 +263,7 @@ fn a_peer_in_another_network_namespace_is_never_inserted() {
 
 #[test]
 fn any_address_of_the_namespace_counts_as_local() {
-    if !have_root() {
-        return;
-    }
-    let testbed = Testbed::new();
+    let testbed = root_testbed!();
     let bypasser = bypass(&testbed, &testbed.apps, &[]);
     testbed
         .client
@@ -304,10 +288,7 @@ fn any_address_of_the_namespace_counts_as_local() {
 
 #[test]
 fn stopping_bypass_in_the_middle_of_transfers_loses_nothing() {
-    if !have_root() {
-        return;
-    }
-    let testbed = Testbed::new();
+    let testbed = root_testbed!();
     for signal in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGKILL] {
         let bypasser = bypass(&testbed, &testbed.apps, &[]);
         assert_eq!(sock_ops_programs(&testbed.apps), 1);
@@ -353,10 +334,7 @@ fn stopping_bypass_in_the_middle_of_transfers_loses_nothing() {
 
 #[test]
 fn redirect_builtin_proxy_and_bypass_together_deliver_intact() {
-    if !have_root() {
-        return;
-    }
-    let testbed = Testbed::new();
+    let testbed = root_testbed!();
     // The destination is an address of this namespace that is not loopback
     // (redirect leaves loopback alone), so both legs are same-host: app ->
     // proxy and proxy -> server.
@@ -408,10 +386,7 @@ fn peers_on_port_80(testbed: &Testbed, args: &[&str]) -> (Vec<String>, std::proc
 
 #[test]
 fn bad_input_fails_with_one_line_and_attaches_nothing() {
-    if !have_root() {
-        return;
-    }
-    let testbed = Testbed::new();
+    let testbed = root_testbed!();
     let apps = testbed.apps.path().display().to_string();
     let cases: Vec<(Vec<&str>, &str)> = vec![
         (
@@ -481,10 +456,7 @@ fn peers_on_fixed_ports(netns: &proxy_redirect::sys::netns::NetNs, cgroup: &Chil
 
 #[test]
 fn one_instance_in_the_host_namespace_pairs_within_each_child_namespace() {
-    if !have_root() {
-        return;
-    }
-    let testbed = Testbed::new();
+    let testbed = root_testbed!();
     let dirs = [TempDir::new(), TempDir::new()];
     // bypass runs in this (the host's) namespace; the pairs run in the two
     // child namespaces of the cgroup with the very same 4-tuple.
@@ -519,8 +491,7 @@ fn one_instance_in_the_host_namespace_pairs_within_each_child_namespace() {
         assert_eq!(syns, 1, "SYN packets on lo:\n{packets}");
         payload += bytes;
     }
-    let (status, output, _) = bypasser.stop();
-    assert!(status.success());
+    let (output, _) = bypasser.stop_ok();
     assert_eq!(stat(&output, "inserted"), 4, "{output}");
     assert_eq!(stat(&output, "peer not in the namespace"), 0);
     // How much takes the bypass depends on how soon each reader catches up
@@ -593,10 +564,7 @@ print("ok")
 
 #[test]
 fn fast_open_data_is_never_overtaken_by_redirected_data() {
-    if !have_root() {
-        return;
-    }
-    let testbed = Testbed::new();
+    let testbed = root_testbed!();
     // 1: the client's data waits for the handshake (the server has no Fast
     // Open); 3: the data rides in the SYN once the client has a cookie.
     for (sysctl, server_fast_open) in [("1", "0"), ("3", "1")] {
@@ -679,10 +647,7 @@ impl Drop for Nginx {
 
 #[test]
 fn builtin_proxy_over_bypass_relays_every_response_size_to_the_end() {
-    if !have_root() {
-        return;
-    }
-    let testbed = Testbed::new();
+    let testbed = root_testbed!();
     // Sizes around the proxy's 32 KiB copy buffer, and beyond.
     let mut sizes: Vec<usize> = (32 * 1024 - 3..=32 * 1024 + 3).collect();
     sizes.extend([40_001, 64 * 1024, 100_000, 4 * MIB]);
@@ -854,9 +819,7 @@ fn haproxy_splicing(bypass_args: &[&str], connections: usize) -> String {
 
 #[test]
 fn haproxy_splicing_both_ways_gets_every_byte() {
-    if !have_root() {
-        return;
-    }
+    require_root!();
     let output = haproxy_splicing(&[], 1);
     // haproxy is named by default: its two sockets stayed out; the client's
     // and the server's sockets went in, and found no peer.
@@ -866,9 +829,7 @@ fn haproxy_splicing_both_ways_gets_every_byte() {
 
 #[test]
 fn haproxy_unnamed_is_learned_at_its_first_splice_and_gets_every_byte() {
-    if !have_root() {
-        return;
-    }
+    require_root!();
     let output = haproxy_splicing(&["--splice-readers", ""], 3);
     // The first connection's four sockets went in; HAProxy read the first
     // bytes with recv, which left it behind the client, and spliced the
@@ -905,10 +866,7 @@ print("ok")
 
 #[test]
 fn a_splice_reader_named_with_splice_readers_gets_every_byte() {
-    if !have_root() {
-        return;
-    }
-    let testbed = Testbed::new();
+    let testbed = root_testbed!();
     let bypasser = bypass(&testbed, &testbed.apps, &["--splice-readers", "splicer"]);
     let out = python(
         testbed.in_apps(PYTHON),
@@ -923,10 +881,7 @@ fn a_splice_reader_named_with_splice_readers_gets_every_byte() {
 
 #[test]
 fn an_unnamed_splice_reader_gets_every_byte() {
-    if !have_root() {
-        return;
-    }
-    let testbed = Testbed::new();
+    let testbed = root_testbed!();
     let bypasser = bypass(&testbed, &testbed.apps, &[]);
     for _ in 0..2 {
         let out = python(
@@ -950,10 +905,7 @@ const ORDER_STRESS: &str = include_str!("common/order_stress.py");
 
 #[test]
 fn a_reader_behind_never_has_bytes_overtaken() {
-    if !have_root() {
-        return;
-    }
-    let testbed = Testbed::new();
+    let testbed = root_testbed!();
     let bypasser = bypass(&testbed, &testbed.apps, &[]);
     let mut command = testbed.in_apps(PYTHON);
     command.args(["-c", ORDER_STRESS, "400"]);
@@ -1007,10 +959,7 @@ print("ok")
 
 #[test]
 fn readers_waiting_for_more_than_is_there_get_every_byte() {
-    if !have_root() {
-        return;
-    }
-    let testbed = Testbed::new();
+    let testbed = root_testbed!();
     let bypasser = bypass(&testbed, &testbed.apps, &[]);
     let out = python(testbed.in_apps(PYTHON), WAITING_READERS);
     let (_, output, _) = bypasser.stop();

@@ -8,7 +8,7 @@ mod common;
 use std::path::Path;
 use std::process::{Command, Output};
 
-use common::gateway::{self, Gateway};
+use common::gateway;
 use common::*;
 
 const UNIT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/proxy-redirect.service");
@@ -117,9 +117,7 @@ fn stop_cleanly(running: Running, datapath: &str) -> String {
 
 #[test]
 fn every_datapath_runs_with_only_the_units_capabilities() {
-    if !have_root() {
-        return;
-    }
+    require_root!();
     let caps = unit_capabilities();
     let testbed = Testbed::new();
     let _web = servers::http(&testbed.server, "[::]:80").unwrap();
@@ -198,10 +196,7 @@ fn every_datapath_runs_with_only_the_units_capabilities() {
 
 #[test]
 fn tproxy_runs_with_only_the_units_capabilities() {
-    if !have_root() {
-        return;
-    }
-    let gw = Gateway::new();
+    let gw = root_gateway!();
     let _web = servers::http(&gw.server, "[::]:80").unwrap();
     let args = ["tproxy", "-i", gateway::CLIENT_FACING, "-P", "80"];
     let tproxy = Running::start(

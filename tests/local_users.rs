@@ -12,21 +12,9 @@ use common::*;
 use nix::sys::signal::Signal;
 use proxy_redirect::sys::netns::NetNs;
 
-fn curl_ok(testbed: &Testbed, url: &str) {
-    let out = curl(testbed.in_apps("curl"), url, &[]);
-    assert!(
-        out.status.success(),
-        "curl {url}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 #[test]
 fn a_closed_stdout_leaves_redirect_attached_and_serving() {
-    if !have_root() {
-        return;
-    }
-    let testbed = Testbed::new();
+    let testbed = root_testbed!();
     let _server = servers::http(&testbed.server, "[::]:80").unwrap();
     testbed.reject_direct(&testbed.apps, "tcp", 80);
     // `redirect -v | head -1`: the reader goes away after the header.
@@ -36,7 +24,7 @@ fn a_closed_stdout_leaves_redirect_attached_and_serving() {
     let url = format!("http://{SERVER_V4}/");
     // Each connection is an event line the closed pipe refuses.
     for _ in 0..5 {
-        curl_ok(&testbed, &url);
+        curl_ok(testbed.in_apps("curl"), &url);
     }
     assert_eq!(testbed.attached_redirect_programs(), attached);
     let (status, _, stderr) = redirector.stop_with(Signal::SIGTERM);
@@ -47,15 +35,11 @@ fn a_closed_stdout_leaves_redirect_attached_and_serving() {
 
 #[test]
 fn a_closed_stdout_survives_a_reload_and_counts_the_lines_it_dropped() {
-    if !have_root() {
-        return;
-    }
+    require_root!();
     let _turn = one_service_at_a_time();
     let testbed = Testbed::new();
     let _server = servers::http(&testbed.server, "[::]:80").unwrap();
     testbed.reject_direct(&testbed.apps, "tcp", 80);
-    let dir = TempDir::new();
-    let config = dir.join("config.toml");
     let text = |ports: &str| {
         format!(
             "[redirect]\ncgroup = \"{}\"\nsockopt-cgroup = \"{}\"\nports = [{ports}]\n\
@@ -64,15 +48,14 @@ fn a_closed_stdout_survives_a_reload_and_counts_the_lines_it_dropped() {
             testbed.parent.path().display()
         )
     };
-    std::fs::write(&config, text("80")).unwrap();
-    let mut service = start_service(&config, &[], Some(&testbed.client), Some(&testbed.proxy));
+    let file = ConfigFile::new(&text("80"));
+    let mut service = start_service(&file.path, &[], Some(&testbed.client), Some(&testbed.proxy));
     service.close_stdout();
     for ports in ["80, 8080", "80", "80, 443"] {
-        std::fs::write(&config, text(ports)).unwrap();
-        service.signal(Signal::SIGHUP);
+        file.reload(&service, &text(ports));
         std::thread::sleep(Duration::from_millis(300));
     }
-    curl_ok(&testbed, &format!("http://{SERVER_V4}/"));
+    curl_ok(testbed.in_apps("curl"), &format!("http://{SERVER_V4}/"));
     let page = scrape_metrics(&testbed.client, "127.0.0.1:9479");
     assert!(
         metric_value(&page, "proxy_redirect_service_output_lines_dropped_total") >= 2,
@@ -83,21 +66,22 @@ fn a_closed_stdout_survives_a_reload_and_counts_the_lines_it_dropped() {
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
 
+/// A service translating 8080 to 80 on `lo` of a namespace of its own,
+/// with `more` sections.
+fn port_nat_service_on_lo(more: &str) -> (NetNs, ConfigFile, Running) {
+    let netns = NetNs::create(&unique("prtest-lo")).unwrap();
+    let file = ConfigFile::new(&format!(
+        "[[port-nat]]\ninterface = \"lo\"\nfrom = [8080]\nto = [80]\n{more}"
+    ));
+    let service = start_service(&file.path, &[], Some(&netns), None);
+    (netns, file, service)
+}
+
 #[test]
 fn status_piped_into_head_exits_quietly() {
-    if !have_root() {
-        return;
-    }
+    require_root!();
     let _turn = one_service_at_a_time();
-    let netns = NetNs::create(&unique("prtest-status")).unwrap();
-    let dir = TempDir::new();
-    let config = dir.join("config.toml");
-    std::fs::write(
-        &config,
-        "[[port-nat]]\ninterface = \"lo\"\nfrom = [8080]\nto = [80]\n",
-    )
-    .unwrap();
-    let _service = start_service(&config, &[], Some(&netns), None);
+    let (_netns, _file, _service) = port_nat_service_on_lo("");
     let out = run({
         let mut command = std::process::Command::new("bash");
         command.args(["-c", &format!("set -o pipefail; {BIN} status | head -1")]);
@@ -111,20 +95,32 @@ fn status_piped_into_head_exits_quietly() {
 
 #[test]
 fn a_trickling_client_does_not_hold_up_a_scrape() {
-    if !have_root() {
-        return;
-    }
+    require_root!();
     let _turn = one_service_at_a_time();
-    let netns = NetNs::create(&unique("prtest-trickle")).unwrap();
-    let dir = TempDir::new();
-    let config = dir.join("config.toml");
-    std::fs::write(
-        &config,
-        "[[port-nat]]\ninterface = \"lo\"\nfrom = [8080]\nto = [80]\n\
-         [metrics]\nlisten = \"127.0.0.1:9478\"\n",
-    )
-    .unwrap();
-    let _service = start_service(&config, &[], Some(&netns), None);
+    let (netns, _file, _service) =
+        port_nat_service_on_lo("[metrics]\nlisten = \"127.0.0.1:9478\"\n");
+    // Against a scrape with no trickler about (curl alone takes a second
+    // under emulation): a page served to one client at a time would wait
+    // for each trickler's whole request, 6 s.
+    let scrape = || {
+        let started = Instant::now();
+        let command = proxy_redirect::sys::netns::command_in("curl", Some(&netns), None).unwrap();
+        let out = curl(
+            command,
+            "http://127.0.0.1:9478/metrics",
+            &["--max-time", "8"],
+        );
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(String::from_utf8_lossy(&out.stdout).contains("proxy_redirect_port_nat"));
+        started.elapsed()
+    };
+    // The first page is published within a second of the start.
+    std::thread::sleep(Duration::from_millis(1500));
+    let alone = scrape();
     // Nobody's slow clients, one header byte every 200 ms each.
     let tricklers: Vec<_> = (0..4)
         .map(|_| {
@@ -161,24 +157,11 @@ fn a_trickling_client_does_not_hold_up_a_scrape() {
         .collect();
     std::thread::sleep(Duration::from_millis(500));
     for _ in 0..3 {
-        let started = Instant::now();
-        let command = proxy_redirect::sys::netns::command_in("curl", Some(&netns), None).unwrap();
-        let out = curl(
-            command,
-            "http://127.0.0.1:9478/metrics",
-            &["--max-time", "5"],
-        );
+        let took = scrape();
         assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
+            took < alone + Duration::from_secs(1),
+            "a scrape took {took:?} next to trickling clients, {alone:?} alone"
         );
-        assert!(
-            started.elapsed() < Duration::from_millis(500),
-            "a scrape took {:?} next to trickling clients",
-            started.elapsed()
-        );
-        assert!(String::from_utf8_lossy(&out.stdout).contains("proxy_redirect_port_nat"));
         std::thread::sleep(Duration::from_millis(300));
     }
     // Each trickler is cut at the whole-request deadline (2 s), not after
@@ -187,7 +170,7 @@ fn a_trickling_client_does_not_hold_up_a_scrape() {
         let out = trickler.wait_with_output().unwrap();
         let seconds: f64 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
         assert!(
-            (1.5..4.0).contains(&seconds),
+            (1.5..5.0).contains(&seconds),
             "a trickler was served for {seconds} s"
         );
     }
@@ -204,33 +187,34 @@ fn assert_config_refused(path: &std::path::Path, expected: &str) {
 
 #[test]
 fn a_config_that_another_user_can_change_is_refused() {
-    if !have_root() {
-        return;
-    }
+    require_root!();
     let _turn = one_service_at_a_time();
     let netns = NetNs::create(&unique("prtest-config")).unwrap();
     let text = "[[port-nat]]\ninterface = \"lo\"\nfrom = [8080]\nto = [80]\n";
     let chown = |path: &std::path::Path| std::os::unix::fs::chown(path, Some(65534), None).unwrap();
 
-    let owned = TempDir::new();
-    let file = owned.join("config.toml");
-    std::fs::write(&file, text).unwrap();
-    chown(&file);
-    assert_config_refused(&file, "belongs to uid 65534");
+    let mode = |path: &std::path::Path, mode| {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap()
+    };
+    let owned = ConfigFile::new(text);
+    chown(&owned.path);
+    assert_config_refused(&owned.path, "belongs to uid 65534");
 
-    let group_writable = TempDir::new();
-    let file = group_writable.join("config.toml");
-    std::fs::write(&file, text).unwrap();
-    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o664)).unwrap();
-    assert_config_refused(&file, "writable by users other than root (mode 664)");
+    let group_writable = ConfigFile::new(text);
+    mode(&group_writable.path, 0o664);
+    assert_config_refused(
+        &group_writable.path,
+        "writable by users other than root (mode 664)",
+    );
 
     // Root's own file, in a directory anyone may write: the file can be
     // replaced.
-    let open_dir = TempDir::new();
-    std::fs::set_permissions(open_dir.join(""), std::fs::Permissions::from_mode(0o777)).unwrap();
-    let file = open_dir.join("config.toml");
-    std::fs::write(&file, text).unwrap();
-    assert_config_refused(&file, "writable by users other than root (mode 777)");
+    let open_dir = ConfigFile::new(text);
+    mode(&open_dir.dir.join(""), 0o777);
+    assert_config_refused(
+        &open_dir.path,
+        "writable by users other than root (mode 777)",
+    );
 
     // A root-owned symlink to a file of nobody's, and nobody's symlink to
     // root's file.
@@ -249,8 +233,12 @@ fn a_config_that_another_user_can_change_is_refused() {
     assert_config_refused(&nobodys_link, "the symlink");
 
     // The option turns the refusal into a warning.
-    let file = owned.join("config.toml");
-    let service = start_service(&file, &["--allow-writable-config"], Some(&netns), None);
+    let service = start_service(
+        &owned.path,
+        &["--allow-writable-config"],
+        Some(&netns),
+        None,
+    );
     let (status, _, stderr) = service.stop_with(Signal::SIGTERM);
     assert!(status.success(), "{stderr}");
     assert!(
@@ -261,10 +249,7 @@ fn a_config_that_another_user_can_change_is_refused() {
 
 #[test]
 fn a_process_name_with_a_newline_and_escapes_prints_escaped() {
-    if !have_root() {
-        return;
-    }
-    let testbed = Testbed::new();
+    let testbed = root_testbed!();
     let _server = servers::http(&testbed.server, "[::]:80").unwrap();
     let redirector = testbed.redirect_without_events(&testbed.proxy, &["-v"]);
     let mut client = testbed.in_apps("setpriv");
@@ -288,8 +273,7 @@ fn a_process_name_with_a_newline_and_escapes_prints_escaped() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let (status, output, _) = redirector.stop();
-    assert!(status.success());
+    let (output, _) = redirector.stop_ok();
     assert!(
         output.contains("ev\\x0aFORGED\\x1b[2J"),
         "no escaped name in:\n{output}"
@@ -302,10 +286,7 @@ fn a_process_name_with_a_newline_and_escapes_prints_escaped() {
 
 #[test]
 fn an_oversized_dns_name_prints_as_malformed() {
-    if !have_root() {
-        return;
-    }
-    let testbed = Testbed::new();
+    let testbed = root_testbed!();
     let _dns = servers::udp_echo(&testbed.server, "0.0.0.0:53").unwrap();
     let redirector = testbed.redirect_without_events(&testbed.proxy, &["-v", "--udp-ports", "53"]);
     let mut client = testbed.in_apps(PYTHON);
@@ -324,8 +305,7 @@ fn an_oversized_dns_name_prints_as_malformed() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let (status, output, _) = redirector.stop();
-    assert!(status.success());
+    let (output, _) = redirector.stop_ok();
     let dns: Vec<&str> = output.lines().filter(|l| l.contains(" DNS ")).collect();
     assert_eq!(dns.len(), 1, "{output}");
     assert!(
@@ -338,26 +318,26 @@ fn an_oversized_dns_name_prints_as_malformed() {
 
 /// Nobody's client in `apps` (setpriv to uid 65534), running `script`.
 fn as_nobody_in_apps(testbed: &Testbed, script: &str) -> std::process::Command {
-    let mut command = testbed.in_apps("setpriv");
-    command.args([
-        "--reuid=65534",
-        "--regid=65534",
-        "--clear-groups",
-        PYTHON,
-        "-c",
-        script,
-    ]);
-    command
+    as_nobody(testbed, &[PYTHON, "-c", script])
 }
 
-fn assert_ran(out: &std::process::Output, what: &str) -> String {
-    assert!(
-        out.status.success(),
-        "{what}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+/// `program` as nobody in `apps`, allowed 16,384 descriptors or more for
+/// floods of sockets: a distribution's usual hard limit of 4,096 is raised
+/// (root may) where it is lower.
+fn as_nobody(testbed: &Testbed, program: &[&str]) -> std::process::Command {
+    use nix::sys::resource::{getrlimit, Resource};
+    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+    let mut command = match hard >= 16384 {
+        true => testbed.in_apps("setpriv"),
+        false => {
+            let mut command = testbed.in_apps("prlimit");
+            command.args(["--nofile=32768:32768", "setpriv"]);
+            command
+        }
+    };
+    command.args(["--reuid=65534", "--regid=65534", "--clear-groups"]);
+    command.args(program);
+    command
 }
 
 /// A UDP server of the attacker's: it answers the first datagram from a
@@ -377,22 +357,21 @@ for i in range(30):
 
 #[test]
 fn a_udp_flow_kept_after_its_socket_closed_delivers_nothing_to_the_next_socket_on_its_port() {
-    if !have_root() {
-        return;
-    }
-    let testbed = Testbed::new();
+    let testbed = root_testbed!();
     let _real = servers::udp_echo(&testbed.server, "0.0.0.0:53").unwrap();
     let redirector = testbed.redirect(&["--udp-ports", "53,5300"]);
     for connected in [false, true] {
         let mut late =
             proxy_redirect::sys::netns::command_in(PYTHON, Some(&testbed.server), None).unwrap();
-        let mut late = late
-            .args(["-c", LATE_REPLIER, "5300"])
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
+        let mut late = KillOnDrop(
+            late.args(["-c", LATE_REPLIER, "5300"])
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .unwrap(),
+        );
         let mut ready = [0u8; 6];
-        late.stdout
+        late.0
+            .stdout
             .as_mut()
             .unwrap()
             .read_exact(&mut ready)
@@ -406,7 +385,7 @@ fn a_udp_flow_kept_after_its_socket_closed_delivers_nothing_to_the_next_socket_o
              s.sendto(b'hello', ('{SERVER_V4}', 5300))\n\
              s.close()\n"
         );
-        assert_ran(&run(as_nobody_in_apps(&testbed, &attacker)), "the attacker");
+        stdout_of(&run(as_nobody_in_apps(&testbed, &attacker)), "the attacker");
         // root's resolver gets the same port and asks the real server; it
         // listens while the attacker's server answers its old flow.
         let send = match connected {
@@ -429,16 +408,15 @@ fn a_udp_flow_kept_after_its_socket_closed_delivers_nothing_to_the_next_socket_o
         );
         let mut command = testbed.in_apps(PYTHON);
         command.args(["-c", &root]);
-        let received = assert_ran(&run(command), "root's client");
-        let _ = late.wait();
+        let received = stdout_of(&run(command), "root's client");
+        let _ = late.0.wait();
         assert_eq!(
             received.lines().collect::<Vec<_>>(),
             [format!("query {SERVER_V4} 53")],
             "connected: {connected}"
         );
     }
-    let (status, output, _) = redirector.stop();
-    assert!(status.success());
+    let (output, _) = redirector.stop_ok();
     assert!(
         summary_value(&output, "redirect", "udp_replies_refused") > 0,
         "{output}"
@@ -447,10 +425,7 @@ fn a_udp_flow_kept_after_its_socket_closed_delivers_nothing_to_the_next_socket_o
 
 #[test]
 fn one_user_filling_the_udp_flows_leaves_roots_dns_alone() {
-    if !have_root() {
-        return;
-    }
-    let testbed = Testbed::new();
+    let testbed = root_testbed!();
     let _server = servers::udp_echo(&testbed.server, "0.0.0.0:53").unwrap();
     let redirector = testbed.redirect(&["--udp-ports", "53"]);
     // Nobody sends from 15,000 sockets that it keeps open (as many as its
@@ -493,12 +468,11 @@ fn one_user_filling_the_udp_flows_leaves_roots_dns_alone() {
     );
     let mut command = testbed.in_apps(PYTHON);
     command.args(["-c", &root]);
-    assert_eq!(assert_ran(&run(command), "root's DNS").trim(), "answered");
+    assert_eq!(stdout_of(&run(command), "root's DNS").trim(), "answered");
     let flood = flood.wait_with_output().unwrap();
-    let opened: u64 = assert_ran(&flood, "the flood").trim().parse().unwrap();
+    let opened: u64 = stdout_of(&flood, "the flood").trim().parse().unwrap();
     assert!(opened > 8000, "nobody could open only {opened} sockets");
-    let (status, output, _) = redirector.stop();
-    assert!(status.success());
+    let (output, _) = redirector.stop_ok();
     // Each of nobody's flows beyond its share replaced one of its own: at
     // most 4,096 of its flows stayed, beside root's 20 to 60. (A flood
     // overflows the proxy's queue: not every datagram makes a flow.)
@@ -513,10 +487,7 @@ fn one_user_filling_the_udp_flows_leaves_roots_dns_alone() {
 
 #[test]
 fn fire_and_forget_datagrams_all_arrive() {
-    if !have_root() {
-        return;
-    }
-    let testbed = Testbed::new();
+    let testbed = root_testbed!();
     let server = servers::udp_echo(&testbed.server, "0.0.0.0:514").unwrap();
     testbed.reject_direct(&testbed.apps, "udp", 514);
     let redirector = testbed.redirect(&["--udp-ports", "514"]);
@@ -528,13 +499,12 @@ fn fire_and_forget_datagrams_all_arrive() {
          \x20   s.sendto(b'<14>message %d' % i, ('{SERVER_V4}', 514))\n\
          \x20   s.close()\n"
     );
-    assert_ran(&run(as_nobody_in_apps(&testbed, &sender)), "the sender");
+    stdout_of(&run(as_nobody_in_apps(&testbed, &sender)), "the sender");
     let deadline = Instant::now() + Duration::from_secs(5);
     while server.peers().len() < 200 && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(50));
     }
-    let (status, output, _) = redirector.stop();
-    assert!(status.success());
+    let (output, _) = redirector.stop_ok();
     assert_eq!(server.peers().len(), 200, "{output}");
     assert!(
         summary_value(&output, "redirect", "udp_from_last_send") > 0,
@@ -544,10 +514,7 @@ fn fire_and_forget_datagrams_all_arrive() {
 
 #[test]
 fn one_user_holding_pending_records_in_its_own_namespace_leaves_root_answered() {
-    if !have_root() {
-        return;
-    }
-    let testbed = Testbed::new();
+    let testbed = root_testbed!();
     let _server = servers::http(&testbed.server, "[::]:80").unwrap();
     testbed.reject_direct(&testbed.apps, "tcp", 80);
     let redirector = testbed.redirect(&[]);
@@ -575,28 +542,30 @@ for i in range(6000):
 print("holding", flush=True)
 time.sleep(8)
 "#;
-    let mut command = testbed.in_apps("setpriv");
-    command.args(["--reuid=65534", "--regid=65534", "--clear-groups"]);
-    command.args(["unshare", "-Urn", "--", PYTHON, "-c", attacker]);
+    let mut command = as_nobody(&testbed, &["unshare", "-Urn", "--", PYTHON, "-c", attacker]);
     let mut attacker = command
         .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
     let mut holding = [0u8; 7];
-    attacker
+    if attacker
         .stdout
         .as_mut()
         .unwrap()
         .read_exact(&mut holding)
-        .unwrap();
+        .is_err()
+    {
+        let out = attacker.wait_with_output().unwrap();
+        panic!("the attacker: {}", String::from_utf8_lossy(&out.stderr));
+    }
     // root's connections in the testbed's namespace are answered meanwhile.
     for _ in 0..5 {
-        curl_ok(&testbed, &format!("http://{SERVER_V4}/"));
+        curl_ok(testbed.in_apps("curl"), &format!("http://{SERVER_V4}/"));
     }
     let _ = attacker.kill();
     let _ = attacker.wait();
-    let (status, output, _) = redirector.stop();
-    assert!(status.success());
+    let (output, _) = redirector.stop_ok();
     assert!(
         summary_value(&output, "redirect", "original_destinations_refused") > 1000,
         "{output}"

@@ -126,9 +126,7 @@ fn hex(bytes: &[u8]) -> String {
 
 #[test]
 fn fixtures_translate_tcp_and_udp_over_ipv4_and_ipv6() {
-    if !have_root() {
-        return;
-    }
+    require_root!();
     let mut object = MaybeUninit::uninit();
     let skel = load(&mut object, Protocols::All, 1024);
     let run = |f: &[u8]| ingress(&skel, f);
@@ -242,9 +240,7 @@ fn fixtures_translate_tcp_and_udp_over_ipv4_and_ipv6() {
 
 #[test]
 fn fixtures_leave_other_packets_alone() {
-    if !have_root() {
-        return;
-    }
+    require_root!();
     let mut object = MaybeUninit::uninit();
     let skel = load(&mut object, Protocols::All, 1024);
     let run = |f: &[u8]| ingress(&skel, f);
@@ -316,9 +312,7 @@ fn fixtures_leave_other_packets_alone() {
 
 #[test]
 fn fixtures_replies_are_rewritten_only_for_tracked_flows() {
-    if !have_root() {
-        return;
-    }
+    require_root!();
     let mut object = MaybeUninit::uninit();
     let skel = load(&mut object, Protocols::All, 1024);
     let run_in = |f: &[u8]| ingress(&skel, f);
@@ -403,9 +397,7 @@ fn fixtures_replies_are_rewritten_only_for_tracked_flows() {
 
 #[test]
 fn fixtures_only_evidence_ends_a_flow_and_a_spoofed_ack_does_not() {
-    if !have_root() {
-        return;
-    }
+    require_root!();
     let mut object = MaybeUninit::uninit();
     let skel = load(&mut object, Protocols::All, 1024);
     let run_in = |f: &[u8]| ingress(&skel, f);
@@ -509,9 +501,7 @@ fn fixtures_only_evidence_ends_a_flow_and_a_spoofed_ack_does_not() {
 
 #[test]
 fn fixtures_replies_to_local_sockets_are_left_alone() {
-    if !have_root() {
-        return;
-    }
+    require_root!();
     let ns = lo_netns();
     ns.spawn(|| {
         let mut object = MaybeUninit::uninit();
@@ -605,9 +595,7 @@ fn bound_tcp_connect(local: &str, peer: &str) -> std::io::Result<std::net::TcpSt
 
 #[test]
 fn fixtures_translate_on_l3_devices() {
-    if !have_root() {
-        return;
-    }
+    require_root!();
     let mut object = MaybeUninit::uninit();
     let mut skel = load(&mut object, Protocols::All, 1024);
     port_nat::set_l2_header(&mut skel, false).unwrap();
@@ -673,9 +661,7 @@ fn assert_icmp_rewritten(
 
 #[test]
 fn fixtures_icmp_errors_about_translated_flows_are_translated() {
-    if !have_root() {
-        return;
-    }
+    require_root!();
     let mut object = MaybeUninit::uninit();
     let skel = load(&mut object, Protocols::All, 1024);
     let run_in = |f: &[u8]| ingress(&skel, f);
@@ -907,9 +893,7 @@ fn check_ingress(what: &str, frame: &[u8], verdict: u32, out: &[u8]) {
 
 #[test]
 fn randomized_and_mutated_packets_never_break_the_program_or_a_checksum() {
-    if !have_root() {
-        return;
-    }
+    require_root!();
     let mut object = MaybeUninit::uninit();
     let skel = load(&mut object, Protocols::All, 4096);
     let mut rng = Rng::new(0x5052_4e41);
@@ -1093,9 +1077,7 @@ fn lo_netns() -> NetNs {
 
 #[test]
 fn lo_http_download_and_connected_udp_through_mappings_without_checksum_errors() {
-    if !have_root() {
-        return;
-    }
+    require_root!();
     let ns = lo_netns();
     let _http4 = servers::http(&ns, "127.0.0.1:80").unwrap();
     let _http6 = servers::http(&ns, "[::1]:80").unwrap();
@@ -1133,8 +1115,7 @@ fn lo_http_download_and_connected_udp_through_mappings_without_checksum_errors()
         (0, 0, 0),
         "TCP, UDP, UDP6 InCsumErrors"
     );
-    let (status, output, stderr) = nat.stop();
-    assert!(status.success(), "{stderr}");
+    let (output, _) = nat.stop_ok();
     let events = json_events(&output);
     let first = events
         .iter()
@@ -1188,10 +1169,7 @@ fn send_raw_ipv4(ip: &[u8], dst: std::net::Ipv4Addr) -> std::io::Result<()> {
 
 #[test]
 fn veth_a_download_survives_spoofed_acks_straight_to_to() {
-    if !have_root() {
-        return;
-    }
-    let testbed = Testbed::new();
+    let testbed = root_testbed!();
     let (client, server) = (&testbed.client, &testbed.server);
     let _echo = servers::echo(server, "[::]:80").unwrap();
     let nat = port_nat(
@@ -1233,8 +1211,7 @@ fn veth_a_download_survives_spoofed_acks_straight_to_to() {
         })
         .unwrap();
     transfer.join().unwrap().unwrap();
-    let (status, output, stderr) = nat.stop();
-    assert!(status.success(), "{stderr}");
+    let (output, _) = nat.stop_ok();
     assert_eq!(
         summary_value(&output, "port_nat", "direct_ignored"),
         3,
@@ -1249,9 +1226,7 @@ fn veth_a_download_survives_spoofed_acks_straight_to_to() {
 
 #[test]
 fn lo_a_local_connection_from_port_from_works_and_from_in_the_local_range_is_warned_about() {
-    if !have_root() {
-        return;
-    }
+    require_root!();
     let ns = lo_netns();
     let _http = servers::http(&ns, "127.0.0.1:80").unwrap();
     let _peer = servers::http(&ns, "127.0.0.1:9000").unwrap();
@@ -1294,8 +1269,7 @@ fn lo_a_local_connection_from_port_from_works_and_from_in_the_local_range_is_war
         page.contains("proxy_redirect_build_info{version="),
         "{page}"
     );
-    let (status, output, stderr) = nat.stop();
-    assert!(status.success(), "{stderr}");
+    let (output, stderr) = nat.stop_ok();
     assert!(
         stderr.contains("FROM port 40000 is inside ip_local_port_range (32768-60999)"),
         "{stderr}"
@@ -1308,9 +1282,7 @@ fn lo_a_local_connection_from_port_from_works_and_from_in_the_local_range_is_war
 
 #[test]
 fn lo_a_udp_client_of_from_gets_econnrefused_when_nothing_listens_on_to() {
-    if !have_root() {
-        return;
-    }
+    require_root!();
     let ns = lo_netns();
     let nat = port_nat(&ns, &["-i", "lo", "-f", "5300", "-t", "5353", "--json"]);
     for server in ["127.0.0.1:5300", "[::1]:5300"] {
@@ -1341,8 +1313,7 @@ fn lo_a_udp_client_of_from_gets_econnrefused_when_nothing_listens_on_to() {
             refused.1
         );
     }
-    let (status, output, stderr) = nat.stop();
-    assert!(status.success(), "{stderr}");
+    let (output, _) = nat.stop_ok();
     assert_eq!(
         summary_value(&output, "port_nat", "icmp_translated"),
         2,
@@ -1415,9 +1386,7 @@ fn tun_read(fd: &std::os::fd::OwnedFd, port: u16) -> Vec<u8> {
 
 #[test]
 fn tun_device_translates_tcp_and_udp() {
-    if !have_root() {
-        return;
-    }
+    require_root!();
     let ns = NetNs::create(&unique("pn-tun")).expect("netns");
     let tun = tun_device(&ns, "pntun0");
     ns.configure("pntun0", &["10.88.0.1/24"]).unwrap();
@@ -1447,8 +1416,7 @@ fn tun_device_translates_tcp_and_udp() {
     assert_eq!(parsed.src_port, 8080, "the SYN-ACK's source port");
     assert_eq!(parsed.tcp_flags & (TCP_SYN | TCP_ACK), TCP_SYN | TCP_ACK);
 
-    let (status, output, stderr) = nat.stop();
-    assert!(status.success(), "{stderr}");
+    let (output, _) = nat.stop_ok();
     assert_eq!(
         summary_value(&output, "port_nat", "passed_truncated"),
         0,
@@ -1464,10 +1432,7 @@ fn tun_device_translates_tcp_and_udp() {
 
 #[test]
 fn veth_a_recreated_interface_is_followed_by_name() {
-    if !have_root() {
-        return;
-    }
-    let testbed = Testbed::new();
+    let testbed = root_testbed!();
     let (client, server) = (&testbed.client, &testbed.server);
     let _http = servers::http(server, "[::]:80").unwrap();
     let mut nat = port_nat(server, &["-i", "veth-s", "-f", "8080", "-t", "80"]);
@@ -1511,8 +1476,7 @@ fn veth_a_recreated_interface_is_followed_by_name() {
             if kernel::has_tcx() { 2 } else { 0 }
         );
     }
-    let (status, _, stderr) = nat.stop();
-    assert!(status.success(), "{stderr}");
+    let (_, stderr) = nat.stop_ok();
     assert!(stderr.contains("interface veth-s is gone"), "{stderr}");
     assert_eq!(attached_tc(server, "veth-s"), (0, false));
 }
@@ -1530,10 +1494,7 @@ fn ethtool(netns: &NetNs, device: &str, args: &[&str]) {
 
 #[test]
 fn veth_ipv4_ipv6_with_and_without_checksum_offload_and_direct_clients() {
-    if !have_root() {
-        return;
-    }
-    let testbed = Testbed::new();
+    let testbed = root_testbed!();
     let (client, server) = (&testbed.client, &testbed.server);
     let _http = servers::http(server, "[::]:80").unwrap();
     let _udp = servers::udp_echo(server, "[::]:5353").unwrap();
@@ -1580,8 +1541,7 @@ fn veth_ipv4_ipv6_with_and_without_checksum_offload_and_direct_clients() {
             );
         }
     }
-    let (status, output, stderr) = nat.stop();
-    assert!(status.success(), "{stderr}");
+    let (output, _) = nat.stop_ok();
     assert!(
         summary_value(&output, "port_nat", "untracked_replies") > 0,
         "{output}"
@@ -1592,9 +1552,7 @@ fn veth_ipv4_ipv6_with_and_without_checksum_offload_and_direct_clients() {
 
 #[test]
 fn flows_expire_after_their_timeout_and_active_ones_recover() {
-    if !have_root() {
-        return;
-    }
+    require_root!();
     let ns = lo_netns();
     let _http = servers::http(&ns, "127.0.0.1:80").unwrap();
     let _echo = servers::echo(&ns, "127.0.0.1:7").unwrap();
@@ -1664,8 +1622,7 @@ fn flows_expire_after_their_timeout_and_active_ones_recover() {
 
     // -v prints text events, and no JSON summary: this run is read from
     // its human-readable statistics.
-    let (status, output, _) = nat.stop();
-    assert!(status.success());
+    let (output, _) = nat.stop_ok();
     assert!(stat(&output, "flows expired") >= 3, "{output}");
     assert_eq!(stat(&output, "flows evicted (table full)"), 0, "{output}");
     assert_eq!(stat(&output, "dropped"), 0);
@@ -1673,9 +1630,7 @@ fn flows_expire_after_their_timeout_and_active_ones_recover() {
 
 #[test]
 fn a_full_flow_table_evicts_the_least_recently_used_flows() {
-    if !have_root() {
-        return;
-    }
+    require_root!();
     let ns = lo_netns();
     let _udp = servers::udp_echo(&ns, "127.0.0.1:5353").unwrap();
     let nat = port_nat(
@@ -1722,8 +1677,7 @@ fn a_full_flow_table_evicts_the_least_recently_used_flows() {
     }
     go_tx.send(()).unwrap();
     old.join().unwrap().unwrap();
-    let (status, output, _) = nat.stop();
-    assert!(status.success());
+    let (output, _) = nat.stop_ok();
     // 301 flows, or 302 when the old one was evicted and came back (the
     // LRU's per-CPU free lists decide which entries go first).
     let (new, tracked) = (
@@ -1742,9 +1696,7 @@ fn a_full_flow_table_evicts_the_least_recently_used_flows() {
 
 #[test]
 fn sigkill_leaves_no_tcx_link_and_a_clsact_leftover_is_replaced() {
-    if !have_root() {
-        return;
-    }
+    require_root!();
     let ns = lo_netns();
     let _http = servers::http(&ns, "127.0.0.1:80").unwrap();
     let args = ["-i", "lo", "-f", "8080", "-t", "80"];
@@ -1779,8 +1731,7 @@ fn sigkill_leaves_no_tcx_link_and_a_clsact_leftover_is_replaced() {
     // ...and the next run finds and replaces them, then removes everything.
     let nat = port_nat(&ns, &[&clsact[..], &["--json"]].concat());
     assert!(curl(&ns, "http://127.0.0.1:8080/", &[]).contains("local=127.0.0.1:80"));
-    let (status, output, stderr) = nat.stop();
-    assert!(status.success());
+    let (output, stderr) = nat.stop_ok();
     assert_eq!(
         summary_value(&output, "port_nat", "new_flows"),
         1,
@@ -1796,9 +1747,7 @@ fn sigkill_leaves_no_tcx_link_and_a_clsact_leftover_is_replaced() {
 
 #[test]
 fn bad_input_fails_with_one_line_and_attaches_nothing() {
-    if !have_root() {
-        return;
-    }
+    require_root!();
     let ns = lo_netns();
     let cases: Vec<(Vec<&str>, &str)> = vec![
         (
@@ -1886,9 +1835,7 @@ for i in range(5):
 
 #[test]
 fn lo_fast_open_data_in_the_syn_is_translated() {
-    if !have_root() {
-        return;
-    }
+    require_root!();
     let ns = lo_netns();
     let out = in_netns(&ns, "sysctl", &["-qw", "net.ipv4.tcp_fastopen=0x607"]);
     assert!(out.status.success());
@@ -1906,8 +1853,7 @@ fn lo_fast_open_data_in_the_syn_is_translated() {
         assert_eq!(echoes.lines().collect::<Vec<_>>(), expected, "{host}");
         assert!(fast_open_passive(&ns) >= before + 5, "{host}: no Fast Open");
     }
-    let (status, output, _) = nat.stop();
-    assert!(status.success());
+    let (output, _) = nat.stop_ok();
     assert_eq!(
         summary_value(&output, "port_nat", "new_flows"),
         10,

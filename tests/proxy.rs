@@ -93,10 +93,7 @@ fn assert_aborts_seen(
 
 #[test]
 fn aborts_are_passed_on_as_resets_in_both_directions() {
-    if !have_root() {
-        return;
-    }
-    let testbed = Testbed::new();
+    let testbed = root_testbed!();
     let args = ["-c".to_owned(), ABORTING_SERVER.to_owned()];
     let mut server = Running::start(PYTHON, &args, Some(&testbed.server), None, "listening");
     // Directly, as the baseline the proxy must match.
@@ -127,10 +124,7 @@ fn aborts_are_passed_on_as_resets_in_both_directions() {
 
 #[test]
 fn idle_connections_are_closed_on_both_sides_and_busy_ones_kept() {
-    if !have_root() {
-        return;
-    }
-    let testbed = Testbed::new();
+    let testbed = root_testbed!();
     let _server = servers::echo(&testbed.server, "[::]:80").unwrap();
     let redirector = testbed.redirect(&["--idle-timeout", "2"]);
     // Three idle connections and one that sends a byte every half second
@@ -176,10 +170,7 @@ print('ok')
 
 #[test]
 fn idle_timeout_0_keeps_idle_connections() {
-    if !have_root() {
-        return;
-    }
-    let testbed = Testbed::new();
+    let testbed = root_testbed!();
     let _server = servers::echo(&testbed.server, "[::]:80").unwrap();
     let redirector = testbed.redirect(&["--idle-timeout", "0"]);
     let script = format!(
@@ -222,9 +213,7 @@ fn run_as_nobody(bin: &BinForOthers, args: &[&str]) -> std::process::Output {
 
 #[test]
 fn an_unprivileged_proxy_refuses_to_start_with_the_reason() {
-    if !have_root() {
-        return;
-    }
+    require_root!();
     let bin = BinForOthers::new();
     assert_one_line_error(
         &run_as_nobody(&bin, &["-l", "127.0.0.1:0"]),
@@ -239,17 +228,13 @@ fn an_unprivileged_proxy_refuses_to_start_with_the_reason() {
     // Without a mark and IP_TRANSPARENT it needs nothing and starts.
     let args = proxy_as_nobody(&bin, &["-l", "127.0.0.1:0", "--mark", "0"]);
     let proxy = Running::start("setpriv", &args, None, None, "Proxy listening");
-    let (status, output, stderr) = proxy.stop();
-    assert!(status.success(), "{stderr}");
+    let (output, _) = proxy.stop_ok();
     assert!(output.contains("Cleaned up"), "{output}");
 }
 
 #[test]
 fn the_standalone_proxy_serves_its_counters_as_metrics() {
-    if !have_root() {
-        return;
-    }
-    let testbed = Testbed::new();
+    let testbed = root_testbed!();
     let args: Vec<String> = [
         "proxy",
         "-l",
@@ -274,6 +259,5 @@ fn the_standalone_proxy_serves_its_counters_as_metrics() {
         1
     );
     assert_eq!(metric_value(&page, "proxy_redirect_proxy_refused_total"), 1);
-    let (status, _, _) = proxy.stop();
-    assert!(status.success());
+    let (_, _) = proxy.stop_ok();
 }

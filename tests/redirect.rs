@@ -15,10 +15,7 @@ fn curl_from_apps(testbed: &Testbed, url: &str) -> std::process::Output {
 
 #[test]
 fn http_through_builtin_proxy_over_ipv4_ipv6_and_v4_mapped() {
-    if !have_root() {
-        return;
-    }
-    let testbed = Testbed::new();
+    let testbed = root_testbed!();
     let _server = servers::http(&testbed.server, "[::]:80").unwrap();
     testbed.reject_direct(&testbed.apps, "tcp", 80);
     // The rule really rejects direct connections from the cgroup.
@@ -37,8 +34,7 @@ fn http_through_builtin_proxy_over_ipv4_ipv6_and_v4_mapped() {
     ] {
         assert_http_echo(|| testbed.in_apps("curl"), &url, &data);
     }
-    let (status, output, _) = redirector.stop();
-    assert!(status.success());
+    let (output, _) = redirector.stop_ok();
     let events = json_events(&output);
     let redirected: Vec<_> = events
         .iter()
@@ -121,10 +117,7 @@ fn connect_from_apps(testbed: &Testbed, host: &str, port: u16) {
 
 #[test]
 fn socket_api_proxy_reads_original_destination_as_after_iptables_redirect() {
-    if !have_root() {
-        return;
-    }
-    let testbed = Testbed::new();
+    let testbed = root_testbed!();
     let mut proxy = start_socket_api_proxy(&testbed);
     let redirector = testbed.redirect(&["--no-proxy", "-P", "80,8443"]);
     for (host, port, expected) in [
@@ -140,8 +133,7 @@ fn socket_api_proxy_reads_original_destination_as_after_iptables_redirect() {
             "connecting to {host}:{port}"
         );
     }
-    let (status, _, _) = redirector.stop();
-    assert!(status.success());
+    let (_, _) = redirector.stop_ok();
 
     // The same proxy, unchanged, behind iptables REDIRECT.
     for (tool, host, expected) in [
@@ -166,10 +158,7 @@ fn socket_api_proxy_reads_original_destination_as_after_iptables_redirect() {
 
 #[test]
 fn other_ports_excluded_destinations_and_the_proxys_own_connections_are_untouched() {
-    if !have_root() {
-        return;
-    }
-    let testbed = Testbed::new();
+    let testbed = root_testbed!();
     let _web = servers::http(&testbed.server, "[::]:80").unwrap();
     let _other = servers::http(&testbed.server, "[::]:8080").unwrap();
     // The redirector runs inside the redirected cgroup itself.
@@ -189,8 +178,7 @@ fn other_ports_excluded_destinations_and_the_proxys_own_connections_are_untouche
          s.settimeout(10)\ns.connect(('{SERVER_V4}', 80))\ns.close()"
     );
     python(testbed.in_apps(PYTHON), &script);
-    let (status, output, _) = redirector.stop();
-    assert!(status.success());
+    let (output, _) = redirector.stop_ok();
     let events = json_events(&output);
     assert!(events.iter().all(|e| e["action"] == "bypass"), "{events:?}");
     let reasons: Vec<&str> = events
@@ -229,10 +217,7 @@ fn other_ports_excluded_destinations_and_the_proxys_own_connections_are_untouche
 
 #[test]
 fn without_a_listening_proxy_connections_go_direct() {
-    if !have_root() {
-        return;
-    }
-    let testbed = Testbed::new();
+    let testbed = root_testbed!();
     let _server = servers::http(&testbed.server, "[::]:80").unwrap();
     let redirector = testbed.redirect(&["--no-proxy"]);
     for url in [
@@ -283,10 +268,7 @@ show("origdst6", lambda: a.getsockopt(socket.SOL_IPV6, 80, 28))
 
 #[test]
 fn other_getsockopt_calls_are_untouched() {
-    if !have_root() {
-        return;
-    }
-    let testbed = Testbed::new();
+    let testbed = root_testbed!();
     // A legacy iptables table makes iptables-legacy-save read it with large
     // getsockopt buffers.
     let mut command = testbed.in_client_netns("iptables-legacy");
@@ -310,8 +292,7 @@ fn other_getsockopt_calls_are_untouched() {
     let redirector = testbed.redirect(&[]);
     let hooked_sockopts = inside(PYTHON, &["-c", OTHER_GETSOCKOPTS]);
     let hooked_save = inside("iptables-legacy-save", &["-t", "filter"]);
-    let (status, _, _) = redirector.stop();
-    assert!(status.success());
+    let (_, _) = redirector.stop_ok();
     assert_eq!(
         String::from_utf8_lossy(&hooked_sockopts.stdout),
         String::from_utf8_lossy(&expected_sockopts.stdout)
@@ -336,10 +317,7 @@ fn other_getsockopt_calls_are_untouched() {
 
 #[test]
 fn original_destination_maps_are_empty_after_many_connections() {
-    if !have_root() {
-        return;
-    }
-    let testbed = Testbed::new();
+    let testbed = root_testbed!();
     let _server = servers::echo(&testbed.server, "[::]:80").unwrap();
     let redirector = testbed.redirect(&[]);
     // 300 connections, v4 and v6, each sending and reading a little.
@@ -362,10 +340,7 @@ fn original_destination_maps_are_empty_after_many_connections() {
 
 #[test]
 fn sigkill_leaves_nothing_attached_and_a_restart_works_at_once() {
-    if !have_root() {
-        return;
-    }
-    let testbed = Testbed::new();
+    let testbed = root_testbed!();
     let _server = servers::http(&testbed.server, "[::]:80").unwrap();
     let redirector = testbed.redirect(&[]);
     assert_eq!(testbed.attached_redirect_programs(), 7);
@@ -389,8 +364,7 @@ fn sigkill_leaves_nothing_attached_and_a_restart_works_at_once() {
     // SIGTERM ends it cleanly too, with statistics: the human-readable
     // ones and the summary agree.
     redirector.signal(Signal::SIGTERM);
-    let (status, output, _) = redirector.stop();
-    assert!(status.success());
+    let (output, _) = redirector.stop_ok();
     assert_eq!(stat(&output, "redirected"), 1, "{output}");
     assert_eq!(summary_value(&output, "redirect", "redirected"), 1);
     assert!(output.contains("Cleaned up"));
@@ -399,10 +373,7 @@ fn sigkill_leaves_nothing_attached_and_a_restart_works_at_once() {
 
 #[test]
 fn bad_input_fails_with_one_line_and_attaches_nothing() {
-    if !have_root() {
-        return;
-    }
-    let testbed = Testbed::new();
+    let testbed = root_testbed!();
     let apps = testbed.apps.path().display().to_string();
     let parent = testbed.parent.path().display().to_string();
     let cases: Vec<(Vec<&str>, &str)> = vec![
@@ -453,10 +424,7 @@ fn bad_input_fails_with_one_line_and_attaches_nothing() {
 
 #[test]
 fn include_networks_excluded_users_and_udp() {
-    if !have_root() {
-        return;
-    }
-    let testbed = Testbed::new();
+    let testbed = root_testbed!();
     let _server = servers::http(&testbed.server, "[::]:80").unwrap();
     let udp_echo = testbed
         .server
@@ -525,10 +493,7 @@ fn include_networks_excluded_users_and_udp() {
 
 #[test]
 fn builtin_proxy_holds_a_thousand_concurrent_connections() {
-    if !have_root() {
-        return;
-    }
-    let testbed = Testbed::new();
+    let testbed = root_testbed!();
     let _server = servers::echo(&testbed.server, "[::]:80").unwrap();
     let redirector = testbed.redirect(&[]);
     let script = format!(
@@ -547,10 +512,7 @@ fn builtin_proxy_holds_a_thousand_concurrent_connections() {
 
 #[test]
 fn builtin_proxy_passes_half_close_and_is_never_an_open_relay() {
-    if !have_root() {
-        return;
-    }
-    let testbed = Testbed::new();
+    let testbed = root_testbed!();
     let _server = servers::echo(&testbed.server, "[::]:80").unwrap();
     let redirector = testbed.redirect(&[]);
     // The client half-closes after sending; the echo server sees EOF only if
@@ -577,10 +539,7 @@ fn builtin_proxy_passes_half_close_and_is_never_an_open_relay() {
 
 #[test]
 fn metrics_pass_promtool_and_the_counters_move() {
-    if !have_root() {
-        return;
-    }
-    let testbed = Testbed::new();
+    let testbed = root_testbed!();
     let _server = servers::http(&testbed.server, "[::]:80").unwrap();
     let redirector = testbed.redirect(&["--metrics", "127.0.0.1:9477"]);
     for _ in 0..2 {
@@ -608,7 +567,6 @@ fn metrics_pass_promtool_and_the_counters_move() {
     );
     assert!(page.contains("# TYPE proxy_redirect_redirect_awaiting_accept gauge"));
     assert_promtool_accepts(&page);
-    let (status, output, _) = redirector.stop();
-    assert!(status.success());
+    let (output, _) = redirector.stop_ok();
     assert!(output.contains("metrics:           http://127.0.0.1:9477/metrics"));
 }

@@ -5,7 +5,7 @@
 
 mod common;
 
-use std::process::{Command, Output};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -17,16 +17,6 @@ fn script(mut command: Command, args: &[&str]) -> Command {
     command
 }
 
-fn stdout_of(out: &Output, what: &str) -> String {
-    assert!(
-        out.status.success(),
-        "{what}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 fn sysctl(netns: &NetNs, setting: &str) {
     let mut command = netns::command_in("sysctl", Some(netns), None).unwrap();
     command.args(["-qw", setting]);
@@ -35,10 +25,7 @@ fn sysctl(netns: &NetNs, setting: &str) {
 
 #[test]
 fn each_namespace_is_told_its_own_original_destinations() {
-    if !have_root() {
-        return;
-    }
-    let testbed = Testbed::new();
+    let testbed = root_testbed!();
     let second = NetNs::create(&unique("prtest-second")).unwrap();
     let redirector = testbed.redirect(&["--no-proxy", "-P", "80"]);
     let dir = TempDir::new();
@@ -72,8 +59,7 @@ fn each_namespace_is_told_its_own_original_destinations() {
     }
     wait_for_tcp_to_settle(&testbed.client);
     wait_for_tcp_to_settle(&second);
-    let (status, output, _) = redirector.stop();
-    assert!(status.success());
+    let (output, _) = redirector.stop_ok();
     assert_eq!(
         summary_value(&output, "redirect", "redirected"),
         2 * (60 + 400)
@@ -87,10 +73,7 @@ fn each_namespace_is_told_its_own_original_destinations() {
 
 #[test]
 fn another_user_reads_nothing_from_any_socket() {
-    if !have_root() {
-        return;
-    }
-    let testbed = Testbed::new();
+    let testbed = root_testbed!();
     let mut holder = Running::start(
         PYTHON,
         &original_dst_args(&["holder"]),
@@ -145,8 +128,7 @@ fn another_user_reads_nothing_from_any_socket() {
     let client_port = fields[1];
     assert_eq!(probe(client_port), kernel_answers.replace(" 9\n", "\n"));
     client.kill();
-    let (status, output, _) = redirector.stop();
-    assert!(status.success());
+    let (output, _) = redirector.stop_ok();
     assert_eq!(
         summary_value(&output, "redirect", "original_destinations_answered"),
         1
@@ -155,10 +137,7 @@ fn another_user_reads_nothing_from_any_socket() {
 
 #[test]
 fn fast_open_is_told_the_right_destination_and_leaves_nothing_behind() {
-    if !have_root() {
-        return;
-    }
-    let testbed = Testbed::new();
+    let testbed = root_testbed!();
     // Client and server Fast Open, data in the SYN without a cookie: the
     // proxy's socket is established by the SYN itself.
     sysctl(&testbed.client, "net.ipv4.tcp_fastopen=0x607");
@@ -206,8 +185,7 @@ fn fast_open_is_told_the_right_destination_and_leaves_nothing_behind() {
     );
     proxy.kill();
     wait_for_tcp_to_settle(&testbed.client);
-    let (status, output, _) = redirector.stop();
-    assert!(status.success());
+    let (output, _) = redirector.stop_ok();
     assert_eq!(
         summary_value(&output, "redirect", "original_destinations_answered"),
         20
@@ -237,10 +215,7 @@ print(connect_seconds)
 
 #[test]
 fn device_bound_sockets_go_direct_at_once() {
-    if !have_root() {
-        return;
-    }
-    let testbed = Testbed::new();
+    let testbed = root_testbed!();
     let _server = servers::http(&testbed.server, "[::]:80").unwrap();
     let redirector = testbed.redirect(&[]);
     for host in [SERVER_V4, SERVER_V6] {
@@ -256,8 +231,7 @@ fn device_bound_sockets_go_direct_at_once() {
             "{host}: connect took {seconds} s"
         );
     }
-    let (status, output, _) = redirector.stop();
-    assert!(status.success());
+    let (output, _) = redirector.stop_ok();
     let events = json_events(&output);
     assert_eq!(events.len(), 2, "{events:?}");
     assert!(
@@ -274,10 +248,7 @@ fn device_bound_sockets_go_direct_at_once() {
 
 #[test]
 fn when_proxy_down_closed_refuses_at_once() {
-    if !have_root() {
-        return;
-    }
-    let testbed = Testbed::new();
+    let testbed = root_testbed!();
     let _server = servers::http(&testbed.server, "[::]:80").unwrap();
     let redirector = testbed.redirect(&["--no-proxy", "--when-proxy-down", "closed"]);
     for host in [SERVER_V4, SERVER_V6] {
@@ -294,8 +265,7 @@ fn when_proxy_down_closed_refuses_at_once() {
         assert_eq!(errno, libc::ECONNREFUSED.to_string(), "{host}");
         assert!(seconds.parse::<f64>().unwrap() < 1.0, "{host}: {seconds} s");
     }
-    let (status, output, _) = redirector.stop();
-    assert!(status.success());
+    let (output, _) = redirector.stop_ok();
     assert!(output.contains("when proxy down:   closed"), "{output}");
     let events = json_events(&output);
     assert_eq!(events.len(), 2, "{events:?}");
@@ -340,10 +310,7 @@ fn client_that_ends_badly(testbed: &Testbed, mode: &str, host: &str, port: u16) 
 
 #[test]
 fn no_record_outlives_its_connection() {
-    if !have_root() {
-        return;
-    }
-    let testbed = Testbed::new();
+    let testbed = root_testbed!();
     let _server = servers::http(&testbed.server, "[::]:80").unwrap();
     let redirector = testbed.redirect(&["-P", "80,81"]);
     // Refused and unreachable upstreams: the proxy closes the client.
@@ -390,8 +357,7 @@ fn no_record_outlives_its_connection() {
     }
     rule("-D");
     wait_for_tcp_to_settle(&testbed.client);
-    let (status, output, _) = redirector.stop();
-    assert!(status.success());
+    let (output, _) = redirector.stop_ok();
     assert_eq!(
         summary_value(&output, "redirect", "redirected"),
         2 + 20 + 5 + 5
@@ -448,10 +414,7 @@ fn wait_for_listener(netns: &NetNs, port: u16) {
 
 #[test]
 fn haproxy_sidecars_in_two_namespaces_reach_each_ones_own_destinations() {
-    if !have_root() {
-        return;
-    }
-    let testbed = Testbed::new();
+    let testbed = root_testbed!();
     // A second container, with its own link to the server: 10.78.0.2 is
     // reachable from it and 10.77.0.2 only from the first.
     let second = NetNs::create(&unique("prtest-second")).unwrap();
@@ -509,8 +472,7 @@ fn haproxy_sidecars_in_two_namespaces_reach_each_ones_own_destinations() {
             );
         }
     }
-    let (status, output, _) = redirector.stop();
-    assert!(status.success());
+    let (output, _) = redirector.stop_ok();
     assert_eq!(
         summary_value(&output, "redirect", "original_destinations_answered"),
         120

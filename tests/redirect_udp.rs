@@ -63,10 +63,7 @@ fn udp_clients(testbed: &Testbed) -> std::process::Output {
 
 #[test]
 fn udp_connected_and_recvfrom_clients_over_ipv4_ipv6_and_v4_mapped() {
-    if !have_root() {
-        return;
-    }
-    let testbed = Testbed::new();
+    let testbed = root_testbed!();
     let server = servers::udp_echo(&testbed.server, &format!("[::]:{UDP_PORT}")).unwrap();
     testbed.reject_direct(&testbed.apps, "udp", UDP_PORT);
     let direct = udp_clients(&testbed);
@@ -110,10 +107,7 @@ fn udp_connected_and_recvfrom_clients_over_ipv4_ipv6_and_v4_mapped() {
 
 #[test]
 fn dig_resolves_through_dnsmasq_and_the_event_names_the_query() {
-    if !have_root() {
-        return;
-    }
-    let testbed = Testbed::new();
+    let testbed = root_testbed!();
     let _dnsmasq = start_dnsmasq(&testbed, 53);
     testbed.reject_direct(&testbed.apps, "udp", 53);
     let dig = || {
@@ -136,8 +130,7 @@ fn dig_resolves_through_dnsmasq_and_the_event_names_the_query() {
         "dig: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let (status, output, _) = redirector.stop();
-    assert!(status.success());
+    let (output, _) = redirector.stop_ok();
     let events = json_events(&output);
     let dns: Vec<_> = events.iter().filter(|e| e["action"] == "dns").collect();
     assert_eq!(dns.len(), 1, "events: {events:?}");
@@ -150,10 +143,7 @@ fn dig_resolves_through_dnsmasq_and_the_event_names_the_query() {
 /// proxy's, over IPv4, IPv6 and v4-mapped.
 #[test]
 fn tcp_getpeername_returns_the_dialled_address() {
-    if !have_root() {
-        return;
-    }
-    let testbed = Testbed::new();
+    let testbed = root_testbed!();
     let _server = servers::http(&testbed.server, "[::]:80").unwrap();
     let redirector = testbed.redirect(&[]);
     let script = format!(
@@ -184,8 +174,7 @@ for family, host in ((socket.AF_INET, "{SERVER_V4}"), (socket.AF_INET6, "{SERVER
             format!("::ffff:{SERVER_V4} 80"),
         ]
     );
-    let (status, output, _) = redirector.stop();
-    assert!(status.success());
+    let (output, _) = redirector.stop_ok();
     assert_eq!(stat(&output, "relayed to the end"), 3);
     // Python itself asks getpeername() again as it closes a socket.
     assert!(stat(&output, "getpeername answered") >= 3);
@@ -198,10 +187,7 @@ for family, host in ((socket.AF_INET, "{SERVER_V4}"), (socket.AF_INET6, "{SERVER
 /// proxy address) gets nothing relayed.
 #[test]
 fn unconnected_client_switching_destinations_and_an_unredirected_sender() {
-    if !have_root() {
-        return;
-    }
-    let testbed = Testbed::new();
+    let testbed = root_testbed!();
     let [first, second] = echoes_on_both_ports(&testbed);
     let ports = format!("{UDP_PORT},{OTHER_PORT}");
     let redirector = testbed.redirect(&["--udp-ports", &ports]);
@@ -236,8 +222,7 @@ except socket.timeout:
         python(testbed.in_client_netns(PYTHON), stray).trim(),
         "silence"
     );
-    let (status, output, _) = redirector.stop();
-    assert!(status.success());
+    let (output, _) = redirector.stop_ok();
     assert_eq!(first.peers().len(), 5);
     assert_eq!(second.peers().len(), 5);
     assert_eq!(stat(&output, "UDP flows opened"), 2);
@@ -250,10 +235,7 @@ except socket.timeout:
 /// idle.
 #[test]
 fn many_concurrent_udp_flows_then_the_flow_table_empties() {
-    if !have_root() {
-        return;
-    }
-    let testbed = Testbed::new();
+    let testbed = root_testbed!();
     let _server = servers::udp_echo(&testbed.server, &format!("[::]:{UDP_PORT}")).unwrap();
     testbed.reject_direct(&testbed.apps, "udp", UDP_PORT);
     let redirector = testbed.redirect(&["--udp-ports", UDP_PORT, "--udp-idle-timeout", "1"]);
@@ -285,8 +267,7 @@ print("ok", flush=True)
     assert_eq!(python(testbed.in_apps(PYTHON), &script).trim(), "ok");
     // Flows close after one idle second.
     std::thread::sleep(Duration::from_secs(3));
-    let (status, output, _) = redirector.stop();
-    assert!(status.success());
+    let (output, _) = redirector.stop_ok();
     assert_eq!(stat(&output, "UDP flows opened"), 300);
     assert_eq!(stat(&output, "UDP flows expired"), 300);
     assert_eq!(stat(&output, "UDP flows open now"), 0);
@@ -297,10 +278,7 @@ print("ok", flush=True)
 /// (`open`), or every send and connect fails at once (`closed`).
 #[test]
 fn without_a_proxy_udp_fails_open_or_closed() {
-    if !have_root() {
-        return;
-    }
-    let testbed = Testbed::new();
+    let testbed = root_testbed!();
     let _server = servers::udp_echo(&testbed.server, &format!("[::]:{UDP_PORT}")).unwrap();
     let script = format!(
         r#"
@@ -334,8 +312,7 @@ for family, host in ((socket.AF_INET, "{SERVER_V4}"), (socket.AF_INET6, "{SERVER
         assert_eq!(testbed.attached_redirect_programs(), 11);
         let out = python(testbed.in_apps(PYTHON), &script);
         assert_eq!(out.lines().collect::<Vec<_>>(), [expected, expected]);
-        let (status, output, _) = redirector.stop();
-        assert!(status.success());
+        let (output, _) = redirector.stop_ok();
         let events = json_events(&output);
         assert!(
             events
@@ -354,10 +331,7 @@ for family, host in ((socket.AF_INET, "{SERVER_V4}"), (socket.AF_INET6, "{SERVER
 /// lives in another namespace and would never take it.
 #[test]
 fn another_namespaces_udp_proxy_gets_no_records() {
-    if !have_root() {
-        return;
-    }
-    let testbed = Testbed::new();
+    let testbed = root_testbed!();
     let redirector = testbed.redirect(&["--udp-ports", UDP_PORT]);
     let own_proxy = r#"
 import socket
@@ -399,8 +373,7 @@ print(data.decode(), source[0], source[1])
     assert!(proxy
         .wait_for_line(|l| l.starts_with("served"), Duration::from_secs(5))
         .is_some());
-    let (status, output, _) = redirector.stop();
-    assert!(status.success());
+    let (output, _) = redirector.stop_ok();
     assert_eq!(stat(&output, "UDP replies from the original"), 1);
     assert_eq!(stat(&output, "UDP datagrams told to the proxy"), 0);
     assert_eq!(stat(&output, "datagrams client->upstream"), 0);
@@ -408,10 +381,7 @@ print(data.decode(), source[0], source[1])
 
 #[test]
 fn bad_udp_input_fails_with_one_line_and_attaches_nothing() {
-    if !have_root() {
-        return;
-    }
-    let testbed = Testbed::new();
+    let testbed = root_testbed!();
     let apps = testbed.apps.path().display().to_string();
     let parent = testbed.parent.path().display().to_string();
     let redirect = |args: &[&str]| {
@@ -447,10 +417,7 @@ fn bad_udp_input_fails_with_one_line_and_attaches_nothing() {
 /// socket dialled. Then dig, run by nobody, resolves from dnsmasq.
 #[test]
 fn root_and_an_unprivileged_user_at_once_each_get_their_own_replies() {
-    if !have_root() {
-        return;
-    }
-    let testbed = Testbed::new();
+    let testbed = root_testbed!();
     let _echoes = echoes_on_both_ports(&testbed);
     let _dnsmasq = start_dnsmasq(&testbed, 53);
     testbed.reject_direct(&testbed.apps, "udp", 53);
@@ -512,8 +479,7 @@ print("ok" if not failures else failures[0], flush=True)
         "dig as nobody: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let (status, output, _) = redirector.stop();
-    assert!(status.success());
+    let (output, _) = redirector.stop_ok();
     // 2 x 20 sockets x 20 datagrams, and dig's query.
     assert_eq!(stat(&output, "datagrams client->upstream"), 801);
     assert_eq!(stat(&output, "datagrams upstream->client"), 801);

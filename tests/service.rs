@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use common::*;
@@ -47,26 +47,6 @@ listen = "{METRICS}"
 
 /// The service's config file, in a directory of its own, rewritten by the
 /// test as an operator would before a reload.
-struct ConfigFile {
-    dir: TempDir,
-    path: PathBuf,
-}
-
-impl ConfigFile {
-    fn new(text: &str) -> ConfigFile {
-        let dir = TempDir::new();
-        let path = dir.join("config.toml");
-        std::fs::write(&path, text).unwrap();
-        ConfigFile { dir, path }
-    }
-
-    /// Rewrites the file and sends the service SIGHUP.
-    fn reload(&self, service: &Running, text: &str) {
-        std::fs::write(&self.path, text).unwrap();
-        service.signal(Signal::SIGHUP);
-    }
-}
-
 fn start(testbed: &Testbed, file: &ConfigFile) -> Running {
     start_service(
         &file.path,
@@ -128,9 +108,7 @@ print("intact", len(received))
 
 #[test]
 fn one_service_runs_redirect_bypass_and_port_nat_and_reloads_in_place() {
-    if !have_root() {
-        return;
-    }
+    require_root!();
     let _turn = one_service_at_a_time();
     let testbed = Testbed::new();
     let _echo = servers::echo(&testbed.server, "[::]:80").unwrap();
@@ -362,9 +340,7 @@ fn second_cgroup_and_link(testbed: &Testbed) -> ChildCgroup {
 
 #[test]
 fn a_reload_moves_to_another_cgroup_and_interface_attaching_the_new_first() {
-    if !have_root() {
-        return;
-    }
+    require_root!();
     let _turn = one_service_at_a_time();
     let testbed = Testbed::new();
     let apps2 = second_cgroup_and_link(&testbed);
@@ -473,9 +449,7 @@ fn settled_descriptors(pid: u32) -> std::collections::BTreeMap<String, usize> {
 /// descriptors it held before, with traffic through the proxy in between.
 #[test]
 fn many_reloads_leave_no_descriptor_behind() {
-    if !have_root() {
-        return;
-    }
+    require_root!();
     let _turn = one_service_at_a_time();
     let testbed = Testbed::new();
     let apps2 = second_cgroup_and_link(&testbed);
@@ -534,9 +508,7 @@ fn many_reloads_leave_no_descriptor_behind() {
 /// namespace, and a reload adds a UDP port in place.
 #[test]
 fn the_service_relays_dns_and_a_reload_adds_a_udp_port() {
-    if !have_root() {
-        return;
-    }
+    require_root!();
     let _turn = one_service_at_a_time();
     let testbed = Testbed::new();
     let _dnsmasqs = [53, 5353].map(|port| start_dnsmasq(&testbed, port));
@@ -587,9 +559,7 @@ fn the_service_relays_dns_and_a_reload_adds_a_udp_port() {
 
 #[test]
 fn containers_in_two_namespaces_with_their_own_proxies_one_unprivileged_one_with_fast_open() {
-    if !have_root() {
-        return;
-    }
+    require_root!();
     let _turn = one_service_at_a_time();
     let testbed = Testbed::new();
     let second = netns::NetNs::create(&unique("prtest-second")).unwrap();
@@ -674,9 +644,7 @@ fn containers_in_two_namespaces_with_their_own_proxies_one_unprivileged_one_with
 
 #[test]
 fn bad_config_files_give_one_line_and_attach_nothing() {
-    if !have_root() {
-        return;
-    }
+    require_root!();
     let _turn = one_service_at_a_time();
     let testbed = Testbed::new();
     let dir = TempDir::new();

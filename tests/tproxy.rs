@@ -64,10 +64,7 @@ fn assert_intercepted(gw: &Gateway) {
 
 #[test]
 fn intercepts_ipv4_and_ipv6_relays_megabytes_and_forwards_other_ports() {
-    if !have_root() {
-        return;
-    }
-    let gw = Gateway::new();
+    let gw = root_gateway!();
     let _web = servers::http(&gw.server, "[::]:80").unwrap();
     let _other = servers::http(&gw.server, "[::]:8080").unwrap();
     assert_forwarded_directly(&gw);
@@ -92,8 +89,7 @@ fn intercepts_ipv4_and_ipv6_relays_megabytes_and_forwards_other_ports() {
         assert_http_echo(|| gw.in_client("curl"), &url, &data);
     }
 
-    let (status, output, stderr) = tproxy.stop();
-    assert!(status.success(), "{stderr}");
+    let (output, _) = tproxy.stop_ok();
     let events = json_events(&output);
     assert_eq!(events.len(), 4, "{events:?}");
     assert!(
@@ -138,10 +134,7 @@ fn intercepts_ipv4_and_ipv6_relays_megabytes_and_forwards_other_ports() {
 
 #[test]
 fn sigkill_leftovers_are_removed_by_the_next_start_for_tcx_and_clsact() {
-    if !have_root() {
-        return;
-    }
-    let gw = Gateway::new();
+    let gw = root_gateway!();
     let _web = servers::http(&gw.server, "[::]:80").unwrap();
     let before = gw.snapshot();
     // Before 6.6 there is no tcx to leave anything behind.
@@ -210,10 +203,7 @@ time.sleep(600)
 
 #[test]
 fn a_lock_squatted_by_nobody_does_not_stop_tproxy_nor_its_cleanup() {
-    if !have_root() {
-        return;
-    }
-    let gw = Gateway::new();
+    let gw = root_gateway!();
     let _web = servers::http(&gw.server, "[::]:80").unwrap();
     let before = gw.snapshot();
     let args: Vec<String> = [
@@ -245,8 +235,7 @@ fn a_lock_squatted_by_nobody_does_not_stop_tproxy_nor_its_cleanup() {
         .count();
     assert_eq!(removed, 4, "{:?}", tproxy.seen);
     assert_intercepted(&gw);
-    let (status, _, stderr) = tproxy.stop();
-    assert!(status.success(), "{stderr}");
+    tproxy.stop_ok();
     assert_eq!(gw.snapshot(), before);
     squatter.kill();
 }
@@ -322,10 +311,7 @@ impl Drop for Squid {
 
 #[test]
 fn squid_spoofing_the_client_address_gets_its_replies_with_upstream_interface() {
-    if !have_root() {
-        return;
-    }
-    let gw = Gateway::new();
+    let gw = root_gateway!();
     let _web = servers::http(&gw.server, "[::]:80").unwrap();
     let before = gw.snapshot();
     let _squid = Squid::start(&gw);
@@ -334,8 +320,7 @@ fn squid_spoofing_the_client_address_gets_its_replies_with_upstream_interface() 
     let tproxy = gw.tproxy(&["-p", "3129", "--no-proxy"]);
     let out = curl(gw.in_client("curl"), &url4(80), &["--max-time", "3"]);
     assert!(!out.status.success(), "answered without the upstream hook");
-    let (status, _, stderr) = tproxy.stop();
-    assert!(status.success(), "{stderr}");
+    tproxy.stop_ok();
 
     let tproxy = gw.tproxy(&["-p", "3129", "--no-proxy", "--upstream-interface", "gw-s"]);
     // The server sees the client's own address: squid spoofed it, and the
@@ -353,8 +338,7 @@ fn squid_spoofing_the_client_address_gets_its_replies_with_upstream_interface() 
     assert_eq!(removed, 6, "{:?}", tproxy.seen);
     assert_eq!(peer_seen_by_server(&gw, &url4(80)), CLIENT4);
     assert_eq!(peer_seen_by_server(&gw, &url6(80)), CLIENT6);
-    let (status, output, stderr) = tproxy.stop();
-    assert!(status.success(), "{stderr}");
+    let (output, _) = tproxy.stop_ok();
     assert_eq!(summary_value(&output, "tproxy", "intercepted"), 2);
     assert!(
         summary_value(&output, "tproxy", "upstream_replies") >= 4,
@@ -366,10 +350,7 @@ fn squid_spoofing_the_client_address_gets_its_replies_with_upstream_interface() 
 
 #[test]
 fn connections_forwarded_before_the_start_keep_being_forwarded() {
-    if !have_root() {
-        return;
-    }
-    let gw = Gateway::new();
+    let gw = root_gateway!();
     let echo = servers::echo(&gw.server, "[::]:80").unwrap();
     let mut old: Vec<TcpStream> = [format!("{SERVER4}:80"), format!("[{SERVER6}]:80")]
         .into_iter()
@@ -429,10 +410,7 @@ fn assert_intercepted_echo(gw: &Gateway) {
 
 #[test]
 fn handshakes_completed_with_syncookies_reach_the_proxy() {
-    if !have_root() {
-        return;
-    }
-    let gw = Gateway::new();
+    let gw = root_gateway!();
     let _web = servers::http(&gw.server, "[::]:80").unwrap();
     // 2: answer every SYN with a cookie, so no request socket ever exists.
     gw.sysctl(&gw.gateway, "net.ipv4.tcp_syncookies=2");
@@ -449,10 +427,7 @@ fn handshakes_completed_with_syncookies_reach_the_proxy() {
 
 #[test]
 fn external_transparent_proxy_and_no_listener() {
-    if !have_root() {
-        return;
-    }
-    let gw = Gateway::new();
+    let gw = root_gateway!();
     let _web = servers::http(&gw.server, "[::]:80").unwrap();
     let tproxy = gw.tproxy(&["--no-proxy", "-P", "80", "-p", "15009"]);
     // Nothing listens yet: forwarded untouched, and said so.
@@ -505,10 +480,7 @@ fn external_transparent_proxy_and_no_listener() {
 
 #[test]
 fn bad_input_fails_with_one_line_and_changes_nothing() {
-    if !have_root() {
-        return;
-    }
-    let gw = Gateway::new();
+    let gw = root_gateway!();
     let before = gw.snapshot();
     let cases: Vec<(Vec<&str>, &str)> = vec![
         (
@@ -565,8 +537,7 @@ fn bad_input_fails_with_one_line_and_changes_nothing() {
         running,
         "the second instance touched the first's set-up"
     );
-    let (status, _, _) = first.stop();
-    assert!(status.success());
+    let (_, _) = first.stop_ok();
     assert_eq!(gw.snapshot(), before);
 
     // No privileges.
@@ -575,10 +546,7 @@ fn bad_input_fails_with_one_line_and_changes_nothing() {
 
 #[test]
 fn a_foreign_route_in_the_table_is_refused_and_kept() {
-    if !have_root() {
-        return;
-    }
-    let gw = Gateway::new();
+    let gw = root_gateway!();
     gw.gateway
         .ip(&["route", "add", "blackhole", "192.0.2.0/24", "table", "5052"])
         .unwrap();
@@ -595,8 +563,7 @@ fn a_foreign_route_in_the_table_is_refused_and_kept() {
     let _web = servers::http(&gw.server, "[::]:80").unwrap();
     let tproxy = gw.tproxy(&["--route-table", "5053", "--rule-priority", "5053"]);
     assert_intercepted(&gw);
-    let (status, _, _) = tproxy.stop();
-    assert!(status.success());
+    let (_, _) = tproxy.stop_ok();
     assert_eq!(gw.snapshot(), before);
 }
 
@@ -639,10 +606,7 @@ print("%.3f" % (time.time() - start))
 
 #[test]
 fn a_client_port_reused_while_the_proxy_holds_time_wait_gets_through() {
-    if !have_root() {
-        return;
-    }
-    let gw = Gateway::new();
+    let gw = root_gateway!();
     let _web = servers::http(&gw.server, "[::]:80").unwrap();
     let tproxy = gw.tproxy(&[]);
     let mut command = gw.in_client(PYTHON);
@@ -816,9 +780,7 @@ fn in_private_netns<T: Send + 'static>(
 
 #[test]
 fn fixture_packets_pass_unchanged_and_are_counted_by_kind() {
-    if !have_root() {
-        return;
-    }
+    require_root!();
     in_private_netns(|program, counters| {
         for fixture in fixtures() {
             let before = counters();
@@ -844,9 +806,7 @@ fn fixture_packets_pass_unchanged_and_are_counted_by_kind() {
 /// packet must then be neither marked nor changed, so that it is forwarded.
 #[test]
 fn a_refused_assign_leaves_the_packet_unmarked_and_random_packets_pass() {
-    if !have_root() {
-        return;
-    }
+    require_root!();
     in_private_netns(|program, counters| {
         let _v4 = std::net::TcpListener::bind("127.0.0.1:15002").unwrap();
         let _v6 = std::net::TcpListener::bind("[::1]:15002").unwrap();
@@ -897,10 +857,7 @@ fn a_refused_assign_leaves_the_packet_unmarked_and_random_packets_pass() {
 
 #[test]
 fn a_recreated_interface_is_followed_by_name() {
-    if !have_root() {
-        return;
-    }
-    let gw = Gateway::new();
+    let gw = root_gateway!();
     let _web = servers::http(&gw.server, "[::]:80").unwrap();
     let mut tproxy = gw.tproxy(&["-P", "80"]);
     assert_intercepted(&gw);
@@ -943,8 +900,7 @@ fn a_recreated_interface_is_followed_by_name() {
     );
     // The rule (iif by name) and the route (on lo) held: intercepted again.
     assert_intercepted(&gw);
-    let (status, output, stderr) = tproxy.stop();
-    assert!(status.success(), "{stderr}");
+    let (output, stderr) = tproxy.stop_ok();
     assert!(stderr.contains("interface gw-c is gone"), "{stderr}");
     assert_eq!(
         summary_value(&output, "tproxy", "intercepted"),
@@ -967,10 +923,7 @@ fn a_recreated_interface_is_followed_by_name() {
 
 #[test]
 fn fast_open_requests_in_the_syn_are_intercepted_intact() {
-    if !have_root() {
-        return;
-    }
-    let gw = Gateway::new();
+    let gw = root_gateway!();
     let _echo = servers::echo(&gw.server, "[::]:80").unwrap();
     // Clients put their request in the SYN without asking for a cookie.
     gw.sysctl(&gw.client, "net.ipv4.tcp_fastopen=0x607");
@@ -985,8 +938,7 @@ fn fast_open_requests_in_the_syn_are_intercepted_intact() {
         );
         python(gw.in_client(PYTHON), &script);
     }
-    let (status, output, _) = tproxy.stop();
-    assert!(status.success());
+    let (output, _) = tproxy.stop_ok();
     assert_eq!(
         summary_value(&output, "tproxy", "intercepted"),
         2,

@@ -21,6 +21,39 @@ use proxy_redirect::sys::netns::{self, NetNs};
 pub const BIN: &str = env!("CARGO_BIN_EXE_proxy-redirect");
 pub const PYTHON: &str = "/usr/bin/python3";
 
+/// Ends the test at once when it may not run: without root, outside CI
+/// (`have_root` says why).
+#[macro_export]
+macro_rules! require_root {
+    () => {
+        if !$crate::common::have_root() {
+            return;
+        }
+    };
+}
+
+/// A `Testbed` once the test may run (see `require_root`).
+#[macro_export]
+macro_rules! root_testbed {
+    () => {
+        match $crate::common::have_root() {
+            true => $crate::common::Testbed::new(),
+            false => return,
+        }
+    };
+}
+
+/// A `gateway::Gateway` once the test may run (see `require_root`).
+#[macro_export]
+macro_rules! root_gateway {
+    () => {
+        match $crate::common::have_root() {
+            true => $crate::common::gateway::Gateway::new(),
+            false => return,
+        }
+    };
+}
+
 /// True when the test may run. Without root it fails under CI=true (CI must
 /// never pass by skipping) and skips elsewhere, saying why.
 pub fn have_root() -> bool {
@@ -221,6 +254,74 @@ impl Testbed {
     }
 }
 
+/// The stdout of a command that must have succeeded (`what` names it when
+/// it did not).
+pub fn stdout_of(out: &Output, what: &str) -> String {
+    assert!(
+        out.status.success(),
+        "{what}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// curl `url`, which must answer.
+pub fn curl_ok(command: Command, url: &str) {
+    let out = curl(command, url, &[]);
+    assert!(
+        out.status.success(),
+        "curl {url}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Runs `body` on a thread in `netns` and returns what it returns.
+pub fn in_netns<T: Send + 'static>(
+    netns: &NetNs,
+    body: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
+) -> T {
+    netns.spawn(body).unwrap().join().unwrap().unwrap()
+}
+
+/// `proxy-redirect ARGS` in `netns` (and `cgroup`), ready once it has
+/// attached.
+pub fn start_attached(netns: &NetNs, cgroup: Option<&ChildCgroup>, args: &[&str]) -> Running {
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    Running::start(BIN, &args, Some(netns), cgroup, "Attached")
+}
+
+/// A child process that is killed when the test ends, passed or not.
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A service's config file in a directory of its own.
+pub struct ConfigFile {
+    pub dir: TempDir,
+    pub path: PathBuf,
+}
+
+impl ConfigFile {
+    pub fn new(text: &str) -> ConfigFile {
+        let dir = TempDir::new();
+        let path = dir.join("config.toml");
+        std::fs::write(&path, text).unwrap();
+        ConfigFile { dir, path }
+    }
+
+    /// Rewrites the file and sends the service SIGHUP.
+    pub fn reload(&self, service: &Running, text: &str) {
+        std::fs::write(&self.path, text).unwrap();
+        service.signal(nix::sys::signal::Signal::SIGHUP);
+    }
+}
+
 /// One service per host (one status socket): the tests of a file that start
 /// services take turns.
 static ONE_SERVICE: std::sync::Mutex<()> = std::sync::Mutex::new(());
@@ -343,6 +444,13 @@ impl Running {
     /// SIGINT, then the exit status, all of stdout and stderr.
     pub fn stop(self) -> (std::process::ExitStatus, String, String) {
         self.stop_with(nix::sys::signal::Signal::SIGINT)
+    }
+
+    /// SIGINT, which must end it with success; all of stdout and stderr.
+    pub fn stop_ok(self) -> (String, String) {
+        let (status, out, err) = self.stop();
+        assert!(status.success(), "{status:?}: {err}");
+        (out, err)
     }
 
     /// `signal`, then the exit status, all of stdout and stderr.
