@@ -337,7 +337,10 @@ impl Datapath for Redirect {
                     events: ctx.format,
                     start_ns: ctx.start_ns,
                 };
-                self.udp_relay = Some(relay.start(&slots, config)?);
+                let relay = relay.start(&slots, config)?;
+                let (max, share) = relay.flow_limits();
+                out!("  UDP flows:         at most {max}, {share} per user");
+                self.udp_relay = Some(relay);
             }
             self.proxy = Some(proxy);
         }

@@ -14,10 +14,11 @@
 //! the relay first writes the flow's socket into the slot, and the
 //! relay-side sendmsg program refuses the reply when another socket holds
 //! the client's port by then. The thread also closes flows idle for the
-//! timeout. At most `MAX_FLOWS` are open, and one user at most
-//! `USER_SHARE` of them: a new flow beyond that replaces the user's oldest
-//! (UDP has no connection to cut; a client that sends again gets a new
-//! flow), and one beyond `MAX_FLOWS` the oldest of the user with most.
+//! timeout. At most `MAX_FLOWS` are open (fewer where the descriptor limit
+//! is low), and one user at most a quarter of them: a new flow beyond that
+//! replaces the user's oldest (UDP has no connection to cut; a client that
+//! sends again gets a new flow), and one beyond the limit the oldest of the
+//! user with most.
 //!
 //! One thread rather than one per direction, because a relay adds two hops
 //! to an exchange and waking a sleeping thread costs more than the system
@@ -50,10 +51,23 @@ use crate::sys::clock;
 use crate::sys::sockopt::{netns_cookie, set_mark};
 use crate::telemetry::stats::{Metric, Snapshot};
 
-/// Open flows at most.
+/// Open flows at most, when the process may open that many descriptors.
 pub const MAX_FLOWS: usize = 16384;
-/// Open flows of one user at most.
-pub const USER_SHARE: usize = MAX_FLOWS / 4;
+/// Descriptors kept for everything but flows: the TCP proxy's connections
+/// (two sockets and two pipes each), the metrics and status pages.
+const DESCRIPTORS_KEPT: usize = 1024;
+
+/// The flow limit and one user's share of it: each flow holds a socket,
+/// so fewer flows than the descriptor limit allows, with room kept for the
+/// rest of the process (a full table must not starve accept()).
+fn flow_limits() -> (usize, usize) {
+    let descriptors = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .map_or(MAX_FLOWS as u64, |(soft, _)| soft) as usize;
+    let max = MAX_FLOWS
+        .min(descriptors.saturating_sub(DESCRIPTORS_KEPT))
+        .max(64);
+    (max, max / 4)
+}
 /// Receive buffer of the proxy's UDP sockets, in bytes.
 const PROXY_RCVBUF: usize = 4 << 20;
 /// The largest UDP payload.
@@ -222,7 +236,10 @@ impl BoundUdpRelay {
             wake,
             stop: AtomicBool::new(false),
         });
+        let (max_flows, user_share) = flow_limits();
         let relay = Relay {
+            max_flows,
+            user_share,
             config,
             shared: shared.clone(),
             proxies,
@@ -239,6 +256,7 @@ impl BoundUdpRelay {
         Ok(UdpRelay {
             shared,
             thread: Some(thread),
+            limits: (max_flows, user_share),
         })
     }
 }
@@ -255,9 +273,15 @@ struct Proxy {
 pub struct UdpRelay {
     shared: Arc<Shared>,
     thread: Option<JoinHandle<()>>,
+    limits: (usize, usize),
 }
 
 impl UdpRelay {
+    /// Open flows at most, and of one user.
+    pub fn flow_limits(&self) -> (usize, usize) {
+        self.limits
+    }
+
     pub fn stats(&self) -> &UdpStats {
         &self.shared.stats
     }
@@ -483,6 +507,9 @@ struct Shared {
 
 /// The relay's thread and everything only it uses.
 struct Relay {
+    /// Open flows at most, and of one user (`flow_limits`).
+    max_flows: usize,
+    user_share: usize,
     config: UdpRelayConfig,
     shared: Arc<Shared>,
     proxies: Vec<Proxy>,
@@ -698,9 +725,9 @@ impl Relay {
     fn open(&mut self, client: SocketAddr, sender: &Sender, proxy: usize) -> Option<u64> {
         let destination = sender.destination;
         let user_open = self.flows.by_user.get(&sender.uid).map_or(0, |u| u.open);
-        if user_open >= USER_SHARE {
+        if user_open >= self.user_share {
             self.evict_oldest_of(sender.uid);
-        } else if self.flows.by_pair.len() >= MAX_FLOWS {
+        } else if self.flows.by_pair.len() >= self.max_flows {
             let busiest = self
                 .flows
                 .by_user
