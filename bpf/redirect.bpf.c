@@ -360,7 +360,9 @@ static __always_inline int port_matches(struct bpf_sock_addr *ctx, __u16 port_ne
 
 /* A UDP send leaves the socket's record under its port too, where the
  * relay finds it even when the socket is gone by the time the datagram is
- * read. The socket has its port by now (autobind comes first). */
+ * read. The socket has its port by now (autobind comes first). A socket
+ * that keeps sending to one destination finds its record there already:
+ * a lookup, not an LRU update, per datagram. */
 static __always_inline void remember_send(struct bpf_sock_addr *ctx,
 					  const struct client_record *record)
 {
@@ -370,6 +372,11 @@ static __always_inline void remember_send(struct bpf_sock_addr *ctx,
 	    .family = record->original.family,
 	};
 
+	struct client_record *last = bpf_map_lookup_elem(&udp_last_send, &key);
+
+	if (last && last->cookie == record->cookie && last->uid == record->uid &&
+	    endpoint_equal(&last->original, &record->original))
+		return;
 	bpf_map_update_elem(&udp_last_send, &key, record, BPF_ANY);
 }
 

@@ -179,17 +179,16 @@ struct Attached {
 
 /// The id the kernel gave a loaded program (what `bpftool prog` lists).
 pub fn program_id(program: &ProgramMut) -> u32 {
+    program_info(program.as_fd().as_raw_fd()).map_or(0, |info| info.id)
+}
+
+/// What the kernel tells of the program behind descriptor `fd`.
+fn program_info(fd: std::os::fd::RawFd) -> Option<libbpf_sys::bpf_prog_info> {
     let mut info = libbpf_sys::bpf_prog_info::default();
     let mut len = std::mem::size_of::<libbpf_sys::bpf_prog_info>() as u32;
     // SAFETY: info is a complete bpf_prog_info of len bytes.
-    let ret = unsafe {
-        libbpf_sys::bpf_prog_get_info_by_fd(program.as_fd().as_raw_fd(), &mut info, &mut len)
-    };
-    if ret == 0 {
-        info.id
-    } else {
-        0
-    }
+    let ret = unsafe { libbpf_sys::bpf_prog_get_info_by_fd(fd, &mut info, &mut len) };
+    (ret == 0).then_some(info)
 }
 
 impl Drop for Attachments {
@@ -523,13 +522,7 @@ fn program_name(id: u32) -> Option<String> {
     }
     // SAFETY: the kernel just returned this descriptor.
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    let mut info = libbpf_sys::bpf_prog_info::default();
-    let mut len = std::mem::size_of::<libbpf_sys::bpf_prog_info>() as u32;
-    // SAFETY: info is a complete bpf_prog_info of len bytes.
-    let ret = unsafe { libbpf_sys::bpf_prog_get_info_by_fd(fd.as_raw_fd(), &mut info, &mut len) };
-    if ret != 0 {
-        return None;
-    }
+    let info = program_info(fd.as_raw_fd())?;
     let name: Vec<u8> = info
         .name
         .iter()
