@@ -51,16 +51,13 @@ fn a_closed_stdout_survives_a_reload_and_counts_the_lines_it_dropped() {
     let file = ConfigFile::new(&text("80"));
     let mut service = start_service(&file.path, &[], Some(&testbed.client), Some(&testbed.proxy));
     service.close_stdout();
-    for ports in ["80, 8080", "80", "80, 443"] {
+    let dropped = "proxy_redirect_service_output_lines_dropped_total";
+    for (reloads, ports) in (1..).zip(["80, 8080", "80", "80, 443"]) {
         file.reload(&service, &text(ports));
-        std::thread::sleep(Duration::from_millis(300));
+        let page = scrape_until(&testbed.client, "127.0.0.1:9479", dropped, reloads);
+        assert!(metric_value(&page, dropped) >= reloads, "{page}");
     }
     curl_ok(testbed.in_apps("curl"), &format!("http://{SERVER_V4}/"));
-    let page = scrape_metrics(&testbed.client, "127.0.0.1:9479");
-    assert!(
-        metric_value(&page, "proxy_redirect_service_output_lines_dropped_total") >= 2,
-        "{page}"
-    );
     let (status, _, stderr) = service.stop_with(Signal::SIGTERM);
     assert!(status.success(), "{status:?}: {stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");

@@ -9,10 +9,12 @@ pub mod packet;
 pub use proxy_redirect::demo::servers;
 
 use std::io::{BufRead, BufReader, Read};
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::mpsc;
+use std::sync::Arc;
 use std::time::Duration;
 
 use proxy_redirect::sys::cgroup::{self, ChildCgroup};
@@ -349,11 +351,32 @@ pub fn start_service(
     Running::start(BIN, &args, netns, cgroup, "Service running")
 }
 
+/// Waits until `pipe` has data or its writer closed (true), or until
+/// `closed` is set (false).
+fn readable_unless(pipe: &impl AsRawFd, closed: &AtomicBool) -> bool {
+    let mut poll = libc::pollfd {
+        fd: pipe.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    loop {
+        if closed.load(Ordering::Relaxed) {
+            return false;
+        }
+        // SAFETY: one pollfd that lives across the call.
+        if unsafe { libc::poll(&mut poll, 1, 100) } != 0 {
+            return true;
+        }
+    }
+}
+
 /// A background process whose stdout is collected; ready once a line
 /// starting with the ready marker has appeared.
 pub struct Running {
     child: Child,
     lines: mpsc::Receiver<String>,
+    stdout_closed: Arc<AtomicBool>,
+    stdout_reader: Option<std::thread::JoinHandle<()>>,
     pub seen: Vec<String>,
     stderr: std::thread::JoinHandle<String>,
 }
@@ -377,10 +400,23 @@ impl Running {
         let stdout = child.stdout.take().unwrap();
         let mut stderr = child.stderr.take().unwrap();
         let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
+        let stdout_closed = Arc::new(AtomicBool::new(false));
+        let closed = stdout_closed.clone();
+        let stdout_reader = std::thread::spawn(move || {
+            let mut reader = BufReader::new(stdout);
+            let mut line = String::new();
+            loop {
+                if reader.buffer().is_empty() && !readable_unless(reader.get_ref(), &closed) {
+                    return;
+                }
+                line.clear();
+                match reader.read_line(&mut line) {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                }
+                let text = line.trim_end_matches(['\n', '\r']).to_owned();
+                if tx.send(text).is_err() {
+                    return;
                 }
             }
         });
@@ -392,6 +428,8 @@ impl Running {
         let mut running = Running {
             child,
             lines,
+            stdout_closed,
+            stdout_reader: Some(stdout_reader),
             seen: Vec::new(),
             stderr,
         };
@@ -432,7 +470,13 @@ impl Running {
 
     /// Stops reading stdout, as `| head -1` does once it has its line: the
     /// pipe closes at the next line, and writes after it fail with EPIPE.
+    /// Closes the read end of the process's stdout: its next line meets
+    /// EPIPE.
     pub fn close_stdout(&mut self) {
+        self.stdout_closed.store(true, Ordering::Relaxed);
+        if let Some(reader) = self.stdout_reader.take() {
+            reader.join().unwrap();
+        }
         self.lines = mpsc::channel().1;
     }
 
@@ -787,6 +831,18 @@ pub fn metric_value(page: &str, name: &str) -> u64 {
         .unwrap_or_else(|| panic!("no {name} in:\n{page}"))
         .parse()
         .unwrap()
+}
+
+/// Scrapes until the sample `name` reaches `at_least`, for up to 60 s (an
+/// emulated kernel can take seconds over a reload); the last page.
+pub fn scrape_until(netns: &NetNs, addr: &str, name: &str, at_least: u64) -> String {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let page = scrape_metrics(netns, addr);
+        if metric_value(&page, name) >= at_least || std::time::Instant::now() > deadline {
+            return page;
+        }
+    }
 }
 
 /// `promtool check metrics` must accept the page.
