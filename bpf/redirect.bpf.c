@@ -861,6 +861,13 @@ static __always_inline void request_state_changes(struct bpf_sock_ops *skops)
 	bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
 }
 
+/* Handed over: the rest of the socket's life has nothing for us. */
+static __always_inline void stop_state_changes(struct bpf_sock_ops *skops)
+{
+	bpf_sock_ops_cb_flags_set(skops,
+				  skops->bpf_sock_ops_cb_flags & ~BPF_SOCK_OPS_STATE_CB_FLAG);
+}
+
 static __always_inline void handover_key(struct bpf_sock_ops *skops, struct handover_key *key,
 					 int is_client)
 {
@@ -999,11 +1006,22 @@ int redirect_sockops(struct bpf_sock_ops *skops)
 		request_state_changes(skops);
 		break;
 	case BPF_SOCK_OPS_STATE_CB:
-		if (skops->args[1] != BPF_TCP_CLOSE)
+		/* At ESTABLISHED the proxy's side has not seen the last ACK yet. */
+		if (skops->args[1] == BPF_TCP_ESTABLISHED)
 			break;
-		/* Taken by the proxy already, or never accepted: either way
-		 * nothing may stay behind once the client's socket is gone. */
 		handover_key(skops, &key, 1);
+		if (skops->args[1] != BPF_TCP_CLOSE) {
+			/* A proxy's accepted socket (a proxy in this cgroup):
+			 * its callbacks belong to the proxy side. */
+			if (key.tuple.peer.port == proxy_port)
+				break;
+			if (!bpf_map_lookup_elem(&pending_orig_dst, &key) &&
+			    !bpf_map_lookup_elem(&refused_orig_dst, &key))
+				stop_state_changes(skops);
+			break;
+		}
+		/* Never accepted, or refused: nothing may stay behind once the
+		 * client's socket is gone. */
 		if (unpublish_pending(&key))
 			stat_add(&stats, STAT_ORIG_DST_UNCLAIMED, 1);
 		bpf_map_delete_elem(&refused_orig_dst, &key);
@@ -1020,6 +1038,12 @@ int redirect_proxy_sockops(struct bpf_sock_ops *skops)
 	struct pending_record *record;
 	struct bpf_sock *sk;
 
+	/* This cgroup holds the host's sockets (the cgroup2 root by default):
+	 * every socket that is not one the proxy accepted returns here. Only
+	 * sockets given the state callback see it, and by TCP_CLOSE a socket
+	 * in TIME_WAIT may have given its port up already. */
+	if (skops->op != BPF_SOCK_OPS_STATE_CB && bpf_htons((__u16)skops->local_port) != proxy_port)
+		return 1;
 	switch (skops->op) {
 	case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB:
 		sk = skops->sk;
