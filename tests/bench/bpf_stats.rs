@@ -108,3 +108,43 @@ pub fn print_per_call(
         }
     }
 }
+
+/// Per program: time per call, calls and time per connection, over
+/// `connections` connections between two snapshots; then the sum, in
+/// nanoseconds per connection.
+pub fn print_per_connection(
+    what: &str,
+    programs: &[(&str, &str)],
+    start: &[Option<ProgramStats>],
+    end: &[Option<ProgramStats>],
+    connections: u64,
+) -> f64 {
+    println!("\n  BPF run time per {what} ({connections} connections):");
+    let mut total = 0.0;
+    for (((name, _), end), start) in programs.iter().zip(end).zip(start) {
+        let Some((ns, calls)) = end
+            .as_ref()
+            .zip(start.as_ref())
+            .and_then(|(b, a)| b.per_run_since(a))
+        else {
+            println!("    {name:<34}      no calls");
+            continue;
+        };
+        let per_connection = calls as f64 / connections.max(1) as f64;
+        total += ns * per_connection;
+        println!(
+            "    {name:<34} {ns:>6.0} ns x {per_connection:>5.2} calls = {:>7.0} ns",
+            ns * per_connection
+        );
+    }
+    println!("    {:<34} {total:>35.0} ns", "all programs");
+    total
+}
+
+/// Calls of the first program between two snapshots.
+pub fn calls_since(start: &[Option<ProgramStats>], end: &[Option<ProgramStats>]) -> u64 {
+    match (start.first(), end.first()) {
+        (Some(Some(a)), Some(Some(b))) => b.run_count - a.run_count,
+        _ => 0,
+    }
+}

@@ -173,15 +173,20 @@ fn connections_per_second(settings: &Settings) {
         ("run --config [redirect]", &service),
     ];
     let mut results = vec![Vec::new(); arms.len()];
+    let mut cpu = vec![Vec::new(); arms.len()];
     let stats_start = bpf_stats::programs(&REDIRECT_PROGRAMS, redirector.pid());
     for round in 0..settings.rounds {
         for (i, (name, testbed)) in arms.iter().enumerate() {
+            let busy = busy_cpu_seconds();
             let cps = measure_cps(testbed, settings.cps_seconds);
+            let connections = cps * settings.cps_seconds;
+            cpu[i].push((busy_cpu_seconds() - busy) / connections * 1e6);
             println!("  round {round} {name:<36} {cps:>10.0} conn/s");
             results[i].push(cps);
         }
     }
     let stats_end = bpf_stats::programs(&REDIRECT_PROGRAMS, redirector.pid());
+    let bystanders = bystander_connections(&bpf, redirector.pid(), settings.cps_seconds);
     let (_, output, _) = redirector.stop();
     let (_, service_output, _) = service_run.stop();
     bpf_stats::set_enabled(bpf_stats_before == "1");
@@ -194,7 +199,33 @@ fn connections_per_second(settings: &Settings) {
 
     let names: Vec<&str> = arms.iter().map(|(name, _)| *name).collect();
     let medians = report::ratio_table("median conn/s", &names, &mut results, 2);
-    bpf_stats::print_per_call(&REDIRECT_PROGRAMS, &stats_start, &stats_end);
+    let cpu_medians = report::ratio_table("machine CPU us/conn", &names, &mut cpu, 2);
+    let redirected = bpf_stats::calls_since(&stats_start, &stats_end);
+    let per_connection = bpf_stats::print_per_connection(
+        "redirected connection",
+        &REDIRECT_PROGRAMS,
+        &stats_start,
+        &stats_end,
+        redirected,
+    );
+    let (bystander_start, bystander_end, bystander_count) = bystanders;
+    let per_bystander = bpf_stats::print_per_connection(
+        "bystander connection (outside the redirected cgroup, inside --sockopt-cgroup)",
+        &REDIRECT_PROGRAMS,
+        &bystander_start,
+        &bystander_end,
+        bystander_count,
+    );
+    // Both arms run the same proxy: what iptables adds is its arm's CPU
+    // minus that of the redirect arm without its BPF.
+    let iptables_own = cpu_medians[2] - cpu_medians[1] + per_connection / 1e3;
+    println!(
+        "\n  per connection: redirect's BPF {:.2} us, iptables REDIRECT's own {iptables_own:.2} us \
+         ({:.2}x); BPF per bystander connection {:.2} us",
+        per_connection / 1e3,
+        per_connection / 1e3 / iptables_own,
+        per_bystander / 1e3,
+    );
     println!(
         "  target: redirect no slower than iptables REDIRECT with the same proxy: {}",
         if medians[1] >= medians[2] * 0.97 {
@@ -212,6 +243,45 @@ fn connections_per_second(settings: &Settings) {
             "NOT met"
         }
     );
+}
+
+/// Busy time of all CPUs since boot (user, system, interrupts; no idle,
+/// iowait or steal), in seconds.
+fn busy_cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap();
+    let ticks: Vec<f64> = stat
+        .lines()
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .skip(1)
+        .map(|t| t.parse().unwrap())
+        .collect();
+    let busy = ticks[0] + ticks[1] + ticks[2] + ticks[5] + ticks[6];
+    // SAFETY: sysconf reads a constant.
+    busy / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+}
+
+/// Connections from the proxy's cgroup (inside `--sockopt-cgroup`, outside
+/// the redirected one) to the same server: what every other connection of
+/// a host pays for redirect. The statistics before and after, and how many.
+fn bystander_connections(
+    testbed: &Testbed,
+    redirector: u32,
+    seconds: f64,
+) -> (
+    Vec<Option<bpf_stats::ProgramStats>>,
+    Vec<Option<bpf_stats::ProgramStats>>,
+    u64,
+) {
+    let exe = std::env::current_exe().unwrap().display().to_string();
+    let mut command = netns::command_in(&exe, Some(&testbed.client), Some(&testbed.proxy)).unwrap();
+    command.arg(RR_CLIENT);
+    let start = bpf_stats::programs(&REDIRECT_PROGRAMS, redirector);
+    let addr = format!("{SERVER_V4}:{CPS_PORT}").parse().unwrap();
+    let cps = measure_rr(command, addr, seconds);
+    let end = bpf_stats::programs(&REDIRECT_PROGRAMS, redirector);
+    (start, end, (cps * seconds) as u64)
 }
 
 /// The programs a redirected datagram runs (full names: bpftool shows
