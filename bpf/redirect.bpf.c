@@ -56,19 +56,21 @@ volatile __u8 exclude_v4_active;
 volatile __u8 exclude_v6_active;
 volatile __u8 proxy_down_policy; /* enum proxy_down_policy */
 
-/* Destination ports (host order) whose connections are redirected. */
+/* 1 at each destination port (host order) whose TCP connections are
+ * redirected. An array, which the JIT looks up inline: a hash lookup was a
+ * tenth of connect4's time. */
 struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 1024);
-	__type(key, __u16);
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 65536);
+	__type(key, __u32);
 	__type(value, __u8);
 } redirect_ports SEC(".maps");
 
-/* Destination ports (host order) whose UDP datagrams are redirected. */
+/* The same for UDP datagrams. */
 struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 1024);
-	__type(key, __u16);
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 65536);
+	__type(key, __u32);
 	__type(value, __u8);
 } redirect_udp_ports SEC(".maps");
 
@@ -351,11 +353,14 @@ static __always_inline int decide(struct bpf_sock_addr *ctx, const struct endpoi
 
 static __always_inline int port_matches(struct bpf_sock_addr *ctx, __u16 port_net)
 {
-	__u16 port = bpf_ntohs(port_net);
+	__u32 port = bpf_ntohs(port_net);
+	__u8 *redirected;
 
 	if (ctx->type == SOCK_DGRAM)
-		return bpf_map_lookup_elem(&redirect_udp_ports, &port) != NULL;
-	return bpf_map_lookup_elem(&redirect_ports, &port) != NULL;
+		redirected = bpf_map_lookup_elem(&redirect_udp_ports, &port);
+	else
+		redirected = bpf_map_lookup_elem(&redirect_ports, &port);
+	return redirected && *redirected;
 }
 
 /* A UDP send leaves the socket's record under its port too, where the

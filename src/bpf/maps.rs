@@ -50,6 +50,19 @@ pub fn percpu_sums(map: &dyn MapCore, count: u32) -> Result<Vec<u64>> {
         .collect()
 }
 
+/// Makes a flag array (value `1u8` at each index set, `0u8` elsewhere) hold
+/// 1 at exactly `wanted`, where `before` was: the new flags are set before
+/// the old ones are cleared, so a flag kept in both never drops.
+pub fn sync_flags(map: &dyn MapCore, before: &[u32], wanted: &[u32]) -> Result<()> {
+    for index in wanted {
+        update(map, index, &1u8)?;
+    }
+    for index in before.iter().filter(|index| !wanted.contains(index)) {
+        update(map, index, &0u8)?;
+    }
+    Ok(())
+}
+
 /// Makes a set map (value `1u8`) hold exactly `keys`: the new keys are
 /// added before the old ones go, so a key kept in both never disappears.
 pub fn sync_set<K: Plain>(map: &dyn MapCore, keys: &[K]) -> Result<()> {

@@ -306,10 +306,15 @@ impl Redirect {
             self.attachments = self.attach_programs(new, &plan)?;
         }
         let maps = &self.skel.maps;
-        maps::sync_set(&maps.redirect_ports, &new.ports.0)?;
-        maps::sync_set(
+        maps::sync_flags(
+            &maps.redirect_ports,
+            &port_indexes(Some(&self.args.ports)),
+            &port_indexes(Some(&new.ports)),
+        )?;
+        maps::sync_flags(
             &maps.redirect_udp_ports,
-            new.udp_ports.as_ref().map_or(&[][..], |p| &p.0),
+            &port_indexes(self.args.udp_ports.as_ref()),
+            &port_indexes(new.udp_ports.as_ref()),
         )?;
         set_filters(&mut self.skel, new, &plan)?;
         self.args = new.clone();
@@ -479,12 +484,16 @@ fn load(
     rodata.emit_events = (ctx.format != EventFormat::Off).into();
 
     let mut skel = open.load().context("loading the redirect BPF programs")?;
-    for port in &args.ports.0 {
-        maps::update(&skel.maps.redirect_ports, port, &1u8)?;
-    }
-    for port in args.udp_ports.iter().flat_map(|p| &p.0) {
-        maps::update(&skel.maps.redirect_udp_ports, port, &1u8)?;
-    }
+    maps::sync_flags(
+        &skel.maps.redirect_ports,
+        &[],
+        &port_indexes(Some(&args.ports)),
+    )?;
+    maps::sync_flags(
+        &skel.maps.redirect_udp_ports,
+        &[],
+        &port_indexes(args.udp_ports.as_ref()),
+    )?;
     set_filters(&mut skel, args, plan)?;
     Ok(skel)
 }
@@ -886,4 +895,11 @@ fn print_statistics(skel: &RedirectSkel<'_>) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// The indexes of the port arrays: one per port.
+fn port_indexes(ports: Option<&PortList>) -> Vec<u32> {
+    ports.map_or_else(Vec::new, |ports| {
+        ports.0.iter().map(|&p| p.into()).collect()
+    })
 }
