@@ -866,6 +866,12 @@ static __always_inline void request_state_changes(struct bpf_sock_ops *skops)
 	bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
 }
 
+/* The proxy's accepted sockets are the ones on the proxy's port. */
+static __always_inline int is_proxy_accepted(struct bpf_sock_ops *skops)
+{
+	return bpf_htons((__u16)skops->local_port) == proxy_port;
+}
+
 /* Handed over: the rest of the socket's life has nothing for us. */
 static __always_inline void stop_state_changes(struct bpf_sock_ops *skops)
 {
@@ -1014,12 +1020,12 @@ int redirect_sockops(struct bpf_sock_ops *skops)
 		/* At ESTABLISHED the proxy's side has not seen the last ACK yet. */
 		if (skops->args[1] == BPF_TCP_ESTABLISHED)
 			break;
-		handover_key(skops, &key, 1);
 		if (skops->args[1] != BPF_TCP_CLOSE) {
-			/* A proxy's accepted socket (a proxy in this cgroup):
-			 * its callbacks belong to the proxy side. */
-			if (key.tuple.peer.port == proxy_port)
+			/* A proxy in this cgroup: its accepted sockets'
+			 * callbacks belong to the proxy side. */
+			if (is_proxy_accepted(skops))
 				break;
+			handover_key(skops, &key, 1);
 			if (!bpf_map_lookup_elem(&pending_orig_dst, &key) &&
 			    !bpf_map_lookup_elem(&refused_orig_dst, &key))
 				stop_state_changes(skops);
@@ -1027,6 +1033,7 @@ int redirect_sockops(struct bpf_sock_ops *skops)
 		}
 		/* Never accepted, or refused: nothing may stay behind once the
 		 * client's socket is gone. */
+		handover_key(skops, &key, 1);
 		if (unpublish_pending(&key))
 			stat_add(&stats, STAT_ORIG_DST_UNCLAIMED, 1);
 		bpf_map_delete_elem(&refused_orig_dst, &key);
@@ -1047,7 +1054,7 @@ int redirect_proxy_sockops(struct bpf_sock_ops *skops)
 	 * every socket that is not one the proxy accepted returns here. Only
 	 * sockets given the state callback see it, and by TCP_CLOSE a socket
 	 * in TIME_WAIT may have given its port up already. */
-	if (skops->op != BPF_SOCK_OPS_STATE_CB && bpf_htons((__u16)skops->local_port) != proxy_port)
+	if (skops->op != BPF_SOCK_OPS_STATE_CB && !is_proxy_accepted(skops))
 		return 1;
 	switch (skops->op) {
 	case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB:
