@@ -38,6 +38,8 @@ enum Command {
     Run(service::RunArgs),
     /// Show what a running service (`run`) has attached, and its counters
     Status(status::StatusArgs),
+    /// Remove the datapaths a killed service left pinned in bpffs
+    Cleanup(service::cleanup::CleanupArgs),
     /// Show `redirect` end to end in private namespaces and a child cgroup, then clean up
     Demo(demo::DemoArgs),
 }
@@ -74,6 +76,7 @@ fn main() -> ExitCode {
         Command::Tproxy(args) => service::run_one(Settings::Tproxy(args.clone()), &args.output),
         Command::Run(args) => service::run(args),
         Command::Status(args) => status::run(args),
+        Command::Cleanup(args) => service::cleanup::run(args),
         Command::Demo(args) => demo::run(args),
     };
     match result {

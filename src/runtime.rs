@@ -13,6 +13,7 @@ use libbpf_rs::MapHandle;
 
 use crate::cli::EventFormat;
 use crate::sys::clock;
+use crate::sys::pins::{PinDir, PinRoot};
 use crate::telemetry::stats::Snapshot;
 
 /// What every datapath shares while it runs.
@@ -20,6 +21,9 @@ pub struct RunContext {
     pub format: EventFormat,
     /// clock::monotonic_ns() at start, the zero of event times.
     pub start_ns: u64,
+    /// Where a service pins what must outlive it; None for the
+    /// subcommands, which leave nothing behind.
+    pub pins: Option<PinRoot>,
     proxy_runtime: OnceCell<Arc<tokio::runtime::Runtime>>,
 }
 
@@ -28,8 +32,17 @@ impl RunContext {
         RunContext {
             format,
             start_ns: clock::monotonic_ns(),
+            pins: None,
             proxy_runtime: OnceCell::new(),
         }
+    }
+
+    /// The pin directory of datapath `name` when this runs as a service.
+    pub fn pin_dir(&self, name: &str, layout: u64) -> Result<Option<PinDir>> {
+        self.pins
+            .as_ref()
+            .map(|root| root.datapath(name, layout))
+            .transpose()
     }
 
     /// The one runtime of the built-in proxies (TCP and UDP) of every

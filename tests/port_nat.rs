@@ -47,7 +47,7 @@ fn load(
         events: false,
         ends_chain: false,
     };
-    port_nat::load(&config, object).expect("loading port-nat")
+    port_nat::load(&config, object, None).expect("loading port-nat")
 }
 
 /// Runs a program on a frame: (verdict, output frame).

@@ -60,23 +60,8 @@ fn veth_tc_programs(testbed: &Testbed) -> u32 {
     tc_programs(testbed, "veth-c")
 }
 
-/// TC programs on a device of the client netns: tcx links, or on kernels
-/// before 6.6 the filters of the clsact fallback.
 fn tc_programs(testbed: &Testbed, device: &str) -> u32 {
-    if !kernel::has_tcx() {
-        let mut total = 0;
-        for direction in ["ingress", "egress"] {
-            let mut command = testbed.in_client_netns("tc");
-            command.args(["filter", "show", "dev", device, direction]);
-            let out = String::from_utf8(run(command).stdout).unwrap();
-            let filters = out
-                .lines()
-                .filter(|l| l.contains(" bpf ") && l.contains(" handle "));
-            total += filters.count() as u32;
-        }
-        return total;
-    }
-    tcx_programs(&testbed.client, device)
+    common::tc_programs(&testbed.client, device)
 }
 
 /// Streams `chunks` x 64 KiB through an echo server over about `seconds`,

@@ -81,3 +81,18 @@ pub fn sync_set<K: Plain>(map: &dyn MapCore, keys: &[K]) -> Result<()> {
     }
     Ok(())
 }
+
+/// Copies every entry of `from` that `to` lacks (maps of one layout);
+/// returns how many it copied.
+pub fn copy_new_entries(from: &dyn MapCore, to: &dyn MapCore) -> Result<usize> {
+    let mut copied = 0;
+    for key in from.keys() {
+        let Some(value) = from.lookup(&key, MapFlags::ANY)? else {
+            continue;
+        };
+        if to.update(&key, &value, MapFlags::NO_EXIST).is_ok() {
+            copied += 1;
+        }
+    }
+    Ok(copied)
+}

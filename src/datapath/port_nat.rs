@@ -22,6 +22,7 @@ use crate::runtime::{Datapath, EventSource, RunContext};
 use crate::sys::clock;
 use crate::sys::interface_watch::{self, InterfaceWatch};
 use crate::sys::links::{self, Attachments, TcAttachMode, TcDirection, TcOrder};
+use crate::sys::pins::{self, Found, PinDir};
 use crate::sys::privileges;
 use crate::telemetry::stats::{Metric, Snapshot};
 
@@ -182,10 +183,18 @@ fn interface_index(name: &str) -> Result<u32> {
     nix::net::if_::if_nametoindex(name).map_err(|_| anyhow::anyhow!("unknown interface '{name}'"))
 }
 
-/// Opens, configures and loads the port-nat programs, and fills the port map.
+/// The hash of the header that defines every port-nat map's layout.
+fn layout() -> u64 {
+    pins::layout_hash(&[include_str!("../../include/port_nat.h")])
+}
+
+/// Opens, configures and loads the port-nat programs, and fills the port
+/// map; with `pins`, the flow table and counters an earlier run pinned are
+/// used again, or copied when only the table's size changed.
 pub fn load<'obj>(
     config: &NatConfig,
     open_object: &'obj mut MaybeUninit<libbpf_rs::OpenObject>,
+    pins: Option<&PinDir>,
 ) -> Result<PortNatSkel<'obj>> {
     let mut open = PortNatSkelBuilder::default()
         .open(open_object)
@@ -203,9 +212,17 @@ pub fn load<'obj>(
         .flows
         .set_max_entries(config.max_flows)
         .context("sizing the flow table")?;
+    if let Some(pins) = pins {
+        pins.reuse(&mut open.maps.flows, "flows")?;
+        pins.reuse(&mut open.maps.stats, "stats")?;
+    }
     let mut skel = open.load().context("loading the port-nat BPF programs")?;
     set_protocols(&mut skel, config.protocols)?;
     set_mappings(&skel, &config.mappings)?;
+    if let Some(previous) = pins.and_then(|p| p.previous("flows", &skel.maps.flows)) {
+        let copied = maps::copy_new_entries(&previous, &skel.maps.flows)?;
+        out!("  Flow table:        {copied} translated flows copied into a table of the new size");
+    }
     Ok(skel)
 }
 
@@ -275,16 +292,20 @@ fn l2_len(has_l2_header: bool) -> u32 {
     }
 }
 
-/// Checks the interface's link type, then attaches both programs to it.
+/// Checks the interface's link type, then attaches both programs to it;
+/// with `pins`, into the links an earlier run pinned, and pins the maps.
 fn attach(
     skel: &mut PortNatSkel<'_>,
     interface: &str,
     ifindex: u32,
     args: &PortNatArgs,
+    pins: Option<&mut PinDir>,
 ) -> Result<(Attachments, links::TcPath)> {
     set_l2_header(skel, links::link_has_l2_header(interface, "port-nat")?)?;
     let progs = &skel.progs;
     let mut attachments = Attachments::default();
+    let pin = |name: &str| pins.as_deref().map(|p| p.link(name));
+    let (egress_pin, ingress_pin) = (pin("egress"), pin("ingress"));
     // Egress first: it only touches tracked flows, and every flow ingress
     // creates must find its reply path ready.
     let path = attachments.attach_tc(
@@ -293,6 +314,7 @@ fn attach(
         TcDirection::Egress,
         args.tc_attach,
         args.tc_order.position(TcDirection::Egress),
+        egress_pin.as_deref(),
     )?;
     attachments.attach_tc(
         &progs.port_nat_ingress,
@@ -300,7 +322,19 @@ fn attach(
         TcDirection::Ingress,
         args.tc_attach,
         args.tc_order.position(TcDirection::Ingress),
+        ingress_pin.as_deref(),
     )?;
+    if let Some(pins) = pins {
+        let maps = &skel.maps;
+        // Flows the old programs made since load() copied the table.
+        if let Some(previous) = pins.previous("flows", &maps.flows) {
+            maps::copy_new_entries(&previous, &maps.flows)?;
+        }
+        pins.commit(&[
+            ("flows", &maps.flows as &dyn MapCore),
+            ("stats", &maps.stats),
+        ])?;
+    }
     Ok((attachments, path))
 }
 
@@ -329,6 +363,8 @@ pub struct PortNat {
     watch: InterfaceWatch,
     /// None while the interface is gone.
     tc: Option<Attachments>,
+    /// Under `run --config`: the links and maps a crash leaves working.
+    pins: Option<PinDir>,
     path: Option<links::TcPath>,
     expired: u64,
     last_sweep: Instant,
@@ -346,7 +382,11 @@ impl PortNat {
             events: ctx.format != EventFormat::Off,
             ends_chain: false,
         };
-        let skel = OwnedSkel::load(|object| load(&config, object))?;
+        let pins = ctx.pin_dir(&format!("port-nat {}", args.interface), layout())?;
+        if let Some(pins) = &pins {
+            report_found(pins);
+        }
+        let skel = OwnedSkel::load(|object| load(&config, object, pins.as_ref()))?;
         // Watching before attaching: a deletion in between is not missed.
         let watch = InterfaceWatch::new(&args.interface, ifindex)?;
         Ok(PortNat {
@@ -357,6 +397,7 @@ impl PortNat {
             skel,
             watch,
             tc: None,
+            pins,
             path: None,
             expired: 0,
             last_sweep: Instant::now(),
@@ -403,6 +444,7 @@ impl Datapath for PortNat {
             &self.args.interface,
             self.ifindex,
             &self.args,
+            self.pins.as_mut(),
         )?;
         self.tc = Some(attached);
         self.path = Some(path);
@@ -430,13 +472,13 @@ impl Datapath for PortNat {
     }
 
     fn tick(&mut self, ctx: &RunContext) {
-        let (skel, args) = (&mut self.skel, &self.args);
+        let (skel, args, pins) = (&mut self.skel, &self.args, &mut self.pins);
         interface_watch::follow(
             &mut self.watch,
             &mut self.tc,
             ctx.format,
             ctx.start_ns,
-            |index| attach(skel, &args.interface, index, args),
+            |index| attach(skel, &args.interface, index, args, pins.as_mut()),
         );
         if self.last_sweep.elapsed() < Duration::from_secs(1) {
             return;
@@ -482,6 +524,21 @@ impl Datapath for PortNat {
 
     fn print_statistics(&self) -> Result<()> {
         print_statistics(&self.skel, &self.args.interface, self.expired)
+    }
+}
+
+/// Says what an earlier run left pinned and what becomes of it.
+fn report_found(pins: &PinDir) {
+    match pins.found() {
+        Found::Nothing => {}
+        Found::SameLayout => out!(
+            "  Adopting:          the flows and links {} holds from an earlier run",
+            pins.path().display()
+        ),
+        Found::OtherLayout(why) => out!(
+            "Replacing the pinned state in {} ({why}): its flows are not carried over",
+            pins.path().display()
+        ),
     }
 }
 

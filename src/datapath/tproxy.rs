@@ -346,6 +346,7 @@ impl Datapath for Tproxy {
             TcDirection::Ingress,
             self.args.tc_attach,
             self.args.tc_order.position(TcDirection::Ingress),
+            None,
         )?;
         self.tc = Some(tc);
         self.path = Some(path);
@@ -356,6 +357,7 @@ impl Datapath for Tproxy {
                 TcDirection::Ingress,
                 self.args.tc_attach,
                 self.args.tc_order.position(TcDirection::Ingress),
+                None,
             )?;
         }
         if self.bound.is_some() {
@@ -411,6 +413,7 @@ impl Datapath for Tproxy {
                     TcDirection::Ingress,
                     args.tc_attach,
                     args.tc_order.position(TcDirection::Ingress),
+                    None,
                 )?;
                 Ok((attached, path))
             },

@@ -5,9 +5,11 @@
 //! subcommands run one datapath through it; `run --config` runs several and
 //! reloads them on SIGHUP.
 
+pub mod cleanup;
 pub mod config;
 pub mod reload;
 
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _, Result};
@@ -16,6 +18,7 @@ use libbpf_rs::RingBufferBuilder;
 use crate::cli::{EventFormat, OutputArgs};
 use crate::datapath::Settings;
 use crate::runtime::{Datapath, DatapathSettings, RunContext, RunningDatapath};
+use crate::sys::pins::{self, PinRoot};
 use crate::sys::{shutdown, trusted_file};
 use crate::telemetry::metrics::Metrics;
 use crate::telemetry::output;
@@ -53,6 +56,10 @@ pub struct RunArgs {
     /// the configuration file
     #[arg(long)]
     pub allow_writable_config: bool,
+    /// The bpffs directory where the service pins what must outlive a
+    /// crash (port-nat's flows and links); a clean stop removes it
+    #[arg(long, value_name = "DIR", default_value = pins::DEFAULT_PIN_ROOT)]
+    pub pin_dir: std::path::PathBuf,
     #[command(flatten)]
     pub output: OutputArgs,
 }
@@ -81,7 +88,7 @@ impl Source<Settings> for ConfigFile<'_> {
 
 /// `proxy-redirect run --config FILE`.
 pub fn run(args: &RunArgs) -> Result<()> {
-    run_service(&ConfigFile(args), &args.output)
+    run_service(&ConfigFile(args), &args.output, &args.pin_dir)
 }
 
 /// Runs one subcommand's datapath until SIGINT/SIGTERM/SIGHUP.
@@ -99,14 +106,25 @@ pub fn run_one<S: DatapathSettings>(settings: S, output: &OutputArgs) -> Result<
 }
 
 /// `run --config`: every datapath of the file, reloaded on SIGHUP.
-fn run_service<S: DatapathSettings>(source: &dyn Source<S>, output: &OutputArgs) -> Result<()> {
+fn run_service<S: DatapathSettings>(
+    source: &dyn Source<S>,
+    output: &OutputArgs,
+    pin_dir: &Path,
+) -> Result<()> {
     let (settings, metrics_addr) = source.load()?;
     for each in &settings {
         each.check().with_context(|| format!("[{}]", each.name()))?;
     }
-    let ctx = RunContext::new(output.event_format());
+    let mut ctx = RunContext::new(output.event_format());
     let metrics = Metrics::bind(metrics_addr)?;
     let status = status::Server::bind()?;
+    ctx.pins = match PinRoot::create(pin_dir) {
+        Ok(root) => Some(root),
+        Err(err) => {
+            err_out!("warning: {err:#}");
+            None
+        }
+    };
     shutdown::install()?;
     shutdown::reload_on_hangup();
     let mut datapaths = Vec::new();
@@ -115,6 +133,12 @@ fn run_service<S: DatapathSettings>(source: &dyn Source<S>, output: &OutputArgs)
     }
     for datapath in &mut datapaths {
         datapath.datapath_mut().attach(&ctx)?;
+    }
+    if let Some(root) = &ctx.pins {
+        let names: Vec<String> = settings.iter().map(|s| s.name()).collect();
+        for removed in root.remove_others(&names) {
+            out!("Removed the pinned {removed}, which the configuration no longer has");
+        }
     }
     out!(
         "Service running {} datapath(s); SIGHUP reloads the configuration",
@@ -148,6 +172,9 @@ fn finish<R: RunningDatapath>(ctx: &RunContext, mut running: Vec<R>) -> Result<(
     // Detached in reverse order of attachment.
     while let Some(each) = running.pop() {
         drop(each);
+    }
+    if let Some(root) = &ctx.pins {
+        root.remove_if_empty();
     }
     out!("Cleaned up");
     Ok(())
@@ -212,7 +239,8 @@ fn run_loop<S: DatapathSettings>(
             }
             if last_publish.is_none_or(|at| at.elapsed() >= PUBLISH_INTERVAL) {
                 last_publish = Some(Instant::now());
-                publish(datapaths, &metrics, &build_info, status);
+                let pins = ctx.pins.as_ref().map(PinRoot::path);
+                publish(datapaths, &metrics, &build_info, status, pins);
             }
             if shutdown::requested() {
                 if let Some(ring) = &ring {
@@ -250,6 +278,7 @@ fn publish<R: RunningDatapath>(
     metrics: &Metrics,
     build_info: &[(&'static str, String)],
     status: Option<&status::Server>,
+    pins: Option<&Path>,
 ) {
     // Reading the maps is for readers: nobody scrapes a subcommand that
     // was started without --metrics.
@@ -267,7 +296,7 @@ fn publish<R: RunningDatapath>(
     snapshots.push(service_snapshot());
     metrics.publish(&snapshots, build_info);
     if let Some(status) = status {
-        status.publish(status_page(&datapaths, &snapshots));
+        status.publish(status_page(&datapaths, &snapshots, pins));
     }
 }
 
@@ -283,9 +312,14 @@ fn service_snapshot() -> Snapshot {
     snapshot
 }
 
-fn status_page(datapaths: &[&dyn Datapath], snapshots: &[Snapshot]) -> serde_json::Value {
+fn status_page(
+    datapaths: &[&dyn Datapath],
+    snapshots: &[Snapshot],
+    pins: Option<&Path>,
+) -> serde_json::Value {
     serde_json::json!({
         "pid": std::process::id(),
+        "pin_dir": pins.map(|p| p.display().to_string()),
         "version": env!("CARGO_PKG_VERSION"),
         "datapaths": datapaths.iter().map(|d| d.status()).collect::<Vec<_>>(),
         "statistics": snapshots.iter().map(Snapshot::to_json).collect::<Vec<_>>(),

@@ -1,5 +1,6 @@
 //! Attachments owned by the running process. Every attachment is a bpf_link:
-//! when the process exits, even by SIGKILL, the kernel detaches it.
+//! when the process exits, even by SIGKILL, the kernel detaches it, unless
+//! it was pinned (the service's TC links), which keeps it for the next run.
 
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::path::Path;
@@ -8,6 +9,7 @@ use anyhow::{bail, Context, Result};
 use libbpf_rs::{Link, ProgramMut, TcHook, TcHookBuilder, TC_EGRESS, TC_INGRESS};
 
 use crate::sys::cgroup::CgroupFd;
+use crate::sys::pins;
 
 /// Which TC hook point.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -245,7 +247,9 @@ impl Attachments {
     }
 
     /// Attaches a TC program (`SEC("tc")`) to an interface, at the head or
-    /// the tail of the programs already there.
+    /// the tail of the programs already there. With `pin`, a tcx link
+    /// pinned there by an earlier run on the same hook is kept, its program
+    /// swapped for `program` in place; a new link is pinned there.
     pub fn attach_tc(
         &mut self,
         program: &ProgramMut,
@@ -253,6 +257,7 @@ impl Attachments {
         direction: TcDirection,
         mode: TcAttachMode,
         position: TcPosition,
+        pin: Option<&Path>,
     ) -> Result<TcPath> {
         let name = program.name().to_string_lossy().into_owned();
         let place = match position {
@@ -261,8 +266,27 @@ impl Attachments {
         };
         let target = format!("ifindex {ifindex} {direction:?} ");
         if mode != TcAttachMode::Clsact {
+            if let Some(pin) = pin {
+                match adopt_tcx(program, pin, ifindex, direction) {
+                    Ok(Some(fd)) => {
+                        self.link_fds.push(fd);
+                        self.record(program, target + &format!("(tcx, {place}, adopted)"));
+                        return Ok(TcPath::Tcx);
+                    }
+                    Ok(None) => {}
+                    Err(err) => {
+                        tracing::warn!("replacing the pinned link {}: {err:#}", pin.display())
+                    }
+                }
+            }
             match attach_tcx(program, ifindex, direction, position) {
                 Ok(fd) => {
+                    if let Some(pin) = pin {
+                        // The old link, if any, detaches only now: the new
+                        // one is already in place.
+                        let _ = std::fs::remove_file(pin);
+                        pins::pin_fd(fd.as_fd(), pin)?;
+                    }
                     self.link_fds.push(fd);
                     self.record(program, target + &format!("(tcx, {place})"));
                     return Ok(TcPath::Tcx);
@@ -307,6 +331,58 @@ impl Attachments {
     }
 }
 
+/// Opens the tcx link pinned at `pin` and swaps `program` into it
+/// (BPF_LINK_UPDATE): no moment with nothing attached. None when nothing is
+/// pinned there; an error when the link is defunct (its interface gone) or
+/// on another hook.
+fn adopt_tcx(
+    program: &ProgramMut,
+    pin: &Path,
+    ifindex: u32,
+    direction: TcDirection,
+) -> Result<Option<OwnedFd>> {
+    let fd = match pins::open_pinned(pin) {
+        Ok(fd) => fd,
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(err) => return Err(err).context("opening it"),
+    };
+    // SAFETY: bpf_link_info is plain data, valid when zeroed.
+    let mut info: libbpf_sys::bpf_link_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libbpf_sys::bpf_link_info>() as u32;
+    // SAFETY: info is a complete bpf_link_info of len bytes.
+    let ret = unsafe { libbpf_sys::bpf_link_get_info_by_fd(fd.as_raw_fd(), &mut info, &mut len) };
+    if ret != 0 {
+        return Err(std::io::Error::from_raw_os_error(-ret)).context("reading it");
+    }
+    // SAFETY: the tcx member is the one a tcx link fills.
+    let tcx = unsafe { info.__bindgen_anon_1.tcx };
+    if info.type_ != libbpf_sys::BPF_LINK_TYPE_TCX
+        || tcx.ifindex != ifindex
+        || tcx.attach_type != tcx_attach_type(direction)
+    {
+        bail!("it is not a tcx link on ifindex {ifindex} {direction:?} (its interface is gone?)");
+    }
+    // SAFETY: two descriptors and no options.
+    let ret = unsafe {
+        libbpf_sys::bpf_link_update(
+            fd.as_raw_fd(),
+            program.as_fd().as_raw_fd(),
+            std::ptr::null(),
+        )
+    };
+    if ret != 0 {
+        return Err(std::io::Error::from_raw_os_error(-ret)).context("swapping its program");
+    }
+    Ok(Some(fd))
+}
+
+fn tcx_attach_type(direction: TcDirection) -> libbpf_sys::bpf_attach_type {
+    match direction {
+        TcDirection::Ingress => libbpf_sys::BPF_TCX_INGRESS,
+        TcDirection::Egress => libbpf_sys::BPF_TCX_EGRESS,
+    }
+}
+
 /// libbpf-rs 0.27 does not wrap tcx, and libbpf's own helper wants the
 /// program loaded with a tcx attach type (which 6.1 refuses); a raw
 /// BPF_LINK_CREATE works with a plain `SEC("tc")` program everywhere.
@@ -316,10 +392,7 @@ fn attach_tcx(
     direction: TcDirection,
     position: TcPosition,
 ) -> std::io::Result<OwnedFd> {
-    let attach_type = match direction {
-        TcDirection::Ingress => libbpf_sys::BPF_TCX_INGRESS,
-        TcDirection::Egress => libbpf_sys::BPF_TCX_EGRESS,
-    };
+    let attach_type = tcx_attach_type(direction);
     // Without a relative program, BPF_F_BEFORE attaches at the head of the
     // chain and BPF_F_AFTER at its tail.
     let opts = libbpf_sys::bpf_link_create_opts {
@@ -429,10 +502,7 @@ pub fn cgroup_program_count(
 /// thread's network namespace in one direction (`bpftool net` before 7.3
 /// does not list tcx).
 pub fn tcx_program_count(ifindex: u32, direction: TcDirection) -> Result<u32> {
-    let attach_type = match direction {
-        TcDirection::Ingress => libbpf_sys::BPF_TCX_INGRESS,
-        TcDirection::Egress => libbpf_sys::BPF_TCX_EGRESS,
-    };
+    let attach_type = tcx_attach_type(direction);
     match attached_count(ifindex as i32, attach_type) {
         // EINVAL: a kernel before 6.6, where nothing can be attached by tcx.
         Err(err) if err.raw_os_error() == Some(libc::EINVAL) => Ok(0),

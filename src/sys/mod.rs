@@ -8,6 +8,7 @@ pub mod interface_watch;
 pub mod links;
 pub mod local_route;
 pub mod netns;
+pub mod pins;
 pub mod privileges;
 pub mod rlimit;
 pub mod run_dir;

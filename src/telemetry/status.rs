@@ -13,6 +13,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 
 use crate::out;
+use crate::sys::pins;
 use crate::sys::run_dir::{self, RUN_DIR};
 use crate::telemetry::page_server::{Answer, PageServer};
 
@@ -59,23 +60,26 @@ impl Drop for Server {
 #[derive(Args, Debug, Clone)]
 #[command(after_help = "\
 Reads the status socket of the service started with `proxy-redirect run`
-(/run/proxy-redirect/status.sock, root only).")]
+(/run/proxy-redirect/status.sock, root only). When no service runs, says
+whether one that was killed left datapaths pinned (they keep working until
+`proxy-redirect cleanup` removes them, or a new `run` adopts them).")]
 pub struct StatusArgs {
     /// Print the status as one JSON object
     #[arg(long)]
     pub json: bool,
+    /// The service's bpffs directory, to look for what a killed one left
+    #[arg(long, value_name = "DIR", default_value = pins::DEFAULT_PIN_ROOT)]
+    pub pin_dir: PathBuf,
 }
 
-pub fn run(args: &StatusArgs) -> Result<()> {
+/// The status page of the running service; None when none runs.
+pub fn query() -> Result<Option<serde_json::Value>> {
     let path = Path::new(RUN_DIR).join(SOCKET_NAME);
     let mut stream = match UnixStream::connect(&path) {
         Ok(stream) => stream,
         Err(err) => match err.kind() {
             std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {
-                bail!(
-                    "no proxy-redirect service is running ({} is not answering)",
-                    path.display()
-                )
+                return Ok(None)
             }
             std::io::ErrorKind::PermissionDenied => {
                 bail!("only root can read the service status ({})", path.display())
@@ -88,8 +92,28 @@ pub fn run(args: &StatusArgs) -> Result<()> {
     stream
         .read_to_string(&mut text)
         .context("reading the status")?;
-    let status: serde_json::Value =
-        serde_json::from_str(&text).context("the service sent a status that is not JSON")?;
+    serde_json::from_str(&text)
+        .map(Some)
+        .context("the service sent a status that is not JSON")
+}
+
+pub fn run(args: &StatusArgs) -> Result<()> {
+    let Some(status) = query()? else {
+        let orphans = pins::pinned_datapaths(&args.pin_dir);
+        if !orphans.is_empty() {
+            bail!(
+                "no proxy-redirect service is running, but {} holds the pinned datapaths of \
+                 one that did not stop cleanly: {}; they keep working until \
+                 `proxy-redirect cleanup` removes them or `proxy-redirect run` adopts them",
+                args.pin_dir.display(),
+                orphans.join(", ")
+            );
+        }
+        bail!(
+            "no proxy-redirect service is running ({} is not answering)",
+            Path::new(RUN_DIR).join(SOCKET_NAME).display()
+        )
+    };
     if args.json {
         out!("{status}");
     } else {

@@ -75,7 +75,7 @@ fn per_packet(settings: &Settings) {
         ends_chain: false,
     };
     let mut object = MaybeUninit::uninit();
-    let skel = port_nat::load(&config, &mut object).expect("loading port-nat");
+    let skel = port_nat::load(&config, &mut object, None).expect("loading port-nat");
     // The same program as before TC_NEXT: TC_ACT_OK (TCX_PASS) for every
     // packet it hands on, which ends the tcx chain.
     let mut old_object = MaybeUninit::uninit();
@@ -83,7 +83,7 @@ fn per_packet(settings: &Settings) {
         ends_chain: true,
         ..config.clone()
     };
-    let old = port_nat::load(&old, &mut old_object).expect("loading port-nat");
+    let old = port_nat::load(&old, &mut old_object, None).expect("loading port-nat");
     let payload = payload(100, 9);
     let request = Packet::tcp("192.0.2.1", 40000, "198.51.100.2", 8080, TCP_ACK | TCP_PSH)
         .with_payload(&payload);

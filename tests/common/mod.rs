@@ -951,3 +951,22 @@ pub fn tcx_programs(netns: &NetNs, device: &str) -> u32 {
         .unwrap()
         .unwrap()
 }
+
+/// TC programs on a device of `netns`: tcx links, or on kernels before 6.6
+/// the filters of the clsact fallback.
+pub fn tc_programs(netns: &NetNs, device: &str) -> u32 {
+    if !kernel::has_tcx() {
+        let mut total = 0;
+        for direction in ["ingress", "egress"] {
+            let mut command = netns::command_in("tc", Some(netns), None).unwrap();
+            command.args(["filter", "show", "dev", device, direction]);
+            let out = String::from_utf8(run(command).stdout).unwrap();
+            let filters = out
+                .lines()
+                .filter(|l| l.contains(" bpf ") && l.contains(" handle "));
+            total += filters.count() as u32;
+        }
+        return total;
+    }
+    tcx_programs(netns, device)
+}

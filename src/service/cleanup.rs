@@ -1,0 +1,44 @@
+//! `proxy-redirect cleanup`: removes the datapaths a service that was
+//! killed left pinned, which keep working until then.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Result};
+use clap::Args;
+
+use crate::out;
+use crate::sys::pins;
+use crate::telemetry::status;
+
+#[derive(Args, Debug, Clone)]
+#[command(after_help = "\
+A service (`proxy-redirect run`) pins port-nat's links and flows under DIR
+so that a crash does not cut a translated connection, and removes them when
+it stops. After a crash without a restart they keep working, unowned;
+`proxy-redirect status` lists them and this command detaches and removes
+them. It refuses while a running service owns DIR.")]
+pub struct CleanupArgs {
+    /// The service's bpffs directory
+    #[arg(long, value_name = "DIR", default_value = pins::DEFAULT_PIN_ROOT)]
+    pub pin_dir: PathBuf,
+}
+
+pub fn run(args: &CleanupArgs) -> Result<()> {
+    let dir = args.pin_dir.display().to_string();
+    // A service that has not published its first page yet says no pin_dir.
+    if let Some(page) = status::query()? {
+        if page["pin_dir"].as_str().is_none_or(|owned| owned == dir) {
+            bail!(
+                "a running service owns {dir} (see `proxy-redirect status`): stop it \
+                 instead, and it removes its pins"
+            );
+        }
+    }
+    let removed = pins::remove_all(&args.pin_dir)?;
+    if removed.is_empty() {
+        out!("Nothing is pinned in {dir}");
+    } else {
+        out!("Removed from {dir}: {}", removed.join(", "));
+    }
+    Ok(())
+}

@@ -1,0 +1,304 @@
+//! The service's bpffs directory (/sys/fs/bpf/proxy-redirect by default):
+//! one subdirectory per datapath holds its links and the maps whose contents
+//! must outlive the process (port-nat's flows), and a `layout` map with the
+//! hash of the map layouts that wrote them. A restart after a crash adopts
+//! what it finds: it reuses maps of the same layout and swaps its programs
+//! into the pinned links. A clean stop removes everything.
+
+use std::fs;
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use libbpf_rs::{MapCore, MapFlags, MapHandle, MapType, OpenMapMut};
+use nix::sys::statfs::{statfs, FsType};
+
+pub const DEFAULT_PIN_ROOT: &str = "/sys/fs/bpf/proxy-redirect";
+
+const LAYOUT_MAP: &str = "layout";
+const BPF_FS_MAGIC: FsType = FsType(0xcafe4a11);
+
+/// A hash of the texts that define a datapath's map layouts (its shared
+/// header), FNV-1a: equal hashes mean the pinned maps can be reused as they
+/// are.
+pub fn layout_hash(texts: &[&str]) -> u64 {
+    let mut hash: u64 = 0xcbf29ce484222325;
+    for byte in texts.iter().flat_map(|t| t.bytes()) {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x100000001b3);
+    }
+    hash
+}
+
+/// The directory of every datapath's pins.
+#[derive(Debug, Clone)]
+pub struct PinRoot {
+    path: PathBuf,
+}
+
+impl PinRoot {
+    /// Creates `path` (root only) inside a bpffs mount.
+    pub fn create(path: &Path) -> Result<PinRoot> {
+        let parent = path.parent().unwrap_or(Path::new("/"));
+        if !is_bpffs(parent) {
+            bail!(
+                "{} is not a bpffs mount (mount -t bpf bpf {}): the kernel datapaths could \
+                 not outlive the service",
+                parent.display(),
+                parent.display()
+            );
+        }
+        match fs::DirBuilder::new().mode(0o700).create(path) {
+            Ok(()) => {}
+            Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(err) => bail!("creating {}: {err}", path.display()),
+        }
+        Ok(PinRoot {
+            path: path.to_path_buf(),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The pins of datapath `name` (`port-nat eth0`), and what a previous
+    /// run left there.
+    pub fn datapath(&self, name: &str, layout: u64) -> Result<PinDir> {
+        let path = self.path.join(dir_name(name));
+        let found = match fs::metadata(&path) {
+            Err(_) => Found::Nothing,
+            Ok(_) => match read_layout(&path) {
+                Some(pinned) if pinned == layout => Found::SameLayout,
+                Some(pinned) => Found::OtherLayout(format!(
+                    "layout {pinned:016x}, this binary's is {layout:016x}"
+                )),
+                None => Found::OtherLayout("no readable layout record".into()),
+            },
+        };
+        if found == Found::Nothing {
+            fs::DirBuilder::new()
+                .mode(0o700)
+                .create(&path)
+                .with_context(|| format!("creating {}", path.display()))?;
+        }
+        Ok(PinDir {
+            path,
+            layout,
+            found,
+            remove_on_drop: false,
+        })
+    }
+
+    /// Removes the pins of every datapath not in `names`; returns what it
+    /// removed.
+    pub fn remove_others(&self, names: &[String]) -> Vec<String> {
+        let keep: Vec<String> = names.iter().map(|n| dir_name(n)).collect();
+        let mut removed = Vec::new();
+        for dir in pinned_datapaths(&self.path) {
+            if keep.contains(&dir) {
+                continue;
+            }
+            match fs::remove_dir_all(self.path.join(&dir)) {
+                Ok(()) => removed.push(dir),
+                Err(err) => tracing::warn!("removing the pins of {dir}: {err}"),
+            }
+        }
+        removed
+    }
+
+    /// Removes the root itself once it is empty.
+    pub fn remove_if_empty(&self) {
+        let _ = fs::remove_dir(&self.path);
+    }
+}
+
+/// `port-nat eth0` -> `port-nat-eth0`: interface names hold no `/`.
+fn dir_name(name: &str) -> String {
+    name.replace([' ', '/'], "-")
+}
+
+/// The datapath directories under `root`, sorted; none when it is absent.
+pub fn pinned_datapaths(root: &Path) -> Vec<String> {
+    let mut names: Vec<String> = fs::read_dir(root)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|entry| entry.file_type().is_ok_and(|t| t.is_dir()))
+        .map(|entry| entry.file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+/// Removes `root` and everything pinned under it: the links detach once
+/// no process holds them.
+pub fn remove_all(root: &Path) -> Result<Vec<String>> {
+    let names = pinned_datapaths(root);
+    match fs::remove_dir_all(root) {
+        Ok(()) => Ok(names),
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+        Err(err) => Err(err).with_context(|| format!("removing {}", root.display())),
+    }
+}
+
+fn is_bpffs(path: &Path) -> bool {
+    statfs(path).is_ok_and(|fs| fs.filesystem_type() == BPF_FS_MAGIC)
+}
+
+fn read_layout(dir: &Path) -> Option<u64> {
+    let map = MapHandle::from_pinned_path(dir.join(LAYOUT_MAP)).ok()?;
+    let value = map.lookup(&0u32.to_ne_bytes(), MapFlags::ANY).ok()??;
+    Some(u64::from_ne_bytes(value.get(..8)?.try_into().ok()?))
+}
+
+/// What a previous run left in a datapath's directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Found {
+    Nothing,
+    SameLayout,
+    /// Maps this binary cannot read: they are replaced, not reused.
+    OtherLayout(String),
+}
+
+/// One datapath's pins.
+pub struct PinDir {
+    path: PathBuf,
+    layout: u64,
+    found: Found,
+    remove_on_drop: bool,
+}
+
+impl PinDir {
+    pub fn found(&self) -> &Found {
+        &self.found
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Where the link of `name` is pinned.
+    pub fn link(&self, name: &str) -> PathBuf {
+        self.path.join(format!("link-{name}"))
+    }
+
+    fn map(&self, name: &str) -> PathBuf {
+        self.path.join(format!("map-{name}"))
+    }
+
+    /// Makes `map` (before load) the pinned map of the same name when it
+    /// has this binary's layout and the same shape; returns whether it did.
+    pub fn reuse(&self, map: &mut OpenMapMut<'_>, name: &str) -> Result<bool> {
+        if self.found != Found::SameLayout {
+            return Ok(false);
+        }
+        let path = self.map(name);
+        let Ok(pinned) = MapHandle::from_pinned_path(&path) else {
+            return Ok(false);
+        };
+        let info = pinned.info().context("reading a pinned map")?;
+        let same_shape = info.map_type() == map.map_type()
+            && info.info.key_size == map.key_size()
+            && info.info.value_size == map.value_size()
+            && info.info.max_entries == map.max_entries();
+        if !same_shape {
+            return Ok(false);
+        }
+        map.reuse_pinned_map(&path)
+            .with_context(|| format!("reusing {}", path.display()))?;
+        Ok(true)
+    }
+
+    /// The pinned map of `name` when it has this binary's layout but is
+    /// not `current` (its size changed): the source of a migration.
+    pub fn previous(&self, name: &str, current: &dyn MapCore) -> Option<MapHandle> {
+        if self.found != Found::SameLayout {
+            return None;
+        }
+        let path = self.map(name);
+        if same_map(&path, current) {
+            return None;
+        }
+        MapHandle::from_pinned_path(path).ok()
+    }
+
+    /// Once attached: pins each of `maps` that is not pinned here yet (or
+    /// was pinned from another map), records the layout, and from now on
+    /// removes the directory when dropped (a clean stop).
+    pub fn commit(&mut self, maps: &[(&str, &dyn MapCore)]) -> Result<()> {
+        for (name, map) in maps {
+            let path = self.map(name);
+            if self.found == Found::SameLayout && same_map(&path, *map) {
+                continue;
+            }
+            let _ = fs::remove_file(&path);
+            pin_fd(map.as_fd(), &path)?;
+        }
+        let layout_path = self.path.join(LAYOUT_MAP);
+        let _ = fs::remove_file(&layout_path);
+        let opts = libbpf_sys::bpf_map_create_opts {
+            sz: std::mem::size_of::<libbpf_sys::bpf_map_create_opts>() as _,
+            ..Default::default()
+        };
+        let mut layout = MapHandle::create(MapType::Array, Some("pr_layout"), 4, 8, 1, &opts)
+            .context("creating the layout record")?;
+        layout.update(
+            &0u32.to_ne_bytes(),
+            &self.layout.to_ne_bytes(),
+            MapFlags::ANY,
+        )?;
+        layout
+            .pin(&layout_path)
+            .with_context(|| format!("pinning {}", layout_path.display()))?;
+        self.found = Found::SameLayout;
+        self.remove_on_drop = true;
+        Ok(())
+    }
+}
+
+impl Drop for PinDir {
+    fn drop(&mut self) {
+        if self.remove_on_drop {
+            if let Err(err) = fs::remove_dir_all(&self.path) {
+                tracing::warn!("removing {}: {err}", self.path.display());
+            }
+        }
+    }
+}
+
+/// Whether the map pinned at `path` is `map` itself (reused at load).
+fn same_map(path: &Path, map: &dyn MapCore) -> bool {
+    let pinned = MapHandle::from_pinned_path(path).and_then(|m| m.info());
+    let ours = map.info();
+    matches!((pinned, ours), (Ok(p), Ok(o)) if p.info.id == o.info.id)
+}
+
+/// Pins the BPF object (map or link) behind `fd` at `path`.
+pub fn pin_fd(fd: std::os::fd::BorrowedFd<'_>, path: &Path) -> Result<()> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::ffi::OsStrExt;
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes())?;
+    // SAFETY: a descriptor and a NUL-terminated path that outlive the call.
+    let ret = unsafe { libbpf_sys::bpf_obj_pin(fd.as_raw_fd(), c_path.as_ptr()) };
+    if ret != 0 {
+        return Err(std::io::Error::from_raw_os_error(-ret))
+            .with_context(|| format!("pinning {}", path.display()));
+    }
+    Ok(())
+}
+
+/// Opens the BPF object pinned at `path`.
+pub fn open_pinned(path: &Path) -> std::io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    use std::os::unix::ffi::OsStrExt;
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: a NUL-terminated path that outlives the call.
+    let fd = unsafe { libbpf_sys::bpf_obj_get(c_path.as_ptr()) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: the kernel just returned this descriptor and nothing else owns it.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
+}
