@@ -61,7 +61,7 @@ fn start(testbed: &Testbed, file: &ConfigFile, bpffs: &PrivateBpffs) -> Running 
         &file.path,
         &["--pin-dir", &pin_dir],
         Some(&testbed.client),
-        None,
+        Some(&testbed.proxy),
     )
 }
 
@@ -344,4 +344,65 @@ fn cleanup_refuses_the_pins_of_a_running_service_and_foreground_port_nat_pins_no
     );
     port_nat.kill();
     assert_eq!(tc_programs(&testbed.client, "veth-c"), 0);
+}
+
+#[test]
+fn a_killed_service_leaves_redirect_refusing_rather_than_bypassing_the_proxy_and_a_restart_adopts_its_links(
+) {
+    let _one = one_service_at_a_time();
+    let testbed = root_testbed!();
+    let bpffs = PrivateBpffs::new();
+    let web = servers::http(&testbed.server, "[::]:80").unwrap();
+    let file = ConfigFile::new(&format!(
+        "[redirect]\ncgroup = \"{}\"\nsockopt-cgroup = \"{}\"\nports = [80]\n\
+         when-proxy-down = \"closed\"\n",
+        testbed.apps.path().display(),
+        testbed.parent.path().display()
+    ));
+    let url = format!("http://{SERVER_V4}/");
+    let service = start(&testbed, &file, &bpffs);
+    curl_ok(testbed.in_apps("curl"), &url);
+    let links = bpffs.pin_dir().join("redirect");
+    let connect4 = links.join("link-redirect_connect4");
+    let (link_before, prog_before) = pinned_link(&connect4);
+
+    // Nothing runs: the programs stay, find no proxy listening, and refuse.
+    service.kill();
+    let served = web.peers().len();
+    let gap = curl(testbed.in_apps("curl"), &url, &[]);
+    assert_eq!(
+        gap.status.code(),
+        Some(7),
+        "not refused while no proxy runs: {gap:?}"
+    );
+    assert_eq!(
+        web.peers().len(),
+        served,
+        "a connection went around the proxy"
+    );
+
+    let service = start(&testbed, &file, &bpffs);
+    assert!(
+        service.seen.iter().any(|l| l.contains("Adopting:")),
+        "{:?}",
+        service.seen
+    );
+    let (link_after, prog_after) = pinned_link(&connect4);
+    assert_eq!(
+        link_before, link_after,
+        "connect4's link was replaced, not updated"
+    );
+    assert_ne!(
+        prog_before, prog_after,
+        "the new connect4 was not swapped in"
+    );
+    assert_eq!(
+        testbed.attached_redirect_programs(),
+        std::fs::read_dir(&links).unwrap().count() as u32 - 1,
+        "every attached program is pinned once (and the layout record)"
+    );
+    curl_ok(testbed.in_apps("curl"), &url);
+    service.stop_ok();
+    assert!(!bpffs.pin_dir().exists());
+    assert_eq!(testbed.attached_redirect_programs(), 0);
 }

@@ -193,8 +193,11 @@ impl Bypass {
         if cgroup != self.cgroup {
             // The new cgroup first: connections there are bypassed at once.
             let mut attachments = Attachments::default();
-            attachments
-                .attach_cgroup(&self.skel.progs.bypass_sockops, &CgroupFd::open(&cgroup)?)?;
+            attachments.attach_cgroup(
+                &self.skel.progs.bypass_sockops,
+                &CgroupFd::open(&cgroup)?,
+                None,
+            )?;
             self.attachments = attachments;
             self.cgroup = cgroup;
         }
@@ -227,7 +230,7 @@ impl Datapath for Bypass {
         self.readers = attach_readers(&self.skel)?;
         let cgroup = CgroupFd::open(&self.cgroup)?;
         self.attachments
-            .attach_cgroup(&self.skel.progs.bypass_sockops, &cgroup)?;
+            .attach_cgroup(&self.skel.progs.bypass_sockops, &cgroup, None)?;
 
         out!("Bypassing same-host TCP");
         out!("  cgroup:            {}", self.cgroup.display());

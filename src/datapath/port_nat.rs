@@ -330,10 +330,11 @@ fn attach(
         if let Some(previous) = pins.previous("flows", &maps.flows) {
             maps::copy_new_entries(&previous, &maps.flows)?;
         }
-        pins.commit(&[
+        let pinned_maps = [
             ("flows", &maps.flows as &dyn MapCore),
             ("stats", &maps.stats),
-        ])?;
+        ];
+        pins.commit(&pinned_maps, &["egress", "ingress"])?;
     }
     Ok((attachments, path))
 }

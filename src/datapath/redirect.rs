@@ -27,6 +27,7 @@ use crate::relay::udp::{BoundUdpRelay, UdpRelay, UdpRelayConfig};
 use crate::runtime::{Datapath, EventSource, RunContext};
 use crate::sys::cgroup::{self, CgroupFd};
 use crate::sys::links::{self, Attachments};
+use crate::sys::pins::{Found, PinDir};
 use crate::sys::privileges;
 use crate::telemetry::events::comm_to_string;
 use crate::telemetry::stats::{Metric, Snapshot};
@@ -227,6 +228,9 @@ pub struct Redirect {
     bound: Option<(BoundProxy, Option<BoundUdpRelay>)>,
     proxy: Option<RunningProxy>,
     udp_relay: Option<UdpRelay>,
+    /// Under `run --config`: the links a crash leaves attached, so that
+    /// `--when-proxy-down` keeps deciding while no process runs.
+    pins: Option<PinDir>,
 }
 
 impl Redirect {
@@ -248,6 +252,12 @@ impl Redirect {
         };
         let builtin_proxy = bound.is_some();
         let skel = OwnedSkel::load(|object| load(args, &plan, builtin_proxy, ctx, object))?;
+        // Only the links are kept: the records belong to connections the
+        // dead process's proxy held, which died with it.
+        let pins = ctx.pin_dir("redirect", 0)?;
+        if pins.as_ref().is_some_and(|p| *p.found() != Found::Nothing) {
+            out!("  Adopting:          the links an earlier run pinned");
+        }
         Ok(Redirect {
             args: args.clone(),
             plan,
@@ -256,37 +266,60 @@ impl Redirect {
             bound,
             proxy: None,
             udp_relay: None,
+            pins,
         })
     }
 
-    /// Attaches every program for `args` to its cgroup.
-    fn attach_programs(&self, args: &RedirectArgs, plan: &Plan) -> Result<Attachments> {
+    /// Attaches every program for `args` to its cgroup; under a service,
+    /// into the links an earlier run pinned.
+    fn attach_programs(&mut self, args: &RedirectArgs, plan: &Plan) -> Result<Attachments> {
         let progs = &self.skel.progs;
         let mut attachments = Attachments::default();
+        let mut pinned = Vec::new();
         // sockops and getsockopt first: no connection may be redirected
         // before its original destination can be re-keyed and answered.
         let cgroup = CgroupFd::open(&plan.cgroup)?;
         let sockopt_cgroup = CgroupFd::open(&plan.sockopt_cgroup)?;
-        attachments.attach_cgroup(&progs.redirect_sockops, &cgroup)?;
-        attachments.attach_cgroup(&progs.redirect_proxy_sockops, &sockopt_cgroup)?;
-        attachments.attach_cgroup(&progs.redirect_getsockopt, &sockopt_cgroup)?;
-        attachments.attach_cgroup(&progs.redirect_getpeername4, &cgroup)?;
-        attachments.attach_cgroup(&progs.redirect_getpeername6, &cgroup)?;
+        let mut order = vec![
+            (&progs.redirect_sockops, &cgroup),
+            (&progs.redirect_proxy_sockops, &sockopt_cgroup),
+            (&progs.redirect_getsockopt, &sockopt_cgroup),
+            (&progs.redirect_getpeername4, &cgroup),
+            (&progs.redirect_getpeername6, &cgroup),
+        ];
         if args.udp_ports.is_some() {
             // Replies are shown from the original before any datagram leaves.
-            attachments.attach_cgroup(&progs.redirect_recvmsg4, &cgroup)?;
-            attachments.attach_cgroup(&progs.redirect_recvmsg6, &cgroup)?;
+            order.extend([
+                (&progs.redirect_recvmsg4, &cgroup),
+                (&progs.redirect_recvmsg6, &cgroup),
+            ]);
             if !args.no_proxy {
-                attachments.attach_cgroup(&progs.redirect_proxy_recvmsg4, &sockopt_cgroup)?;
-                attachments.attach_cgroup(&progs.redirect_proxy_recvmsg6, &sockopt_cgroup)?;
-                attachments.attach_cgroup(&progs.redirect_proxy_sendmsg4, &sockopt_cgroup)?;
-                attachments.attach_cgroup(&progs.redirect_proxy_sendmsg6, &sockopt_cgroup)?;
+                order.extend([
+                    (&progs.redirect_proxy_recvmsg4, &sockopt_cgroup),
+                    (&progs.redirect_proxy_recvmsg6, &sockopt_cgroup),
+                    (&progs.redirect_proxy_sendmsg4, &sockopt_cgroup),
+                    (&progs.redirect_proxy_sendmsg6, &sockopt_cgroup),
+                ]);
             }
-            attachments.attach_cgroup(&progs.redirect_sendmsg4, &cgroup)?;
-            attachments.attach_cgroup(&progs.redirect_sendmsg6, &cgroup)?;
+            order.extend([
+                (&progs.redirect_sendmsg4, &cgroup),
+                (&progs.redirect_sendmsg6, &cgroup),
+            ]);
         }
-        attachments.attach_cgroup(&progs.redirect_connect4, &cgroup)?;
-        attachments.attach_cgroup(&progs.redirect_connect6, &cgroup)?;
+        order.extend([
+            (&progs.redirect_connect4, &cgroup),
+            (&progs.redirect_connect6, &cgroup),
+        ]);
+        for (program, cgroup) in order {
+            let name = program.name().to_string_lossy().into_owned();
+            let pin = self.pins.as_ref().map(|pins| pins.link(&name));
+            attachments.attach_cgroup(program, cgroup, pin.as_deref())?;
+            pinned.push(name);
+        }
+        if let Some(pins) = &mut self.pins {
+            let names: Vec<&str> = pinned.iter().map(String::as_str).collect();
+            pins.commit(&[], &names)?;
+        }
         Ok(attachments)
     }
 }
@@ -303,7 +336,8 @@ impl Redirect {
         // The new attachments come first, so that no connection passes
         // unredirected in between.
         if plan.cgroup != self.plan.cgroup || plan.sockopt_cgroup != self.plan.sockopt_cgroup {
-            self.attachments = self.attach_programs(new, &plan)?;
+            let attachments = self.attach_programs(new, &plan)?;
+            self.attachments = attachments;
         }
         let maps = &self.skel.maps;
         maps::sync_flags(
@@ -329,7 +363,8 @@ impl Datapath for Redirect {
     }
 
     fn attach(&mut self, ctx: &RunContext) -> Result<()> {
-        self.attachments = self.attach_programs(&self.args, &self.plan)?;
+        let (args, plan) = (self.args.clone(), self.plan.clone());
+        self.attachments = self.attach_programs(&args, &plan)?;
         print_configuration(&self.args, &self.plan);
         if let Some((proxy, udp_relay)) = self.bound.take() {
             let proxy = proxy.start_on(ctx.proxy_runtime()?)?;

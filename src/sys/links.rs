@@ -6,7 +6,7 @@ use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
-use libbpf_rs::{Link, ProgramMut, TcHook, TcHookBuilder, TC_EGRESS, TC_INGRESS};
+use libbpf_rs::{AsRawLibbpf, Link, ProgramMut, TcHook, TcHookBuilder, TC_EGRESS, TC_INGRESS};
 
 use crate::sys::cgroup::CgroupFd;
 use crate::sys::pins;
@@ -220,16 +220,39 @@ impl Attachments {
             .collect()
     }
 
-    pub fn attach_cgroup(&mut self, program: &ProgramMut, cgroup: &CgroupFd) -> Result<()> {
-        let link = program.attach_cgroup(cgroup.raw_fd()).with_context(|| {
-            format!(
-                "attaching {} to cgroup {}",
-                program.name().to_string_lossy(),
-                cgroup.path.display()
-            )
-        })?;
+    /// Attaches a cgroup program. With `pin`, a link pinned there by an
+    /// earlier run on the same cgroup and hook is kept, its program swapped
+    /// for `program` in place; a new link is pinned there.
+    pub fn attach_cgroup(
+        &mut self,
+        program: &ProgramMut,
+        cgroup: &CgroupFd,
+        pin: Option<&Path>,
+    ) -> Result<()> {
+        let name = program.name().to_string_lossy().into_owned();
+        let target = format!("cgroup {}", cgroup.path.display());
+        if let Some(pin) = pin {
+            match adopt_cgroup(program, pin, cgroup) {
+                Ok(Some(fd)) => {
+                    self.link_fds.push(fd);
+                    self.record(program, target + " (adopted)");
+                    return Ok(());
+                }
+                Ok(None) => {}
+                Err(err) => tracing::warn!("replacing the pinned link {}: {err:#}", pin.display()),
+            }
+        }
+        let mut link = program
+            .attach_cgroup(cgroup.raw_fd())
+            .with_context(|| format!("attaching {name} to cgroup {}", cgroup.path.display()))?;
+        if let Some(pin) = pin {
+            // The old link, if any, detaches only now.
+            let _ = std::fs::remove_file(pin);
+            link.pin(pin)
+                .with_context(|| format!("pinning {}", pin.display()))?;
+        }
         self.links.push(link);
-        self.record(program, format!("cgroup {}", cgroup.path.display()));
+        self.record(program, target);
         Ok(())
     }
 
@@ -331,15 +354,15 @@ impl Attachments {
     }
 }
 
-/// Opens the tcx link pinned at `pin` and swaps `program` into it
+/// Opens the link pinned at `pin` and, when `on_our_hook` says it is
+/// attached where `program` goes, swaps `program` into it
 /// (BPF_LINK_UPDATE): no moment with nothing attached. None when nothing is
-/// pinned there; an error when the link is defunct (its interface gone) or
-/// on another hook.
-fn adopt_tcx(
+/// pinned there or the link is elsewhere (another cgroup, an interface that
+/// is gone): the caller attaches anew and replaces the pin.
+fn adopt_link(
     program: &ProgramMut,
     pin: &Path,
-    ifindex: u32,
-    direction: TcDirection,
+    on_our_hook: impl Fn(&libbpf_sys::bpf_link_info) -> bool,
 ) -> Result<Option<OwnedFd>> {
     let fd = match pins::open_pinned(pin) {
         Ok(fd) => fd,
@@ -354,13 +377,8 @@ fn adopt_tcx(
     if ret != 0 {
         return Err(std::io::Error::from_raw_os_error(-ret)).context("reading it");
     }
-    // SAFETY: the tcx member is the one a tcx link fills.
-    let tcx = unsafe { info.__bindgen_anon_1.tcx };
-    if info.type_ != libbpf_sys::BPF_LINK_TYPE_TCX
-        || tcx.ifindex != ifindex
-        || tcx.attach_type != tcx_attach_type(direction)
-    {
-        bail!("it is not a tcx link on ifindex {ifindex} {direction:?} (its interface is gone?)");
+    if !on_our_hook(&info) {
+        return Ok(None);
     }
     // SAFETY: two descriptors and no options.
     let ret = unsafe {
@@ -374,6 +392,40 @@ fn adopt_tcx(
         return Err(std::io::Error::from_raw_os_error(-ret)).context("swapping its program");
     }
     Ok(Some(fd))
+}
+
+/// adopt_link() for a tcx link on `ifindex` in `direction`.
+fn adopt_tcx(
+    program: &ProgramMut,
+    pin: &Path,
+    ifindex: u32,
+    direction: TcDirection,
+) -> Result<Option<OwnedFd>> {
+    adopt_link(program, pin, |info| {
+        // SAFETY: the tcx member is the one a tcx link fills.
+        let tcx = unsafe { info.__bindgen_anon_1.tcx };
+        info.type_ == libbpf_sys::BPF_LINK_TYPE_TCX
+            && tcx.ifindex == ifindex
+            && tcx.attach_type == tcx_attach_type(direction)
+    })
+}
+
+/// adopt_link() for a cgroup link of `program`'s attach type on `cgroup`.
+fn adopt_cgroup(program: &ProgramMut, pin: &Path, cgroup: &CgroupFd) -> Result<Option<OwnedFd>> {
+    use std::os::unix::fs::MetadataExt;
+    // A cgroup's id is its directory's inode number.
+    let cgroup_id = std::fs::metadata(&cgroup.path)?.ino();
+    // SAFETY: a loaded program's libbpf object, read only.
+    let attach_type = unsafe {
+        libbpf_sys::bpf_program__expected_attach_type(program.as_libbpf_object().as_ptr())
+    };
+    adopt_link(program, pin, |info| {
+        // SAFETY: the cgroup member is the one a cgroup link fills.
+        let link = unsafe { info.__bindgen_anon_1.cgroup };
+        info.type_ == libbpf_sys::BPF_LINK_TYPE_CGROUP
+            && link.cgroup_id == cgroup_id
+            && link.attach_type == attach_type
+    })
 }
 
 fn tcx_attach_type(direction: TcDirection) -> libbpf_sys::bpf_attach_type {

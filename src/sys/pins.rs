@@ -224,9 +224,21 @@ impl PinDir {
     }
 
     /// Once attached: pins each of `maps` that is not pinned here yet (or
-    /// was pinned from another map), records the layout, and from now on
-    /// removes the directory when dropped (a clean stop).
-    pub fn commit(&mut self, maps: &[(&str, &dyn MapCore)]) -> Result<()> {
+    /// was pinned from another map), unpins the links of an earlier run
+    /// that are not among `links` (a hook no longer used), records the
+    /// layout, and from now on removes the directory when dropped (a clean
+    /// stop).
+    pub fn commit(&mut self, maps: &[(&str, &dyn MapCore)], links: &[&str]) -> Result<()> {
+        let in_use: Vec<std::ffi::OsString> = links
+            .iter()
+            .map(|name| self.link(name).file_name().unwrap_or_default().to_owned())
+            .collect();
+        for entry in fs::read_dir(&self.path).into_iter().flatten().flatten() {
+            let name = entry.file_name();
+            if name.to_string_lossy().starts_with("link-") && !in_use.contains(&name) {
+                let _ = fs::remove_file(entry.path());
+            }
+        }
         for (name, map) in maps {
             let path = self.map(name);
             if self.found == Found::SameLayout && same_map(&path, *map) {
