@@ -65,7 +65,7 @@ demo: build
 	$(BIN) demo
 
 # One benchmark per subcommand, each run after the other on a quiet machine.
-BENCHES := redirect bypass port_nat tproxy
+BENCHES := redirect bypass port_nat tproxy restart
 
 bench: build
 	for b in $(BENCHES); do $(CARGO) bench --bench $$b || exit 1; done
