@@ -343,7 +343,10 @@ fn cleanup_refuses_the_pins_of_a_running_service_and_foreground_port_nat_pins_no
         &["port-nat", "-i", "veth-c", "-f", "8081", "-t", "18080"],
     );
     port_nat.kill();
-    assert_eq!(tc_programs(&testbed.client, "veth-c"), 0);
+    // Before 6.6 the clsact fallback's filters outlive a kill, as documented.
+    if kernel::has_tcx() {
+        assert_eq!(tc_programs(&testbed.client, "veth-c"), 0);
+    }
 }
 
 #[test]
