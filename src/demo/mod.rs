@@ -1,12 +1,14 @@
-//! `proxy-redirect demo`: `redirect` end to end on a private network that
-//! the demo builds and removes: a client and a server network namespace
-//! joined by a veth pair, and a child cgroup for the client. It never
-//! attaches anything to the host's root cgroup or to a real interface.
+//! `proxy-redirect demo`: `redirect` end to end, then the service running
+//! port-nat through a crash, on a private network that the demo builds and
+//! removes: a client and a server network namespace joined by a veth pair,
+//! a child cgroup for the client, and a bpffs of its own. It never attaches
+//! anything to the host's root cgroup or to a real interface.
 
+mod crash;
 pub mod servers;
 
 use std::io::{BufRead, BufReader};
-use std::process::{Child, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
@@ -28,8 +30,12 @@ const SERVER_V6: &str = "fd03::2";
 The demo creates network namespaces pr-demo-<pid>-client and -server, a cgroup
 proxy-redirect-demo-<pid> under the cgroup2 root with children apps and proxy,
 runs `proxy-redirect redirect -v` for apps with the built-in proxy, sends curl
-requests from apps over IPv4, IPv6 and a v4-mapped dual-stack socket, shows
-the events and statistics, and removes everything. Needs root and curl.")]
+requests from apps over IPv4, IPv6 and a v4-mapped dual-stack socket, and
+shows the events and statistics. Then it runs the service (`run --config`)
+with port-nat 8081 -> 80 on the server's veth, pinned on a bpffs it mounts
+in a directory of its own under /tmp, kills it with SIGKILL in the middle of
+a 20 MB transfer, starts it again and checks that every byte came back.
+Everything is removed at the end. Needs root and curl.")]
 pub struct DemoArgs {}
 
 /// Everything the demo creates, removed in reverse order on drop.
@@ -128,61 +134,78 @@ pub fn run(_args: &DemoArgs) -> Result<()> {
     );
 
     out!("\n== Stopping the redirector (SIGINT) ==");
-    redirector.stop()?;
+    redirector.stop(nix::sys::signal::Signal::SIGINT)?;
+    crash::run(&network)?;
     drop(server);
     drop(network);
     out!("\n== Removed the namespaces and the cgroup; nothing is attached ==");
     Ok(())
 }
 
-/// The redirector as its own process in the client netns and the proxy
-/// cgroup; its output is echoed with a prefix.
-struct Redirector {
-    child: Child,
-    echo: std::thread::JoinHandle<()>,
-}
-
-fn start_redirector(network: &Network) -> Result<Redirector> {
+fn start_redirector(network: &Network) -> Result<Echoed> {
     let exe = std::env::current_exe().context("finding this program")?;
-    let mut child = netns::command_in(
+    let mut command = netns::command_in(
         &exe.display().to_string(),
         Some(&network.client),
         Some(&network.proxy),
-    )?
-    .args(["redirect", "-v", "-c"])
-    .arg(network.apps.path())
-    .arg("--sockopt-cgroup")
-    .arg(network.parent.path())
-    .stdout(Stdio::piped())
-    .spawn()
-    .context("starting the redirector")?;
-    let stdout = child.stdout.take().context("redirector stdout")?;
-    let (ready_tx, ready_rx) = mpsc::channel();
-    let echo = std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if line.starts_with("Attached") {
-                let _ = ready_tx.send(());
-            }
-            out!("  | {line}");
-        }
-    });
-    if ready_rx.recv_timeout(Duration::from_secs(20)).is_err() {
-        let _ = child.kill();
-        let _ = child.wait();
-        bail!("the redirector did not start (its error is above)");
-    }
-    Ok(Redirector { child, echo })
+    )?;
+    command
+        .args(["redirect", "-v", "-c"])
+        .arg(network.apps.path())
+        .arg("--sockopt-cgroup")
+        .arg(network.parent.path());
+    Echoed::start(command, "Attached", "the redirector")
 }
 
-impl Redirector {
-    fn stop(mut self) -> Result<()> {
+/// A proxy-redirect of the demo's, as its own process; its output is
+/// echoed with a prefix.
+struct Echoed {
+    child: Child,
+    echo: std::thread::JoinHandle<()>,
+    what: &'static str,
+}
+
+impl Echoed {
+    /// Starts `command`, ready once it prints a line starting with `ready`.
+    fn start(mut command: Command, ready: &'static str, what: &'static str) -> Result<Echoed> {
+        let mut child = command
+            .stdout(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("starting {what}"))?;
+        let stdout = child.stdout.take().context("stdout")?;
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let echo = std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if line.starts_with(ready) {
+                    let _ = ready_tx.send(());
+                }
+                out!("  | {line}");
+            }
+        });
+        if ready_rx.recv_timeout(Duration::from_secs(20)).is_err() {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("{what} did not start (its error is above)");
+        }
+        Ok(Echoed { child, echo, what })
+    }
+
+    fn stop(mut self, signal: nix::sys::signal::Signal) -> Result<()> {
         let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
-        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT)?;
+        nix::sys::signal::kill(pid, signal)?;
         let status = self.child.wait()?;
         let _ = self.echo.join();
         if !status.success() {
-            bail!("the redirector exited with {status}");
+            bail!("{} exited with {status}", self.what);
         }
+        Ok(())
+    }
+
+    /// SIGKILL, as a crash would.
+    fn kill(mut self) -> Result<()> {
+        self.child.kill()?;
+        self.child.wait()?;
+        let _ = self.echo.join();
         Ok(())
     }
 }
