@@ -68,19 +68,35 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let stopped = |result: anyhow::Result<()>| result.map(|()| ExitCode::SUCCESS);
     let result = match &cli.command {
-        Command::Redirect(args) => service::run_one(Settings::Redirect(args.clone()), &args.output),
-        Command::Proxy(args) => service::run_one(Settings::Proxy(args.clone()), &args.output()),
-        Command::Bypass(args) => service::run_one(Settings::Bypass(args.clone()), &args.output),
-        Command::PortNat(args) => service::run_one(Settings::PortNat(args.clone()), &args.output),
-        Command::Tproxy(args) => service::run_one(Settings::Tproxy(args.clone()), &args.output),
-        Command::Run(args) => service::run(args),
-        Command::Status(args) => status::run(args),
-        Command::Cleanup(args) => service::cleanup::run(args),
-        Command::Demo(args) => demo::run(args),
+        Command::Redirect(args) => stopped(service::run_one(
+            Settings::Redirect(args.clone()),
+            &args.output,
+        )),
+        Command::Proxy(args) => stopped(service::run_one(
+            Settings::Proxy(args.clone()),
+            &args.output(),
+        )),
+        Command::Bypass(args) => stopped(service::run_one(
+            Settings::Bypass(args.clone()),
+            &args.output,
+        )),
+        Command::PortNat(args) => stopped(service::run_one(
+            Settings::PortNat(args.clone()),
+            &args.output,
+        )),
+        Command::Tproxy(args) => stopped(service::run_one(
+            Settings::Tproxy(args.clone()),
+            &args.output,
+        )),
+        Command::Run(args) => service::run(args).map(service::Ending::exit_code),
+        Command::Status(args) => stopped(status::run(args)),
+        Command::Cleanup(args) => stopped(service::cleanup::run(args)),
+        Command::Demo(args) => stopped(demo::run(args)),
     };
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(err) => {
             err_out!("error: {err:#}");
             ExitCode::FAILURE

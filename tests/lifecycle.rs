@@ -409,3 +409,81 @@ fn a_killed_service_leaves_redirect_refusing_rather_than_bypassing_the_proxy_and
     assert!(!bpffs.pin_dir().exists());
     assert_eq!(testbed.attached_redirect_programs(), 0);
 }
+
+/// A copy of the binary that differs from it (bytes appended after the
+/// ELF, which the loader ignores), as an upgrade would bring.
+fn another_build(dir: &TempDir) -> String {
+    let copy = dir.join("proxy-redirect-next");
+    let mut bytes = std::fs::read(BIN).unwrap();
+    bytes.extend_from_slice(b"another build");
+    std::fs::write(&copy, bytes).unwrap();
+    std::fs::set_permissions(&copy, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    copy.display().to_string()
+}
+
+#[test]
+fn sigusr2_hands_port_nat_mid_download_to_another_build_which_adopts_it() {
+    let _one = one_service_at_a_time();
+    let testbed = root_testbed!();
+    let bpffs = PrivateBpffs::new();
+    let dir = TempDir::new();
+    let next = another_build(&dir);
+    let file = ConfigFile::new(CONFIG);
+    let service = start(&testbed, &file, &bpffs);
+    let before = kernel::has_tcx().then(|| pinned_links(&bpffs));
+
+    let download = slow_download(&testbed, 50_000_000, "6M");
+    std::thread::sleep(Duration::from_secs(2));
+    let (status, out, err) = service.stop_with(Signal::SIGUSR2);
+    assert_eq!(status.code(), Some(75), "{out}\n{err}");
+    assert!(
+        out.contains("Handed over: the datapaths pinned in"),
+        "{out}"
+    );
+    assert_eq!(
+        pins::pinned_datapaths(&bpffs.pin_dir()),
+        ["port-nat-veth-c"]
+    );
+
+    let pin_dir = bpffs.pin_dir().display().to_string();
+    let args: Vec<String> = ["run", "--config", &file.path.display().to_string()]
+        .into_iter()
+        .map(String::from)
+        .chain(["--pin-dir".into(), pin_dir])
+        .collect();
+    let service = Running::start(
+        &next,
+        &args,
+        Some(&testbed.client),
+        Some(&testbed.proxy),
+        "Service running",
+    );
+    assert!(
+        service.seen.iter().any(|l| l.contains("Adopting:")),
+        "{:?}",
+        service.seen
+    );
+    if let Some(before) = before {
+        let after = pinned_links(&bpffs);
+        for ((link_before, prog_before), (link_after, prog_after)) in before.iter().zip(&after) {
+            assert_eq!(
+                link_before, link_after,
+                "the link was replaced, not updated"
+            );
+            assert_ne!(
+                prog_before, prog_after,
+                "the new build's program was not swapped in"
+            );
+        }
+    }
+    assert!(
+        !download.thread.is_finished(),
+        "the transfer ended before the hand-over"
+    );
+    download
+        .thread
+        .join()
+        .expect("the transfer through port-nat broke");
+    service.stop_ok();
+    assert!(!bpffs.pin_dir().exists());
+}

@@ -46,7 +46,14 @@ Everything is checked before anything is attached. SIGHUP reloads the file:
 ports, networks, excluded users and port mappings change in place without
 dropping a connection, a new cgroup is attached before the old one is left,
 and a file with an error is refused while the running configuration stays.
-`proxy-redirect status` shows what runs.")]
+`proxy-redirect status` shows what runs.
+
+port-nat's links and flows and redirect's links are pinned in --pin-dir: a
+killed service leaves them working and the next start adopts them (its
+programs swapped into the same links). SIGTERM stops for good and removes
+them; SIGUSR2 stops and leaves them to the next start, exiting with status
+75, which the systemd unit restarts at once: the way to upgrade the binary
+or change a setting a reload refuses while port-nat goes on translating.")]
 pub struct RunArgs {
     /// The TOML configuration file; it, every symlink to it and every
     /// directory above them must be writable by root only
@@ -87,8 +94,12 @@ impl Source<Settings> for ConfigFile<'_> {
 }
 
 /// `proxy-redirect run --config FILE`.
-pub fn run(args: &RunArgs) -> Result<()> {
-    run_service(&ConfigFile(args), &args.output, &args.pin_dir)
+pub fn run(args: &RunArgs) -> Result<Ending> {
+    run_service(&ConfigFile(args), &args.output, &args.pin_dir)?;
+    Ok(match shutdown::handover_requested() {
+        true => Ending::HandedOver,
+        false => Ending::Stopped,
+    })
 }
 
 /// Runs one subcommand's datapath until SIGINT/SIGTERM/SIGHUP.
@@ -127,6 +138,7 @@ fn run_service<S: DatapathSettings>(
     };
     shutdown::install()?;
     shutdown::reload_on_hangup();
+    shutdown::hand_over_on_usr2()?;
     let mut datapaths = Vec::new();
     for each in &settings {
         datapaths.push(each.prepare(&ctx)?);
@@ -169,16 +181,49 @@ fn finish<R: RunningDatapath>(ctx: &RunContext, mut running: Vec<R>) -> Result<(
         out!("{}", serde_json::json!({ "statistics": statistics }));
     }
     drop(datapaths);
+    let handing_over = shutdown::handover_requested();
+    if handing_over {
+        pins::keep_for_next_start();
+    }
     // Detached in reverse order of attachment.
     while let Some(each) = running.pop() {
         drop(each);
     }
-    if let Some(root) = &ctx.pins {
-        root.remove_if_empty();
+    match (&ctx.pins, handing_over) {
+        (Some(root), true) => out!(
+            "Handed over: the datapaths pinned in {} stay for the next start",
+            root.path().display()
+        ),
+        (None, true) => {
+            out!("Handed over, with nothing pinned (no bpffs): the next start begins anew")
+        }
+        (Some(root), false) => root.remove_if_empty(),
+        (None, false) => {}
     }
     out!("Cleaned up");
     Ok(())
 }
+
+/// How a service ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ending {
+    Stopped,
+    /// SIGUSR2: its pins stay for the next start.
+    HandedOver,
+}
+
+impl Ending {
+    /// EX_TEMPFAIL after a hand-over, so that a supervisor starts the
+    /// binary on disk again (the unit's RestartForceExitStatus).
+    pub fn exit_code(self) -> std::process::ExitCode {
+        match self {
+            Ending::Stopped => std::process::ExitCode::SUCCESS,
+            Ending::HandedOver => std::process::ExitCode::from(HANDED_OVER_STATUS),
+        }
+    }
+}
+
+pub const HANDED_OVER_STATUS: u8 = 75;
 
 const TICK: Duration = Duration::from_millis(100);
 const PUBLISH_INTERVAL: Duration = Duration::from_secs(1);

@@ -128,6 +128,9 @@ struct ClsactFilter {
 
 impl Drop for ClsactFilter {
     fn drop(&mut self) {
+        if pins::kept_for_next_start() {
+            return;
+        }
         if let Err(err) = self.hook.detach() {
             tracing::warn!("detaching a clsact filter: {err}");
         }

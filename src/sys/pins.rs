@@ -8,6 +8,7 @@
 use std::fs;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{bail, Context, Result};
 use libbpf_rs::{MapCore, MapFlags, MapHandle, MapType, OpenMapMut};
@@ -16,6 +17,18 @@ use nix::sys::statfs::{statfs, FsType};
 pub const DEFAULT_PIN_ROOT: &str = "/sys/fs/bpf/proxy-redirect";
 
 const LAYOUT_MAP: &str = "layout";
+
+static KEEP_FOR_NEXT_START: AtomicBool = AtomicBool::new(false);
+
+/// From now on nothing pinned is removed when dropped, and legacy clsact
+/// filters stay: the process is handing over to the next start.
+pub fn keep_for_next_start() {
+    KEEP_FOR_NEXT_START.store(true, Ordering::SeqCst);
+}
+
+pub fn kept_for_next_start() -> bool {
+    KEEP_FOR_NEXT_START.load(Ordering::SeqCst)
+}
 const BPF_FS_MAGIC: FsType = FsType(0xcafe4a11);
 
 /// A hash of the texts that define a datapath's map layouts (its shared
@@ -271,7 +284,7 @@ impl PinDir {
 
 impl Drop for PinDir {
     fn drop(&mut self) {
-        if self.remove_on_drop {
+        if self.remove_on_drop && !kept_for_next_start() {
             if let Err(err) = fs::remove_dir_all(&self.path) {
                 tracing::warn!("removing {}: {err}", self.path.display());
             }

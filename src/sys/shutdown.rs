@@ -1,6 +1,7 @@
 //! Signals: SIGINT and SIGTERM ask the running process to stop cleanly.
 //! SIGHUP asks a service (`run --config`) to reload its file, and stops a
-//! single subcommand, as a closed terminal should.
+//! single subcommand, as a closed terminal should. SIGUSR2 asks a service
+//! to stop and leave its pinned datapaths to the next start.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::OnceLock;
@@ -11,12 +12,16 @@ use nix::sys::signal::{self, SaFlags, SigAction, SigHandler, SigSet, Signal};
 static REQUESTED: AtomicBool = AtomicBool::new(false);
 static RELOAD_REQUESTED: AtomicBool = AtomicBool::new(false);
 static HANGUP_RELOADS: AtomicBool = AtomicBool::new(false);
+static HANDOVER_REQUESTED: AtomicBool = AtomicBool::new(false);
 static INSTALLED: OnceLock<()> = OnceLock::new();
 
 extern "C" fn on_signal(signal: libc::c_int) {
     // Only atomic stores: this runs in signal context.
     if signal == libc::SIGHUP && HANGUP_RELOADS.load(Ordering::SeqCst) {
         RELOAD_REQUESTED.store(true, Ordering::SeqCst);
+    } else if signal == libc::SIGUSR2 {
+        HANDOVER_REQUESTED.store(true, Ordering::SeqCst);
+        REQUESTED.store(true, Ordering::SeqCst);
     } else {
         REQUESTED.store(true, Ordering::SeqCst);
     }
@@ -45,6 +50,25 @@ pub fn install() -> Result<()> {
 /// From now on SIGHUP asks for a reload instead of a stop.
 pub fn reload_on_hangup() {
     HANGUP_RELOADS.store(true, Ordering::SeqCst);
+}
+
+/// Makes SIGUSR2 ask for a stop that hands over to the next start (a
+/// service's; a subcommand keeps the default action, which ends it).
+pub fn hand_over_on_usr2() -> Result<()> {
+    let action = SigAction::new(
+        SigHandler::Handler(on_signal),
+        SaFlags::empty(),
+        SigSet::empty(),
+    );
+    // SAFETY: the handler only stores to atomics.
+    unsafe { signal::sigaction(Signal::SIGUSR2, &action) }
+        .context("installing the SIGUSR2 handler")?;
+    Ok(())
+}
+
+/// Whether the stop asked for is a hand-over (SIGUSR2).
+pub fn handover_requested() -> bool {
+    HANDOVER_REQUESTED.load(Ordering::SeqCst)
 }
 
 pub fn requested() -> bool {
