@@ -1,16 +1,19 @@
 //! `make bench` for the service's lifecycle: what clients of port-nat see
-//! when the service is killed (SIGKILL) and started again at once, as
-//! systemd's `Restart=` or the kubelet would do it. A request loop (one HTTP
-//! request every 10 ms, 1 s connect and read deadline) runs from the server
-//! netns through `port-nat 8081 -> 18080` on the client's veth, in two
-//! arms, interleaved:
-//! - pinned: the service pins its links and flows on a bpffs of the
-//!   benchmark's own, and the restart adopts them (this build);
-//! - unpinned: the same service with its pin directory off bpffs, so that
-//!   nothing outlives the process (every restart before pins).
+//! when the service stops and is started again at once, as systemd's
+//! `Restart=` or the kubelet would do it. A request loop (one HTTP request
+//! every 10 ms, 1 s connect and read deadline) runs from the server netns
+//! through `port-nat 8081 -> 18080` on the client's veth, in four arms,
+//! interleaved:
+//! - SIGUSR2, the hand-over an upgrade uses: the pins stay and the next
+//!   start adopts them;
+//! - SIGKILL, pinned: a crash; the next start adopts the pins;
+//! - SIGKILL, unpinned: the same service with its pin directory off bpffs,
+//!   so that nothing outlives the process (every restart before pins);
+//! - SIGTERM, a cold restart (`systemctl restart`): the clean stop removes
+//!   the pins.
 //!
 //! Per arm: failed requests, the longest stall (the longest time between
-//! two answered requests), and the time from the start command to the
+//! two answered requests), and the time from the stop signal to the new
 //! service serving ("Service running"). `BENCH_QUICK=1` runs one round.
 
 #[path = "../common/mod.rs"]
@@ -28,6 +31,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
+use nix::sys::signal::Signal;
 
 const INTERVAL: Duration = Duration::from_millis(10);
 const DEADLINE: Duration = Duration::from_secs(1);
@@ -38,7 +42,7 @@ fn main() {
     };
     let rounds = if quick { 1 } else { 5 };
     println!(
-        "\n== SIGKILL and an immediate restart of the service, port-nat clients \
+        "\n== A stop and an immediate start of the service, port-nat clients \
          (a request every {} ms; {rounds} rounds, interleaved) ==",
         INTERVAL.as_millis()
     );
@@ -49,26 +53,33 @@ fn main() {
     let file =
         ConfigFile::new("[[port-nat]]\ninterface = \"veth-c\"\nfrom = [8081]\nto = [18080]\n");
     let arms = [
-        ("pinned (adopted by link update)", bpffs.pin_dir()),
         (
-            "unpinned (nothing outlives the process)",
+            "SIGUSR2 hand-over (upgrade)",
+            Signal::SIGUSR2,
+            bpffs.pin_dir(),
+        ),
+        ("SIGKILL, pinned (crash)", Signal::SIGKILL, bpffs.pin_dir()),
+        (
+            "SIGKILL, unpinned (every restart before)",
+            Signal::SIGKILL,
             plain.join("proxy-redirect"),
         ),
+        ("SIGTERM (cold restart)", Signal::SIGTERM, bpffs.pin_dir()),
     ];
     let mut results: Vec<Vec<Outcome>> = vec![Vec::new(); arms.len()];
     for _ in 0..rounds {
-        for ((_, pin_dir), outcomes) in arms.iter().zip(&mut results) {
-            outcomes.push(kill_and_restart(&testbed, &file, pin_dir));
+        for ((_, signal, pin_dir), outcomes) in arms.iter().zip(&mut results) {
+            outcomes.push(stop_and_restart(&testbed, &file, *signal, pin_dir));
         }
     }
     println!(
         "\n  {:<42} {:>10} {:>16} {:>18}",
-        "arm", "failed", "longest stall ms", "start to serve ms"
+        "arm", "failed", "longest stall ms", "signal to serve ms"
     );
-    for ((name, _), outcomes) in arms.iter().zip(&mut results) {
+    for ((name, _, _), outcomes) in arms.iter().zip(&mut results) {
         let mut failed: Vec<f64> = outcomes.iter().map(|o| o.failed as f64).collect();
         let mut stall: Vec<f64> = outcomes.iter().map(|o| o.longest_stall_ms).collect();
-        let mut serving: Vec<f64> = outcomes.iter().map(|o| o.start_to_serve_ms).collect();
+        let mut serving: Vec<f64> = outcomes.iter().map(|o| o.signal_to_serve_ms).collect();
         println!(
             "  {name:<42} {:>10.0} {:>16.1} {:>18.1}",
             report::median(&mut failed),
@@ -83,7 +94,7 @@ fn main() {
 struct Outcome {
     failed: usize,
     longest_stall_ms: f64,
-    start_to_serve_ms: f64,
+    signal_to_serve_ms: f64,
 }
 
 /// A bpffs mounted on a directory of the benchmark's own.
@@ -125,9 +136,14 @@ fn start(testbed: &Testbed, file: &ConfigFile, pin_dir: &std::path::Path) -> Run
     )
 }
 
-/// Starts the service, runs the request loop for 1 s, kills the service,
-/// starts it again at once, and runs the loop for 1 s more.
-fn kill_and_restart(testbed: &Testbed, file: &ConfigFile, pin_dir: &std::path::Path) -> Outcome {
+/// Starts the service, runs the request loop for 1 s, stops the service
+/// with `signal`, starts it again at once, and runs the loop for 1 s more.
+fn stop_and_restart(
+    testbed: &Testbed,
+    file: &ConfigFile,
+    signal: Signal,
+    pin_dir: &std::path::Path,
+) -> Outcome {
     let service = start(testbed, file, pin_dir);
     let stop = Arc::new(AtomicBool::new(false));
     let target: SocketAddr = format!("{CLIENT_V4}:8081").parse().unwrap();
@@ -139,14 +155,14 @@ fn kill_and_restart(testbed: &Testbed, file: &ConfigFile, pin_dir: &std::path::P
         })
         .unwrap();
     std::thread::sleep(Duration::from_secs(1));
-    service.kill();
     let started = Instant::now();
+    let _ = service.stop_with(signal);
     let service = start(testbed, file, pin_dir);
-    let start_to_serve_ms = started.elapsed().as_secs_f64() * 1e3;
+    let signal_to_serve_ms = started.elapsed().as_secs_f64() * 1e3;
     std::thread::sleep(Duration::from_secs(1));
     stop.store(true, Ordering::Relaxed);
     let answered = requests.join().unwrap().unwrap();
-    let (status, _, err) = service.stop_with(nix::sys::signal::Signal::SIGTERM);
+    let (status, _, err) = service.stop_with(Signal::SIGTERM);
     assert!(status.success(), "{err}");
     let failed = answered.iter().filter(|a| a.is_none()).count();
     let times: Vec<Instant> = answered.into_iter().flatten().collect();
@@ -157,7 +173,7 @@ fn kill_and_restart(testbed: &Testbed, file: &ConfigFile, pin_dir: &std::path::P
     Outcome {
         failed,
         longest_stall_ms,
-        start_to_serve_ms,
+        signal_to_serve_ms,
     }
 }
 
