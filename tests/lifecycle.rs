@@ -77,6 +77,22 @@ fn pinned_link(path: &Path) -> (u64, u64) {
     )
 }
 
+/// Each link kept its id and got a new program: swapped by link update,
+/// not detached and attached again.
+fn assert_updated_in_place(before: &[(u64, u64)], after: &[(u64, u64)]) {
+    assert_eq!(before.len(), after.len());
+    for ((link_before, prog_before), (link_after, prog_after)) in before.iter().zip(after) {
+        assert_eq!(
+            link_before, link_after,
+            "the link was replaced, not updated"
+        );
+        assert_ne!(
+            prog_before, prog_after,
+            "the new program was not swapped in"
+        );
+    }
+}
+
 fn pinned_links(bpffs: &PrivateBpffs) -> Vec<(u64, u64)> {
     ["link-ingress", "link-egress"]
         .iter()
@@ -182,17 +198,7 @@ fn a_killed_service_leaves_port_nat_translating_and_a_restart_adopts_its_links_a
         service.seen
     );
     if let Some(before) = before {
-        let after = pinned_links(&bpffs);
-        for ((link_before, prog_before), (link_after, prog_after)) in before.iter().zip(&after) {
-            assert_eq!(
-                link_before, link_after,
-                "the link was replaced, not updated"
-            );
-            assert_ne!(
-                prog_before, prog_after,
-                "the new program was not swapped in"
-            );
-        }
+        assert_updated_in_place(&before, &pinned_links(&bpffs));
         assert_eq!(tc_programs(&testbed.client, "veth-c"), 2);
     }
     assert!(
@@ -367,7 +373,7 @@ fn a_killed_service_leaves_redirect_refusing_rather_than_bypassing_the_proxy_and
     curl_ok(testbed.in_apps("curl"), &url);
     let links = bpffs.pin_dir().join("redirect");
     let connect4 = links.join("link-redirect_connect4");
-    let (link_before, prog_before) = pinned_link(&connect4);
+    let before = [pinned_link(&connect4)];
 
     // Nothing runs: the programs stay, find no proxy listening, and refuse.
     service.kill();
@@ -390,15 +396,7 @@ fn a_killed_service_leaves_redirect_refusing_rather_than_bypassing_the_proxy_and
         "{:?}",
         service.seen
     );
-    let (link_after, prog_after) = pinned_link(&connect4);
-    assert_eq!(
-        link_before, link_after,
-        "connect4's link was replaced, not updated"
-    );
-    assert_ne!(
-        prog_before, prog_after,
-        "the new connect4 was not swapped in"
-    );
+    assert_updated_in_place(&before, &[pinned_link(&connect4)]);
     assert_eq!(
         testbed.attached_redirect_programs(),
         std::fs::read_dir(&links).unwrap().count() as u32 - 1,
@@ -464,17 +462,7 @@ fn sigusr2_hands_port_nat_mid_download_to_another_build_which_adopts_it() {
         service.seen
     );
     if let Some(before) = before {
-        let after = pinned_links(&bpffs);
-        for ((link_before, prog_before), (link_after, prog_after)) in before.iter().zip(&after) {
-            assert_eq!(
-                link_before, link_after,
-                "the link was replaced, not updated"
-            );
-            assert_ne!(
-                prog_before, prog_after,
-                "the new build's program was not swapped in"
-            );
-        }
+        assert_updated_in_place(&before, &pinned_links(&bpffs));
     }
     assert!(
         !download.thread.is_finished(),
@@ -484,6 +472,63 @@ fn sigusr2_hands_port_nat_mid_download_to_another_build_which_adopts_it() {
         .thread
         .join()
         .expect("the transfer through port-nat broke");
+    service.stop_ok();
+    assert!(!bpffs.pin_dir().exists());
+}
+
+fn redirect_config(testbed: &Testbed, proxy_port: u16, mark: u32) -> String {
+    format!(
+        "[redirect]\ncgroup = \"{}\"\nsockopt-cgroup = \"{}\"\nports = [80]\n\
+         when-proxy-down = \"closed\"\nproxy-port = {proxy_port}\nmark = {mark}\n",
+        testbed.apps.path().display(),
+        testbed.parent.path().display()
+    )
+}
+
+#[test]
+fn a_new_proxy_port_and_mark_that_a_reload_refuses_apply_through_a_hand_over_in_the_same_links() {
+    let _one = one_service_at_a_time();
+    let testbed = root_testbed!();
+    let bpffs = PrivateBpffs::new();
+    let _web = servers::http(&testbed.server, "[::]:80").unwrap();
+    let file = ConfigFile::new(&redirect_config(&testbed, 15001, 0x5052));
+    let url = format!("http://{SERVER_V4}/");
+    let service = start(&testbed, &file, &bpffs);
+    curl_ok(testbed.in_apps("curl"), &url);
+    let connect4 = bpffs.pin_dir().join("redirect/link-redirect_connect4");
+    let before = [pinned_link(&connect4)];
+
+    // A reload refuses the new port and mark...
+    file.reload(&service, &redirect_config(&testbed, 15002, 0x6000));
+    std::thread::sleep(Duration::from_secs(1));
+    // ...and a hand-over applies them.
+    let (status, out, err) = service.stop_with(Signal::SIGUSR2);
+    assert!(err.contains("cannot change while running"), "{err}");
+    assert_eq!(status.code(), Some(75), "{out}\n{err}");
+    let service = start(&testbed, &file, &bpffs);
+    let proxy_line = service.seen.iter().find(|l| l.contains("proxy:"));
+    assert!(
+        proxy_line.is_some_and(|l| l.contains(":15002")),
+        "{:?}",
+        service.seen
+    );
+    assert!(
+        service
+            .seen
+            .iter()
+            .any(|l| l.contains("upstream mark 0x6000")),
+        "{:?}",
+        service.seen
+    );
+    assert_updated_in_place(&before, &[pinned_link(&connect4)]);
+    curl_ok(testbed.in_apps("curl"), &url);
+    let mut listening = netns::command_in("ss", Some(&testbed.client), None).unwrap();
+    listening.args(["-Hltn", "sport", "= :15001"]);
+    assert_eq!(
+        String::from_utf8_lossy(&run(listening).stdout).trim(),
+        "",
+        "the old proxy port still listens"
+    );
     service.stop_ok();
     assert!(!bpffs.pin_dir().exists());
 }
