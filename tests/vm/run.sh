@@ -25,17 +25,25 @@ if [ ! -r "$kernel" ]; then
 	exit 2
 fi
 
-# The test executables `cargo test --release` runs, in its order.
+# The test executables `cargo test --release` runs, in its order. A build
+# that fails lists only what was built before the error: refuse it rather
+# than run part of the suite.
+artifacts=$(mktemp)
+if ! $CARGO test --release --no-run --message-format=json >"$artifacts" 2>/dev/null; then
+	rm -f "$artifacts"
+	echo "vm-test: cargo test --release --no-run failed; run it to see why" >&2
+	exit 2
+fi
 mapfile -t binaries < <(
-	$CARGO test --release --no-run --message-format=json 2>/dev/null |
-		/usr/bin/python3 -c '
+	/usr/bin/python3 -c '
 import json, sys
 for line in sys.stdin:
     msg = json.loads(line)
     if msg.get("reason") == "compiler-artifact" and msg["profile"]["test"] and msg.get("executable"):
         print(msg["executable"])
-'
+' <"$artifacts"
 )
+rm -f "$artifacts"
 if [ ${#binaries[@]} -eq 0 ]; then
 	echo "vm-test: cargo test --release --no-run listed no test executable" >&2
 	exit 2
