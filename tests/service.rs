@@ -404,7 +404,10 @@ fn descriptors(pid: u32) -> std::collections::BTreeMap<String, usize> {
     {
         let target = std::fs::read_link(entry.path()).unwrap_or_default();
         let target = target.to_string_lossy();
+        // The kernel names a link made by BPF_LINK_CREATE "bpf_link" and one
+        // opened from a pin "bpf-link": the same kind.
         let kind = match target.strip_prefix("anon_inode:") {
+            Some("bpf-link") => "bpf_link".to_owned(),
             Some(kind) if kind.starts_with("bpf") => kind.to_owned(),
             _ => "other".to_owned(),
         };

@@ -335,7 +335,9 @@ pub fn one_service_at_a_time() -> std::sync::MutexGuard<'static, ()> {
 }
 
 /// `proxy-redirect run --config FILE` with `extra` options, ready once the
-/// service runs.
+/// service runs. Unless `extra` names a `--pin-dir` (tests/lifecycle.rs
+/// gives one on a bpffs of its own), the service pins nothing, wherever
+/// the host mounts bpffs: a test that fails leaves no pin behind.
 pub fn start_service(
     config: &Path,
     extra: &[&str],
@@ -348,6 +350,10 @@ pub fn start_service(
         config.display().to_string(),
     ];
     args.extend(extra.iter().map(|s| s.to_string()));
+    if !extra.contains(&"--pin-dir") {
+        let off_bpffs = std::env::temp_dir().join("proxy-redirect-tests-unpinned/proxy-redirect");
+        args.extend(["--pin-dir".to_owned(), off_bpffs.display().to_string()]);
+    }
     Running::start(BIN, &args, netns, cgroup, "Service running")
 }
 
