@@ -234,29 +234,45 @@ impl Attachments {
     ) -> Result<()> {
         let name = program.name().to_string_lossy().into_owned();
         let target = format!("cgroup {}", cgroup.path.display());
-        if let Some(pin) = pin {
-            match adopt_cgroup(program, pin, cgroup) {
-                Ok(Some(fd)) => {
-                    self.link_fds.push(fd);
-                    self.record(program, target + " (adopted)");
-                    return Ok(());
-                }
-                Ok(None) => {}
-                Err(err) => tracing::warn!("replacing the pinned link {}: {err:#}", pin.display()),
-            }
+        if self.adopt(program, pin, format!("{target} (adopted)"), |info| {
+            on_cgroup_hook(info, program, cgroup)
+        }) {
+            return Ok(());
         }
-        let mut link = program
+        let link = program
             .attach_cgroup(cgroup.raw_fd())
             .with_context(|| format!("attaching {name} to cgroup {}", cgroup.path.display()))?;
-        if let Some(pin) = pin {
-            // The old link, if any, detaches only now.
-            let _ = std::fs::remove_file(pin);
-            link.pin(pin)
-                .with_context(|| format!("pinning {}", pin.display()))?;
-        }
+        repin(link.as_fd(), pin)?;
         self.links.push(link);
         self.record(program, target);
         Ok(())
+    }
+
+    /// Keeps the link an earlier run pinned at `pin` when `on_our_hook`
+    /// says it is where `program` goes, with `program` swapped in; false
+    /// when there is none to keep (the caller attaches anew).
+    fn adopt(
+        &mut self,
+        program: &ProgramMut,
+        pin: Option<&Path>,
+        target: String,
+        on_our_hook: impl Fn(&libbpf_sys::bpf_link_info) -> bool,
+    ) -> bool {
+        let Some(pin) = pin else {
+            return false;
+        };
+        match adopt_link(program, pin, on_our_hook) {
+            Ok(Some(fd)) => {
+                self.link_fds.push(fd);
+                self.record(program, target);
+                true
+            }
+            Ok(None) => false,
+            Err(err) => {
+                tracing::warn!("replacing the pinned link {}: {err:#}", pin.display());
+                false
+            }
+        }
     }
 
     /// Attaches a network-namespace program (`SEC("sk_lookup")`, flow
@@ -292,27 +308,15 @@ impl Attachments {
         };
         let target = format!("ifindex {ifindex} {direction:?} ");
         if mode != TcAttachMode::Clsact {
-            if let Some(pin) = pin {
-                match adopt_tcx(program, pin, ifindex, direction) {
-                    Ok(Some(fd)) => {
-                        self.link_fds.push(fd);
-                        self.record(program, target + &format!("(tcx, {place}, adopted)"));
-                        return Ok(TcPath::Tcx);
-                    }
-                    Ok(None) => {}
-                    Err(err) => {
-                        tracing::warn!("replacing the pinned link {}: {err:#}", pin.display())
-                    }
-                }
+            let adopted = format!("{target}(tcx, {place}, adopted)");
+            if self.adopt(program, pin, adopted, |info| {
+                on_tcx_hook(info, ifindex, direction)
+            }) {
+                return Ok(TcPath::Tcx);
             }
             match attach_tcx(program, ifindex, direction, position) {
                 Ok(fd) => {
-                    if let Some(pin) = pin {
-                        // The old link, if any, detaches only now: the new
-                        // one is already in place.
-                        let _ = std::fs::remove_file(pin);
-                        pins::pin_fd(fd.as_fd(), pin)?;
-                    }
+                    repin(fd.as_fd(), pin)?;
                     self.link_fds.push(fd);
                     self.record(program, target + &format!("(tcx, {place})"));
                     return Ok(TcPath::Tcx);
@@ -397,38 +401,45 @@ fn adopt_link(
     Ok(Some(fd))
 }
 
-/// adopt_link() for a tcx link on `ifindex` in `direction`.
-fn adopt_tcx(
-    program: &ProgramMut,
-    pin: &Path,
-    ifindex: u32,
-    direction: TcDirection,
-) -> Result<Option<OwnedFd>> {
-    adopt_link(program, pin, |info| {
-        // SAFETY: the tcx member is the one a tcx link fills.
-        let tcx = unsafe { info.__bindgen_anon_1.tcx };
-        info.type_ == libbpf_sys::BPF_LINK_TYPE_TCX
-            && tcx.ifindex == ifindex
-            && tcx.attach_type == tcx_attach_type(direction)
-    })
+/// Pins a new link at `pin` in place of an earlier run's, which detaches
+/// only now that the new one is attached.
+fn repin(link: std::os::fd::BorrowedFd<'_>, pin: Option<&Path>) -> Result<()> {
+    let Some(pin) = pin else {
+        return Ok(());
+    };
+    let _ = std::fs::remove_file(pin);
+    pins::pin_fd(link, pin)
 }
 
-/// adopt_link() for a cgroup link of `program`'s attach type on `cgroup`.
-fn adopt_cgroup(program: &ProgramMut, pin: &Path, cgroup: &CgroupFd) -> Result<Option<OwnedFd>> {
+/// Whether `info` is a tcx link on `ifindex` in `direction`.
+fn on_tcx_hook(info: &libbpf_sys::bpf_link_info, ifindex: u32, direction: TcDirection) -> bool {
+    // SAFETY: the tcx member is the one a tcx link fills.
+    let tcx = unsafe { info.__bindgen_anon_1.tcx };
+    info.type_ == libbpf_sys::BPF_LINK_TYPE_TCX
+        && tcx.ifindex == ifindex
+        && tcx.attach_type == tcx_attach_type(direction)
+}
+
+/// Whether `info` is a cgroup link of `program`'s attach type on `cgroup`.
+fn on_cgroup_hook(
+    info: &libbpf_sys::bpf_link_info,
+    program: &ProgramMut,
+    cgroup: &CgroupFd,
+) -> bool {
     use std::os::unix::fs::MetadataExt;
     // A cgroup's id is its directory's inode number.
-    let cgroup_id = std::fs::metadata(&cgroup.path)?.ino();
+    let Ok(cgroup_id) = std::fs::metadata(&cgroup.path).map(|m| m.ino()) else {
+        return false;
+    };
     // SAFETY: a loaded program's libbpf object, read only.
     let attach_type = unsafe {
         libbpf_sys::bpf_program__expected_attach_type(program.as_libbpf_object().as_ptr())
     };
-    adopt_link(program, pin, |info| {
-        // SAFETY: the cgroup member is the one a cgroup link fills.
-        let link = unsafe { info.__bindgen_anon_1.cgroup };
-        info.type_ == libbpf_sys::BPF_LINK_TYPE_CGROUP
-            && link.cgroup_id == cgroup_id
-            && link.attach_type == attach_type
-    })
+    // SAFETY: the cgroup member is the one a cgroup link fills.
+    let link = unsafe { info.__bindgen_anon_1.cgroup };
+    info.type_ == libbpf_sys::BPF_LINK_TYPE_CGROUP
+        && link.cgroup_id == cgroup_id
+        && link.attach_type == attach_type
 }
 
 fn tcx_attach_type(direction: TcDirection) -> libbpf_sys::bpf_attach_type {
