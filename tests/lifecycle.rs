@@ -12,40 +12,17 @@ use std::time::Duration;
 
 use common::*;
 use nix::sys::signal::Signal;
-use proxy_redirect::sys::{netns, pins};
+use proxy_redirect::sys::netns;
+use proxy_redirect::sys::pins::{self, PrivateBpffs};
 
-/// A bpffs mounted on a directory of the test's own: the service's pins are
-/// this test's alone, and go with the mount even when the test fails.
-struct PrivateBpffs {
-    mount: PathBuf,
-    _dir: TempDir,
+/// A bpffs of the test's own: the service's pins are this test's alone,
+/// and go with the mount even when the test fails.
+fn private_bpffs() -> PrivateBpffs {
+    PrivateBpffs::temporary().unwrap()
 }
 
-impl PrivateBpffs {
-    fn new() -> PrivateBpffs {
-        let dir = TempDir::new();
-        let mount = dir.join("bpffs");
-        std::fs::create_dir(&mount).unwrap();
-        let mut command = Command::new("mount");
-        command.args(["-t", "bpf", "bpf"]).arg(&mount);
-        run(command);
-        PrivateBpffs { mount, _dir: dir }
-    }
-
-    fn pin_dir(&self) -> PathBuf {
-        self.mount.join("proxy-redirect")
-    }
-
-    fn datapath_dir(&self) -> PathBuf {
-        self.pin_dir().join("port-nat-veth-c")
-    }
-}
-
-impl Drop for PrivateBpffs {
-    fn drop(&mut self) {
-        let _ = pins::remove_all(&self.pin_dir());
-        let _ = Command::new("umount").arg("-l").arg(&self.mount).status();
-    }
+fn datapath_dir(bpffs: &PrivateBpffs) -> PathBuf {
+    bpffs.pin_dir().join("port-nat-veth-c")
 }
 
 const CONFIG: &str = r#"# written by tests/lifecycle.rs
@@ -56,13 +33,33 @@ to = [18080]
 "#;
 
 fn start(testbed: &Testbed, file: &ConfigFile, bpffs: &PrivateBpffs) -> Running {
+    start_build(BIN, testbed, file, bpffs)
+}
+
+/// The service of `program`, a build of the binary, in the client netns.
+fn start_build(
+    program: &str,
+    testbed: &Testbed,
+    file: &ConfigFile,
+    bpffs: &PrivateBpffs,
+) -> Running {
     let pin_dir = bpffs.pin_dir().display().to_string();
-    start_service(
+    start_service_of(
+        program,
         &file.path,
         &["--pin-dir", &pin_dir],
         Some(&testbed.client),
         Some(&testbed.proxy),
     )
+}
+
+/// The service said it found pins of an earlier run and took them.
+fn assert_adopting(service: &Running) {
+    assert!(
+        service.seen.iter().any(|l| l.contains("Adopting:")),
+        "the start did not adopt the pins: {:?}",
+        service.seen
+    );
 }
 
 /// (link id, program id) of the tcx link pinned at `path`, as bpftool
@@ -96,7 +93,7 @@ fn assert_updated_in_place(before: &[(u64, u64)], after: &[(u64, u64)]) {
 fn pinned_links(bpffs: &PrivateBpffs) -> Vec<(u64, u64)> {
     ["link-ingress", "link-egress"]
         .iter()
-        .map(|name| pinned_link(&bpffs.datapath_dir().join(name)))
+        .map(|name| pinned_link(&datapath_dir(bpffs).join(name)))
         .collect()
 }
 
@@ -167,7 +164,7 @@ fn proxy_redirect(args: &[&str]) -> std::process::Output {
 fn a_killed_service_leaves_port_nat_translating_and_a_restart_adopts_its_links_and_flows() {
     let _one = one_service_at_a_time();
     let testbed = root_testbed!();
-    let bpffs = PrivateBpffs::new();
+    let bpffs = private_bpffs();
     let file = ConfigFile::new(CONFIG);
     let service = start(&testbed, &file, &bpffs);
     let before = kernel::has_tcx().then(|| pinned_links(&bpffs));
@@ -192,11 +189,7 @@ fn a_killed_service_leaves_port_nat_translating_and_a_restart_adopts_its_links_a
     );
 
     let service = start(&testbed, &file, &bpffs);
-    assert!(
-        service.seen.iter().any(|l| l.contains("Adopting:")),
-        "the restart did not adopt the pins: {:?}",
-        service.seen
-    );
+    assert_adopting(&service);
     if let Some(before) = before {
         assert_updated_in_place(&before, &pinned_links(&bpffs));
         assert_eq!(tc_programs(&testbed.client, "veth-c"), 2);
@@ -231,7 +224,7 @@ fn a_killed_service_leaves_port_nat_translating_and_a_restart_adopts_its_links_a
 fn a_pinned_state_of_another_layout_is_replaced_and_cleanup_removes_what_a_killed_service_left() {
     let _one = one_service_at_a_time();
     let testbed = root_testbed!();
-    let bpffs = PrivateBpffs::new();
+    let bpffs = private_bpffs();
     let _web = servers::http(&testbed.client, "[::]:18080").unwrap();
     let file = ConfigFile::new(CONFIG);
     start(&testbed, &file, &bpffs).kill();
@@ -239,7 +232,7 @@ fn a_pinned_state_of_another_layout_is_replaced_and_cleanup_removes_what_a_kille
 
     // What another version would have written: the same names, another
     // layout record.
-    let layout = bpffs.datapath_dir().join("layout");
+    let layout = datapath_dir(&bpffs).join("layout");
     std::fs::remove_file(&layout).unwrap();
     let mut command = Command::new("bpftool");
     command.args(["map", "create"]).arg(&layout);
@@ -329,7 +322,7 @@ fn a_pinned_state_of_another_layout_is_replaced_and_cleanup_removes_what_a_kille
 fn cleanup_refuses_the_pins_of_a_running_service_and_foreground_port_nat_pins_nothing() {
     let _one = one_service_at_a_time();
     let testbed = root_testbed!();
-    let bpffs = PrivateBpffs::new();
+    let bpffs = private_bpffs();
     let file = ConfigFile::new(CONFIG);
     let service = start(&testbed, &file, &bpffs);
     let pin_dir = bpffs.pin_dir().display().to_string();
@@ -360,7 +353,7 @@ fn a_killed_service_leaves_redirect_refusing_rather_than_bypassing_the_proxy_and
 ) {
     let _one = one_service_at_a_time();
     let testbed = root_testbed!();
-    let bpffs = PrivateBpffs::new();
+    let bpffs = private_bpffs();
     let web = servers::http(&testbed.server, "[::]:80").unwrap();
     let file = ConfigFile::new(&format!(
         "[redirect]\ncgroup = \"{}\"\nsockopt-cgroup = \"{}\"\nports = [80]\n\
@@ -391,11 +384,7 @@ fn a_killed_service_leaves_redirect_refusing_rather_than_bypassing_the_proxy_and
     );
 
     let service = start(&testbed, &file, &bpffs);
-    assert!(
-        service.seen.iter().any(|l| l.contains("Adopting:")),
-        "{:?}",
-        service.seen
-    );
+    assert_adopting(&service);
     assert_updated_in_place(&before, &[pinned_link(&connect4)]);
     assert_eq!(
         testbed.attached_redirect_programs(),
@@ -423,7 +412,7 @@ fn another_build(dir: &TempDir) -> String {
 fn sigusr2_hands_port_nat_mid_download_to_another_build_which_adopts_it() {
     let _one = one_service_at_a_time();
     let testbed = root_testbed!();
-    let bpffs = PrivateBpffs::new();
+    let bpffs = private_bpffs();
     let dir = TempDir::new();
     let next = another_build(&dir);
     let file = ConfigFile::new(CONFIG);
@@ -443,24 +432,8 @@ fn sigusr2_hands_port_nat_mid_download_to_another_build_which_adopts_it() {
         ["port-nat-veth-c"]
     );
 
-    let pin_dir = bpffs.pin_dir().display().to_string();
-    let args: Vec<String> = ["run", "--config", &file.path.display().to_string()]
-        .into_iter()
-        .map(String::from)
-        .chain(["--pin-dir".into(), pin_dir])
-        .collect();
-    let service = Running::start(
-        &next,
-        &args,
-        Some(&testbed.client),
-        Some(&testbed.proxy),
-        "Service running",
-    );
-    assert!(
-        service.seen.iter().any(|l| l.contains("Adopting:")),
-        "{:?}",
-        service.seen
-    );
+    let service = start_build(&next, &testbed, &file, &bpffs);
+    assert_adopting(&service);
     if let Some(before) = before {
         assert_updated_in_place(&before, &pinned_links(&bpffs));
     }
@@ -489,7 +462,7 @@ fn redirect_config(testbed: &Testbed, proxy_port: u16, mark: u32) -> String {
 fn a_new_proxy_port_and_mark_that_a_reload_refuses_apply_through_a_hand_over_in_the_same_links() {
     let _one = one_service_at_a_time();
     let testbed = root_testbed!();
-    let bpffs = PrivateBpffs::new();
+    let bpffs = private_bpffs();
     let _web = servers::http(&testbed.server, "[::]:80").unwrap();
     let file = ConfigFile::new(&redirect_config(&testbed, 15001, 0x5052));
     let url = format!("http://{SERVER_V4}/");

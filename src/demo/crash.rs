@@ -11,13 +11,14 @@ use anyhow::{bail, Context, Result};
 use super::{Echoed, Network, SERVER_V4};
 use crate::out;
 use crate::sys::netns;
+use crate::sys::pins::PrivateBpffs;
 
 const TRANSFER_BYTES: usize = 20_000_000;
 
 /// A root-only directory with a bpffs mounted in it, removed on drop.
 struct Workspace {
     dir: PathBuf,
-    bpffs: PathBuf,
+    bpffs: Option<PrivateBpffs>,
 }
 
 impl Workspace {
@@ -28,31 +29,23 @@ impl Workspace {
             .mode(0o700)
             .create(&dir)
             .with_context(|| format!("creating {}", dir.display()))?;
-        let bpffs = dir.join("bpffs");
-        std::fs::create_dir(&bpffs)?;
-        let workspace = Workspace { dir, bpffs };
-        let status = std::process::Command::new("mount")
-            .args(["-t", "bpf", "bpf"])
-            .arg(&workspace.bpffs)
-            .status()
-            .context("running mount")?;
-        if !status.success() {
-            bail!("mounting a bpffs on {}", workspace.bpffs.display());
-        }
+        let mut workspace = Workspace { dir, bpffs: None };
+        workspace.bpffs = Some(PrivateBpffs::mount_on(&workspace.dir.join("bpffs"))?);
         Ok(workspace)
     }
 
     fn pin_dir(&self) -> PathBuf {
-        self.bpffs.join("proxy-redirect")
+        self.bpffs
+            .as_ref()
+            .map(PrivateBpffs::pin_dir)
+            .unwrap_or_default()
     }
 }
 
 impl Drop for Workspace {
     fn drop(&mut self) {
-        let _ = crate::sys::pins::remove_all(&self.pin_dir());
-        let _ = std::process::Command::new("umount")
-            .arg(&self.bpffs)
-            .status();
+        // Unmounted before the directory goes.
+        drop(self.bpffs.take());
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

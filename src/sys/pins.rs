@@ -327,3 +327,73 @@ pub fn open_pinned(path: &Path) -> std::io::Result<std::os::fd::OwnedFd> {
     // SAFETY: the kernel just returned this descriptor and nothing else owns it.
     Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
 }
+
+/// A bpffs mounted on a directory of the caller's own (the demo's, a
+/// test's), so that its pins are its alone; unmounted on drop, pins and
+/// all.
+pub struct PrivateBpffs {
+    mount: PathBuf,
+    /// The directory `temporary()` made for the mount, removed after it.
+    made: Option<PathBuf>,
+}
+
+impl PrivateBpffs {
+    /// Mounts one in a new directory under the temporary directory.
+    pub fn temporary() -> Result<PrivateBpffs> {
+        static COUNT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = COUNT.fetch_add(1, Ordering::SeqCst);
+        let dir =
+            std::env::temp_dir().join(format!("proxy-redirect-bpffs-{}-{n}", std::process::id()));
+        fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&dir)
+            .with_context(|| format!("creating {}", dir.display()))?;
+        match PrivateBpffs::mount_on(&dir.join("bpffs")) {
+            Ok(mut bpffs) => {
+                bpffs.made = Some(dir);
+                Ok(bpffs)
+            }
+            Err(err) => {
+                let _ = fs::remove_dir(&dir);
+                Err(err)
+            }
+        }
+    }
+
+    /// Creates `mount` and mounts a bpffs on it.
+    pub fn mount_on(mount: &Path) -> Result<PrivateBpffs> {
+        fs::create_dir(mount).with_context(|| format!("creating {}", mount.display()))?;
+        let status = std::process::Command::new("mount")
+            .args(["-t", "bpf", "bpf"])
+            .arg(mount)
+            .status()
+            .context("running mount")?;
+        if !status.success() {
+            let _ = fs::remove_dir(mount);
+            bail!("mounting a bpffs on {}", mount.display());
+        }
+        Ok(PrivateBpffs {
+            mount: mount.to_path_buf(),
+            made: None,
+        })
+    }
+
+    /// The service's `--pin-dir` on it.
+    pub fn pin_dir(&self) -> PathBuf {
+        self.mount.join("proxy-redirect")
+    }
+}
+
+impl Drop for PrivateBpffs {
+    fn drop(&mut self) {
+        let _ = remove_all(&self.pin_dir());
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.mount)
+            .status();
+        let _ = fs::remove_dir(&self.mount);
+        if let Some(dir) = &self.made {
+            let _ = fs::remove_dir(dir);
+        }
+    }
+}

@@ -24,14 +24,14 @@ mod report;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::path::PathBuf;
-use std::process::Command;
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
 use nix::sys::signal::Signal;
+use proxy_redirect::sys::pins::PrivateBpffs;
 
 const INTERVAL: Duration = Duration::from_millis(10);
 const DEADLINE: Duration = Duration::from_secs(1);
@@ -48,7 +48,7 @@ fn main() {
     );
     let testbed = Testbed::new();
     let _web = servers::http(&testbed.client, "[::]:18080").unwrap();
-    let bpffs = Bpffs::new();
+    let bpffs = PrivateBpffs::temporary().expect("mounting a bpffs");
     let plain = TempDir::new();
     let file =
         ConfigFile::new("[[port-nat]]\ninterface = \"veth-c\"\nfrom = [8081]\nto = [18080]\n");
@@ -97,36 +97,7 @@ struct Outcome {
     signal_to_serve_ms: f64,
 }
 
-/// A bpffs mounted on a directory of the benchmark's own.
-struct Bpffs {
-    mount: PathBuf,
-    _dir: TempDir,
-}
-
-impl Bpffs {
-    fn new() -> Bpffs {
-        let dir = TempDir::new();
-        let mount = dir.join("bpffs");
-        std::fs::create_dir(&mount).unwrap();
-        let mut command = Command::new("mount");
-        command.args(["-t", "bpf", "bpf"]).arg(&mount);
-        assert!(run(command).status.success(), "mounting a bpffs");
-        Bpffs { mount, _dir: dir }
-    }
-
-    fn pin_dir(&self) -> PathBuf {
-        self.mount.join("proxy-redirect")
-    }
-}
-
-impl Drop for Bpffs {
-    fn drop(&mut self) {
-        let _ = proxy_redirect::sys::pins::remove_all(&self.pin_dir());
-        let _ = Command::new("umount").arg("-l").arg(&self.mount).status();
-    }
-}
-
-fn start(testbed: &Testbed, file: &ConfigFile, pin_dir: &std::path::Path) -> Running {
+fn start(testbed: &Testbed, file: &ConfigFile, pin_dir: &Path) -> Running {
     let pin_dir = pin_dir.display().to_string();
     start_service(
         &file.path,
@@ -142,7 +113,7 @@ fn stop_and_restart(
     testbed: &Testbed,
     file: &ConfigFile,
     signal: Signal,
-    pin_dir: &std::path::Path,
+    pin_dir: &Path,
 ) -> Outcome {
     let service = start(testbed, file, pin_dir);
     let stop = Arc::new(AtomicBool::new(false));

@@ -344,6 +344,17 @@ pub fn start_service(
     netns: Option<&NetNs>,
     cgroup: Option<&ChildCgroup>,
 ) -> Running {
+    start_service_of(BIN, config, extra, netns, cgroup)
+}
+
+/// `start_service` with another build of the binary (an upgrade's).
+pub fn start_service_of(
+    program: &str,
+    config: &Path,
+    extra: &[&str],
+    netns: Option<&NetNs>,
+    cgroup: Option<&ChildCgroup>,
+) -> Running {
     let mut args = vec![
         "run".to_owned(),
         "--config".into(),
@@ -354,7 +365,7 @@ pub fn start_service(
         let off_bpffs = std::env::temp_dir().join("proxy-redirect-tests-unpinned/proxy-redirect");
         args.extend(["--pin-dir".to_owned(), off_bpffs.display().to_string()]);
     }
-    Running::start(BIN, &args, netns, cgroup, "Service running")
+    Running::start(program, &args, netns, cgroup, "Service running")
 }
 
 /// Waits until `pipe` has data or its writer closed (true), or until
