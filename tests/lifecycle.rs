@@ -505,3 +505,62 @@ fn a_new_proxy_port_and_mark_that_a_reload_refuses_apply_through_a_hand_over_in_
     service.stop_ok();
     assert!(!bpffs.pin_dir().exists());
 }
+
+#[test]
+fn a_neighbours_tc_program_keeps_seeing_its_packets_across_a_crash_and_the_adoption() {
+    let _one = one_service_at_a_time();
+    let testbed = root_testbed!();
+    let _stats = common::foreign::Stats::enable();
+    let bpffs = private_bpffs();
+    let _web = servers::http(&testbed.client, "[::]:18080").unwrap();
+    let file = ConfigFile::new(CONFIG);
+    let service = start(&testbed, &file, &bpffs);
+    let mut foreign = common::foreign::Foreign::load();
+    foreign.attach(&testbed.client, "veth-c", true);
+    let url = format!("http://{CLIENT_V4}:8081/");
+    let through_port_nat = |what: &str| {
+        let before = foreign.runs();
+        let reply = curl(
+            netns::command_in("curl", Some(&testbed.server), None).unwrap(),
+            &url,
+            &[],
+        );
+        assert!(reply.status.success(), "port-nat {what}: {reply:?}");
+        assert!(foreign.runs() > before, "the neighbour saw nothing {what}");
+    };
+    through_port_nat("with the service");
+    service.kill();
+    through_port_nat("with no service");
+    let service = start(&testbed, &file, &bpffs);
+    assert_adopting(&service);
+    through_port_nat("after the adoption");
+    if kernel::has_tcx() {
+        assert_eq!(
+            tc_programs(&testbed.client, "veth-c"),
+            4,
+            "ours and the neighbour's"
+        );
+    }
+    service.stop_ok();
+
+    // After a clean stop 8081 is no longer translated, and the
+    // neighbour's programs are still there, seeing the refused attempt.
+    let before = foreign.runs();
+    let reply = curl(
+        netns::command_in("curl", Some(&testbed.server), None).unwrap(),
+        &url,
+        &[],
+    );
+    assert!(
+        !reply.status.success(),
+        "8081 still translated after the stop"
+    );
+    assert!(foreign.runs() > before, "the neighbour lost its programs");
+    if kernel::has_tcx() {
+        assert_eq!(
+            tc_programs(&testbed.client, "veth-c"),
+            2,
+            "the neighbour's alone"
+        );
+    }
+}
