@@ -17,8 +17,16 @@
 const volatile __u8 filter_ports; /* 0: every port */
 const volatile __u8 emit_events;
 
-/* Set by user space when it stops: no new insertions, no new redirects. */
-__u32 stopping;
+/* Key 0 is set by user space when bypass stops for good: no new
+ * insertions, no new redirects. A map, not a global, because it outlives
+ * the process under a service: every program that ever inserted a socket
+ * (a predecessor's too, whose sockets keep it) reads the one flag. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u32);
+} stop_flag SEC(".maps");
 
 /* The sockets that may take the bypass. */
 struct {
@@ -100,6 +108,14 @@ struct bypass_event unused_bypass_event __attribute__((unused));
 struct reader unused_reader __attribute__((unused));
 enum bypass_side unused_bypass_side __attribute__((unused));
 enum bypass_stat unused_bypass_stat __attribute__((unused));
+
+static __always_inline int stopping(void)
+{
+	__u32 zero = 0;
+	__u32 *flag = bpf_map_lookup_elem(&stop_flag, &zero);
+
+	return flag && READ_ONCE(*flag);
+}
 
 /* The loopback device has this index in every network namespace. */
 #define LOOPBACK_IFINDEX 1
@@ -368,7 +384,7 @@ static __always_inline void established(struct bpf_sock_ops *skops, __u8 side)
 		stat_add(&stats, BYPASS_STAT_SPLICE_READER, 1);
 		return;
 	}
-	if (READ_ONCE(stopping)) {
+	if (stopping()) {
 		stat_add(&stats, BYPASS_STAT_STOPPING, 1);
 		return;
 	}
@@ -422,7 +438,7 @@ int bypass_msg(struct sk_msg_md *msg)
 	struct tcp_sock *tp;
 	__u32 size = msg->size;
 
-	if (READ_ONCE(stopping) || !sk)
+	if (stopping() || !sk)
 		goto pass;
 	tp = bpf_skc_to_tcp_sock(sk);
 	if (!tp)

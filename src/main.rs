@@ -38,6 +38,8 @@ enum Command {
     Run(service::RunArgs),
     /// Show what a running service (`run`) has attached, and its counters
     Status(status::StatusArgs),
+    /// Hand the running service over to the binary now on disk, without dropping a connection
+    Upgrade(service::upgrade::UpgradeArgs),
     /// Remove the datapaths a killed service left pinned in bpffs
     Cleanup(service::cleanup::CleanupArgs),
     /// Show `redirect` end to end in private namespaces and a child cgroup, then clean up
@@ -90,8 +92,9 @@ fn main() -> ExitCode {
             Settings::Tproxy(args.clone()),
             &args.output,
         )),
-        Command::Run(args) => service::run(args).map(service::Ending::exit_code),
+        Command::Run(args) => stopped(service::run(args)),
         Command::Status(args) => stopped(status::run(args)),
+        Command::Upgrade(args) => stopped(service::upgrade::run(args)),
         Command::Cleanup(args) => stopped(service::cleanup::run(args)),
         Command::Demo(args) => stopped(demo::run(args)),
     };

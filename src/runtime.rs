@@ -13,6 +13,7 @@ use libbpf_rs::MapHandle;
 
 use crate::cli::EventFormat;
 use crate::sys::clock;
+use crate::sys::handover::{Bequest, Inheritance};
 use crate::sys::pins::{PinDir, PinRoot};
 use crate::telemetry::stats::Snapshot;
 
@@ -24,6 +25,9 @@ pub struct RunContext {
     /// Where a service pins what must outlive it; None for the
     /// subcommands, which leave nothing behind.
     pub pins: Option<PinRoot>,
+    /// What the service this process takes over from handed it: listening
+    /// sockets, UDP flows, locks. Empty unless it took over.
+    pub inheritance: Inheritance,
     proxy_runtime: OnceCell<Arc<tokio::runtime::Runtime>>,
 }
 
@@ -33,6 +37,7 @@ impl RunContext {
             format,
             start_ns: clock::monotonic_ns(),
             pins: None,
+            inheritance: Inheritance::default(),
             proxy_runtime: OnceCell::new(),
         }
     }
@@ -122,6 +127,36 @@ pub trait Datapath {
     /// Stops new work before the final statistics are read.
     fn stop(&mut self) {}
     fn print_statistics(&self) -> Result<()>;
+    /// The built-in relays this datapath runs, which a hand-over moves to
+    /// the successor.
+    fn relays(&mut self) -> Vec<&mut dyn Relay> {
+        Vec::new()
+    }
+    /// What else a successor takes over (a lock), as duplicates.
+    fn bequeath(&self, _bequest: &mut Bequest) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// A relay that holds clients' connections (the built-in proxies), as a
+/// hand-over moves it: offered, released, then retired while its open
+/// connections drain, or resumed when the successor fails.
+pub trait Relay {
+    /// Adds duplicates of its listening sockets; it goes on serving.
+    fn bequeath(&self, bequest: &mut Bequest) -> Result<()>;
+    /// The successor is about to serve: stop taking new work. What can
+    /// only move now (the UDP relay's flows) goes into `bequest`.
+    fn release(&mut self, bequest: &mut Bequest) -> Result<()>;
+    /// The successor failed after the release: take new work again.
+    fn resume(&mut self) -> Result<()>;
+    /// The successor serves, with the sockets whose roles are in `taken`.
+    /// Serve what already waits on the others, close every listening
+    /// socket, and go on relaying the connections that are open.
+    fn retire(&mut self, taken: &[String]);
+    /// Connections still relayed.
+    fn open_connections(&self) -> u64;
+    /// Resets every connection still relayed (the drain's deadline).
+    fn cut(&self);
 }
 
 /// The settings of one datapath, as the service sees them: named, checked

@@ -12,7 +12,8 @@ use std::time::Duration;
 
 use common::*;
 use nix::sys::signal::Signal;
-use proxy_redirect::sys::netns;
+use proxy_redirect::sys::cgroup::ChildCgroup;
+use proxy_redirect::sys::netns::{self, NetNs};
 use proxy_redirect::sys::pins::{self, PrivateBpffs};
 
 /// A bpffs of the test's own: the service's pins are this test's alone,
@@ -386,10 +387,15 @@ fn a_killed_service_leaves_redirect_refusing_rather_than_bypassing_the_proxy_and
     let service = start(&testbed, &file, &bpffs);
     assert_adopting(&service);
     assert_updated_in_place(&before, &[pinned_link(&connect4)]);
+    let pinned_links = std::fs::read_dir(&links)
+        .unwrap()
+        .flatten()
+        .filter(|entry| entry.file_name().to_string_lossy().starts_with("link-"))
+        .count();
     assert_eq!(
         testbed.attached_redirect_programs(),
-        std::fs::read_dir(&links).unwrap().count() as u32 - 1,
-        "every attached program is pinned once (and the layout record)"
+        pinned_links as u32,
+        "every attached program is pinned once"
     );
     curl_ok(testbed.in_apps("curl"), &url);
     service.stop_ok();
@@ -397,15 +403,35 @@ fn a_killed_service_leaves_redirect_refusing_rather_than_bypassing_the_proxy_and
     assert_eq!(testbed.attached_redirect_programs(), 0);
 }
 
-/// A copy of the binary that differs from it (bytes appended after the
-/// ELF, which the loader ignores), as an upgrade would bring.
-fn another_build(dir: &TempDir) -> String {
-    let copy = dir.join("proxy-redirect-next");
+/// A copy of BIN at a path of the test's own, from which the service
+/// starts: an upgrade replaces the file there, as install(1) does.
+fn installed_build(dir: &TempDir) -> String {
+    let path = dir.join("proxy-redirect");
+    // cp, not std::fs::copy: a descriptor another test thread's fork
+    // inherits mid-copy would make the exec fail with "Text file busy".
+    let mut command = Command::new("cp");
+    command.arg(BIN).arg(&path);
+    assert!(run(command).status.success());
+    path.display().to_string()
+}
+
+/// Installs a build that differs from BIN (bytes appended after the ELF,
+/// which the loader ignores) at `path`, by a rename over the file there,
+/// as an upgrade would bring it.
+fn install_another_build(path: &str) {
+    let next = format!("{path}.next");
     let mut bytes = std::fs::read(BIN).unwrap();
-    bytes.extend_from_slice(b"another build");
-    std::fs::write(&copy, bytes).unwrap();
-    std::fs::set_permissions(&copy, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-    copy.display().to_string()
+    bytes.extend_from_slice(ANOTHER_BUILD);
+    std::fs::write(&next, bytes).unwrap();
+    std::fs::set_permissions(&next, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    std::fs::rename(&next, path).unwrap();
+}
+
+const ANOTHER_BUILD: &[u8] = b"another build";
+
+/// Whether process `pid` runs the build install_another_build wrote.
+fn runs_another_build(pid: u32) -> bool {
+    std::fs::read(format!("/proc/{pid}/exe")).is_ok_and(|exe| exe.ends_with(ANOTHER_BUILD))
 }
 
 #[test]
@@ -414,25 +440,28 @@ fn sigusr2_hands_port_nat_mid_download_to_another_build_which_adopts_it() {
     let testbed = root_testbed!();
     let bpffs = private_bpffs();
     let dir = TempDir::new();
-    let next = another_build(&dir);
+    let program = installed_build(&dir);
     let file = ConfigFile::new(CONFIG);
-    let service = start(&testbed, &file, &bpffs);
+    let mut service = start_build(&program, &testbed, &file, &bpffs);
     let before = kernel::has_tcx().then(|| pinned_links(&bpffs));
 
     let download = slow_download(&testbed, 50_000_000, "6M");
     std::thread::sleep(Duration::from_secs(2));
-    let (status, out, err) = service.stop_with(Signal::SIGUSR2);
-    assert_eq!(status.code(), Some(75), "{out}\n{err}");
+    install_another_build(&program);
+    let old = service.pid();
+    let new = service.upgrade();
     assert!(
-        out.contains("Handed over: the datapaths pinned in"),
-        "{out}"
+        runs_another_build(new),
+        "pid {new} does not run the new build"
     );
-    assert_eq!(
-        pins::pinned_datapaths(&bpffs.pin_dir()),
-        ["port-nat-veth-c"]
+    assert!(
+        service
+            .seen
+            .iter()
+            .any(|l| l.starts_with(&format!("Taking over from pid {old}"))),
+        "{:?}",
+        service.seen
     );
-
-    let service = start_build(&next, &testbed, &file, &bpffs);
     assert_adopting(&service);
     if let Some(before) = before {
         assert_updated_in_place(&before, &pinned_links(&bpffs));
@@ -445,8 +474,17 @@ fn sigusr2_hands_port_nat_mid_download_to_another_build_which_adopts_it() {
         .thread
         .join()
         .expect("the transfer through port-nat broke");
-    service.stop_ok();
+    let (status, out, err) = service.stop_with(Signal::SIGTERM);
+    assert!(status.success(), "{err}");
+    assert!(
+        out.contains(&format!(
+            "Handed over: the datapaths pinned in {} stay with pid {new}",
+            bpffs.pin_dir().display()
+        )),
+        "{out}"
+    );
     assert!(!bpffs.pin_dir().exists());
+    assert_eq!(tc_programs(&testbed.client, "veth-c"), 0);
 }
 
 fn redirect_config(testbed: &Testbed, proxy_port: u16, mark: u32) -> String {
@@ -458,28 +496,38 @@ fn redirect_config(testbed: &Testbed, proxy_port: u16, mark: u32) -> String {
     )
 }
 
+fn listening(testbed: &Testbed, port: u16) -> String {
+    let mut listening = netns::command_in("ss", Some(&testbed.client), None).unwrap();
+    listening.args(["-Hltn", &format!("sport = :{port}")]);
+    String::from_utf8_lossy(&run(listening).stdout)
+        .trim()
+        .to_owned()
+}
+
 #[test]
-fn a_new_proxy_port_and_mark_that_a_reload_refuses_apply_through_a_hand_over_in_the_same_links() {
+fn a_new_proxy_port_and_mark_that_a_reload_refuses_apply_through_an_upgrade_in_the_same_links() {
     let _one = one_service_at_a_time();
     let testbed = root_testbed!();
     let bpffs = private_bpffs();
     let _web = servers::http(&testbed.server, "[::]:80").unwrap();
     let file = ConfigFile::new(&redirect_config(&testbed, 15001, 0x5052));
     let url = format!("http://{SERVER_V4}/");
-    let service = start(&testbed, &file, &bpffs);
+    let mut service = start(&testbed, &file, &bpffs);
     curl_ok(testbed.in_apps("curl"), &url);
     let connect4 = bpffs.pin_dir().join("redirect/link-redirect_connect4");
     let before = [pinned_link(&connect4)];
 
     // A reload refuses the new port and mark...
     file.reload(&service, &redirect_config(&testbed, 15002, 0x6000));
-    std::thread::sleep(Duration::from_secs(1));
-    // ...and a hand-over applies them.
-    let (status, out, err) = service.stop_with(Signal::SIGUSR2);
-    assert!(err.contains("cannot change while running"), "{err}");
-    assert_eq!(status.code(), Some(75), "{out}\n{err}");
-    let service = start(&testbed, &file, &bpffs);
-    let proxy_line = service.seen.iter().find(|l| l.contains("proxy:"));
+    assert!(service
+        .wait_for_line(
+            |l| l.contains("Service running"),
+            Duration::from_millis(500)
+        )
+        .is_none());
+    // ...and an upgrade applies them.
+    service.upgrade();
+    let proxy_line = service.seen.iter().rev().find(|l| l.contains("proxy:"));
     assert!(
         proxy_line.is_some_and(|l| l.contains(":15002")),
         "{:?}",
@@ -495,15 +543,176 @@ fn a_new_proxy_port_and_mark_that_a_reload_refuses_apply_through_a_hand_over_in_
     );
     assert_updated_in_place(&before, &[pinned_link(&connect4)]);
     curl_ok(testbed.in_apps("curl"), &url);
-    let mut listening = netns::command_in("ss", Some(&testbed.client), None).unwrap();
-    listening.args(["-Hltn", "sport", "= :15001"]);
-    assert_eq!(
-        String::from_utf8_lossy(&run(listening).stdout).trim(),
-        "",
-        "the old proxy port still listens"
-    );
-    service.stop_ok();
+    assert!(!listening(&testbed, 15002).is_empty());
+    // The process before closed the old port once it handed over.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !listening(&testbed, 15001).is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the old proxy port still listens"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (_, err) = service.stop_ok();
+    assert!(err.contains("cannot change while running"), "{err}");
     assert!(!bpffs.pin_dir().exists());
+}
+
+#[test]
+fn a_successor_that_fails_leaves_the_service_serving_as_it_was() {
+    let _one = one_service_at_a_time();
+    let testbed = root_testbed!();
+    let bpffs = private_bpffs();
+    let _web = servers::http(&testbed.server, "[::]:80").unwrap();
+    let good = redirect_config(&testbed, 15001, 0x5052);
+    let file = ConfigFile::new(&good);
+    let url = format!("http://{SERVER_V4}/");
+    let mut service = start(&testbed, &file, &bpffs);
+    let pid = service.pid();
+
+    // A file the new process refuses: it exits before taking anything.
+    std::fs::write(&file.path, "[redirect]\nports = [70000]\n").unwrap();
+    // The status page is published once a second.
+    std::thread::sleep(Duration::from_millis(1500));
+    let upgrade = proxy_redirect(&["upgrade"]);
+    assert_one_line_error(
+        &upgrade,
+        "a refused upgrade",
+        &format!("exited (exit status: 1) without taking over; the service (pid {pid}) goes on"),
+    );
+    assert_eq!(service.pid(), pid);
+    curl_ok(testbed.in_apps("curl"), &url);
+
+    // Fixed, the same command upgrades.
+    std::fs::write(&file.path, &good).unwrap();
+    let mut upgrade = None;
+    let new = service
+        .upgrade_with(|_| upgrade = Some(std::thread::spawn(|| proxy_redirect(&["upgrade"]))));
+    let upgrade = upgrade.unwrap().join().unwrap();
+    assert!(upgrade.status.success(), "{upgrade:?}");
+    assert!(
+        String::from_utf8_lossy(&upgrade.stdout).starts_with(&format!("Upgraded: pid {pid} ")),
+        "{upgrade:?}"
+    );
+    assert_ne!(new, pid);
+    curl_ok(testbed.in_apps("curl"), &url);
+    let (out, err) = service.stop_ok();
+    assert!(err.contains("port 70000 is out of range"), "{err}");
+    assert!(out.contains("Cleaned up"), "{out}");
+    assert!(!bpffs.pin_dir().exists());
+    assert_eq!(testbed.attached_redirect_programs(), 0);
+}
+
+#[test]
+fn a_new_process_started_with_take_over_takes_the_place_of_the_running_one_as_a_rollout_would() {
+    let _one = one_service_at_a_time();
+    let testbed = root_testbed!();
+    let bpffs = private_bpffs();
+    let _web = servers::http(&testbed.server, "[::]:80").unwrap();
+    let file = ConfigFile::new(&redirect_config(&testbed, 15001, 0x5052));
+    let url = format!("http://{SERVER_V4}/");
+    let pin_dir = bpffs.pin_dir().display().to_string();
+    // What a DaemonSet's pods run: the old pod, then the new one beside it
+    // (maxSurge: 1), each under the kubelet, which restarts what exits.
+    let args = [
+        "--pin-dir",
+        &pin_dir,
+        "--take-over",
+        "--stay-after-hand-over",
+    ];
+    let notify = Notifications::new();
+    let old = Running::start_env(
+        BIN,
+        &service_args(&file.path, &args),
+        Some(&testbed.client),
+        Some(&testbed.proxy),
+        "Service running",
+        &[("NOTIFY_SOCKET", &notify.path())],
+    );
+    assert_eq!(notify.next(), "READY=1");
+    curl_ok(testbed.in_apps("curl"), &url);
+    let mut new = Running::start_env(
+        BIN,
+        &service_args(&file.path, &args),
+        Some(&testbed.client),
+        Some(&testbed.proxy),
+        "Service running",
+        &[("NOTIFY_SOCKET", &notify.path())],
+    );
+    assert!(
+        new.seen
+            .iter()
+            .any(|l| l.starts_with(&format!("Taking over from pid {}", old.pid()))),
+        "{:?}",
+        new.seen
+    );
+    assert_eq!(notify.next(), format!("MAINPID={}", new.pid()));
+    assert_eq!(notify.next(), "READY=1");
+    curl_ok(testbed.in_apps("curl"), &url);
+    let told = new.wait_for_line(
+        |l| l.starts_with("The predecessor") && l.contains("let go"),
+        Duration::from_secs(20),
+    );
+    assert!(told.is_some(), "{:?}", new.seen);
+
+    // The old one drained and waits; its SIGTERM leaves the new one's pins.
+    let (status, out, err) = old.stop_with(Signal::SIGTERM);
+    assert!(status.success(), "{err}");
+    assert!(out.contains("Waiting for SIGTERM"), "{out}");
+    assert!(
+        out.contains("Drained: 0 connection(s) ended, 0 cut"),
+        "{out}"
+    );
+    assert_eq!(pins::pinned_datapaths(&bpffs.pin_dir()), ["redirect"]);
+    curl_ok(testbed.in_apps("curl"), &url);
+    let status = proxy_redirect(&["status", "--json"]);
+    let page: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(page["pid"].as_u64(), Some(u64::from(new.pid())));
+    new.stop_ok();
+    assert!(!bpffs.pin_dir().exists());
+    assert_eq!(testbed.attached_redirect_programs(), 0);
+}
+
+/// `run --config FILE EXTRA...`.
+fn service_args(config: &Path, extra: &[&str]) -> Vec<String> {
+    let mut args = vec!["run".to_owned(), "--config".into()];
+    args.push(config.display().to_string());
+    args.extend(extra.iter().map(|a| a.to_string()));
+    args
+}
+
+/// A socket in the role of systemd's $NOTIFY_SOCKET: what the service
+/// tells its manager.
+struct Notifications {
+    socket: std::os::unix::net::UnixDatagram,
+    _dir: TempDir,
+    path: PathBuf,
+}
+
+impl Notifications {
+    fn new() -> Notifications {
+        let dir = TempDir::new();
+        let path = dir.join("notify");
+        let socket = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+        socket
+            .set_read_timeout(Some(Duration::from_secs(60)))
+            .unwrap();
+        Notifications {
+            socket,
+            _dir: dir,
+            path,
+        }
+    }
+
+    fn path(&self) -> String {
+        self.path.display().to_string()
+    }
+
+    fn next(&self) -> String {
+        let mut buffer = [0u8; 4096];
+        let n = self.socket.recv(&mut buffer).expect("no notification");
+        String::from_utf8_lossy(&buffer[..n]).into_owned()
+    }
 }
 
 #[test]
@@ -563,4 +772,465 @@ fn a_neighbours_tc_program_keeps_seeing_its_packets_across_a_crash_and_the_adopt
             "the neighbour's alone"
         );
     }
+}
+
+/// The host the service is for, in namespaces and cgroups the test makes:
+/// a gateway, where the service runs, between a client and a server
+/// namespace, and a cgroup tree of `apps` (redirected; their direct TCP to
+/// port 80 and UDP to 53 rejected), `proxy` (the service) and `bulk`
+/// (bypassed). The server serves FILE (HTTP on 80 and 8000, UDP echo on
+/// 53); the gateway serves it on 18080 for port-nat.
+struct Host {
+    // Field order is drop order: cgroups first (their processes are gone).
+    apps: ChildCgroup,
+    proxy: ChildCgroup,
+    bulk: ChildCgroup,
+    parent: ChildCgroup,
+    _servers: Vec<KillOnDrop>,
+    _udp_echo: servers::Server,
+    gw: gateway::Gateway,
+    _files: TempDir,
+    data: Vec<u8>,
+}
+
+const FILE_LEN: usize = 50_000_000;
+
+impl Host {
+    fn new() -> Host {
+        let gw = gateway::Gateway::new();
+        let files = TempDir::new();
+        let data = payload(FILE_LEN, 23);
+        std::fs::write(files.join("big"), &data).unwrap();
+        let serve = |ns: &NetNs, bind: &str, port: &str| {
+            let mut server = netns::command_in(PYTHON, Some(ns), None).unwrap();
+            server.args(["-m", "http.server", "--bind", bind, "--directory"]);
+            server.arg(files.join("")).arg(port);
+            KillOnDrop(
+                server
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .unwrap(),
+            )
+        };
+        let servers = vec![
+            serve(&gw.server, gateway::SERVER4, "80"),
+            serve(&gw.server, gateway::SERVER4, "8000"),
+            serve(&gw.gateway, gateway::GATEWAY_SERVER_SIDE4, "18080"),
+        ];
+        let udp_echo = servers::udp_echo(&gw.server, &format!("{}:53", gateway::SERVER4)).unwrap();
+        let root = proxy_redirect::sys::cgroup::cgroup2_mount().unwrap();
+        let parent = ChildCgroup::create(&root, &unique("prhost")).unwrap();
+        let apps = ChildCgroup::create(parent.path(), "apps").unwrap();
+        let proxy = ChildCgroup::create(parent.path(), "proxy").unwrap();
+        let bulk = ChildCgroup::create(parent.path(), "bulk").unwrap();
+        let host = Host {
+            apps,
+            proxy,
+            bulk,
+            parent,
+            _servers: servers,
+            _udp_echo: udp_echo,
+            gw,
+            _files: files,
+            data,
+        };
+        for (protocol, port) in [("tcp", "80"), ("udp", "53")] {
+            let path = host.apps.relative_path().unwrap();
+            let mut command = host.gw.in_gateway("iptables");
+            command.args(["-A", "OUTPUT", "-p", protocol, "--dport", port]);
+            command.args(["-m", "cgroup", "--path"]).arg(&path);
+            command.args(["-j", "REJECT"]);
+            assert!(run(command).status.success());
+        }
+        for (ns, url) in [
+            (&host.gw.client, format!("http://{}:80/", gateway::SERVER4)),
+            (
+                &host.gw.client,
+                format!("http://{}:8000/", gateway::SERVER4),
+            ),
+            (
+                &host.gw.gateway,
+                format!("http://{}:18080/", gateway::GATEWAY_SERVER_SIDE4),
+            ),
+        ] {
+            let deadline = std::time::Instant::now() + Duration::from_secs(30);
+            let fetch = || {
+                curl(
+                    netns::command_in("curl", Some(ns), None).unwrap(),
+                    &url,
+                    &["-o", "/dev/null"],
+                )
+            };
+            while !fetch().status.success() {
+                assert!(std::time::Instant::now() < deadline, "{url} never answered");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        host
+    }
+
+    /// redirect, bypass, port-nat and tproxy; `external_tproxy`: tproxy's
+    /// proxy is a process of its own (`external_tproxy_proxy`).
+    fn config(&self, external_tproxy: bool) -> String {
+        let no_proxy = if external_tproxy {
+            "no-proxy = true\n"
+        } else {
+            ""
+        };
+        format!(
+            r#"# written by tests/lifecycle.rs
+[redirect]
+cgroup = "{apps}"
+sockopt-cgroup = "{parent}"
+ports = [80]
+udp-ports = [53]
+when-proxy-down = "closed"
+
+[bypass]
+cgroup = "{bulk}"
+
+[[port-nat]]
+interface = "gw-s"
+from = [8081]
+to = [18080]
+
+[tproxy]
+interface = "{client_facing}"
+ports = [8000]
+{no_proxy}"#,
+            apps = self.apps.path().display(),
+            parent = self.parent.path().display(),
+            bulk = self.bulk.path().display(),
+            client_facing = gateway::CLIENT_FACING,
+        )
+    }
+
+    /// The transparent proxy of `tproxy --no-proxy`: the built-in one, as a
+    /// process of its own.
+    fn external_tproxy_proxy(&self) -> Running {
+        let args = [
+            "proxy",
+            "--transparent",
+            "-l",
+            "127.0.0.1:15002",
+            "-l",
+            "[::1]:15002",
+        ];
+        let args: Vec<String> = args.map(String::from).to_vec();
+        Running::start(BIN, &args, Some(&self.gw.gateway), None, "Proxy listening")
+    }
+
+    /// A bypassed echo between two sockets of `bulk`: 16 MiB each way, 64
+    /// KiB every 30 ms, every byte checked.
+    fn bypassed_transfer(&self) -> std::thread::JoinHandle<std::process::Output> {
+        let mut command =
+            netns::command_in(PYTHON, Some(&self.gw.gateway), Some(&self.bulk)).unwrap();
+        command.args([
+            "-c",
+            PEERS,
+            "echo",
+            "127.0.0.1",
+            "127.0.0.1",
+            "16777216",
+            "1",
+            "30",
+        ]);
+        std::thread::spawn(move || run(command))
+    }
+
+    /// The service of `program` (a build of the binary) in the gateway.
+    fn start(&self, program: &str, file: &ConfigFile, bpffs: &PrivateBpffs) -> Running {
+        let pin_dir = bpffs.pin_dir().display().to_string();
+        start_service_of(
+            program,
+            &file.path,
+            &["--pin-dir", &pin_dir, "--json"],
+            Some(&self.gw.gateway),
+            Some(&self.proxy),
+        )
+    }
+
+    /// curl of FILE at `url` in `ns` (and `cgroup`) at `rate`, on a thread
+    /// that checks every byte.
+    fn download(
+        &self,
+        what: &'static str,
+        ns: &NetNs,
+        cgroup: Option<&ChildCgroup>,
+        url: String,
+        rate: &str,
+    ) -> std::thread::JoinHandle<()> {
+        let mut command = netns::command_in("curl", Some(ns), cgroup).unwrap();
+        command.args(["-sS", "--fail", "--max-time", "300", "--limit-rate", rate]);
+        command.arg(url);
+        let data = self.data.clone();
+        std::thread::spawn(move || {
+            let out = run(command);
+            assert!(
+                out.stdout == data,
+                "{what}: {} bytes arrived, not the {} served: {}",
+                out.stdout.len(),
+                data.len(),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        })
+    }
+
+    /// loops.py `kind` against the server, in `apps`, until `stop` exists.
+    fn request_loop(&self, kind: &str, port: u16, stop: &Path) -> Running {
+        let mut args: Vec<String> = ["-c", LOOPS, kind, gateway::SERVER4, &port.to_string(), "20"]
+            .map(String::from)
+            .to_vec();
+        args.push(stop.display().to_string());
+        Running::start(
+            PYTHON,
+            &args,
+            Some(&self.gw.gateway),
+            Some(&self.apps),
+            "started",
+        )
+    }
+}
+
+const LOOPS: &str = include_str!("common/loops.py");
+const PEERS: &str = include_str!("common/peers.py");
+
+/// What a request loop printed at its end: (ok, failed, longest stall ms).
+fn loop_result(output: &str) -> (u64, u64, f64) {
+    let line = output
+        .lines()
+        .find(|l| l.starts_with("ok "))
+        .unwrap_or_else(|| panic!("no result in {output}"));
+    let words: Vec<&str> = line.split_whitespace().collect();
+    (
+        words[1].parse().unwrap(),
+        words[3].parse().unwrap(),
+        words[5].parse().unwrap(),
+    )
+}
+
+/// (link id, program id) of every link pinned under `dir`.
+fn pinned_links_under(dir: &Path) -> Vec<(String, (u64, u64))> {
+    let mut links: Vec<(String, (u64, u64))> = std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .filter(|entry| entry.file_type().unwrap().is_dir())
+        .flat_map(|datapath| std::fs::read_dir(datapath.path()).unwrap().flatten())
+        .filter(|entry| entry.file_name().to_string_lossy().starts_with("link-"))
+        .map(|entry| {
+            (
+                entry.path().display().to_string(),
+                pinned_link(&entry.path()),
+            )
+        })
+        .collect();
+    links.sort();
+    links
+}
+
+/// Every link kept its id and got a new program, but bypass's tracing
+/// links, which the kernel cannot update: new ones are pinned in their
+/// place.
+fn assert_links_updated_in_place(before: &[(String, (u64, u64))], after: &[(String, (u64, u64))]) {
+    let names =
+        |links: &[(String, (u64, u64))]| links.iter().map(|l| l.0.clone()).collect::<Vec<_>>();
+    assert_eq!(names(before), names(after));
+    let updatable = |links: &[(String, (u64, u64))]| -> Vec<(u64, u64)> {
+        links
+            .iter()
+            .filter(|(name, _)| !name.ends_with("/link-recv") && !name.ends_with("/link-splice"))
+            .map(|l| l.1)
+            .collect()
+    };
+    assert_eq!(updatable(before).len(), before.len() - 2);
+    assert_updated_in_place(&updatable(before), &updatable(after));
+}
+
+#[test]
+fn an_upgrade_mid_traffic_drops_nothing_and_lets_nothing_around_the_proxy() {
+    let _one = one_service_at_a_time();
+    require_root!();
+    let host = Host::new();
+    let bpffs = private_bpffs();
+    let dir = TempDir::new();
+    let program = installed_build(&dir);
+    let file = ConfigFile::new(&host.config(false));
+    let mut service = host.start(&program, &file, &bpffs);
+    let links_before = pinned_links_under(&bpffs.pin_dir());
+    assert_eq!(pins::pinned_datapaths(&bpffs.pin_dir()).len(), 4);
+
+    let stop = dir.join("stop");
+    let http_loop = host.request_loop("http", 80, &stop);
+    let udp_loop = host.request_loop("udp", 53, &stop);
+    let (gw, server4) = (&host.gw, gateway::SERVER4);
+    let downloads = [
+        host.download(
+            "redirect",
+            &gw.gateway,
+            Some(&host.apps),
+            format!("http://{server4}/big"),
+            "8M",
+        ),
+        host.download(
+            "port-nat",
+            &gw.server,
+            None,
+            format!("http://{}:8081/big", gateway::GATEWAY_SERVER_SIDE4),
+            "8M",
+        ),
+        host.download(
+            "tproxy",
+            &gw.client,
+            None,
+            format!("http://{server4}:8000/big"),
+            "8M",
+        ),
+    ];
+    let bypassed = host.bypassed_transfer();
+    std::thread::sleep(Duration::from_secs(2));
+
+    install_another_build(&program);
+    let old = service.pid();
+    let new = service.upgrade();
+    assert!(
+        runs_another_build(new),
+        "pid {new} does not run the new build"
+    );
+    let adopting = service
+        .seen
+        .iter()
+        .filter(|l| l.contains("Adopting:"))
+        .count();
+    assert_eq!(adopting, 4, "{:?}", service.seen);
+    assert_links_updated_in_place(&links_before, &pinned_links_under(&bpffs.pin_dir()));
+    let finished: Vec<bool> = downloads.iter().map(|d| d.is_finished()).collect();
+    for (what, download) in ["redirect", "port-nat", "tproxy"].iter().zip(downloads) {
+        download
+            .join()
+            .unwrap_or_else(|_| panic!("the {what} download broke"));
+    }
+    assert_eq!(
+        finished, [false; 3],
+        "downloads that ended before the upgrade"
+    );
+    let bypassed = bypassed.join().unwrap();
+    assert!(
+        bypassed.status.success(),
+        "the bypassed transfer: {bypassed:?}"
+    );
+    std::fs::write(&stop, "").unwrap();
+    for (what, looping) in [("HTTP", http_loop), ("UDP", udp_loop)] {
+        let (status, out, err) = looping.stop_with(Signal::SIGCONT);
+        assert!(status.success(), "{what} loop: {err}");
+        let (ok, failed, longest) = loop_result(&out);
+        assert_eq!(failed, 0, "{what} loop: {ok} ok, {failed} failed");
+        assert!(ok > 50, "{what} loop: {ok} ok");
+        println!("{what} loop: {ok} ok, the longest gap {longest} ms");
+    }
+
+    // The old process drained the downloads it relayed, and let go.
+    let drained = service.wait_for_line(|l| l.starts_with("Drained:"), Duration::from_secs(60));
+    assert!(
+        drained.as_deref().is_some_and(|l| l.ends_with(", 0 cut")),
+        "{drained:?}"
+    );
+    let (status, out, err) = service.stop_with(Signal::SIGTERM);
+    assert!(status.success(), "{err}");
+    assert!(
+        out.contains(&format!("Taking over from pid {old}")),
+        "{out}"
+    );
+    assert!(summary_value(&out, "bypass", "inserted") >= 2, "{out}");
+    assert!(summary_value(&out, "tproxy", "intercepted") >= 1, "{out}");
+    assert!(
+        summary_value(&out, "redirect", "redirected") >= 100,
+        "{out}"
+    );
+    assert!(!bpffs.pin_dir().exists());
+    for device in [gateway::CLIENT_FACING, "gw-s"] {
+        assert_eq!(tc_programs(&host.gw.gateway, device), 0);
+    }
+}
+
+#[test]
+fn a_crash_mid_traffic_leaves_the_kernel_datapaths_working_and_a_restart_adopts_them() {
+    let _one = one_service_at_a_time();
+    require_root!();
+    let host = Host::new();
+    let before = host.gw.snapshot();
+    let bpffs = private_bpffs();
+    let file = ConfigFile::new(&host.config(true));
+    let _proxy = host.external_tproxy_proxy();
+    let service = host.start(BIN, &file, &bpffs);
+    let links_before = pinned_links_under(&bpffs.pin_dir());
+    let (gw, server4) = (&host.gw, gateway::SERVER4);
+    let downloads = [
+        host.download(
+            "port-nat",
+            &gw.server,
+            None,
+            format!("http://{}:8081/big", gateway::GATEWAY_SERVER_SIDE4),
+            "8M",
+        ),
+        host.download(
+            "tproxy",
+            &gw.client,
+            None,
+            format!("http://{server4}:8000/big"),
+            "8M",
+        ),
+    ];
+    let bypassed = host.bypassed_transfer();
+    std::thread::sleep(Duration::from_secs(2));
+
+    service.kill();
+    // Nothing runs: port-nat translates, tproxy intercepts, the bypassed
+    // sockets keep their bypass, all from the pins.
+    std::thread::sleep(Duration::from_secs(1));
+    let running: Vec<bool> = downloads.iter().map(|d| !d.is_finished()).collect();
+    assert_eq!(
+        running, [true; 2],
+        "downloads still running after the crash"
+    );
+    assert!(!bypassed.is_finished());
+
+    let service = host.start(BIN, &file, &bpffs);
+    let adopting = service
+        .seen
+        .iter()
+        .filter(|l| l.contains("Adopting:"))
+        .count();
+    assert_eq!(adopting, 4, "{:?}", service.seen);
+    assert!(
+        !service
+            .seen
+            .iter()
+            .any(|l| l.contains("Removed a leftover")),
+        "the adopted rules and routes were removed: {:?}",
+        service.seen
+    );
+    assert_links_updated_in_place(&links_before, &pinned_links_under(&bpffs.pin_dir()));
+    for (what, download) in ["port-nat", "tproxy"].iter().zip(downloads) {
+        download
+            .join()
+            .unwrap_or_else(|_| panic!("the {what} download broke"));
+    }
+    let bypassed = bypassed.join().unwrap();
+    assert!(
+        bypassed.status.success(),
+        "the bypassed transfer: {bypassed:?}"
+    );
+    let url = format!("http://{server4}/");
+    curl_ok(
+        netns::command_in("curl", Some(&gw.gateway), Some(&host.apps)).unwrap(),
+        &url,
+    );
+
+    let (status, out, err) = service.stop_with(Signal::SIGTERM);
+    assert!(status.success(), "{err}");
+    assert!(summary_value(&out, "bypass", "inserted") >= 2, "{out}");
+    assert!(summary_value(&out, "tproxy", "intercepted") >= 1, "{out}");
+    assert!(!bpffs.pin_dir().exists());
+    assert_eq!(host.gw.snapshot(), before, "the gateway was not restored");
 }

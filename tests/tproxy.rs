@@ -768,7 +768,7 @@ fn in_private_netns<T: Send + 'static>(
                 events: false,
             };
             let mut object = std::mem::MaybeUninit::uninit();
-            let skel = tproxy::load(&config, &mut object)?;
+            let skel = tproxy::load(&config, None, &mut object)?;
             let counters = || tproxy::counters(&skel).unwrap();
             Ok(work(&skel.progs.tproxy_ingress, &counters))
         })

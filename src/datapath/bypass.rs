@@ -10,6 +10,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use libbpf_rs::skel::{OpenSkel, SkelBuilder};
+use libbpf_rs::MapCore;
 
 use crate::bpf::bypass::types::{bypass_event, bypass_side, bypass_stat, comm, endpoint, sock_key};
 use crate::bpf::bypass::{BypassSkel, BypassSkelBuilder};
@@ -20,6 +21,7 @@ use crate::cli::{self, EventFormat, OutputArgs, PortList};
 use crate::runtime::{Datapath, EventSource, RunContext};
 use crate::sys::cgroup::{self, CgroupFd};
 use crate::sys::links::{self, Attachments};
+use crate::sys::pins::{self, PinDir};
 use crate::sys::privileges;
 use crate::telemetry::stats::{Metric, Snapshot};
 use crate::{err_out, out};
@@ -113,20 +115,60 @@ fn comm_key(name: &str) -> comm {
 
 /// The tracing programs that tell readers apart: how far each socket's
 /// reader has read with recvmsg, and which programs splice. Attached before
-/// sockops, so that every inserted socket is watched from the start.
-fn attach_readers(skel: &BypassSkel<'_>) -> Result<Vec<libbpf_rs::Link>> {
+/// sockops, so that every inserted socket is watched from the start. With
+/// `pins`, pinned there in place of an earlier run's: tracing links cannot
+/// swap programs, so the old ones run beside the new until their pin goes
+/// (both write the same values).
+fn attach_readers(skel: &BypassSkel<'_>, pins: Option<&PinDir>) -> Result<Vec<libbpf_rs::Link>> {
     let progs = &skel.progs;
     let receive = if progs.bypass_recv_length.autoload() {
         progs.bypass_recv_length.attach()
     } else {
         progs.bypass_recvmsg_exit.attach()
     };
-    Ok(vec![
+    let mut readers = vec![
         receive.context("attaching the program that follows recvmsg")?,
         progs
             .bypass_tcp_read
             .attach()
             .context("attaching tp_btf/tcp_rcv_space_adjust")?,
+    ];
+    if let Some(pins) = pins {
+        for (link, name) in readers.iter_mut().zip(READER_LINKS) {
+            let path = pins.link(name);
+            let _ = std::fs::remove_file(&path);
+            link.pin(&path)
+                .with_context(|| format!("pinning {}", path.display()))?;
+        }
+    }
+    Ok(readers)
+}
+
+/// The pin names of the readers' links, in attach_readers' order.
+const READER_LINKS: [&str; 2] = ["recv", "splice"];
+
+/// The maps whose contents outlive a process under a service: the sockets
+/// and what is known of their programs and readers, the stop flag that
+/// every inserted socket's program reads, and the counters.
+macro_rules! kept_maps {
+    ($maps:expr, $($borrow:tt)+) => {
+        [
+            ("sockets", $($borrow)+ $maps.sockets),
+            ("splicers", $($borrow)+ $maps.splicers),
+            ("listeners", $($borrow)+ $maps.listeners),
+            ("connectors", $($borrow)+ $maps.connectors),
+            ("readers", $($borrow)+ $maps.readers),
+            ("stop_flag", $($borrow)+ $maps.stop_flag),
+            ("stats", $($borrow)+ $maps.stats),
+        ]
+    };
+}
+
+/// The hash of the headers that define bypass's maps.
+fn layout() -> u64 {
+    pins::layout_hash(&[
+        include_str!("../../include/bypass.h"),
+        include_str!("../../include/addr.h"),
     ])
 }
 
@@ -156,6 +198,10 @@ pub struct Bypass {
     attachments: Attachments,
     /// Whether the one line about another tool's sockmap was said.
     told_of_neighbour: bool,
+    /// Under `run --config`: the sockets map with its sockets, the links
+    /// and what the programs know, which a crash leaves working and the
+    /// next start adopts.
+    pins: Option<PinDir>,
 }
 
 impl Bypass {
@@ -163,7 +209,11 @@ impl Bypass {
         let cgroup = cgroup::resolve(args.cgroup.as_deref())?;
         privileges::require_bpf_and_perfmon("bypass")?;
         let events = ctx.format != EventFormat::Off;
-        let skel = OwnedSkel::load(|object| load(args, events, object))?;
+        let mut pins = ctx.pin_dir("bypass", layout())?;
+        let skel = OwnedSkel::load(|object| load(args, events, pins.as_mut(), object))?;
+        if let Some(pins) = &pins {
+            pins.report("bypassed sockets and links", "sockets");
+        }
         Ok(Bypass {
             args: args.clone(),
             cgroup,
@@ -171,6 +221,7 @@ impl Bypass {
             readers: Vec::new(),
             attachments: Attachments::default(),
             told_of_neighbour: false,
+            pins,
         })
     }
 }
@@ -193,10 +244,11 @@ impl Bypass {
         if cgroup != self.cgroup {
             // The new cgroup first: connections there are bypassed at once.
             let mut attachments = Attachments::default();
+            let pin = self.pins.as_ref().map(|pins| pins.link(SOCKOPS_LINK));
             attachments.attach_cgroup(
                 &self.skel.progs.bypass_sockops,
                 &CgroupFd::open(&cgroup)?,
-                None,
+                pin.as_deref(),
             )?;
             self.attachments = attachments;
             self.cgroup = cgroup;
@@ -227,10 +279,21 @@ impl Datapath for Bypass {
             .bypass_msg
             .attach_sockmap(self.skel.maps.sockets.as_fd().as_raw_fd())
             .context("attaching bypass_msg to the sockets map")?;
-        self.readers = attach_readers(&self.skel)?;
+        self.readers = attach_readers(&self.skel, self.pins.as_ref())?;
         let cgroup = CgroupFd::open(&self.cgroup)?;
+        let pin = self.pins.as_ref().map(|pins| pins.link(SOCKOPS_LINK));
         self.attachments
-            .attach_cgroup(&self.skel.progs.bypass_sockops, &cgroup, None)?;
+            .attach_cgroup(&self.skel.progs.bypass_sockops, &cgroup, pin.as_deref())?;
+        if let Some(pins) = &mut self.pins {
+            let maps = &self.skel.maps;
+            let kept: Vec<(&str, &dyn MapCore)> = kept_maps!(maps, &)
+                .into_iter()
+                .map(|(name, map)| (name, map as &dyn MapCore))
+                .collect();
+            let mut links = READER_LINKS.to_vec();
+            links.push(SOCKOPS_LINK);
+            pins.commit(&kept, &links)?;
+        }
 
         out!("Bypassing same-host TCP");
         out!("  cgroup:            {}", self.cgroup.display());
@@ -324,14 +387,22 @@ impl Datapath for Bypass {
     }
 }
 
+/// The pin name of the sockops link.
+const SOCKOPS_LINK: &str = "sockops";
+
 fn load<'obj>(
     args: &BypassArgs,
     events: bool,
+    pins: Option<&mut PinDir>,
     open_object: &'obj mut MaybeUninit<libbpf_rs::OpenObject>,
 ) -> Result<BypassSkel<'obj>> {
     let mut open = BypassSkelBuilder::default()
         .open(open_object)
         .context("opening the bypass BPF object")?;
+    if let Some(pins) = pins {
+        let maps = &mut open.maps;
+        pins.reuse_all(&mut kept_maps!(maps, &mut))?;
+    }
     let rodata = open
         .maps
         .rodata_data
@@ -363,9 +434,8 @@ fn load<'obj>(
 /// TCP, so nothing is lost or reordered. After SIGKILL the flag stays unset
 /// and connections already bypassed keep the bypass until they close.
 fn stop(skel: &mut BypassSkel<'_>) {
-    if let Some(bss) = skel.maps.bss_data.as_deref_mut() {
-        // SAFETY: a u32 in the mmap'ed .bss, read by the programs with READ_ONCE.
-        unsafe { std::ptr::write_volatile(&mut bss.stopping, 1) };
+    if let Err(err) = maps::update(&skel.maps.stop_flag, &0u32, &1u32) {
+        tracing::warn!("setting bypass's stop flag: {err:#}");
     }
 }
 

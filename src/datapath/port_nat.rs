@@ -22,7 +22,7 @@ use crate::runtime::{Datapath, EventSource, RunContext};
 use crate::sys::clock;
 use crate::sys::interface_watch::{self, InterfaceWatch};
 use crate::sys::links::{self, Attachments, TcAttachMode, TcDirection, TcOrder};
-use crate::sys::pins::{self, Found, PinDir};
+use crate::sys::pins::{self, PinDir};
 use crate::sys::privileges;
 use crate::telemetry::stats::{Metric, Snapshot};
 
@@ -385,7 +385,7 @@ impl PortNat {
         };
         let pins = ctx.pin_dir(&format!("port-nat {}", args.interface), layout())?;
         if let Some(pins) = &pins {
-            report_found(pins);
+            pins.report("flows and links", "flows");
         }
         let skel = OwnedSkel::load(|object| load(&config, object, pins.as_ref()))?;
         // Watching before attaching: a deletion in between is not missed.
@@ -525,21 +525,6 @@ impl Datapath for PortNat {
 
     fn print_statistics(&self) -> Result<()> {
         print_statistics(&self.skel, &self.args.interface, self.expired)
-    }
-}
-
-/// Says what an earlier run left pinned and what becomes of it.
-fn report_found(pins: &PinDir) {
-    match pins.found() {
-        Found::Nothing => {}
-        Found::SameLayout => out!(
-            "  Adopting:          the flows and links {} holds from an earlier run",
-            pins.path().display()
-        ),
-        Found::OtherLayout(why) => out!(
-            "Replacing the pinned state in {} ({why}): its flows are not carried over",
-            pins.path().display()
-        ),
     }
 }
 

@@ -62,7 +62,7 @@ impl Proxy {
     pub fn prepare(args: &ProxyArgs) -> Result<Proxy> {
         check(args)?;
         let config = ProxyConfig::new(args.mark, args.transparent, &args.relay);
-        let bound = BoundProxy::bind(&args.listen, config)?;
+        let bound = BoundProxy::bind(&args.listen, config, &Default::default())?;
         Ok(Proxy {
             args: args.clone(),
             addrs: bound.local_addrs(),
@@ -112,7 +112,7 @@ impl Datapath for Proxy {
     }
 
     fn stop(&mut self) {
-        if let Some(running) = &self.running {
+        if let Some(running) = &mut self.running {
             running.stop(STOP_GRACE);
         }
     }

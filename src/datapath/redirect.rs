@@ -24,10 +24,11 @@ use crate::bpf::{Endpoint as _, OwnedSkel};
 use crate::cli::{self, Cidr, EventFormat, OutputArgs, PortList};
 use crate::relay::tcp::{BoundProxy, ProxyConfig, RelayArgs, RunningProxy};
 use crate::relay::udp::{BoundUdpRelay, UdpRelay, UdpRelayConfig};
+use crate::runtime::Relay;
 use crate::runtime::{Datapath, EventSource, RunContext};
 use crate::sys::cgroup::{self, CgroupFd};
 use crate::sys::links::{self, Attachments};
-use crate::sys::pins::{Found, PinDir};
+use crate::sys::pins::{self, PinDir};
 use crate::sys::privileges;
 use crate::telemetry::events::comm_to_string;
 use crate::telemetry::stats::{Metric, Snapshot};
@@ -242,21 +243,24 @@ impl Redirect {
             None
         } else {
             let config = ProxyConfig::new(args.mark, false, &args.relay);
-            let proxy = BoundProxy::bind(&[plan.proxy_v4, plan.proxy_v6], config)?;
+            let addrs = [plan.proxy_v4, plan.proxy_v6];
+            let proxy = BoundProxy::bind(&addrs, config, &ctx.inheritance)?;
             let udp_relay = args
                 .udp_ports
                 .as_ref()
-                .map(|_| BoundUdpRelay::bind(&[plan.proxy_v4, plan.proxy_v6]))
+                .map(|_| BoundUdpRelay::bind(&addrs, &ctx.inheritance))
                 .transpose()?;
             Some((proxy, udp_relay))
         };
         let builtin_proxy = bound.is_some();
-        let skel = OwnedSkel::load(|object| load(args, &plan, builtin_proxy, ctx, object))?;
-        // Only the links are kept: the records belong to connections the
-        // dead process's proxy held, which died with it.
-        let pins = ctx.pin_dir("redirect", 0)?;
-        if pins.as_ref().is_some_and(|p| *p.found() != Found::Nothing) {
-            out!("  Adopting:          the links an earlier run pinned");
+        // The records go on from one process to the next: connections
+        // waiting in a handed-over accept queue, and clients between their
+        // connect() and the proxy's accept, find theirs.
+        let mut pins = ctx.pin_dir("redirect", layout())?;
+        let skel =
+            OwnedSkel::load(|object| load(args, &plan, builtin_proxy, ctx, pins.as_mut(), object))?;
+        if let Some(pins) = &pins {
+            pins.report("records and links", "records");
         }
         Ok(Redirect {
             args: args.clone(),
@@ -318,10 +322,44 @@ impl Redirect {
         }
         if let Some(pins) = &mut self.pins {
             let names: Vec<&str> = pinned.iter().map(String::as_str).collect();
-            pins.commit(&[], &names)?;
+            let maps = &self.skel.maps;
+            let records: Vec<(&str, &dyn MapCore)> = record_maps!(maps, &)
+                .into_iter()
+                .map(|(name, map)| (name, map as &dyn MapCore))
+                .collect();
+            pins.commit(&records, &names)?;
         }
         Ok(attachments)
     }
+}
+
+/// The maps whose contents outlive a process under a service, by name:
+/// the records and the counters (the rest is configuration, set anew by
+/// every start).
+macro_rules! record_maps {
+    ($maps:expr, $($borrow:tt)+) => {
+        [
+            ("client_orig_dst", $($borrow)+ $maps.client_orig_dst),
+            ("pending_orig_dst", $($borrow)+ $maps.pending_orig_dst),
+            ("pending_per_netns", $($borrow)+ $maps.pending_per_netns),
+            ("pending_per_uid", $($borrow)+ $maps.pending_per_uid),
+            ("pending_refusals", $($borrow)+ $maps.pending_refusals),
+            ("refused_orig_dst", $($borrow)+ $maps.refused_orig_dst),
+            ("udp_last_send", $($borrow)+ $maps.udp_last_send),
+            ("proxy_answer", $($borrow)+ $maps.proxy_answer),
+            ("udp_relay_slots", $($borrow)+ $maps.udp_relay_slots),
+            ("stats", $($borrow)+ $maps.stats),
+        ]
+    };
+}
+use record_maps;
+
+/// The hash of the headers that define redirect's maps.
+fn layout() -> u64 {
+    pins::layout_hash(&[
+        include_str!("../../include/redirect.h"),
+        include_str!("../../include/addr.h"),
+    ])
 }
 
 /// What a reload may change while redirect runs, applied in place.
@@ -377,7 +415,7 @@ impl Datapath for Redirect {
                     events: ctx.format,
                     start_ns: ctx.start_ns,
                 };
-                let relay = relay.start(&slots, config)?;
+                let relay = relay.start(&slots, config, &ctx.inheritance)?;
                 let (max, share) = relay.flow_limits();
                 out!("  UDP flows:         at most {max}, {share} per user");
                 self.udp_relay = Some(relay);
@@ -437,9 +475,20 @@ impl Datapath for Redirect {
     }
 
     fn stop(&mut self) {
-        if let Some(proxy) = &self.proxy {
+        if let Some(proxy) = &mut self.proxy {
             proxy.stop(crate::relay::tcp::STOP_GRACE);
         }
+    }
+
+    fn relays(&mut self) -> Vec<&mut dyn Relay> {
+        let mut relays: Vec<&mut dyn Relay> = Vec::new();
+        if let Some(proxy) = &mut self.proxy {
+            relays.push(proxy);
+        }
+        if let Some(udp_relay) = &mut self.udp_relay {
+            relays.push(udp_relay);
+        }
+        relays
     }
 
     fn print_statistics(&self) -> Result<()> {
@@ -495,11 +544,16 @@ fn load(
     plan: &Plan,
     builtin_proxy: bool,
     ctx: &RunContext,
+    pins: Option<&mut PinDir>,
     open_object: &'static mut MaybeUninit<libbpf_rs::OpenObject>,
 ) -> Result<RedirectSkel<'static>> {
     let mut open = RedirectSkelBuilder::default()
         .open(open_object)
         .context("opening the redirect BPF object")?;
+    if let Some(pins) = pins {
+        let maps = &mut open.maps;
+        pins.reuse_all(&mut record_maps!(maps, &mut))?;
+    }
     let rodata = open
         .maps
         .rodata_data

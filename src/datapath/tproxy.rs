@@ -8,7 +8,7 @@
 use std::fs::{self, File, OpenOptions};
 use std::mem::MaybeUninit;
 use std::net::{IpAddr, SocketAddr};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
@@ -25,10 +25,12 @@ use crate::bpf::OwnedSkel;
 use crate::cli::{self, EventFormat, OutputArgs, PortList};
 use crate::out;
 use crate::relay::tcp::{BoundProxy, ProxyConfig, RelayArgs, RunningProxy};
-use crate::runtime::{Datapath, EventSource, RunContext};
+use crate::runtime::{Datapath, EventSource, Relay, RunContext};
+use crate::sys::handover::{Bequest, Inheritance};
 use crate::sys::interface_watch::{self, InterfaceWatch};
 use crate::sys::links::{Attachments, TcAttachMode, TcDirection, TcOrder, TcPath, TcPosition};
 use crate::sys::local_route::{self, LocalRouteSpec, LocalRoutes};
+use crate::sys::pins::{self, Found, PinDir};
 use crate::sys::privileges;
 use crate::sys::run_dir::{self, RUN_DIR};
 use crate::telemetry::stats::Snapshot;
@@ -172,18 +174,29 @@ fn plan(args: &TproxyArgs) -> Result<Plan> {
 /// An flock is released when its process dies, even by SIGKILL, so whatever
 /// carries our table's tag while nobody holds the lock is a leftover.
 struct InstanceLock {
-    _file: File,
+    file: File,
     path: PathBuf,
+    /// Whether it was handed over by a running service (the rules and
+    /// routes are then that service's, to be kept as they are).
+    inherited: bool,
 }
 
 impl InstanceLock {
-    fn take(table: u32) -> Result<Self> {
+    /// Takes the lock, or the one a predecessor handed over.
+    fn take(table: u32, inheritance: &Inheritance) -> Result<Self> {
         let dir = Path::new(RUN_DIR);
         // Network namespaces are told apart by their nsfs inode.
         let netns = fs::metadata("/proc/self/ns/net")
             .context("reading this process's network namespace")?
             .ino();
         let path = dir.join(format!("tproxy-netns-{netns}-table-{table}.lock"));
+        if let Some(fd) = inheritance.take(&InstanceLock::role(&path)) {
+            return Ok(Self {
+                file: File::from(fd),
+                path,
+                inherited: true,
+            });
+        }
         loop {
             run_dir::create()?;
             let file = match OpenOptions::new()
@@ -218,14 +231,26 @@ impl InstanceLock {
             // the file we locked: lock the one now at the path instead.
             let locked = file.metadata()?.ino();
             if fs::symlink_metadata(&path).is_ok_and(|now| now.ino() == locked) {
-                return Ok(Self { _file: file, path });
+                return Ok(Self {
+                    file,
+                    path,
+                    inherited: false,
+                });
             }
         }
+    }
+
+    fn role(path: &Path) -> String {
+        format!("lock {}", path.display())
     }
 }
 
 impl Drop for InstanceLock {
     fn drop(&mut self) {
+        // The successor holds the same lock (the same open file).
+        if pins::kept_for_next_start() {
+            return;
+        }
         // Removed while still held, so nobody can lock the unlinked file;
         // the directory too when no other instance has a lock in it.
         let _ = fs::remove_file(&self.path);
@@ -254,21 +279,25 @@ pub struct Tproxy {
     /// The upstream interface and sk_lookup.
     attachments: Attachments,
     path: Option<TcPath>,
+    /// Under `run --config`: the links and counters, which a crash leaves
+    /// working (with the rules and routes) and the next start adopts.
+    pins: Option<PinDir>,
     // Dropped after the programs are detached (field order).
     routes: Option<LocalRoutes>,
-    _lock: InstanceLock,
+    lock: InstanceLock,
 }
 
 impl Tproxy {
     pub fn prepare(args: &TproxyArgs, ctx: &RunContext) -> Result<Tproxy> {
         let plan = plan(args)?;
         privileges::require_bpf("tproxy")?;
-        let lock = InstanceLock::take(args.route_table)?;
+        let lock = InstanceLock::take(args.route_table, &ctx.inheritance)?;
         let bound = if args.no_proxy {
             None
         } else {
             let config = ProxyConfig::new(args.mark, true, &args.relay);
-            Some(BoundProxy::bind(&[plan.proxy_v4, plan.proxy_v6], config)?)
+            let addrs = [plan.proxy_v4, plan.proxy_v6];
+            Some(BoundProxy::bind(&addrs, config, &ctx.inheritance)?)
         };
         let config = DatapathConfig {
             ports: args.ports.0.clone(),
@@ -280,7 +309,11 @@ impl Tproxy {
             upstream_has_l2_header: plan.upstream.is_some_and(|(_, l2)| l2),
             events: ctx.format != EventFormat::Off,
         };
-        let skel = OwnedSkel::load(|object| load(&config, object))?;
+        let mut pins = ctx.pin_dir("tproxy", layout())?;
+        let skel = OwnedSkel::load(|object| load(&config, pins.as_mut(), object))?;
+        if let Some(pins) = &pins {
+            pins.report("links, rules and routes", "counters");
+        }
         if let Some(proxy) = &bound {
             for (key, fd) in proxy.listener_fds().into_iter().enumerate() {
                 maps::update(&skel.maps.proxy_listeners, &(key as u32), &(fd as u64))?;
@@ -299,8 +332,9 @@ impl Tproxy {
             tc: None,
             attachments: Attachments::default(),
             path: None,
+            pins,
             routes: None,
-            _lock: lock,
+            lock,
         })
     }
 }
@@ -333,12 +367,27 @@ impl Datapath for Tproxy {
     }
 
     fn attach(&mut self, ctx: &RunContext) -> Result<()> {
-        for removed in local_route::remove_leftovers(&self.plan.routes)? {
-            out!("Removed a leftover of a killed run: {removed}");
-        }
         // Rules and routes before the program: a packet that carries a
         // socket but is not routed locally would be dropped by ip_forward().
-        self.routes = Some(LocalRoutes::install(&self.plan.routes)?);
+        // A predecessor's, or a killed service's that this one adopts, stay
+        // as they are; a killed subcommand's are removed and added again.
+        let adopting = self.lock.inherited
+            || self
+                .pins
+                .as_ref()
+                .is_some_and(|pins| *pins.found() == Found::SameLayout);
+        let (routes, removed) = match adopting {
+            true => LocalRoutes::adopt(&self.plan.routes)?,
+            false => {
+                let removed = local_route::remove_leftovers(&self.plan.routes)?;
+                (LocalRoutes::install(&self.plan.routes)?, removed)
+            }
+        };
+        for removed in removed {
+            out!("Removed a leftover of a killed run: {removed}");
+        }
+        self.routes = Some(routes);
+        let pin = |name: &str| self.pins.as_ref().map(|pins| pins.link(name));
         let mut tc = Attachments::default();
         let path = tc.attach_tc(
             &self.skel.progs.tproxy_ingress,
@@ -346,10 +395,11 @@ impl Datapath for Tproxy {
             TcDirection::Ingress,
             self.args.tc_attach,
             self.args.tc_order.position(TcDirection::Ingress),
-            None,
+            pin(INGRESS_LINK).as_deref(),
         )?;
         self.tc = Some(tc);
         self.path = Some(path);
+        let mut links = vec![INGRESS_LINK];
         if let Some((upstream_ifindex, _)) = self.plan.upstream {
             self.attachments.attach_tc(
                 &self.skel.progs.tproxy_upstream_ingress,
@@ -357,12 +407,19 @@ impl Datapath for Tproxy {
                 TcDirection::Ingress,
                 self.args.tc_attach,
                 self.args.tc_order.position(TcDirection::Ingress),
-                None,
+                pin(UPSTREAM_LINK).as_deref(),
             )?;
+            links.push(UPSTREAM_LINK);
         }
         if self.bound.is_some() {
-            self.attachments
-                .attach_netns(&self.skel.progs.tproxy_sk_lookup)?;
+            self.attachments.attach_netns(
+                &self.skel.progs.tproxy_sk_lookup,
+                pin(SK_LOOKUP_LINK).as_deref(),
+            )?;
+            links.push(SK_LOOKUP_LINK);
+        }
+        if let Some(pins) = &mut self.pins {
+            pins.commit(&[("stats", &self.skel.maps.stats as &dyn MapCore)], &links)?;
         }
         print_configuration(&self.args, &self.plan, &path.to_string());
         if let Some(proxy) = self.bound.take() {
@@ -391,6 +448,7 @@ impl Datapath for Tproxy {
 
     fn tick(&mut self, ctx: &RunContext) {
         let (skel, args) = (&mut self.skel, &self.args);
+        let pin = self.pins.as_ref().map(|pins| pins.link(INGRESS_LINK));
         interface_watch::follow(
             &mut self.watch,
             &mut self.tc,
@@ -413,7 +471,7 @@ impl Datapath for Tproxy {
                     TcDirection::Ingress,
                     args.tc_attach,
                     args.tc_order.position(TcDirection::Ingress),
-                    None,
+                    pin.as_deref(),
                 )?;
                 Ok((attached, path))
             },
@@ -446,9 +504,25 @@ impl Datapath for Tproxy {
     }
 
     fn stop(&mut self) {
-        if let Some(proxy) = &self.proxy {
+        if let Some(proxy) = &mut self.proxy {
             proxy.stop(crate::relay::tcp::STOP_GRACE);
         }
+    }
+
+    fn relays(&mut self) -> Vec<&mut dyn Relay> {
+        self.proxy
+            .iter_mut()
+            .map(|proxy| proxy as &mut dyn Relay)
+            .collect()
+    }
+
+    fn bequeath(&self, bequest: &mut Bequest) -> Result<()> {
+        let lock = &self.lock;
+        bequest.give(
+            InstanceLock::role(&lock.path),
+            serde_json::Value::Null,
+            lock.file.as_fd(),
+        )
     }
 
     fn print_statistics(&self) -> Result<()> {
@@ -477,13 +551,32 @@ pub struct DatapathConfig {
 }
 
 /// Opens and loads the tproxy programs and fills the port map.
+/// The pin names of tproxy's links.
+const INGRESS_LINK: &str = "ingress";
+const UPSTREAM_LINK: &str = "upstream-ingress";
+const SK_LOOKUP_LINK: &str = "sk_lookup";
+
+/// The hash of the headers that define tproxy's maps.
+fn layout() -> u64 {
+    pins::layout_hash(&[
+        include_str!("../../include/tproxy.h"),
+        include_str!("../../include/addr.h"),
+    ])
+}
+
+/// Opens, configures and loads the tproxy programs; with `pins`, the
+/// counters an earlier run pinned go on.
 pub fn load<'obj>(
     config: &DatapathConfig,
+    pins: Option<&mut PinDir>,
     open_object: &'obj mut MaybeUninit<libbpf_rs::OpenObject>,
 ) -> Result<TproxySkel<'obj>> {
     let mut open = TproxySkelBuilder::default()
         .open(open_object)
         .context("opening the tproxy BPF object")?;
+    if let Some(pins) = pins {
+        pins.reuse_all(&mut [("stats", &mut open.maps.stats)])?;
+    }
     let rodata = open
         .maps
         .rodata_data

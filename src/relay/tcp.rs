@@ -20,7 +20,7 @@
 use std::io;
 use std::mem::{size_of, MaybeUninit};
 use std::net::{IpAddr, SocketAddr};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -35,6 +35,8 @@ use tokio::net::{TcpSocket, TcpStream};
 use tracing::{debug, warn};
 
 use crate::out;
+use crate::runtime::Relay;
+use crate::sys::handover::{tcp_listener_role, Bequest, Inheritance};
 use crate::sys::sockopt::{original_destination, set_mark};
 use crate::telemetry::stats::{Metric, Snapshot};
 
@@ -127,6 +129,8 @@ pub struct ProxyStats {
     pub bytes_upstream: AtomicU64,
     pub bytes_downstream: AtomicU64,
     pub copy_fallbacks: AtomicU64,
+    /// Reset at the end of a hand-over's drain.
+    pub cut: AtomicU64,
     /// Connections accepted and not yet ended.
     pub open: AtomicU64,
 }
@@ -199,6 +203,12 @@ impl ProxyStats {
                 "Relays that fell back from splice to copying (sockmap sockets).",
                 &self.copy_fallbacks,
             ),
+            (
+                "cut_after_handover",
+                "cut at the end of a hand-over's drain",
+                "Connections still open when the drain after a hand-over ended, reset.",
+                &self.cut,
+            ),
         ];
         snapshot.push_atomic_counters(counters);
         snapshot.push(Metric::gauge(
@@ -224,10 +234,22 @@ pub struct BoundProxy {
 }
 
 impl BoundProxy {
-    pub fn bind(addrs: &[SocketAddr], config: ProxyConfig) -> Result<Self> {
+    /// Listens on `addrs`, taking each socket that a predecessor handed
+    /// over (`inheritance`) instead of binding it again: its accept queue
+    /// comes with it.
+    pub fn bind(
+        addrs: &[SocketAddr],
+        config: ProxyConfig,
+        inheritance: &Inheritance,
+    ) -> Result<Self> {
         let listeners = addrs
             .iter()
-            .map(|addr| listen(*addr, config.transparent))
+            .map(
+                |addr| match inheritance.take(&tcp_listener_role(*addr, config.transparent)) {
+                    Some(fd) => Ok(std::net::TcpListener::from(fd)),
+                    None => listen(*addr, config.transparent),
+                },
+            )
             .collect::<Result<Vec<_>>>()?;
         Ok(Self { listeners, config })
     }
@@ -253,36 +275,56 @@ impl BoundProxy {
             config: self.config,
             listen_addrs: self.local_addrs(),
             stats: stats.clone(),
+            cut: tokio::sync::Notify::new(),
         });
-        let mut accept_loops = Vec::new();
+        let mut listeners = Vec::new();
         for listener in self.listeners {
             listener.set_nonblocking(true)?;
-            let shared = shared.clone();
+            let role = tcp_listener_role(listener.local_addr()?, self.config.transparent);
             let _guard = runtime.enter();
-            let listener = tokio::net::TcpListener::from_std(listener)?;
-            accept_loops.push(runtime.spawn(accept_loop(listener, shared)));
+            listeners.push((role, Arc::new(tokio::net::TcpListener::from_std(listener)?)));
         }
-        Ok(RunningProxy {
+        let mut proxy = RunningProxy {
             runtime: Some(runtime),
-            accept_loops,
+            listeners,
+            accept_loops: Vec::new(),
+            shared,
             stats,
-        })
+        };
+        proxy.accept();
+        Ok(proxy)
     }
 }
 
 pub struct RunningProxy {
     runtime: Option<Arc<tokio::runtime::Runtime>>,
+    /// Each listening socket with its hand-over role.
+    listeners: Vec<(String, Arc<tokio::net::TcpListener>)>,
     accept_loops: Vec<tokio::task::JoinHandle<()>>,
+    shared: Arc<Shared>,
     pub stats: Arc<ProxyStats>,
 }
 
 impl RunningProxy {
-    /// Stops accepting and gives the connections in progress up to
-    /// `grace` to end, so that the final statistics count them.
-    pub fn stop(&self, grace: Duration) {
-        for accept_loop in &self.accept_loops {
+    fn accept(&mut self) {
+        let runtime = self.runtime.as_ref().expect("running");
+        for (_, listener) in &self.listeners {
+            let (listener, shared) = (listener.clone(), self.shared.clone());
+            self.accept_loops
+                .push(runtime.spawn(accept_loop(listener, shared)));
+        }
+    }
+
+    fn stop_accepting(&mut self) {
+        for accept_loop in self.accept_loops.drain(..) {
             accept_loop.abort();
         }
+    }
+
+    /// Stops accepting and gives the connections in progress up to
+    /// `grace` to end, so that the final statistics count them.
+    pub fn stop(&mut self, grace: Duration) {
+        self.stop_accepting();
         let deadline = std::time::Instant::now() + grace;
         while self.stats.open.load(Ordering::Relaxed) > 0 && std::time::Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(10));
@@ -295,16 +337,84 @@ impl RunningProxy {
     }
 }
 
+impl Relay for RunningProxy {
+    fn bequeath(&self, bequest: &mut Bequest) -> Result<()> {
+        for (role, listener) in &self.listeners {
+            bequest.give(role.clone(), serde_json::Value::Null, listener.as_fd())?;
+        }
+        Ok(())
+    }
+
+    /// Connections that arrive meanwhile wait in the accept queues, which
+    /// the successor reads from the same sockets.
+    fn release(&mut self, _bequest: &mut Bequest) -> Result<()> {
+        self.stop_accepting();
+        Ok(())
+    }
+
+    fn resume(&mut self) -> Result<()> {
+        self.stop_accepting();
+        self.accept();
+        Ok(())
+    }
+
+    fn retire(&mut self, taken: &[String]) {
+        self.stop_accepting();
+        let runtime = self.runtime.clone().expect("running");
+        for (role, listener) in self.listeners.drain(..) {
+            if taken.contains(&role) {
+                continue;
+            }
+            // A socket the successor did not take (its address changed):
+            // what completed its handshake before the programs moved to
+            // the successor is served here rather than reset.
+            while let Some((client, peer)) = accept_now(&listener, &runtime) {
+                spawn_serve(client, peer, self.shared.clone());
+            }
+        }
+    }
+
+    fn open_connections(&self) -> u64 {
+        self.stats.open.load(Ordering::Relaxed)
+    }
+
+    fn cut(&self) {
+        self.shared.cut.notify_waiters();
+    }
+}
+
 impl Drop for RunningProxy {
     fn drop(&mut self) {
-        for accept_loop in &self.accept_loops {
-            accept_loop.abort();
-        }
+        self.stop_accepting();
         // A runtime of its own ends here; a shared one with its last user.
         if let Some(Ok(runtime)) = self.runtime.take().map(Arc::try_unwrap) {
             runtime.shutdown_timeout(Duration::from_secs(1));
         }
     }
+}
+
+/// A connection already in `listener`'s accept queue, without waiting.
+fn accept_now(
+    listener: &tokio::net::TcpListener,
+    runtime: &tokio::runtime::Runtime,
+) -> Option<(TcpStream, SocketAddr)> {
+    // SAFETY: accept4 on a listening socket the listener owns; null peer.
+    let fd = unsafe {
+        libc::accept4(
+            listener.as_raw_fd(),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: accept4 just returned this descriptor; nothing else owns it.
+    let stream = unsafe { std::net::TcpStream::from_raw_fd(fd) };
+    let peer = stream.peer_addr().ok()?;
+    let _guard = runtime.enter();
+    Some((TcpStream::from_std(stream).ok()?, peer))
 }
 
 fn listen(addr: SocketAddr, transparent: bool) -> Result<std::net::TcpListener> {
@@ -340,20 +450,14 @@ struct Shared {
     config: ProxyConfig,
     listen_addrs: Vec<SocketAddr>,
     stats: Arc<ProxyStats>,
+    /// Wakes every relay to reset its connection (a drain's deadline).
+    cut: tokio::sync::Notify,
 }
 
-async fn accept_loop(listener: tokio::net::TcpListener, shared: Arc<Shared>) {
+async fn accept_loop(listener: Arc<tokio::net::TcpListener>, shared: Arc<Shared>) {
     loop {
         match listener.accept().await {
-            Ok((client, peer)) => {
-                shared.stats.accepted.fetch_add(1, Ordering::Relaxed);
-                shared.stats.open.fetch_add(1, Ordering::Relaxed);
-                let open = OpenConnection(shared.clone());
-                tokio::spawn(async move {
-                    serve(client, peer, open.0.clone()).await;
-                    drop(open);
-                });
-            }
+            Ok((client, peer)) => spawn_serve(client, peer, shared.clone()),
             Err(err) => {
                 // EMFILE and friends: back off instead of spinning.
                 warn!("proxy accept failed: {err}");
@@ -361,6 +465,17 @@ async fn accept_loop(listener: tokio::net::TcpListener, shared: Arc<Shared>) {
             }
         }
     }
+}
+
+/// Serves one accepted connection on its own task, counted while open.
+fn spawn_serve(client: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
+    shared.stats.accepted.fetch_add(1, Ordering::Relaxed);
+    shared.stats.open.fetch_add(1, Ordering::Relaxed);
+    let open = OpenConnection(shared);
+    tokio::spawn(async move {
+        serve(client, peer, open.0.clone()).await;
+        drop(open);
+    });
 }
 
 async fn serve(client: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
@@ -404,6 +519,12 @@ async fn serve(client: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
         () = idle(&traffic, shared.config.idle_timeout) => {
             debug!("{peer} -> {destination}: closed after the idle timeout");
             stats.idle_closed.fetch_add(1, Ordering::Relaxed)
+        }
+        () = shared.cut.notified() => {
+            // A reset, so that a cut transfer never looks complete.
+            abort_on_close(&client);
+            abort_on_close(&upstream);
+            stats.cut.fetch_add(1, Ordering::Relaxed)
         }
     };
 }

@@ -48,6 +48,7 @@ use crate::cli::EventFormat;
 use crate::out;
 use crate::relay::dns;
 use crate::sys::clock;
+use crate::sys::handover::{udp_socket_role, Bequest, Handed, Inheritance};
 use crate::sys::sockopt::{netns_cookie, set_mark};
 use crate::telemetry::stats::{Metric, Snapshot};
 
@@ -82,6 +83,7 @@ pub struct UdpStats {
     pub no_destination: AtomicU64,
     pub dropped: AtomicU64,
     pub flows_opened: AtomicU64,
+    pub flows_adopted: AtomicU64,
     pub flows_expired: AtomicU64,
     pub flows_refused: AtomicU64,
     pub flows_evicted: AtomicU64,
@@ -134,6 +136,12 @@ impl UdpStats {
                 "UDP flows opened",
                 "UDP flows opened.",
                 &self.flows_opened,
+            ),
+            (
+                "udp_flows_adopted",
+                "UDP flows taken over from a predecessor",
+                "UDP flows a hand-over moved here from the process before, upstream socket and all.",
+                &self.flows_adopted,
             ),
             (
                 "udp_flows_expired",
@@ -192,14 +200,28 @@ pub struct BoundUdpRelay {
 }
 
 impl BoundUdpRelay {
-    pub fn bind(addrs: &[SocketAddr]) -> Result<Self> {
-        let sockets = addrs.iter().map(|a| bind(*a)).collect::<Result<_>>()?;
+    /// Binds `addrs`, taking each socket a predecessor handed over
+    /// (`inheritance`) instead: datagrams queued on it come with it.
+    pub fn bind(addrs: &[SocketAddr], inheritance: &Inheritance) -> Result<Self> {
+        let sockets = addrs
+            .iter()
+            .map(|addr| match inheritance.take(&udp_socket_role(*addr)) {
+                Some(fd) => Ok(UdpSocket::from(fd)),
+                None => bind(*addr),
+            })
+            .collect::<Result<_>>()?;
         Ok(Self { sockets })
     }
 
     /// Starts the relay's thread; `slots` is the `udp_relay_slots` map of
-    /// the redirect programs. It stops when the returned relay is dropped.
-    pub fn start(self, slots: &MapHandle, config: UdpRelayConfig) -> Result<UdpRelay> {
+    /// the redirect programs. The flows a predecessor handed over
+    /// (`inheritance`) go on. It stops when the returned relay is dropped.
+    pub fn start(
+        self,
+        slots: &MapHandle,
+        config: UdpRelayConfig,
+        inheritance: &Inheritance,
+    ) -> Result<UdpRelay> {
         let slots = Slots::map(slots)?;
         let epoll = Epoll::new().context("creating the UDP relay's epoll")?;
         // SAFETY: eventfd() returns a new descriptor or -1.
@@ -216,7 +238,10 @@ impl BoundUdpRelay {
             .filter_map(|s| s.local_addr().ok())
             .collect();
         let mut proxies = Vec::new();
+        let mut bequeathable = Vec::new();
         for (index, socket) in self.sockets.into_iter().enumerate() {
+            let role = udp_socket_role(socket.local_addr()?);
+            bequeathable.push((role, socket.as_fd().try_clone_to_owned()?));
             let cookie = netns_cookie(socket.as_raw_fd())
                 .context("reading the UDP relay's network namespace cookie")?;
             let slot = match socket.local_addr()? {
@@ -226,6 +251,7 @@ impl BoundUdpRelay {
             socket.set_nonblocking(true)?;
             epoll.add(socket.as_raw_fd(), PROXY_TOKEN + index as u64)?;
             proxies.push(Proxy {
+                address: socket.local_addr()?,
                 socket,
                 slot,
                 netns_cookie: cookie,
@@ -237,7 +263,7 @@ impl BoundUdpRelay {
             stop: AtomicBool::new(false),
         });
         let (max_flows, user_share) = flow_limits();
-        let relay = Relay {
+        let mut relay = Relay {
             max_flows,
             user_share,
             config,
@@ -249,21 +275,28 @@ impl BoundUdpRelay {
             flows: Flows::default(),
             epoch: Instant::now(),
         };
-        let thread = std::thread::Builder::new()
-            .name("udp-relay".into())
-            .spawn(move || relay.run())
-            .context("starting the UDP relay thread")?;
-        Ok(UdpRelay {
+        for flow in inheritance.take_all(FLOW_ROLE) {
+            relay.adopt(flow);
+        }
+        let mut running = UdpRelay {
             shared,
-            thread: Some(thread),
+            thread: None,
+            paused: Some(relay),
             limits: (max_flows, user_share),
-        })
+            sockets: bequeathable,
+        };
+        running.run()?;
+        Ok(running)
     }
 }
+
+/// The hand-over role of each of the relay's flows.
+const FLOW_ROLE: &str = "udp-flow";
 
 /// A proxy socket that clients' datagrams are redirected to.
 struct Proxy {
     socket: UdpSocket,
+    address: SocketAddr,
     /// Its slot in `udp_relay_slots`.
     slot: udp_relay_slot_index,
     netns_cookie: u64,
@@ -272,8 +305,13 @@ struct Proxy {
 /// The running relay; dropping it stops its thread and closes its sockets.
 pub struct UdpRelay {
     shared: Arc<Shared>,
-    thread: Option<JoinHandle<()>>,
+    thread: Option<JoinHandle<Relay>>,
+    /// The relay while no thread runs it (paused for a hand-over).
+    paused: Option<Relay>,
     limits: (usize, usize),
+    /// Duplicates of the proxy sockets with their roles, to offer a
+    /// successor while the thread serves them.
+    sockets: Vec<(String, OwnedFd)>,
 }
 
 impl UdpRelay {
@@ -285,10 +323,33 @@ impl UdpRelay {
     pub fn stats(&self) -> &UdpStats {
         &self.shared.stats
     }
-}
 
-impl Drop for UdpRelay {
-    fn drop(&mut self) {
+    /// Runs the paused relay on a thread of its own.
+    fn run(&mut self) -> Result<()> {
+        let Some(relay) = self.paused.take() else {
+            return Ok(());
+        };
+        self.shared.stop.store(false, Ordering::SeqCst);
+        let mut count = 0u64;
+        // SAFETY: an 8-byte read from our own non-blocking eventfd, which
+        // a pause left readable.
+        unsafe {
+            libc::read(
+                self.shared.wake.as_raw_fd(),
+                (&mut count as *mut u64).cast(),
+                8,
+            )
+        };
+        let thread = std::thread::Builder::new()
+            .name("udp-relay".into())
+            .spawn(move || relay.run())
+            .context("starting the UDP relay thread")?;
+        self.thread = Some(thread);
+        Ok(())
+    }
+
+    /// Stops the thread, keeping the relay, its sockets and flows.
+    fn pause(&mut self) {
         self.shared.stop.store(true, Ordering::SeqCst);
         // SAFETY: an 8-byte write to our own eventfd.
         unsafe {
@@ -299,8 +360,62 @@ impl Drop for UdpRelay {
             )
         };
         if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
+            self.paused = thread.join().ok();
         }
+    }
+}
+
+impl crate::runtime::Relay for UdpRelay {
+    fn bequeath(&self, bequest: &mut Bequest) -> Result<()> {
+        for (role, socket) in &self.sockets {
+            bequest.give(role.clone(), serde_json::Value::Null, socket.as_fd())?;
+        }
+        Ok(())
+    }
+
+    /// Two relays must never read one proxy socket: the slot a datagram's
+    /// destination is left in is the receiving process's. The thread stops
+    /// here and the successor's starts once its programs are attached;
+    /// datagrams wait in the sockets meanwhile. Every flow goes with its
+    /// upstream socket, replies queued on it included.
+    fn release(&mut self, bequest: &mut Bequest) -> Result<()> {
+        self.pause();
+        let Some(relay) = &self.paused else {
+            return Ok(());
+        };
+        for flow in relay.flows.by_token.values() {
+            let detail = serde_json::json!({
+                "proxy": relay.proxies[flow.proxy].address.to_string(),
+                "client": flow.client.to_string(),
+                "socket": flow.socket,
+                "uid": flow.uid,
+                "destination": flow.destination.to_string(),
+            });
+            bequest.give(FLOW_ROLE.into(), detail, flow.upstream.as_fd())?;
+        }
+        Ok(())
+    }
+
+    fn resume(&mut self) -> Result<()> {
+        self.run()
+    }
+
+    fn retire(&mut self, _taken: &[String]) {
+        self.pause();
+        self.paused = None;
+        self.sockets.clear();
+    }
+
+    fn open_connections(&self) -> u64 {
+        0
+    }
+
+    fn cut(&self) {}
+}
+
+impl Drop for UdpRelay {
+    fn drop(&mut self) {
+        self.pause();
     }
 }
 
@@ -560,8 +675,8 @@ impl Relay {
     }
 
     /// Relays requests and replies, and closes idle flows, until the relay
-    /// stops.
-    fn run(mut self) {
+    /// stops; returns itself, flows and all.
+    fn run(mut self) -> Relay {
         let sweep_every =
             (self.config.idle_timeout / 2).clamp(Duration::from_millis(10), Duration::from_secs(1));
         let mut next_sweep = Instant::now() + sweep_every;
@@ -609,6 +724,7 @@ impl Relay {
                 next_sweep = now + sweep_every;
             }
         }
+        self
     }
 
     /// Sends one datagram waiting on proxy socket `index` to its original
@@ -738,18 +854,11 @@ impl Relay {
                 self.evict_oldest_of(uid);
             }
         }
-        let stats = &self.shared.stats;
-        let flows = &mut self.flows;
-        flows.last_token += 1;
-        let token = flows.last_token;
-        let upstream = connect_upstream(destination, self.config.mark).and_then(|upstream| {
-            self.epoll.add(upstream.as_raw_fd(), token)?;
-            Ok(upstream)
-        });
-        let upstream = match upstream {
+        let upstream = match connect_upstream(destination, self.config.mark) {
             Ok(upstream) => upstream,
             Err(err) => {
                 debug!("{client} -> {destination}: upstream socket: {err}");
+                let stats = &self.shared.stats;
                 stats.flows_refused.fetch_add(1, Ordering::Relaxed);
                 return None;
             }
@@ -763,18 +872,77 @@ impl Relay {
             destination,
             last_active_ms: 0,
         };
-        flows.by_pair.insert((sender.socket, destination), token);
+        let token = self.insert(flow)?;
+        self.shared
+            .stats
+            .flows_opened
+            .fetch_add(1, Ordering::Relaxed);
+        Some(token)
+    }
+
+    /// Adds `flow` to the epoll set and the tables; None (the flow closed)
+    /// when epoll refuses it.
+    fn insert(&mut self, flow: Flow) -> Option<u64> {
+        let flows = &mut self.flows;
+        flows.last_token += 1;
+        let token = flows.last_token;
+        if let Err(err) = self.epoll.add(flow.upstream.as_raw_fd(), token) {
+            debug!("{} -> {}: epoll: {err}", flow.client, flow.destination);
+            self.shared
+                .stats
+                .flows_refused
+                .fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        let (uid, key) = (flow.uid, (flow.socket, flow.destination));
+        flows.by_pair.insert(key, token);
         flows.by_token.insert(token, flow);
-        let user = flows.by_user.entry(sender.uid).or_default();
+        let user = flows.by_user.entry(uid).or_default();
         user.open += 1;
         user.tokens.push_back(token);
         if user.tokens.len() > 2 * user.open + 64 {
             let by_token = &flows.by_token;
             user.tokens.retain(|token| by_token.contains_key(token));
         }
-        stats.flows_opened.fetch_add(1, Ordering::Relaxed);
-        stats.flows_open.fetch_add(1, Ordering::Relaxed);
+        self.shared.stats.flows_open.fetch_add(1, Ordering::Relaxed);
         Some(token)
+    }
+
+    /// Takes over a flow a predecessor relayed, upstream socket and all,
+    /// when this relay has its proxy socket.
+    fn adopt(&mut self, handed: Handed) {
+        let detail = &handed.detail;
+        let address = |key: &str| detail[key].as_str().and_then(|text| text.parse().ok());
+        let proxy_address: Option<SocketAddr> = address("proxy");
+        let proxy = self
+            .proxies
+            .iter()
+            .position(|p| Some(p.address) == proxy_address);
+        let (Some(proxy), Some(client), Some(destination), Some(socket), Some(uid)) = (
+            proxy,
+            address("client"),
+            address("destination"),
+            detail["socket"].as_u64(),
+            detail["uid"].as_u64(),
+        ) else {
+            debug!("a handed-over UDP flow this relay cannot take: {detail}");
+            return;
+        };
+        let flow = Flow {
+            upstream: UdpSocket::from(handed.fd),
+            proxy,
+            client,
+            socket,
+            uid: uid as u32,
+            destination,
+            last_active_ms: 0,
+        };
+        if self.insert(flow).is_some() {
+            self.shared
+                .stats
+                .flows_adopted
+                .fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// Closes the oldest open flow of `uid`, to make room.

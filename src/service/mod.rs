@@ -7,7 +7,9 @@
 
 pub mod cleanup;
 pub mod config;
+pub mod handover;
 pub mod reload;
+pub mod upgrade;
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -19,7 +21,7 @@ use crate::cli::{EventFormat, OutputArgs};
 use crate::datapath::Settings;
 use crate::runtime::{Datapath, DatapathSettings, RunContext, RunningDatapath};
 use crate::sys::pins::{self, PinRoot};
-use crate::sys::{shutdown, trusted_file};
+use crate::sys::{notify, shutdown, trusted_file};
 use crate::telemetry::metrics::Metrics;
 use crate::telemetry::output;
 use crate::telemetry::stats::{Metric, Snapshot};
@@ -48,12 +50,17 @@ dropping a connection, a new cgroup is attached before the old one is left,
 and a file with an error is refused while the running configuration stays.
 `proxy-redirect status` shows what runs.
 
-port-nat's links and flows and redirect's links are pinned in --pin-dir: a
-killed service leaves them working and the next start adopts them (its
-programs swapped into the same links). SIGTERM stops for good and removes
-them; SIGUSR2 stops and leaves them to the next start, exiting with status
-75, which the systemd unit restarts at once: the way to upgrade the binary
-or change a setting a reload refuses while port-nat goes on translating.")]
+The datapaths' links and kernel state are pinned in --pin-dir: a killed
+service leaves them working and the next start adopts them (its programs
+swapped into the same links). SIGTERM stops for good and removes them.
+
+Upgrades: SIGUSR2 (or `proxy-redirect upgrade`) starts the binary now on
+disk with the same arguments and --take-over. The new process reads the
+file again, takes the listening sockets (accept queues included), the UDP
+flows and every pinned datapath, and serves; this one stops accepting,
+drains the connections it relays (at most --drain-timeout) and exits. No
+connection is refused or sent around the proxy meanwhile, and settings a
+reload refuses (proxy port, mark, ...) apply this way.")]
 pub struct RunArgs {
     /// The TOML configuration file; it, every symlink to it and every
     /// directory above them must be writable by root only
@@ -67,6 +74,21 @@ pub struct RunArgs {
     /// crash (port-nat's flows and links); a clean stop removes it
     #[arg(long, value_name = "DIR", default_value = pins::DEFAULT_PIN_ROOT)]
     pub pin_dir: std::path::PathBuf,
+    /// Take the place of the service that runs, if one does: its sockets,
+    /// flows and pinned datapaths, while it drains (an upgrade; SIGUSR2
+    /// starts the new binary with this)
+    #[arg(long)]
+    pub take_over: bool,
+    /// After handing over, how long to go on relaying the connections
+    /// already open before resetting them (SIGTERM waits for it; SIGINT
+    /// resets them at once)
+    #[arg(long, value_name = "SECONDS", default_value_t = 300)]
+    pub drain_timeout: u64,
+    /// After handing over and draining, wait for SIGTERM instead of
+    /// exiting (for a supervisor that restarts a process that exits, such
+    /// as the kubelet)
+    #[arg(long)]
+    pub stay_after_hand_over: bool,
     #[command(flatten)]
     pub output: OutputArgs,
 }
@@ -94,42 +116,52 @@ impl Source<Settings> for ConfigFile<'_> {
 }
 
 /// `proxy-redirect run --config FILE`.
-pub fn run(args: &RunArgs) -> Result<Ending> {
-    run_service(&ConfigFile(args), &args.output, &args.pin_dir)?;
-    Ok(match shutdown::handover_requested() {
-        true => Ending::HandedOver,
-        false => Ending::Stopped,
-    })
+pub fn run(args: &RunArgs) -> Result<()> {
+    run_service(&ConfigFile(args), args)
 }
 
 /// Runs one subcommand's datapath until SIGINT/SIGTERM/SIGHUP.
 pub fn run_one<S: DatapathSettings>(settings: S, output: &OutputArgs) -> Result<()> {
     settings.check()?;
     let ctx = RunContext::new(output.event_format());
-    let metrics = Metrics::bind(output.metrics)?;
+    let mut metrics = Metrics::bind(output.metrics, &ctx.inheritance)?;
     shutdown::install()?;
     let mut datapaths = vec![settings.prepare(&ctx)?];
     for datapath in &mut datapaths {
         datapath.datapath_mut().attach(&ctx)?;
     }
-    run_loop::<S>(&ctx, &mut datapaths, metrics, None, None)?;
-    finish(&ctx, datapaths)
+    run_loop::<S>(&ctx, &mut datapaths, &mut metrics, None)?;
+    finish(&ctx, datapaths, None)
 }
 
-/// `run --config`: every datapath of the file, reloaded on SIGHUP.
-fn run_service<S: DatapathSettings>(
-    source: &dyn Source<S>,
-    output: &OutputArgs,
-    pin_dir: &Path,
-) -> Result<()> {
+/// What only a service has: its file, status page and successors.
+struct ServiceLoop<'a, S> {
+    source: &'a dyn Source<S>,
+    status: &'a status::Server,
+    handover: &'a mut handover::Service,
+    predecessor: Option<handover::Predecessor>,
+}
+
+/// `run --config`: every datapath of the file, reloaded on SIGHUP, handed
+/// over to a successor on SIGUSR2.
+fn run_service(source: &dyn Source<Settings>, args: &RunArgs) -> Result<()> {
     let (settings, metrics_addr) = source.load()?;
     for each in &settings {
         each.check().with_context(|| format!("[{}]", each.name()))?;
     }
-    let mut ctx = RunContext::new(output.event_format());
-    let metrics = Metrics::bind(metrics_addr)?;
-    let status = status::Server::bind()?;
-    ctx.pins = match PinRoot::create(pin_dir) {
+    let mut ctx = RunContext::new(args.output.event_format());
+    let predecessor = match args.take_over {
+        true => handover::Predecessor::find(&mut ctx)?,
+        false => None,
+    };
+    let taking_over = predecessor.is_some();
+    let mut status = match taking_over {
+        true => status::Server::bind_beside()?,
+        false => status::Server::bind()?,
+    };
+    let mut handover = handover::Service::listen(taking_over)?;
+    let mut metrics = Metrics::bind(metrics_addr, &ctx.inheritance)?;
+    ctx.pins = match PinRoot::create(&args.pin_dir) {
         Ok(root) => Some(root),
         Err(err) => {
             err_out!("warning: {err:#}");
@@ -138,13 +170,23 @@ fn run_service<S: DatapathSettings>(
     };
     shutdown::install()?;
     shutdown::reload_on_hangup();
-    shutdown::hand_over_on_usr2()?;
+    shutdown::upgrade_on_usr2()?;
     let mut datapaths = Vec::new();
     for each in &settings {
         datapaths.push(each.prepare(&ctx)?);
     }
+    if let Some(predecessor) = &predecessor {
+        predecessor.commit(&ctx)?;
+    }
     for datapath in &mut datapaths {
         datapath.datapath_mut().attach(&ctx)?;
+    }
+    // What this configuration does not use (a port that changed) closes.
+    ctx.inheritance = Default::default();
+    if let Some(predecessor) = &predecessor {
+        predecessor.serving()?;
+        status.take_place()?;
+        handover.take_place()?;
     }
     if let Some(root) = &ctx.pins {
         let names: Vec<String> = settings.iter().map(|s| s.name()).collect();
@@ -153,16 +195,47 @@ fn run_service<S: DatapathSettings>(
         }
     }
     out!(
-        "Service running {} datapath(s); SIGHUP reloads the configuration",
+        "Service running {} datapath(s); SIGHUP reloads the configuration, SIGUSR2 upgrades",
         datapaths.len()
     );
-    run_loop(&ctx, &mut datapaths, metrics, Some(source), Some(&status))?;
-    finish(&ctx, datapaths)
+    notify::notify("READY=1");
+    let service = ServiceLoop {
+        source,
+        status: &status,
+        handover: &mut handover,
+        predecessor,
+    };
+    let Some(handed_over) = run_loop(&ctx, &mut datapaths, &mut metrics, Some(service))? else {
+        return finish(&ctx, datapaths, None);
+    };
+    // The successor serves the metrics and status pages from now on.
+    metrics.close();
+    drop(status);
+    handed_over.retire(&mut datapaths);
+    let timeout = Duration::from_secs(args.drain_timeout);
+    // SIGTERM (systemd's stop, the kubelet's) lets the drain finish; SIGINT
+    // cuts it short.
+    handed_over.drain(&mut datapaths, timeout, shutdown::interrupted);
+    if args.stay_after_hand_over && !shutdown::requested() {
+        out!("Waiting for SIGTERM (--stay-after-hand-over)");
+        while !shutdown::requested() {
+            std::thread::sleep(TICK);
+        }
+    }
+    finish(&ctx, datapaths, Some(handed_over.pid))
 }
 
-fn finish<R: RunningDatapath>(ctx: &RunContext, mut running: Vec<R>) -> Result<()> {
-    for each in &mut running {
-        each.datapath_mut().stop();
+/// Prints the statistics and detaches; `successor`: the pid of the
+/// process this one handed over to, which keeps everything pinned.
+fn finish<R: RunningDatapath>(
+    ctx: &RunContext,
+    mut running: Vec<R>,
+    successor: Option<u32>,
+) -> Result<()> {
+    if successor.is_none() {
+        for each in &mut running {
+            each.datapath_mut().stop();
+        }
     }
     let datapaths: Vec<&dyn Datapath> = running.iter().map(R::datapath).collect();
     for datapath in &datapaths {
@@ -181,60 +254,37 @@ fn finish<R: RunningDatapath>(ctx: &RunContext, mut running: Vec<R>) -> Result<(
         out!("{}", serde_json::json!({ "statistics": statistics }));
     }
     drop(datapaths);
-    let handing_over = shutdown::handover_requested();
-    if handing_over {
+    if successor.is_some() {
         pins::keep_for_next_start();
     }
     // Detached in reverse order of attachment.
     while let Some(each) = running.pop() {
         drop(each);
     }
-    match (&ctx.pins, handing_over) {
-        (Some(root), true) => out!(
-            "Handed over: the datapaths pinned in {} stay for the next start",
+    match (&ctx.pins, successor) {
+        (Some(root), Some(pid)) => out!(
+            "Handed over: the datapaths pinned in {} stay with pid {pid}",
             root.path().display()
         ),
-        (None, true) => {
-            out!("Handed over, with nothing pinned (no bpffs): the next start begins anew")
-        }
-        (Some(root), false) => root.remove_if_empty(),
-        (None, false) => {}
+        (None, Some(pid)) => out!("Handed over to pid {pid}"),
+        (Some(root), None) => root.remove_if_empty(),
+        (None, None) => {}
     }
     out!("Cleaned up");
     Ok(())
 }
 
-/// How a service ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Ending {
-    Stopped,
-    /// SIGUSR2: its pins stay for the next start.
-    HandedOver,
-}
-
-impl Ending {
-    /// EX_TEMPFAIL after a hand-over, so that a supervisor starts the
-    /// binary on disk again (the unit's RestartForceExitStatus).
-    pub fn exit_code(self) -> std::process::ExitCode {
-        match self {
-            Ending::Stopped => std::process::ExitCode::SUCCESS,
-            Ending::HandedOver => std::process::ExitCode::from(HANDED_OVER_STATUS),
-        }
-    }
-}
-
-pub const HANDED_OVER_STATUS: u8 = 75;
-
 const TICK: Duration = Duration::from_millis(100);
 const PUBLISH_INTERVAL: Duration = Duration::from_secs(1);
 
+/// Serves until a stop (None) or, for a service, until a successor serves
+/// in its place.
 fn run_loop<S: DatapathSettings>(
     ctx: &RunContext,
     datapaths: &mut Vec<S::Running>,
-    mut metrics: Metrics,
-    source: Option<&dyn Source<S>>,
-    status: Option<&status::Server>,
-) -> Result<()> {
+    metrics: &mut Metrics,
+    mut service: Option<ServiceLoop<'_, S>>,
+) -> Result<Option<handover::HandedOver>> {
     let mut headers_printed = false;
     loop {
         let mut maps = Vec::new();
@@ -282,18 +332,36 @@ fn run_loop<S: DatapathSettings>(
             for datapath in datapaths.iter_mut() {
                 datapath.datapath_mut().tick(ctx);
             }
+            if let Some(service) = &mut service {
+                if shutdown::take_upgrade_request() {
+                    service.handover.spawn_successor();
+                }
+                if let Some(handed_over) = service.handover.poll(datapaths, metrics) {
+                    if let Some(ring) = &ring {
+                        ring.consume()?;
+                    }
+                    return Ok(Some(handed_over));
+                }
+                if let Some(predecessor) = &mut service.predecessor {
+                    if let Some(drained) = predecessor.poll_drained() {
+                        record_predecessor(drained);
+                        service.predecessor = None;
+                    }
+                }
+            }
             if last_publish.is_none_or(|at| at.elapsed() >= PUBLISH_INTERVAL) {
                 last_publish = Some(Instant::now());
                 let pins = ctx.pins.as_ref().map(PinRoot::path);
-                publish(datapaths, &metrics, &build_info, status, pins);
+                let status = service.as_ref().map(|s| (s.status, s.handover.status()));
+                publish(datapaths, metrics, &build_info, status, pins);
             }
             if shutdown::requested() {
                 if let Some(ring) = &ring {
                     ring.consume()?;
                 }
-                return Ok(());
+                return Ok(None);
             }
-            if source.is_some() && shutdown::take_reload_request() {
+            if service.is_some() && shutdown::take_reload_request() {
                 break;
             }
         }
@@ -301,10 +369,21 @@ fn run_loop<S: DatapathSettings>(
             ring.consume()?;
         }
         drop(ring);
-        if let Some(source) = source {
-            reload::reload(ctx, datapaths, source, &mut metrics);
+        if let Some(service) = &service {
+            reload::reload(ctx, datapaths, service.source, metrics);
         }
     }
+}
+
+/// What the predecessor of this process said of its drain, for the
+/// service's counters.
+static PREDECESSOR_DRAINED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+static PREDECESSOR_CUT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+fn record_predecessor((drained, cut): (u64, u64)) {
+    use std::sync::atomic::Ordering;
+    PREDECESSOR_DRAINED.fetch_add(drained, Ordering::Relaxed);
+    PREDECESSOR_CUT.fetch_add(cut, Ordering::Relaxed);
 }
 
 /// The labels of the build-info gauge: how each datapath is attached.
@@ -322,7 +401,7 @@ fn publish<R: RunningDatapath>(
     datapaths: &[R],
     metrics: &Metrics,
     build_info: &[(&'static str, String)],
-    status: Option<&status::Server>,
+    status: Option<(&status::Server, serde_json::Value)>,
     pins: Option<&Path>,
 ) {
     // Reading the maps is for readers: nobody scrapes a subcommand that
@@ -340,19 +419,32 @@ fn publish<R: RunningDatapath>(
     }
     snapshots.push(service_snapshot());
     metrics.publish(&snapshots, build_info);
-    if let Some(status) = status {
-        status.publish(status_page(&datapaths, &snapshots, pins));
+    if let Some((status, upgrade)) = status {
+        status.publish(status_page(&datapaths, &snapshots, pins, upgrade));
     }
 }
 
 /// The service's own counters.
 fn service_snapshot() -> Snapshot {
+    use std::sync::atomic::Ordering;
     let mut snapshot = Snapshot::new("service");
     snapshot.push(Metric::counter(
         "output_lines_dropped",
         "output lines dropped",
         "Event and message lines dropped because stdout or stderr could not take them",
         output::dropped_lines(),
+    ));
+    snapshot.push(Metric::counter(
+        "predecessor_connections_drained",
+        "connections the predecessor drained",
+        "Connections the process this one took over from relayed to their end after the hand-over",
+        PREDECESSOR_DRAINED.load(Ordering::Relaxed),
+    ));
+    snapshot.push(Metric::counter(
+        "predecessor_connections_cut",
+        "connections the predecessor cut",
+        "Connections the process this one took over from still relayed at its drain deadline, reset",
+        PREDECESSOR_CUT.load(Ordering::Relaxed),
     ));
     snapshot
 }
@@ -361,10 +453,12 @@ fn status_page(
     datapaths: &[&dyn Datapath],
     snapshots: &[Snapshot],
     pins: Option<&Path>,
+    upgrade: serde_json::Value,
 ) -> serde_json::Value {
     serde_json::json!({
         "pid": std::process::id(),
         "pin_dir": pins.map(|p| p.display().to_string()),
+        "upgrade": upgrade,
         "version": env!("CARGO_PKG_VERSION"),
         "datapaths": datapaths.iter().map(|d| d.status()).collect::<Vec<_>>(),
         "statistics": snapshots.iter().map(Snapshot::to_json).collect::<Vec<_>>(),

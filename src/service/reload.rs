@@ -138,7 +138,7 @@ pub fn reload<S: DatapathSettings>(
         let prepared = prepare(plan(&names, settings), running, ctx)?;
         let new_metrics = match metrics.addr() == metrics_addr {
             true => None,
-            false => Some(Metrics::bind(metrics_addr).context("[metrics]")?),
+            false => Some(Metrics::bind(metrics_addr, &ctx.inheritance).context("[metrics]")?),
         };
         Ok((prepared, new_metrics))
     };
@@ -305,7 +305,7 @@ mod tests {
                 })
                 .collect();
             log.borrow_mut().clear();
-            let metrics = Metrics::bind(None).unwrap();
+            let metrics = Metrics::bind(None, &Default::default()).unwrap();
             Service {
                 log,
                 ctx,

@@ -276,15 +276,24 @@ impl Attachments {
     }
 
     /// Attaches a network-namespace program (`SEC("sk_lookup")`, flow
-    /// dissector) to the namespace of the calling thread.
-    pub fn attach_netns(&mut self, program: &ProgramMut) -> Result<()> {
-        let netns = std::fs::File::open("/proc/thread-self/ns/net")
-            .context("opening this thread's network namespace")?;
+    /// dissector) to the namespace of the calling thread. With `pin`, as
+    /// attach_cgroup does.
+    pub fn attach_netns(&mut self, program: &ProgramMut, pin: Option<&Path>) -> Result<()> {
+        let path = "/proc/thread-self/ns/net";
+        let netns = std::fs::File::open(path).context("opening this thread's network namespace")?;
+        let netns_ino = std::os::unix::fs::MetadataExt::ino(&netns.metadata()?);
+        let target = "this network namespace".to_owned();
+        if self.adopt(program, pin, format!("{target} (adopted)"), |info| {
+            on_netns_hook(info, netns_ino)
+        }) {
+            return Ok(());
+        }
         let link = program
             .attach_netns(netns.as_raw_fd())
             .with_context(|| format!("attaching {}", program.name().to_string_lossy()))?;
+        repin(link.as_fd(), pin)?;
         self.links.push(link);
-        self.record(program, "this network namespace".into());
+        self.record(program, target);
         Ok(())
     }
 
@@ -418,6 +427,14 @@ fn on_tcx_hook(info: &libbpf_sys::bpf_link_info, ifindex: u32, direction: TcDire
     info.type_ == libbpf_sys::BPF_LINK_TYPE_TCX
         && tcx.ifindex == ifindex
         && tcx.attach_type == tcx_attach_type(direction)
+}
+
+/// Whether `info` is a network-namespace link on the namespace of inode
+/// `netns_ino`.
+fn on_netns_hook(info: &libbpf_sys::bpf_link_info, netns_ino: u64) -> bool {
+    // SAFETY: the netns member is the one a netns link fills.
+    let netns = unsafe { info.__bindgen_anon_1.netns };
+    info.type_ == libbpf_sys::BPF_LINK_TYPE_NETNS && u64::from(netns.netns_ino) == netns_ino
 }
 
 /// Whether `info` is a cgroup link of `program`'s attach type on `cgroup`.

@@ -253,12 +253,77 @@ pub fn remove_leftovers(spec: &LocalRouteSpec) -> Result<Vec<String>> {
     Ok(removed)
 }
 
-/// The installed rules and routes; removed on drop, in reverse order.
+/// The installed rules and routes; removed on drop, in reverse order
+/// (unless the process hands them over to its successor).
 pub struct LocalRoutes {
     undo: Vec<Vec<String>>,
 }
 
 impl LocalRoutes {
+    /// Makes the rules and routes exactly `spec` while keeping those that
+    /// are already as wanted (a predecessor's, or a killed run's that a
+    /// restart adopts: not one packet is routed differently meanwhile);
+    /// adds what is missing and removes our others. Returns what it
+    /// removed, as `remove_leftovers` does.
+    pub fn adopt(spec: &LocalRouteSpec) -> Result<(Self, Vec<String>)> {
+        let mut removed = Vec::new();
+        let mut installed = LocalRoutes { undo: Vec::new() };
+        for family in FAMILIES {
+            for route in table_routes(spec, family)? {
+                if !is_our_route(&route) {
+                    bail!(
+                        "routing table {} already holds routes that tproxy did not add \
+                         ({route}); pick another with --route-table",
+                        spec.table
+                    );
+                }
+            }
+            ip(&spec.route_args(family, "replace")).context("adding the local delivery route")?;
+            installed.undo.push(spec.route_args(family, "del"));
+        }
+        for family in FAMILIES {
+            let rules = our_rules(spec, family)?;
+            for interface in &spec.interfaces {
+                let present = rules.iter().any(|rule| {
+                    field(rule, "iif") == *interface && fwmark(rule) == Some((spec.mark, u32::MAX))
+                });
+                if !present {
+                    ip(&spec.rule_args(family, interface, "add"))
+                        .context("adding the local delivery rule")?;
+                }
+                installed
+                    .undo
+                    .push(spec.rule_args(family, interface, "del"));
+            }
+            for rule in rules {
+                let iif = field(&rule, "iif");
+                let wanted =
+                    spec.interfaces.contains(&iif) && fwmark(&rule) == Some((spec.mark, u32::MAX));
+                if wanted {
+                    continue;
+                }
+                let mut args: Vec<String> = vec![family.into(), "rule".into(), "del".into()];
+                args.extend(
+                    [
+                        "pref",
+                        &spec.priority.to_string(),
+                        "lookup",
+                        &spec.table.to_string(),
+                        "protocol",
+                        &RT_PROTO.to_string(),
+                    ]
+                    .map(String::from),
+                );
+                if !iif.is_empty() {
+                    args.extend(["iif".into(), iif]);
+                }
+                ip(&args)?;
+                removed.push(format!("rule {rule}"));
+            }
+        }
+        Ok((installed, removed))
+    }
+
     /// Routes first, then the rules that lead to them; on failure whatever
     /// was added is removed again.
     pub fn install(spec: &LocalRouteSpec) -> Result<Self> {
@@ -282,6 +347,9 @@ impl LocalRoutes {
 
 impl Drop for LocalRoutes {
     fn drop(&mut self) {
+        if crate::sys::pins::kept_for_next_start() {
+            return;
+        }
         while let Some(args) = self.undo.pop() {
             if let Err(err) = ip(&args) {
                 tracing::warn!("{err:#}");

@@ -4,10 +4,12 @@
 
 pub mod cgroup;
 pub mod clock;
+pub mod handover;
 pub mod interface_watch;
 pub mod links;
 pub mod local_route;
 pub mod netns;
+pub mod notify;
 pub mod pins;
 pub mod privileges;
 pub mod rlimit;

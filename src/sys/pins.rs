@@ -191,6 +191,23 @@ impl PinDir {
         &self.path
     }
 
+    /// Says what an earlier run left here and what becomes of it: `held`
+    /// names what is adopted (`flows and links`), `state` what a layout
+    /// change loses (`flows`).
+    pub fn report(&self, held: &str, state: &str) {
+        match &self.found {
+            Found::Nothing => {}
+            Found::SameLayout => crate::out!(
+                "  Adopting:          the {held} {} holds from an earlier run",
+                self.path.display()
+            ),
+            Found::OtherLayout(why) => crate::out!(
+                "Replacing the pinned state in {} ({why}): its {state} are not carried over",
+                self.path.display()
+            ),
+        }
+    }
+
     /// Where the link of `name` is pinned.
     pub fn link(&self, name: &str) -> PathBuf {
         self.path.join(format!("link-{name}"))
@@ -203,24 +220,47 @@ impl PinDir {
     /// Makes `map` (before load) the pinned map of the same name when it
     /// has this binary's layout and the same shape; returns whether it did.
     pub fn reuse(&self, map: &mut OpenMapMut<'_>, name: &str) -> Result<bool> {
-        if self.found != Found::SameLayout {
+        if self.found != Found::SameLayout || !self.same_shape(map, name)? {
             return Ok(false);
         }
         let path = self.map(name);
-        let Ok(pinned) = MapHandle::from_pinned_path(&path) else {
-            return Ok(false);
-        };
-        let info = pinned.info().context("reading a pinned map")?;
-        let same_shape = info.map_type() == map.map_type()
-            && info.info.key_size == map.key_size()
-            && info.info.value_size == map.value_size()
-            && info.info.max_entries == map.max_entries();
-        if !same_shape {
-            return Ok(false);
-        }
         map.reuse_pinned_map(&path)
             .with_context(|| format!("reusing {}", path.display()))?;
         Ok(true)
+    }
+
+    /// Reuses every map of `maps` or none: maps whose records refer to
+    /// each other (a count per user of the entries of another) are never
+    /// half carried over. When one has another shape, the whole pinned
+    /// state counts as of another layout.
+    pub fn reuse_all(&mut self, maps: &mut [(&str, &mut OpenMapMut<'_>)]) -> Result<bool> {
+        if self.found != Found::SameLayout {
+            return Ok(false);
+        }
+        for (name, map) in maps.iter() {
+            if !self.same_shape(map, name)? {
+                self.found = Found::OtherLayout(format!("map {name} has another shape"));
+                return Ok(false);
+            }
+        }
+        for (name, map) in maps.iter_mut() {
+            let path = self.map(name);
+            map.reuse_pinned_map(&path)
+                .with_context(|| format!("reusing {}", path.display()))?;
+        }
+        Ok(true)
+    }
+
+    /// Whether the map pinned as `name` has `map`'s type and sizes.
+    fn same_shape(&self, map: &OpenMapMut<'_>, name: &str) -> Result<bool> {
+        let Ok(pinned) = MapHandle::from_pinned_path(self.map(name)) else {
+            return Ok(false);
+        };
+        let info = pinned.info().context("reading a pinned map")?;
+        Ok(info.map_type() == map.map_type()
+            && info.info.key_size == map.key_size()
+            && info.info.value_size == map.value_size()
+            && info.info.max_entries == map.max_entries())
     }
 
     /// The pinned map of `name` when it has this binary's layout but is

@@ -1,7 +1,7 @@
 //! Signals: SIGINT and SIGTERM ask the running process to stop cleanly.
 //! SIGHUP asks a service (`run --config`) to reload its file, and stops a
 //! single subcommand, as a closed terminal should. SIGUSR2 asks a service
-//! to stop and leave its pinned datapaths to the next start.
+//! to start the binary now on disk and hand everything over to it.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::OnceLock;
@@ -10,9 +10,10 @@ use anyhow::{Context, Result};
 use nix::sys::signal::{self, SaFlags, SigAction, SigHandler, SigSet, Signal};
 
 static REQUESTED: AtomicBool = AtomicBool::new(false);
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 static RELOAD_REQUESTED: AtomicBool = AtomicBool::new(false);
 static HANGUP_RELOADS: AtomicBool = AtomicBool::new(false);
-static HANDOVER_REQUESTED: AtomicBool = AtomicBool::new(false);
+static UPGRADE_REQUESTED: AtomicBool = AtomicBool::new(false);
 static INSTALLED: OnceLock<()> = OnceLock::new();
 
 extern "C" fn on_signal(signal: libc::c_int) {
@@ -20,9 +21,11 @@ extern "C" fn on_signal(signal: libc::c_int) {
     if signal == libc::SIGHUP && HANGUP_RELOADS.load(Ordering::SeqCst) {
         RELOAD_REQUESTED.store(true, Ordering::SeqCst);
     } else if signal == libc::SIGUSR2 {
-        HANDOVER_REQUESTED.store(true, Ordering::SeqCst);
-        REQUESTED.store(true, Ordering::SeqCst);
+        UPGRADE_REQUESTED.store(true, Ordering::SeqCst);
     } else {
+        if signal == libc::SIGINT {
+            INTERRUPTED.store(true, Ordering::SeqCst);
+        }
         REQUESTED.store(true, Ordering::SeqCst);
     }
 }
@@ -52,9 +55,9 @@ pub fn reload_on_hangup() {
     HANGUP_RELOADS.store(true, Ordering::SeqCst);
 }
 
-/// Makes SIGUSR2 ask for a stop that hands over to the next start (a
-/// service's; a subcommand keeps the default action, which ends it).
-pub fn hand_over_on_usr2() -> Result<()> {
+/// Makes SIGUSR2 ask for an upgrade (a service's; a subcommand keeps the
+/// default action, which ends it).
+pub fn upgrade_on_usr2() -> Result<()> {
     let action = SigAction::new(
         SigHandler::Handler(on_signal),
         SaFlags::empty(),
@@ -66,13 +69,19 @@ pub fn hand_over_on_usr2() -> Result<()> {
     Ok(())
 }
 
-/// Whether the stop asked for is a hand-over (SIGUSR2).
-pub fn handover_requested() -> bool {
-    HANDOVER_REQUESTED.load(Ordering::SeqCst)
+/// Whether an upgrade was asked for (SIGUSR2) since the last call.
+pub fn take_upgrade_request() -> bool {
+    UPGRADE_REQUESTED.swap(false, Ordering::SeqCst)
 }
 
 pub fn requested() -> bool {
     REQUESTED.load(Ordering::SeqCst)
+}
+
+/// Whether the stop asked for came from SIGINT (Ctrl-C): not to be kept
+/// waiting, unlike SIGTERM, which a process that drains lets finish.
+pub fn interrupted() -> bool {
+    INTERRUPTED.load(Ordering::SeqCst)
 }
 
 /// Whether a reload was asked for since the last call.

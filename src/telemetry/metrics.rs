@@ -2,26 +2,35 @@
 //! `http://ADDR/metrics`, served by a `PageServer`.
 
 use std::net::{SocketAddr, TcpListener};
+use std::os::fd::{AsFd, OwnedFd};
 
 use anyhow::{Context, Result};
 
+use crate::sys::handover::{Bequest, Inheritance};
 use crate::telemetry::page_server::{Answer, PageServer};
 use crate::telemetry::stats::{prometheus_text, Snapshot};
 
 pub struct MetricsServer {
     pages: PageServer,
     addr: SocketAddr,
+    /// A duplicate of the listening socket, for a successor to take over.
+    listener: OwnedFd,
 }
 
 impl MetricsServer {
     /// Binds at once, so that an occupied address fails before anything
-    /// is attached.
-    pub fn bind(addr: SocketAddr) -> Result<MetricsServer> {
-        let listener =
-            TcpListener::bind(addr).with_context(|| format!("serving metrics on {addr}"))?;
+    /// is attached; takes the socket a predecessor handed over instead.
+    pub fn bind(addr: SocketAddr, inheritance: &Inheritance) -> Result<MetricsServer> {
+        let listener = match inheritance.take(&role(addr)) {
+            Some(fd) => TcpListener::from(fd),
+            None => {
+                TcpListener::bind(addr).with_context(|| format!("serving metrics on {addr}"))?
+            }
+        };
         listener.set_nonblocking(true)?;
         let addr = listener.local_addr()?;
         Ok(MetricsServer {
+            listener: listener.as_fd().try_clone_to_owned()?,
             pages: PageServer::spawn(
                 "metrics",
                 listener,
@@ -36,10 +45,24 @@ impl MetricsServer {
         self.addr
     }
 
+    /// Offers the listening socket to a successor.
+    pub fn bequeath(&self, bequest: &mut Bequest) -> Result<()> {
+        bequest.give(
+            role(self.addr),
+            serde_json::Value::Null,
+            self.listener.as_fd(),
+        )
+    }
+
     /// The page the next scrape gets.
     pub fn publish(&self, text: String) {
         self.pages.publish(text);
     }
+}
+
+/// The hand-over role of the metrics socket at `addr`.
+fn role(addr: SocketAddr) -> String {
+    format!("metrics {addr}")
 }
 
 /// The answer to one HTTP request: the page at GET /metrics, else 404.
@@ -70,11 +93,26 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    pub fn bind(addr: Option<SocketAddr>) -> Result<Metrics> {
+    pub fn bind(addr: Option<SocketAddr>, inheritance: &Inheritance) -> Result<Metrics> {
         Ok(Metrics {
-            server: addr.map(MetricsServer::bind).transpose()?,
+            server: addr
+                .map(|addr| MetricsServer::bind(addr, inheritance))
+                .transpose()?,
             requested: addr,
         })
+    }
+
+    /// Offers the listening socket, if any, to a successor.
+    pub fn bequeath(&self, bequest: &mut Bequest) -> Result<()> {
+        match &self.server {
+            Some(server) => server.bequeath(bequest),
+            None => Ok(()),
+        }
+    }
+
+    /// Stops serving (a successor serves the same socket).
+    pub fn close(&mut self) {
+        self.server = None;
     }
 
     pub fn is_serving(&self) -> bool {

@@ -13,6 +13,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 
 use crate::out;
+use crate::sys::handover;
 use crate::sys::pins;
 use crate::sys::run_dir::{self, RUN_DIR};
 use crate::telemetry::page_server::{Answer, PageServer};
@@ -23,25 +24,54 @@ const SOCKET_NAME: &str = "status.sock";
 pub struct Server {
     pages: PageServer,
     path: PathBuf,
+    /// The socket file's inode: a successor's, renamed over it, is not
+    /// ours to remove.
+    inode: Option<u64>,
 }
 
 impl Server {
+    /// The status socket, when no other service runs.
     pub fn bind() -> Result<Server> {
-        let path = run_dir::create()?.join(SOCKET_NAME);
-        if UnixStream::connect(&path).is_ok() {
+        if is_answering() {
             bail!(
                 "another proxy-redirect service is running (see `proxy-redirect status`); \
-                 one service per host"
+                 one service per host (`run --take-over` takes its place)"
             );
         }
+        Server::bind_at(&status_path())
+    }
+
+    /// A status socket beside the running service's, for a successor that
+    /// takes its place (`take_place`) once it serves.
+    pub fn bind_beside() -> Result<Server> {
+        let name = format!("{SOCKET_NAME}.{}", std::process::id());
+        Server::bind_at(&run_dir::create()?.join(name))
+    }
+
+    fn bind_at(path: &Path) -> Result<Server> {
+        run_dir::create()?;
         // Left by a service that was killed.
-        let _ = fs::remove_file(&path);
-        let listener = UnixListener::bind(&path)
+        let _ = fs::remove_file(path);
+        let listener = UnixListener::bind(path)
             .with_context(|| format!("creating the status socket {}", path.display()))?;
-        fs::set_permissions(&path, fs::Permissions::from_mode(0o600))?;
+        fs::set_permissions(path, fs::Permissions::from_mode(0o600))?;
         listener.set_nonblocking(true)?;
         let pages = PageServer::spawn("status", listener, "{}".into(), Answer::Page);
-        Ok(Server { pages, path })
+        Ok(Server {
+            pages,
+            path: path.to_path_buf(),
+            inode: handover::inode_of(path),
+        })
+    }
+
+    /// Moves this socket over the running service's (atomically: a
+    /// client finds one or the other).
+    pub fn take_place(&mut self) -> Result<()> {
+        let path = status_path();
+        fs::rename(&self.path, &path)
+            .with_context(|| format!("moving the status socket to {}", path.display()))?;
+        self.path = path;
+        Ok(())
     }
 
     pub fn publish(&self, page: serde_json::Value) {
@@ -51,10 +81,19 @@ impl Server {
 
 impl Drop for Server {
     fn drop(&mut self) {
-        let _ = fs::remove_file(&self.path);
+        handover::remove_if_same(&self.path, self.inode);
         // Only when no tproxy holds a lock in it.
         let _ = fs::remove_dir(RUN_DIR);
     }
+}
+
+fn status_path() -> PathBuf {
+    Path::new(RUN_DIR).join(SOCKET_NAME)
+}
+
+/// Whether a service answers on the status socket.
+pub fn is_answering() -> bool {
+    UnixStream::connect(status_path()).is_ok()
 }
 
 #[derive(Args, Debug, Clone)]

@@ -392,6 +392,9 @@ fn readable_unless(pipe: &impl AsRawFd, closed: &AtomicBool) -> bool {
 /// starting with the ready marker has appeared.
 pub struct Running {
     child: Child,
+    /// The process a hand-over moved the service to (see `upgrade`); it
+    /// writes to the same pipes.
+    successor: Option<nix::unistd::Pid>,
     lines: mpsc::Receiver<String>,
     stdout_closed: Arc<AtomicBool>,
     stdout_reader: Option<std::thread::JoinHandle<()>>,
@@ -407,7 +410,20 @@ impl Running {
         cgroup: Option<&ChildCgroup>,
         ready: &str,
     ) -> Running {
+        Running::start_env(program, args, netns, cgroup, ready, &[])
+    }
+
+    /// `start` with environment variables `env` set.
+    pub fn start_env(
+        program: &str,
+        args: &[String],
+        netns: Option<&NetNs>,
+        cgroup: Option<&ChildCgroup>,
+        ready: &str,
+        env: &[(&str, &str)],
+    ) -> Running {
         let mut command = netns::command_in(program, netns, cgroup).unwrap();
+        command.envs(env.iter().copied());
         let mut child = command
             .args(args)
             .stdin(Stdio::null())
@@ -445,6 +461,7 @@ impl Running {
         });
         let mut running = Running {
             child,
+            successor: None,
             lines,
             stdout_closed,
             stdout_reader: Some(stdout_reader),
@@ -461,8 +478,74 @@ impl Running {
         running
     }
 
+    /// The process that serves: the one started, or its successor.
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        match self.successor {
+            Some(pid) => pid.as_raw() as u32,
+            None => self.child.id(),
+        }
+    }
+
+    /// SIGUSR2 (`signal`, or another way given as `ask`): the service
+    /// starts the binary at its path, which takes over; returns once the
+    /// successor serves, and follows it from then on. The process before
+    /// it drains and exits on its own.
+    pub fn upgrade_with(&mut self, ask: impl FnOnce(u32)) -> u32 {
+        // The successor is the service's child: once the service exits it
+        // becomes this test process's, to be reaped and asked its status.
+        // SAFETY: a plain prctl on this process.
+        unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+        ask(self.pid());
+        let offered = self
+            .wait_for_line(
+                |l| l.starts_with("Hand-over: pid "),
+                Duration::from_secs(60),
+            )
+            .unwrap_or_else(|| panic!("no successor connected: {:?}", self.seen));
+        let pid: i32 = offered["Hand-over: pid ".len()..]
+            .split_whitespace()
+            .next()
+            .and_then(|p| p.parse().ok())
+            .unwrap();
+        self.wait_for_line(
+            |l| l.starts_with("Service running"),
+            Duration::from_secs(120),
+        )
+        .unwrap_or_else(|| panic!("the successor never served: {:?}", self.seen));
+        self.successor = Some(nix::unistd::Pid::from_raw(pid));
+        pid as u32
+    }
+
+    pub fn upgrade(&mut self) -> u32 {
+        self.upgrade_with(|pid| {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGUSR2,
+            );
+        })
+    }
+
+    /// The exit status of the process this one handed over to, once it
+    /// ended (the test process reaps it; see `upgrade`).
+    fn wait_successor(pid: nix::unistd::Pid, timeout: Duration) -> std::process::ExitStatus {
+        use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+        use std::os::unix::process::ExitStatusExt;
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            match waitpid(pid, Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::Exited(_, code)) => return ExitStatusExt::from_raw(code << 8),
+                Ok(WaitStatus::Signaled(_, signal, _)) => {
+                    return ExitStatusExt::from_raw(signal as i32)
+                }
+                Ok(_) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20))
+                }
+                Ok(_) => {
+                    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+                }
+                Err(err) => panic!("waiting for the successor {pid}: {err}"),
+            }
+        }
     }
 
     /// Reads lines until one matches or the time is up.
@@ -499,7 +582,7 @@ impl Running {
     }
 
     pub fn signal(&self, signal: nix::sys::signal::Signal) {
-        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let pid = nix::unistd::Pid::from_raw(self.pid() as i32);
         let _ = nix::sys::signal::kill(pid, signal);
     }
 
@@ -516,18 +599,33 @@ impl Running {
     }
 
     /// `signal`, then the exit status, all of stdout and stderr.
+    /// After an upgrade: the successor's status; the process it took over
+    /// from must have ended by then (it drained), and is reaped.
     pub fn stop_with(
         mut self,
         signal: nix::sys::signal::Signal,
     ) -> (std::process::ExitStatus, String, String) {
         self.signal(signal);
-        let status = wait_timeout(&mut self.child, Duration::from_secs(20));
+        if self.successor.is_some() && matches!(self.child.try_wait(), Ok(None)) {
+            // Still draining: SIGINT cuts it short, leaving the pins to the
+            // successor.
+            let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT);
+        }
+        let status = match self.successor.take() {
+            Some(pid) => Running::wait_successor(pid, Duration::from_secs(20)),
+            None => wait_timeout(&mut self.child, Duration::from_secs(20)),
+        };
         let (out, err) = self.finish_output();
         (status, out, err)
     }
 
     /// SIGKILL and wait.
     pub fn kill(mut self) {
+        if let Some(pid) = self.successor.take() {
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+            Running::wait_successor(pid, Duration::from_secs(20));
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -544,6 +642,10 @@ impl Running {
 
 impl Drop for Running {
     fn drop(&mut self) {
+        if let Some(pid) = self.successor.take() {
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+            let _ = nix::sys::wait::waitpid(pid, None);
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
