@@ -20,6 +20,14 @@ fn the_demo_succeeds_and_leaves_nothing_behind() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(stdout.contains("came back intact"), "{stdout}");
+    assert!(
+        stdout.contains("250 of 250 short requests answered"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("Drained: 1 connection(s) ended, 0 cut"),
+        "{stdout}"
+    );
     assert!(stdout.contains("Adopting:"), "{stdout}");
     assert!(
         stdout.contains("holds the pinned datapaths of one that did not stop cleanly"),

@@ -1,11 +1,12 @@
 //! `proxy-redirect demo`: `redirect` end to end, then the service running
-//! port-nat through a crash, on a private network that the demo builds and
-//! removes: a client and a server network namespace joined by a veth pair,
-//! a child cgroup for the client, and a bpffs of its own. It never attaches
-//! anything to the host's root cgroup or to a real interface.
+//! redirect, bypass and port-nat through an upgrade and a crash, on a
+//! private network that the demo builds and removes: a client and a server
+//! network namespace joined by a veth pair, a child cgroup for the client,
+//! and a bpffs of its own. It never attaches anything to the host's root
+//! cgroup or to a real interface.
 
-mod crash;
 pub mod servers;
+mod service;
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
@@ -32,10 +33,12 @@ proxy-redirect-demo-<pid> under the cgroup2 root with children apps and proxy,
 runs `proxy-redirect redirect -v` for apps with the built-in proxy, sends curl
 requests from apps over IPv4, IPv6 and a v4-mapped dual-stack socket, and
 shows the events and statistics. Then it runs the service (`run --config`)
-with port-nat 8081 -> 80 on the server's veth, pinned on a bpffs it mounts
-in a directory of its own under /tmp, kills it with SIGKILL in the middle of
-a 20 MB transfer, starts it again and checks that every byte came back.
-Everything is removed at the end. Needs root and curl.")]
+with redirect, bypass and port-nat 8081 -> 18080 on the client's veth,
+pinned on a bpffs it mounts in a directory of its own under /tmp; upgrades
+it (SIGUSR2) in the middle of two 20 MB transfers and a stream of short
+requests, then kills it with SIGKILL in the middle of another transfer and
+starts it again, and checks that every byte came back and no request
+failed. Everything is removed at the end. Needs root and curl.")]
 pub struct DemoArgs {}
 
 /// Everything the demo creates, removed in reverse order on drop.
@@ -135,7 +138,7 @@ pub fn run(_args: &DemoArgs) -> Result<()> {
 
     out!("\n== Stopping the redirector (SIGINT) ==");
     redirector.stop(nix::sys::signal::Signal::SIGINT)?;
-    crash::run(&network)?;
+    service::run(&network)?;
     drop(server);
     drop(network);
     out!("\n== Removed the namespaces and the cgroup; nothing is attached ==");
@@ -158,9 +161,12 @@ fn start_redirector(network: &Network) -> Result<Echoed> {
 }
 
 /// A proxy-redirect of the demo's, as its own process; its output is
-/// echoed with a prefix.
+/// echoed with a prefix. After an upgrade it is the process that took
+/// over, which writes to the same pipe.
 struct Echoed {
     child: Child,
+    successor: Option<nix::unistd::Pid>,
+    lines: mpsc::Receiver<String>,
     echo: std::thread::JoinHandle<()>,
     what: &'static str,
 }
@@ -173,37 +179,92 @@ impl Echoed {
             .spawn()
             .with_context(|| format!("starting {what}"))?;
         let stdout = child.stdout.take().context("stdout")?;
-        let (ready_tx, ready_rx) = mpsc::channel();
+        let (lines_tx, lines) = mpsc::channel();
         let echo = std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if line.starts_with(ready) {
-                    let _ = ready_tx.send(());
-                }
                 out!("  | {line}");
+                let _ = lines_tx.send(line);
             }
         });
-        if ready_rx.recv_timeout(Duration::from_secs(20)).is_err() {
-            let _ = child.kill();
-            let _ = child.wait();
+        let mut echoed = Echoed {
+            child,
+            successor: None,
+            lines,
+            echo,
+            what,
+        };
+        if echoed.wait_for(ready, Duration::from_secs(20)).is_none() {
+            let _ = echoed.child.kill();
+            let _ = echoed.child.wait();
             bail!("{what} did not start (its error is above)");
         }
-        Ok(Echoed { child, echo, what })
+        Ok(echoed)
+    }
+
+    /// The next line starting with `prefix`, within `timeout`.
+    fn wait_for(&self, prefix: &str, timeout: Duration) -> Option<String> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let line = self.lines.recv_timeout(left).ok()?;
+            if line.starts_with(prefix) {
+                return Some(line);
+            }
+        }
+    }
+
+    fn pid(&self) -> nix::unistd::Pid {
+        self.successor
+            .unwrap_or(nix::unistd::Pid::from_raw(self.child.id() as i32))
+    }
+
+    /// SIGUSR2: the service starts the binary on disk, which takes over;
+    /// returns the new process's pid once it serves.
+    fn upgrade(&mut self) -> Result<u32> {
+        // The new process becomes the demo's once the old one exits, to
+        // be waited for.
+        // SAFETY: a plain prctl on this process.
+        unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+        nix::sys::signal::kill(self.pid(), nix::sys::signal::Signal::SIGUSR2)?;
+        let offered = self
+            .wait_for("Hand-over: pid ", Duration::from_secs(60))
+            .context("no new process asked to take over")?;
+        let pid: i32 = offered["Hand-over: pid ".len()..]
+            .split_whitespace()
+            .next()
+            .and_then(|p| p.parse().ok())
+            .context("a hand-over line without a pid")?;
+        self.wait_for("Service running", Duration::from_secs(60))
+            .context("the new process never served")?;
+        self.successor = Some(nix::unistd::Pid::from_raw(pid));
+        Ok(pid as u32)
     }
 
     fn stop(mut self, signal: nix::sys::signal::Signal) -> Result<()> {
-        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
-        nix::sys::signal::kill(pid, signal)?;
-        let status = self.child.wait()?;
+        nix::sys::signal::kill(self.pid(), signal)?;
+        let success = match self.successor.take() {
+            Some(pid) => matches!(
+                nix::sys::wait::waitpid(pid, None)?,
+                nix::sys::wait::WaitStatus::Exited(_, 0)
+            ),
+            None => self.child.wait()?.success(),
+        };
+        // An old process that handed over exits once it has drained.
+        let old = self.child.wait()?;
         let _ = self.echo.join();
-        if !status.success() {
-            bail!("{} exited with {status}", self.what);
+        if !success || !old.success() {
+            bail!("{} did not stop cleanly", self.what);
         }
         Ok(())
     }
 
     /// SIGKILL, as a crash would.
     fn kill(mut self) -> Result<()> {
-        self.child.kill()?;
+        if let Some(pid) = self.successor.take() {
+            nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL)?;
+            nix::sys::wait::waitpid(pid, None)?;
+        }
+        let _ = self.child.kill();
         self.child.wait()?;
         let _ = self.echo.join();
         Ok(())
