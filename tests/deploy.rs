@@ -257,6 +257,10 @@ fn the_daemonset_is_valid_yaml_and_matches_the_unit() {
     assert_eq!(kinds, ["ConfigMap", "DaemonSet"]);
     let (config_map, daemonset) = (&documents[0], &documents[1]);
 
+    // A new pod starts beside the old one on its node and takes over.
+    let rollout = &daemonset["spec"]["updateStrategy"]["rollingUpdate"];
+    assert_eq!(rollout["maxSurge"], 1);
+    assert_eq!(rollout["maxUnavailable"], 0);
     let pod = &daemonset["spec"]["template"]["spec"];
     assert_eq!(pod["hostNetwork"], true);
     let container = &pod["containers"][0];
@@ -280,6 +284,11 @@ fn the_daemonset_is_valid_yaml_and_matches_the_unit() {
         .map(|arg| arg.as_str().unwrap())
         .collect();
     let config_path = command[command.iter().position(|a| *a == "--config").unwrap() + 1];
+    for flag in ["--take-over", "--stay-after-hand-over"] {
+        assert!(command.contains(&flag), "{command:?} lacks {flag}");
+    }
+    // The kubelet's SIGTERM lets an old pod drain for --drain-timeout.
+    assert!(pod["terminationGracePeriodSeconds"].as_u64() >= Some(310));
     let mount = container["volumeMounts"]
         .as_array()
         .unwrap()
