@@ -819,6 +819,9 @@ impl Host {
             serve(&gw.gateway, gateway::GATEWAY_SERVER_SIDE4, "18080"),
         ];
         let udp_echo = servers::udp_echo(&gw.server, &format!("{}:53", gateway::SERVER4)).unwrap();
+        for ns in [&gw.client, &gw.gateway, &gw.server] {
+            gw.sysctl(ns, "net.ipv4.tcp_fastopen=3");
+        }
         let root = proxy_redirect::sys::cgroup::cgroup2_mount().unwrap();
         let parent = ChildCgroup::create(&root, &unique("prhost")).unwrap();
         let apps = ChildCgroup::create(parent.path(), "apps").unwrap();
@@ -963,6 +966,8 @@ ports = [8000]
     ) -> std::thread::JoinHandle<()> {
         let mut command = netns::command_in("curl", Some(ns), cgroup).unwrap();
         command.args(["-sS", "--fail", "--max-time", "300", "--limit-rate", rate]);
+        // The first bytes in the SYN where the server offers Fast Open.
+        command.arg("--tcp-fastopen");
         command.arg(url);
         let data = self.data.clone();
         std::thread::spawn(move || {
@@ -1059,6 +1064,16 @@ fn an_upgrade_mid_traffic_drops_nothing_and_lets_nothing_around_the_proxy() {
     let mut service = host.start(&program, &file, &bpffs);
     let links_before = pinned_links_under(&bpffs.pin_dir());
     assert_eq!(pins::pinned_datapaths(&bpffs.pin_dir()).len(), 4);
+    // Another tool's connect4 program on the redirected cgroup, which every
+    // connect runs through before and after the upgrade.
+    let _stats = common::foreign::Stats::enable();
+    let neighbour = common::foreign::CgroupProgram::attach(
+        host.apps.path(),
+        libbpf_sys::BPF_PROG_TYPE_CGROUP_SOCK_ADDR,
+        libbpf_sys::BPF_CGROUP_INET4_CONNECT,
+        c"their_connect4",
+        libbpf_sys::BPF_F_ALLOW_MULTI,
+    );
 
     let stop = dir.join("stop");
     let http_loop = host.request_loop("http", 80, &stop);
@@ -1089,6 +1104,8 @@ fn an_upgrade_mid_traffic_drops_nothing_and_lets_nothing_around_the_proxy() {
     ];
     let bypassed = host.bypassed_transfer();
     std::thread::sleep(Duration::from_secs(2));
+    let neighbour_runs = neighbour.runs();
+    assert!(neighbour_runs > 0);
 
     install_another_build(&program);
     let old = service.pid();
@@ -1120,6 +1137,10 @@ fn an_upgrade_mid_traffic_drops_nothing_and_lets_nothing_around_the_proxy() {
         "the bypassed transfer: {bypassed:?}"
     );
     std::fs::write(&stop, "").unwrap();
+    assert!(
+        neighbour.runs() > neighbour_runs + 50,
+        "the neighbour's program stopped seeing connects"
+    );
     for (what, looping) in [("HTTP", http_loop), ("UDP", udp_loop)] {
         let (status, out, err) = looping.stop_with(Signal::SIGCONT);
         assert!(status.success(), "{what} loop: {err}");

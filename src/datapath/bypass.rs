@@ -231,8 +231,8 @@ impl Bypass {
     pub fn check_reload(&self, new: &BypassArgs) -> Result<()> {
         if new.ports.is_some() != self.args.ports.is_some() {
             bail!(
-                "ports (all or a list) cannot change while running; restart the service to \
-                 change it"
+                "ports (all or a list) cannot change while running; `proxy-redirect upgrade` \
+                 applies it without a drop"
             );
         }
         Ok(())

@@ -416,7 +416,7 @@ impl PortNat {
             ("tc-order", new.tc_order != self.args.tc_order),
         ];
         if let Some((key, _)) = fixed.iter().find(|(_, changed)| *changed) {
-            bail!("{key} cannot change while running; restart the service to change it");
+            bail!("{key} cannot change while running; `proxy-redirect upgrade` applies it without a drop");
         }
         Ok(())
     }

@@ -534,7 +534,9 @@ fn fixed_while_running(
         ),
     ];
     if let Some((key, _)) = fixed.iter().find(|(_, changed)| *changed) {
-        bail!("{key} cannot change while running; restart the service to change it");
+        bail!(
+            "{key} cannot change while running; `proxy-redirect upgrade` applies it without a drop"
+        );
     }
     Ok(())
 }

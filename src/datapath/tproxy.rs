@@ -346,8 +346,8 @@ impl Tproxy {
         unchanged_but_ports.ports = self.args.ports.clone();
         if unchanged_but_ports != self.args {
             bail!(
-                "only ports can change while tproxy runs; restart the service to change \
-                 anything else"
+                "only ports can change while tproxy runs; `proxy-redirect upgrade` applies \
+                 anything else without a drop"
             );
         }
         Ok(())

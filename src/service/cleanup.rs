@@ -12,11 +12,14 @@ use crate::telemetry::status;
 
 #[derive(Args, Debug, Clone)]
 #[command(after_help = "\
-A service (`proxy-redirect run`) pins port-nat's links and flows under DIR
-so that a crash does not cut a translated connection, and removes them when
-it stops. After a crash without a restart they keep working, unowned;
-`proxy-redirect status` lists them and this command detaches and removes
-them. It refuses while a running service owns DIR.")]
+A service (`proxy-redirect run`) pins every datapath's links and kernel
+state under DIR (port-nat's flows, bypass's sockets, redirect's records,
+tproxy's links) so that a crash does not cut a translated or bypassed
+connection, and removes them when it stops. After a crash without a restart
+they keep working, unowned; `proxy-redirect status` lists them and this
+command detaches and removes them. tproxy's rules and routes stay until a
+tproxy starts with the same table. It refuses while a running service owns
+DIR.")]
 pub struct CleanupArgs {
     /// The service's bpffs directory
     #[arg(long, value_name = "DIR", default_value = pins::DEFAULT_PIN_ROOT)]

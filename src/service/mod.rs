@@ -71,7 +71,8 @@ pub struct RunArgs {
     #[arg(long)]
     pub allow_writable_config: bool,
     /// The bpffs directory where the service pins what must outlive a
-    /// crash (port-nat's flows and links); a clean stop removes it
+    /// crash or move to an upgrade (every datapath's links and kernel
+    /// state); a clean stop removes it
     #[arg(long, value_name = "DIR", default_value = pins::DEFAULT_PIN_ROOT)]
     pub pin_dir: std::path::PathBuf,
     /// Take the place of the service that runs, if one does: its sockets,

@@ -167,6 +167,13 @@ fn print_status(status: &serde_json::Value) {
         status["version"].as_str().unwrap_or("?"),
         status["pid"]
     );
+    let upgrade = &status["upgrade"];
+    if upgrade["in_progress"] == true {
+        out!("an upgrade is in progress");
+    }
+    if let Some(why) = upgrade["last_failure"].as_str() {
+        out!("upgrades failed: {} (the last: {why})", upgrade["failures"]);
+    }
     for datapath in status["datapaths"].as_array().into_iter().flatten() {
         out!("{}", datapath["name"].as_str().unwrap_or("?"));
         for (key, value) in datapath.as_object().into_iter().flatten() {

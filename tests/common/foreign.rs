@@ -1,5 +1,6 @@
-//! Another tool's TC program on our hooks (tests/neighbours.rs,
-//! tests/lifecycle.rs), with the kernel's count of its runs.
+//! Another tool's programs on our hooks (tests/neighbours.rs,
+//! tests/lifecycle.rs): a TC program and cgroup programs, with the
+//! kernel's count of their runs.
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
@@ -98,14 +99,103 @@ impl Foreign {
     }
 
     pub fn runs(&self) -> u64 {
-        let mut info = libbpf_sys::bpf_prog_info::default();
-        let mut len = std::mem::size_of::<libbpf_sys::bpf_prog_info>() as u32;
-        // SAFETY: info is a complete bpf_prog_info of len bytes.
+        run_count(&self.program)
+    }
+}
+
+/// How many times `program` ran since `Stats::enable`.
+fn run_count(program: &OwnedFd) -> u64 {
+    let mut info = libbpf_sys::bpf_prog_info::default();
+    let mut len = std::mem::size_of::<libbpf_sys::bpf_prog_info>() as u32;
+    // SAFETY: info is a complete bpf_prog_info of len bytes.
+    let ret =
+        unsafe { libbpf_sys::bpf_prog_get_info_by_fd(program.as_raw_fd(), &mut info, &mut len) };
+    assert_eq!(ret, 0);
+    info.run_cnt
+}
+
+/// Loads raw instructions as a program of `prog_type` (for the cgroup
+/// hook `attach_type`, where it needs one).
+pub fn load_raw(
+    prog_type: libbpf_sys::bpf_prog_type,
+    attach_type: Option<libbpf_sys::bpf_attach_type>,
+    name: &std::ffi::CStr,
+    insns: &[u64],
+) -> OwnedFd {
+    let mut opts = libbpf_sys::bpf_prog_load_opts {
+        sz: std::mem::size_of::<libbpf_sys::bpf_prog_load_opts>() as _,
+        expected_attach_type: attach_type.unwrap_or(0),
+        ..Default::default()
+    };
+    // SAFETY: complete instructions and options; NUL-terminated names.
+    let fd = unsafe {
+        libbpf_sys::bpf_prog_load(
+            prog_type,
+            name.as_ptr(),
+            c"GPL".as_ptr(),
+            insns.as_ptr().cast(),
+            insns.len() as _,
+            &mut opts,
+        )
+    };
+    assert!(
+        fd >= 0,
+        "loading {name:?}: {}",
+        std::io::Error::from_raw_os_error(-fd)
+    );
+    // SAFETY: the kernel just returned this descriptor.
+    unsafe { OwnedFd::from_raw_fd(fd) }
+}
+
+/// `r0 = 1; exit`: a cgroup program that lets everything through.
+pub const ALLOW: [u64; 2] = [0x0000_0001_0000_00b7, 0x95];
+
+/// Another tool's program on a cgroup hook, attached the old way with
+/// `flags` (0: exclusive); detached on drop.
+pub struct CgroupProgram {
+    pub program: OwnedFd,
+    pub cgroup: std::fs::File,
+    pub attach_type: libbpf_sys::bpf_attach_type,
+}
+
+impl CgroupProgram {
+    pub fn attach(
+        cgroup: &std::path::Path,
+        prog_type: libbpf_sys::bpf_prog_type,
+        attach_type: libbpf_sys::bpf_attach_type,
+        name: &std::ffi::CStr,
+        flags: u32,
+    ) -> CgroupProgram {
+        let program = load_raw(prog_type, Some(attach_type), name, &ALLOW);
+        let cgroup = std::fs::File::open(cgroup).unwrap();
+        // SAFETY: plain descriptors.
         let ret = unsafe {
-            libbpf_sys::bpf_prog_get_info_by_fd(self.program.as_raw_fd(), &mut info, &mut len)
+            libbpf_sys::bpf_prog_attach(program.as_raw_fd(), cgroup.as_raw_fd(), attach_type, flags)
         };
-        assert_eq!(ret, 0);
-        info.run_cnt
+        assert_eq!(ret, 0, "attaching {name:?}");
+        CgroupProgram {
+            program,
+            cgroup,
+            attach_type,
+        }
+    }
+
+    /// How many times it ran since `Stats::enable`.
+    pub fn runs(&self) -> u64 {
+        run_count(&self.program)
+    }
+}
+
+impl Drop for CgroupProgram {
+    fn drop(&mut self) {
+        // SAFETY: plain descriptors.
+        unsafe {
+            libbpf_sys::bpf_prog_detach2(
+                self.program.as_raw_fd(),
+                self.cgroup.as_raw_fd(),
+                self.attach_type,
+            )
+        };
     }
 }
 
