@@ -136,6 +136,10 @@ pub trait Datapath {
     fn bequeath(&self, _bequest: &mut Bequest) -> Result<()> {
         Ok(())
     }
+    /// The successor of a hand-over runs no datapath of this name (its
+    /// file dropped it): detach the programs now, keeping the relays,
+    /// which drain.
+    fn detach(&mut self) {}
 }
 
 /// A relay that holds clients' connections (the built-in proxies), as a

@@ -301,17 +301,24 @@ fn a_pinned_state_of_another_layout_is_replaced_and_cleanup_removes_what_a_kille
         "port-nat with no service: {reply:?}"
     );
     let pin_dir = bpffs.pin_dir().display().to_string();
-    let cleanup = proxy_redirect(&["cleanup", "--pin-dir", &pin_dir]);
+    // In port-nat's network namespace, where (before 6.6) its clsact
+    // filters, which no pin holds, are removed too.
+    let mut cleanup = netns::command_in(BIN, Some(&testbed.client), None).unwrap();
+    cleanup.args(["cleanup", "--pin-dir", &pin_dir]);
+    let cleanup = run(cleanup);
     assert!(cleanup.status.success(), "{cleanup:?}");
-    assert_eq!(
-        String::from_utf8_lossy(&cleanup.stdout).trim(),
-        format!("Removed from {pin_dir}: port-nat-veth-c")
+    let said = String::from_utf8_lossy(&cleanup.stdout);
+    assert!(
+        said.trim()
+            .ends_with(&format!("Removed from {pin_dir}: port-nat-veth-c")),
+        "{said}"
     );
-    // Before 6.6 the clsact filters were never pinned: the next start
-    // replaces them, as after any crash.
-    if kernel::has_tcx() {
-        assert_eq!(tc_programs(&testbed.client, "veth-c"), 0);
-    }
+    assert_eq!(
+        said.contains("clsact filter"),
+        !kernel::has_tcx(),
+        "{said}"
+    );
+    assert_eq!(tc_programs(&testbed.client, "veth-c"), 0);
     let again = proxy_redirect(&["cleanup", "--pin-dir", &pin_dir]);
     assert_eq!(
         String::from_utf8_lossy(&again.stdout).trim(),
@@ -510,8 +517,23 @@ fn a_new_proxy_port_and_mark_that_a_reload_refuses_apply_through_an_upgrade_in_t
     let testbed = root_testbed!();
     let bpffs = private_bpffs();
     let _web = servers::http(&testbed.server, "[::]:80").unwrap();
-    let file = ConfigFile::new(&redirect_config(&testbed, 15001, 0x5052));
+    let _nat_web = servers::http(&testbed.client, "[::]:18080").unwrap();
+    // port-nat too, which the new file drops.
+    let file = ConfigFile::new(&format!(
+        "{}{CONFIG}",
+        redirect_config(&testbed, 15001, 0x5052)
+    ));
     let url = format!("http://{SERVER_V4}/");
+    let nat_url = format!("http://{CLIENT_V4}:8081/");
+    let through_port_nat = || {
+        curl(
+            netns::command_in("curl", Some(&testbed.server), None).unwrap(),
+            &nat_url,
+            &[],
+        )
+        .status
+        .success()
+    };
     let mut service = start(&testbed, &file, &bpffs);
     curl_ok(testbed.in_apps("curl"), &url);
     let connect4 = bpffs.pin_dir().join("redirect/link-redirect_connect4");
@@ -526,7 +548,16 @@ fn a_new_proxy_port_and_mark_that_a_reload_refuses_apply_through_an_upgrade_in_t
         )
         .is_none());
     // ...and an upgrade applies them.
+    assert!(through_port_nat());
     service.upgrade();
+    let detached = service.wait_for_line(
+        |l| l == "Detached port-nat veth-c, which the new configuration does not have",
+        Duration::from_secs(20),
+    );
+    assert!(detached.is_some(), "{:?}", service.seen);
+    assert!(!through_port_nat(), "port-nat still translates");
+    assert_eq!(tc_programs(&testbed.client, "veth-c"), 0);
+    assert_eq!(pins::pinned_datapaths(&bpffs.pin_dir()), ["redirect"]);
     let proxy_line = service.seen.iter().rev().find(|l| l.contains("proxy:"));
     assert!(
         proxy_line.is_some_and(|l| l.contains(":15002")),
@@ -786,10 +817,11 @@ struct Host {
     proxy: ChildCgroup,
     bulk: ChildCgroup,
     parent: ChildCgroup,
-    _servers: Vec<KillOnDrop>,
+    _servers: Vec<Running>,
     _udp_echo: servers::Server,
     gw: gateway::Gateway,
-    _files: TempDir,
+    /// FILE (`big`) and the gate of the gated transfers.
+    files: TempDir,
     data: Vec<u8>,
 }
 
@@ -802,16 +834,11 @@ impl Host {
         let data = payload(FILE_LEN, 23);
         std::fs::write(files.join("big"), &data).unwrap();
         let serve = |ns: &NetNs, bind: &str, port: &str| {
-            let mut server = netns::command_in(PYTHON, Some(ns), None).unwrap();
-            server.args(["-m", "http.server", "--bind", bind, "--directory"]);
-            server.arg(files.join("")).arg(port);
-            KillOnDrop(
-                server
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::null())
-                    .spawn()
-                    .unwrap(),
-            )
+            let mut args: Vec<String> =
+                ["-c", GATED, "http", bind, port].map(String::from).to_vec();
+            args.push(files.join("big").display().to_string());
+            args.push(files.join("gate").display().to_string());
+            Running::start(PYTHON, &args, Some(ns), None, "listening")
         };
         let servers = vec![
             serve(&gw.server, gateway::SERVER4, "80"),
@@ -835,7 +862,7 @@ impl Host {
             _servers: servers,
             _udp_echo: udp_echo,
             gw,
-            _files: files,
+            files,
             data,
         };
         for (protocol, port) in [("tcp", "80"), ("udp", "53")] {
@@ -924,22 +951,18 @@ ports = [8000]
         Running::start(BIN, &args, Some(&self.gw.gateway), None, "Proxy listening")
     }
 
-    /// A bypassed echo between two sockets of `bulk`: 16 MiB each way, 64
-    /// KiB every 30 ms, every byte checked.
-    fn bypassed_transfer(&self) -> std::thread::JoinHandle<std::process::Output> {
-        let mut command =
-            netns::command_in(PYTHON, Some(&self.gw.gateway), Some(&self.bulk)).unwrap();
-        command.args([
-            "-c",
-            PEERS,
-            "echo",
-            "127.0.0.1",
-            "127.0.0.1",
-            "16777216",
-            "1",
-            "30",
-        ]);
-        std::thread::spawn(move || run(command))
+    /// A bypassed echo between two sockets of `bulk`: 16 MiB each way,
+    /// every byte checked, the last part once the gate opens.
+    fn bypassed_transfer(&self) -> Running {
+        let mut args: Vec<String> = ["-c", GATED, "echo", "16777216"].map(String::from).to_vec();
+        args.push(self.files.join("gate").display().to_string());
+        Running::start(
+            PYTHON,
+            &args,
+            Some(&self.gw.gateway),
+            Some(&self.bulk),
+            "started",
+        )
     }
 
     /// The service of `program` (a build of the binary) in the gateway.
@@ -954,23 +977,41 @@ ports = [8000]
         )
     }
 
-    /// curl of FILE at `url` in `ns` (and `cgroup`) at `rate`, on a thread
-    /// that checks every byte.
-    fn download(
-        &self,
-        what: &'static str,
-        ns: &NetNs,
-        cgroup: Option<&ChildCgroup>,
-        url: String,
-        rate: &str,
-    ) -> std::thread::JoinHandle<()> {
+    /// Lets the gated transfers (tests/common/gated.py) finish.
+    fn open_gate(&self) {
+        std::fs::write(self.files.join("gate"), "").unwrap();
+    }
+
+    /// A curl of FILE through datapath `what` (`redirect`, `port-nat` or
+    /// `tproxy`), on a thread that checks every byte. The servers send its
+    /// last part only once the gate opens.
+    fn download(&self, what: &'static str) -> Download {
+        let gw = &self.gw;
+        let (ns, cgroup, url) = match what {
+            "redirect" => (
+                &gw.gateway,
+                Some(&self.apps),
+                format!("http://{}/big", gateway::SERVER4),
+            ),
+            "port-nat" => (
+                &gw.server,
+                None,
+                format!("http://{}:8081/big", gateway::GATEWAY_SERVER_SIDE4),
+            ),
+            "tproxy" => (
+                &gw.client,
+                None,
+                format!("http://{}:8000/big", gateway::SERVER4),
+            ),
+            other => panic!("no download through {other}"),
+        };
         let mut command = netns::command_in("curl", Some(ns), cgroup).unwrap();
-        command.args(["-sS", "--fail", "--max-time", "300", "--limit-rate", rate]);
+        command.args(["-sS", "--fail", "--max-time", "600"]);
         // The first bytes in the SYN where the server offers Fast Open.
         command.arg("--tcp-fastopen");
         command.arg(url);
         let data = self.data.clone();
-        std::thread::spawn(move || {
+        let thread = std::thread::spawn(move || {
             let out = run(command);
             assert!(
                 out.stdout == data,
@@ -979,7 +1020,8 @@ ports = [8000]
                 data.len(),
                 String::from_utf8_lossy(&out.stderr)
             );
-        })
+        });
+        Download { what, thread }
     }
 
     /// loops.py `kind` against the server, in `apps`, until `stop` exists.
@@ -998,8 +1040,47 @@ ports = [8000]
     }
 }
 
+/// A download on its thread (Host::download).
+struct Download {
+    what: &'static str,
+    thread: std::thread::JoinHandle<()>,
+}
+
+/// Fails unless every download still runs at `moment`.
+fn assert_running(downloads: &[Download], moment: &str) {
+    let ended: Vec<&str> = downloads
+        .iter()
+        .filter(|d| d.thread.is_finished())
+        .map(|d| d.what)
+        .collect();
+    assert!(
+        ended.is_empty(),
+        "downloads that ended before {moment}: {ended:?}"
+    );
+}
+
+/// Waits for the gated echo, which must have come back whole.
+fn assert_bypassed_echo_whole(echo: Running) {
+    let (status, out, err) = echo.wait(Duration::from_secs(120));
+    assert!(
+        status.success() && out.contains("ok 16777216"),
+        "the bypassed echo: {out}\n{err}"
+    );
+}
+
+/// Waits for every download, which must arrive whole.
+fn join(downloads: Vec<Download>) {
+    for download in downloads {
+        let name = download.what;
+        download
+            .thread
+            .join()
+            .unwrap_or_else(|_| panic!("the {name} download broke"));
+    }
+}
+
 const LOOPS: &str = include_str!("common/loops.py");
-const PEERS: &str = include_str!("common/peers.py");
+const GATED: &str = include_str!("common/gated.py");
 
 /// What a request loop printed at its end: (ok, failed, longest stall ms).
 fn loop_result(output: &str) -> (u64, u64, f64) {
@@ -1078,34 +1159,10 @@ fn an_upgrade_mid_traffic_drops_nothing_and_lets_nothing_around_the_proxy() {
     let stop = dir.join("stop");
     let http_loop = host.request_loop("http", 80, &stop);
     let udp_loop = host.request_loop("udp", 53, &stop);
-    let (gw, server4) = (&host.gw, gateway::SERVER4);
-    let downloads = [
-        host.download(
-            "redirect",
-            &gw.gateway,
-            Some(&host.apps),
-            format!("http://{server4}/big"),
-            "8M",
-        ),
-        host.download(
-            "port-nat",
-            &gw.server,
-            None,
-            format!("http://{}:8081/big", gateway::GATEWAY_SERVER_SIDE4),
-            "8M",
-        ),
-        host.download(
-            "tproxy",
-            &gw.client,
-            None,
-            format!("http://{server4}:8000/big"),
-            "8M",
-        ),
-    ];
-    let bypassed = host.bypassed_transfer();
-    std::thread::sleep(Duration::from_secs(2));
-    let neighbour_runs = neighbour.runs();
-    assert!(neighbour_runs > 0);
+    let downloads = ["redirect", "port-nat", "tproxy"].map(|what| host.download(what));
+    let mut bypassed = host.bypassed_transfer();
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(neighbour.runs() > 0);
 
     install_another_build(&program);
     let old = service.pid();
@@ -1121,33 +1178,37 @@ fn an_upgrade_mid_traffic_drops_nothing_and_lets_nothing_around_the_proxy() {
         .count();
     assert_eq!(adopting, 4, "{:?}", service.seen);
     assert_links_updated_in_place(&links_before, &pinned_links_under(&bpffs.pin_dir()));
-    let finished: Vec<bool> = downloads.iter().map(|d| d.is_finished()).collect();
-    for (what, download) in ["redirect", "port-nat", "tproxy"].iter().zip(downloads) {
-        download
-            .join()
-            .unwrap_or_else(|_| panic!("the {what} download broke"));
-    }
-    assert_eq!(
-        finished, [false; 3],
-        "downloads that ended before the upgrade"
-    );
-    let bypassed = bypassed.join().unwrap();
+    assert_running(&downloads, "the new process served");
     assert!(
-        bypassed.status.success(),
-        "the bypassed transfer: {bypassed:?}"
+        !bypassed.has_exited(),
+        "the bypassed echo ended before the upgrade"
     );
+    host.open_gate();
+    join(downloads.into());
+    assert_bypassed_echo_whole(bypassed);
     std::fs::write(&stop, "").unwrap();
+    // Every connect still runs the neighbour's program too.
+    let runs = neighbour.runs();
+    let url = format!("http://{}/", gateway::SERVER4);
+    for _ in 0..3 {
+        curl_ok(
+            netns::command_in("curl", Some(&host.gw.gateway), Some(&host.apps)).unwrap(),
+            &url,
+        );
+    }
     assert!(
-        neighbour.runs() > neighbour_runs + 50,
+        neighbour.runs() >= runs + 3,
         "the neighbour's program stopped seeing connects"
     );
+    let mut requests = 0;
     for (what, looping) in [("HTTP", http_loop), ("UDP", udp_loop)] {
         let (status, out, err) = looping.stop_with(Signal::SIGCONT);
         assert!(status.success(), "{what} loop: {err}");
         let (ok, failed, longest) = loop_result(&out);
         assert_eq!(failed, 0, "{what} loop: {ok} ok, {failed} failed");
-        assert!(ok > 50, "{what} loop: {ok} ok");
+        assert!(ok > 20, "{what} loop: {ok} ok");
         println!("{what} loop: {ok} ok, the longest gap {longest} ms");
+        requests += ok;
     }
 
     // The old process drained the downloads it relayed, and let go.
@@ -1164,10 +1225,11 @@ fn an_upgrade_mid_traffic_drops_nothing_and_lets_nothing_around_the_proxy() {
     );
     assert!(summary_value(&out, "bypass", "inserted") >= 2, "{out}");
     assert!(summary_value(&out, "tproxy", "intercepted") >= 1, "{out}");
-    assert!(
-        summary_value(&out, "redirect", "redirected") >= 100,
-        "{out}"
-    );
+    // Every request was redirected (one around the proxy would have been
+    // rejected): each HTTP request a connection, each UDP one a datagram.
+    let redirected = summary_value(&out, "redirect", "redirected")
+        + summary_value(&out, "redirect", "udp_to_proxy");
+    assert!(redirected >= requests, "{out}");
     assert!(!bpffs.pin_dir().exists());
     for device in [gateway::CLIENT_FACING, "gw-s"] {
         assert_eq!(tc_programs(&host.gw.gateway, device), 0);
@@ -1185,36 +1247,16 @@ fn a_crash_mid_traffic_leaves_the_kernel_datapaths_working_and_a_restart_adopts_
     let _proxy = host.external_tproxy_proxy();
     let service = host.start(BIN, &file, &bpffs);
     let links_before = pinned_links_under(&bpffs.pin_dir());
-    let (gw, server4) = (&host.gw, gateway::SERVER4);
-    let downloads = [
-        host.download(
-            "port-nat",
-            &gw.server,
-            None,
-            format!("http://{}:8081/big", gateway::GATEWAY_SERVER_SIDE4),
-            "8M",
-        ),
-        host.download(
-            "tproxy",
-            &gw.client,
-            None,
-            format!("http://{server4}:8000/big"),
-            "8M",
-        ),
-    ];
-    let bypassed = host.bypassed_transfer();
-    std::thread::sleep(Duration::from_secs(2));
+    let downloads = ["port-nat", "tproxy"].map(|what| host.download(what));
+    let mut bypassed = host.bypassed_transfer();
+    std::thread::sleep(Duration::from_secs(1));
 
     service.kill();
     // Nothing runs: port-nat translates, tproxy intercepts, the bypassed
     // sockets keep their bypass, all from the pins.
     std::thread::sleep(Duration::from_secs(1));
-    let running: Vec<bool> = downloads.iter().map(|d| !d.is_finished()).collect();
-    assert_eq!(
-        running, [true; 2],
-        "downloads still running after the crash"
-    );
-    assert!(!bypassed.is_finished());
+    assert_running(&downloads, "the crash");
+    assert!(!bypassed.has_exited());
 
     let service = host.start(BIN, &file, &bpffs);
     let adopting = service
@@ -1232,26 +1274,42 @@ fn a_crash_mid_traffic_leaves_the_kernel_datapaths_working_and_a_restart_adopts_
         service.seen
     );
     assert_links_updated_in_place(&links_before, &pinned_links_under(&bpffs.pin_dir()));
-    for (what, download) in ["port-nat", "tproxy"].iter().zip(downloads) {
-        download
-            .join()
-            .unwrap_or_else(|_| panic!("the {what} download broke"));
-    }
-    let bypassed = bypassed.join().unwrap();
-    assert!(
-        bypassed.status.success(),
-        "the bypassed transfer: {bypassed:?}"
-    );
-    let url = format!("http://{server4}/");
+    assert_running(&downloads, "the restart");
+    host.open_gate();
+    join(downloads.into());
+    assert_bypassed_echo_whole(bypassed);
+    let url = format!("http://{}/", gateway::SERVER4);
     curl_ok(
-        netns::command_in("curl", Some(&gw.gateway), Some(&host.apps)).unwrap(),
+        netns::command_in("curl", Some(&host.gw.gateway), Some(&host.apps)).unwrap(),
         &url,
     );
 
-    let (status, out, err) = service.stop_with(Signal::SIGTERM);
-    assert!(status.success(), "{err}");
-    assert!(summary_value(&out, "bypass", "inserted") >= 2, "{out}");
-    assert!(summary_value(&out, "tproxy", "intercepted") >= 1, "{out}");
+    // The counters went on across the crash.
+    std::thread::sleep(Duration::from_millis(1500));
+    let page: serde_json::Value =
+        serde_json::from_slice(&proxy_redirect(&["status", "--json"]).stdout).unwrap();
+    let counter = |datapath: &str, name: &str| {
+        page["statistics"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["datapath"] == datapath)
+            .and_then(|s| s[name].as_u64())
+            .unwrap_or_else(|| panic!("no {datapath} {name} in {page}"))
+    };
+    assert!(counter("bypass", "inserted") >= 2, "{page}");
+    assert!(counter("tproxy", "intercepted") >= 1, "{page}");
+
+    // Killed again and not restarted: cleanup, run in tproxy's network
+    // namespace, removes the pins and tproxy's rules and routes.
+    service.kill();
+    let pin_dir = bpffs.pin_dir().display().to_string();
+    let mut cleanup = host.gw.in_gateway(BIN);
+    cleanup.args(["cleanup", "--pin-dir", &pin_dir]);
+    let cleanup = run(cleanup);
+    let said = String::from_utf8_lossy(&cleanup.stdout);
+    assert!(cleanup.status.success(), "{cleanup:?}");
+    assert!(said.contains("tproxy: rule"), "{said}");
     assert!(!bpffs.pin_dir().exists());
     assert_eq!(host.gw.snapshot(), before, "the gateway was not restored");
 }

@@ -382,6 +382,12 @@ impl Datapath for Bypass {
         stop(&mut self.skel);
     }
 
+    fn detach(&mut self) {
+        stop(&mut self.skel);
+        self.attachments = Attachments::default();
+        self.readers.clear();
+    }
+
     fn print_statistics(&self) -> Result<()> {
         print_statistics(&self.skel)
     }

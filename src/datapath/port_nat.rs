@@ -335,6 +335,10 @@ fn attach(
             ("stats", &maps.stats),
         ];
         pins.commit(&pinned_maps, &["egress", "ingress"])?;
+        if path == links::TcPath::Clsact {
+            let record = [crate::sys::netns::current_inode()?, ifindex.into()];
+            pins.record(links::CLSACT_RECORD, &record)?;
+        }
     }
     Ok((attachments, path))
 }
@@ -470,6 +474,10 @@ impl Datapath for PortNat {
             print_event(e, format, start_ns)
         })
         .map(Some)
+    }
+
+    fn detach(&mut self) {
+        self.tc = None;
     }
 
     fn tick(&mut self, ctx: &RunContext) {

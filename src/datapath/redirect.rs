@@ -480,6 +480,10 @@ impl Datapath for Redirect {
         }
     }
 
+    fn detach(&mut self) {
+        self.attachments = Attachments::default();
+    }
+
     fn relays(&mut self) -> Vec<&mut dyn Relay> {
         let mut relays: Vec<&mut dyn Relay> = Vec::new();
         if let Some(proxy) = &mut self.proxy {

@@ -28,7 +28,7 @@ use crate::relay::tcp::{BoundProxy, ProxyConfig, RelayArgs, RunningProxy};
 use crate::runtime::{Datapath, EventSource, Relay, RunContext};
 use crate::sys::handover::{Bequest, Inheritance};
 use crate::sys::interface_watch::{self, InterfaceWatch};
-use crate::sys::links::{Attachments, TcAttachMode, TcDirection, TcOrder, TcPath, TcPosition};
+use crate::sys::links::{self, Attachments, TcAttachMode, TcDirection, TcOrder, TcPath, TcPosition};
 use crate::sys::local_route::{self, LocalRouteSpec, LocalRoutes};
 use crate::sys::pins::{self, Found, PinDir};
 use crate::sys::privileges;
@@ -420,6 +420,16 @@ impl Datapath for Tproxy {
         }
         if let Some(pins) = &mut self.pins {
             pins.commit(&[("stats", &self.skel.maps.stats as &dyn MapCore)], &links)?;
+            // For `cleanup`, which has no configuration to find them by.
+            let routes = &self.plan.routes;
+            let netns = crate::sys::netns::current_inode()?;
+            let record = [routes.table.into(), routes.priority.into(), netns];
+            pins.record(local_route::RECORD, &record)?;
+            if path == TcPath::Clsact {
+                let mut interfaces = vec![netns, self.plan.ifindex.into()];
+                interfaces.extend(self.plan.upstream.map(|(index, _)| u64::from(index)));
+                pins.record(links::CLSACT_RECORD, &interfaces)?;
+            }
         }
         print_configuration(&self.args, &self.plan, &path.to_string());
         if let Some(proxy) = self.bound.take() {
@@ -514,6 +524,12 @@ impl Datapath for Tproxy {
             .iter_mut()
             .map(|proxy| proxy as &mut dyn Relay)
             .collect()
+    }
+
+    fn detach(&mut self) {
+        self.tc = None;
+        self.attachments = Attachments::default();
+        self.routes = None;
     }
 
     fn bequeath(&self, bequest: &mut Bequest) -> Result<()> {

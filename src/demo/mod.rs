@@ -145,13 +145,18 @@ pub fn run(_args: &DemoArgs) -> Result<()> {
     Ok(())
 }
 
-fn start_redirector(network: &Network) -> Result<Echoed> {
+/// This program, to run in the client netns and the `proxy` cgroup.
+fn this_program(network: &Network) -> Result<Command> {
     let exe = std::env::current_exe().context("finding this program")?;
-    let mut command = netns::command_in(
+    netns::command_in(
         &exe.display().to_string(),
         Some(&network.client),
         Some(&network.proxy),
-    )?;
+    )
+}
+
+fn start_redirector(network: &Network) -> Result<Echoed> {
+    let mut command = this_program(network)?;
     command
         .args(["redirect", "-v", "-c"])
         .arg(network.apps.path())

@@ -92,12 +92,7 @@ to = [18080]
 }
 
 fn start_service(network: &Network, config: &Path, pin_dir: &Path) -> Result<Echoed> {
-    let exe = std::env::current_exe().context("finding this program")?;
-    let mut command = netns::command_in(
-        &exe.display().to_string(),
-        Some(&network.client),
-        Some(&network.proxy),
-    )?;
+    let mut command = super::this_program(network)?;
     command
         .args(["run", "--config"])
         .arg(config)
@@ -202,6 +197,15 @@ pub fn run(network: &Network) -> Result<()> {
         TRANSFER_BYTES / 1_000_000,
         TRANSFER_BYTES / 1_000_000
     );
+    let through_port_nat = || {
+        Transfer::start(
+            "through port-nat",
+            &network.server,
+            None,
+            &upload,
+            &format!("http://{CLIENT_V4}:8081/"),
+        )
+    };
     let mut proxied = Transfer::start(
         "through the proxy",
         &network.client,
@@ -209,13 +213,7 @@ pub fn run(network: &Network) -> Result<()> {
         &upload,
         &format!("http://{SERVER_V4}/"),
     )?;
-    let translated = Transfer::start(
-        "through port-nat",
-        &network.server,
-        None,
-        &upload,
-        &format!("http://{CLIENT_V4}:8081/"),
-    )?;
+    let translated = through_port_nat()?;
     let requests = start_requests(network)?;
     std::thread::sleep(Duration::from_millis(1500));
 
@@ -241,13 +239,7 @@ pub fn run(network: &Network) -> Result<()> {
     service.wait_for("Drained:", Duration::from_secs(60));
 
     out!("\n== kill -9 the service, in the middle of another transfer through port-nat ==");
-    let translated = Transfer::start(
-        "through port-nat",
-        &network.server,
-        None,
-        &upload,
-        &format!("http://{CLIENT_V4}:8081/"),
-    )?;
+    let mut translated = through_port_nat()?;
     std::thread::sleep(Duration::from_millis(1500));
     service.kill()?;
     let status = std::process::Command::new(std::env::current_exe()?)
@@ -261,7 +253,6 @@ pub fn run(network: &Network) -> Result<()> {
 
     out!("\n== Starting the service again: it adopts the pinned links, flows and sockets ==");
     let service = start_service(network, &config_path, &pin_dir)?;
-    let mut translated = translated;
     if !translated.still_running()? {
         bail!("the transfer ended before the service was back, so it proved nothing");
     }

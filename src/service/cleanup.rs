@@ -7,7 +7,7 @@ use anyhow::{bail, Result};
 use clap::Args;
 
 use crate::out;
-use crate::sys::pins;
+use crate::sys::{links, local_route, pins};
 use crate::telemetry::status;
 
 #[derive(Args, Debug, Clone)]
@@ -17,9 +17,9 @@ state under DIR (port-nat's flows, bypass's sockets, redirect's records,
 tproxy's links) so that a crash does not cut a translated or bypassed
 connection, and removes them when it stops. After a crash without a restart
 they keep working, unowned; `proxy-redirect status` lists them and this
-command detaches and removes them. tproxy's rules and routes stay until a
-tproxy starts with the same table. It refuses while a running service owns
-DIR.")]
+command detaches and removes them, tproxy's rules and routes, and (before
+Linux 6.6) the clsact filters, when it runs in their network namespace. It refuses while a running service
+owns DIR.")]
 pub struct CleanupArgs {
     /// The service's bpffs directory
     #[arg(long, value_name = "DIR", default_value = pins::DEFAULT_PIN_ROOT)]
@@ -35,6 +35,15 @@ pub fn run(args: &CleanupArgs) -> Result<()> {
                 "a running service owns {dir} (see `proxy-redirect status`): stop it \
                  instead, and it removes its pins"
             );
+        }
+    }
+    for datapath in pins::pinned_datapaths(&args.pin_dir) {
+        let dir = args.pin_dir.join(&datapath);
+        let said = local_route::remove_recorded(&dir)
+            .into_iter()
+            .chain(links::remove_recorded_clsact(&dir));
+        for line in said {
+            out!("{datapath}: {line}");
         }
     }
     let removed = pins::remove_all(&args.pin_dir)?;

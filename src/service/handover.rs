@@ -77,6 +77,8 @@ pub struct HandedOver {
     channel: Channel,
     pub pid: u32,
     taken: Vec<String>,
+    /// The datapaths the successor runs.
+    datapaths: Vec<String>,
 }
 
 impl Service {
@@ -194,7 +196,7 @@ impl Service {
         }
         let Offered { channel, pid, .. } = self.offered.take()?;
         match complete(&channel, datapaths) {
-            Ok(Some(taken)) => {
+            Ok(Some((taken, names))) => {
                 if let Some(mut child) = self.spawned.take() {
                     // Reaped by whoever adopts it once this process ends.
                     let _ = child.try_wait();
@@ -203,6 +205,7 @@ impl Service {
                     channel,
                     pid,
                     taken,
+                    datapaths: names,
                 })
             }
             Ok(None) => {
@@ -273,11 +276,12 @@ fn offer<R: RunningDatapath>(
 
 /// Steps 3 to 5: on the successor's commit, stop taking new work and
 /// hand the UDP flows over; then wait until it serves. Ok(None) when it
-/// went away before committing.
+/// went away before committing; else what it took and the datapaths it
+/// runs.
 fn complete<R: RunningDatapath>(
     channel: &Channel,
     datapaths: &mut [R],
-) -> Result<Option<Vec<String>>> {
+) -> Result<Option<(Vec<String>, Vec<String>)>> {
     let Ok((commit, _)) = channel.recv(Duration::ZERO) else {
         return Ok(None);
     };
@@ -296,19 +300,27 @@ fn complete<R: RunningDatapath>(
     let Some(pid) = serving["serving"]["pid"].as_u64() else {
         bail!("the successor said {serving} instead of serving");
     };
+    let names: Vec<String> = serde_json::from_value(serving["serving"]["datapaths"].clone())
+        .context("a successor that does not say what it runs")?;
     // Before the successor says READY=1, so that systemd hears it from
     // the main process.
     notify::notify(&format!("MAINPID={pid}"));
     channel.send(&json!({"retiring": {}}).to_string(), &[])?;
-    Ok(Some(taken))
+    Ok(Some((taken, names)))
 }
 
 impl HandedOver {
     /// Lets go of the listening sockets (serving what already waits on
-    /// those the successor did not take).
+    /// those the successor did not take), and detaches the datapaths the
+    /// successor does not run.
     pub fn retire<R: RunningDatapath>(&self, datapaths: &mut [R]) -> u64 {
         let mut open = 0;
         for datapath in datapaths.iter_mut() {
+            let name = datapath.datapath().name();
+            if !self.datapaths.contains(&name) {
+                datapath.datapath_mut().detach();
+                out!("Detached {name}, which the new configuration does not have");
+            }
             for relay in datapath.datapath_mut().relays() {
                 relay.retire(&self.taken);
                 open += relay.open_connections();
@@ -418,10 +430,10 @@ impl Predecessor {
         Ok(())
     }
 
-    /// Step 5: this process serves; the predecessor drains once it has
-    /// told systemd that this is the main process.
-    pub fn serving(&self) -> Result<()> {
-        let serving = json!({"serving": {"pid": std::process::id()}});
+    /// Step 5: this process serves `datapaths`; the predecessor drains
+    /// once it has told systemd that this is the main process.
+    pub fn serving(&self, datapaths: &[String]) -> Result<()> {
+        let serving = json!({"serving": {"pid": std::process::id(), "datapaths": datapaths}});
         self.channel.send(&serving.to_string(), &[])?;
         if let Err(err) = self.channel.recv(STEP_TIMEOUT) {
             err_out!(

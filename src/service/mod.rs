@@ -184,13 +184,13 @@ fn run_service(source: &dyn Source<Settings>, args: &RunArgs) -> Result<()> {
     }
     // What this configuration does not use (a port that changed) closes.
     ctx.inheritance = Default::default();
+    let names: Vec<String> = settings.iter().map(|s| s.name()).collect();
     if let Some(predecessor) = &predecessor {
-        predecessor.serving()?;
+        predecessor.serving(&names)?;
         status.take_place()?;
         handover.take_place()?;
     }
     if let Some(root) = &ctx.pins {
-        let names: Vec<String> = settings.iter().map(|s| s.name()).collect();
         for removed in root.remove_others(&names) {
             out!("Removed the pinned {removed}, which the configuration no longer has");
         }

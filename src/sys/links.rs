@@ -109,6 +109,78 @@ pub fn link_has_l2_header(interface: &str, program: &str) -> Result<bool> {
     }
 }
 
+/// The pin record (see `PinDir::record`) of a datapath attached by clsact
+/// filters, which outlive a crash: [the network namespace's inode,
+/// ifindex...].
+pub const CLSACT_RECORD: &str = "clsact";
+
+/// Removes, in this network namespace, our clsact filters (and a qdisc
+/// left with no filter) on the interfaces that the datapath pinned in
+/// `dir` recorded (a killed service's, for `cleanup`); says what it did.
+pub fn remove_recorded_clsact(dir: &Path) -> Vec<String> {
+    let Some((netns, interfaces)) = pins::read_record(dir, CLSACT_RECORD)
+        .and_then(|values| values.split_first().map(|(n, rest)| (*n, rest.to_vec())))
+    else {
+        return Vec::new();
+    };
+    if crate::sys::netns::current_inode().ok() != Some(netns) {
+        return vec![format!(
+            "the clsact filters stay: they are in another network namespace (inode {netns}); \
+             run cleanup there"
+        )];
+    }
+    let mut said = Vec::new();
+    for ifindex in interfaces {
+        let ifindex = ifindex as u32;
+        let mut removed = 0;
+        for point in [libbpf_sys::BPF_TC_INGRESS, libbpf_sys::BPF_TC_EGRESS] {
+            let hook = libbpf_sys::bpf_tc_hook {
+                sz: std::mem::size_of::<libbpf_sys::bpf_tc_hook>() as _,
+                ifindex: ifindex as i32,
+                attach_point: point,
+                ..Default::default()
+            };
+            for priority in [CLSACT_FIRST_PRIORITY, CLSACT_LAST_PRIORITY] {
+                let mut opts = libbpf_sys::bpf_tc_opts {
+                    sz: std::mem::size_of::<libbpf_sys::bpf_tc_opts>() as _,
+                    handle: CLSACT_FILTER_HANDLE,
+                    priority,
+                    ..Default::default()
+                };
+                // SAFETY: complete structs that outlive the calls.
+                let found = quietly(|| unsafe { libbpf_sys::bpf_tc_query(&hook, &mut opts) }) == 0;
+                let detach = libbpf_sys::bpf_tc_opts {
+                    sz: std::mem::size_of::<libbpf_sys::bpf_tc_opts>() as _,
+                    handle: CLSACT_FILTER_HANDLE,
+                    priority,
+                    ..Default::default()
+                };
+                // SAFETY: as above; detach wants no program named.
+                if found && unsafe { libbpf_sys::bpf_tc_detach(&hook, &detach) } == 0 {
+                    removed += 1;
+                }
+            }
+        }
+        if removed == 0 {
+            continue;
+        }
+        said.push(format!("removed {removed} clsact filter(s) of ifindex {ifindex}"));
+        if !has_filters(ifindex) {
+            let mut qdisc = libbpf_sys::bpf_tc_hook {
+                sz: std::mem::size_of::<libbpf_sys::bpf_tc_hook>() as _,
+                ifindex: ifindex as i32,
+                attach_point: libbpf_sys::BPF_TC_INGRESS | libbpf_sys::BPF_TC_EGRESS,
+                ..Default::default()
+            };
+            // SAFETY: a complete struct that outlives the call.
+            if unsafe { libbpf_sys::bpf_tc_hook_destroy(&mut qdisc) } == 0 {
+                said.push(format!("removed the clsact qdisc of ifindex {ifindex}"));
+            }
+        }
+    }
+    said
+}
+
 /// Handle of our legacy clsact filters, so that a restart after SIGKILL
 /// finds and replaces its own leftovers; the priority says the position
 /// (lower runs first; the kernel numbers filters added without one from

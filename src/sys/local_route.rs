@@ -15,6 +15,39 @@ use crate::sys::netns::ip;
 /// unnamed).
 pub const RT_PROTO: u8 = 82;
 
+/// The pin record (see `PinDir::record`) of a datapath with local routes:
+/// [table, rule priority, the network namespace's inode].
+pub const RECORD: &str = "routes";
+
+/// Removes, in this network namespace, the rules and routes that the
+/// datapath pinned in `dir` recorded (a killed service's, for `cleanup`);
+/// says what it removed, or why it could not.
+pub fn remove_recorded(dir: &std::path::Path) -> Vec<String> {
+    let Some([table, priority, netns]) = crate::sys::pins::read_record(dir, RECORD)
+        .and_then(|values| <[u64; 3]>::try_from(values).ok())
+    else {
+        return Vec::new();
+    };
+    let here =
+        std::fs::metadata("/proc/self/ns/net").map(|m| std::os::unix::fs::MetadataExt::ino(&m));
+    if here.ok() != Some(netns) {
+        return vec![format!(
+            "the rules and routes of table {table} stay: they are in another network \
+             namespace (inode {netns}); run cleanup there, or start tproxy there"
+        )];
+    }
+    let spec = LocalRouteSpec {
+        mark: 0,
+        table: table as u32,
+        priority: priority as u32,
+        interfaces: Vec::new(),
+    };
+    match remove_leftovers(&spec) {
+        Ok(removed) => removed,
+        Err(err) => vec![format!("{err:#}")],
+    }
+}
+
 /// Tables the kernel reserves: unspec, default, main, local.
 const RESERVED_TABLES: [u32; 4] = [0, 253, 254, 255];
 
@@ -68,6 +101,27 @@ impl LocalRouteSpec {
             ]
             .map(String::from),
         );
+        args
+    }
+
+    /// `ip rule del` of one of our rules whatever its mark, on `iif`
+    /// (none: a rule without one).
+    fn leftover_rule_args(&self, family: &str, iif: &str) -> Vec<String> {
+        let mut args: Vec<String> = vec![family.into(), "rule".into(), "del".into()];
+        args.extend(
+            [
+                "pref",
+                &self.priority.to_string(),
+                "lookup",
+                &self.table.to_string(),
+                "protocol",
+                &RT_PROTO.to_string(),
+            ]
+            .map(String::from),
+        );
+        if !iif.is_empty() {
+            args.extend(["iif".into(), iif.to_owned()]);
+        }
         args
     }
 
@@ -228,22 +282,7 @@ pub fn remove_leftovers(spec: &LocalRouteSpec) -> Result<Vec<String>> {
     }
     let mut removed = Vec::new();
     for (family, rule) in rules {
-        let mut args: Vec<String> = vec![family.into(), "rule".into(), "del".into()];
-        args.extend(
-            [
-                "pref",
-                &spec.priority.to_string(),
-                "lookup",
-                &spec.table.to_string(),
-                "protocol",
-                &RT_PROTO.to_string(),
-            ]
-            .map(String::from),
-        );
-        if let serde_json::Value::String(iif) = &rule["iif"] {
-            args.extend(["iif".into(), iif.clone()]);
-        }
-        ip(&args)?;
+        ip(&spec.leftover_rule_args(family, &field(&rule, "iif")))?;
         removed.push(format!("rule {rule}"));
     }
     for (family, route) in routes {
@@ -302,22 +341,7 @@ impl LocalRoutes {
                 if wanted {
                     continue;
                 }
-                let mut args: Vec<String> = vec![family.into(), "rule".into(), "del".into()];
-                args.extend(
-                    [
-                        "pref",
-                        &spec.priority.to_string(),
-                        "lookup",
-                        &spec.table.to_string(),
-                        "protocol",
-                        &RT_PROTO.to_string(),
-                    ]
-                    .map(String::from),
-                );
-                if !iif.is_empty() {
-                    args.extend(["iif".into(), iif]);
-                }
-                ip(&args)?;
+                ip(&spec.leftover_rule_args(family, &iif))?;
                 removed.push(format!("rule {rule}"));
             }
         }

@@ -14,6 +14,14 @@ use nix::sched::{setns, CloneFlags};
 use crate::sys::cgroup::ChildCgroup;
 
 /// Runs `ip ARGS...`, failing with its stderr; returns its stdout.
+/// The inode of the calling thread's network namespace, which tells
+/// namespaces apart.
+pub fn current_inode() -> Result<u64> {
+    let meta = std::fs::metadata("/proc/thread-self/ns/net")
+        .context("reading this thread's network namespace")?;
+    Ok(std::os::unix::fs::MetadataExt::ino(&meta))
+}
+
 pub fn ip<S: AsRef<str>>(args: &[S]) -> Result<String> {
     let args: Vec<&str> = args.iter().map(AsRef::as_ref).collect();
     let output = Command::new("ip")

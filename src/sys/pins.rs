@@ -160,9 +160,18 @@ fn is_bpffs(path: &Path) -> bool {
 }
 
 fn read_layout(dir: &Path) -> Option<u64> {
-    let map = MapHandle::from_pinned_path(dir.join(LAYOUT_MAP)).ok()?;
-    let value = map.lookup(&0u32.to_ne_bytes(), MapFlags::ANY).ok()??;
-    Some(u64::from_ne_bytes(value.get(..8)?.try_into().ok()?))
+    read_record(dir, LAYOUT_MAP)?.first().copied()
+}
+
+/// The values of the record `name` pinned in the datapath directory `dir`.
+pub fn read_record(dir: &Path, name: &str) -> Option<Vec<u64>> {
+    let map = MapHandle::from_pinned_path(dir.join(name)).ok()?;
+    (0..map.max_entries())
+        .map(|index| {
+            let value = map.lookup(&index.to_ne_bytes(), MapFlags::ANY).ok()??;
+            Some(u64::from_ne_bytes(value.get(..8)?.try_into().ok()?))
+        })
+        .collect()
 }
 
 /// What a previous run left in a datapath's directory.
@@ -206,6 +215,26 @@ impl PinDir {
                 self.path.display()
             ),
         }
+    }
+
+    /// Pins `values` as the record `name` (an array map: bpffs holds BPF
+    /// objects only), in place of an earlier one: what a later process
+    /// must know of this datapath without its configuration.
+    pub fn record(&self, name: &str, values: &[u64]) -> Result<()> {
+        let path = self.path.join(name);
+        let _ = fs::remove_file(&path);
+        let opts = libbpf_sys::bpf_map_create_opts {
+            sz: std::mem::size_of::<libbpf_sys::bpf_map_create_opts>() as _,
+            ..Default::default()
+        };
+        let entries = values.len() as u32;
+        let mut map = MapHandle::create(MapType::Array, Some("pr_record"), 4, 8, entries, &opts)
+            .with_context(|| format!("creating the record {name}"))?;
+        for (index, value) in (0u32..).zip(values) {
+            map.update(&index.to_ne_bytes(), &value.to_ne_bytes(), MapFlags::ANY)?;
+        }
+        map.pin(&path)
+            .with_context(|| format!("pinning {}", path.display()))
     }
 
     /// Where the link of `name` is pinned.
@@ -300,22 +329,7 @@ impl PinDir {
             let _ = fs::remove_file(&path);
             pin_fd(map.as_fd(), &path)?;
         }
-        let layout_path = self.path.join(LAYOUT_MAP);
-        let _ = fs::remove_file(&layout_path);
-        let opts = libbpf_sys::bpf_map_create_opts {
-            sz: std::mem::size_of::<libbpf_sys::bpf_map_create_opts>() as _,
-            ..Default::default()
-        };
-        let mut layout = MapHandle::create(MapType::Array, Some("pr_layout"), 4, 8, 1, &opts)
-            .context("creating the layout record")?;
-        layout.update(
-            &0u32.to_ne_bytes(),
-            &self.layout.to_ne_bytes(),
-            MapFlags::ANY,
-        )?;
-        layout
-            .pin(&layout_path)
-            .with_context(|| format!("pinning {}", layout_path.display()))?;
+        self.record(LAYOUT_MAP, &[self.layout])?;
         self.found = Found::SameLayout;
         self.remove_on_drop = true;
         Ok(())

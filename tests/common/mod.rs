@@ -620,6 +620,19 @@ impl Running {
         (status, out, err)
     }
 
+    /// Whether it has exited.
+    pub fn has_exited(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(Some(_)))
+    }
+
+    /// Waits up to `timeout` for it to end by itself (then kills it); the
+    /// exit status, all of stdout and stderr.
+    pub fn wait(mut self, timeout: Duration) -> (std::process::ExitStatus, String, String) {
+        let status = wait_timeout(&mut self.child, timeout);
+        let (out, err) = self.finish_output();
+        (status, out, err)
+    }
+
     /// SIGKILL and wait.
     pub fn kill(mut self) {
         if let Some(pid) = self.successor.take() {
