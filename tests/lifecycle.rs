@@ -313,11 +313,7 @@ fn a_pinned_state_of_another_layout_is_replaced_and_cleanup_removes_what_a_kille
             .ends_with(&format!("Removed from {pin_dir}: port-nat-veth-c")),
         "{said}"
     );
-    assert_eq!(
-        said.contains("clsact filter"),
-        !kernel::has_tcx(),
-        "{said}"
-    );
+    assert_eq!(said.contains("clsact filter"), !kernel::has_tcx(), "{said}");
     assert_eq!(tc_programs(&testbed.client, "veth-c"), 0);
     let again = proxy_redirect(&["cleanup", "--pin-dir", &pin_dir]);
     assert_eq!(

@@ -28,7 +28,9 @@ use crate::relay::tcp::{BoundProxy, ProxyConfig, RelayArgs, RunningProxy};
 use crate::runtime::{Datapath, EventSource, Relay, RunContext};
 use crate::sys::handover::{Bequest, Inheritance};
 use crate::sys::interface_watch::{self, InterfaceWatch};
-use crate::sys::links::{self, Attachments, TcAttachMode, TcDirection, TcOrder, TcPath, TcPosition};
+use crate::sys::links::{
+    self, Attachments, TcAttachMode, TcDirection, TcOrder, TcPath, TcPosition,
+};
 use crate::sys::local_route::{self, LocalRouteSpec, LocalRoutes};
 use crate::sys::pins::{self, Found, PinDir};
 use crate::sys::privileges;

@@ -164,7 +164,9 @@ pub fn remove_recorded_clsact(dir: &Path) -> Vec<String> {
         if removed == 0 {
             continue;
         }
-        said.push(format!("removed {removed} clsact filter(s) of ifindex {ifindex}"));
+        said.push(format!(
+            "removed {removed} clsact filter(s) of ifindex {ifindex}"
+        ));
         if !has_filters(ifindex) {
             let mut qdisc = libbpf_sys::bpf_tc_hook {
                 sz: std::mem::size_of::<libbpf_sys::bpf_tc_hook>() as _,
