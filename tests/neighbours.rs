@@ -96,8 +96,10 @@ fn another_tools_tc_program_behind_tproxy_sees_every_packet() {
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    let seen = foreign.runs() - before;
+    // Read once tproxy has stopped: a late ACK that tproxy counted before
+    // its last statistics must be among the other program's runs too.
     let (output, _) = tproxy.stop_ok();
+    let seen = foreign.runs() - before;
     let intercepted = json_events(&output)
         .iter()
         .filter(|e| e["action"] == "intercept")
