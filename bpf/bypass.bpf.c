@@ -8,25 +8,93 @@
  * sockets and moves the message straight into the receive queue of the peer
  * socket, found under (namespace, remote, local), skipping TCP/IP and
  * loopback. Without a peer the message takes the normal path. One instance
- * serves every namespace of the cgroup and never pairs across them.
+ * serves every namespace of the cgroup.
+ *
+ * With --across-namespaces, sockets whose peer is in another namespace of
+ * this host (pods on a bridge) are paired by proof, never by address (two
+ * namespaces may use the same addresses): the first end seen established
+ * waits in `candidates` under the connection's tuple, and the other end
+ * pairs with it only when its sequence numbers are the first end's,
+ * mirrored. Both then know each other's socket cookie (socket storage),
+ * their key in the `paired` map, so the data path never looks a tuple up.
+ * A second claim on one tuple poisons it, and pairs neither.
  */
 #include "lib/common.h"
+#include <bpf/bpf_core_read.h>
 #include "bypass.h"
 
 /* Configuration, set by user space before load. */
 const volatile __u8 filter_ports; /* 0: every port */
 const volatile __u8 emit_events;
 
-/* Key 0 is set by user space when bypass stops for good: no new
- * insertions, no new redirects. A map, not a global, because it outlives
- * the process under a service: every program that ever inserted a socket
- * (a predecessor's too, whose sockets keep it) reads the one flag. */
+/* enum bypass_control flags, set by user space. A map, not globals,
+ * because it outlives the process under a service: every program that
+ * ever inserted a socket (a predecessor's too, whose sockets keep it)
+ * reads the one stop flag. */
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, 1);
+	__uint(max_entries, CONTROL_COUNT);
 	__type(key, __u32);
 	__type(value, __u32);
-} stop_flag SEC(".maps");
+} control SEC(".maps");
+
+/* Sockets of cross-namespace pairs, and first ends waiting for theirs, by
+ * socket cookie. */
+struct {
+	__uint(type, BPF_MAP_TYPE_SOCKHASH);
+	__uint(max_entries, 65536);
+	__type(key, __u64);
+	__type(value, __u64);
+} paired SEC(".maps");
+
+/* First ends waiting for the other end of their connection. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct pair_key);
+	__type(value, struct pair_candidate);
+} candidates SEC(".maps");
+
+/* A cross-namespace socket's peer. */
+struct {
+	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
+	__type(value, struct pair_peer);
+} peers SEC(".maps");
+
+/* The peer of a first end, by the first end's cookie, until the first end
+ * takes it into its own storage (a sockops program can reach no other
+ * socket's storage: it cannot release the socket a map lookup returns). */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, __u64);
+	__type(value, struct pair_peer);
+} proofs SEC(".maps");
+
+/**
+ * peer_of() - the proven peer of a cross-namespace socket, or NULL
+ * @peer: its storage
+ *
+ * A first end learns its peer here, from `proofs`, the first time it asks
+ * after the proof came.
+ */
+static __always_inline struct pair_peer *peer_of(struct pair_peer *peer)
+{
+	struct pair_peer *proof;
+	__u64 own = peer->own_cookie;
+
+	if (READ_ONCE(peer->cookie))
+		return peer;
+	proof = bpf_map_lookup_elem(&proofs, &own);
+	if (!proof)
+		return 0;
+	peer->key = proof->key;
+	WRITE_ONCE(peer->cookie, proof->cookie);
+	bpf_map_delete_elem(&proofs, &own);
+	return peer;
+}
 
 /* The sockets that may take the bypass. */
 struct {
@@ -108,14 +176,24 @@ struct bypass_event unused_bypass_event __attribute__((unused));
 struct reader unused_reader __attribute__((unused));
 enum bypass_side unused_bypass_side __attribute__((unused));
 enum bypass_stat unused_bypass_stat __attribute__((unused));
+enum bypass_control unused_bypass_control __attribute__((unused));
 
-static __always_inline int stopping(void)
+static __always_inline int control_set(__u32 index)
 {
-	__u32 zero = 0;
-	__u32 *flag = bpf_map_lookup_elem(&stop_flag, &zero);
+	__u32 *flag = bpf_map_lookup_elem(&control, &index);
 
 	return flag && READ_ONCE(*flag);
 }
+
+static __always_inline int stopping(void)
+{
+	return control_set(CONTROL_STOPPING);
+}
+
+/* How long a first end waits for the other: a handshake between two
+ * namespaces of one host ends within microseconds; an entry older than
+ * this is a connection that never found its other end here. */
+#define CANDIDATE_TTL_NS 1000000000ULL
 
 /* The loopback device has this index in every network namespace. */
 #define LOOPBACK_IFINDEX 1
@@ -197,11 +275,26 @@ struct pt_regs {
 #error "bypass needs the system call numbers of this architecture"
 #endif
 
+struct tcp_ulp_ops;
+
+struct inet_connection_sock {
+	const struct tcp_ulp_ops *icsk_ulp_ops;
+} __attribute__((preserve_access_index));
+
 struct tcp_sock {
+	struct inet_connection_sock inet_conn;
 	__u32 copied_seq;
 	__u32 write_seq;
 	__u32 snd_nxt;
+	__u32 rcv_nxt;
+	__u8 repair : 1;
 } __attribute__((preserve_access_index));
+
+/* Whether a socket has an upper layer protocol: an MPTCP subflow, kTLS. */
+static __always_inline int has_ulp(struct tcp_sock *tp)
+{
+	return tp->inet_conn.icsk_ulp_ops != 0;
+}
 
 /* sk_user_data holds a psock, flagged in its low bits, while the socket is
  * in a sockmap (include/net/sock.h). */
@@ -351,13 +444,149 @@ static __always_inline int program_splices(struct bpf_sock_ops *skops, struct bp
 	return comm && bpf_map_lookup_elem(&splicers, comm);
 }
 
-static __always_inline void established(struct bpf_sock_ops *skops, __u8 side)
+/**
+ * insert() - put a socket into a sockmap, with the position of its reader
+ * @map: `sockets` (key: the socket's sock_key) or `paired` (its cookie)
+ * @map_key: its key there
+ *
+ * Returns 0 or the insertion's -errno, counted either way.
+ */
+static __always_inline long insert(struct bpf_sock_ops *skops, struct tcp_sock *tp,
+				   const struct sock_key *key, void *map, void *map_key, __u8 side)
 {
 	struct reader reader = {};
+	long err;
+
+	reader.copied_seq = tp->copied_seq;
+	bpf_map_update_elem(&readers, key, &reader, BPF_ANY);
+	err = bpf_sock_hash_update(skops, map, map_key, BPF_ANY);
+	stat_add(&stats, err ? BYPASS_STAT_INSERT_FAILED : BYPASS_STAT_INSERTED, 1);
+	/* A socket belongs to one sockmap with msg programs: another tool's
+	 * holds it, and it stays on TCP with theirs. */
+	if (err == -EBUSY)
+		stat_add(&stats, BYPASS_STAT_HELD_ELSEWHERE, 1);
+	emit(skops, key, side, err);
+	return err;
+}
+
+/**
+ * pair_across() - pair a socket with its peer in another namespace, by proof
+ *
+ * The first end of a connection to get here waits in `candidates` (and in
+ * `paired`, so that its peer can name it); the second pairs with it when
+ * it mirrors its sequence numbers: both ends of one TCP connection were
+ * seen established on this host, which is the proof that the peer is
+ * local, and no other socket can claim it without guessing 64 bits. The
+ * second end tells the first by writing into its socket storage.
+ */
+static __always_inline void pair_across(struct bpf_sock_ops *skops, struct bpf_sock *sk,
+					struct tcp_sock *tp, const struct sock_key *key, __u8 side)
+{
+	struct pair_candidate mine = {};
+	struct pair_candidate *found;
+	struct pair_peer proof = {};
+	struct pair_key pair = {};
+	struct pair_peer *peer;
+	__u64 cookie = bpf_get_socket_cookie(skops);
+	__u64 now = bpf_ktime_get_ns();
+
+	if (side == SIDE_ACTIVE) {
+		pair.active = key->local;
+		pair.passive = key->remote;
+		mine.active_snd_nxt = tp->snd_nxt;
+		mine.active_rcv_nxt = tp->rcv_nxt;
+	} else {
+		pair.active = key->remote;
+		pair.passive = key->local;
+		mine.active_snd_nxt = tp->rcv_nxt;
+		mine.active_rcv_nxt = tp->snd_nxt;
+	}
+	found = bpf_map_lookup_elem(&candidates, &pair);
+	if (found && now - READ_ONCE(found->since_ns) < CANDIDATE_TTL_NS) {
+		if (READ_ONCE(found->poisoned)) {
+			stat_add(&stats, BYPASS_STAT_ACROSS_AMBIGUOUS, 1);
+			return;
+		}
+		if (found->side == side) {
+			WRITE_ONCE(found->poisoned, 1);
+			stat_add(&stats, BYPASS_STAT_ACROSS_AMBIGUOUS, 1);
+			return;
+		}
+		if (found->active_snd_nxt != mine.active_snd_nxt ||
+		    found->active_rcv_nxt != mine.active_rcv_nxt) {
+			WRITE_ONCE(found->poisoned, 1);
+			stat_add(&stats, BYPASS_STAT_ACROSS_MISMATCH, 1);
+			return;
+		}
+		peer = bpf_sk_storage_get(&peers, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+		if (!peer)
+			return;
+		peer->own_cookie = cookie;
+		peer->key = found->key;
+		peer->cookie = found->cookie;
+		if (insert(skops, tp, key, &paired, &cookie, side))
+			return;
+		proof.cookie = cookie;
+		proof.own_cookie = found->cookie;
+		proof.key = *key;
+		bpf_map_update_elem(&proofs, &found->cookie, &proof, BPF_ANY);
+		bpf_map_delete_elem(&candidates, &pair);
+		stat_add(&stats, BYPASS_STAT_ACROSS_PAIRED, 1);
+		return;
+	}
+	if (found)
+		bpf_map_delete_elem(&candidates, &pair);
+	mine.cookie = cookie;
+	mine.since_ns = now;
+	mine.key = *key;
+	mine.side = side;
+	/* Two sockets claiming one connection at once: the second fails
+	 * here and poisons the first's claim. */
+	if (bpf_map_update_elem(&candidates, &pair, &mine, BPF_NOEXIST)) {
+		found = bpf_map_lookup_elem(&candidates, &pair);
+		if (found)
+			WRITE_ONCE(found->poisoned, 1);
+		stat_add(&stats, BYPASS_STAT_ACROSS_AMBIGUOUS, 1);
+		return;
+	}
+	peer = bpf_sk_storage_get(&peers, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+	if (!peer || insert(skops, tp, key, &paired, &cookie, side)) {
+		bpf_map_delete_elem(&candidates, &pair);
+		return;
+	}
+	peer->own_cookie = cookie;
+	/* The first sample of its round-trip time comes once its peer has
+	 * answered: by then the proof has come, or the peer is not here. */
+	bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_RTT_CB_FLAG);
+	stat_add(&stats, BYPASS_STAT_ACROSS_WAITING, 1);
+}
+
+/* A first end's first round-trip sample: no proof came, so its peer is not
+ * a socket of this host (or NAT rewrote the connection on the way); it
+ * leaves the map, which never redirected anything to or from it. */
+static __always_inline void first_sample(struct bpf_sock_ops *skops)
+{
+	struct bpf_sock *sk = skops->sk;
+	struct pair_peer *peer;
+	__u64 cookie;
+
+	bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags & ~BPF_SOCK_OPS_RTT_CB_FLAG);
+	if (!sk)
+		return;
+	peer = bpf_sk_storage_get(&peers, sk, 0, 0);
+	if (!peer || peer_of(peer))
+		return;
+	cookie = bpf_get_socket_cookie(skops);
+	bpf_map_delete_elem(&paired, &cookie);
+	stat_add(&stats, BYPASS_STAT_ACROSS_UNPROVEN, 1);
+}
+
+static __always_inline void established(struct bpf_sock_ops *skops, __u8 side)
+{
 	struct sock_key key = {};
 	struct bpf_sock *sk = skops->sk;
 	struct tcp_sock *tp;
-	long err;
+	int local;
 
 	if (skops->family != ADDR_FAMILY_INET && skops->family != ADDR_FAMILY_INET6)
 		return;
@@ -372,12 +601,21 @@ static __always_inline void established(struct bpf_sock_ops *skops, __u8 side)
 		stat_add(&stats, BYPASS_STAT_OTHER_PORT, 1);
 		return;
 	}
-	if (!peer_in_same_netns(tp)) {
+	local = peer_in_same_netns(tp);
+	if (!local && !control_set(CONTROL_ACROSS)) {
 		stat_add(&stats, BYPASS_STAT_NOT_LOCAL, 1);
 		return;
 	}
 	if (data_crossed_tcp(skops, tp)) {
 		stat_add(&stats, BYPASS_STAT_DATA_BEFORE, 1);
+		return;
+	}
+	if (BPF_CORE_READ_BITFIELD(tp, repair)) {
+		stat_add(&stats, BYPASS_STAT_REPAIR, 1);
+		return;
+	}
+	if (has_ulp(tp)) {
+		stat_add(&stats, BYPASS_STAT_ULP, 1);
 		return;
 	}
 	if (program_splices(skops, sk, side)) {
@@ -388,15 +626,10 @@ static __always_inline void established(struct bpf_sock_ops *skops, __u8 side)
 		stat_add(&stats, BYPASS_STAT_STOPPING, 1);
 		return;
 	}
-	reader.copied_seq = tp->copied_seq;
-	bpf_map_update_elem(&readers, &key, &reader, BPF_ANY);
-	err = bpf_sock_hash_update(skops, &sockets, &key, BPF_ANY);
-	stat_add(&stats, err ? BYPASS_STAT_INSERT_FAILED : BYPASS_STAT_INSERTED, 1);
-	/* A socket belongs to one sockmap with msg programs: another tool's
-	 * holds it, and it stays on TCP with theirs. */
-	if (err == -EBUSY)
-		stat_add(&stats, BYPASS_STAT_HELD_ELSEWHERE, 1);
-	emit(skops, &key, side, err);
+	if (local)
+		insert(skops, tp, &key, &sockets, &key, side);
+	else
+		pair_across(skops, sk, tp, &key, side);
 }
 
 SEC("sockops")
@@ -412,6 +645,9 @@ int bypass_sockops(struct bpf_sock_ops *skops)
 		break;
 	case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB:
 		established(skops, SIDE_PASSIVE);
+		break;
+	case BPF_SOCK_OPS_RTT_CB:
+		first_sample(skops);
 		break;
 	}
 	return 1;
@@ -434,6 +670,7 @@ int bypass_msg(struct sk_msg_md *msg)
 	struct sock_key peer = {};
 	struct endpoint local;
 	struct bpf_sock *sk = msg->sk;
+	struct pair_peer *across;
 	struct reader *reader;
 	struct tcp_sock *tp;
 	__u32 size = msg->size;
@@ -443,11 +680,24 @@ int bypass_msg(struct sk_msg_md *msg)
 	tp = bpf_skc_to_tcp_sock(sk);
 	if (!tp)
 		goto pass;
-	SOCK_KEY_FROM_CTX(msg, &peer);
-	/* The peer socket sees the same connection the other way round. */
-	local = peer.local;
-	peer.local = peer.remote;
-	peer.remote = local;
+	if (has_ulp(tp)) {
+		stat_add(&stats, BYPASS_STAT_MSG_ULP, 1);
+		goto pass;
+	}
+	across = bpf_sk_storage_get(&peers, sk, 0, 0);
+	if (across) {
+		/* A cross-namespace socket: its peer by proof, or none yet. */
+		across = peer_of(across);
+		if (!across)
+			goto pass;
+		peer = across->key;
+	} else {
+		SOCK_KEY_FROM_CTX(msg, &peer);
+		/* The peer socket sees the same connection the other way round. */
+		local = peer.local;
+		peer.local = peer.remote;
+		peer.remote = local;
+	}
 	reader = bpf_map_lookup_elem(&readers, &peer);
 	if (!reader || !READ_ONCE(reader->received) || READ_ONCE(reader->spliced) ||
 	    READ_ONCE(reader->copied_seq) != tp->write_seq) {
@@ -455,7 +705,16 @@ int bypass_msg(struct sk_msg_md *msg)
 		goto pass;
 	}
 	/* SK_DROP means no peer: the message then takes the normal path. */
-	if (bpf_msg_redirect_hash(msg, &sockets, &peer, BPF_F_INGRESS) == SK_PASS) {
+	if (across) {
+		if (bpf_msg_redirect_hash(msg, &paired, &across->cookie, BPF_F_INGRESS) ==
+		    SK_PASS) {
+			stat_add(&stats, BYPASS_STAT_MSG_REDIRECTED, 1);
+			stat_add(&stats, BYPASS_STAT_BYTES_REDIRECTED, size);
+			stat_add(&stats, BYPASS_STAT_MSG_ACROSS, 1);
+			stat_add(&stats, BYPASS_STAT_BYTES_ACROSS, size);
+			return SK_PASS;
+		}
+	} else if (bpf_msg_redirect_hash(msg, &sockets, &peer, BPF_F_INGRESS) == SK_PASS) {
 		stat_add(&stats, BYPASS_STAT_MSG_REDIRECTED, 1);
 		stat_add(&stats, BYPASS_STAT_BYTES_REDIRECTED, size);
 		return SK_PASS;

@@ -34,6 +34,45 @@ struct reader {
 	__u8 pad[2];
 };
 
+/* A connection as its active (connecting) side sees it, in no namespace:
+ * where the two sockets of one connection meet to prove they are its two
+ * ends (--across-namespaces). */
+struct pair_key {
+	struct endpoint active;
+	struct endpoint passive;
+};
+
+/* The first socket of a connection to be seen established, waiting for the
+ * other end. The proof is the pair of sequence numbers as the active side
+ * counts them (snd_nxt, rcv_nxt): the passive side's (rcv_nxt, snd_nxt). */
+struct pair_candidate {
+	__u64 cookie;
+	__u64 since_ns;
+	struct sock_key key; /* its own key, for the peer's sk_msg to find its reader */
+	__u32 active_snd_nxt;
+	__u32 active_rcv_nxt;
+	__u8 side;     /* enum bypass_side */
+	__u8 poisoned; /* another socket claimed the same connection: pair neither */
+	__u8 pad[6];
+};
+
+/* What a socket of a cross-namespace pair knows of its peer (socket
+ * storage; a proof waiting for the first end, in `proofs`). cookie 0:
+ * proven by nobody yet. */
+struct pair_peer {
+	__u64 cookie;	  /* the peer's key in the `paired` map */
+	__u64 own_cookie; /* this socket's, under which a proof waits for it */
+	struct sock_key key;
+};
+
+/* The control map: flags user space sets, which every generation's programs
+ * read. */
+enum bypass_control {
+	CONTROL_STOPPING = 0, /* stopped for good: no new insertions, no new redirects */
+	CONTROL_ACROSS = 1,   /* --across-namespaces */
+	CONTROL_COUNT = 2,
+};
+
 /* Which end of the connection a socket is. */
 enum bypass_side {
 	SIDE_ACTIVE = 1,  /* connect() */
@@ -59,6 +98,16 @@ enum bypass_stat {
 	BYPASS_STAT_SPLICERS_LEARNED, /* programs seen splicing a sockmap socket */
 	BYPASS_STAT_SPLICE_TOO_LATE,  /* first splice after messages were redirected */
 	BYPASS_STAT_HELD_ELSEWHERE,   /* in another tool's sockmap with msg programs (EBUSY) */
+	BYPASS_STAT_ACROSS_WAITING,   /* across namespaces: first end seen, waiting for the other */
+	BYPASS_STAT_ACROSS_PAIRED,    /* across namespaces: pairs proven */
+	BYPASS_STAT_ACROSS_UNPROVEN, /* across namespaces: no other end here (a remote peer, NAT) */
+	BYPASS_STAT_ACROSS_MISMATCH, /* across namespaces: the sequence numbers disagreed */
+	BYPASS_STAT_ACROSS_AMBIGUOUS, /* across namespaces: two sockets claimed one connection */
+	BYPASS_STAT_REPAIR,	      /* a TCP_REPAIR socket (checkpoint/restore): left alone */
+	BYPASS_STAT_ULP,	      /* a socket with a ULP (an MPTCP subflow, kTLS): left alone */
+	BYPASS_STAT_MSG_ULP,	      /* messages of a socket that got a ULP (kTLS) later: passed */
+	BYPASS_STAT_MSG_ACROSS,	      /* messages redirected across namespaces */
+	BYPASS_STAT_BYTES_ACROSS,     /* bytes redirected across namespaces */
 	BYPASS_STAT_COUNT,
 };
 

@@ -5,10 +5,10 @@
 #[allow(unused_imports)]
 mod common;
 
-use std::path::PathBuf;
 use std::process::{Child, Stdio};
 use std::time::Duration;
 
+use common::capture::Capture;
 use common::*;
 use nix::sys::signal::Signal;
 use proxy_redirect::sys::cgroup::ChildCgroup;
@@ -64,83 +64,12 @@ fn assert_redirected_bytes_skipped_lo(payload: u64, sent: u64, output: &str) {
     );
 }
 
-/// tcpdump on `lo` of a namespace, written to a file until stopped.
-struct Capture {
-    child: Child,
-    file: PathBuf,
-}
-
-impl Capture {
-    fn start(netns: &proxy_redirect::sys::netns::NetNs, dir: &TempDir) -> Capture {
-        let file = dir.join("lo.pcap");
-        let mut command = netns::command_in("tcpdump", Some(netns), None).unwrap();
-        let mut child = command
-            .args([
-                "-i",
-                "lo",
-                "-n",
-                "-U",
-                "--immediate-mode",
-                "-s",
-                "128",
-                "-w",
-            ])
-            .arg(&file)
-            .arg("tcp")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("tcpdump (apt-get install tcpdump)");
-        // tcpdump creates the file once the capture is open.
-        for _ in 0..100 {
-            if file.exists() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        if !file.exists() {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("tcpdump did not start");
-        }
-        std::thread::sleep(Duration::from_millis(200));
-        Capture { child, file }
-    }
-
-    /// Stops the capture; returns (SYN packets, TCP payload bytes, the
-    /// packets as text).
-    fn stop(mut self) -> (usize, u64, String) {
-        // Let the last packets reach the file before tcpdump stops.
-        std::thread::sleep(Duration::from_millis(500));
-        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
-        let _ = nix::sys::signal::kill(pid, Signal::SIGINT);
-        let _ = self.child.wait();
-        let mut command = std::process::Command::new("tcpdump");
-        command.args(["-n", "-r"]).arg(&self.file);
-        let out = run(command);
-        let text = String::from_utf8_lossy(&out.stdout);
-        let syns = text.lines().filter(|l| l.contains("Flags [S]")).count();
-        let payload = text
-            .lines()
-            .filter_map(|l| l.rsplit("length ").next()?.trim().parse::<u64>().ok())
-            .sum();
-        (syns, payload, text.into_owned())
-    }
-}
-
-impl Drop for Capture {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 #[test]
 fn echo_over_ipv4_ipv6_and_v4_mapped_takes_the_bypass_byte_for_byte() {
     let testbed = root_testbed!();
     let dir = TempDir::new();
     let bypasser = bypass(&testbed, &testbed.apps, &[]);
-    let capture = Capture::start(&testbed.client, &dir);
+    let capture = Capture::start(&testbed.client, "lo", &dir);
     let size = (24 * MIB).to_string();
     // (server address, client's destination): IPv4, IPv6, an IPv4 client
     // of a dual-stack server, and a dual-stack client to ::ffff:127.0.0.1.
@@ -470,7 +399,7 @@ fn one_instance_in_the_host_namespace_pairs_within_each_child_namespace() {
     let captures: Vec<Capture> = namespaces
         .iter()
         .zip(&dirs)
-        .map(|(ns, dir)| Capture::start(ns, dir))
+        .map(|(ns, dir)| Capture::start(ns, "lo", dir))
         .collect();
     let transfers: Vec<Child> = namespaces
         .iter()

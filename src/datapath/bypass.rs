@@ -12,7 +12,9 @@ use clap::Args;
 use libbpf_rs::skel::{OpenSkel, SkelBuilder};
 use libbpf_rs::MapCore;
 
-use crate::bpf::bypass::types::{bypass_event, bypass_side, bypass_stat, comm, endpoint, sock_key};
+use crate::bpf::bypass::types::{
+    bypass_control, bypass_event, bypass_side, bypass_stat, comm, endpoint, sock_key,
+};
 use crate::bpf::bypass::{BypassSkel, BypassSkelBuilder};
 use crate::bpf::maps;
 use crate::bpf::Endpoint as _;
@@ -75,6 +77,12 @@ pub struct BypassArgs {
         value_parser = parse_program_name
     )]
     pub splice_readers: Vec<String>,
+    /// Also pair sockets whose peer is in another network namespace of this
+    /// host (pods on a bridge): only when both ends prove to be one
+    /// connection, never by address. Such pairs skip netfilter and tc on
+    /// the veths after the handshake
+    #[arg(long)]
+    pub across_namespaces: bool,
     #[command(flatten)]
     pub output: OutputArgs,
 }
@@ -158,7 +166,11 @@ macro_rules! kept_maps {
             ("listeners", $($borrow)+ $maps.listeners),
             ("connectors", $($borrow)+ $maps.connectors),
             ("readers", $($borrow)+ $maps.readers),
-            ("stop_flag", $($borrow)+ $maps.stop_flag),
+            ("control", $($borrow)+ $maps.control),
+            ("paired", $($borrow)+ $maps.paired),
+            ("candidates", $($borrow)+ $maps.candidates),
+            ("peers", $($borrow)+ $maps.peers),
+            ("proofs", $($borrow)+ $maps.proofs),
             ("stats", $($borrow)+ $maps.stats),
         ]
     };
@@ -255,6 +267,11 @@ impl Bypass {
         }
         let ports = new.ports.as_ref().map_or(&[][..], |p| &p.0);
         maps::sync_set(&self.skel.maps.ports, ports)?;
+        set_control(
+            &self.skel,
+            bypass_control::CONTROL_ACROSS,
+            new.across_namespaces,
+        )?;
         // Names are only added: the map also holds the programs learned
         // splicing, and a socket of a splicer must never enter the bypass.
         for name in named_splice_readers(new) {
@@ -274,11 +291,13 @@ impl Datapath for Bypass {
         // The map holds the sk_msg program (released with the map when this
         // process exits); sockops comes second, so that no socket enters the
         // map before its messages can be redirected.
-        self.skel
-            .progs
-            .bypass_msg
-            .attach_sockmap(self.skel.maps.sockets.as_fd().as_raw_fd())
-            .context("attaching bypass_msg to the sockets map")?;
+        for map in [&self.skel.maps.sockets, &self.skel.maps.paired] {
+            self.skel
+                .progs
+                .bypass_msg
+                .attach_sockmap(map.as_fd().as_raw_fd())
+                .context("attaching bypass_msg to the sockets maps")?;
+        }
         self.readers = attach_readers(&self.skel, self.pins.as_ref())?;
         let cgroup = CgroupFd::open(&self.cgroup)?;
         let pin = self.pins.as_ref().map(|pins| pins.link(SOCKOPS_LINK));
@@ -301,7 +320,13 @@ impl Datapath for Bypass {
             Some(ports) => out!("  ports:             {ports}"),
             None => out!("  ports:             all"),
         }
-        out!("  peers:             sockets of the same network namespace");
+        match self.args.across_namespaces {
+            true => out!(
+                "  peers:             sockets of the same network namespace, and of other \
+                 namespaces of this host once both ends prove one connection"
+            ),
+            false => out!("  peers:             sockets of the same network namespace"),
+        }
         out!(
             "  splice readers:    {} (never bypassed)",
             splice_readers(&self.args).join(", ")
@@ -354,6 +379,7 @@ impl Datapath for Bypass {
             "name": self.name(),
             "cgroup": self.cgroup.display().to_string(),
             "ports": self.args.ports.as_ref().map_or("all".into(), PortList::to_string),
+            "across_namespaces": self.args.across_namespaces,
             "splice_readers": splice_readers(&self.args),
             "programs": programs,
         })
@@ -429,6 +455,11 @@ fn load<'obj>(
     for name in SPLICE_AWARE {
         maps::update(&skel.maps.splice_aware, &comm_key(name), &1u8)?;
     }
+    set_control(
+        &skel,
+        bypass_control::CONTROL_ACROSS,
+        args.across_namespaces,
+    )?;
     Ok(skel)
 }
 
@@ -440,9 +471,13 @@ fn load<'obj>(
 /// TCP, so nothing is lost or reordered. After SIGKILL the flag stays unset
 /// and connections already bypassed keep the bypass until they close.
 fn stop(skel: &mut BypassSkel<'_>) {
-    if let Err(err) = maps::update(&skel.maps.stop_flag, &0u32, &1u32) {
+    if let Err(err) = set_control(skel, bypass_control::CONTROL_STOPPING, true) {
         tracing::warn!("setting bypass's stop flag: {err:#}");
     }
+}
+
+fn set_control(skel: &BypassSkel<'_>, flag: bypass_control, on: bool) -> Result<()> {
+    maps::update(&skel.maps.control, &flag.0, &u32::from(on))
 }
 
 fn side_name(side: u8) -> &'static str {
@@ -591,6 +626,66 @@ fn snapshot(skel: &BypassSkel<'_>) -> Result<Snapshot> {
             bypass_stat::BYPASS_STAT_BYTES_PASSED,
         ),
         (
+            "across_waiting",
+            "across namespaces: first ends",
+            "Sockets whose peer is in another namespace, seen established first, waiting for the other end.",
+            bypass_stat::BYPASS_STAT_ACROSS_WAITING,
+        ),
+        (
+            "across_paired",
+            "across namespaces: pairs proven",
+            "Pairs of sockets in two namespaces of this host proven to be one connection.",
+            bypass_stat::BYPASS_STAT_ACROSS_PAIRED,
+        ),
+        (
+            "across_unproven",
+            "across namespaces: no other end here",
+            "First ends whose other end never proved itself (a remote peer, NAT on the way): left alone.",
+            bypass_stat::BYPASS_STAT_ACROSS_UNPROVEN,
+        ),
+        (
+            "across_mismatch",
+            "across namespaces: proofs that failed",
+            "Second ends whose sequence numbers did not mirror the first's: neither paired.",
+            bypass_stat::BYPASS_STAT_ACROSS_MISMATCH,
+        ),
+        (
+            "across_ambiguous",
+            "across namespaces: ambiguous connections",
+            "Sockets claiming a connection another socket claimed at the same time: none paired.",
+            bypass_stat::BYPASS_STAT_ACROSS_AMBIGUOUS,
+        ),
+        (
+            "repair_sockets",
+            "TCP_REPAIR sockets",
+            "Sockets in repair mode (checkpoint/restore), left out.",
+            bypass_stat::BYPASS_STAT_REPAIR,
+        ),
+        (
+            "ulp_sockets",
+            "sockets with a ULP",
+            "Sockets with an upper layer protocol (MPTCP subflows, kTLS), left out.",
+            bypass_stat::BYPASS_STAT_ULP,
+        ),
+        (
+            "messages_ulp",
+            "passed, socket got a ULP",
+            "Messages of sockets that got an upper layer protocol (kTLS) after insertion, passed.",
+            bypass_stat::BYPASS_STAT_MSG_ULP,
+        ),
+        (
+            "messages_across",
+            "messages redirected across namespaces",
+            "Messages moved straight to a peer socket in another namespace.",
+            bypass_stat::BYPASS_STAT_MSG_ACROSS,
+        ),
+        (
+            "bytes_across",
+            "bytes redirected across namespaces",
+            "Bytes moved straight to a peer socket in another namespace.",
+            bypass_stat::BYPASS_STAT_BYTES_ACROSS,
+        ),
+        (
             "events_lost",
             "events lost",
             "Events dropped because the ring buffer was full.",
@@ -602,8 +697,8 @@ fn snapshot(skel: &BypassSkel<'_>) -> Result<Snapshot> {
     snapshot.push(Metric::gauge(
         "sockets",
         "sockets in the map at exit",
-        "Sockets in the sockmap now.",
-        maps::count(&skel.maps.sockets)? as u64,
+        "Sockets in the sockmaps now.",
+        (maps::count(&skel.maps.sockets)? + maps::count(&skel.maps.paired)?) as u64,
     ));
     Ok(snapshot)
 }

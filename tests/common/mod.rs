@@ -3,6 +3,7 @@
 //! cgroup tree, a running `proxy-redirect` process, and small servers.
 #![allow(dead_code)]
 
+pub mod capture;
 pub mod foreign;
 pub mod gateway;
 pub mod kernel;

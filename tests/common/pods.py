@@ -1,0 +1,97 @@
+# The two ends of TCP connections between two pods (two processes, in two
+# network namespaces), every byte checked.
+#
+#   server HOST PORT [LINGER_MS]
+#       an echo server: each connection is echoed until its client
+#       half-closes; then the server waits LINGER_MS (in CLOSE_WAIT) before
+#       it closes. Prints "listening" when ready.
+#   client HOST PORT SIZE TAG [BIND_IP:BIND_PORT] [PACE_MS]
+#       sends SIZE bytes made from TAG in 64 KiB writes (PACE_MS apart),
+#       reads the echo meanwhile, and checks that it is exactly what it
+#       sent: a byte of another connection (another TAG) would show.
+#       Binds to BIND first when given (two pairs of pods with one 4-tuple).
+#       Prints "ok SIZE", or the first difference and exits 1.
+import random
+import select
+import socket
+import sys
+import threading
+import time
+
+CHUNK = 64 * 1024
+
+
+def recv(sock, size):
+    # A blocking recv on a socket in a sockmap may fail with EAGAIN (seen on
+    # 6.18): wait for data and read again.
+    while True:
+        try:
+            return sock.recv(size)
+        except BlockingIOError:
+            select.select([sock], [], [], 1)
+
+
+def family(host):
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+def serve(host, port, linger_ms):
+    listener = socket.socket(family(host))
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind((host, port))
+    listener.listen(64)
+
+    def echo(conn):
+        while True:
+            data = recv(conn, CHUNK)
+            if not data:
+                break
+            conn.sendall(data)
+        time.sleep(linger_ms / 1000)
+        conn.close()
+
+    print("listening", flush=True)
+    while True:
+        conn, _ = listener.accept()
+        threading.Thread(target=echo, args=(conn,), daemon=True).start()
+
+
+def client(host, port, size, tag, bind, pace_ms):
+    data = random.Random(tag).randbytes(size)
+    sock = socket.socket(family(host))
+    if bind:
+        ip, bind_port = bind.rsplit(":", 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((ip.strip("[]"), int(bind_port)))
+    sock.connect((host, port))
+    received = bytearray()
+
+    def read():
+        while True:
+            part = recv(sock, 1 << 20)
+            if not part:
+                return
+            received.extend(part)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    for offset in range(0, size, CHUNK):
+        sock.sendall(data[offset : offset + CHUNK])
+        if pace_ms:
+            time.sleep(pace_ms / 1000)
+    sock.shutdown(socket.SHUT_WR)
+    reader.join()
+    sock.close()
+    if bytes(received) != data:
+        first = next((i for i, (a, b) in enumerate(zip(received, data)) if a != b), len(received))
+        print("tag %s: %d bytes back of %d, first difference at %d" % (tag, len(received), size, first), flush=True)
+        sys.exit(1)
+    print("ok %d" % size, flush=True)
+
+
+if sys.argv[1] == "server":
+    serve(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]) if len(sys.argv) > 4 else 0)
+else:
+    bind = sys.argv[6] if len(sys.argv) > 6 and sys.argv[6] else None
+    pace = int(sys.argv[7]) if len(sys.argv) > 7 else 0
+    client(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5], bind, pace)
