@@ -123,6 +123,26 @@ struct {
 	__type(value, __u8);
 } splice_aware SEC(".maps");
 
+/* Readers known to read with recvmsg: programs (comm) seen reading the
+ * sockets they connected, and listening ports whose accepted sockets were
+ * read so. Their later sockets take the bypass from the first byte,
+ * without waiting for a first read over TCP (which a streaming writer may
+ * never let a reader catch up with). By port for accepted sockets: the
+ * program that listened is unknown when it did so before bypass started. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 1024);
+	__type(key, struct comm);
+	__type(value, __u8);
+} recv_readers SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct listener_key);
+	__type(value, __u8);
+} recv_listeners SEC(".maps");
+
 /* The program that called listen() on each listening port: the sockets
  * the port accepts belong to it. */
 struct {
@@ -428,20 +448,32 @@ static __always_inline void remember_program(struct bpf_sock_ops *skops)
 		*stored = comm;
 }
 
-static __always_inline int program_splices(struct bpf_sock_ops *skops, struct bpf_sock *sk,
-					   __u8 side)
+/* Whether a socket's reader is known to read with recvmsg (recv_readers). */
+static __always_inline int known_recv_reader(struct bpf_sock_ops *skops, struct comm *program,
+					     __u8 side)
 {
 	struct listener_key listener = {
 	    .netns = bpf_get_netns_cookie(skops),
 	    .port = (__u16)skops->local_port,
 	};
-	struct comm *comm;
 
 	if (side == SIDE_ACTIVE)
-		comm = bpf_sk_storage_get(&connectors, sk, 0, 0);
-	else
-		comm = bpf_map_lookup_elem(&listeners, &listener);
-	return comm && bpf_map_lookup_elem(&splicers, comm);
+		return program && bpf_map_lookup_elem(&recv_readers, program);
+	return bpf_map_lookup_elem(&recv_listeners, &listener) != 0;
+}
+
+/* The program a socket belongs to (see remember_program), if known. */
+static __always_inline struct comm *program_of(struct bpf_sock_ops *skops, struct bpf_sock *sk,
+					       __u8 side)
+{
+	struct listener_key listener = {
+	    .netns = bpf_get_netns_cookie(skops),
+	    .port = (__u16)skops->local_port,
+	};
+
+	if (side == SIDE_ACTIVE)
+		return bpf_sk_storage_get(&connectors, sk, 0, 0);
+	return bpf_map_lookup_elem(&listeners, &listener);
 }
 
 /**
@@ -452,12 +484,16 @@ static __always_inline int program_splices(struct bpf_sock_ops *skops, struct bp
  * Returns 0 or the insertion's -errno, counted either way.
  */
 static __always_inline long insert(struct bpf_sock_ops *skops, struct tcp_sock *tp,
-				   const struct sock_key *key, void *map, void *map_key, __u8 side)
+				   const struct sock_key *key, void *map, void *map_key, __u8 side,
+				   int known_reader)
 {
 	struct reader reader = {};
 	long err;
 
 	reader.copied_seq = tp->copied_seq;
+	/* A program known to read with recvmsg: its peer may redirect at once. */
+	reader.received = known_reader;
+	reader.side = side;
 	bpf_map_update_elem(&readers, key, &reader, BPF_ANY);
 	err = bpf_sock_hash_update(skops, map, map_key, BPF_ANY);
 	stat_add(&stats, err ? BYPASS_STAT_INSERT_FAILED : BYPASS_STAT_INSERTED, 1);
@@ -480,7 +516,8 @@ static __always_inline long insert(struct bpf_sock_ops *skops, struct tcp_sock *
  * second end tells the first by writing into its socket storage.
  */
 static __always_inline void pair_across(struct bpf_sock_ops *skops, struct bpf_sock *sk,
-					struct tcp_sock *tp, const struct sock_key *key, __u8 side)
+					struct tcp_sock *tp, const struct sock_key *key, __u8 side,
+					int known_reader)
 {
 	struct pair_candidate mine = {};
 	struct pair_candidate *found;
@@ -524,7 +561,7 @@ static __always_inline void pair_across(struct bpf_sock_ops *skops, struct bpf_s
 		peer->own_cookie = cookie;
 		peer->key = found->key;
 		peer->cookie = found->cookie;
-		if (insert(skops, tp, key, &paired, &cookie, side))
+		if (insert(skops, tp, key, &paired, &cookie, side, known_reader))
 			return;
 		proof.cookie = cookie;
 		proof.own_cookie = found->cookie;
@@ -550,7 +587,7 @@ static __always_inline void pair_across(struct bpf_sock_ops *skops, struct bpf_s
 		return;
 	}
 	peer = bpf_sk_storage_get(&peers, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
-	if (!peer || insert(skops, tp, key, &paired, &cookie, side)) {
+	if (!peer || insert(skops, tp, key, &paired, &cookie, side, known_reader)) {
 		bpf_map_delete_elem(&candidates, &pair);
 		return;
 	}
@@ -585,7 +622,9 @@ static __always_inline void established(struct bpf_sock_ops *skops, __u8 side)
 {
 	struct sock_key key = {};
 	struct bpf_sock *sk = skops->sk;
+	struct comm *program;
 	struct tcp_sock *tp;
+	int known_reader;
 	int local;
 
 	if (skops->family != ADDR_FAMILY_INET && skops->family != ADDR_FAMILY_INET6)
@@ -618,18 +657,22 @@ static __always_inline void established(struct bpf_sock_ops *skops, __u8 side)
 		stat_add(&stats, BYPASS_STAT_ULP, 1);
 		return;
 	}
-	if (program_splices(skops, sk, side)) {
+	program = program_of(skops, sk, side);
+	if (program && bpf_map_lookup_elem(&splicers, program)) {
 		stat_add(&stats, BYPASS_STAT_SPLICE_READER, 1);
 		return;
 	}
+	known_reader = known_recv_reader(skops, program, side);
 	if (stopping()) {
 		stat_add(&stats, BYPASS_STAT_STOPPING, 1);
 		return;
 	}
+	if (known_reader)
+		stat_add(&stats, BYPASS_STAT_KNOWN_READER, 1);
 	if (local)
-		insert(skops, tp, &key, &sockets, &key, side);
+		insert(skops, tp, &key, &sockets, &key, side, known_reader);
 	else
-		pair_across(skops, sk, tp, &key, side);
+		pair_across(skops, sk, tp, &key, side, known_reader);
 }
 
 SEC("sockops")
@@ -764,6 +807,40 @@ static __always_inline struct reader *reader_of(struct sock *sk)
 	return bpf_map_lookup_elem(&readers, &key);
 }
 
+/* The key of the listener that accepted a socket: its namespace and local
+ * port. */
+static __always_inline void listener_of(struct sock *sk, struct listener_key *listener)
+{
+	struct sock_common *common = &sk->__sk_common;
+
+	listener->netns = common->skc_net.net->net_cookie;
+	listener->port = common->skc_num;
+}
+
+/* The current task reads socket @sk of @side with recvmsg: the program
+ * that connected it, or the port that accepted it, reads so (unless it was
+ * seen splicing). */
+static __always_inline void learn_recv_reader(struct sock *sk, __u8 side)
+{
+	struct listener_key listener = {};
+	struct comm comm = {};
+	__u8 one = 1;
+
+	bpf_get_current_comm(comm.name, sizeof(comm.name));
+	if (bpf_map_lookup_elem(&splicers, &comm))
+		return;
+	if (side == SIDE_PASSIVE) {
+		listener_of(sk, &listener);
+		if (!bpf_map_lookup_elem(&recv_listeners, &listener) &&
+		    !bpf_map_update_elem(&recv_listeners, &listener, &one, BPF_NOEXIST))
+			stat_add(&stats, BYPASS_STAT_RECV_READERS_LEARNED, 1);
+		return;
+	}
+	if (!bpf_map_lookup_elem(&recv_readers, &comm) &&
+	    !bpf_map_update_elem(&recv_readers, &comm, &one, BPF_NOEXIST))
+		stat_add(&stats, BYPASS_STAT_RECV_READERS_LEARNED, 1);
+}
+
 /*
  * A recvmsg that returned data: publish how far the socket's reader has
  * read from TCP. Published when the call has returned, so a reader still
@@ -783,6 +860,8 @@ static __always_inline void received(struct sock *sk, int ret)
 	if (!reader || !tp)
 		return;
 	copied = tp->copied_seq;
+	if (!READ_ONCE(reader->received))
+		learn_recv_reader(sk, reader->side);
 	if (copied != READ_ONCE(reader->copied_seq) || !READ_ONCE(reader->received)) {
 		WRITE_ONCE(reader->copied_seq, copied);
 		WRITE_ONCE(reader->received, 1);
@@ -824,6 +903,7 @@ SEC("tp_btf/tcp_rcv_space_adjust")
 int bypass_tcp_read(__u64 *ctx)
 {
 	struct sock *sk = (struct sock *)ctx[0];
+	struct listener_key listener = {};
 	struct pt_regs *regs;
 	struct comm comm = {};
 	struct list_head *queue;
@@ -850,6 +930,12 @@ int bypass_tcp_read(__u64 *ctx)
 		return 0;
 	if (!bpf_map_update_elem(&splicers, &comm, &one, BPF_NOEXIST))
 		stat_add(&stats, BYPASS_STAT_SPLICERS_LEARNED, 1);
+	/* No longer a known recv reader, by name or by port. */
+	bpf_map_delete_elem(&recv_readers, &comm);
+	if (reader->side == SIDE_PASSIVE) {
+		listener_of(sk, &listener);
+		bpf_map_delete_elem(&recv_listeners, &listener);
+	}
 	user_data = (__u64)sk->sk_user_data;
 	queue = &((struct sk_psock *)(user_data & SK_USER_DATA_PTRMASK))->ingress_msg;
 	bpf_probe_read_kernel(&next, sizeof(next), &queue->next);

@@ -29,9 +29,10 @@ struct listener_key {
 /* How far a socket's reader has read, as its peer's sk_msg program sees it. */
 struct reader {
 	__u32 copied_seq; /* the socket's copied_seq at its last recvmsg */
-	__u8 received;	  /* its reader has taken bytes from TCP with recvmsg */
+	__u8 received;	  /* its reader reads with recvmsg (it did, or its kind does) */
 	__u8 spliced;	  /* its reader uses splice(2): never redirect to it */
-	__u8 pad[2];
+	__u8 side;	  /* the socket's, enum bypass_side */
+	__u8 pad;
 };
 
 /* A connection as its active (connecting) side sees it, in no namespace:
@@ -108,6 +109,9 @@ enum bypass_stat {
 	BYPASS_STAT_MSG_ULP,	      /* messages of a socket that got a ULP (kTLS) later: passed */
 	BYPASS_STAT_MSG_ACROSS,	      /* messages redirected across namespaces */
 	BYPASS_STAT_BYTES_ACROSS,     /* bytes redirected across namespaces */
+	BYPASS_STAT_RECV_READERS_LEARNED, /* programs seen reading a socket in the map with recvmsg
+					   */
+	BYPASS_STAT_KNOWN_READER, /* sockets of such programs: bypassed from the first byte */
 	BYPASS_STAT_COUNT,
 };
 

@@ -847,9 +847,15 @@ fn a_reader_behind_never_has_bytes_overtaken() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(stat(&output, "inserted"), 800, "{output}");
-    // Parts 1 and 2 waited for the reader, over TCP; part 3 of every
-    // connection took the bypass.
-    assert!(stat(&output, "passed, peer behind") >= 2 * 400, "{output}");
+    // In the first connections, parts 1 and 2 waited for the reader, over
+    // TCP, and part 3 took the bypass; once the server's port was seen
+    // reading with recv, later connections took it from the first byte.
+    // Either way every stream arrived in order.
+    assert!(stat(&output, "passed, peer behind") >= 2, "{output}");
+    assert!(
+        stat(&output, "sockets of known recv readers") > 0,
+        "{output}"
+    );
     assert!(
         stat(&output, "bytes redirected") >= 400 * (16384 - 9000),
         "{output}"

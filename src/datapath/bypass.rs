@@ -163,6 +163,8 @@ macro_rules! kept_maps {
         [
             ("sockets", $($borrow)+ $maps.sockets),
             ("splicers", $($borrow)+ $maps.splicers),
+            ("recv_readers", $($borrow)+ $maps.recv_readers),
+            ("recv_listeners", $($borrow)+ $maps.recv_listeners),
             ("listeners", $($borrow)+ $maps.listeners),
             ("connectors", $($borrow)+ $maps.connectors),
             ("readers", $($borrow)+ $maps.readers),
@@ -624,6 +626,18 @@ fn snapshot(skel: &BypassSkel<'_>) -> Result<Snapshot> {
             "bytes passed",
             "Bytes of inserted sockets sent the normal way.",
             bypass_stat::BYPASS_STAT_BYTES_PASSED,
+        ),
+        (
+            "recv_readers_learned",
+            "recv readers learned",
+            "Programs seen reading a socket in the map with recv: their later sockets take the bypass from the first byte.",
+            bypass_stat::BYPASS_STAT_RECV_READERS_LEARNED,
+        ),
+        (
+            "known_reader_sockets",
+            "sockets of known recv readers",
+            "Sockets of programs known to read with recv, redirected to from the first byte.",
+            bypass_stat::BYPASS_STAT_KNOWN_READER,
         ),
         (
             "across_waiting",

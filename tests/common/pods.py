@@ -1,10 +1,11 @@
 # The two ends of TCP connections between two pods (two processes, in two
 # network namespaces), every byte checked.
 #
-#   server HOST PORT [LINGER_MS]
+#   server HOST PORT [LINGER_MS] [READ_BYTES] [PAUSE_MS]
 #       an echo server: each connection is echoed until its client
 #       half-closes; then the server waits LINGER_MS (in CLOSE_WAIT) before
-#       it closes. Prints "listening" when ready.
+#       it closes. It reads READ_BYTES at a time (64 KiB), PAUSE_MS apart:
+#       a reader slower than its writer. Prints "listening" when ready.
 #   client HOST PORT SIZE TAG [BIND_IP:BIND_PORT] [PACE_MS]
 #       sends SIZE bytes made from TAG in 64 KiB writes (PACE_MS apart),
 #       reads the echo meanwhile, and checks that it is exactly what it
@@ -35,7 +36,7 @@ def family(host):
     return socket.AF_INET6 if ":" in host else socket.AF_INET
 
 
-def serve(host, port, linger_ms):
+def serve(host, port, linger_ms, read_bytes, pause_ms):
     listener = socket.socket(family(host))
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     listener.bind((host, port))
@@ -43,10 +44,12 @@ def serve(host, port, linger_ms):
 
     def echo(conn):
         while True:
-            data = recv(conn, CHUNK)
+            data = recv(conn, read_bytes)
             if not data:
                 break
             conn.sendall(data)
+            if pause_ms:
+                time.sleep(pause_ms / 1000)
         time.sleep(linger_ms / 1000)
         conn.close()
 
@@ -90,7 +93,8 @@ def client(host, port, size, tag, bind, pace_ms):
 
 
 if sys.argv[1] == "server":
-    serve(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]) if len(sys.argv) > 4 else 0)
+    numbers = [int(a) for a in sys.argv[4:]] + [0, CHUNK, 0][len(sys.argv) - 4 :]
+    serve(sys.argv[2], int(sys.argv[3]), *numbers[:3])
 else:
     bind = sys.argv[6] if len(sys.argv) > 6 and sys.argv[6] else None
     pace = int(sys.argv[7]) if len(sys.argv) > 7 else 0
