@@ -114,15 +114,61 @@ impl Node {
     /// A client in pod `index` echoing `size` bytes tagged `tag` through the
     /// server at `address`, from `bind` when given.
     fn client(&self, index: usize, address: &str, size: usize, tag: &str, bind: &str) -> Child {
+        self.client_after(index, address, size, tag, bind, 0)
+    }
+
+    /// `client`, writing only `delay_ms` after connect() returned.
+    fn client_after(
+        &self,
+        index: usize,
+        address: &str,
+        size: usize,
+        tag: &str,
+        bind: &str,
+        delay_ms: u64,
+    ) -> Child {
         let mut command =
             netns::command_in(PYTHON, Some(&self.pods[index]), Some(&self.pods_cgroup)).unwrap();
         command.args(["-c", PODS, "client", address, &SERVER_PORT.to_string()]);
-        command.args([&size.to_string(), tag, bind]);
+        command.args([&size.to_string(), tag, bind, "0", &delay_ms.to_string()]);
         command
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
             .spawn()
             .unwrap()
+    }
+}
+
+impl Node {
+    /// An echo server with Fast Open in pod `index` on its
+    /// address:SERVER_PORT.
+    fn serve_fast_open(&mut self, index: usize, address: &str) {
+        let script = format!(
+            "import socket, threading\n\
+             s = socket.socket()\n\
+             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
+             s.setsockopt(socket.IPPROTO_TCP, socket.TCP_FASTOPEN, 16)\n\
+             s.bind(('{address}', {SERVER_PORT})); s.listen(16)\n\
+             def echo(c):\n\
+             \x20   while True:\n\
+             \x20       try: d = c.recv(65536)\n\
+             \x20       except BlockingIOError: continue\n\
+             \x20       if not d: break\n\
+             \x20       c.sendall(d)\n\
+             \x20   c.close()\n\
+             print('listening', flush=True)\n\
+             while True:\n\
+             \x20   c, _ = s.accept(); threading.Thread(target=echo, args=(c,)).start()\n"
+        );
+        let args = ["-c".to_owned(), script];
+        let server = Running::start(
+            PYTHON,
+            &args,
+            Some(&self.pods[index]),
+            Some(&self.pods_cgroup),
+            "listening",
+        );
+        self.servers.push(server);
     }
 }
 
@@ -209,7 +255,6 @@ fn two_pairs_of_pods_with_one_tuple_never_exchange_a_byte() {
         std::thread::sleep(Duration::from_millis(400));
     }
     let (output, _) = bypasser.stop_ok();
-    println!("{output}");
     // The pairs made one at a time were proven; the ones made at once
     // with the same tuple may have been, or have poisoned each other.
     assert!(
@@ -273,4 +318,136 @@ fn a_streaming_echo_takes_the_bypass_from_the_first_byte_once_its_programs_are_k
     // the pair is complete: 90 % leaves room for both.
     assert!(redirected >= 0.9 * all, "{output}");
     assert!(across >= 0.9 * (2 * size) as f64, "{output}");
+}
+
+/// In pod a: Fast Open connections to the server (data in the SYN once the
+/// client holds a cookie), a connection through a DNAT rule, and a socket
+/// put into TCP_REPAIR (as a checkpoint restore does), each echoing and
+/// checking its bytes.
+const FALLBACKS: &str = r#"
+import random, select, socket, sys
+server, nat = sys.argv[1], sys.argv[2]
+data = random.Random(9).randbytes(1 << 20)
+
+def recv_all(c):
+    got = bytearray()
+    while True:
+        try:
+            part = c.recv(1 << 20)
+        except BlockingIOError:
+            select.select([c], [], [], 1)
+            continue
+        if not part:
+            return bytes(got)
+        got.extend(part)
+
+def echo(c, first=b""):
+    c.sendall(data[len(first):])
+    c.shutdown(socket.SHUT_WR)
+    got = recv_all(c)
+    c.close()
+    assert got == data, f"{len(got)} of {len(data)} bytes back"
+
+for i in range(4):
+    c = socket.socket()
+    c.sendto(data[:1000], socket.MSG_FASTOPEN, (server, 8080))
+    echo(c, data[:1000])
+c = socket.create_connection((nat, 80))
+echo(c)
+r = socket.socket()
+r.setsockopt(socket.IPPROTO_TCP, 19, 1)  # TCP_REPAIR
+r.connect((server, 8080))
+r.close()
+print("ok")
+"#;
+
+#[test]
+fn fast_open_dnat_and_repair_sockets_stay_on_tcp_and_are_counted() {
+    require_root!();
+    let mut node = Node::new(&["10.250.50.1", "10.250.50.2"], 2);
+    for pod in &node.pods {
+        let mut command = netns::command_in("sysctl", Some(pod), None).unwrap();
+        command.args(["-qw", "net.ipv4.tcp_fastopen=3"]);
+        assert!(run(command).status.success());
+    }
+    // A service address that the client's namespace translates.
+    let mut nat = netns::command_in("iptables", Some(&node.pods[0]), None).unwrap();
+    nat.args([
+        "-t",
+        "nat",
+        "-A",
+        "OUTPUT",
+        "-d",
+        "10.250.50.100",
+        "-p",
+        "tcp",
+    ]);
+    nat.args(["--dport", "80", "-j", "DNAT", "--to-destination"]);
+    nat.arg("10.250.50.2:8080");
+    assert!(run(nat).status.success());
+    node.serve_fast_open(1, "10.250.50.2");
+    let bypasser = node.bypass(&["--across-namespaces"]);
+    let mut client =
+        netns::command_in(PYTHON, Some(&node.pods[0]), Some(&node.pods_cgroup)).unwrap();
+    client.args(["-c", FALLBACKS, "10.250.50.2", "10.250.50.100"]);
+    let out = run(client);
+    let (output, _) = bypasser.stop_ok();
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("ok"),
+        "{out:?}\n{output}"
+    );
+    // Fast Open with a cookie: both ends saw data cross TCP first.
+    assert!(
+        summary_value(&output, "bypass", "data_before_insertion") >= 2,
+        "{output}"
+    );
+    // Behind DNAT the two ends name the connection differently: each
+    // waited for an end that never came, and left.
+    assert!(
+        summary_value(&output, "bypass", "across_unproven") >= 2,
+        "{output}"
+    );
+    assert!(
+        summary_value(&output, "bypass", "repair_sockets") >= 1,
+        "{output}"
+    );
+    assert_eq!(summary_value(&output, "bypass", "across_mismatch"), 0);
+}
+
+#[test]
+fn early_writes_to_a_late_reader_across_namespaces_keep_their_order() {
+    require_root!();
+    let node = Node::new(&["10.250.60.1", "10.250.60.2"], 2);
+    let args: Vec<String> = ["-c", PODS, "order-server", "10.250.60.2", "8080"]
+        .map(String::from)
+        .to_vec();
+    let mut server = Running::start(
+        PYTHON,
+        &args,
+        Some(&node.pods[1]),
+        Some(&node.pods_cgroup),
+        "listening",
+    );
+    let bypasser = node.bypass(&["--across-namespaces"]);
+    let mut client =
+        netns::command_in(PYTHON, Some(&node.pods[0]), Some(&node.pods_cgroup)).unwrap();
+    client.args(["-c", PODS, "order-client", "10.250.60.2", "8080", "100"]);
+    let out = run(client);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("ok"),
+        "{out:?}"
+    );
+    // The server's last checks finish after the clients' half-close.
+    std::thread::sleep(Duration::from_millis(500));
+    let (output, _) = bypasser.stop_ok();
+    let bad = server.wait_for_line(|l| l.starts_with("bad "), Duration::from_millis(200));
+    assert!(bad.is_none(), "a stream out of order: {bad:?}\n{output}");
+    assert!(
+        summary_value(&output, "bypass", "across_paired") >= 90,
+        "{output}"
+    );
+    assert!(
+        summary_value(&output, "bypass", "bytes_across") > 0,
+        "{output}"
+    );
 }
