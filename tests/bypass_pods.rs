@@ -451,3 +451,27 @@ fn early_writes_to_a_late_reader_across_namespaces_keep_their_order() {
         "{output}"
     );
 }
+
+#[test]
+fn across_namespaces_is_a_config_key_that_a_reload_turns_off() {
+    let _one = one_service_at_a_time();
+    require_root!();
+    let mut node = Node::new(&["10.250.70.1", "10.250.70.2"], 2);
+    node.serve(1, "10.250.70.2", 0);
+    let config = |across: bool| {
+        format!(
+            "[bypass]\ncgroup = \"{}\"\nacross-namespaces = {across}\n",
+            node.pods_cgroup.path().display()
+        )
+    };
+    let file = ConfigFile::new(&config(true));
+    let mut service = start_service(&file.path, &["--json"], None, None);
+    assert_echoed(node.client(0, "10.250.70.2", MIB, "on", ""), "on");
+    file.reload(&service, &config(false));
+    let reloaded = service.wait_for_line(|l| l == "Reloaded bypass", Duration::from_secs(20));
+    assert!(reloaded.is_some(), "{:?}", service.seen);
+    assert_echoed(node.client(0, "10.250.70.2", MIB, "off", ""), "off");
+    let (out, _) = service.stop_ok();
+    assert_eq!(summary_value(&out, "bypass", "across_paired"), 1, "{out}");
+    assert_eq!(summary_value(&out, "bypass", "peer_elsewhere"), 2, "{out}");
+}
