@@ -7,8 +7,13 @@
 //! each with the worker in a plain cgroup and in a cgroup where `bypass`
 //! runs. `bypass` runs in the host namespace, as on a host of containers:
 //! one instance for every namespace of the cgroup. Targets: 1 KiB RTT with
-//! bypass <= 0.6x plain loopback; bulk >= 1.5x. `BENCH_QUICK=1` runs a
-//! short smoke test.
+//! bypass <= 0.6x plain loopback; bulk >= 1.5x.
+//!
+//! Then the same between two pods (issue 24): client and server processes
+//! in two network namespaces joined by veths on a bridge, pinned to CPU 0
+//! and CPU 1, in a plain cgroup (the veth path) and in a cgroup where
+//! `bypass --across-namespaces` runs. Targets: 1 KiB RTT <= 0.7x the veth
+//! path; bulk >= 1.3x. `BENCH_QUICK=1` runs a short smoke test.
 
 #[path = "../common/mod.rs"]
 #[allow(unused_imports)]
@@ -36,6 +41,9 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     if let Some(i) = args.iter().position(|a| a == "bypass-worker") {
         return worker(&args[i + 1..]);
+    }
+    if let Some(i) = args.iter().position(|a| a == "pod-worker") {
+        return pod_worker(&args[i + 1..]);
     }
     let Some(quick) = report::start() else {
         return;
@@ -104,6 +112,153 @@ fn main() {
         stat(&output, "messages passed")
     );
     assert!(stat(&output, "bytes redirected") > 0, "{output}");
+    pods(&settings);
+}
+
+const POD_ARMS: [&str; 2] = ["pods over veth", "pods across namespaces"];
+const POD_SERVER: &str = "10.251.0.2:9500";
+
+/// The pod-to-pod part: two pods on a bridge, the pairs in a plain cgroup
+/// and in one of `bypass --across-namespaces`.
+fn pods(settings: &Settings) {
+    println!(
+        "\npods: {} rounds, arms interleaved; client in pod a on CPU 0, server in pod b \
+         on CPU 1, veths on a bridge in a node namespace; bypass --across-namespaces in the \
+         host namespace",
+        settings.rounds
+    );
+    let name = unique("prbench-pods");
+    let node = NetNs::create(&format!("{name}-n")).expect("netns");
+    node.ip(&["link", "add", "br0", "type", "bridge"]).unwrap();
+    node.ip(&["link", "set", "br0", "up"]).unwrap();
+    let pods: Vec<NetNs> = ["10.251.0.1", "10.251.0.2"]
+        .iter()
+        .enumerate()
+        .map(|(index, address)| {
+            let pod = NetNs::create(&format!("{name}-p{index}")).unwrap();
+            let port = format!("veth{index}");
+            netns::veth_pair(&pod, "eth0", &node, &port).unwrap();
+            node.ip(&["link", "set", &port, "master", "br0", "up"])
+                .unwrap();
+            pod.configure("eth0", &[&format!("{address}/24")]).unwrap();
+            pod
+        })
+        .collect();
+    let root = cgroup::cgroup2_mount().expect("cgroup2");
+    let parent = ChildCgroup::create(&root, &name).expect("cgroup");
+    let plain = ChildCgroup::create(parent.path(), "plain").unwrap();
+    let bypassed = ChildCgroup::create(parent.path(), "bypass").unwrap();
+    let cgroups = [&plain, &bypassed];
+    let bypasser = Running::start(
+        BIN,
+        &[
+            "bypass".into(),
+            "-c".into(),
+            bypassed.path().display().to_string(),
+            "--across-namespaces".into(),
+        ],
+        None,
+        None,
+        "Attached",
+    );
+    let size = 1024;
+    let mut p50 = vec![Vec::new(); POD_ARMS.len()];
+    let mut p99 = p50.clone();
+    let mut bulk = p50.clone();
+    for _ in 0..settings.rounds {
+        for (arm, cgroup) in cgroups.iter().enumerate() {
+            let args = [
+                "ping-pong".into(),
+                size.to_string(),
+                settings.round_trips.to_string(),
+            ];
+            let mut rtts: Vec<f64> = pod_pair(&pods, cgroup, &args)
+                .into_iter()
+                .map(|ns| ns / 1000.0)
+                .collect();
+            rtts.sort_by(|a, b| a.partial_cmp(b).unwrap());
+            p50[arm].push(percentile(&rtts, 0.50));
+            p99[arm].push(percentile(&rtts, 0.99));
+        }
+        for (arm, cgroup) in cgroups.iter().enumerate() {
+            let args = ["bulk".into(), settings.bulk_bytes.to_string()];
+            bulk[arm].push(pod_pair(&pods, cgroup, &args)[0]);
+        }
+    }
+    let (_, output, _) = bypasser.stop();
+    println!("\npods, round trip, {size} B messages (median over rounds):");
+    report::ratio_table("p50 us", &POD_ARMS, &mut p50, 1);
+    report::ratio_table("p99 us", &POD_ARMS, &mut p99, 1);
+    println!("\npods, bulk, {} MiB one way:", settings.bulk_bytes >> 20);
+    report::ratio_table("Gbit/s", &POD_ARMS, &mut bulk, 1);
+    println!(
+        "\nbypass counters: {} pairs proven across namespaces, {} bytes redirected across, \
+         {} messages passed",
+        stat(&output, "across namespaces: pairs proven"),
+        stat(&output, "bytes redirected across namespaces"),
+        stat(&output, "messages passed")
+    );
+    assert!(
+        stat(&output, "bytes redirected across namespaces") > 0,
+        "{output}"
+    );
+}
+
+/// One connection between the pods, the server in pod b, both in
+/// `cgroup`; the client's numbers (ping-pong) or the server's (bulk).
+fn pod_pair(pods: &[NetNs], cgroup: &ChildCgroup, args: &[String]) -> Vec<f64> {
+    let exe = std::env::current_exe().unwrap();
+    let mut server_args = vec!["pod-worker".to_owned(), "server".into(), POD_SERVER.into()];
+    server_args.extend(args.iter().cloned());
+    let server = Running::start(
+        exe.to_str().unwrap(),
+        &server_args,
+        Some(&pods[1]),
+        Some(cgroup),
+        "listening",
+    );
+    let mut command =
+        netns::command_in(exe.to_str().unwrap(), Some(&pods[0]), Some(cgroup)).unwrap();
+    command
+        .args(["pod-worker", "client", POD_SERVER])
+        .args(args);
+    let out = run(command);
+    assert!(
+        out.status.success(),
+        "pod client {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (_, server_out, _) = server.wait(Duration::from_secs(120));
+    let numbers = match args[0].as_str() {
+        "bulk" => server_out,
+        _ => String::from_utf8_lossy(&out.stdout).into_owned(),
+    };
+    numbers
+        .split_whitespace()
+        .filter_map(|n| n.parse().ok())
+        .collect()
+}
+
+/// A pod's end: `server ADDR MODE SIZE [COUNT]` on CPU 1, `client ADDR MODE
+/// SIZE [COUNT]` on CPU 0; ping-pong round trips in ns (client) or the bulk
+/// rate in Gbit/s (server).
+fn pod_worker(args: &[String]) {
+    let (side, addr, mode) = (args[0].as_str(), args[1].as_str(), args[2].as_str());
+    let numbers: Vec<usize> = args[3..].iter().map(|a| a.parse().unwrap()).collect();
+    if side == "server" {
+        pin(1);
+        let listener = TcpListener::bind(addr).unwrap();
+        println!("listening");
+        let (conn, _) = listener.accept().unwrap();
+        let rate = serve_connection(conn, mode == "bulk", numbers[0]);
+        if mode == "bulk" {
+            println!("{rate}");
+        }
+        return;
+    }
+    pin(0);
+    let client = TcpStream::connect(addr).unwrap();
+    drive_connection(client, mode, &numbers);
 }
 
 fn percentile(sorted: &[f64], q: f64) -> f64 {
@@ -163,31 +318,48 @@ fn worker(args: &[String]) {
     let bulk = mode == "bulk";
     let server = std::thread::spawn(move || {
         pin(1);
-        let (mut conn, _) = listener.accept().unwrap();
-        conn.set_nodelay(true).unwrap();
-        if bulk {
-            let mut buffer = vec![0u8; 256 * 1024];
-            let mut received = 0usize;
-            let mut start = None;
-            loop {
-                let n = conn.read(&mut buffer).unwrap();
-                start.get_or_insert_with(Instant::now);
-                if n == 0 {
-                    break;
-                }
-                received += n;
-            }
-            let seconds = start.unwrap().elapsed().as_secs_f64();
-            return received as f64 * 8.0 / seconds / 1e9;
-        }
-        let mut buffer = vec![0u8; size];
-        while conn.read_exact(&mut buffer).is_ok() {
-            conn.write_all(&buffer).unwrap();
-        }
-        0.0
+        let (conn, _) = listener.accept().unwrap();
+        serve_connection(conn, bulk, size)
     });
     pin(0);
-    let mut client = TcpStream::connect(addr).unwrap();
+    let client = TcpStream::connect(addr).unwrap();
+    drive_connection(client, mode, &numbers);
+    let rate = server.join().unwrap();
+    if bulk {
+        println!("{rate}");
+    }
+}
+
+/// The server's end of one connection: echoes `size`-byte messages, or
+/// (`bulk`) reads to the end and returns the rate in Gbit/s.
+fn serve_connection(mut conn: TcpStream, bulk: bool, size: usize) -> f64 {
+    conn.set_nodelay(true).unwrap();
+    if bulk {
+        let mut buffer = vec![0u8; 256 * 1024];
+        let mut received = 0usize;
+        let mut start = None;
+        loop {
+            let n = conn.read(&mut buffer).unwrap();
+            start.get_or_insert_with(Instant::now);
+            if n == 0 {
+                break;
+            }
+            received += n;
+        }
+        let seconds = start.unwrap().elapsed().as_secs_f64();
+        return received as f64 * 8.0 / seconds / 1e9;
+    }
+    let mut buffer = vec![0u8; size];
+    while conn.read_exact(&mut buffer).is_ok() {
+        conn.write_all(&buffer).unwrap();
+    }
+    0.0
+}
+
+/// The client's end: `ping-pong SIZE COUNT` prints each round trip in ns;
+/// `bulk BYTES` sends them and half-closes.
+fn drive_connection(mut client: TcpStream, mode: &str, numbers: &[usize]) {
+    let size = numbers[0];
     client.set_nodelay(true).unwrap();
     // Let both ends reach the map before measuring (or not, without bypass).
     std::thread::sleep(Duration::from_millis(10));
@@ -205,8 +377,6 @@ fn worker(args: &[String]) {
                     out.push_str(&format!("{} ", start.elapsed().as_nanos()));
                 }
             }
-            drop(client);
-            server.join().unwrap();
             println!("{out}");
         }
         "bulk" => {
@@ -219,7 +389,8 @@ fn worker(args: &[String]) {
                 sent += n;
             }
             client.shutdown(std::net::Shutdown::Write).unwrap();
-            println!("{}", server.join().unwrap());
+            // Until the server has read everything.
+            let _ = client.read(&mut [0u8; 1]);
         }
         other => panic!("unknown worker mode {other}"),
     }
