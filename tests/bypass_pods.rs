@@ -475,3 +475,35 @@ fn across_namespaces_is_a_config_key_that_a_reload_turns_off() {
     assert_eq!(summary_value(&out, "bypass", "across_paired"), 1, "{out}");
     assert_eq!(summary_value(&out, "bypass", "peer_elsewhere"), 2, "{out}");
 }
+
+#[test]
+fn stopping_or_killing_bypass_mid_transfer_loses_nothing_across_namespaces() {
+    require_root!();
+    let mut node = Node::new(&["10.250.80.1", "10.250.80.2"], 2);
+    node.serve(1, "10.250.80.2", 0);
+    for signal in [
+        nix::sys::signal::Signal::SIGINT,
+        nix::sys::signal::Signal::SIGKILL,
+    ] {
+        let bypasser = node.bypass(&["--across-namespaces"]);
+        // 32 MiB each way, 64 KiB every 5 ms: about a second.
+        let mut command =
+            netns::command_in(PYTHON, Some(&node.pods[0]), Some(&node.pods_cgroup)).unwrap();
+        command.args(["-c", PODS, "client", "10.250.80.2", "8080"]);
+        command.args([&(32 * MIB).to_string(), &format!("{signal}"), "", "5"]);
+        let client = command
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(400));
+        match signal {
+            nix::sys::signal::Signal::SIGKILL => bypasser.kill(),
+            _ => {
+                let (out, _) = bypasser.stop_ok();
+                assert!(summary_value(&out, "bypass", "bytes_across") > 0, "{out}");
+            }
+        }
+        assert_echoed(client, &format!("bypass stopped by {signal} mid-transfer"));
+    }
+}
