@@ -390,7 +390,7 @@ static __always_inline int port_allowed(const struct sock_key *key)
 }
 
 static __always_inline void emit(struct bpf_sock_ops *skops, const struct sock_key *key, __u8 side,
-				 int error)
+				 int error, __u8 across)
 {
 	struct bypass_event *event;
 
@@ -405,6 +405,7 @@ static __always_inline void emit(struct bpf_sock_ops *skops, const struct sock_k
 	event->cookie = bpf_get_socket_cookie(skops);
 	event->error = error;
 	event->side = side;
+	event->across = across;
 	__builtin_memset(event->pad, 0, sizeof(event->pad));
 	event->key = *key;
 	bpf_ringbuf_submit(event, 0);
@@ -501,7 +502,7 @@ static __always_inline long insert(struct bpf_sock_ops *skops, struct tcp_sock *
 	 * holds it, and it stays on TCP with theirs. */
 	if (err == -EBUSY)
 		stat_add(&stats, BYPASS_STAT_HELD_ELSEWHERE, 1);
-	emit(skops, key, side, err);
+	emit(skops, key, side, err, map == (void *)&paired);
 	return err;
 }
 

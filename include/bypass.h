@@ -121,7 +121,8 @@ struct bypass_event {
 	__u64 cookie;
 	__s32 error; /* 0: inserted; else -errno of the insertion */
 	__u8 side;   /* enum bypass_side */
-	__u8 pad[3];
+	__u8 across; /* into `paired`: its peer is in another namespace */
+	__u8 pad[2];
 	struct sock_key key;
 };
 

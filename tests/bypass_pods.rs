@@ -210,6 +210,9 @@ fn pods_on_a_bridge_are_paired_across_namespaces_only_when_asked() {
         "{output}"
     );
     assert_eq!(summary_value(&output, "bypass", "inserted"), 2, "{output}");
+    let events = json_events(&output);
+    let across_events = events.iter().filter(|e| e["across"] == true).count();
+    assert_eq!(across_events, 2, "{events:?}");
     let across = summary_value(&output, "bypass", "bytes_across");
     let passed = summary_value(&output, "bypass", "bytes_passed");
     assert_eq!(across + passed, 2 * 32 * MIB as u64, "{output}");

@@ -496,7 +496,13 @@ fn print_event(event: &bypass_event, format: EventFormat, start_ns: u64) {
     let remote = event.key.remote.addr();
     let side = side_name(event.side);
     let error = (event.error != 0).then(|| std::io::Error::from_raw_os_error(-event.error));
-    let action = if error.is_some() { "FAILED" } else { "INSERT" };
+    let across = event.across != 0;
+    let action = match (error.is_some(), across) {
+        (true, _) => "FAILED",
+        (false, false) => "INSERT",
+        // Into the map of pairs across namespaces, as a first end or paired.
+        (false, true) => "ACROSS",
+    };
     match format {
         EventFormat::Off => {}
         EventFormat::Text => {
@@ -513,8 +519,9 @@ fn print_event(event: &bypass_event, format: EventFormat, start_ns: u64) {
         EventFormat::Json => {
             let record = serde_json::json!({
                 "time": seconds,
-                "action": action.to_lowercase(),
+                "action": if error.is_some() { "failed" } else { "insert" },
                 "side": side,
+                "across": across,
                 "cookie": event.cookie,
                 "netns": event.key.netns,
                 "local": local.to_string(),
