@@ -101,9 +101,15 @@ impl Node {
         ]
         .map(String::from)
         .to_vec();
+        self.start_server(index, &args);
+    }
+
+    /// Python with `args` in pod `index`, as a server ready once it prints
+    /// "listening".
+    fn start_server(&mut self, index: usize, args: &[String]) {
         let server = Running::start(
             PYTHON,
-            &args,
+            args,
             Some(&self.pods[index]),
             Some(&self.pods_cgroup),
             "listening",
@@ -161,14 +167,7 @@ impl Node {
              \x20   c, _ = s.accept(); threading.Thread(target=echo, args=(c,)).start()\n"
         );
         let args = ["-c".to_owned(), script];
-        let server = Running::start(
-            PYTHON,
-            &args,
-            Some(&self.pods[index]),
-            Some(&self.pods_cgroup),
-            "listening",
-        );
-        self.servers.push(server);
+        self.start_server(index, &args);
     }
 }
 

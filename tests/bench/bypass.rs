@@ -61,22 +61,8 @@ fn main() {
 
     let name = unique("prbench-bypass");
     let netns = NetNs::create(&name).expect("netns");
-    let root = cgroup::cgroup2_mount().expect("cgroup2");
-    let parent = ChildCgroup::create(&root, &name).expect("cgroup");
-    let plain = ChildCgroup::create(parent.path(), "plain").unwrap();
-    let bypassed = ChildCgroup::create(parent.path(), "bypass").unwrap();
-    let cgroups = [&plain, &bypassed];
-    let bypasser = Running::start(
-        BIN,
-        &[
-            "bypass".into(),
-            "-c".into(),
-            bypassed.path().display().to_string(),
-        ],
-        None,
-        None,
-        "Attached",
-    );
+    let arms = Arms::new(&name, &[]);
+    let cgroups = [&arms.plain, &arms.bypassed];
 
     // [size][arm] -> one p50 / p99 per round; [arm] -> one rate per round.
     let mut p50 = vec![vec![Vec::new(); ARMS.len()]; SIZES.len()];
@@ -95,7 +81,7 @@ fn main() {
             bulk[arm].push(bulk_gbits(&netns, cgroup, settings.bulk_bytes));
         }
     }
-    let (_, output, _) = bypasser.stop();
+    let (_, output, _) = arms.bypasser.stop();
 
     for (s, size) in SIZES.iter().enumerate() {
         println!("\nround trip, {size} B messages (median over rounds):");
@@ -144,23 +130,8 @@ fn pods(settings: &Settings) {
             pod
         })
         .collect();
-    let root = cgroup::cgroup2_mount().expect("cgroup2");
-    let parent = ChildCgroup::create(&root, &name).expect("cgroup");
-    let plain = ChildCgroup::create(parent.path(), "plain").unwrap();
-    let bypassed = ChildCgroup::create(parent.path(), "bypass").unwrap();
-    let cgroups = [&plain, &bypassed];
-    let bypasser = Running::start(
-        BIN,
-        &[
-            "bypass".into(),
-            "-c".into(),
-            bypassed.path().display().to_string(),
-            "--across-namespaces".into(),
-        ],
-        None,
-        None,
-        "Attached",
-    );
+    let arms = Arms::new(&name, &["--across-namespaces"]);
+    let cgroups = [&arms.plain, &arms.bypassed];
     let size = 1024;
     let mut p50 = vec![Vec::new(); POD_ARMS.len()];
     let mut p99 = p50.clone();
@@ -185,7 +156,7 @@ fn pods(settings: &Settings) {
             bulk[arm].push(pod_pair(&pods, cgroup, &args)[0]);
         }
     }
-    let (_, output, _) = bypasser.stop();
+    let (_, output, _) = arms.bypasser.stop();
     println!("\npods, round trip, {size} B messages (median over rounds):");
     report::ratio_table("p50 us", &POD_ARMS, &mut p50, 1);
     report::ratio_table("p99 us", &POD_ARMS, &mut p99, 1);
@@ -259,6 +230,35 @@ fn pod_worker(args: &[String]) {
     pin(0);
     let client = TcpStream::connect(addr).unwrap();
     drive_connection(client, mode, &numbers);
+}
+
+/// The two arms' cgroups, a plain one and one where `bypass EXTRA` runs
+/// (in the host namespace).
+struct Arms {
+    // Field order is drop order: bypass before its cgroups.
+    bypasser: Running,
+    plain: ChildCgroup,
+    bypassed: ChildCgroup,
+    _parent: ChildCgroup,
+}
+
+impl Arms {
+    fn new(name: &str, extra: &[&str]) -> Arms {
+        let root = cgroup::cgroup2_mount().expect("cgroup2");
+        let parent = ChildCgroup::create(&root, name).expect("cgroup");
+        let plain = ChildCgroup::create(parent.path(), "plain").unwrap();
+        let bypassed = ChildCgroup::create(parent.path(), "bypass").unwrap();
+        let mut args: Vec<String> = ["bypass", "-c"].map(String::from).to_vec();
+        args.push(bypassed.path().display().to_string());
+        args.extend(extra.iter().map(|a| a.to_string()));
+        let bypasser = Running::start(BIN, &args, None, None, "Attached");
+        Arms {
+            bypasser,
+            plain,
+            bypassed,
+            _parent: parent,
+        }
+    }
 }
 
 fn percentile(sorted: &[f64], q: f64) -> f64 {
