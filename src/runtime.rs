@@ -140,6 +140,11 @@ pub trait Datapath {
     /// file dropped it): detach the programs now, keeping the relays,
     /// which drain.
     fn detach(&mut self) {}
+    /// A successor that swapped its programs into this datapath's links
+    /// failed before it served: put this process's programs back.
+    fn reclaim(&mut self) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// A relay that holds clients' connections (the built-in proxies), as a

@@ -1309,3 +1309,81 @@ fn a_crash_mid_traffic_leaves_the_kernel_datapaths_working_and_a_restart_adopts_
     assert!(!bpffs.pin_dir().exists());
     assert_eq!(host.gw.snapshot(), before, "the gateway was not restored");
 }
+
+#[test]
+fn a_successor_that_fails_after_taking_the_sockets_gives_back_links_and_sockets() {
+    let _one = one_service_at_a_time();
+    let testbed = root_testbed!();
+    let bpffs = private_bpffs();
+    let _web = servers::http(&testbed.server, "[::]:80").unwrap();
+    let _dns = servers::udp_echo(&testbed.server, &format!("{SERVER_V4}:53")).unwrap();
+    let _nat_web = servers::http(&testbed.client, "[::]:18080").unwrap();
+    let file = ConfigFile::new(&format!(
+        "{}udp-ports = [53]\n{CONFIG}",
+        redirect_config(&testbed, 15001, 0x5052)
+    ));
+    let pin_dir = bpffs.pin_dir().display().to_string();
+    // Its successor (which inherits the variable) fails at port-nat's
+    // attach: after it took the sockets and swapped its programs into
+    // redirect's links.
+    let mut args = vec!["run".to_owned(), "--config".into()];
+    args.push(file.path.display().to_string());
+    args.extend(["--pin-dir".to_owned(), pin_dir]);
+    let mut service = Running::start_env(
+        BIN,
+        &args,
+        Some(&testbed.client),
+        Some(&testbed.proxy),
+        "Service running",
+        &[("PROXY_REDIRECT_TEST_FAIL_TAKE_OVER", "port-nat veth-c")],
+    );
+    let links = bpffs.pin_dir().join("redirect");
+    let before = pinned_links_under(bpffs.pin_dir().as_path());
+    let url = format!("http://{SERVER_V4}/");
+    let udp_exchange = || {
+        let mut command = testbed.in_apps(PYTHON);
+        command.args([
+            "-c",
+            "import socket,sys; s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM); \
+             s.settimeout(3); s.sendto(b'ping',(sys.argv[1],53)); \
+             print(s.recvfrom(100)[0].decode())",
+            SERVER_V4,
+        ]);
+        String::from_utf8_lossy(&run(command).stdout).trim() == "ping"
+    };
+    curl_ok(testbed.in_apps("curl"), &url);
+    assert!(udp_exchange());
+
+    service.signal(Signal::SIGUSR2);
+    let failed = service.wait_for_line(|l| l.starts_with("Took over"), Duration::from_secs(120));
+    assert!(failed.is_some(), "{:?}", service.seen);
+    // The old process is back: its programs in the same links (the UDP
+    // relay's slots answer only the process the programs name), its
+    // listeners and relays serving, its pins in place.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while pinned_links_under(bpffs.pin_dir().as_path()) != before {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the links did not get the old programs back"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    curl_ok(testbed.in_apps("curl"), &url);
+    assert!(udp_exchange(), "UDP after the failed hand-over");
+    assert!(links.exists());
+    let (out, err) = service.stop_ok();
+    assert!(
+        err.contains("failed: ") && err.contains("this service goes on"),
+        "{err}"
+    );
+    assert!(
+        err.contains("failing the take-over at port-nat veth-c on purpose"),
+        "{err}"
+    );
+    assert!(out.contains("Cleaned up"), "{out}");
+    assert!(
+        !bpffs.pin_dir().exists(),
+        "{:?}\n{err}",
+        pins::pinned_datapaths(&bpffs.pin_dir())
+    );
+}

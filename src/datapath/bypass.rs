@@ -219,6 +219,19 @@ pub struct Bypass {
 }
 
 impl Bypass {
+    /// The sk_msg program on both sockets maps (which hold it; a later one
+    /// replaces it there).
+    fn attach_msg(&self) -> Result<()> {
+        for map in [&self.skel.maps.sockets, &self.skel.maps.paired] {
+            self.skel
+                .progs
+                .bypass_msg
+                .attach_sockmap(map.as_fd().as_raw_fd())
+                .context("attaching bypass_msg to the sockets maps")?;
+        }
+        Ok(())
+    }
+
     pub fn prepare(args: &BypassArgs, ctx: &RunContext) -> Result<Bypass> {
         let cgroup = cgroup::resolve(args.cgroup.as_deref())?;
         privileges::require_bpf_and_perfmon("bypass")?;
@@ -293,13 +306,7 @@ impl Datapath for Bypass {
         // The map holds the sk_msg program (released with the map when this
         // process exits); sockops comes second, so that no socket enters the
         // map before its messages can be redirected.
-        for map in [&self.skel.maps.sockets, &self.skel.maps.paired] {
-            self.skel
-                .progs
-                .bypass_msg
-                .attach_sockmap(map.as_fd().as_raw_fd())
-                .context("attaching bypass_msg to the sockets maps")?;
-        }
+        self.attach_msg()?;
         self.readers = attach_readers(&self.skel, self.pins.as_ref())?;
         let cgroup = CgroupFd::open(&self.cgroup)?;
         let pin = self.pins.as_ref().map(|pins| pins.link(SOCKOPS_LINK));
@@ -414,6 +421,13 @@ impl Datapath for Bypass {
         stop(&mut self.skel);
         self.attachments = Attachments::default();
         self.readers.clear();
+    }
+
+    /// The successor also put its sk_msg program on the maps and pinned
+    /// its tracing links in place of ours (which run on beside them).
+    fn reclaim(&mut self) -> Result<()> {
+        self.attach_msg()?;
+        self.attachments.reclaim()
     }
 
     fn print_statistics(&self) -> Result<()> {

@@ -480,6 +480,13 @@ impl Datapath for PortNat {
         self.tc = None;
     }
 
+    fn reclaim(&mut self) -> Result<()> {
+        match &mut self.tc {
+            Some(tc) => tc.reclaim(),
+            None => Ok(()),
+        }
+    }
+
     fn tick(&mut self, ctx: &RunContext) {
         let (skel, args, pins) = (&mut self.skel, &self.args, &mut self.pins);
         interface_watch::follow(

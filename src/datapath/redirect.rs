@@ -484,6 +484,10 @@ impl Datapath for Redirect {
         self.attachments = Attachments::default();
     }
 
+    fn reclaim(&mut self) -> Result<()> {
+        self.attachments.reclaim()
+    }
+
     fn relays(&mut self) -> Vec<&mut dyn Relay> {
         let mut relays: Vec<&mut dyn Relay> = Vec::new();
         if let Some(proxy) = &mut self.proxy {

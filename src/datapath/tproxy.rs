@@ -534,6 +534,13 @@ impl Datapath for Tproxy {
         self.routes = None;
     }
 
+    fn reclaim(&mut self) -> Result<()> {
+        if let Some(tc) = &mut self.tc {
+            tc.reclaim()?;
+        }
+        self.attachments.reclaim()
+    }
+
     fn bequeath(&self, bequest: &mut Bequest) -> Result<()> {
         let lock = &self.lock;
         bequest.give(

@@ -217,7 +217,11 @@ impl Service {
             Err(err) => {
                 self.fail(format!("The hand-over to pid {pid} failed: {err:#}"));
                 for datapath in datapaths.iter_mut() {
-                    for relay in datapath.datapath_mut().relays() {
+                    let datapath = datapath.datapath_mut();
+                    if let Err(err) = datapath.reclaim() {
+                        err_out!("Taking back the links of {}: {err:#}", datapath.name());
+                    }
+                    for relay in datapath.relays() {
                         if let Err(err) = relay.resume() {
                             err_out!("Resuming a relay: {err:#}");
                         }

@@ -173,6 +173,14 @@ fn run_service(source: &dyn Source<Settings>, args: &RunArgs) -> Result<()> {
     shutdown::reload_on_hangup();
     shutdown::upgrade_on_usr2()?;
     let mut datapaths = Vec::new();
+    // Until it serves, a process that takes over owns no pin: if it fails,
+    // they stay with the service it was taking over from.
+    // Made only when taking over: a value made and dropped at once would
+    // keep the pins of a plain start too.
+    let not_yet_ours = match taking_over {
+        true => Some(NotYetOurs),
+        false => None,
+    };
     for each in &settings {
         datapaths.push(each.prepare(&ctx)?);
     }
@@ -180,7 +188,14 @@ fn run_service(source: &dyn Source<Settings>, args: &RunArgs) -> Result<()> {
         predecessor.commit(&ctx)?;
     }
     for datapath in &mut datapaths {
-        datapath.datapath_mut().attach(&ctx)?;
+        let datapath = datapath.datapath_mut();
+        if taking_over && std::env::var(FAIL_TAKE_OVER).is_ok_and(|name| name == datapath.name()) {
+            bail!(
+                "failing the take-over at {} on purpose ({FAIL_TAKE_OVER})",
+                datapath.name()
+            );
+        }
+        datapath.attach(&ctx)?;
     }
     // What this configuration does not use (a port that changed) closes.
     ctx.inheritance = Default::default();
@@ -190,6 +205,7 @@ fn run_service(source: &dyn Source<Settings>, args: &RunArgs) -> Result<()> {
         status.take_place()?;
         handover.take_place()?;
     }
+    std::mem::forget(not_yet_ours);
     if let Some(root) = &ctx.pins {
         for removed in root.remove_others(&names) {
             out!("Removed the pinned {removed}, which the configuration no longer has");
@@ -224,6 +240,21 @@ fn run_service(source: &dyn Source<Settings>, args: &RunArgs) -> Result<()> {
         }
     }
     finish(&ctx, datapaths, Some(handed_over.pid))
+}
+
+/// Fault injection for the tests: a process taking over fails at the
+/// attach of the datapath this variable names, after the predecessor let
+/// go of its sockets (the path a real failure there takes).
+const FAIL_TAKE_OVER: &str = "PROXY_REDIRECT_TEST_FAIL_TAKE_OVER";
+
+/// Dropped before the process serves (an error): the pins are left to the
+/// service it was taking over from.
+struct NotYetOurs;
+
+impl Drop for NotYetOurs {
+    fn drop(&mut self) {
+        pins::keep_for_next_start();
+    }
 }
 
 /// Prints the statistics and detaches; `successor`: the pid of the

@@ -247,6 +247,9 @@ pub struct Attachments {
     clsact_filters: Vec<ClsactFilter>,
     /// What is attached where, for `proxy-redirect status`.
     attached: Vec<Attached>,
+    /// Each link (a descriptor that `links` or `link_fds` owns) with the
+    /// program this process put in it, to put back (`reclaim`).
+    programs: Vec<(std::os::fd::RawFd, OwnedFd)>,
 }
 
 #[derive(Debug, Clone)]
@@ -317,8 +320,41 @@ impl Attachments {
             .attach_cgroup(cgroup.raw_fd())
             .with_context(|| format!("attaching {name} to cgroup {}", cgroup.path.display()))?;
         repin(link.as_fd(), pin)?;
+        self.remember(link.as_fd().as_raw_fd(), program)?;
         self.links.push(link);
         self.record(program, target);
+        Ok(())
+    }
+
+    /// Notes which program this process put into the link `link`.
+    fn remember(&mut self, link: std::os::fd::RawFd, program: &ProgramMut) -> Result<()> {
+        let program = program
+            .as_fd()
+            .try_clone_to_owned()
+            .context("duplicating a program descriptor")?;
+        self.programs.push((link, program));
+        Ok(())
+    }
+
+    /// Puts this process's programs back into its links, after a successor
+    /// that swapped its own in failed (BPF_LINK_UPDATE again), and its
+    /// clsact filters back in place of the successor's.
+    pub fn reclaim(&mut self) -> Result<()> {
+        for (link, program) in &self.programs {
+            // SAFETY: descriptors this value owns, no options.
+            let ret = unsafe {
+                libbpf_sys::bpf_link_update(*link, program.as_raw_fd(), std::ptr::null())
+            };
+            if ret != 0 {
+                return Err(std::io::Error::from_raw_os_error(-ret)).context("taking a link back");
+            }
+        }
+        for filter in &mut self.clsact_filters {
+            filter
+                .hook
+                .attach()
+                .context("taking a clsact filter back")?;
+        }
         Ok(())
     }
 
@@ -337,6 +373,9 @@ impl Attachments {
         };
         match adopt_link(program, pin, on_our_hook) {
             Ok(Some(fd)) => {
+                if let Err(err) = self.remember(fd.as_raw_fd(), program) {
+                    tracing::warn!("{err:#}");
+                }
                 self.link_fds.push(fd);
                 self.record(program, target);
                 true
@@ -366,6 +405,7 @@ impl Attachments {
             .attach_netns(netns.as_raw_fd())
             .with_context(|| format!("attaching {}", program.name().to_string_lossy()))?;
         repin(link.as_fd(), pin)?;
+        self.remember(link.as_fd().as_raw_fd(), program)?;
         self.links.push(link);
         self.record(program, target);
         Ok(())
@@ -400,6 +440,7 @@ impl Attachments {
             match attach_tcx(program, ifindex, direction, position) {
                 Ok(fd) => {
                     repin(fd.as_fd(), pin)?;
+                    self.remember(fd.as_raw_fd(), program)?;
                     self.link_fds.push(fd);
                     self.record(program, target + &format!("(tcx, {place})"));
                     return Ok(TcPath::Tcx);
