@@ -20,8 +20,10 @@
 //!    systemd the successor's pid, lets go of its sockets, drains, and
 //!    ends with `drained`.
 //!
-//! A successor that goes away before step 5 leaves the service as it was
-//! (it resumes after step 4).
+//! A successor that goes away before step 5 leaves the service as it was:
+//! after step 4 the service puts its own programs back into the links
+//! (the successor may have swapped some of its own in) and accepts and
+//! relays again.
 
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
