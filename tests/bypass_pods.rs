@@ -487,8 +487,8 @@ fn stopping_or_killing_bypass_mid_transfer_loses_nothing_across_namespaces() {
         nix::sys::signal::Signal::SIGINT,
         nix::sys::signal::Signal::SIGKILL,
     ] {
-        let bypasser = node.bypass(&["--across-namespaces"]);
-        // 32 MiB each way, 64 KiB every 5 ms: about a second.
+        let mut bypasser = node.bypass(&["--across-namespaces"]);
+        // 32 MiB each way, 64 KiB every 5 ms: a few seconds.
         let mut command =
             netns::command_in(PYTHON, Some(&node.pods[0]), Some(&node.pods_cgroup)).unwrap();
         command.args(["-c", PODS, "client", "10.250.80.2", "8080"]);
@@ -498,7 +498,14 @@ fn stopping_or_killing_bypass_mid_transfer_loses_nothing_across_namespaces() {
             .stderr(std::process::Stdio::piped())
             .spawn()
             .unwrap();
-        std::thread::sleep(Duration::from_millis(400));
+        // Both ends in the map (however slow the machine), and some bytes
+        // through it.
+        for end in ["first", "second"] {
+            let inserted =
+                bypasser.wait_for_line(|l| l.contains("\"across\":true"), Duration::from_secs(60));
+            assert!(inserted.is_some(), "the {end} end was never inserted");
+        }
+        std::thread::sleep(Duration::from_millis(300));
         match signal {
             nix::sys::signal::Signal::SIGKILL => bypasser.kill(),
             _ => {

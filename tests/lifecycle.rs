@@ -648,7 +648,7 @@ fn a_new_process_started_with_take_over_takes_the_place_of_the_running_one_as_a_
         "--stay-after-hand-over",
     ];
     let notify = Notifications::new();
-    let old = Running::start_env(
+    let mut old = Running::start_env(
         BIN,
         &service_args(&file.path, &args),
         Some(&testbed.client),
@@ -683,9 +683,13 @@ fn a_new_process_started_with_take_over_takes_the_place_of_the_running_one_as_a_
     assert!(told.is_some(), "{:?}", new.seen);
 
     // The old one drained and waits; its SIGTERM leaves the new one's pins.
+    let waiting = old.wait_for_line(
+        |l| l.starts_with("Waiting for SIGTERM"),
+        Duration::from_secs(20),
+    );
+    assert!(waiting.is_some(), "{:?}", old.seen);
     let (status, out, err) = old.stop_with(Signal::SIGTERM);
     assert!(status.success(), "{err}");
-    assert!(out.contains("Waiting for SIGTERM"), "{out}");
     assert!(
         out.contains("Drained: 0 connection(s) ended, 0 cut"),
         "{out}"
