@@ -614,7 +614,12 @@ impl Running {
             let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT);
         }
         let status = match self.successor.take() {
-            Some(pid) => Running::wait_successor(pid, Duration::from_secs(20)),
+            Some(pid) => {
+                // The successor is the old process's child until that one
+                // exits; only then is it this process's to wait for.
+                wait_timeout(&mut self.child, Duration::from_secs(20));
+                Running::wait_successor(pid, Duration::from_secs(20))
+            }
             None => wait_timeout(&mut self.child, Duration::from_secs(20)),
         };
         let (out, err) = self.finish_output();
@@ -636,12 +641,15 @@ impl Running {
 
     /// SIGKILL and wait.
     pub fn kill(mut self) {
-        if let Some(pid) = self.successor.take() {
+        let successor = self.successor.take();
+        if let Some(pid) = successor {
             let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
-            Running::wait_successor(pid, Duration::from_secs(20));
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if let Some(pid) = successor {
+            Running::wait_successor(pid, Duration::from_secs(20));
+        }
     }
 
     fn finish_output(&mut self) -> (String, String) {
@@ -656,12 +664,15 @@ impl Running {
 
 impl Drop for Running {
     fn drop(&mut self) {
-        if let Some(pid) = self.successor.take() {
+        let successor = self.successor.take();
+        if let Some(pid) = successor {
             let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
-            let _ = nix::sys::wait::waitpid(pid, None);
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if let Some(pid) = successor {
+            let _ = nix::sys::wait::waitpid(pid, None);
+        }
     }
 }
 
