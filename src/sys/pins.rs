@@ -32,15 +32,38 @@ pub fn kept_for_next_start() -> bool {
 const BPF_FS_MAGIC: FsType = FsType(0xcafe4a11);
 
 /// A hash of the texts that define a datapath's map layouts (its shared
-/// header), FNV-1a: equal hashes mean the pinned maps can be reused as they
-/// are.
+/// header), FNV-1a over their C declarations: equal hashes mean the pinned
+/// maps can be reused as they are. Comments and spacing do not count, so
+/// that rewording a header does not throw away the records of an upgrade.
 pub fn layout_hash(texts: &[&str]) -> u64 {
     let mut hash: u64 = 0xcbf29ce484222325;
-    for byte in texts.iter().flat_map(|t| t.bytes()) {
-        hash ^= u64::from(byte);
-        hash = hash.wrapping_mul(0x100000001b3);
+    for text in texts {
+        for byte in declarations(text).bytes() {
+            hash ^= u64::from(byte);
+            hash = hash.wrapping_mul(0x100000001b3);
+        }
     }
     hash
+}
+
+/// C text without its comments, each run of spacing one space.
+fn declarations(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while !rest.is_empty() {
+        if let Some(after) = rest.strip_prefix("/*") {
+            rest = after.split_once("*/").map_or("", |(_, tail)| tail);
+            out.push(' ');
+        } else if let Some(after) = rest.strip_prefix("//") {
+            rest = after.split_once('\n').map_or("", |(_, tail)| tail);
+            out.push(' ');
+        } else {
+            let c = rest.chars().next().unwrap_or_default();
+            out.push(c);
+            rest = &rest[c.len_utf8()..];
+        }
+    }
+    out.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
 /// The directory of every datapath's pins.
@@ -449,5 +472,20 @@ impl Drop for PrivateBpffs {
         if let Some(dir) = &self.made {
             let _ = fs::remove_dir(dir);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::layout_hash;
+
+    #[test]
+    fn comments_and_spacing_leave_the_layout_hash_alone_and_declarations_do_not() {
+        let header = "/* a record */\nstruct r {\n\t__u32 uid; // whose\n};\n";
+        let reworded =
+            "/* a record, reworded\n * over two lines */\nstruct r {\n    __u32 uid;\n};";
+        let changed = "/* a record */\nstruct r {\n\t__u64 uid;\n};\n";
+        assert_eq!(layout_hash(&[header]), layout_hash(&[reworded]));
+        assert_ne!(layout_hash(&[header]), layout_hash(&[changed]));
     }
 }
