@@ -11,11 +11,13 @@
  *     accepted socket is another socket and a getsockopt program cannot
  *     read socket cookies;
  *  3. sockops PASSIVE_ESTABLISHED_CB on the proxy's accepted socket (with
- *     TCP Fast Open, at the SYN) moves it into that socket's local storage;
+ *     TCP Fast Open, at the SYN) moves it into that socket's local storage
+ *     (or the proxy's first SO_ORIGINAL_DST does, if it comes first);
  *  4. getsockopt answers from the caller's own socket storage only, so no
  *     other socket, namespace or user can ever read it, and it dies with
  *     the proxy's socket.
- * A client that closes before the proxy accepts takes its record with it.
+ * A client that closes before the proxy's handshake ends takes its record
+ * with it.
  *
  * UDP (--udp-ports): connect4/6 (a connected socket) and sendmsg4/6 (each
  * unconnected send) keep the destination in the same socket storage and
@@ -861,22 +863,15 @@ static __always_inline void sockops_tuple(struct bpf_sock_ops *skops, struct con
 	endpoint_set_v6(client, local, local_port);
 }
 
+/* The callback flags are the socket's, shared with every sockops program
+ * that runs on it, before or after ours in the chain: turned on, never
+ * off, since a program after ours that asked for them too could not tell
+ * that its ask changed nothing. */
 static __always_inline void request_state_changes(struct bpf_sock_ops *skops)
 {
-	bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
-}
-
-/* The proxy's accepted sockets are the ones on the proxy's port. */
-static __always_inline int is_proxy_accepted(struct bpf_sock_ops *skops)
-{
-	return bpf_htons((__u16)skops->local_port) == proxy_port;
-}
-
-/* Handed over: the rest of the socket's life has nothing for us. */
-static __always_inline void stop_state_changes(struct bpf_sock_ops *skops)
-{
-	bpf_sock_ops_cb_flags_set(skops,
-				  skops->bpf_sock_ops_cb_flags & ~BPF_SOCK_OPS_STATE_CB_FLAG);
+	if (!(skops->bpf_sock_ops_cb_flags & BPF_SOCK_OPS_STATE_CB_FLAG))
+		bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags |
+						     BPF_SOCK_OPS_STATE_CB_FLAG);
 }
 
 static __always_inline void handover_key(struct bpf_sock_ops *skops, struct handover_key *key,
@@ -994,6 +989,32 @@ static __always_inline int unpublish_pending(struct handover_key *key)
 	return 1;
 }
 
+/**
+ * take_record() - move a published record onto the proxy's socket
+ *
+ * Returns where the answer now is. Without storage (no memory, or another
+ * thread's question creating it at this instant) the record stays
+ * published, and answers, until the client's socket closes.
+ */
+static __always_inline struct endpoint *take_record(struct bpf_sock *sk, struct handover_key *key,
+						    struct pending_record *record)
+{
+	struct endpoint *answer;
+
+	answer =
+	    bpf_sk_storage_get(&proxy_answer, sk, &record->original, BPF_SK_STORAGE_GET_F_CREATE);
+	if (!answer) {
+		answer = bpf_sk_storage_get(&proxy_answer, sk, 0, 0);
+		if (answer)
+			return answer;
+		stat_add(&stats, STAT_ORIG_DST_LOST, 1);
+		return &record->original;
+	}
+	stat_add(&stats, STAT_ORIG_DST_HANDED_OVER, 1);
+	unpublish_pending(key);
+	return answer;
+}
+
 /* On the redirected client's sockets (attached to the redirected cgroup). */
 SEC("sockops")
 int redirect_sockops(struct bpf_sock_ops *skops)
@@ -1017,20 +1038,12 @@ int redirect_sockops(struct bpf_sock_ops *skops)
 		request_state_changes(skops);
 		break;
 	case BPF_SOCK_OPS_STATE_CB:
-		/* At ESTABLISHED the proxy's side has not seen the last ACK yet. */
-		if (skops->args[1] == BPF_TCP_ESTABLISHED)
+		if (skops->args[1] != BPF_TCP_CLOSE)
 			break;
-		if (skops->args[1] != BPF_TCP_CLOSE) {
-			/* A proxy in this cgroup: its accepted sockets'
-			 * callbacks belong to the proxy side. */
-			if (is_proxy_accepted(skops))
-				break;
-			handover_key(skops, &key, 1);
-			if (!bpf_map_lookup_elem(&pending_orig_dst, &key) &&
-			    !bpf_map_lookup_elem(&refused_orig_dst, &key))
-				stop_state_changes(skops);
+		/* Another program's callbacks, on a socket never redirected. */
+		sk = skops->sk;
+		if (!sk || !bpf_sk_storage_get(&client_orig_dst, sk, 0, 0))
 			break;
-		}
 		/* Never accepted, or refused: nothing may stay behind once the
 		 * client's socket is gone. */
 		handover_key(skops, &key, 1);
@@ -1042,7 +1055,10 @@ int redirect_sockops(struct bpf_sock_ops *skops)
 	return 1;
 }
 
-/* On the proxy's accepted sockets (attached where getsockopt is). */
+/* On the proxy's accepted sockets (attached where getsockopt is): the
+ * record moves onto the socket when its handshake ends (with TCP Fast Open,
+ * at the SYN), before a client that closes at once can take it away. No
+ * callbacks are asked for: the answer goes with the socket's storage. */
 SEC("sockops")
 int redirect_proxy_sockops(struct bpf_sock_ops *skops)
 {
@@ -1050,40 +1066,18 @@ int redirect_proxy_sockops(struct bpf_sock_ops *skops)
 	struct pending_record *record;
 	struct bpf_sock *sk;
 
-	/* This cgroup holds the host's sockets (the cgroup2 root by default):
-	 * every socket that is not one the proxy accepted returns here. Only
-	 * sockets given the state callback see it, and by TCP_CLOSE a socket
-	 * in TIME_WAIT may have given its port up already. */
-	if (skops->op != BPF_SOCK_OPS_STATE_CB && !is_proxy_accepted(skops))
+	/* Every connection of this cgroup (the cgroup2 root by default) runs
+	 * this at fixed points of its life: all but one return here. */
+	if (skops->op != BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB ||
+	    bpf_htons((__u16)skops->local_port) != proxy_port)
 		return 1;
-	switch (skops->op) {
-	case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB:
-		sk = skops->sk;
-		if (!sk)
-			break;
-		handover_key(skops, &key, 0);
-		record = bpf_map_lookup_elem(&pending_orig_dst, &key);
-		if (!record)
-			break;
-		/* Without storage the record stays published, where getsockopt
-		 * still finds it, until the client's socket closes. */
-		if (!bpf_sk_storage_get(&proxy_answer, sk, &record->original,
-					BPF_SK_STORAGE_GET_F_CREATE)) {
-			stat_add(&stats, STAT_ORIG_DST_LOST, 1);
-			break;
-		}
-		stat_add(&stats, STAT_ORIG_DST_HANDED_OVER, 1);
-		unpublish_pending(&key);
-		request_state_changes(skops);
-		break;
-	case BPF_SOCK_OPS_STATE_CB:
-		if (skops->args[1] != BPF_TCP_CLOSE)
-			break;
-		sk = skops->sk;
-		if (sk && bpf_sk_storage_delete(&proxy_answer, sk) == 0)
-			stat_add(&stats, STAT_ORIG_DST_RELEASED, 1);
-		break;
-	}
+	sk = skops->sk;
+	if (!sk)
+		return 1;
+	handover_key(skops, &key, 0);
+	record = bpf_map_lookup_elem(&pending_orig_dst, &key);
+	if (record)
+		take_record(sk, &key, record);
 	return 1;
 }
 
@@ -1167,7 +1161,7 @@ int redirect_getsockopt(struct bpf_sockopt *ctx)
 		tuple_from_accepted(sk, &key.tuple);
 		record = bpf_map_lookup_elem(&pending_orig_dst, &key);
 		if (record) {
-			original = &record->original;
+			original = take_record(sk, &key, record);
 		} else if (bpf_map_lookup_elem(&refused_orig_dst, &key)) {
 			/* A redirected connection whose record was over its
 			 * share: say so, rather than "not redirected". */

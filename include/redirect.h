@@ -127,7 +127,7 @@ enum redirect_stat {
 	STAT_ORIG_DST_HANDED_OVER,		     /* moved to the proxy's accepted socket */
 	STAT_ORIG_DST_UNCLAIMED, /* the client closed before the proxy accepted */
 	STAT_ORIG_DST_ANSWERED,
-	STAT_ORIG_DST_RELEASED, /* the proxy's socket closed */
+	STAT_ORIG_DST_RELEASED, /* no longer counted: kept for the pinned layout */
 	STAT_ORIG_DST_LOST,	/* a record could not be stored: map full, no memory */
 	STAT_ORIG_DST_REFUSED,	/* over a namespace's or a user's share */
 	STAT_EVENTS_LOST,

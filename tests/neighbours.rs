@@ -569,3 +569,100 @@ fn two_bypasses_on_overlapping_cgroups_lose_no_data_and_take_no_socket_of_the_ot
         "{outer_out}"
     );
 }
+
+/// An observability agent's sockops program: it asks for the state
+/// callbacks of every connection it sees start, and counts each socket's
+/// TCP_CLOSE in `closes[0]`.
+fn close_counting_sockops(closes: &OwnedFd) -> OwnedFd {
+    const TCP_CONNECT_CB: i32 = 3;
+    const STATE_CB: i32 = 10;
+    const STATE_CB_FLAG: i32 = 4;
+    const TCP_CLOSE: i32 = 7;
+    const CB_FLAGS_SET: i32 = 59;
+    const MAP_LOOKUP: i32 = 1;
+    let map = closes.as_raw_fd();
+    let program = [
+        insn(0xbf, 6, 1, 0, 0),              // r6 = ctx
+        insn(0x61, 2, 6, 0, 0),              // r2 = ctx->op
+        insn(0x55, 2, 0, 4, TCP_CONNECT_CB), // if r2 != TCP_CONNECT_CB goto 7
+        insn(0xbf, 1, 6, 0, 0),              // r1 = ctx
+        insn(0xb7, 2, 0, 0, STATE_CB_FLAG),  // r2 = STATE_CB_FLAG
+        insn(0x85, 0, 0, 0, CB_FLAGS_SET),   // bpf_sock_ops_cb_flags_set()
+        insn(0x05, 0, 0, 12, 0),             // goto out
+        insn(0x55, 2, 0, 11, STATE_CB),      // 7: if r2 != STATE_CB goto out
+        insn(0x61, 2, 6, 8, 0),              // r2 = ctx->args[1], the new state
+        insn(0x55, 2, 0, 9, TCP_CLOSE),      // if r2 != TCP_CLOSE goto out
+        insn(0x62, 10, 0, -4, 0),            // *(u32 *)(fp - 4) = 0
+        insn(0xbf, 2, 10, 0, 0),             // r2 = fp
+        insn(0x07, 2, 0, 0, -4),             // r2 -= 4
+        insn(0x18, 1, 1, 0, map),            // r1 = closes
+        0,
+        insn(0x85, 0, 0, 0, MAP_LOOKUP), // bpf_map_lookup_elem()
+        insn(0x15, 0, 0, 2, 0),          // if !r0 goto out
+        insn(0xb7, 1, 0, 0, 1),          // r1 = 1
+        insn(0xdb, 0, 1, 0, 0),          // lock *(u64 *)r0 += r1
+        insn(0xb7, 0, 0, 0, 1),          // out: r0 = 1
+        insn(0x95, 0, 0, 0, 0),          // exit
+    ];
+    load_raw(
+        libbpf_sys::BPF_PROG_TYPE_SOCK_OPS,
+        None,
+        c"their_closes",
+        &program,
+    )
+}
+
+#[test]
+fn another_tools_state_callbacks_stay_on_for_the_sockets_redirect_handles() {
+    let testbed = root_testbed!();
+    let _server = servers::echo(&testbed.server, "[::]:80").unwrap();
+    let redirector = testbed.redirect(&[]);
+    // SAFETY: plain arguments; a NULL options pointer is allowed.
+    let closes = unsafe {
+        libbpf_sys::bpf_map_create(
+            libbpf_sys::BPF_MAP_TYPE_ARRAY,
+            c"their_counts".as_ptr(),
+            4,
+            8,
+            1,
+            std::ptr::null(),
+        )
+    };
+    assert!(closes >= 0, "creating their map");
+    // SAFETY: the kernel just returned this descriptor.
+    let closes = unsafe { OwnedFd::from_raw_fd(closes) };
+    // Attached after redirect's own sockops, in the same cgroup: theirs
+    // runs second, and its ask for the callbacks changes nothing.
+    let _theirs = CgroupProgram::attach_loaded(
+        testbed.apps.path(),
+        close_counting_sockops(&closes),
+        libbpf_sys::BPF_CGROUP_SOCK_OPS,
+        c"their_closes",
+        libbpf_sys::BPF_F_ALLOW_MULTI,
+    );
+    let script = format!(
+        "import socket\nfor i in range(20):\n    s = socket.create_connection(('{SERVER_V4}', 80), \
+         timeout=10)\n    s.sendall(b'ping')\n    assert s.recv(100) == b'ping'\n    s.close()\n\
+         print('done')"
+    );
+    python(testbed.in_apps(PYTHON), &script);
+    wait_for_tcp_to_settle(&testbed.client);
+    let mut count = 0u64;
+    // SAFETY: a 4-byte key and an 8-byte value, as the map was created.
+    let ret = unsafe {
+        libbpf_sys::bpf_map_lookup_elem(
+            closes.as_raw_fd(),
+            (&0u32 as *const u32).cast(),
+            (&mut count as *mut u64).cast(),
+        )
+    };
+    assert_eq!(ret, 0);
+    let (_, output, _) = redirector.stop();
+    assert_eq!(
+        summary_value(&output, "redirect", "original_destinations_answered"),
+        20,
+        "{output}"
+    );
+    assert_eq!(count, 20, "their program saw {count} of 20 closes");
+    assert_maps_empty(&output);
+}

@@ -928,16 +928,6 @@ fn snapshot(skel: &RedirectSkel<'_>) -> Result<Snapshot> {
     ];
     snapshot
         .push_counters(counters.map(|(name, label, help, stat)| (name, label, help, count(stat))));
-    // Answers live in the proxy sockets' own storage, which user space
-    // cannot list: handed over minus released is how many are held.
-    let held = count(redirect_stat::STAT_ORIG_DST_HANDED_OVER)
-        .saturating_sub(count(redirect_stat::STAT_ORIG_DST_RELEASED));
-    snapshot.push(Metric::gauge(
-        "answers_held",
-        "answers held by proxy sockets",
-        "Open proxy sockets that hold an original destination.",
-        held,
-    ));
     snapshot.push(Metric::gauge(
         "awaiting_accept",
         "awaiting the proxy's accept",
@@ -970,7 +960,7 @@ fn print_statistics(skel: &RedirectSkel<'_>) -> Result<()> {
         .metrics
         .iter()
         .cloned()
-        .partition(|m| matches!(m.name, "answers_held" | "awaiting_accept"));
+        .partition(|m| m.name == "awaiting_accept");
     out!("=== Statistics ===");
     Snapshot {
         metrics: counters,

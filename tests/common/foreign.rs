@@ -167,6 +167,17 @@ impl CgroupProgram {
         flags: u32,
     ) -> CgroupProgram {
         let program = load_raw(prog_type, Some(attach_type), name, &ALLOW);
+        CgroupProgram::attach_loaded(cgroup, program, attach_type, name, flags)
+    }
+
+    /// The same for a program loaded already.
+    pub fn attach_loaded(
+        cgroup: &std::path::Path,
+        program: OwnedFd,
+        attach_type: libbpf_sys::bpf_attach_type,
+        name: &std::ffi::CStr,
+        flags: u32,
+    ) -> CgroupProgram {
         let cgroup = std::fs::File::open(cgroup).unwrap();
         // SAFETY: plain descriptors.
         let ret = unsafe {
