@@ -887,23 +887,27 @@ static __always_inline void handover_key(struct bpf_sock_ops *skops, struct hand
  *
  * Returns 1 when counted. The check and the add are two steps: two records
  * racing for the last place may both get it, which costs fairness one
- * record, never a count that goes wrong.
+ * record, never a count that goes wrong. An entry comes and goes with its
+ * records (give_back_share), so between a failed insert and the lookup
+ * after it another CPU may have removed it: that is no reason to refuse,
+ * only to try again.
  */
 static __always_inline int take_share(void *map, const void *key, __u32 limit)
 {
-	__u32 one = 1, *count = bpf_map_lookup_elem(map, key);
+	__u32 one = 1, *count;
 
-	if (!count) {
+	for (int attempt = 0; attempt < 4; attempt++) {
+		count = bpf_map_lookup_elem(map, key);
+		if (count) {
+			if (READ_ONCE(*count) >= limit)
+				return 0;
+			__sync_fetch_and_add(count, 1);
+			return 1;
+		}
 		if (bpf_map_update_elem(map, key, &one, BPF_NOEXIST) == 0)
 			return 1;
-		count = bpf_map_lookup_elem(map, key);
-		if (!count)
-			return 0;
 	}
-	if (READ_ONCE(*count) >= limit)
-		return 0;
-	__sync_fetch_and_add(count, 1);
-	return 1;
+	return 0;
 }
 
 /* Gives back a place take_share() counted; the last one removes the entry,
