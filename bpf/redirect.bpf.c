@@ -1053,7 +1053,9 @@ int redirect_sockops(struct bpf_sock_ops *skops)
 		handover_key(skops, &key, 1);
 		if (unpublish_pending(&key))
 			stat_add(&stats, STAT_ORIG_DST_UNCLAIMED, 1);
-		bpf_map_delete_elem(&refused_orig_dst, &key);
+		/* A delete locks its bucket even for nothing: look first. */
+		else if (bpf_map_lookup_elem(&refused_orig_dst, &key))
+			bpf_map_delete_elem(&refused_orig_dst, &key);
 		break;
 	}
 	return 1;
