@@ -408,7 +408,7 @@ static __always_inline void emit(struct bpf_sock_ops *skops, const struct sock_k
 	event->across = across;
 	__builtin_memset(event->pad, 0, sizeof(event->pad));
 	event->key = *key;
-	bpf_ringbuf_submit(event, 0);
+	submit_event(&events, event);
 }
 
 /* Linux 6.1 does not give sockops bpf_get_current_comm(); the current task

@@ -87,7 +87,7 @@ static __always_inline void emit(const struct l4_packet *pkt, __u16 new_port, __
 	event->direction = direction;
 	event->new_flow = new_flow;
 	__builtin_memset(event->pad, 0, sizeof(event->pad));
-	bpf_ringbuf_submit(event, 0);
+	submit_event(&events, event);
 }
 
 static __always_inline void flow_key(struct nat_flow_key *key, const struct l4_packet *pkt,

@@ -237,7 +237,7 @@ static __always_inline void emit(struct bpf_sock_addr *ctx, __u8 action, __u8 re
 	bpf_get_current_comm(event->comm, sizeof(event->comm));
 	event->original = *original;
 	event->target = *target;
-	bpf_ringbuf_submit(event, 0);
+	submit_event(&events, event);
 }
 
 static __always_inline int cidr_blocks(const struct endpoint *dst)

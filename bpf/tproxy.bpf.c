@@ -102,7 +102,7 @@ static __always_inline void emit(__u8 action, __s32 error, const struct flow *fl
 	event->error = error;
 	event->client = flow->client;
 	event->original = flow->original;
-	bpf_ringbuf_submit(event, 0);
+	submit_event(&events, event);
 }
 
 /**

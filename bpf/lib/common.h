@@ -45,6 +45,26 @@ static __always_inline void stat_add(void *map, __u32 index, __u64 value)
 		*counter += value;
 }
 
+/* User space reads the events in a loop that polls every 100 ms whatever
+ * happens, so an event wakes it only once the ring holds this much: a
+ * wakeup per event cost a connect() more than all the rest of redirect's
+ * program. */
+#define EVENTS_WAKEUP_BYTES (64 * 1024)
+
+/**
+ * submit_event() - hand a reserved event to user space
+ * @ring: the BPF_MAP_TYPE_RINGBUF it was reserved in
+ * @event: the event
+ */
+static __always_inline void submit_event(void *ring, void *event)
+{
+	__u64 flags = BPF_RB_NO_WAKEUP;
+
+	if (bpf_ringbuf_query(ring, BPF_RB_AVAIL_DATA) > EVENTS_WAKEUP_BYTES)
+		flags = BPF_RB_FORCE_WAKEUP;
+	bpf_ringbuf_submit(event, flags);
+}
+
 static __always_inline int ipv4_is_loopback(__u32 addr)
 {
 	return (addr & bpf_htonl(0xff000000)) == bpf_htonl(0x7f000000);

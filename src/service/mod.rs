@@ -358,6 +358,9 @@ fn run_loop<S: DatapathSettings>(
                             return Err(err.into());
                         }
                     }
+                    // The programs wake the poll only when the rings fill
+                    // (submit_event): whatever else came is read here.
+                    ring.consume()?;
                 }
                 None => std::thread::sleep(TICK),
             }
