@@ -141,6 +141,16 @@ pub fn print_per_connection(
     total
 }
 
+/// Nanoseconds per call of one program between two snapshots (0 without
+/// calls).
+pub fn per_call(start: &Option<ProgramStats>, end: &Option<ProgramStats>) -> f64 {
+    start
+        .as_ref()
+        .zip(end.as_ref())
+        .and_then(|(a, b)| b.per_run_since(a))
+        .map_or(0.0, |(ns, _)| ns)
+}
+
 /// Calls of the first program between two snapshots.
 pub fn calls_since(start: &[Option<ProgramStats>], end: &[Option<ProgramStats>]) -> u64 {
     match (start.first(), end.first()) {

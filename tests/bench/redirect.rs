@@ -186,7 +186,15 @@ fn connections_per_second(settings: &Settings) {
         }
     }
     let stats_end = bpf_stats::programs(&REDIRECT_PROGRAMS, redirector.pid());
+    // The floor: the same hooks with programs that return at once, beside
+    // redirect's, over redirected connections and then bystanders.
+    let floor = Floor::attach(&bpf);
+    let floor_start = floor.snapshot();
+    let floor_connections = (measure_cps(&bpf, settings.cps_seconds) * settings.cps_seconds) as u64;
+    let floor_redirected = floor.snapshot();
     let bystanders = bystander_connections(&bpf, redirector.pid(), settings.cps_seconds);
+    let floor_bystanders = floor.snapshot();
+    drop(floor);
     let (_, output, _) = redirector.stop();
     let (_, service_output, _) = service_run.stop();
     bpf_stats::set_enabled(bpf_stats_before == "1");
@@ -216,6 +224,27 @@ fn connections_per_second(settings: &Settings) {
         &bystander_end,
         bystander_count,
     );
+    let floor_per_connection = Floor::print(
+        "redirected connection",
+        &floor_start,
+        &floor_redirected,
+        floor_connections,
+    );
+    let floor_per_bystander = Floor::print(
+        "bystander connection",
+        &floor_redirected,
+        &floor_bystanders,
+        bystander_count,
+    );
+    let connect4 = bpf_stats::per_call(&stats_start[0], &stats_end[0]);
+    let connect4_floor = Floor::per_call(&floor_start[0], &floor_redirected[0]);
+    println!(
+        "\n  redirect over the floor: connect4 {:.1}x ({connect4:.0} ns / {connect4_floor:.0} ns), \
+         per redirected connection {:.1}x, per bystander {:.1}x",
+        connect4 / connect4_floor,
+        per_connection / floor_per_connection,
+        per_bystander / floor_per_bystander,
+    );
     // Both arms run the same proxy: what iptables adds is its arm's CPU
     // minus that of the redirect arm without its BPF.
     let iptables_own = cpu_medians[2] - cpu_medians[1] + per_connection / 1e3;
@@ -243,6 +272,83 @@ fn connections_per_second(settings: &Settings) {
             "NOT met"
         }
     );
+}
+
+/// Programs that return at once (`r0 = 1; exit`) on redirect's hooks, in
+/// the same cgroups: what the kernel charges for running any program there
+/// at all, measured the same way.
+struct Floor {
+    hooks: Vec<common::foreign::CgroupProgram>,
+}
+
+const FLOOR_HOOKS: [&str; 3] = [
+    "connect4",
+    "sockops (redirected cgroup)",
+    "sockops (--sockopt-cgroup)",
+];
+
+impl Floor {
+    fn attach(testbed: &Testbed) -> Floor {
+        use common::foreign::CgroupProgram;
+        use libbpf_sys::*;
+        let hooks = vec![
+            CgroupProgram::attach(
+                testbed.apps.path(),
+                BPF_PROG_TYPE_CGROUP_SOCK_ADDR,
+                BPF_CGROUP_INET4_CONNECT,
+                c"floor_connect4",
+                BPF_F_ALLOW_MULTI,
+            ),
+            CgroupProgram::attach(
+                testbed.apps.path(),
+                BPF_PROG_TYPE_SOCK_OPS,
+                BPF_CGROUP_SOCK_OPS,
+                c"floor_sockops",
+                BPF_F_ALLOW_MULTI,
+            ),
+            CgroupProgram::attach(
+                testbed.parent.path(),
+                BPF_PROG_TYPE_SOCK_OPS,
+                BPF_CGROUP_SOCK_OPS,
+                c"floor_sockopt",
+                BPF_F_ALLOW_MULTI,
+            ),
+        ];
+        Floor { hooks }
+    }
+
+    fn snapshot(&self) -> Vec<(u64, u64)> {
+        self.hooks.iter().map(|h| h.run_time_and_count()).collect()
+    }
+
+    fn per_call(start: &(u64, u64), end: &(u64, u64)) -> f64 {
+        (end.0 - start.0) as f64 / (end.1 - start.1).max(1) as f64
+    }
+
+    /// Per hook, as print_per_connection does for redirect's programs; the
+    /// sum in nanoseconds per connection.
+    fn print(what: &str, start: &[(u64, u64)], end: &[(u64, u64)], connections: u64) -> f64 {
+        println!(
+            "\n  The floor per {what} (programs that return at once, same hooks; \
+             {connections} connections):"
+        );
+        let mut total = 0.0;
+        for ((hook, start), end) in FLOOR_HOOKS.iter().zip(start).zip(end) {
+            let calls = (end.1 - start.1) as f64 / connections.max(1) as f64;
+            if calls == 0.0 {
+                println!("    {hook:<34}      no calls");
+                continue;
+            }
+            let ns = Floor::per_call(start, end);
+            total += ns * calls;
+            println!(
+                "    {hook:<34} {ns:>6.0} ns x {calls:>5.2} calls = {:>7.0} ns",
+                ns * calls
+            );
+        }
+        println!("    {:<34} {total:>35.0} ns", "all programs");
+        total
+    }
 }
 
 /// Busy time of all CPUs since boot (user, system, interrupts; no idle,

@@ -105,13 +105,17 @@ impl Foreign {
 
 /// How many times `program` ran since `Stats::enable`.
 fn run_count(program: &OwnedFd) -> u64 {
+    program_info(program).run_cnt
+}
+
+fn program_info(program: &OwnedFd) -> libbpf_sys::bpf_prog_info {
     let mut info = libbpf_sys::bpf_prog_info::default();
     let mut len = std::mem::size_of::<libbpf_sys::bpf_prog_info>() as u32;
     // SAFETY: info is a complete bpf_prog_info of len bytes.
     let ret =
         unsafe { libbpf_sys::bpf_prog_get_info_by_fd(program.as_raw_fd(), &mut info, &mut len) };
     assert_eq!(ret, 0);
-    info.run_cnt
+    info
 }
 
 /// Loads raw instructions as a program of `prog_type` (for the cgroup
@@ -194,6 +198,12 @@ impl CgroupProgram {
     /// How many times it ran since `Stats::enable`.
     pub fn runs(&self) -> u64 {
         run_count(&self.program)
+    }
+
+    /// Its run time and run count, as `kernel.bpf_stats_enabled` keeps them.
+    pub fn run_time_and_count(&self) -> (u64, u64) {
+        let info = program_info(&self.program);
+        (info.run_time_ns, info.run_cnt)
     }
 }
 
