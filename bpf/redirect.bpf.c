@@ -110,20 +110,23 @@ struct {
 } pending_orig_dst SEC(".maps");
 
 /* How many pending_orig_dst records each network namespace and each user
- * holds. Every entry stands for at least one record, so neither map fills
- * before pending_orig_dst does. */
+ * holds. An entry stays at 0 once its records are gone, until user space
+ * sweeps it (sweep_idle_shares, every 10 s): only 65,536 namespaces or
+ * users that come and go between two sweeps could fill a map. 64-bit
+ * counts: the compare-and-swap that gives one back exists only for those
+ * on every BPF target. */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 65536);
 	__type(key, __u64);
-	__type(value, __u32);
+	__type(value, __u64);
 } pending_per_netns SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 65536);
 	__type(key, __u32);
-	__type(value, __u32);
+	__type(value, __u64);
 } pending_per_uid SEC(".maps");
 
 /* Refused records by namespace and reason, for the metrics. */
@@ -887,14 +890,13 @@ static __always_inline void handover_key(struct bpf_sock_ops *skops, struct hand
  *
  * Returns 1 when counted. The check and the add are two steps: two records
  * racing for the last place may both get it, which costs fairness one
- * record, never a count that goes wrong. An entry comes and goes with its
- * records (give_back_share), so between a failed insert and the lookup
- * after it another CPU may have removed it: that is no reason to refuse,
- * only to try again.
+ * record, never a count that goes wrong. Between a failed insert (another
+ * CPU's came first) and the lookup after it, the entry may have been swept
+ * away: that is no reason to refuse, only to try again.
  */
-static __always_inline int take_share(void *map, const void *key, __u32 limit)
+static __always_inline int take_share(void *map, const void *key, __u64 limit)
 {
-	__u32 one = 1, *count;
+	__u64 one = 1, *count;
 
 	for (int attempt = 0; attempt < 4; attempt++) {
 		count = bpf_map_lookup_elem(map, key);
@@ -910,18 +912,23 @@ static __always_inline int take_share(void *map, const void *key, __u32 limit)
 	return 0;
 }
 
-/* Gives back a place take_share() counted; the last one removes the entry,
- * so that namespaces and users that come and go leave nothing behind. */
+/* Gives back a place take_share() counted, never below 0. The entry stays
+ * for the next record: removing it with the last one cost an insert and a
+ * delete per connection. A sweep that removes an entry at the instant a
+ * record is counted loses that count: its share then holds one more
+ * record, never one fewer. */
 static __always_inline void give_back_share(void *map, const void *key)
 {
-	__u32 *count = bpf_map_lookup_elem(map, key);
+	__u64 *count = bpf_map_lookup_elem(map, key);
 
 	if (!count)
 		return;
-	if (READ_ONCE(*count) <= 1)
-		bpf_map_delete_elem(map, key);
-	else
-		__sync_fetch_and_add(count, -1);
+	for (int attempt = 0; attempt < 4; attempt++) {
+		__u64 old = READ_ONCE(*count);
+
+		if (!old || __sync_val_compare_and_swap(count, old, old - 1) == old)
+			return;
+	}
 }
 
 /* root's records count against their namespace only: every container of a

@@ -338,6 +338,65 @@ fn original_destination_maps_are_empty_after_many_connections() {
     assert_maps_empty(&output);
 }
 
+/// The entries of `redirect`'s map `name` (as the kernel shortens it),
+/// through bpftool: the one that process `pid` holds.
+fn map_entries(pid: u32, name: &str) -> Vec<serde_json::Value> {
+    for entry in std::fs::read_dir(format!("/proc/{pid}/fdinfo"))
+        .unwrap()
+        .flatten()
+    {
+        let info = std::fs::read_to_string(entry.path()).unwrap_or_default();
+        let Some(id) = info.lines().find_map(|l| l.strip_prefix("map_id:")) else {
+            continue;
+        };
+        let show = std::process::Command::new("bpftool")
+            .args(["-j", "map", "show", "id", id.trim()])
+            .output()
+            .unwrap();
+        let shown: serde_json::Value = serde_json::from_slice(&show.stdout).unwrap_or_default();
+        if shown["name"] != name {
+            continue;
+        }
+        let dump = std::process::Command::new("bpftool")
+            .args(["-j", "map", "dump", "id", id.trim()])
+            .output()
+            .unwrap();
+        return serde_json::from_slice(&dump.stdout).unwrap();
+    }
+    panic!("process {pid} holds no map {name}");
+}
+
+/// A namespace's count of waiting records stays, at 0, while it makes
+/// connections (no insert and delete per connection), and is swept once
+/// it has none: namespaces that come and go leave nothing behind.
+#[test]
+fn the_share_count_of_a_namespace_stays_while_used_and_is_swept_when_idle() {
+    let testbed = root_testbed!();
+    let _server = servers::echo(&testbed.server, "[::]:80").unwrap();
+    let redirector = testbed.redirect(&[]);
+    let script = format!(
+        "import socket\nfor i in range(3):\n    s = socket.create_connection(('{SERVER_V4}', 80), \
+         timeout=10)\n    s.sendall(b'ping')\n    assert s.recv(100) == b'ping'\n    s.close()"
+    );
+    python(testbed.in_apps(PYTHON), &script);
+    let counts = map_entries(redirector.pid(), "pending_per_net");
+    assert_eq!(counts.len(), 1, "{counts:?}");
+    assert!(
+        counts[0]["formatted"]["value"].as_u64() == Some(0),
+        "every record was taken, so the count is back at 0: {counts:?}"
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(25);
+    while !map_entries(redirector.pid(), "pending_per_net").is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the idle count was never swept"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let (_, output, _) = redirector.stop();
+    assert_eq!(summary_value(&output, "redirect", "redirected"), 3);
+}
+
 #[test]
 fn sigkill_leaves_nothing_attached_and_a_restart_works_at_once() {
     let testbed = root_testbed!();

@@ -232,6 +232,8 @@ pub struct Redirect {
     /// Under `run --config`: the links a crash leaves attached, so that
     /// `--when-proxy-down` keeps deciding while no process runs.
     pins: Option<PinDir>,
+    /// When sweep_idle_shares last ran.
+    last_sweep: std::time::Instant,
 }
 
 impl Redirect {
@@ -271,6 +273,7 @@ impl Redirect {
             proxy: None,
             udp_relay: None,
             pins,
+            last_sweep: std::time::Instant::now(),
         })
     }
 
@@ -354,6 +357,25 @@ macro_rules! record_maps {
 }
 use record_maps;
 
+/// How often the share counts left at 0 are removed.
+const SWEEP_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Removes the share counts that give_back_share left at 0, so that
+/// namespaces and users that come and go leave nothing behind.
+fn sweep_idle_shares(skel: &RedirectSkel<'_>) {
+    let maps: [&dyn MapCore; 2] = [&skel.maps.pending_per_netns, &skel.maps.pending_per_uid];
+    for map in maps {
+        for key in map.keys() {
+            let idle = map
+                .lookup(&key, libbpf_rs::MapFlags::ANY)
+                .is_ok_and(|value| value.is_some_and(|v| v.iter().all(|b| *b == 0)));
+            if idle {
+                let _ = map.delete(&key);
+            }
+        }
+    }
+}
+
 /// The hash of the headers that define redirect's maps.
 fn layout() -> u64 {
     pins::layout_hash(&[
@@ -431,6 +453,13 @@ impl Datapath for Redirect {
 
     fn attach_mode(&self) -> String {
         "cgroup bpf_link".into()
+    }
+
+    fn tick(&mut self, _ctx: &RunContext) {
+        if self.last_sweep.elapsed() >= SWEEP_INTERVAL {
+            self.last_sweep = std::time::Instant::now();
+            sweep_idle_shares(&self.skel);
+        }
     }
 
     fn events(&self, ctx: &RunContext) -> Result<Option<EventSource>> {
