@@ -1312,6 +1312,21 @@ fn a_crash_mid_traffic_leaves_the_kernel_datapaths_working_and_a_restart_adopts_
     assert!(said.contains("tproxy: rule"), "{said}");
     assert!(!bpffs.pin_dir().exists());
     assert_eq!(host.gw.snapshot(), before, "the gateway was not restored");
+    // And tproxy's instance lock, which the killed process kept for the
+    // next start.
+    use std::os::unix::fs::MetadataExt;
+    let gateway = std::fs::metadata(format!("/run/netns/{}", host.gw.gateway.name()))
+        .unwrap()
+        .ino();
+    let lock = format!("tproxy-netns-{gateway}-table-");
+    assert!(said.contains(&lock), "{said}");
+    let left: Vec<_> = std::fs::read_dir("/run/proxy-redirect")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|entry| entry.file_name().to_string_lossy().starts_with(&lock))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
 }
 
 #[test]

@@ -78,7 +78,7 @@ fn port_nat_service_on_lo(more: &str) -> (NetNs, ConfigFile, Running) {
 fn status_piped_into_head_exits_quietly() {
     require_root!();
     let _turn = one_service_at_a_time();
-    let (_netns, _file, _service) = port_nat_service_on_lo("");
+    let (_netns, _file, service) = port_nat_service_on_lo("");
     let out = run({
         let mut command = std::process::Command::new("bash");
         command.args(["-c", &format!("set -o pipefail; {BIN} status | head -1")]);
@@ -88,13 +88,16 @@ fn status_piped_into_head_exits_quietly() {
     assert!(out.status.success(), "{:?}: {stderr}", out.status);
     assert!(!stderr.contains("panicked"), "{stderr}");
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("proxy-redirect "));
+    // Stopped, not killed: a killed service leaves its sockets in
+    // /run/proxy-redirect for the next start.
+    service.stop_ok();
 }
 
 #[test]
 fn a_trickling_client_does_not_hold_up_a_scrape() {
     require_root!();
     let _turn = one_service_at_a_time();
-    let (netns, _file, _service) =
+    let (netns, _file, service) =
         port_nat_service_on_lo("[metrics]\nlisten = \"127.0.0.1:9478\"\n");
     // Against a scrape with no trickler about (curl alone takes a second
     // under emulation): a page served to one client at a time would wait
@@ -171,6 +174,7 @@ fn a_trickling_client_does_not_hold_up_a_scrape() {
             "a trickler was served for {seconds} s"
         );
     }
+    service.stop_ok();
 }
 
 /// `run --config` on `path`, expected to refuse with a line containing

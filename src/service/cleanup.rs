@@ -7,7 +7,7 @@ use anyhow::{bail, Result};
 use clap::Args;
 
 use crate::out;
-use crate::sys::{links, local_route, pins};
+use crate::sys::{links, local_route, pins, run_dir};
 use crate::telemetry::status;
 
 #[derive(Args, Debug, Clone)]
@@ -18,8 +18,9 @@ tproxy's links) so that a crash does not cut a translated or bypassed
 connection, and removes them when it stops. After a crash without a restart
 they keep working, unowned; `proxy-redirect status` lists them and this
 command detaches and removes them, tproxy's rules and routes, and (before
-Linux 6.6) the clsact filters, when it runs in their network namespace. It refuses while a running service
-owns DIR.")]
+Linux 6.6) the clsact filters, when it runs in their network namespace,
+and the instance locks in /run/proxy-redirect that no process holds. It
+refuses while a running service owns DIR.")]
 pub struct CleanupArgs {
     /// The service's bpffs directory
     #[arg(long, value_name = "DIR", default_value = pins::DEFAULT_PIN_ROOT)]
@@ -45,6 +46,14 @@ pub fn run(args: &CleanupArgs) -> Result<()> {
         for line in said {
             out!("{datapath}: {line}");
         }
+    }
+    let locks = run_dir::remove_unheld_locks();
+    if !locks.is_empty() {
+        out!(
+            "Removed the instance locks nobody held from {}: {}",
+            run_dir::RUN_DIR,
+            locks.join(", ")
+        );
     }
     let removed = pins::remove_all(&args.pin_dir)?;
     if removed.is_empty() {
