@@ -224,20 +224,22 @@ fn connections_per_second(settings: &Settings) {
         &bystander_end,
         bystander_count,
     );
-    let floor_per_connection = Floor::print(
-        "redirected connection",
+    let floor_per_connection = bpf_stats::print_per_connection(
+        "redirected connection, the floor (programs that return at once, same hooks)",
+        &FLOOR_HOOKS,
         &floor_start,
         &floor_redirected,
         floor_connections,
     );
-    let floor_per_bystander = Floor::print(
-        "bystander connection",
+    let floor_per_bystander = bpf_stats::print_per_connection(
+        "bystander connection, the floor",
+        &FLOOR_HOOKS,
         &floor_redirected,
         &floor_bystanders,
         bystander_count,
     );
     let connect4 = bpf_stats::per_call(&stats_start[0], &stats_end[0]);
-    let connect4_floor = Floor::per_call(&floor_start[0], &floor_redirected[0]);
+    let connect4_floor = bpf_stats::per_call(&floor_start[0], &floor_redirected[0]);
     println!(
         "\n  redirect over the floor: connect4 {:.1}x ({connect4:.0} ns / {connect4_floor:.0} ns), \
          per redirected connection {:.1}x, per bystander {:.1}x",
@@ -281,10 +283,11 @@ struct Floor {
     hooks: Vec<common::foreign::CgroupProgram>,
 }
 
-const FLOOR_HOOKS: [&str; 3] = [
-    "connect4",
-    "sockops (redirected cgroup)",
-    "sockops (--sockopt-cgroup)",
+/// The floor's hooks, as `(what, name)` like REDIRECT_PROGRAMS.
+const FLOOR_HOOKS: [(&str, &str); 3] = [
+    ("connect4", "floor_connect4"),
+    ("sockops (redirected cgroup)", "floor_sockops"),
+    ("sockops (--sockopt-cgroup)", "floor_sockopt"),
 ];
 
 impl Floor {
@@ -317,37 +320,17 @@ impl Floor {
         Floor { hooks }
     }
 
-    fn snapshot(&self) -> Vec<(u64, u64)> {
-        self.hooks.iter().map(|h| h.run_time_and_count()).collect()
-    }
-
-    fn per_call(start: &(u64, u64), end: &(u64, u64)) -> f64 {
-        (end.0 - start.0) as f64 / (end.1 - start.1).max(1) as f64
-    }
-
-    /// Per hook, as print_per_connection does for redirect's programs; the
-    /// sum in nanoseconds per connection.
-    fn print(what: &str, start: &[(u64, u64)], end: &[(u64, u64)], connections: u64) -> f64 {
-        println!(
-            "\n  The floor per {what} (programs that return at once, same hooks; \
-             {connections} connections):"
-        );
-        let mut total = 0.0;
-        for ((hook, start), end) in FLOOR_HOOKS.iter().zip(start).zip(end) {
-            let calls = (end.1 - start.1) as f64 / connections.max(1) as f64;
-            if calls == 0.0 {
-                println!("    {hook:<34}      no calls");
-                continue;
-            }
-            let ns = Floor::per_call(start, end);
-            total += ns * calls;
-            println!(
-                "    {hook:<34} {ns:>6.0} ns x {calls:>5.2} calls = {:>7.0} ns",
-                ns * calls
-            );
-        }
-        println!("    {:<34} {total:>35.0} ns", "all programs");
-        total
+    fn snapshot(&self) -> Vec<Option<bpf_stats::ProgramStats>> {
+        self.hooks
+            .iter()
+            .map(|hook| {
+                let (run_time_ns, run_count) = hook.run_time_and_count();
+                Some(bpf_stats::ProgramStats {
+                    run_time_ns,
+                    run_count,
+                })
+            })
+            .collect()
     }
 }
 
