@@ -15,7 +15,10 @@ use common::*;
 use proxy_redirect::sys::cgroup::{self, ChildCgroup};
 use proxy_redirect::sys::netns::{self, NetNs};
 
-const PODS: &str = include_str!("common/pods.py");
+const PODS: &str = concat!(
+    include_str!("common/sockmap_recv.py"),
+    include_str!("common/pods.py")
+);
 const MIB: usize = 1 << 20;
 const SERVER_PORT: u16 = 8080;
 

@@ -1080,7 +1080,10 @@ fn join(downloads: Vec<Download>) {
 }
 
 const LOOPS: &str = include_str!("common/loops.py");
-const GATED: &str = include_str!("common/gated.py");
+const GATED: &str = concat!(
+    include_str!("common/sockmap_recv.py"),
+    include_str!("common/gated.py")
+);
 
 /// What a request loop printed at its end: (ok, failed, longest stall ms).
 fn loop_result(output: &str) -> (u64, u64, f64) {

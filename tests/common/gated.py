@@ -15,7 +15,6 @@ import hashlib
 import http.server
 import os
 import random
-import select
 import socket
 import sys
 import threading
@@ -23,15 +22,7 @@ import time
 
 CHUNK = 64 * 1024
 
-
-def recv(sock, size):
-    # A blocking recv on a socket in a sockmap may fail with EAGAIN (seen on
-    # 6.18): wait for data and read again.
-    while True:
-        try:
-            return sock.recv(size)
-        except BlockingIOError:
-            select.select([sock], [], [], 1)
+# recv(): tests/common/sockmap_recv.py, prepended.
 
 
 def gated_send(write, data, gate):
