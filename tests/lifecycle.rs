@@ -636,7 +636,15 @@ fn a_new_process_started_with_take_over_takes_the_place_of_the_running_one_as_a_
     let testbed = root_testbed!();
     let bpffs = private_bpffs();
     let _web = servers::http(&testbed.server, "[::]:80").unwrap();
-    let file = ConfigFile::new(&redirect_config(&testbed, 15001, 0x5052));
+    // No sockopt-cgroup: each pod answers SO_ORIGINAL_DST in its own
+    // cgroup, and the new one must keep answering for the listening
+    // sockets it takes over, which stay in the old pod's.
+    let file = ConfigFile::new(&format!(
+        "[redirect]\ncgroup = \"{}\"\nports = [80]\n",
+        testbed.apps.path().display()
+    ));
+    let old_pod = ChildCgroup::create(testbed.parent.path(), "old-pod").unwrap();
+    let new_pod = ChildCgroup::create(testbed.parent.path(), "new-pod").unwrap();
     let url = format!("http://{SERVER_V4}/");
     let pin_dir = bpffs.pin_dir().display().to_string();
     // What a DaemonSet's pods run: the old pod, then the new one beside it
@@ -652,17 +660,18 @@ fn a_new_process_started_with_take_over_takes_the_place_of_the_running_one_as_a_
         BIN,
         &service_args(&file.path, &args),
         Some(&testbed.client),
-        Some(&testbed.proxy),
+        Some(&old_pod),
         "Service running",
         &[("NOTIFY_SOCKET", &notify.path())],
     );
     assert_eq!(notify.next(), "READY=1");
     curl_ok(testbed.in_apps("curl"), &url);
+    assert_eq!(answered_in(old_pod.path()), [old_pod.path()]);
     let mut new = Running::start_env(
         BIN,
         &service_args(&file.path, &args),
         Some(&testbed.client),
-        Some(&testbed.proxy),
+        Some(&new_pod),
         "Service running",
         &[("NOTIFY_SOCKET", &notify.path())],
     );
@@ -696,12 +705,23 @@ fn a_new_process_started_with_take_over_takes_the_place_of_the_running_one_as_a_
     );
     assert_eq!(pins::pinned_datapaths(&bpffs.pin_dir()), ["redirect"]);
     curl_ok(testbed.in_apps("curl"), &url);
+    assert_eq!(answered_in(old_pod.path()), [testbed.parent.path()]);
     let status = proxy_redirect(&["status", "--json"]);
     let page: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
     assert_eq!(page["pid"].as_u64(), Some(u64::from(new.pid())));
     new.stop_ok();
     assert!(!bpffs.pin_dir().exists());
     assert_eq!(testbed.attached_redirect_programs(), 0);
+}
+
+/// The cgroups whose redirect getsockopt programs a socket of `cgroup` runs.
+fn answered_in(cgroup: &Path) -> Vec<PathBuf> {
+    proxy_redirect::sys::links::cgroup_neighbours(cgroup, libbpf_sys::BPF_CGROUP_GETSOCKOPT)
+        .unwrap()
+        .into_iter()
+        .filter(|program| program.name.starts_with("redirect_"))
+        .map(|program| program.cgroup)
+        .collect()
 }
 
 /// `run --config FILE EXTRA...`.

@@ -397,6 +397,63 @@ fn the_share_count_of_a_namespace_stays_while_used_and_is_swept_when_idle() {
     assert_eq!(summary_value(&output, "redirect", "redirected"), 3);
 }
 
+/// (cgroup, program) of every redirect program of `attach_type` that a
+/// connection of `cgroup` runs; the kernel keeps 15 bytes of a name.
+fn redirect_programs_over(
+    cgroup: &std::path::Path,
+    attach_type: libbpf_sys::bpf_attach_type,
+) -> Vec<(std::path::PathBuf, String)> {
+    proxy_redirect::sys::links::cgroup_neighbours(cgroup, attach_type)
+        .unwrap()
+        .into_iter()
+        .filter(|program| program.name.starts_with("redirect_"))
+        .map(|program| (program.cgroup, program.name))
+        .collect()
+}
+
+#[test]
+fn by_default_only_the_builtin_proxys_own_cgroup_runs_the_proxy_side_programs() {
+    use libbpf_sys::{BPF_CGROUP_GETSOCKOPT, BPF_CGROUP_SOCK_OPS};
+    let testbed = root_testbed!();
+    let _server = servers::http(&testbed.server, "[::]:80").unwrap();
+    testbed.reject_direct(&testbed.apps, "tcp", 80);
+    let others =
+        proxy_redirect::sys::cgroup::ChildCgroup::create(testbed.parent.path(), "others").unwrap();
+    let apps = testbed.apps.path().display().to_string();
+    let args = ["redirect", "-c", &apps, "--json"].map(String::from);
+    let redirector = Running::start(
+        BIN,
+        &args,
+        Some(&testbed.client),
+        Some(&testbed.proxy),
+        "Attached",
+    );
+    // Only SO_ORIGINAL_DST answered in the proxy's cgroup gets it through.
+    curl_ok(testbed.in_apps("curl"), &format!("http://{SERVER_V4}/"));
+    let proxy = testbed.proxy.path().to_path_buf();
+    assert_eq!(
+        redirect_programs_over(&proxy, BPF_CGROUP_GETSOCKOPT),
+        [(proxy.clone(), "redirect_getsoc".to_owned())]
+    );
+    assert_eq!(
+        redirect_programs_over(&proxy, BPF_CGROUP_SOCK_OPS),
+        [(proxy.clone(), "redirect_proxy_".to_owned())]
+    );
+    for attach_type in [BPF_CGROUP_GETSOCKOPT, BPF_CGROUP_SOCK_OPS] {
+        assert_eq!(
+            redirect_programs_over(others.path(), attach_type),
+            [],
+            "a connection outside the proxy's and the redirected cgroups runs none of ours"
+        );
+    }
+    let (output, _) = redirector.stop_ok();
+    assert!(
+        output.contains(&format!("answered in {}", proxy.display())),
+        "{output}"
+    );
+    assert_eq!(redirect_programs_over(&proxy, BPF_CGROUP_SOCK_OPS), []);
+}
+
 #[test]
 fn sigkill_leaves_nothing_attached_and_a_restart_works_at_once() {
     let testbed = root_testbed!();

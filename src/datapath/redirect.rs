@@ -6,7 +6,7 @@
 
 use std::mem::MaybeUninit;
 use std::net::{IpAddr, SocketAddr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
@@ -61,7 +61,9 @@ pub struct RedirectArgs {
     #[arg(short, long, value_name = "CGROUP")]
     pub cgroup: Option<PathBuf>,
     /// cgroup where the proxy's SO_ORIGINAL_DST calls are answered; it must
-    /// contain the proxy [default: the cgroup2 root]
+    /// contain the proxy. Every connection there runs a short program
+    /// [default: this process's cgroup for the built-in proxy, the cgroup2
+    /// root with --no-proxy]
     #[arg(long, value_name = "CGROUP")]
     pub sockopt_cgroup: Option<PathBuf>,
     /// Destination ports to redirect, comma-separated
@@ -128,7 +130,8 @@ struct Plan {
     excluded_uid: Option<u32>,
 }
 
-fn plan(args: &RedirectArgs) -> Result<Plan> {
+/// `answering`: the sockopt cgroup when `--sockopt-cgroup` is not given.
+fn plan(args: &RedirectArgs, answering: &Path) -> Result<Plan> {
     let (proxy_v4, proxy_v6) = cli::proxy_addresses(&args.proxy_ips, args.proxy_port, "-i")?;
     let excluded_uid = args
         .exclude_user
@@ -137,7 +140,10 @@ fn plan(args: &RedirectArgs) -> Result<Plan> {
         .transpose()?;
     Ok(Plan {
         cgroup: cgroup::resolve(args.cgroup.as_deref())?,
-        sockopt_cgroup: cgroup::resolve(args.sockopt_cgroup.as_deref())?,
+        sockopt_cgroup: match &args.sockopt_cgroup {
+            Some(path) => cgroup::resolve(Some(path))?,
+            None => answering.to_path_buf(),
+        },
         proxy_v4,
         proxy_v6,
         excluded_uid,
@@ -146,12 +152,52 @@ fn plan(args: &RedirectArgs) -> Result<Plan> {
 
 /// Everything `prepare` would check, without changing the system.
 pub fn check(args: &RedirectArgs) -> Result<()> {
-    let plan = plan(args)?;
+    let plan = plan(args, &default_sockopt_cgroup(args, false, None)?)?;
     privileges::require_bpf("redirect")?;
     for (cgroup, attach_type, hook) in hooks(args, &plan) {
         links::check_cgroup_hook(cgroup, attach_type, hook)?;
     }
     Ok(())
+}
+
+/// Where SO_ORIGINAL_DST is answered when `--sockopt-cgroup` is not given:
+/// an external proxy may run anywhere, the built-in one runs in this
+/// process's cgroup, so that the host's other connections never run the
+/// proxy-side programs. Listening sockets taken over from a predecessor
+/// (`inherited`) stay in the cgroup they were made in, which the cgroup of
+/// the predecessor's pinned link holds; where that is unknown, the root.
+fn default_sockopt_cgroup(
+    args: &RedirectArgs,
+    inherited: bool,
+    pins: Option<&PinDir>,
+) -> Result<PathBuf> {
+    if args.no_proxy {
+        return cgroup::resolve(None);
+    }
+    let own = cgroup::own()?;
+    if !inherited {
+        return Ok(own);
+    }
+    let predecessors = pins
+        .and_then(|pins| links::pinned_cgroup_id(&pins.link("redirect_getsockopt")))
+        .and_then(cgroup::find_by_id);
+    match predecessors {
+        Some(predecessors) => Ok(cgroup::common_ancestor(&own, &predecessors)),
+        None => cgroup::resolve(None),
+    }
+}
+
+/// Whether the built-in proxy's sockets came from a predecessor.
+fn inherited_proxy_sockets(ctx: &RunContext, plan: &Plan) -> bool {
+    use crate::sys::handover::{tcp_listener_role, udp_socket_role};
+    let ours: Vec<String> = [plan.proxy_v4, plan.proxy_v6]
+        .into_iter()
+        .flat_map(|addr| [tcp_listener_role(addr, false), udp_socket_role(addr)])
+        .collect();
+    ctx.inheritance
+        .taken()
+        .iter()
+        .any(|role| ours.contains(role))
 }
 
 /// Every cgroup hook redirect attaches to, as (cgroup, attach type, name).
@@ -234,11 +280,15 @@ pub struct Redirect {
     pins: Option<PinDir>,
     /// When sweep_idle_shares last ran.
     last_sweep: std::time::Instant,
+    /// The sockopt cgroup while the configuration names none.
+    default_sockopt: PathBuf,
 }
 
 impl Redirect {
     pub fn prepare(args: &RedirectArgs, ctx: &RunContext) -> Result<Redirect> {
-        let plan = plan(args)?;
+        // Where a default answers depends on where the proxy's sockets come
+        // from: decided once they are bound.
+        let mut plan = plan(args, &cgroup::resolve(None)?)?;
         privileges::require_bpf("redirect")?;
         warn_about_cilium(&plan);
         let bound = if args.no_proxy {
@@ -259,6 +309,11 @@ impl Redirect {
         // waiting in a handed-over accept queue, and clients between their
         // connect() and the proxy's accept, find theirs.
         let mut pins = ctx.pin_dir("redirect", layout())?;
+        let inherited = inherited_proxy_sockets(ctx, &plan);
+        let default_sockopt = default_sockopt_cgroup(args, inherited, pins.as_ref())?;
+        if args.sockopt_cgroup.is_none() {
+            plan.sockopt_cgroup = default_sockopt.clone();
+        }
         let skel =
             OwnedSkel::load(|object| load(args, &plan, builtin_proxy, ctx, pins.as_mut(), object))?;
         if let Some(pins) = &pins {
@@ -274,6 +329,7 @@ impl Redirect {
             udp_relay: None,
             pins,
             last_sweep: std::time::Instant::now(),
+            default_sockopt,
         })
     }
 
@@ -387,12 +443,17 @@ fn layout() -> u64 {
 /// What a reload may change while redirect runs, applied in place.
 impl Redirect {
     pub fn check_reload(&self, new: &RedirectArgs) -> Result<()> {
-        fixed_while_running(&self.args, new, &self.plan, &plan(new)?)
+        fixed_while_running(
+            &self.args,
+            new,
+            &self.plan,
+            &plan(new, &self.default_sockopt)?,
+        )
     }
 
     pub fn reload(&mut self, new: &RedirectArgs, _ctx: &RunContext) -> Result<()> {
         self.check_reload(new)?;
-        let plan = plan(new)?;
+        let plan = plan(new, &self.default_sockopt)?;
         // The new attachments come first, so that no connection passes
         // unredirected in between.
         if plan.cgroup != self.plan.cgroup || plan.sockopt_cgroup != self.plan.sockopt_cgroup {

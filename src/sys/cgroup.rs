@@ -23,13 +23,80 @@ pub fn cgroup2_mount() -> Result<PathBuf> {
 
 /// One mountinfo line -> its mount point when the file system is cgroup2.
 fn parse_cgroup2_mount(line: &str) -> Option<PathBuf> {
+    parse_cgroup2_mount_and_root(line).map(|(mount_point, _)| mount_point)
+}
+
+/// One mountinfo line -> (mount point, the cgroup the mount shows as its
+/// root) when the file system is cgroup2.
+fn parse_cgroup2_mount_and_root(line: &str) -> Option<(PathBuf, PathBuf)> {
     // "36 25 0:31 / /sys/fs/cgroup rw,nosuid shared:9 - cgroup2 cgroup2 rw"
     let (before, after) = line.split_once(" - ")?;
     if after.split_whitespace().next()? != "cgroup2" {
         return None;
     }
-    let mount_point = before.split_whitespace().nth(4)?;
-    Some(PathBuf::from(unescape_mountinfo(mount_point)))
+    let mut fields = before.split_whitespace();
+    let root = fields.nth(3)?;
+    let mount_point = fields.next()?;
+    Some((
+        PathBuf::from(unescape_mountinfo(mount_point)),
+        PathBuf::from(unescape_mountinfo(root)),
+    ))
+}
+
+/// The cgroup this process runs in, as a path under the cgroup2 mount.
+pub fn own() -> Result<PathBuf> {
+    let text = fs::read_to_string("/proc/self/cgroup").context("reading /proc/self/cgroup")?;
+    let line = text
+        .lines()
+        .find_map(|line| line.strip_prefix("0::"))
+        .context("this process is in no cgroup v2 (no 0:: line in /proc/self/cgroup)")?;
+    let mountinfo =
+        fs::read_to_string("/proc/self/mountinfo").context("reading /proc/self/mountinfo")?;
+    let (mount, root) = mountinfo
+        .lines()
+        .find_map(parse_cgroup2_mount_and_root)
+        .context("no cgroup2 file system is mounted (see /proc/self/mountinfo)")?;
+    let beneath = Path::new(line).strip_prefix(&root).with_context(|| {
+        format!(
+            "this process's cgroup {line} is outside the cgroup2 mount at {} (which shows \
+                 {}): name the cgroup with --sockopt-cgroup",
+            mount.display(),
+            root.display()
+        )
+    })?;
+    resolve(Some(&mount.join(beneath)))
+}
+
+/// The cgroup whose id (its directory's inode number) is `id`, if it is
+/// still there.
+pub fn find_by_id(id: u64) -> Option<PathBuf> {
+    use std::os::unix::fs::{DirEntryExt, MetadataExt};
+    let mount = cgroup2_mount().ok()?;
+    if fs::metadata(&mount).ok()?.ino() == id {
+        return Some(mount);
+    }
+    let mut directories = vec![mount];
+    while let Some(directory) = directories.pop() {
+        for entry in fs::read_dir(&directory).into_iter().flatten().flatten() {
+            if !entry.file_type().is_ok_and(|t| t.is_dir()) {
+                continue;
+            }
+            if entry.ino() == id {
+                return Some(entry.path());
+            }
+            directories.push(entry.path());
+        }
+    }
+    None
+}
+
+/// The nearest cgroup that holds both `a` and `b`.
+pub fn common_ancestor(a: &Path, b: &Path) -> PathBuf {
+    a.components()
+        .zip(b.components())
+        .take_while(|(x, y)| x == y)
+        .map(|(x, _)| x)
+        .collect()
 }
 
 /// mountinfo writes spaces and a few other bytes as `\ooo` octal escapes.
@@ -194,5 +261,25 @@ mod tests {
         let v1 = "36 24 0:31 / /sys/fs/cgroup/cpu rw - cgroup cgroup rw,cpu";
         assert_eq!(parse_cgroup2_mount(v1), None);
         assert_eq!(unescape_mountinfo(r"/a\040b"), "/a b");
+        let namespaced = "40 30 0:33 /kubepods/pod1 /sys/fs/cgroup ro - cgroup2 cgroup2 rw";
+        assert_eq!(
+            parse_cgroup2_mount_and_root(namespaced),
+            Some((
+                PathBuf::from("/sys/fs/cgroup"),
+                PathBuf::from("/kubepods/pod1")
+            ))
+        );
+    }
+
+    #[test]
+    fn the_common_ancestor_of_two_cgroups_holds_both() {
+        let a = Path::new("/sys/fs/cgroup/kubepods/pod-a");
+        let b = Path::new("/sys/fs/cgroup/kubepods/pod-b/ctr");
+        assert_eq!(common_ancestor(a, b), Path::new("/sys/fs/cgroup/kubepods"));
+        assert_eq!(common_ancestor(a, a), a);
+        assert_eq!(
+            common_ancestor(a, Path::new("/sys/fs/cgroup")),
+            Path::new("/sys/fs/cgroup")
+        );
     }
 }

@@ -500,14 +500,7 @@ fn adopt_link(
         Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(err) => return Err(err).context("opening it"),
     };
-    // SAFETY: bpf_link_info is plain data, valid when zeroed.
-    let mut info: libbpf_sys::bpf_link_info = unsafe { std::mem::zeroed() };
-    let mut len = std::mem::size_of::<libbpf_sys::bpf_link_info>() as u32;
-    // SAFETY: info is a complete bpf_link_info of len bytes.
-    let ret = unsafe { libbpf_sys::bpf_link_get_info_by_fd(fd.as_raw_fd(), &mut info, &mut len) };
-    if ret != 0 {
-        return Err(std::io::Error::from_raw_os_error(-ret)).context("reading it");
-    }
+    let info = link_info(&fd).context("reading it")?;
     if !on_our_hook(&info) {
         return Ok(None);
     }
@@ -523,6 +516,29 @@ fn adopt_link(
         return Err(std::io::Error::from_raw_os_error(-ret)).context("swapping its program");
     }
     Ok(Some(fd))
+}
+
+fn link_info(link: &OwnedFd) -> std::io::Result<libbpf_sys::bpf_link_info> {
+    // SAFETY: bpf_link_info is plain data, valid when zeroed.
+    let mut info: libbpf_sys::bpf_link_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libbpf_sys::bpf_link_info>() as u32;
+    // SAFETY: info is a complete bpf_link_info of len bytes.
+    let ret = unsafe { libbpf_sys::bpf_link_get_info_by_fd(link.as_raw_fd(), &mut info, &mut len) };
+    if ret != 0 {
+        return Err(std::io::Error::from_raw_os_error(-ret));
+    }
+    Ok(info)
+}
+
+/// The id of the cgroup that the cgroup link pinned at `pin` is attached
+/// to, if there is such a link.
+pub fn pinned_cgroup_id(pin: &Path) -> Option<u64> {
+    let info = link_info(&pins::open_pinned(pin).ok()?).ok()?;
+    if info.type_ != libbpf_sys::BPF_LINK_TYPE_CGROUP {
+        return None;
+    }
+    // SAFETY: the cgroup member is the one a cgroup link fills.
+    Some(unsafe { info.__bindgen_anon_1.cgroup.cgroup_id })
 }
 
 /// Pins a new link at `pin` in place of an earlier run's, which detaches

@@ -27,6 +27,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
+use proxy_redirect::sys::cgroup::ChildCgroup;
 use proxy_redirect::sys::netns::{self, NetNs};
 use rr::*;
 
@@ -141,7 +142,17 @@ fn connections_per_second(settings: &Settings) {
     let bpf = tuned_testbed();
     let _bpf_server = start_cps_server(&bpf.server);
     let bpf_stats_before = bpf_stats::set_enabled(true);
-    let redirector = bpf.redirect_without_events(&bpf.proxy, &["-P", &CPS_PORT.to_string()]);
+    // As a user runs it: SO_ORIGINAL_DST answered by default in the proxy's
+    // own cgroup, `proxy`.
+    let apps = bpf.apps.path().display().to_string();
+    let redirector = Running::start(
+        BIN,
+        &["redirect", "-c", &apps, "-P", &CPS_PORT.to_string()].map(String::from),
+        Some(&bpf.client),
+        Some(&bpf.proxy),
+        "Attached",
+    );
+    let others = ChildCgroup::create(bpf.parent.path(), "others").unwrap();
 
     let iptables = tuned_testbed();
     let _ipt_server = start_cps_server(&iptables.server);
@@ -154,9 +165,8 @@ fn connections_per_second(settings: &Settings) {
     let config = TempDir::new();
     let config_path = config.join("config.toml");
     let toml = format!(
-        "[redirect]\ncgroup = \"{}\"\nsockopt-cgroup = \"{}\"\nports = [{CPS_PORT}]\n",
+        "[redirect]\ncgroup = \"{}\"\nports = [{CPS_PORT}]\n",
         service.apps.path().display(),
-        service.parent.path().display()
     );
     std::fs::write(&config_path, toml).unwrap();
     let service_run = start_service(
@@ -192,8 +202,11 @@ fn connections_per_second(settings: &Settings) {
     let floor_start = floor.snapshot();
     let floor_connections = (measure_cps(&bpf, settings.cps_seconds) * settings.cps_seconds) as u64;
     let floor_redirected = floor.snapshot();
-    let bystanders = bystander_connections(&bpf, redirector.pid(), settings.cps_seconds);
+    let bystanders = bystander_connections(&bpf, &others, redirector.pid(), settings.cps_seconds);
     let floor_bystanders = floor.snapshot();
+    let proxys_own =
+        bystander_connections(&bpf, &bpf.proxy, redirector.pid(), settings.cps_seconds);
+    let floor_proxys_own = floor.snapshot();
     drop(floor);
     let (_, output, _) = redirector.stop();
     let (_, service_output, _) = service_run.stop();
@@ -218,11 +231,19 @@ fn connections_per_second(settings: &Settings) {
     );
     let (bystander_start, bystander_end, bystander_count) = bystanders;
     let per_bystander = bpf_stats::print_per_connection(
-        "bystander connection (outside the redirected cgroup, inside --sockopt-cgroup)",
+        "bystander connection (outside the redirected and the proxy's cgroups)",
         &REDIRECT_PROGRAMS,
         &bystander_start,
         &bystander_end,
         bystander_count,
+    );
+    let (own_start, own_end, own_count) = proxys_own;
+    let per_own = bpf_stats::print_per_connection(
+        "other connection of the proxy's cgroup (inside --sockopt-cgroup)",
+        &REDIRECT_PROGRAMS,
+        &own_start,
+        &own_end,
+        own_count,
     );
     let floor_per_connection = bpf_stats::print_per_connection(
         "redirected connection, the floor (programs that return at once, same hooks)",
@@ -231,21 +252,21 @@ fn connections_per_second(settings: &Settings) {
         &floor_redirected,
         floor_connections,
     );
-    let floor_per_bystander = bpf_stats::print_per_connection(
-        "bystander connection, the floor",
+    let floor_per_own = bpf_stats::print_per_connection(
+        "other connection of the proxy's cgroup, the floor",
         &FLOOR_HOOKS,
-        &floor_redirected,
         &floor_bystanders,
-        bystander_count,
+        &floor_proxys_own,
+        own_count,
     );
     let connect4 = bpf_stats::per_call(&stats_start[0], &stats_end[0]);
     let connect4_floor = bpf_stats::per_call(&floor_start[0], &floor_redirected[0]);
     println!(
         "\n  redirect over the floor: connect4 {:.1}x ({connect4:.0} ns / {connect4_floor:.0} ns), \
-         per redirected connection {:.1}x, per bystander {:.1}x",
+         per redirected connection {:.1}x, per other connection of the proxy's cgroup {:.1}x",
         connect4 / connect4_floor,
         per_connection / floor_per_connection,
-        per_bystander / floor_per_bystander,
+        per_own / floor_per_own,
     );
     // Both arms run the same proxy: what iptables adds is its arm's CPU
     // minus that of the redirect arm without its BPF.
@@ -310,7 +331,7 @@ impl Floor {
                 BPF_F_ALLOW_MULTI,
             ),
             CgroupProgram::attach(
-                testbed.parent.path(),
+                testbed.proxy.path(),
                 BPF_PROG_TYPE_SOCK_OPS,
                 BPF_CGROUP_SOCK_OPS,
                 c"floor_sockopt",
@@ -351,11 +372,12 @@ fn busy_cpu_seconds() -> f64 {
     busy / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
 }
 
-/// Connections from the proxy's cgroup (inside `--sockopt-cgroup`, outside
-/// the redirected one) to the same server: what every other connection of
-/// a host pays for redirect. The statistics before and after, and how many.
+/// Connections from `cgroup` (outside the redirected one) to the same
+/// server: what the host's other connections pay for redirect. The
+/// statistics before and after, and how many.
 fn bystander_connections(
     testbed: &Testbed,
+    cgroup: &ChildCgroup,
     redirector: u32,
     seconds: f64,
 ) -> (
@@ -364,7 +386,7 @@ fn bystander_connections(
     u64,
 ) {
     let exe = std::env::current_exe().unwrap().display().to_string();
-    let mut command = netns::command_in(&exe, Some(&testbed.client), Some(&testbed.proxy)).unwrap();
+    let mut command = netns::command_in(&exe, Some(&testbed.client), Some(cgroup)).unwrap();
     command.arg(RR_CLIENT);
     let start = bpf_stats::programs(&REDIRECT_PROGRAMS, redirector);
     let addr = format!("{SERVER_V4}:{CPS_PORT}").parse().unwrap();
