@@ -1343,6 +1343,11 @@ fn a_crash_mid_traffic_leaves_the_kernel_datapaths_working_and_a_restart_adopts_
         .ino();
     let lock = format!("tproxy-netns-{gateway}-table-");
     assert!(said.contains(&lock), "{said}");
+    // And its status and hand-over sockets, which nobody answers on.
+    assert!(said.contains("status.sock"), "{said}");
+    for socket in ["status.sock", "handover.sock"] {
+        assert!(!Path::new("/run/proxy-redirect").join(socket).exists());
+    }
     let left: Vec<_> = std::fs::read_dir("/run/proxy-redirect")
         .into_iter()
         .flatten()

@@ -19,7 +19,8 @@ connection, and removes them when it stops. After a crash without a restart
 they keep working, unowned; `proxy-redirect status` lists them and this
 command detaches and removes them, tproxy's rules and routes, and (before
 Linux 6.6) the clsact filters, when it runs in their network namespace,
-and the instance locks in /run/proxy-redirect that no process holds. It
+and the instance locks and sockets in /run/proxy-redirect that no process
+holds. It
 refuses while a running service owns DIR.")]
 pub struct CleanupArgs {
     /// The service's bpffs directory
@@ -47,12 +48,12 @@ pub fn run(args: &CleanupArgs) -> Result<()> {
             out!("{datapath}: {line}");
         }
     }
-    let locks = run_dir::remove_unheld_locks();
-    if !locks.is_empty() {
+    let left = run_dir::remove_left_behind();
+    if !left.is_empty() {
         out!(
-            "Removed the instance locks nobody held from {}: {}",
+            "Removed the locks and sockets nobody held from {}: {}",
             run_dir::RUN_DIR,
-            locks.join(", ")
+            left.join(", ")
         );
     }
     let removed = pins::remove_all(&args.pin_dir)?;

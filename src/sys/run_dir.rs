@@ -1,5 +1,5 @@
-//! root's run directory, /run/proxy-redirect: the status socket and the
-//! tproxy instance locks live in it.
+//! root's run directory, /run/proxy-redirect: the status and hand-over
+//! sockets and the tproxy instance locks live in it.
 
 use std::fs::{self, DirBuilder};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt};
@@ -9,28 +9,44 @@ use anyhow::{bail, Context, Result};
 
 pub const RUN_DIR: &str = "/run/proxy-redirect";
 
-/// Removes the instance locks in RUN_DIR that no process holds (those of a
-/// tproxy that was killed), and RUN_DIR once it is empty; their names.
-pub fn remove_unheld_locks() -> Vec<String> {
-    use std::os::fd::AsRawFd;
+/// Removes what a killed service or tproxy left in RUN_DIR: instance locks
+/// no process holds, and sockets nobody listens on; then RUN_DIR once it is
+/// empty. Their names.
+pub fn remove_left_behind() -> Vec<String> {
     let mut removed = Vec::new();
     for entry in fs::read_dir(RUN_DIR).into_iter().flatten().flatten() {
         let path = entry.path();
-        if path.extension().is_none_or(|ext| ext != "lock") {
-            continue;
-        }
-        let Ok(file) = fs::File::open(&path) else {
-            continue;
+        let left = match path.extension().and_then(|ext| ext.to_str()) {
+            Some("lock") => lock_is_unheld(&path),
+            Some("sock") => socket_is_dead(&path),
+            _ => false,
         };
-        // SAFETY: flock on a descriptor owned by file. Held while the file
-        // is unlinked, as the tproxy that held it did when it stopped.
-        let unheld = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0;
-        if unheld && fs::remove_file(&path).is_ok() {
+        if left && fs::remove_file(&path).is_ok() {
             removed.push(entry.file_name().to_string_lossy().into_owned());
         }
     }
     let _ = fs::remove_dir(RUN_DIR);
     removed
+}
+
+fn lock_is_unheld(path: &Path) -> bool {
+    use std::os::fd::AsRawFd;
+    let Ok(file) = fs::File::open(path) else {
+        return false;
+    };
+    // SAFETY: flock on a descriptor owned by file. Held while the file
+    // is unlinked, as the tproxy that held it did when it stopped.
+    unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) == 0 }
+}
+
+/// A socket whose process is gone refuses every connection; one that
+/// listens with another socket type (the hand-over's SOCK_SEQPACKET) says
+/// so with another error, and stays.
+fn socket_is_dead(path: &Path) -> bool {
+    match std::os::unix::net::UnixStream::connect(path) {
+        Ok(_) => false,
+        Err(err) => err.raw_os_error() == Some(libc::ECONNREFUSED),
+    }
 }
 
 /// Creates RUN_DIR if needed and checks that only root can write to it.
