@@ -45,6 +45,9 @@ const volatile __u32 proxy_ip6[4]; /* network order */
 const volatile __u16 proxy_port;   /* network order */
 const volatile __u32 proxy_mark;   /* 0: no mark check */
 const volatile __u32 proxy_tgid;   /* 0: no process check */
+/* The network namespace of the built-in proxy's listening sockets; 0
+ * without the built-in proxy. */
+const volatile __u64 proxy_netns_cookie;
 const volatile __u8 emit_events;
 
 /* Filters that a reload (SIGHUP) changes in place, through the mmap'ed
@@ -92,6 +95,15 @@ struct {
 	__type(key, struct cidr_v6_key);
 	__type(value, __u8);
 } include_v6 SEC(".maps"), exclude_v6 SEC(".maps");
+
+/* The built-in proxy's listening sockets: [0] IPv4, [1] IPv6. The kernel
+ * takes a socket out when it closes, so one found here is listening. */
+struct {
+	__uint(type, BPF_MAP_TYPE_SOCKMAP);
+	__uint(max_entries, 2);
+	__type(key, __u32);
+	__type(value, __u64);
+} proxy_listeners SEC(".maps");
 
 /* The client socket's original destination, from connect4/6 on. */
 struct {
@@ -294,6 +306,18 @@ static __always_inline int proxy_is_listening(struct bpf_sock_addr *ctx,
 	struct bpf_sock *sk;
 	__u32 tuple_size;
 
+	/* The built-in proxy's own listener, without a lookup of the
+	 * namespace's sockets; anything else is looked up. */
+	if (ctx->type == SOCK_STREAM && proxy_netns_cookie &&
+	    bpf_get_netns_cookie(ctx) == proxy_netns_cookie) {
+		__u32 index = proxy->family == ADDR_FAMILY_INET ? 0 : 1;
+
+		sk = bpf_map_lookup_elem(&proxy_listeners, &index);
+		if (sk) {
+			bpf_sk_release(sk);
+			return 1;
+		}
+	}
 	if (proxy->family == ADDR_FAMILY_INET) {
 		tuple.ipv4.daddr = proxy->ip[0];
 		tuple.ipv4.dport = proxy->port;
@@ -981,15 +1005,13 @@ static __always_inline void publish_pending(struct handover_key *key,
 	stat_add(&stats, STAT_ORIG_DST_PENDING, 1);
 }
 
-/* Removes the record of @key, giving back its shares; 1 if there was one. */
-static __always_inline int unpublish_pending(struct handover_key *key)
+/* Removes @record, found under @key, giving back its shares; 1 if this
+ * call removed it. */
+static __always_inline int remove_pending(struct handover_key *key,
+					  const struct pending_record *record)
 {
-	struct pending_record *record = bpf_map_lookup_elem(&pending_orig_dst, key);
-	__u32 uid;
+	__u32 uid = record->uid;
 
-	if (!record)
-		return 0;
-	uid = record->uid;
 	/* Of two callers racing here (the client closing, the proxy taking
 	 * the record), only the one whose delete succeeds gives back. */
 	if (bpf_map_delete_elem(&pending_orig_dst, key) != 0)
@@ -998,6 +1020,14 @@ static __always_inline int unpublish_pending(struct handover_key *key)
 	if (has_uid_share(uid))
 		give_back_share(&pending_per_uid, &uid);
 	return 1;
+}
+
+/* Removes the record of @key, giving back its shares; 1 if there was one. */
+static __always_inline int unpublish_pending(struct handover_key *key)
+{
+	struct pending_record *record = bpf_map_lookup_elem(&pending_orig_dst, key);
+
+	return record ? remove_pending(key, record) : 0;
 }
 
 /**
@@ -1022,7 +1052,7 @@ static __always_inline struct endpoint *take_record(struct bpf_sock *sk, struct 
 		return &record->original;
 	}
 	stat_add(&stats, STAT_ORIG_DST_HANDED_OVER, 1);
-	unpublish_pending(key);
+	remove_pending(key, record);
 	return answer;
 }
 

@@ -406,6 +406,35 @@ fn a_killed_service_leaves_redirect_refusing_rather_than_bypassing_the_proxy_and
     assert_eq!(testbed.attached_redirect_programs(), 0);
 }
 
+#[test]
+fn a_killed_service_with_when_proxy_down_open_lets_connections_go_direct_until_it_is_back() {
+    let _one = one_service_at_a_time();
+    let testbed = root_testbed!();
+    let bpffs = private_bpffs();
+    let web = servers::http(&testbed.server, "[::]:80").unwrap();
+    let file = ConfigFile::new(&format!(
+        "[redirect]\ncgroup = \"{}\"\nsockopt-cgroup = \"{}\"\nports = [80]\n",
+        testbed.apps.path().display(),
+        testbed.parent.path().display()
+    ));
+    let url = format!("http://{SERVER_V4}/");
+    let service = start(&testbed, &file, &bpffs);
+    curl_ok(testbed.in_apps("curl"), &url);
+
+    // The built-in proxy's listening socket died with it: the programs
+    // that stay must not take it for a proxy still listening.
+    service.kill();
+    let served = web.peers().len();
+    curl_ok(testbed.in_apps("curl"), &url);
+    assert_eq!(web.peers().len(), served + 1);
+
+    let service = start(&testbed, &file, &bpffs);
+    assert_adopting(&service);
+    curl_ok(testbed.in_apps("curl"), &url);
+    let (output, _) = service.stop_ok();
+    assert!(stat(&output, "redirected") >= 1, "{output}");
+}
+
 /// A copy of BIN at a path of the test's own, from which the service
 /// starts: an upgrade replaces the file there, as install(1) does.
 fn installed_build(dir: &TempDir) -> String {

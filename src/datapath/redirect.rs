@@ -6,6 +6,7 @@
 
 use std::mem::MaybeUninit;
 use std::net::{IpAddr, SocketAddr};
+use std::os::fd::RawFd;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -30,6 +31,7 @@ use crate::sys::cgroup::{self, CgroupFd};
 use crate::sys::links::{self, Attachments};
 use crate::sys::pins::{self, PinDir};
 use crate::sys::privileges;
+use crate::sys::sockopt;
 use crate::telemetry::events::comm_to_string;
 use crate::telemetry::stats::{Metric, Snapshot};
 use crate::{err_out, out};
@@ -304,7 +306,10 @@ impl Redirect {
                 .transpose()?;
             Some((proxy, udp_relay))
         };
-        let builtin_proxy = bound.is_some();
+        let listeners = bound
+            .as_ref()
+            .map(|(proxy, _)| proxy.listener_fds())
+            .unwrap_or_default();
         // The records go on from one process to the next: connections
         // waiting in a handed-over accept queue, and clients between their
         // connect() and the proxy's accept, find theirs.
@@ -315,7 +320,7 @@ impl Redirect {
             plan.sockopt_cgroup = default_sockopt.clone();
         }
         let skel =
-            OwnedSkel::load(|object| load(args, &plan, builtin_proxy, ctx, pins.as_mut(), object))?;
+            OwnedSkel::load(|object| load(args, &plan, &listeners, ctx, pins.as_mut(), object))?;
         if let Some(pins) = &pins {
             pins.report("records and links", "records");
         }
@@ -639,10 +644,12 @@ fn fixed_while_running(
     Ok(())
 }
 
+/// `listeners`: the built-in proxy's listening sockets, IPv4 then IPv6;
+/// none without it.
 fn load(
     args: &RedirectArgs,
     plan: &Plan,
-    builtin_proxy: bool,
+    listeners: &[RawFd],
     ctx: &RunContext,
     pins: Option<&mut PinDir>,
     open_object: &'static mut MaybeUninit<libbpf_rs::OpenObject>,
@@ -669,7 +676,15 @@ fn load(
     rodata.proxy_ip6 = cli::ipv6_words(proxy_ip6);
     rodata.proxy_port = args.proxy_port.to_be();
     rodata.proxy_mark = args.mark;
-    rodata.proxy_tgid = if builtin_proxy { std::process::id() } else { 0 };
+    rodata.proxy_tgid = match listeners.is_empty() {
+        true => 0,
+        false => std::process::id(),
+    };
+    rodata.proxy_netns_cookie = match listeners.first() {
+        Some(&listener) => sockopt::netns_cookie(listener)
+            .context("reading the network namespace of the proxy's socket")?,
+        None => 0,
+    };
     rodata.emit_events = (ctx.format != EventFormat::Off).into();
 
     let mut skel = open.load().context("loading the redirect BPF programs")?;
@@ -683,6 +698,16 @@ fn load(
         &[],
         &port_indexes(args.udp_ports.as_ref()),
     )?;
+    for (index, listener) in (0u32..).zip(listeners) {
+        skel.maps
+            .proxy_listeners
+            .update(
+                &index.to_ne_bytes(),
+                &(*listener as u64).to_ne_bytes(),
+                libbpf_rs::MapFlags::ANY,
+            )
+            .context("recording the proxy's listening socket")?;
+    }
     set_filters(&mut skel, args, plan)?;
     Ok(skel)
 }
