@@ -29,6 +29,7 @@
  * slot, which the relay reads as soon as its recvfrom returns.
  */
 #include "lib/common.h"
+#include "lib/proxy_listeners.h"
 #include "redirect.h"
 
 #define SOL_IP 0
@@ -95,15 +96,6 @@ struct {
 	__type(key, struct cidr_v6_key);
 	__type(value, __u8);
 } include_v6 SEC(".maps"), exclude_v6 SEC(".maps");
-
-/* The built-in proxy's listening sockets: [0] IPv4, [1] IPv6. The kernel
- * takes a socket out when it closes, so one found here is listening. */
-struct {
-	__uint(type, BPF_MAP_TYPE_SOCKMAP);
-	__uint(max_entries, 2);
-	__type(key, __u32);
-	__type(value, __u64);
-} proxy_listeners SEC(".maps");
 
 /* The client socket's original destination, from connect4/6 on. */
 struct {
@@ -310,7 +302,8 @@ static __always_inline int proxy_is_listening(struct bpf_sock_addr *ctx,
 	 * namespace's sockets; anything else is looked up. */
 	if (ctx->type == SOCK_STREAM && proxy_netns_cookie &&
 	    bpf_get_netns_cookie(ctx) == proxy_netns_cookie) {
-		__u32 index = proxy->family == ADDR_FAMILY_INET ? 0 : 1;
+		__u32 index =
+		    proxy->family == ADDR_FAMILY_INET ? PROXY_LISTENER_V4 : PROXY_LISTENER_V6;
 
 		sk = bpf_map_lookup_elem(&proxy_listeners, &index);
 		if (sk) {

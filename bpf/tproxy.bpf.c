@@ -24,6 +24,7 @@
 #include <linux/tcp.h>
 
 #include "lib/parse.h"
+#include "lib/proxy_listeners.h"
 
 #include "tproxy.h"
 
@@ -48,14 +49,6 @@ struct {
 	__type(key, __u16);
 	__type(value, __u8);
 } tproxy_ports SEC(".maps");
-
-/* The built-in proxy's listeners, 0: IPv4, 1: IPv6 (for tproxy_sk_lookup). */
-struct {
-	__uint(type, BPF_MAP_TYPE_SOCKMAP);
-	__uint(max_entries, 2);
-	__type(key, __u32);
-	__type(value, __u64);
-} proxy_listeners SEC(".maps");
 
 /* One record per new connection (SYN) to an intercepted port, when
  * emit_events is set. */
@@ -365,7 +358,7 @@ int tproxy_sk_lookup(struct bpf_sk_lookup *ctx)
 		return SK_PASS;
 	if (!bpf_map_lookup_elem(&tproxy_ports, &port))
 		return SK_PASS;
-	key = ctx->family == ADDR_FAMILY_INET6;
+	key = ctx->family == ADDR_FAMILY_INET6 ? PROXY_LISTENER_V6 : PROXY_LISTENER_V4;
 	sk = bpf_map_lookup_elem(&proxy_listeners, &key);
 	if (!sk)
 		return SK_PASS;

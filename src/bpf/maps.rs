@@ -11,6 +11,15 @@ pub fn update<K: Plain, V: Plain>(map: &dyn MapCore, key: &K, value: &V) -> Resu
         .with_context(|| format!("updating map {}", map.name().to_string_lossy()))
 }
 
+/// The built-in proxy's listening sockets, IPv4 then IPv6, into the
+/// `proxy_listeners` sockmap of bpf/lib/proxy_listeners.h.
+pub fn put_proxy_listeners(map: &dyn MapCore, listeners: &[std::os::fd::RawFd]) -> Result<()> {
+    for (index, &listener) in (0u32..).zip(listeners) {
+        update(map, &index, &(listener as u64))?;
+    }
+    Ok(())
+}
+
 /// Every entry of a hash map (a snapshot; entries may change meanwhile).
 pub fn entries<K: Plain + Copy, V: Plain + Copy>(map: &dyn MapCore) -> Result<Vec<(K, V)>> {
     let mut out = Vec::new();

@@ -698,16 +698,7 @@ fn load(
         &[],
         &port_indexes(args.udp_ports.as_ref()),
     )?;
-    for (index, listener) in (0u32..).zip(listeners) {
-        skel.maps
-            .proxy_listeners
-            .update(
-                &index.to_ne_bytes(),
-                &(*listener as u64).to_ne_bytes(),
-                libbpf_rs::MapFlags::ANY,
-            )
-            .context("recording the proxy's listening socket")?;
-    }
+    maps::put_proxy_listeners(&skel.maps.proxy_listeners, listeners)?;
     set_filters(&mut skel, args, plan)?;
     Ok(skel)
 }

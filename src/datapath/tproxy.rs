@@ -317,9 +317,7 @@ impl Tproxy {
             pins.report("links, rules and routes", "counters");
         }
         if let Some(proxy) = &bound {
-            for (key, fd) in proxy.listener_fds().into_iter().enumerate() {
-                maps::update(&skel.maps.proxy_listeners, &(key as u32), &(fd as u64))?;
-            }
+            maps::put_proxy_listeners(&skel.maps.proxy_listeners, &proxy.listener_fds())?;
         }
         // Watching before attaching: a deletion in between is not missed.
         // The rule follows the name by itself (iif), the route is on lo.
