@@ -1102,7 +1102,7 @@ int redirect_proxy_sockops(struct bpf_sock_ops *skops)
 	struct pending_record *record;
 	struct bpf_sock *sk;
 
-	/* Every connection of this cgroup (the cgroup2 root by default) runs
+	/* Every connection of this cgroup (the proxy's own by default) runs
 	 * this at fixed points of its life: all but one return here. */
 	if (skops->op != BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB ||
 	    bpf_htons((__u16)skops->local_port) != proxy_port)

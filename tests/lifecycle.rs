@@ -743,6 +743,79 @@ fn a_new_process_started_with_take_over_takes_the_place_of_the_running_one_as_a_
     assert_eq!(testbed.attached_redirect_programs(), 0);
 }
 
+#[test]
+fn a_successor_that_cannot_see_the_cgroup_of_the_sockets_it_would_take_refuses_the_take_over() {
+    let _one = one_service_at_a_time();
+    let testbed = root_testbed!();
+    let bpffs = private_bpffs();
+    let _web = servers::http(&testbed.server, "[::]:80").unwrap();
+    let file = ConfigFile::new(&format!(
+        "[redirect]\ncgroup = \"{}\"\nports = [80]\n",
+        testbed.apps.path().display()
+    ));
+    let old_pod = ChildCgroup::create(testbed.parent.path(), "old-pod").unwrap();
+    let new_pod = ChildCgroup::create(testbed.parent.path(), "new-pod").unwrap();
+    let url = format!("http://{SERVER_V4}/");
+    let pin_dir = bpffs.pin_dir().display().to_string();
+    let old = Running::start(
+        BIN,
+        &service_args(&file.path, &["--pin-dir", &pin_dir]),
+        Some(&testbed.client),
+        Some(&old_pod),
+        "Service running",
+    );
+    curl_ok(testbed.in_apps("curl"), &url);
+
+    // As in a container with a cgroup namespace of its own: the first
+    // cgroup2 mount shows only the new pod's cgroup, and the host's tree
+    // is mounted later elsewhere (/host/sys/fs/cgroup in a DaemonSet).
+    // The old pod's cgroup is not under the first.
+    let dirs = TempDir::new();
+    let (stash, host) = (dirs.join("stash"), dirs.join("host"));
+    std::fs::create_dir(&stash).unwrap();
+    std::fs::create_dir(&host).unwrap();
+    let apps = host.join(testbed.apps.relative_path().unwrap());
+    let config = ConfigFile::new(&format!(
+        "[redirect]\ncgroup = \"{}\"\nports = [80]\n",
+        apps.display()
+    ));
+    let mount = proxy_redirect::sys::cgroup::cgroup2_mount().unwrap();
+    let mut successor =
+        netns::command_in("unshare", Some(&testbed.client), Some(&new_pod)).unwrap();
+    successor.args(["--mount", "sh", "-c", CONTAINER_CGROUP_MOUNTS, "sh"]);
+    successor.args([&mount, &stash, &host]).arg(BIN);
+    successor.args(service_args(
+        &config.path,
+        &["--pin-dir", &pin_dir, "--take-over"],
+    ));
+    let out = run(successor);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("set sockopt-cgroup to a cgroup that holds both services"),
+        "{err}"
+    );
+    curl_ok(testbed.in_apps("curl"), &url);
+    assert_eq!(answered_in(old_pod.path()), [old_pod.path()]);
+    old.stop_ok();
+    assert!(!bpffs.pin_dir().exists());
+    assert_eq!(answered_in(old_pod.path()), Vec::<PathBuf>::new());
+}
+
+/// `sh -c` with MOUNT STASH HOST COMMAND...: runs COMMAND in a new cgroup
+/// namespace (in a private mount namespace already), with a cgroup2 mount
+/// of that namespace at MOUNT first and the whole tree at HOST after it.
+const CONTAINER_CGROUP_MOUNTS: &str = r#"set -e
+mount --bind "$1" "$2"
+umount -l "$1"
+exec unshare --cgroup sh -c '
+set -e
+mount -t cgroup2 cgroup2 "$1"
+mount --bind "$2" "$3"
+umount -l "$2"
+shift 3
+exec "$@"' sh "$@""#;
+
 /// The cgroups whose redirect getsockopt programs a socket of `cgroup` runs.
 fn answered_in(cgroup: &Path) -> Vec<PathBuf> {
     proxy_redirect::sys::links::cgroup_neighbours(cgroup, libbpf_sys::BPF_CGROUP_GETSOCKOPT)

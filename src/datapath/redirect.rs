@@ -7,7 +7,7 @@
 use std::mem::MaybeUninit;
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::RawFd;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
@@ -132,8 +132,9 @@ struct Plan {
     excluded_uid: Option<u32>,
 }
 
-/// `answering`: the sockopt cgroup when `--sockopt-cgroup` is not given.
-fn plan(args: &RedirectArgs, answering: &Path) -> Result<Plan> {
+/// `answering`: the sockopt cgroup when `--sockopt-cgroup` is not given
+/// (not called when it is).
+fn plan(args: &RedirectArgs, answering: impl FnOnce() -> Result<PathBuf>) -> Result<Plan> {
     let (proxy_v4, proxy_v6) = cli::proxy_addresses(&args.proxy_ips, args.proxy_port, "-i")?;
     let excluded_uid = args
         .exclude_user
@@ -144,7 +145,7 @@ fn plan(args: &RedirectArgs, answering: &Path) -> Result<Plan> {
         cgroup: cgroup::resolve(args.cgroup.as_deref())?,
         sockopt_cgroup: match &args.sockopt_cgroup {
             Some(path) => cgroup::resolve(Some(path))?,
-            None => answering.to_path_buf(),
+            None => answering()?,
         },
         proxy_v4,
         proxy_v6,
@@ -154,7 +155,7 @@ fn plan(args: &RedirectArgs, answering: &Path) -> Result<Plan> {
 
 /// Everything `prepare` would check, without changing the system.
 pub fn check(args: &RedirectArgs) -> Result<()> {
-    let plan = plan(args, &default_sockopt_cgroup(args, false, None)?)?;
+    let plan = plan(args, || default_sockopt_cgroup(args, false, None))?;
     privileges::require_bpf("redirect")?;
     for (cgroup, attach_type, hook) in hooks(args, &plan) {
         links::check_cgroup_hook(cgroup, attach_type, hook)?;
@@ -167,7 +168,8 @@ pub fn check(args: &RedirectArgs) -> Result<()> {
 /// process's cgroup, so that the host's other connections never run the
 /// proxy-side programs. Listening sockets taken over from a predecessor
 /// (`inherited`) stay in the cgroup they were made in, which the cgroup of
-/// the predecessor's pinned link holds; where that is unknown, the root.
+/// the predecessor's pinned link holds (after a reload, this process's
+/// own link, at the cgroup it chose then).
 fn default_sockopt_cgroup(
     args: &RedirectArgs,
     inherited: bool,
@@ -180,13 +182,24 @@ fn default_sockopt_cgroup(
     if !inherited {
         return Ok(own);
     }
-    let predecessors = pins
-        .and_then(|pins| links::pinned_cgroup_id(&pins.link("redirect_getsockopt")))
-        .and_then(cgroup::find_by_id);
-    match predecessors {
-        Some(predecessors) => Ok(cgroup::common_ancestor(&own, &predecessors)),
-        None => cgroup::resolve(None),
+    let pinned = pins.and_then(|pins| links::pinned_cgroup_id(&pins.link("redirect_getsockopt")));
+    if let Some(predecessors) = pinned.and_then(cgroup::find_by_id) {
+        return Ok(cgroup::common_ancestor(&own, &predecessors));
     }
+    // Only the whole hierarchy surely holds them; inside a cgroup
+    // namespace the mount's root is not that.
+    let root = cgroup::resolve(None)?;
+    if cgroup::is_hierarchy_root(&root) {
+        return Ok(root);
+    }
+    let predecessors = match pinned {
+        Some(id) => format!("cgroup id {id}, not under {}", root.display()),
+        None => "a cgroup no pinned link names".to_owned(),
+    };
+    bail!(
+        "the proxy's sockets taken over were made in {predecessors}, where SO_ORIGINAL_DST \
+         must be answered: set sockopt-cgroup to a cgroup that holds both services"
+    )
 }
 
 /// Whether the built-in proxy's sockets came from a predecessor.
@@ -282,15 +295,16 @@ pub struct Redirect {
     pins: Option<PinDir>,
     /// When sweep_idle_shares last ran.
     last_sweep: std::time::Instant,
-    /// The sockopt cgroup while the configuration names none.
-    default_sockopt: PathBuf,
+    /// Whether the built-in proxy's sockets came from a predecessor, for
+    /// where a configuration that names no sockopt cgroup answers.
+    inherited: bool,
 }
 
 impl Redirect {
     pub fn prepare(args: &RedirectArgs, ctx: &RunContext) -> Result<Redirect> {
         // Where a default answers depends on where the proxy's sockets come
         // from: decided once they are bound.
-        let mut plan = plan(args, &cgroup::resolve(None)?)?;
+        let mut plan = plan(args, || cgroup::resolve(None))?;
         privileges::require_bpf("redirect")?;
         warn_about_cilium(&plan);
         let bound = if args.no_proxy {
@@ -315,9 +329,8 @@ impl Redirect {
         // connect() and the proxy's accept, find theirs.
         let mut pins = ctx.pin_dir("redirect", layout())?;
         let inherited = inherited_proxy_sockets(ctx, &plan);
-        let default_sockopt = default_sockopt_cgroup(args, inherited, pins.as_ref())?;
         if args.sockopt_cgroup.is_none() {
-            plan.sockopt_cgroup = default_sockopt.clone();
+            plan.sockopt_cgroup = default_sockopt_cgroup(args, inherited, pins.as_ref())?;
         }
         let skel =
             OwnedSkel::load(|object| load(args, &plan, &listeners, ctx, pins.as_mut(), object))?;
@@ -334,7 +347,7 @@ impl Redirect {
             udp_relay: None,
             pins,
             last_sweep: std::time::Instant::now(),
-            default_sockopt,
+            inherited,
         })
     }
 
@@ -447,18 +460,19 @@ fn layout() -> u64 {
 
 /// What a reload may change while redirect runs, applied in place.
 impl Redirect {
+    fn plan_for(&self, new: &RedirectArgs) -> Result<Plan> {
+        plan(new, || {
+            default_sockopt_cgroup(new, self.inherited, self.pins.as_ref())
+        })
+    }
+
     pub fn check_reload(&self, new: &RedirectArgs) -> Result<()> {
-        fixed_while_running(
-            &self.args,
-            new,
-            &self.plan,
-            &plan(new, &self.default_sockopt)?,
-        )
+        fixed_while_running(&self.args, new, &self.plan, &self.plan_for(new)?)
     }
 
     pub fn reload(&mut self, new: &RedirectArgs, _ctx: &RunContext) -> Result<()> {
         self.check_reload(new)?;
-        let plan = plan(new, &self.default_sockopt)?;
+        let plan = self.plan_for(new)?;
         // The new attachments come first, so that no connection passes
         // unredirected in between.
         if plan.cgroup != self.plan.cgroup || plan.sockopt_cgroup != self.plan.sockopt_cgroup {

@@ -56,6 +56,15 @@ pub fn own() -> Result<PathBuf> {
         .lines()
         .find_map(parse_cgroup2_mount_and_root)
         .context("no cgroup2 file system is mounted (see /proc/self/mountinfo)")?;
+    if Path::new(line)
+        .components()
+        .any(|c| c == std::path::Component::ParentDir)
+    {
+        bail!(
+            "this process's cgroup {line} is outside its cgroup namespace: name the cgroup with \
+             --sockopt-cgroup"
+        );
+    }
     let beneath = Path::new(line).strip_prefix(&root).with_context(|| {
         format!(
             "this process's cgroup {line} is outside the cgroup2 mount at {} (which shows \
@@ -65,6 +74,21 @@ pub fn own() -> Result<PathBuf> {
         )
     })?;
     resolve(Some(&mount.join(beneath)))
+}
+
+/// Whether `path` is a directory on a cgroup2 file system.
+pub fn is_cgroup2(path: &Path) -> bool {
+    // The field's width differs between architectures.
+    #[allow(clippy::unnecessary_cast)]
+    nix::sys::statfs::statfs(path)
+        .is_ok_and(|stat| stat.filesystem_type().0 as i64 == CGROUP2_SUPER_MAGIC)
+}
+
+/// Whether `path` is the root of the whole cgroup2 hierarchy (id 1), not
+/// that of a cgroup namespace or a mounted subtree.
+pub fn is_hierarchy_root(path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    fs::metadata(path).is_ok_and(|meta| meta.ino() == 1)
 }
 
 /// The cgroup whose id (its directory's inode number) is `id`, if it is
@@ -137,9 +161,7 @@ pub fn resolve(path: Option<&Path>) -> Result<PathBuf> {
     if !meta.is_dir() {
         bail!("cgroup {} is not a directory", full.display());
     }
-    let stat =
-        nix::sys::statfs::statfs(&full).with_context(|| format!("statfs {}", full.display()))?;
-    if stat.filesystem_type().0 as i64 != CGROUP2_SUPER_MAGIC {
+    if !is_cgroup2(&full) {
         bail!(
             "{} is not a cgroup v2 directory (cgroup2 is mounted at {})",
             full.display(),

@@ -761,7 +761,6 @@ pub fn cgroup_neighbours(
     cgroup: &Path,
     attach_type: libbpf_sys::bpf_attach_type,
 ) -> Result<Vec<CgroupNeighbour>> {
-    let root = crate::sys::cgroup::cgroup2_mount()?;
     let mut neighbours = Vec::new();
     let mut current = Some(cgroup);
     while let Some(dir) = current {
@@ -792,7 +791,11 @@ pub fn cgroup_neighbours(
                 flags,
             });
         }
-        current = if dir == root { None } else { dir.parent() };
+        // Up to the root of whichever cgroup2 mount holds `cgroup` (a
+        // container may see the host's tree at a second one).
+        current = dir
+            .parent()
+            .filter(|parent| crate::sys::cgroup::is_cgroup2(parent));
     }
     Ok(neighbours)
 }

@@ -16,13 +16,18 @@ pub fn remove_left_behind() -> Vec<String> {
     let mut removed = Vec::new();
     for entry in fs::read_dir(RUN_DIR).into_iter().flatten().flatten() {
         let path = entry.path();
-        let left = match path.extension().and_then(|ext| ext.to_str()) {
-            Some("lock") => lock_is_unheld(&path),
-            Some("sock") => socket_is_dead(&path),
-            _ => false,
+        let name = entry.file_name().to_string_lossy().into_owned();
+        // A successor's sockets, until they take the running one's place,
+        // are `status.sock.<pid>` and `handover.sock.<pid>`.
+        let left = if name.ends_with(".lock") {
+            lock_is_unheld(&path)
+        } else if name.ends_with(".sock") || name.contains(".sock.") {
+            socket_is_dead(&path)
+        } else {
+            false
         };
         if left && fs::remove_file(&path).is_ok() {
-            removed.push(entry.file_name().to_string_lossy().into_owned());
+            removed.push(name);
         }
     }
     let _ = fs::remove_dir(RUN_DIR);
