@@ -7,7 +7,7 @@ BIN := target/release/proxy-redirect
 APT_PACKAGES := clang llvm libelf-dev zlib1g-dev pkg-config linux-libc-dev \
 	clang-format iproute2 iptables nftables curl python3 bpftool tcpdump iperf3 haproxy ethtool \
 	squid nginx dnsmasq-base bind9-dnsutils python3-yaml systemd
-C_SOURCES := $(wildcard bpf/*.c bpf/lib/*.h include/*.h)
+C_SOURCES := $(wildcard bpf/*.c bpf/lib/*.h include/*.h tests/bench/bpf/*.c)
 
 .PHONY: all deps build test vm-deps vm-test demo bench fmt lint clean
 

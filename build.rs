@@ -1,5 +1,6 @@
-//! Compiles every `bpf/*.bpf.c` into a BPF object and a Rust skeleton in
-//! `OUT_DIR/<name>.skel.rs`.
+//! Compiles every `bpf/*.bpf.c` (the datapaths) and `tests/bench/bpf/*.bpf.c`
+//! (programs only the benches load) into a BPF object and a Rust skeleton
+//! in `OUT_DIR/<name>.skel.rs`.
 
 use std::env;
 use std::fs;
@@ -22,8 +23,12 @@ fn main() {
 
     println!("cargo:rerun-if-changed=include");
     println!("cargo:rerun-if-changed=bpf/lib");
-    for entry in fs::read_dir("bpf").expect("bpf/ directory") {
-        let path = entry.expect("readable bpf/ entry").path();
+    let sources = ["bpf", "tests/bench/bpf"].into_iter().flat_map(|dir| {
+        fs::read_dir(dir)
+            .unwrap_or_else(|err| panic!("{dir}/: {err}"))
+            .map(|entry| entry.expect("readable directory entry").path())
+    });
+    for path in sources {
         let Some(name) = bpf_program_name(&path) else {
             continue;
         };
