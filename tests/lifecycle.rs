@@ -659,22 +659,39 @@ fn a_successor_that_fails_leaves_the_service_serving_as_it_was() {
     assert_eq!(testbed.attached_redirect_programs(), 0);
 }
 
+/// Two pods of a DaemonSet, each in a cgroup of its own beside the
+/// redirected one, with a web server to reach through them and their
+/// redirect config (no sockopt-cgroup).
+struct TwoPods {
+    _web: servers::Server,
+    file: ConfigFile,
+    old_pod: ChildCgroup,
+    new_pod: ChildCgroup,
+    url: String,
+}
+
+fn two_pods(testbed: &Testbed) -> TwoPods {
+    TwoPods {
+        _web: servers::http(&testbed.server, "[::]:80").unwrap(),
+        file: ConfigFile::new(&format!(
+            "[redirect]\ncgroup = \"{}\"\nports = [80]\n",
+            testbed.apps.path().display()
+        )),
+        old_pod: ChildCgroup::create(testbed.parent.path(), "old-pod").unwrap(),
+        new_pod: ChildCgroup::create(testbed.parent.path(), "new-pod").unwrap(),
+        url: format!("http://{SERVER_V4}/"),
+    }
+}
+
 #[test]
 fn a_new_process_started_with_take_over_takes_the_place_of_the_running_one_as_a_rollout_would() {
     let _one = one_service_at_a_time();
     let testbed = root_testbed!();
     let bpffs = private_bpffs();
-    let _web = servers::http(&testbed.server, "[::]:80").unwrap();
     // No sockopt-cgroup: each pod answers SO_ORIGINAL_DST in its own
     // cgroup, and the new one must keep answering for the listening
     // sockets it takes over, which stay in the old pod's.
-    let file = ConfigFile::new(&format!(
-        "[redirect]\ncgroup = \"{}\"\nports = [80]\n",
-        testbed.apps.path().display()
-    ));
-    let old_pod = ChildCgroup::create(testbed.parent.path(), "old-pod").unwrap();
-    let new_pod = ChildCgroup::create(testbed.parent.path(), "new-pod").unwrap();
-    let url = format!("http://{SERVER_V4}/");
+    let pods = two_pods(&testbed);
     let pin_dir = bpffs.pin_dir().display().to_string();
     // What a DaemonSet's pods run: the old pod, then the new one beside it
     // (maxSurge: 1), each under the kubelet, which restarts what exits.
@@ -687,20 +704,20 @@ fn a_new_process_started_with_take_over_takes_the_place_of_the_running_one_as_a_
     let notify = Notifications::new();
     let mut old = Running::start_env(
         BIN,
-        &service_args(&file.path, &args),
+        &service_args(&pods.file.path, &args),
         Some(&testbed.client),
-        Some(&old_pod),
+        Some(&pods.old_pod),
         "Service running",
         &[("NOTIFY_SOCKET", &notify.path())],
     );
     assert_eq!(notify.next(), "READY=1");
-    curl_ok(testbed.in_apps("curl"), &url);
-    assert_eq!(answered_in(old_pod.path()), [old_pod.path()]);
+    curl_ok(testbed.in_apps("curl"), &pods.url);
+    assert_eq!(answered_in(pods.old_pod.path()), [pods.old_pod.path()]);
     let mut new = Running::start_env(
         BIN,
-        &service_args(&file.path, &args),
+        &service_args(&pods.file.path, &args),
         Some(&testbed.client),
-        Some(&new_pod),
+        Some(&pods.new_pod),
         "Service running",
         &[("NOTIFY_SOCKET", &notify.path())],
     );
@@ -713,7 +730,7 @@ fn a_new_process_started_with_take_over_takes_the_place_of_the_running_one_as_a_
     );
     assert_eq!(notify.next(), format!("MAINPID={}", new.pid()));
     assert_eq!(notify.next(), "READY=1");
-    curl_ok(testbed.in_apps("curl"), &url);
+    curl_ok(testbed.in_apps("curl"), &pods.url);
     let told = new.wait_for_line(
         |l| l.starts_with("The predecessor") && l.contains("let go"),
         Duration::from_secs(20),
@@ -733,8 +750,8 @@ fn a_new_process_started_with_take_over_takes_the_place_of_the_running_one_as_a_
         "{out}"
     );
     assert_eq!(pins::pinned_datapaths(&bpffs.pin_dir()), ["redirect"]);
-    curl_ok(testbed.in_apps("curl"), &url);
-    assert_eq!(answered_in(old_pod.path()), [testbed.parent.path()]);
+    curl_ok(testbed.in_apps("curl"), &pods.url);
+    assert_eq!(answered_in(pods.old_pod.path()), [testbed.parent.path()]);
     let status = proxy_redirect(&["status", "--json"]);
     let page: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
     assert_eq!(page["pid"].as_u64(), Some(u64::from(new.pid())));
@@ -748,23 +765,16 @@ fn a_successor_that_cannot_see_the_cgroup_of_the_sockets_it_would_take_refuses_t
     let _one = one_service_at_a_time();
     let testbed = root_testbed!();
     let bpffs = private_bpffs();
-    let _web = servers::http(&testbed.server, "[::]:80").unwrap();
-    let file = ConfigFile::new(&format!(
-        "[redirect]\ncgroup = \"{}\"\nports = [80]\n",
-        testbed.apps.path().display()
-    ));
-    let old_pod = ChildCgroup::create(testbed.parent.path(), "old-pod").unwrap();
-    let new_pod = ChildCgroup::create(testbed.parent.path(), "new-pod").unwrap();
-    let url = format!("http://{SERVER_V4}/");
+    let pods = two_pods(&testbed);
     let pin_dir = bpffs.pin_dir().display().to_string();
     let old = Running::start(
         BIN,
-        &service_args(&file.path, &["--pin-dir", &pin_dir]),
+        &service_args(&pods.file.path, &["--pin-dir", &pin_dir]),
         Some(&testbed.client),
-        Some(&old_pod),
+        Some(&pods.old_pod),
         "Service running",
     );
-    curl_ok(testbed.in_apps("curl"), &url);
+    curl_ok(testbed.in_apps("curl"), &pods.url);
 
     // As in a container with a cgroup namespace of its own: the first
     // cgroup2 mount shows only the new pod's cgroup, and the host's tree
@@ -781,7 +791,7 @@ fn a_successor_that_cannot_see_the_cgroup_of_the_sockets_it_would_take_refuses_t
     ));
     let mount = proxy_redirect::sys::cgroup::cgroup2_mount().unwrap();
     let mut successor =
-        netns::command_in("unshare", Some(&testbed.client), Some(&new_pod)).unwrap();
+        netns::command_in("unshare", Some(&testbed.client), Some(&pods.new_pod)).unwrap();
     successor.args(["--mount", "sh", "-c", CONTAINER_CGROUP_MOUNTS, "sh"]);
     successor.args([&mount, &stash, &host]).arg(BIN);
     successor.args(service_args(
@@ -795,11 +805,11 @@ fn a_successor_that_cannot_see_the_cgroup_of_the_sockets_it_would_take_refuses_t
         err.contains("set sockopt-cgroup to a cgroup that holds both services"),
         "{err}"
     );
-    curl_ok(testbed.in_apps("curl"), &url);
-    assert_eq!(answered_in(old_pod.path()), [old_pod.path()]);
+    curl_ok(testbed.in_apps("curl"), &pods.url);
+    assert_eq!(answered_in(pods.old_pod.path()), [pods.old_pod.path()]);
     old.stop_ok();
     assert!(!bpffs.pin_dir().exists());
-    assert_eq!(answered_in(old_pod.path()), Vec::<PathBuf>::new());
+    assert_eq!(answered_in(pods.old_pod.path()), Vec::<PathBuf>::new());
 }
 
 /// `sh -c` with MOUNT STASH HOST COMMAND...: runs COMMAND in a new cgroup
