@@ -18,6 +18,7 @@
 #[path = "../common/mod.rs"]
 #[allow(unused_imports)]
 mod common;
+#[allow(dead_code)]
 mod report;
 
 use std::io::{Read, Write};

@@ -268,20 +268,12 @@ fn connections_per_second(settings: &Settings) {
     let medians = ratio_table("median conn/s", &names, &mut results, 2);
     println!(
         "  target: port-nat no slower than iptables REDIRECT: {}",
-        if medians[1] >= medians[2] * 0.97 {
-            "met"
-        } else {
-            "NOT met"
-        }
+        report::verdict(medians[1] >= medians[2] * 0.97)
     );
     println!(
         "  target: the service adds nothing per connection (run --config within 3% of \
          port-nat): {}",
-        if medians[3] >= medians[1] * 0.97 {
-            "met"
-        } else {
-            "NOT met"
-        }
+        report::verdict(medians[3] >= medians[1] * 0.97)
     );
 }
 

@@ -35,6 +35,9 @@ const MESSAGE: usize = 64;
 const CPS_PORT: u16 = 80;
 const BULK_PORT: u16 = 443;
 const UDP_PORT: u16 = 53;
+/// The built-in proxy's port: redirect's default, where iptables REDIRECT
+/// sends too (HAPROXY_CONFIG binds the same).
+const PROXY_PORT: u16 = 15001;
 /// The steady UDP request rate at which the relay's CPU is measured too.
 const PACED_RATE: u32 = 5000;
 
@@ -88,7 +91,11 @@ fn in_netns(ns: &NetNs, program: &str, args: &[&str]) {
 fn builtin_proxy(testbed: &Testbed) -> Running {
     Running::start(
         BIN,
-        &["proxy".into(), "-l".into(), "127.0.0.1:15001".into()],
+        &[
+            "proxy".into(),
+            "-l".into(),
+            format!("127.0.0.1:{PROXY_PORT}"),
+        ],
         Some(&testbed.client),
         Some(&testbed.proxy),
         "Proxy listening",
@@ -116,7 +123,7 @@ fn iptables_redirect(testbed: &Testbed, port: u16) {
             "-j",
             "REDIRECT",
             "--to-ports",
-            "15001",
+            &PROXY_PORT.to_string(),
         ],
     );
 }
@@ -301,37 +308,36 @@ fn connections_per_second(settings: &Settings) {
         per_connection / 1e3 / iptables_own,
         per_bystander / 1e3,
     );
-    let verdict = |met: bool| if met { "met" } else { "NOT met" };
     println!(
         "  target: BPF per redirected connection at most 2 us: {} ({:.2} us; the work floor \
          alone {:.2} us)",
-        verdict(per_connection <= 2000.0),
+        report::verdict(per_connection <= 2000.0),
         per_connection / 1e3,
         work_floor_per_connection / 1e3,
     );
     println!(
         "  target: BPF per bystander connection at most 0.1 us: {} ({:.2} us)",
-        verdict(per_bystander <= 100.0),
+        report::verdict(per_bystander <= 100.0),
         per_bystander / 1e3,
     );
     println!(
         "  target: connect4 at most 500 ns: {} ({connect4:.0} ns; the work floor's socket \
          storage alone {connect4_work_floor:.0} ns)",
-        verdict(connect4 <= 500.0),
+        report::verdict(connect4 <= 500.0),
     );
     println!(
         "  target: BPF at most 0.25x what iptables REDIRECT adds: {} ({:.2}x)",
-        verdict(per_connection / 1e3 <= 0.25 * iptables_own),
+        report::verdict(per_connection / 1e3 <= 0.25 * iptables_own),
         per_connection / 1e3 / iptables_own,
     );
     println!(
         "  target: redirect no slower than iptables REDIRECT with the same proxy: {}",
-        verdict(medians[1] >= medians[2] * 0.97),
+        report::verdict(medians[1] >= medians[2] * 0.97),
     );
     println!(
         "  target: the service adds nothing per connection (run --config within 3% of \
          redirect): {}",
-        verdict(medians[3] >= medians[1] * 0.97),
+        report::verdict(medians[3] >= medians[1] * 0.97),
     );
 }
 
@@ -400,7 +406,7 @@ impl Floor {
         let mut open = work_floor::WorkFloorSkelBuilder::default()
             .open(&mut object)
             .unwrap();
-        open.maps.rodata_data.as_deref_mut().unwrap().proxy_port = 15001u16.to_be();
+        open.maps.rodata_data.as_deref_mut().unwrap().proxy_port = PROXY_PORT.to_be();
         let skel = open.load().unwrap();
         let progs = &skel.progs;
         // The programs live on in their descriptors once the skeleton is gone.
@@ -604,11 +610,7 @@ fn udp_request_rate(settings: &Settings) {
     );
     println!(
         "  target: redirect + relay at least 0.5x direct: {}",
-        if medians[1] >= medians[0] * 0.5 {
-            "met"
-        } else {
-            "NOT met"
-        }
+        report::verdict(medians[1] >= medians[0] * 0.5)
     );
 }
 
@@ -704,10 +706,6 @@ fn bulk_throughput(settings: &Settings) {
     let medians = report::ratio_table("median Gbit/s", &names, &mut results, 2);
     println!(
         "  target: built-in proxy at least as fast as HAProxy: {}",
-        if medians[1] >= medians[2] * 0.97 {
-            "met"
-        } else {
-            "NOT met"
-        }
+        report::verdict(medians[1] >= medians[2] * 0.97)
     );
 }

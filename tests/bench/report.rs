@@ -55,3 +55,12 @@ pub fn ratio_table(unit: &str, names: &[&str], results: &mut [Vec<f64>], other: 
 fn short(name: &str) -> &str {
     name.split_whitespace().next().unwrap_or(name)
 }
+
+/// How a target line ends: whether the run met it.
+pub fn verdict(met: bool) -> &'static str {
+    if met {
+        "met"
+    } else {
+        "NOT met"
+    }
+}

@@ -238,10 +238,6 @@ fn bulk_throughput(settings: &Settings) {
 fn print_target(medians: &[f64]) {
     println!(
         "  target: tproxy no slower than iptables TPROXY with the same proxy: {}",
-        if medians[1] >= medians[2] * 0.97 {
-            "met"
-        } else {
-            "NOT met"
-        }
+        report::verdict(medians[1] >= medians[2] * 0.97)
     );
 }
