@@ -972,9 +972,11 @@ static __always_inline void count_refusal(struct handover_key *key, __u32 reason
 /**
  * publish_pending() - the client's record under (namespace, 4-tuple), for
  * the proxy's accepted socket, within the namespace's and the user's share
+ *
+ * Returns 0 when the record was refused.
  */
-static __always_inline void publish_pending(struct handover_key *key,
-					    const struct client_record *client)
+static __always_inline int publish_pending(struct handover_key *key,
+					   const struct client_record *client)
 {
 	struct pending_record record = {.original = client->original, .uid = client->uid};
 	__u32 reason = 0;
@@ -993,9 +995,10 @@ static __always_inline void publish_pending(struct handover_key *key,
 	}
 	if (reason) {
 		count_refusal(key, reason);
-		return;
+		return 0;
 	}
 	stat_add(&stats, STAT_ORIG_DST_PENDING, 1);
+	return 1;
 }
 
 /* Removes @record, found under @key, giving back its shares; 1 if this
@@ -1068,7 +1071,7 @@ int redirect_sockops(struct bpf_sock_ops *skops)
 		if (!client)
 			break;
 		handover_key(skops, &key, 1);
-		publish_pending(&key, client);
+		client->refused = !publish_pending(&key, client);
 		request_state_changes(skops);
 		break;
 	case BPF_SOCK_OPS_STATE_CB:
@@ -1076,16 +1079,20 @@ int redirect_sockops(struct bpf_sock_ops *skops)
 			break;
 		/* Another program's callbacks, on a socket never redirected. */
 		sk = skops->sk;
-		if (!sk || !bpf_sk_storage_get(&client_orig_dst, sk, 0, 0))
+		client = sk ? bpf_sk_storage_get(&client_orig_dst, sk, 0, 0) : NULL;
+		if (!client)
 			break;
 		/* Never accepted, or refused: nothing may stay behind once the
-		 * client's socket is gone. */
+		 * client's socket is gone. The refused table is looked at only
+		 * for a refused record: a lookup in a table this size misses
+		 * the cache, and costs as much for a key that is not there. */
 		handover_key(skops, &key, 1);
-		if (unpublish_pending(&key))
-			stat_add(&stats, STAT_ORIG_DST_UNCLAIMED, 1);
-		/* A delete locks its bucket even for nothing: look first. */
-		else if (bpf_map_lookup_elem(&refused_orig_dst, &key))
+		if (client->refused) {
 			bpf_map_delete_elem(&refused_orig_dst, &key);
+			client->refused = 0;
+		} else if (unpublish_pending(&key)) {
+			stat_add(&stats, STAT_ORIG_DST_UNCLAIMED, 1);
+		}
 		break;
 	}
 	return 1;

@@ -26,6 +26,8 @@ struct client_record {
 	struct endpoint original;
 	__u32 uid;
 	__u64 cookie;
+	__u32 refused; /* its TCP record was refused: refused_orig_dst has its key */
+	__u32 pad;
 };
 
 /* A connection between the client's SYN and the proxy's accept. */

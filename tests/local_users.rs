@@ -602,6 +602,12 @@ time.sleep(8)
     }
     let _ = attacker.kill();
     let _ = attacker.wait();
+    // Its sockets closed with it: neither their records nor the marks of
+    // those refused may stay behind.
+    for map in ["pending_orig_ds", "refused_orig_ds"] {
+        let left = map_entries(redirector.pid(), map).len();
+        assert_eq!(left, 0, "{left} entries left in {map}");
+    }
     let (output, _) = redirector.stop_ok();
     assert!(
         summary_value(&output, "redirect", "original_destinations_refused") > 1000,

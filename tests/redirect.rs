@@ -338,34 +338,6 @@ fn original_destination_maps_are_empty_after_many_connections() {
     assert_maps_empty(&output);
 }
 
-/// The entries of `redirect`'s map `name` (as the kernel shortens it),
-/// through bpftool: the one that process `pid` holds.
-fn map_entries(pid: u32, name: &str) -> Vec<serde_json::Value> {
-    for entry in std::fs::read_dir(format!("/proc/{pid}/fdinfo"))
-        .unwrap()
-        .flatten()
-    {
-        let info = std::fs::read_to_string(entry.path()).unwrap_or_default();
-        let Some(id) = info.lines().find_map(|l| l.strip_prefix("map_id:")) else {
-            continue;
-        };
-        let show = std::process::Command::new("bpftool")
-            .args(["-j", "map", "show", "id", id.trim()])
-            .output()
-            .unwrap();
-        let shown: serde_json::Value = serde_json::from_slice(&show.stdout).unwrap_or_default();
-        if shown["name"] != name {
-            continue;
-        }
-        let dump = std::process::Command::new("bpftool")
-            .args(["-j", "map", "dump", "id", id.trim()])
-            .output()
-            .unwrap();
-        return serde_json::from_slice(&dump.stdout).unwrap();
-    }
-    panic!("process {pid} holds no map {name}");
-}
-
 /// A namespace's count of waiting records stays, at 0, while it makes
 /// connections (no insert and delete per connection), and is swept once
 /// it has none: namespaces that come and go leave nothing behind.

@@ -1110,3 +1110,31 @@ pub fn tc_programs(netns: &NetNs, device: &str) -> u32 {
     }
     tcx_programs(netns, device)
 }
+
+/// The entries of the map `name` (as the kernel shortens it, to 15
+/// characters) that process `pid` holds, through bpftool.
+pub fn map_entries(pid: u32, name: &str) -> Vec<serde_json::Value> {
+    for entry in std::fs::read_dir(format!("/proc/{pid}/fdinfo"))
+        .unwrap()
+        .flatten()
+    {
+        let info = std::fs::read_to_string(entry.path()).unwrap_or_default();
+        let Some(id) = info.lines().find_map(|l| l.strip_prefix("map_id:")) else {
+            continue;
+        };
+        let show = std::process::Command::new("bpftool")
+            .args(["-j", "map", "show", "id", id.trim()])
+            .output()
+            .unwrap();
+        let shown: serde_json::Value = serde_json::from_slice(&show.stdout).unwrap_or_default();
+        if shown["name"] != name {
+            continue;
+        }
+        let dump = std::process::Command::new("bpftool")
+            .args(["-j", "map", "dump", "id", id.trim()])
+            .output()
+            .unwrap();
+        return serde_json::from_slice(&dump.stdout).unwrap();
+    }
+    panic!("process {pid} holds no map {name}");
+}
