@@ -224,10 +224,11 @@ static __always_inline void emit(struct bpf_sock_addr *ctx, __u8 action, __u8 re
 				 const struct endpoint *original, const struct endpoint *target)
 {
 	struct redirect_event *event;
-	__u64 pid_tgid = bpf_get_current_pid_tgid();
+	__u64 pid_tgid;
 
 	if (!emit_events)
 		return;
+	pid_tgid = bpf_get_current_pid_tgid();
 	event = bpf_ringbuf_reserve(&events, sizeof(*event), 0);
 	if (!event) {
 		stat_add(&stats, STAT_EVENTS_LOST, 1);
@@ -378,10 +379,15 @@ static __always_inline int port_matches(struct bpf_sock_addr *ctx, __u16 port_ne
 	__u32 port = bpf_ntohs(port_net);
 	__u8 *redirected;
 
-	if (ctx->type == SOCK_DGRAM)
+	/* One map per call: the verifier inlines an array lookup only at a
+	 * call that always sees the same map, and clang would otherwise merge
+	 * the two calls into one. */
+	if (ctx->type == SOCK_DGRAM) {
 		redirected = bpf_map_lookup_elem(&redirect_udp_ports, &port);
-	else
+		barrier_var(redirected);
+	} else {
 		redirected = bpf_map_lookup_elem(&redirect_ports, &port);
+	}
 	return redirected && *redirected;
 }
 
@@ -447,9 +453,10 @@ static __always_inline enum connect_verdict handle_connect(struct bpf_sock_addr 
 			fresh = !endpoint_equal(&stored->original, original);
 			stored->original = *original;
 			stored->uid = (__u32)bpf_get_current_uid_gid();
-			stored->cookie = bpf_get_socket_cookie(ctx);
-			if (ctx->type == SOCK_DGRAM)
+			if (ctx->type == SOCK_DGRAM) {
+				stored->cookie = bpf_get_socket_cookie(ctx);
 				remember_send(ctx, stored);
+			}
 		} else {
 			reason = REASON_NO_MEMORY;
 		}

@@ -21,11 +21,12 @@ struct handover_key {
 };
 
 /* What a redirected socket's storage holds from connect4/6 or sendmsg4/6
- * on: where it wanted to go, which socket it is and who asked. */
+ * on: where it wanted to go, who asked and, for the UDP relay, which
+ * socket it is. */
 struct client_record {
 	struct endpoint original;
 	__u32 uid;
-	__u64 cookie;
+	__u64 cookie;  /* UDP only: the relay's replies ask for it */
 	__u32 refused; /* its TCP record was refused: refused_orig_dst has its key */
 	__u32 pad;
 };
