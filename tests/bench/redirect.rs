@@ -197,8 +197,11 @@ fn connections_per_second(settings: &Settings) {
             let busy = busy_cpu_seconds();
             let cps = measure_cps(testbed, settings.cps_seconds);
             let connections = cps * settings.cps_seconds;
-            cpu[i].push((busy_cpu_seconds() - busy) / connections * 1e6);
-            println!("  round {round} {name:<36} {cps:>10.0} conn/s");
+            let cpu_per_connection = (busy_cpu_seconds() - busy) / connections * 1e6;
+            cpu[i].push(cpu_per_connection);
+            println!(
+                "  round {round} {name:<36} {cps:>10.0} conn/s {cpu_per_connection:>8.1} us CPU/conn"
+            );
             results[i].push(cps);
         }
     }
@@ -231,9 +234,18 @@ fn connections_per_second(settings: &Settings) {
         );
     }
 
+    // Both arms run the same proxy, round by round: what iptables adds is
+    // its arm's CPU minus that of the redirect arm beside it, the median of
+    // the rounds' differences (a difference of the two medians moved with
+    // whatever else the machine did in other rounds).
+    let mut iptables_over_redirect: Vec<f64> = cpu[2]
+        .iter()
+        .zip(&cpu[1])
+        .map(|(iptables, bpf)| iptables - bpf)
+        .collect();
     let names: Vec<&str> = arms.iter().map(|(name, _)| *name).collect();
     let medians = report::ratio_table("median conn/s", &names, &mut results, 2);
-    let cpu_medians = report::ratio_table("machine CPU us/conn", &names, &mut cpu, 2);
+    report::ratio_table("machine CPU us/conn", &names, &mut cpu, 2);
     let redirected = bpf_stats::calls_since(&stats_start, &stats_end);
     let per_connection = bpf_stats::print_per_connection(
         "redirected connection",
@@ -298,9 +310,8 @@ fn connections_per_second(settings: &Settings) {
         per_connection / 1e3,
         work_floor_per_connection / 1e3,
     );
-    // Both arms run the same proxy: what iptables adds is its arm's CPU
-    // minus that of the redirect arm without its BPF.
-    let iptables_own = cpu_medians[2] - cpu_medians[1] + per_connection / 1e3;
+    // ... plus the redirect arm's BPF.
+    let iptables_own = report::median(&mut iptables_over_redirect) + per_connection / 1e3;
     println!(
         "\n  per connection: redirect's BPF {:.2} us, iptables REDIRECT's own {iptables_own:.2} us \
          ({:.2}x); BPF per bystander connection {:.2} us",
