@@ -39,6 +39,7 @@
 #define LOOPBACK_IFINDEX 1 /* lo, in every network namespace */
 #define ECONNREFUSED 111
 #define ENOBUFS 105
+#define E2BIG 7
 
 /* Configuration, set by user space before load. */
 const volatile __u32 proxy_ip4;	   /* network order */
@@ -105,20 +106,35 @@ struct {
 	__type(value, struct client_record);
 } client_orig_dst SEC(".maps");
 
-/* Original destinations between the client's SYN and the proxy's accept. */
+/* Original destinations between the client's SYN and the proxy's accept.
+ * Nearly every record lives for a handshake on loopback, so few wait at
+ * once: they go to a small table, whose buckets stay in the cache (a
+ * close's lookup in the 65,536 buckets of one big table missed it, and
+ * cost a client a fifth of its BPF), and to the overflow only when it is
+ * full. Together they hold PENDING_RECORDS. */
+#define PENDING_FIRST_RECORDS 4096
+#define PENDING_RECORDS 65536
+
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 65536);
+	__uint(max_entries, PENDING_FIRST_RECORDS);
 	__type(key, struct handover_key);
 	__type(value, struct pending_record);
 } pending_orig_dst SEC(".maps");
 
-/* How many pending_orig_dst records each network namespace and each user
- * holds. An entry stays at 0 once its records are gone, until user space
- * sweeps it (sweep_idle_shares, every 10 s): only 65,536 namespaces or
- * users that come and go between two sweeps could fill a map. 64-bit
- * counts: the compare-and-swap that gives one back exists only for those
- * on every BPF target. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, PENDING_RECORDS - PENDING_FIRST_RECORDS);
+	__type(key, struct handover_key);
+	__type(value, struct pending_record);
+} pending_overflow SEC(".maps");
+
+/* How many waiting records each network namespace and each user holds. An
+ * entry stays at 0 once its records are gone, until user space sweeps it
+ * (sweep_idle_shares, every 10 s): only 65,536 namespaces or users that
+ * come and go between two sweeps could fill a map. 64-bit counts: the
+ * compare-and-swap that gives one back exists only for those on every BPF
+ * target. */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 65536);
@@ -976,16 +992,32 @@ static __always_inline void count_refusal(struct handover_key *key, __u32 reason
 		bpf_map_update_elem(&pending_refusals, &refusal, &one, BPF_NOEXIST);
 }
 
+/* Inserts @record in the first table, or in the overflow when the first is
+ * full (only then: a record of the same key in the first table must keep
+ * failing the insert, as it would in one table). */
+static __always_inline enum pending_table insert_pending(struct handover_key *key,
+							 struct pending_record *record)
+{
+	long err = bpf_map_update_elem(&pending_orig_dst, key, record, BPF_NOEXIST);
+
+	if (err == 0)
+		return PENDING_FIRST;
+	if (err == -E2BIG && bpf_map_update_elem(&pending_overflow, key, record, BPF_NOEXIST) == 0)
+		return PENDING_OVERFLOW;
+	return PENDING_REFUSED;
+}
+
 /**
  * publish_pending() - the client's record under (namespace, 4-tuple), for
  * the proxy's accepted socket, within the namespace's and the user's share
  *
- * Returns 0 when the record was refused.
+ * Returns the table it went to, or PENDING_REFUSED.
  */
-static __always_inline int publish_pending(struct handover_key *key,
-					   const struct client_record *client)
+static __always_inline enum pending_table publish_pending(struct handover_key *key,
+							  const struct client_record *client)
 {
 	struct pending_record record = {.original = client->original, .uid = client->uid};
+	enum pending_table table = PENDING_REFUSED;
 	__u32 reason = 0;
 
 	if (!take_share(&pending_per_netns, &key->netns_cookie, PENDING_NETNS_SHARE)) {
@@ -994,30 +1026,33 @@ static __always_inline int publish_pending(struct handover_key *key,
 		   !take_share(&pending_per_uid, &record.uid, PENDING_UID_SHARE)) {
 		give_back_share(&pending_per_netns, &key->netns_cookie);
 		reason = REFUSED_UID_SHARE;
-	} else if (bpf_map_update_elem(&pending_orig_dst, key, &record, BPF_NOEXIST) != 0) {
-		give_back_share(&pending_per_netns, &key->netns_cookie);
-		if (has_uid_share(record.uid))
-			give_back_share(&pending_per_uid, &record.uid);
-		reason = REFUSED_TABLE_FULL;
+	} else {
+		table = insert_pending(key, &record);
+		if (table == PENDING_REFUSED) {
+			give_back_share(&pending_per_netns, &key->netns_cookie);
+			if (has_uid_share(record.uid))
+				give_back_share(&pending_per_uid, &record.uid);
+			reason = REFUSED_TABLE_FULL;
+		}
 	}
 	if (reason) {
 		count_refusal(key, reason);
-		return 0;
+		return PENDING_REFUSED;
 	}
 	stat_add(&stats, STAT_ORIG_DST_PENDING, 1);
-	return 1;
+	return table;
 }
 
-/* Removes @record, found under @key, giving back its shares; 1 if this
- * call removed it. */
-static __always_inline int remove_pending(struct handover_key *key,
+/* Removes @record, found under @key in @table, giving back its shares; 1 if
+ * this call removed it. */
+static __always_inline int remove_pending(void *table, struct handover_key *key,
 					  const struct pending_record *record)
 {
 	__u32 uid = record->uid;
 
 	/* Of two callers racing here (the client closing, the proxy taking
 	 * the record), only the one whose delete succeeds gives back. */
-	if (bpf_map_delete_elem(&pending_orig_dst, key) != 0)
+	if (bpf_map_delete_elem(table, key) != 0)
 		return 0;
 	give_back_share(&pending_per_netns, &key->netns_cookie);
 	if (has_uid_share(uid))
@@ -1025,12 +1060,13 @@ static __always_inline int remove_pending(struct handover_key *key,
 	return 1;
 }
 
-/* Removes the record of @key, giving back its shares; 1 if there was one. */
-static __always_inline int unpublish_pending(struct handover_key *key)
+/* Removes the record of @key from @table, giving back its shares; 1 if
+ * there was one. */
+static __always_inline int unpublish_pending(void *table, struct handover_key *key)
 {
-	struct pending_record *record = bpf_map_lookup_elem(&pending_orig_dst, key);
+	struct pending_record *record = bpf_map_lookup_elem(table, key);
 
-	return record ? remove_pending(key, record) : 0;
+	return record ? remove_pending(table, key, record) : 0;
 }
 
 /**
@@ -1040,7 +1076,8 @@ static __always_inline int unpublish_pending(struct handover_key *key)
  * thread's question creating it at this instant) the record stays
  * published, and answers, until the client's socket closes.
  */
-static __always_inline struct endpoint *take_record(struct bpf_sock *sk, struct handover_key *key,
+static __always_inline struct endpoint *take_record(struct bpf_sock *sk, void *table,
+						    struct handover_key *key,
 						    struct pending_record *record)
 {
 	struct endpoint *answer;
@@ -1055,8 +1092,20 @@ static __always_inline struct endpoint *take_record(struct bpf_sock *sk, struct 
 		return &record->original;
 	}
 	stat_add(&stats, STAT_ORIG_DST_HANDED_OVER, 1);
-	remove_pending(key, record);
+	remove_pending(table, key, record);
 	return answer;
+}
+
+/* The published record of @key: in the first table, or in the overflow. */
+static __always_inline struct pending_record *find_pending(struct handover_key *key, void **table)
+{
+	struct pending_record *record = bpf_map_lookup_elem(&pending_orig_dst, key);
+
+	*table = &pending_orig_dst;
+	if (record)
+		return record;
+	*table = &pending_overflow;
+	return bpf_map_lookup_elem(&pending_overflow, key);
 }
 
 /* On the redirected client's sockets (attached to the redirected cgroup). */
@@ -1078,7 +1127,7 @@ int redirect_sockops(struct bpf_sock_ops *skops)
 		if (!client)
 			break;
 		handover_key(skops, &key, 1);
-		client->refused = !publish_pending(&key, client);
+		client->table = publish_pending(&key, client);
 		request_state_changes(skops);
 		break;
 	case BPF_SOCK_OPS_STATE_CB:
@@ -1090,16 +1139,24 @@ int redirect_sockops(struct bpf_sock_ops *skops)
 		if (!client)
 			break;
 		/* Never accepted, or refused: nothing may stay behind once the
-		 * client's socket is gone. The refused table is looked at only
-		 * for a refused record: a lookup in a table this size misses
-		 * the cache, and costs as much for a key that is not there. */
+		 * client's socket is gone. Only the table the record went to
+		 * is looked at: a lookup that misses the cache costs as much
+		 * for a key that is not there. */
 		handover_key(skops, &key, 1);
-		if (client->refused) {
+		switch (client->table) {
+		case PENDING_FIRST:
+			if (unpublish_pending(&pending_orig_dst, &key))
+				stat_add(&stats, STAT_ORIG_DST_UNCLAIMED, 1);
+			break;
+		case PENDING_OVERFLOW:
+			if (unpublish_pending(&pending_overflow, &key))
+				stat_add(&stats, STAT_ORIG_DST_UNCLAIMED, 1);
+			break;
+		case PENDING_REFUSED:
 			bpf_map_delete_elem(&refused_orig_dst, &key);
-			client->refused = 0;
-		} else if (unpublish_pending(&key)) {
-			stat_add(&stats, STAT_ORIG_DST_UNCLAIMED, 1);
+			break;
 		}
+		client->table = PENDING_NONE;
 		break;
 	}
 	return 1;
@@ -1125,9 +1182,17 @@ int redirect_proxy_sockops(struct bpf_sock_ops *skops)
 	if (!sk)
 		return 1;
 	handover_key(skops, &key, 0);
+	/* Not find_pending(): the verifier calls a map's delete directly only
+	 * where a single map reaches the call, and this runs for every
+	 * redirected connection. */
 	record = bpf_map_lookup_elem(&pending_orig_dst, &key);
+	if (record) {
+		take_record(sk, &pending_orig_dst, &key, record);
+		return 1;
+	}
+	record = bpf_map_lookup_elem(&pending_overflow, &key);
 	if (record)
-		take_record(sk, &key, record);
+		take_record(sk, &pending_overflow, &key, record);
 	return 1;
 }
 
@@ -1207,11 +1272,12 @@ int redirect_getsockopt(struct bpf_sockopt *ctx)
 		 * namespace, has the connection's 4-tuple. */
 		struct handover_key key = {.netns_cookie = bpf_get_netns_cookie(ctx)};
 		struct pending_record *record;
+		void *table;
 
 		tuple_from_accepted(sk, &key.tuple);
-		record = bpf_map_lookup_elem(&pending_orig_dst, &key);
+		record = find_pending(&key, &table);
 		if (record) {
-			original = take_record(sk, &key, record);
+			original = take_record(sk, table, &key, record);
 		} else if (bpf_map_lookup_elem(&refused_orig_dst, &key)) {
 			/* A redirected connection whose record was over its
 			 * share: say so, rather than "not redirected". */

@@ -26,9 +26,18 @@ struct handover_key {
 struct client_record {
 	struct endpoint original;
 	__u32 uid;
-	__u64 cookie;  /* UDP only: the relay's replies ask for it */
-	__u32 refused; /* its TCP record was refused: refused_orig_dst has its key */
+	__u64 cookie; /* UDP only: the relay's replies ask for it */
+	__u32 table;  /* enum pending_table: where its TCP record went */
 	__u32 pad;
+};
+
+/* Where a TCP client's record went at its SYN, so that its close looks in
+ * that one table. */
+enum pending_table {
+	PENDING_NONE = 0,     /* not published */
+	PENDING_FIRST = 1,    /* pending_orig_dst */
+	PENDING_OVERFLOW = 2, /* pending_overflow: pending_orig_dst was full */
+	PENDING_REFUSED = 3,  /* refused: refused_orig_dst has its key */
 };
 
 /* A connection between the client's SYN and the proxy's accept. */
@@ -37,9 +46,10 @@ struct pending_record {
 	__u32 uid; /* whose share of pending_orig_dst it takes */
 };
 
-/* Of pending_orig_dst (65,536 records for the host), one network namespace
- * may hold this many, and one user other than root as many again, in all
- * its namespaces: nobody can take the others' records away. */
+/* Of the host's 65,536 waiting records (pending_orig_dst and
+ * pending_overflow), one network namespace may hold this many, and one user
+ * other than root as many again, in all its namespaces: nobody can take the
+ * others' records away. */
 #define PENDING_NETNS_SHARE 4096
 #define PENDING_UID_SHARE 4096
 

@@ -596,7 +596,11 @@ time.sleep(8)
         let out = attacker.wait_with_output().unwrap();
         panic!("the attacker: {}", String::from_utf8_lossy(&out.stderr));
     }
-    // root's connections in the testbed's namespace are answered meanwhile.
+    // It fills the small first table of waiting records, so root's
+    // connections in the testbed's namespace wait in the overflow, and are
+    // answered meanwhile.
+    let first = map_entries(redirector.pid(), "pending_orig_ds").len();
+    assert_eq!(first, 4096, "the attacker's records in the first table");
     for _ in 0..5 {
         curl_ok(testbed.in_apps("curl"), &format!("http://{SERVER_V4}/"));
     }
@@ -604,7 +608,7 @@ time.sleep(8)
     let _ = attacker.wait();
     // Its sockets closed with it: neither their records nor the marks of
     // those refused may stay behind.
-    for map in ["pending_orig_ds", "refused_orig_ds"] {
+    for map in ["pending_orig_ds", "pending_overflo", "refused_orig_ds"] {
         let left = map_entries(redirector.pid(), map).len();
         assert_eq!(left, 0, "{left} entries left in {map}");
     }

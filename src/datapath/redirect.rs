@@ -418,6 +418,7 @@ macro_rules! record_maps {
         [
             ("client_orig_dst", $($borrow)+ $maps.client_orig_dst),
             ("pending_orig_dst", $($borrow)+ $maps.pending_orig_dst),
+            ("pending_overflow", $($borrow)+ $maps.pending_overflow),
             ("pending_per_netns", $($borrow)+ $maps.pending_per_netns),
             ("pending_per_uid", $($borrow)+ $maps.pending_per_uid),
             ("pending_refusals", $($borrow)+ $maps.pending_refusals),
@@ -1052,7 +1053,8 @@ fn snapshot(skel: &RedirectSkel<'_>) -> Result<Snapshot> {
         "awaiting_accept",
         "awaiting the proxy's accept",
         "Original destinations published and not yet taken by the proxy.",
-        maps::count(&skel.maps.pending_orig_dst)? as u64,
+        (maps::count(&skel.maps.pending_orig_dst)? + maps::count(&skel.maps.pending_overflow)?)
+            as u64,
     ));
     let refusals: Vec<(refusal_key, u64)> = maps::entries(&skel.maps.pending_refusals)?;
     for (key, count) in refusals {
@@ -1093,7 +1095,9 @@ fn print_statistics(skel: &RedirectSkel<'_>) -> Result<()> {
         ..snapshot
     }
     .print();
-    let pending: Vec<(handover_key, pending_record)> = maps::entries(&skel.maps.pending_orig_dst)?;
+    let mut pending: Vec<(handover_key, pending_record)> =
+        maps::entries(&skel.maps.pending_orig_dst)?;
+    pending.extend(maps::entries(&skel.maps.pending_overflow)?);
     for (key, original) in pending.iter().take(20) {
         out!(
             "    netns {}: {} -> {} (originally {})",
