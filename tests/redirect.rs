@@ -625,6 +625,29 @@ fn builtin_proxy_passes_half_close_and_is_never_an_open_relay() {
     assert!(stderr.contains("no original destination"), "{stderr}");
 }
 
+/// The built-in proxy learns that its upstream connect failed (nothing
+/// listens at the original destination) as soon as the kernel knows, and
+/// closes the client's connection, counted.
+#[test]
+fn an_upstream_that_refuses_closes_the_clients_connection_at_once_and_is_counted() {
+    let testbed = root_testbed!();
+    let redirector = testbed.redirect(&[]);
+    let script = format!(
+        "import socket, time\nstart = time.monotonic()\n\
+         s = socket.create_connection(('{SERVER_V4}', 80), timeout=10)\n\
+         try:\n    assert s.recv(100) == b''\nexcept ConnectionResetError:\n    pass\n\
+         assert time.monotonic() - start < 3, time.monotonic() - start\nprint('closed')"
+    );
+    python(testbed.in_apps(PYTHON), &script);
+    let (_, output, _) = redirector.stop();
+    assert_eq!(
+        summary_value(&output, "proxy", "upstream_connect_failed"),
+        1,
+        "{output}"
+    );
+    assert_eq!(summary_value(&output, "proxy", "relayed"), 0, "{output}");
+}
+
 #[test]
 fn metrics_pass_promtool_and_the_counters_move() {
     let testbed = root_testbed!();

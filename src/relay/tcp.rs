@@ -20,7 +20,7 @@
 use std::io;
 use std::mem::{size_of, MaybeUninit};
 use std::net::{IpAddr, SocketAddr};
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -713,11 +713,42 @@ async fn connect_upstream(destination: SocketAddr, mark: u32) -> io::Result<TcpS
     if mark != 0 {
         set_mark(socket.as_raw_fd(), mark)?;
     }
-    let stream = tokio::time::timeout(CONNECT_TIMEOUT, socket.connect(destination))
+    let stream = tokio::time::timeout(CONNECT_TIMEOUT, connect(socket, destination))
         .await
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
     stream.set_nodelay(true)?;
     Ok(stream)
+}
+
+/// `TcpSocket::connect` without its `SO_ERROR` on success: every getsockopt
+/// in the proxy's cgroup runs redirect's getsockopt program (it answers
+/// `SO_ORIGINAL_DST` there), so getpeername says whether the socket
+/// connected, and `SO_ERROR` is asked only when it did not.
+async fn connect(socket: TcpSocket, destination: SocketAddr) -> io::Result<TcpStream> {
+    let fd = socket.into_raw_fd();
+    // SAFETY: into_raw_fd gave up the socket's only owner of `fd`.
+    let socket = unsafe { std::net::TcpStream::from_raw_fd(fd) };
+    match nixsock::connect(fd, &SockaddrStorage::from(destination)) {
+        Ok(()) | Err(nix::errno::Errno::EINPROGRESS) => {}
+        Err(err) => return Err(err.into()),
+    }
+    let stream = TcpStream::from_std(socket)?;
+    loop {
+        stream.writable().await?;
+        // A wakeup while still connecting says WouldBlock, which clears
+        // the readiness for the next wait.
+        let connected = stream.try_io(Interest::WRITABLE, || match stream.peer_addr() {
+            Ok(_) => Ok(()),
+            Err(err) if err.raw_os_error() == Some(libc::ENOTCONN) => Err(stream
+                .take_error()?
+                .unwrap_or(io::ErrorKind::WouldBlock.into())),
+            Err(err) => Err(err),
+        });
+        match connected {
+            Err(err) if err.kind() == io::ErrorKind::WouldBlock => continue,
+            result => return result.map(|()| stream),
+        }
+    }
 }
 
 /// Relays both directions until both have ended; a half-close is passed on
