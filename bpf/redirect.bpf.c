@@ -998,7 +998,9 @@ static __always_inline void count_refusal(struct handover_key *key, __u32 reason
 static __always_inline enum pending_table insert_pending(struct handover_key *key,
 							 struct pending_record *record)
 {
-	long err = bpf_map_update_elem(&pending_orig_dst, key, record, BPF_NOEXIST);
+	/* int: before Linux 6.4 the map's update returned an int, so the upper
+	 * half of this 64-bit result is not its sign (-E2BIG read 0xfffffff9). */
+	int err = bpf_map_update_elem(&pending_orig_dst, key, record, BPF_NOEXIST);
 
 	if (err == 0)
 		return PENDING_FIRST;
