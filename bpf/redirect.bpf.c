@@ -1098,16 +1098,20 @@ static __always_inline struct endpoint *take_record(struct bpf_sock *sk, void *t
 	return answer;
 }
 
-/* The published record of @key: in the first table, or in the overflow. */
-static __always_inline struct pending_record *find_pending(struct handover_key *key, void **table)
+/* Moves the published record of @key, from whichever table holds it, onto
+ * @sk (see take_record()); NULL when none is published. The two lookups are
+ * written out: the verifier calls a map's delete directly only where a
+ * single map reaches the call. */
+static __always_inline struct endpoint *take_pending(struct bpf_sock *sk, struct handover_key *key)
 {
 	struct pending_record *record = bpf_map_lookup_elem(&pending_orig_dst, key);
 
-	*table = &pending_orig_dst;
 	if (record)
-		return record;
-	*table = &pending_overflow;
-	return bpf_map_lookup_elem(&pending_overflow, key);
+		return take_record(sk, &pending_orig_dst, key, record);
+	record = bpf_map_lookup_elem(&pending_overflow, key);
+	if (record)
+		return take_record(sk, &pending_overflow, key, record);
+	return NULL;
 }
 
 /* On the redirected client's sockets (attached to the redirected cgroup). */
@@ -1172,7 +1176,6 @@ SEC("sockops")
 int redirect_proxy_sockops(struct bpf_sock_ops *skops)
 {
 	struct handover_key key = {};
-	struct pending_record *record;
 	struct bpf_sock *sk;
 
 	/* Every connection of this cgroup (the proxy's own by default) runs
@@ -1184,17 +1187,7 @@ int redirect_proxy_sockops(struct bpf_sock_ops *skops)
 	if (!sk)
 		return 1;
 	handover_key(skops, &key, 0);
-	/* Not find_pending(): the verifier calls a map's delete directly only
-	 * where a single map reaches the call, and this runs for every
-	 * redirected connection. */
-	record = bpf_map_lookup_elem(&pending_orig_dst, &key);
-	if (record) {
-		take_record(sk, &pending_orig_dst, &key, record);
-		return 1;
-	}
-	record = bpf_map_lookup_elem(&pending_overflow, &key);
-	if (record)
-		take_record(sk, &pending_overflow, &key, record);
+	take_pending(sk, &key);
 	return 1;
 }
 
@@ -1273,14 +1266,10 @@ int redirect_getsockopt(struct bpf_sockopt *ctx)
 		 * finished after. Until then only this socket, in this
 		 * namespace, has the connection's 4-tuple. */
 		struct handover_key key = {.netns_cookie = bpf_get_netns_cookie(ctx)};
-		struct pending_record *record;
-		void *table;
 
 		tuple_from_accepted(sk, &key.tuple);
-		record = find_pending(&key, &table);
-		if (record) {
-			original = take_record(sk, table, &key, record);
-		} else if (bpf_map_lookup_elem(&refused_orig_dst, &key)) {
+		original = take_pending(sk, &key);
+		if (!original && bpf_map_lookup_elem(&refused_orig_dst, &key)) {
 			/* A redirected connection whose record was over its
 			 * share: say so, rather than "not redirected". */
 			barrier();
