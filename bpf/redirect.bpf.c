@@ -110,11 +110,11 @@ struct {
  * Nearly every record lives for a handshake on loopback, so few wait at
  * once: they go to a small table, whose buckets stay in the cache (a
  * close's lookup in the 65,536 buckets of one big table missed it, and
- * cost a client a fifth of its BPF), and to the overflow only when it is
- * full. Together they hold PENDING_RECORDS. */
-#define PENDING_FIRST_RECORDS 4096
-#define PENDING_RECORDS 65536
-
+ * cost a client a fifth of its BPF), first come first served; only when it
+ * is full do they go to the overflow, where every namespace and user has
+ * its share (PENDING_NETNS_SHARE). Whoever fills the first table takes
+ * nobody's share of the overflow, and no connection pays for the shares
+ * while the first table has room. */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, PENDING_FIRST_RECORDS);
@@ -124,15 +124,15 @@ struct {
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, PENDING_RECORDS - PENDING_FIRST_RECORDS);
+	__uint(max_entries, PENDING_OVERFLOW_RECORDS);
 	__type(key, struct handover_key);
 	__type(value, struct pending_record);
 } pending_overflow SEC(".maps");
 
-/* How many waiting records each network namespace and each user holds. An
- * entry stays at 0 once its records are gone, until user space sweeps it
- * (sweep_idle_shares, every 10 s): only 65,536 namespaces or users that
- * come and go between two sweeps could fill a map. 64-bit counts: the
+/* How many records of the overflow each network namespace and each user
+ * holds. An entry stays at 0 once its records are gone, until user space
+ * sweeps it (sweep_idle_shares, every 10 s): only 65,536 namespaces or
+ * users that come and go between two sweeps could fill a map. 64-bit counts: the
  * compare-and-swap that gives one back exists only for those on every BPF
  * target. */
 struct {
@@ -992,26 +992,31 @@ static __always_inline void count_refusal(struct handover_key *key, __u32 reason
 		bpf_map_update_elem(&pending_refusals, &refusal, &one, BPF_NOEXIST);
 }
 
-/* Inserts @record in the first table, or in the overflow when the first is
- * full (only then: a record of the same key in the first table must keep
- * failing the insert, as it would in one table). */
-static __always_inline enum pending_table insert_pending(struct handover_key *key,
-							 struct pending_record *record)
+/* The overflow's record of @key, within the namespace's and the user's
+ * share; the reason it was refused, or 0. */
+static __always_inline __u32 insert_overflow(struct handover_key *key,
+					     struct pending_record *record)
 {
-	/* int: before Linux 6.4 the map's update returned an int, so the upper
-	 * half of this 64-bit result is not its sign (-E2BIG read 0xfffffff9). */
-	int err = bpf_map_update_elem(&pending_orig_dst, key, record, BPF_NOEXIST);
-
-	if (err == 0)
-		return PENDING_FIRST;
-	if (err == -E2BIG && bpf_map_update_elem(&pending_overflow, key, record, BPF_NOEXIST) == 0)
-		return PENDING_OVERFLOW;
-	return PENDING_REFUSED;
+	if (!take_share(&pending_per_netns, &key->netns_cookie, PENDING_NETNS_SHARE))
+		return REFUSED_NETNS_SHARE;
+	if (has_uid_share(record->uid) &&
+	    !take_share(&pending_per_uid, &record->uid, PENDING_UID_SHARE)) {
+		give_back_share(&pending_per_netns, &key->netns_cookie);
+		return REFUSED_UID_SHARE;
+	}
+	if (bpf_map_update_elem(&pending_overflow, key, record, BPF_NOEXIST) == 0)
+		return 0;
+	give_back_share(&pending_per_netns, &key->netns_cookie);
+	if (has_uid_share(record->uid))
+		give_back_share(&pending_per_uid, &record->uid);
+	return REFUSED_TABLE_FULL;
 }
 
 /**
  * publish_pending() - the client's record under (namespace, 4-tuple), for
- * the proxy's accepted socket, within the namespace's and the user's share
+ * the proxy's accepted socket: in the first table, or, only when it is
+ * full, in the overflow within the namespace's and the user's share (a
+ * record of the same key in the first table must keep failing the insert)
  *
  * Returns the table it went to, or PENDING_REFUSED.
  */
@@ -1019,34 +1024,27 @@ static __always_inline enum pending_table publish_pending(struct handover_key *k
 							  const struct client_record *client)
 {
 	struct pending_record record = {.original = client->original, .uid = client->uid};
-	enum pending_table table = PENDING_REFUSED;
-	__u32 reason = 0;
+	/* int: before Linux 6.4 the map's update returned an int, so the upper
+	 * half of this 64-bit result is not its sign (-E2BIG read 0xfffffff9). */
+	int err = bpf_map_update_elem(&pending_orig_dst, key, &record, BPF_NOEXIST);
+	__u32 reason = REFUSED_TABLE_FULL;
 
-	if (!take_share(&pending_per_netns, &key->netns_cookie, PENDING_NETNS_SHARE)) {
-		reason = REFUSED_NETNS_SHARE;
-	} else if (has_uid_share(record.uid) &&
-		   !take_share(&pending_per_uid, &record.uid, PENDING_UID_SHARE)) {
-		give_back_share(&pending_per_netns, &key->netns_cookie);
-		reason = REFUSED_UID_SHARE;
-	} else {
-		table = insert_pending(key, &record);
-		if (table == PENDING_REFUSED) {
-			give_back_share(&pending_per_netns, &key->netns_cookie);
-			if (has_uid_share(record.uid))
-				give_back_share(&pending_per_uid, &record.uid);
-			reason = REFUSED_TABLE_FULL;
-		}
+	if (err == 0) {
+		stat_add(&stats, STAT_ORIG_DST_PENDING, 1);
+		return PENDING_FIRST;
 	}
+	if (err == -E2BIG)
+		reason = insert_overflow(key, &record);
 	if (reason) {
 		count_refusal(key, reason);
 		return PENDING_REFUSED;
 	}
 	stat_add(&stats, STAT_ORIG_DST_PENDING, 1);
-	return table;
+	return PENDING_OVERFLOW;
 }
 
-/* Removes @record, found under @key in @table, giving back its shares; 1 if
- * this call removed it. */
+/* Removes @record, found under @key in @table, giving back its shares when
+ * @table is the overflow; 1 if this call removed it. */
 static __always_inline int remove_pending(void *table, struct handover_key *key,
 					  const struct pending_record *record)
 {
@@ -1056,6 +1054,8 @@ static __always_inline int remove_pending(void *table, struct handover_key *key,
 	 * the record), only the one whose delete succeeds gives back. */
 	if (bpf_map_delete_elem(table, key) != 0)
 		return 0;
+	if (table != &pending_overflow)
+		return 1;
 	give_back_share(&pending_per_netns, &key->netns_cookie);
 	if (has_uid_share(uid))
 		give_back_share(&pending_per_uid, &uid);

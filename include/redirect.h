@@ -43,13 +43,18 @@ enum pending_table {
 /* A connection between the client's SYN and the proxy's accept. */
 struct pending_record {
 	struct endpoint original;
-	__u32 uid; /* whose share of pending_orig_dst it takes */
+	__u32 uid; /* whose share of pending_overflow it takes there */
 };
 
-/* Of the host's 65,536 waiting records (pending_orig_dst and
- * pending_overflow), one network namespace may hold this many, and one user
- * other than root as many again, in all its namespaces: nobody can take the
- * others' records away. */
+/* The waiting records' tables (here, so that pins::layout_hash sees them):
+ * the first table, first come first served, and the overflow. */
+#define PENDING_FIRST_RECORDS 4096
+#define PENDING_OVERFLOW_RECORDS 65536
+
+/* Of the 65,536 records of the overflow (pending_overflow, used once the
+ * first table's 4,096 are taken), one network namespace may hold this many,
+ * and one user other than root as many again, in all its namespaces:
+ * nobody can take the others' records away. */
 #define PENDING_NETNS_SHARE 4096
 #define PENDING_UID_SHARE 4096
 
@@ -91,7 +96,7 @@ enum udp_relay_slot_index {
 enum refusal_reason {
 	REFUSED_NETNS_SHARE = 1, /* the namespace holds PENDING_NETNS_SHARE */
 	REFUSED_UID_SHARE = 2,	 /* the user holds PENDING_UID_SHARE */
-	REFUSED_TABLE_FULL = 3,	 /* pending_orig_dst itself is full */
+	REFUSED_TABLE_FULL = 3,	 /* both tables are full */
 };
 
 struct refusal_key {

@@ -338,25 +338,71 @@ fn original_destination_maps_are_empty_after_many_connections() {
     assert_maps_empty(&output);
 }
 
-/// A namespace's count of waiting records stays, at 0, while it makes
-/// connections (no insert and delete per connection), and is swept once
-/// it has none: namespaces that come and go leave nothing behind.
+/// The first table's records take no share; those of the overflow count
+/// against their namespace, and the count, back at 0 once they are gone,
+/// is swept: namespaces that come and go leave nothing behind.
 #[test]
-fn the_share_count_of_a_namespace_stays_while_used_and_is_swept_when_idle() {
+fn overflow_records_count_against_their_namespace_until_swept() {
+    use std::io::Read;
     let testbed = root_testbed!();
-    let _server = servers::echo(&testbed.server, "[::]:80").unwrap();
     let redirector = testbed.redirect(&[]);
-    let script = format!(
-        "import socket\nfor i in range(3):\n    s = socket.create_connection(('{SERVER_V4}', 80), \
-         timeout=10)\n    s.sendall(b'ping')\n    assert s.recv(100) == b'ping'\n    s.close()"
+    // Root, in a namespace of its own, listens on the proxy address without
+    // accepting: 4,200 handshakes and their records keep waiting.
+    let holder = r#"
+import socket, subprocess, time
+subprocess.run("ip link set lo up && ip addr add 10.99.0.1/32 dev lo", shell=True, check=True)
+listener = socket.socket()
+listener.bind(("127.0.0.1", 15001))
+listener.listen(1)
+sockets = []
+for i in range(4200):
+    s = socket.socket()
+    s.setblocking(False)
+    try:
+        s.connect(("10.99.0.1", 80))
+    except BlockingIOError:
+        pass
+    sockets.append(s)
+print("holding", flush=True)
+time.sleep(30)
+"#;
+    let mut command = testbed.in_apps("unshare");
+    command.args(["-n", "--", PYTHON, "-c", holder]);
+    let mut holder = command
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut holding = [0u8; 7];
+    if holder
+        .stdout
+        .as_mut()
+        .unwrap()
+        .read_exact(&mut holding)
+        .is_err()
+    {
+        let out = holder.wait_with_output().unwrap();
+        panic!("the holder: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let first = map_entries(redirector.pid(), "pending_orig_ds").len();
+    assert_eq!(first, 4096, "records in the first table");
+    // Up to two handshakes end in the listener's queue, and their records
+    // are taken.
+    let overflow = map_entries(redirector.pid(), "pending_overflo").len();
+    assert!(
+        (100..=104).contains(&overflow),
+        "{overflow} records in the overflow"
     );
-    python(testbed.in_apps(PYTHON), &script);
     let counts = map_entries(redirector.pid(), "pending_per_net");
     assert_eq!(counts.len(), 1, "{counts:?}");
-    assert!(
-        counts[0]["formatted"]["value"].as_u64() == Some(0),
-        "every record was taken, so the count is back at 0: {counts:?}"
+    assert_eq!(
+        counts[0]["formatted"]["value"].as_u64(),
+        Some(overflow as u64),
+        "the namespace counts its overflow's records only"
     );
+    assert!(map_entries(redirector.pid(), "pending_per_uid").is_empty());
+    let _ = holder.kill();
+    let _ = holder.wait();
     let deadline = std::time::Instant::now() + Duration::from_secs(25);
     while !map_entries(redirector.pid(), "pending_per_net").is_empty() {
         assert!(
@@ -365,8 +411,11 @@ fn the_share_count_of_a_namespace_stays_while_used_and_is_swept_when_idle() {
         );
         std::thread::sleep(Duration::from_millis(500));
     }
-    let (_, output, _) = redirector.stop();
-    assert_eq!(summary_value(&output, "redirect", "redirected"), 3);
+    for map in ["pending_orig_ds", "pending_overflo"] {
+        let left = map_entries(redirector.pid(), map).len();
+        assert_eq!(left, 0, "{left} records left in {map}");
+    }
+    redirector.stop_ok();
 }
 
 /// (cgroup, program) of every redirect program of `attach_type` that a
