@@ -349,7 +349,12 @@ fn overflow_records_count_against_their_namespace_until_swept() {
     // Root, in a namespace of its own, listens on the proxy address without
     // accepting: 4,200 handshakes and their records keep waiting.
     let holder = r#"
-import socket, subprocess, time
+import resource, socket, subprocess, time
+hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+try:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(hard, 8192), max(hard, 8192)))
+except (ValueError, OSError):
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 subprocess.run("ip link set lo up && ip addr add 10.99.0.1/32 dev lo", shell=True, check=True)
 listener = socket.socket()
 listener.bind(("127.0.0.1", 15001))
