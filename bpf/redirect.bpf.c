@@ -30,6 +30,7 @@
  */
 #include "lib/common.h"
 #include "lib/proxy_listeners.h"
+#include "lib/slots.h"
 #include "redirect.h"
 
 #define SOL_IP 0
@@ -1012,27 +1013,6 @@ static __always_inline __u32 insert_overflow(struct handover_key *key,
 	if (has_uid_share(record->uid))
 		give_back_share(&pending_per_uid, &record->uid);
 	return REFUSED_TABLE_FULL;
-}
-
-static __always_inline __u32 slot_hash(const struct handover_key *key)
-{
-	const __u64 *word = (const __u64 *)key;
-	__u64 hash = 0;
-
-	for (int i = 0; i < sizeof(*key) / sizeof(__u64); i++)
-		hash = (hash ^ word[i]) * 0x9e3779b97f4a7c15ULL;
-	return hash >> (64 - PENDING_SLOT_BITS);
-}
-
-static __always_inline int handover_key_equal(const struct handover_key *a,
-					      const struct handover_key *b)
-{
-	const __u64 *x = (const __u64 *)a, *y = (const __u64 *)b;
-	__u64 differ = 0;
-
-	for (int i = 0; i < sizeof(*a) / sizeof(__u64); i++)
-		differ |= x[i] ^ y[i];
-	return !differ;
 }
 
 static __always_inline __u64 slot_with_status(__u64 state, __u64 status)
