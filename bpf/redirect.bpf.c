@@ -30,7 +30,6 @@
  */
 #include "lib/common.h"
 #include "lib/proxy_listeners.h"
-#include "lib/slots.h"
 #include "redirect.h"
 
 #define SOL_IP 0
@@ -109,19 +108,19 @@ struct {
 
 /* Original destinations between the client's SYN and the proxy's accept.
  * Nearly every record lives for a handshake on loopback, so few wait at
- * once: they go to an array of slots, first come first served, claimed and
- * freed with a compare-and-swap (a hash table's insert took a lock with
- * interrupts off, and cost a client a third of its BPF); only when no slot
- * near the key's is free do they go to the overflow, where every namespace
- * and user has its share (PENDING_NETNS_SHARE). Whoever fills the slots
- * takes nobody's share of the overflow, and no connection pays for the
- * shares while a slot is free. */
+ * once: they go to a small table, whose buckets stay in the cache (a
+ * close's lookup in the 65,536 buckets of one big table missed it, and
+ * cost a client a fifth of its BPF), first come first served; only when it
+ * is full do they go to the overflow, where every namespace and user has
+ * its share (PENDING_NETNS_SHARE). Whoever fills the first table takes
+ * nobody's share of the overflow, and no connection pays for the shares
+ * while the first table has room. */
 struct {
-	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, PENDING_SLOTS);
-	__type(key, __u32);
-	__type(value, struct pending_slot);
-} pending_slots SEC(".maps");
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, PENDING_FIRST_RECORDS);
+	__type(key, struct handover_key);
+	__type(value, struct pending_record);
+} pending_orig_dst SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -217,8 +216,6 @@ enum redirect_stat unused_redirect_stat __attribute__((unused));
 enum proxy_down_policy unused_proxy_down_policy __attribute__((unused));
 struct udp_relay_slot unused_udp_relay_slot __attribute__((unused));
 struct pending_record unused_pending_record __attribute__((unused));
-struct pending_slot unused_pending_slot __attribute__((unused));
-enum slot_status unused_slot_status __attribute__((unused));
 struct client_record unused_client_record __attribute__((unused));
 struct refusal_key unused_refusal_key __attribute__((unused));
 enum refusal_reason unused_refusal_reason __attribute__((unused));
@@ -1015,74 +1012,28 @@ static __always_inline __u32 insert_overflow(struct handover_key *key,
 	return REFUSED_TABLE_FULL;
 }
 
-static __always_inline __u64 slot_with_status(__u64 state, __u64 status)
-{
-	return (state & ~SLOT_STATUS_MASK) | status;
-}
-
-/**
- * publish_slot() - the client's record in the first free slot from its
- * key's, where the proxy side's search from the same slot finds it first
- *
- * Returns 1 when published; 0 when no slot was free, or when a record of
- * the same key waits already (the proxy would take the older one).
- */
-static __always_inline int publish_slot(const struct handover_key *key,
-					const struct pending_record *record,
-					struct client_record *client, int *duplicate)
-{
-	__u32 first = slot_hash(key);
-
-	for (__u32 probe = 0; probe < PENDING_PROBES; probe++) {
-		__u32 index = (first + probe) & (PENDING_SLOTS - 1);
-		struct pending_slot *slot = bpf_map_lookup_elem(&pending_slots, &index);
-		__u64 state, writing, ready;
-
-		if (!slot)
-			return 0;
-		state = READ_ONCE(slot->state);
-		if ((state & SLOT_STATUS_MASK) != SLOT_FREE) {
-			if (handover_key_equal(&slot->key, key)) {
-				*duplicate = 1;
-				return 0;
-			}
-			continue;
-		}
-		writing = slot_with_status(state + SLOT_GENERATION, SLOT_WRITING);
-		if (__sync_val_compare_and_swap(&slot->state, state, writing) != state)
-			continue;
-		slot->key = *key;
-		slot->record = *record;
-		/* A full barrier: whoever sees READY sees the key and record. */
-		ready = slot_with_status(writing, SLOT_READY);
-		__sync_val_compare_and_swap(&slot->state, writing, ready);
-		client->slot = index;
-		client->slot_state = ready;
-		return 1;
-	}
-	return 0;
-}
-
 /**
  * publish_pending() - the client's record under (namespace, 4-tuple), for
- * the proxy's accepted socket: in a slot, or, only when none is free, in
- * the overflow within the namespace's and the user's share (a record of the
- * same key waiting already fails it, as it would in one table)
+ * the proxy's accepted socket: in the first table, or, only when it is
+ * full, in the overflow within the namespace's and the user's share (a
+ * record of the same key in the first table must keep failing the insert)
  *
  * Returns the table it went to, or PENDING_REFUSED.
  */
 static __always_inline enum pending_table publish_pending(struct handover_key *key,
-							  struct client_record *client)
+							  const struct client_record *client)
 {
 	struct pending_record record = {.original = client->original, .uid = client->uid};
+	/* int: before Linux 6.4 the map's update returned an int, so the upper
+	 * half of this 64-bit result is not its sign (-E2BIG read 0xfffffff9). */
+	int err = bpf_map_update_elem(&pending_orig_dst, key, &record, BPF_NOEXIST);
 	__u32 reason = REFUSED_TABLE_FULL;
-	int duplicate = 0;
 
-	if (publish_slot(key, &record, client, &duplicate)) {
+	if (err == 0) {
 		stat_add(&stats, STAT_ORIG_DST_PENDING, 1);
 		return PENDING_FIRST;
 	}
-	if (!duplicate)
+	if (err == -E2BIG)
 		reason = insert_overflow(key, &record);
 	if (reason) {
 		count_refusal(key, reason);
@@ -1092,135 +1043,75 @@ static __always_inline enum pending_table publish_pending(struct handover_key *k
 	return PENDING_OVERFLOW;
 }
 
-/* Frees the slot @client published in, unless the proxy side took it; 1
- * if this call freed it. */
-static __always_inline int unpublish_slot(const struct client_record *client)
-{
-	__u32 index = client->slot;
-	struct pending_slot *slot = bpf_map_lookup_elem(&pending_slots, &index);
-	__u64 ready = client->slot_state;
-
-	return slot && __sync_val_compare_and_swap(&slot->state, ready,
-						   slot_with_status(ready, SLOT_FREE)) == ready;
-}
-
-/* Removes @record, found under @key in the overflow, giving back its
- * shares; 1 if this call removed it. */
-static __always_inline int remove_overflow(struct handover_key *key,
-					   const struct pending_record *record)
+/* Removes @record, found under @key in @table, giving back its shares when
+ * @table is the overflow; 1 if this call removed it. */
+static __always_inline int remove_pending(void *table, struct handover_key *key,
+					  const struct pending_record *record)
 {
 	__u32 uid = record->uid;
 
 	/* Of two callers racing here (the client closing, the proxy taking
 	 * the record), only the one whose delete succeeds gives back. */
-	if (bpf_map_delete_elem(&pending_overflow, key) != 0)
+	if (bpf_map_delete_elem(table, key) != 0)
 		return 0;
+	if (table != &pending_overflow)
+		return 1;
 	give_back_share(&pending_per_netns, &key->netns_cookie);
 	if (has_uid_share(uid))
 		give_back_share(&pending_per_uid, &uid);
 	return 1;
 }
 
-/* Removes the overflow's record of @key, giving back its shares; 1 if
+/* Removes the record of @key from @table, giving back its shares; 1 if
  * there was one. */
-static __always_inline int unpublish_overflow(struct handover_key *key)
+static __always_inline int unpublish_pending(void *table, struct handover_key *key)
 {
-	struct pending_record *record = bpf_map_lookup_elem(&pending_overflow, key);
+	struct pending_record *record = bpf_map_lookup_elem(table, key);
 
-	return record ? remove_overflow(key, record) : 0;
+	return record ? remove_pending(table, key, record) : 0;
 }
 
 /**
- * answer_from() - the proxy socket's answer, made from @original
+ * take_record() - move a published record onto the proxy's socket
  *
  * Returns where the answer now is. Without storage (no memory, or another
- * thread's question creating it at this instant) it is @original.
+ * thread's question creating it at this instant) the record stays
+ * published, and answers, until the client's socket closes.
  */
-static __always_inline struct endpoint *answer_from(struct bpf_sock *sk, struct endpoint *original)
+static __always_inline struct endpoint *take_record(struct bpf_sock *sk, void *table,
+						    struct handover_key *key,
+						    struct pending_record *record)
 {
 	struct endpoint *answer;
 
-	answer = bpf_sk_storage_get(&proxy_answer, sk, original, BPF_SK_STORAGE_GET_F_CREATE);
-	if (answer) {
-		stat_add(&stats, STAT_ORIG_DST_HANDED_OVER, 1);
-		return answer;
+	answer =
+	    bpf_sk_storage_get(&proxy_answer, sk, &record->original, BPF_SK_STORAGE_GET_F_CREATE);
+	if (!answer) {
+		answer = bpf_sk_storage_get(&proxy_answer, sk, 0, 0);
+		if (answer)
+			return answer;
+		stat_add(&stats, STAT_ORIG_DST_LOST, 1);
+		return &record->original;
 	}
-	answer = bpf_sk_storage_get(&proxy_answer, sk, 0, 0);
-	if (answer)
-		return answer;
-	stat_add(&stats, STAT_ORIG_DST_LOST, 1);
-	return original;
-}
-
-/**
- * take_slot() - copy the slot record of @key into @original and free its
- * slot; 1 if there was one
- *
- * The search goes the way the client's went, from the same slot, so the
- * first record of @key it meets is the one waiting.
- */
-static __always_inline int take_slot(const struct handover_key *key, struct endpoint *original)
-{
-	__u32 first = slot_hash(key);
-
-	for (__u32 probe = 0; probe < PENDING_PROBES; probe++) {
-		__u32 index = (first + probe) & (PENDING_SLOTS - 1);
-		struct pending_slot *slot = bpf_map_lookup_elem(&pending_slots, &index);
-		__u64 state, taking;
-
-		if (!slot)
-			return 0;
-		state = READ_ONCE(slot->state);
-		if ((state & SLOT_STATUS_MASK) != SLOT_READY ||
-		    !handover_key_equal(&slot->key, key))
-			continue;
-		taking = slot_with_status(state, SLOT_TAKING);
-		if (__sync_val_compare_and_swap(&slot->state, state, taking) != state)
-			continue;
-		/* The key read before the claim may have been an older one's
-		 * on a CPU that reorders loads: read it again. */
-		if (!handover_key_equal(&slot->key, key)) {
-			__sync_val_compare_and_swap(&slot->state, taking, state);
-			continue;
-		}
-		*original = slot->record.original;
-		__sync_val_compare_and_swap(&slot->state, taking,
-					    slot_with_status(state, SLOT_FREE));
-		return 1;
-	}
-	return 0;
-}
-
-/**
- * take_overflow() - move the overflow's record of @key onto the proxy's
- * socket
- *
- * Returns where the answer now is, NULL when none waits. Without storage
- * the record stays published, and answers, until the client's socket
- * closes.
- */
-static __always_inline struct endpoint *take_overflow(struct bpf_sock *sk, struct handover_key *key)
-{
-	struct pending_record *record = bpf_map_lookup_elem(&pending_overflow, key);
-	struct endpoint *answer;
-
-	if (!record)
-		return NULL;
-	answer = answer_from(sk, &record->original);
-	if (answer != &record->original)
-		remove_overflow(key, record);
+	stat_add(&stats, STAT_ORIG_DST_HANDED_OVER, 1);
+	remove_pending(table, key, record);
 	return answer;
 }
 
 /* Moves the published record of @key, from whichever table holds it, onto
- * @sk; NULL when none is published. Without storage for @sk, a slot's
- * record is answered from @spare this once. */
-static __always_inline struct endpoint *take_pending(struct bpf_sock *sk, struct handover_key *key,
-						     struct endpoint *spare)
+ * @sk (see take_record()); NULL when none is published. The two lookups are
+ * written out: the verifier calls a map's delete directly only where a
+ * single map reaches the call. */
+static __always_inline struct endpoint *take_pending(struct bpf_sock *sk, struct handover_key *key)
 {
-	if (take_slot(key, spare))
-		return answer_from(sk, spare);
-	return take_overflow(sk, key);
+	struct pending_record *record = bpf_map_lookup_elem(&pending_orig_dst, key);
+
+	if (record)
+		return take_record(sk, &pending_orig_dst, key, record);
+	record = bpf_map_lookup_elem(&pending_overflow, key);
+	if (record)
+		return take_record(sk, &pending_overflow, key, record);
+	return NULL;
 }
 
 /* On the redirected client's sockets (attached to the redirected cgroup). */
@@ -1254,21 +1145,20 @@ int redirect_sockops(struct bpf_sock_ops *skops)
 		if (!client)
 			break;
 		/* Never accepted, or refused: nothing may stay behind once the
-		 * client's socket is gone. Only where the record went is
-		 * looked at: a lookup that misses the cache costs as much for
-		 * a key that is not there. */
+		 * client's socket is gone. Only the table the record went to
+		 * is looked at: a lookup that misses the cache costs as much
+		 * for a key that is not there. */
+		handover_key(skops, &key, 1);
 		switch (client->table) {
 		case PENDING_FIRST:
-			if (unpublish_slot(client))
+			if (unpublish_pending(&pending_orig_dst, &key))
 				stat_add(&stats, STAT_ORIG_DST_UNCLAIMED, 1);
 			break;
 		case PENDING_OVERFLOW:
-			handover_key(skops, &key, 1);
-			if (unpublish_overflow(&key))
+			if (unpublish_pending(&pending_overflow, &key))
 				stat_add(&stats, STAT_ORIG_DST_UNCLAIMED, 1);
 			break;
 		case PENDING_REFUSED:
-			handover_key(skops, &key, 1);
 			bpf_map_delete_elem(&refused_orig_dst, &key);
 			break;
 		}
@@ -1286,7 +1176,6 @@ SEC("sockops")
 int redirect_proxy_sockops(struct bpf_sock_ops *skops)
 {
 	struct handover_key key = {};
-	struct endpoint spare;
 	struct bpf_sock *sk;
 
 	/* Every connection of this cgroup (the proxy's own by default) runs
@@ -1298,7 +1187,7 @@ int redirect_proxy_sockops(struct bpf_sock_ops *skops)
 	if (!sk)
 		return 1;
 	handover_key(skops, &key, 0);
-	take_pending(sk, &key, &spare);
+	take_pending(sk, &key);
 	return 1;
 }
 
@@ -1354,7 +1243,7 @@ static __always_inline int answer_orig_dst(struct bpf_sockopt *ctx, const struct
 SEC("cgroup/getsockopt")
 int redirect_getsockopt(struct bpf_sockopt *ctx)
 {
-	struct endpoint *original, spare;
+	struct endpoint *original;
 	struct bpf_sock *sk;
 
 	/* The program sees only the first page of a larger buffer; optlen = 0
@@ -1379,7 +1268,7 @@ int redirect_getsockopt(struct bpf_sockopt *ctx)
 		struct handover_key key = {.netns_cookie = bpf_get_netns_cookie(ctx)};
 
 		tuple_from_accepted(sk, &key.tuple);
-		original = take_pending(sk, &key, &spare);
+		original = take_pending(sk, &key);
 		if (!original && bpf_map_lookup_elem(&refused_orig_dst, &key)) {
 			/* A redirected connection whose record was over its
 			 * share: say so, rather than "not redirected". */

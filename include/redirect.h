@@ -26,18 +26,17 @@ struct handover_key {
 struct client_record {
 	struct endpoint original;
 	__u32 uid;
-	__u64 cookie;	  /* UDP only: the relay's replies ask for it */
-	__u32 table;	  /* enum pending_table: where its TCP record went */
-	__u32 slot;	  /* PENDING_FIRST: its index in pending_slots */
-	__u64 slot_state; /* PENDING_FIRST: the slot's state once published */
+	__u64 cookie; /* UDP only: the relay's replies ask for it */
+	__u32 table;  /* enum pending_table: where its TCP record went */
+	__u32 pad;
 };
 
 /* Where a TCP client's record went at its SYN, so that its close looks in
  * that one table. */
 enum pending_table {
 	PENDING_NONE = 0,     /* not published */
-	PENDING_FIRST = 1,    /* pending_slots */
-	PENDING_OVERFLOW = 2, /* pending_overflow: no slot was free */
+	PENDING_FIRST = 1,    /* pending_orig_dst */
+	PENDING_OVERFLOW = 2, /* pending_overflow: pending_orig_dst was full */
 	PENDING_REFUSED = 3,  /* refused: refused_orig_dst has its key */
 };
 
@@ -48,34 +47,12 @@ struct pending_record {
 };
 
 /* The waiting records' tables (here, so that pins::layout_hash sees them):
- * the slots, first come first served, and the overflow. A record goes to
- * one of PENDING_PROBES slots from the one its key hashes to. */
-#define PENDING_SLOT_BITS 12
-#define PENDING_SLOTS (1 << PENDING_SLOT_BITS)
-#define PENDING_PROBES 8
+ * the first table, first come first served, and the overflow. */
+#define PENDING_FIRST_RECORDS 4096
 #define PENDING_OVERFLOW_RECORDS 65536
 
-/* A slot's state: its generation, counted up at each claim, above the
- * status, so that a compare-and-swap fails on a slot that was taken and
- * claimed again since it was read. */
-enum slot_status {
-	SLOT_FREE = 0,
-	SLOT_WRITING = 1, /* claimed by a client; key and record not yet seen */
-	SLOT_READY = 2,	  /* waiting for the proxy */
-	SLOT_TAKING = 3,  /* being copied out by the proxy side */
-};
-#define SLOT_STATUS_MASK 3ULL
-#define SLOT_GENERATION 4ULL
-
-/* A record of pending_slots. */
-struct pending_slot {
-	__u64 state; /* generation | enum slot_status */
-	struct handover_key key;
-	struct pending_record record;
-};
-
-/* Of the 65,536 records of the overflow (pending_overflow, used when no
- * slot is free), one network namespace may hold this many,
+/* Of the 65,536 records of the overflow (pending_overflow, used once the
+ * first table's 4,096 are taken), one network namespace may hold this many,
  * and one user other than root as many again, in all its namespaces:
  * nobody can take the others' records away. */
 #define PENDING_NETNS_SHARE 4096

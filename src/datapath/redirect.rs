@@ -18,8 +18,7 @@ use libbpf_rs::MapCore;
 use crate::bpf::maps;
 use crate::bpf::redirect::types::{
     bypass_reason, cidr_v4_key, cidr_v6_key, conn_tuple, endpoint, handover_key, pending_record,
-    pending_slot, proxy_down_policy, redirect_action, redirect_event, redirect_stat, refusal_key,
-    refusal_reason, slot_status,
+    proxy_down_policy, redirect_action, redirect_event, redirect_stat, refusal_key, refusal_reason,
 };
 use crate::bpf::redirect::{RedirectSkel, RedirectSkelBuilder};
 use crate::bpf::{Endpoint as _, OwnedSkel};
@@ -43,7 +42,6 @@ unsafe impl plain::Plain for endpoint {}
 unsafe impl plain::Plain for conn_tuple {}
 unsafe impl plain::Plain for handover_key {}
 unsafe impl plain::Plain for pending_record {}
-unsafe impl plain::Plain for pending_slot {}
 unsafe impl plain::Plain for refusal_key {}
 unsafe impl plain::Plain for cidr_v4_key {}
 unsafe impl plain::Plain for cidr_v6_key {}
@@ -419,7 +417,7 @@ macro_rules! record_maps {
     ($maps:expr, $($borrow:tt)+) => {
         [
             ("client_orig_dst", $($borrow)+ $maps.client_orig_dst),
-            ("pending_slots", $($borrow)+ $maps.pending_slots),
+            ("pending_orig_dst", $($borrow)+ $maps.pending_orig_dst),
             ("pending_overflow", $($borrow)+ $maps.pending_overflow),
             ("pending_per_netns", $($borrow)+ $maps.pending_per_netns),
             ("pending_per_uid", $($borrow)+ $maps.pending_per_uid),
@@ -1055,7 +1053,8 @@ fn snapshot(skel: &RedirectSkel<'_>) -> Result<Snapshot> {
         "awaiting_accept",
         "awaiting the proxy's accept",
         "Original destinations published and not yet taken by the proxy.",
-        (waiting_in_slots(skel)?.len() + maps::count(&skel.maps.pending_overflow)?) as u64,
+        (maps::count(&skel.maps.pending_orig_dst)? + maps::count(&skel.maps.pending_overflow)?)
+            as u64,
     ));
     let refusals: Vec<(refusal_key, u64)> = maps::entries(&skel.maps.pending_refusals)?;
     for (key, count) in refusals {
@@ -1077,28 +1076,6 @@ fn snapshot(skel: &RedirectSkel<'_>) -> Result<Snapshot> {
     Ok(snapshot)
 }
 
-/// The status bits of a slot's state (`SLOT_STATUS_MASK`, include/redirect.h).
-const SLOT_STATUS_MASK: u64 = 3;
-
-/// The records waiting in `pending_slots`: its slots in any state but free.
-fn waiting_in_slots(skel: &RedirectSkel<'_>) -> Result<Vec<pending_slot>> {
-    let free = u64::from(slot_status::SLOT_FREE.0);
-    let mut waiting = Vec::new();
-    for (_, value) in skel.maps.pending_slots.lookup_batch(
-        1024,
-        libbpf_rs::MapFlags::ANY,
-        libbpf_rs::MapFlags::ANY,
-    )? {
-        let slot = *plain::from_bytes::<pending_slot>(&value)
-            .ok()
-            .context("pending slot size")?;
-        if slot.state & SLOT_STATUS_MASK != free {
-            waiting.push(slot);
-        }
-    }
-    Ok(waiting)
-}
-
 fn print_statistics(skel: &RedirectSkel<'_>) -> Result<()> {
     let snapshot = snapshot(skel)?;
     let (open, counters): (Vec<Metric>, Vec<Metric>) = snapshot
@@ -1118,10 +1095,8 @@ fn print_statistics(skel: &RedirectSkel<'_>) -> Result<()> {
         ..snapshot
     }
     .print();
-    let mut pending: Vec<(handover_key, pending_record)> = waiting_in_slots(skel)?
-        .into_iter()
-        .map(|slot| (slot.key, slot.record))
-        .collect();
+    let mut pending: Vec<(handover_key, pending_record)> =
+        maps::entries(&skel.maps.pending_orig_dst)?;
     pending.extend(maps::entries(&skel.maps.pending_overflow)?);
     for (key, original) in pending.iter().take(20) {
         out!(

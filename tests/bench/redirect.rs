@@ -297,7 +297,7 @@ fn connections_per_second(settings: &Settings) {
     );
     let work_floor_per_connection = bpf_stats::print_per_connection(
         "redirected connection, the work floor (only the design's socket storages and \
-         one slot write, same hooks)",
+         hash write, same hooks)",
         &WORK_FLOOR_HOOKS,
         &work_floor_start,
         &work_floor_end,
@@ -384,9 +384,9 @@ const FLOOR_HOOKS: [(&str, &str); 3] = [
 /// The work floor's.
 const WORK_FLOOR_HOOKS: [(&str, &str); 3] = [
     ("connect4 (socket storage)", "work_floor_connect4"),
-    ("sockops, client (one slot write)", "work_floor_sockops"),
+    ("sockops, client (one hash write)", "work_floor_sockops"),
     (
-        "sockops, proxy side (slot read, storage, free)",
+        "sockops, proxy side (lookup, storage, delete)",
         "work_floor_proxy_sockops",
     ),
 ];

@@ -1113,15 +1113,6 @@ pub fn tc_programs(netns: &NetNs, device: &str) -> u32 {
 
 /// The entries of the map `name` (as the kernel shortens it, to 15
 /// characters) that process `pid` holds, through bpftool.
-/// How many slots of redirect's `pending_slots` (process `pid`) hold a
-/// record: any status but free (`SLOT_STATUS_MASK` of the state).
-pub fn slots_in_use(pid: u32) -> usize {
-    map_entries(pid, "pending_slots")
-        .iter()
-        .filter(|entry| entry["formatted"]["value"]["state"].as_u64().unwrap_or(0) & 3 != 0)
-        .count()
-}
-
 pub fn map_entries(pid: u32, name: &str) -> Vec<serde_json::Value> {
     for entry in std::fs::read_dir(format!("/proc/{pid}/fdinfo"))
         .unwrap()

@@ -5,14 +5,12 @@
  * client's socket to the proxy's accepted socket must make, and nothing
  * else (no decision, no check, no share, no counter):
  *  1. connect4 creates the client socket's storage;
- *  2. sockops TCP_CONNECT_CB writes one record, with its (netns, 4-tuple),
- *     in the slot the key hashes to (plain stores: no claim);
- *  3. sockops PASSIVE_ESTABLISHED_CB on the proxy's socket reads that slot,
- *     creates that socket's storage from it and frees the slot.
+ *  2. sockops TCP_CONNECT_CB writes one record under (netns, 4-tuple);
+ *  3. sockops PASSIVE_ESTABLISHED_CB on the proxy's socket finds it,
+ *     creates that socket's storage from it and deletes it.
  * Attached beside redirect's programs, they keep maps of their own.
  */
 #include "lib/common.h"
-#include "lib/slots.h"
 #include "redirect.h"
 
 const volatile __u16 proxy_port = 0; /* network order */
@@ -25,11 +23,11 @@ struct {
 } floor_client SEC(".maps");
 
 struct {
-	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, PENDING_SLOTS);
-	__type(key, __u32);
-	__type(value, struct pending_slot);
-} floor_slots SEC(".maps");
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct handover_key);
+	__type(value, struct pending_record);
+} floor_pending SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
@@ -67,24 +65,17 @@ int work_floor_sockops(struct bpf_sock_ops *skops)
 {
 	struct handover_key key = {};
 	struct client_record *client;
-	struct pending_slot *slot;
 	struct bpf_sock *sk = skops->sk;
-	__u32 index;
 
 	if (skops->op != BPF_SOCK_OPS_TCP_CONNECT_CB || !sk)
 		return 1;
 	client = bpf_sk_storage_get(&floor_client, sk, 0, 0);
 	if (!client)
 		return 1;
+	struct pending_record record = {.original = client->original, .uid = client->uid};
+
 	floor_key(skops, &key, 1);
-	index = slot_hash(&key);
-	slot = bpf_map_lookup_elem(&floor_slots, &index);
-	if (!slot)
-		return 1;
-	slot->key = key;
-	slot->record.original = client->original;
-	slot->record.uid = client->uid;
-	slot->state = SLOT_READY;
+	bpf_map_update_elem(&floor_pending, &key, &record, BPF_ANY);
 	return 1;
 }
 
@@ -92,20 +83,18 @@ SEC("sockops")
 int work_floor_proxy_sockops(struct bpf_sock_ops *skops)
 {
 	struct handover_key key = {};
-	struct pending_slot *slot;
+	struct pending_record *record;
 	struct bpf_sock *sk = skops->sk;
-	__u32 index;
 
 	if (skops->op != BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB ||
 	    bpf_htons((__u16)skops->local_port) != proxy_port || !sk)
 		return 1;
 	floor_key(skops, &key, 0);
-	index = slot_hash(&key);
-	slot = bpf_map_lookup_elem(&floor_slots, &index);
-	if (!slot || slot->state != SLOT_READY || !handover_key_equal(&slot->key, &key))
+	record = bpf_map_lookup_elem(&floor_pending, &key);
+	if (!record)
 		return 1;
-	bpf_sk_storage_get(&floor_answer, sk, &slot->record.original, BPF_SK_STORAGE_GET_F_CREATE);
-	slot->state = SLOT_FREE;
+	bpf_sk_storage_get(&floor_answer, sk, &record->original, BPF_SK_STORAGE_GET_F_CREATE);
+	bpf_map_delete_elem(&floor_pending, &key);
 	return 1;
 }
 
