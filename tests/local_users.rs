@@ -560,44 +560,10 @@ fn one_user_holding_pending_records_in_its_own_namespace_leaves_root_answered() 
     // each SYN keeps its record while the kernel retries it. It fills the
     // first table (4,096, first come first served) and its share of the
     // overflow (4,096); the rest are refused.
-    let attacker = r#"
-import os, resource, socket, subprocess, time
-hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
-resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-subprocess.run("ip link set lo up && ip addr add 10.99.0.1/32 dev lo", shell=True, check=True)
-listener = socket.socket()
-listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-listener.bind(("127.0.0.1", 15001))
-listener.listen(1)
-sockets = []
-for i in range(10000):
-    s = socket.socket()
-    s.setblocking(False)
-    try:
-        s.connect(("10.99.0.1", 80))
-    except BlockingIOError:
-        pass
-    sockets.append(s)
-print("holding", flush=True)
-time.sleep(8)
-"#;
-    let mut command = as_nobody(&testbed, &["unshare", "-Urn", "--", PYTHON, "-c", attacker]);
-    let mut attacker = command
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut holding = [0u8; 7];
-    if attacker
-        .stdout
-        .as_mut()
-        .unwrap()
-        .read_exact(&mut holding)
-        .is_err()
-    {
-        let out = attacker.wait_with_output().unwrap();
-        panic!("the attacker: {}", String::from_utf8_lossy(&out.stderr));
-    }
+    let mut holder = vec!["unshare".to_string()];
+    holder.extend(half_open_holder("-Urn", 10000, 8));
+    let holder: Vec<&str> = holder.iter().map(String::as_str).collect();
+    let mut attacker = spawn_until_it_speaks(as_nobody(&testbed, &holder), "the attacker");
     // Root's connections in the testbed's namespace wait in the overflow,
     // within their own share, and are answered meanwhile.
     let first = map_entries(redirector.pid(), "pending_orig_ds").len();

@@ -343,52 +343,13 @@ fn original_destination_maps_are_empty_after_many_connections() {
 /// is swept: namespaces that come and go leave nothing behind.
 #[test]
 fn overflow_records_count_against_their_namespace_until_swept() {
-    use std::io::Read;
     let testbed = root_testbed!();
     let redirector = testbed.redirect(&[]);
     // Root, in a namespace of its own, listens on the proxy address without
     // accepting: 4,200 handshakes and their records keep waiting.
-    let holder = r#"
-import resource, socket, subprocess, time
-hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
-try:
-    resource.setrlimit(resource.RLIMIT_NOFILE, (max(hard, 8192), max(hard, 8192)))
-except (ValueError, OSError):
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-subprocess.run("ip link set lo up && ip addr add 10.99.0.1/32 dev lo", shell=True, check=True)
-listener = socket.socket()
-listener.bind(("127.0.0.1", 15001))
-listener.listen(1)
-sockets = []
-for i in range(4200):
-    s = socket.socket()
-    s.setblocking(False)
-    try:
-        s.connect(("10.99.0.1", 80))
-    except BlockingIOError:
-        pass
-    sockets.append(s)
-print("holding", flush=True)
-time.sleep(30)
-"#;
     let mut command = testbed.in_apps("unshare");
-    command.args(["-n", "--", PYTHON, "-c", holder]);
-    let mut holder = command
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut holding = [0u8; 7];
-    if holder
-        .stdout
-        .as_mut()
-        .unwrap()
-        .read_exact(&mut holding)
-        .is_err()
-    {
-        let out = holder.wait_with_output().unwrap();
-        panic!("the holder: {}", String::from_utf8_lossy(&out.stderr));
-    }
+    command.args(half_open_holder("-n", 4200, 30));
+    let mut holder = spawn_until_it_speaks(command, "the holder");
     let first = map_entries(redirector.pid(), "pending_orig_ds").len();
     assert_eq!(first, 4096, "records in the first table");
     // Up to two handshakes end in the listener's queue, and their records

@@ -1113,6 +1113,64 @@ pub fn tc_programs(netns: &NetNs, device: &str) -> u32 {
 
 /// The entries of the map `name` (as the kernel shortens it, to 15
 /// characters) that process `pid` holds, through bpftool.
+/// Arguments to `unshare` that run, in a network namespace of its own (and
+/// a user namespace too with `-Urn`), a listener on the proxy address that
+/// never accepts and `count` connections to 10.99.0.1:80 left half-open:
+/// each SYN keeps its redirect record while the kernel retries it. It
+/// prints "holding" once they are made, then waits `seconds`.
+pub fn half_open_holder(namespaces: &str, count: usize, seconds: u32) -> Vec<String> {
+    let script = format!(
+        r#"
+import resource, socket, subprocess, time
+hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+try:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(hard, {count} + 100),) * 2)
+except (ValueError, OSError):
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+subprocess.run("ip link set lo up && ip addr add 10.99.0.1/32 dev lo", shell=True, check=True)
+listener = socket.socket()
+listener.bind(("127.0.0.1", 15001))
+listener.listen(1)
+sockets = []
+for i in range({count}):
+    s = socket.socket()
+    s.setblocking(False)
+    try:
+        s.connect(("10.99.0.1", 80))
+    except BlockingIOError:
+        pass
+    sockets.append(s)
+print("holding", flush=True)
+time.sleep({seconds})
+"#
+    );
+    [namespaces, "--", PYTHON, "-c", &script]
+        .map(String::from)
+        .to_vec()
+}
+
+/// Starts `command` and waits for the first word it prints; panics with its
+/// stderr, naming it `what`, when it exits first.
+pub fn spawn_until_it_speaks(mut command: Command, what: &str) -> Child {
+    let mut child = command
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = [0u8; 1];
+    if child
+        .stdout
+        .as_mut()
+        .unwrap()
+        .read_exact(&mut first)
+        .is_err()
+    {
+        let out = child.wait_with_output().unwrap();
+        panic!("{what}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    child
+}
+
 pub fn map_entries(pid: u32, name: &str) -> Vec<serde_json::Value> {
     for entry in std::fs::read_dir(format!("/proc/{pid}/fdinfo"))
         .unwrap()
