@@ -132,9 +132,9 @@ struct {
 /* How many records of the overflow each network namespace and each user
  * holds. An entry stays at 0 once its records are gone, until user space
  * sweeps it (sweep_idle_shares, every 10 s): only 65,536 namespaces or
- * users that come and go between two sweeps could fill a map. 64-bit counts: the
- * compare-and-swap that gives one back exists only for those on every BPF
- * target. */
+ * users that come and go between two sweeps could fill a map. 64-bit
+ * counts: the compare-and-swap that gives one back exists only for those
+ * on every BPF target. */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 65536);
@@ -992,6 +992,14 @@ static __always_inline void count_refusal(struct handover_key *key, __u32 reason
 		bpf_map_update_elem(&pending_refusals, &refusal, &one, BPF_NOEXIST);
 }
 
+/* Gives back the places an overflow record of @key and @uid took. */
+static __always_inline void give_back_shares(struct handover_key *key, __u32 uid)
+{
+	give_back_share(&pending_per_netns, &key->netns_cookie);
+	if (has_uid_share(uid))
+		give_back_share(&pending_per_uid, &uid);
+}
+
 /* The overflow's record of @key, within the namespace's and the user's
  * share; the reason it was refused, or 0. */
 static __always_inline __u32 insert_overflow(struct handover_key *key,
@@ -1006,9 +1014,7 @@ static __always_inline __u32 insert_overflow(struct handover_key *key,
 	}
 	if (bpf_map_update_elem(&pending_overflow, key, record, BPF_NOEXIST) == 0)
 		return 0;
-	give_back_share(&pending_per_netns, &key->netns_cookie);
-	if (has_uid_share(record->uid))
-		give_back_share(&pending_per_uid, &record->uid);
+	give_back_shares(key, record->uid);
 	return REFUSED_TABLE_FULL;
 }
 
@@ -1027,20 +1033,19 @@ static __always_inline enum pending_table publish_pending(struct handover_key *k
 	/* int: before Linux 6.4 the map's update returned an int, so the upper
 	 * half of this 64-bit result is not its sign (-E2BIG read 0xfffffff9). */
 	int err = bpf_map_update_elem(&pending_orig_dst, key, &record, BPF_NOEXIST);
-	__u32 reason = REFUSED_TABLE_FULL;
+	enum pending_table table = PENDING_FIRST;
 
-	if (err == 0) {
-		stat_add(&stats, STAT_ORIG_DST_PENDING, 1);
-		return PENDING_FIRST;
-	}
-	if (err == -E2BIG)
-		reason = insert_overflow(key, &record);
-	if (reason) {
-		count_refusal(key, reason);
-		return PENDING_REFUSED;
+	if (err) {
+		__u32 reason = err == -E2BIG ? insert_overflow(key, &record) : REFUSED_TABLE_FULL;
+
+		if (reason) {
+			count_refusal(key, reason);
+			return PENDING_REFUSED;
+		}
+		table = PENDING_OVERFLOW;
 	}
 	stat_add(&stats, STAT_ORIG_DST_PENDING, 1);
-	return PENDING_OVERFLOW;
+	return table;
 }
 
 /* Removes @record, found under @key in @table, giving back its shares when
@@ -1054,11 +1059,8 @@ static __always_inline int remove_pending(void *table, struct handover_key *key,
 	 * the record), only the one whose delete succeeds gives back. */
 	if (bpf_map_delete_elem(table, key) != 0)
 		return 0;
-	if (table != &pending_overflow)
-		return 1;
-	give_back_share(&pending_per_netns, &key->netns_cookie);
-	if (has_uid_share(uid))
-		give_back_share(&pending_per_uid, &uid);
+	if (table == &pending_overflow)
+		give_back_shares(key, uid);
 	return 1;
 }
 
