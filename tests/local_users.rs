@@ -325,7 +325,7 @@ fn as_nobody_in_apps(testbed: &Testbed, script: &str) -> std::process::Command {
 /// `program` as nobody in `apps`, allowed 16,384 descriptors or more for
 /// floods of sockets: a distribution's usual hard limit of 4,096 is raised
 /// (root may) where it is lower.
-fn as_nobody(testbed: &Testbed, program: &[&str]) -> std::process::Command {
+fn as_nobody<S: AsRef<std::ffi::OsStr>>(testbed: &Testbed, program: &[S]) -> std::process::Command {
     use nix::sys::resource::{getrlimit, Resource};
     let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
     let mut command = match hard >= 16384 {
@@ -560,9 +560,7 @@ fn one_user_holding_pending_records_in_its_own_namespace_leaves_root_answered() 
     // each SYN keeps its record while the kernel retries it. It fills the
     // first table (4,096, first come first served) and its share of the
     // overflow (4,096); the rest are refused.
-    let mut holder = vec!["unshare".to_string()];
-    holder.extend(half_open_holder("-Urn", 10000, 8));
-    let holder: Vec<&str> = holder.iter().map(String::as_str).collect();
+    let holder = half_open_holder("-Urn", 10000, 8);
     let mut attacker = spawn_until_it_speaks(as_nobody(&testbed, &holder), "the attacker");
     // Root's connections in the testbed's namespace wait in the overflow,
     // within their own share, and are answered meanwhile.

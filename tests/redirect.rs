@@ -347,8 +347,9 @@ fn overflow_records_count_against_their_namespace_until_swept() {
     let redirector = testbed.redirect(&[]);
     // Root, in a namespace of its own, listens on the proxy address without
     // accepting: 4,200 handshakes and their records keep waiting.
-    let mut command = testbed.in_apps("unshare");
-    command.args(half_open_holder("-n", 4200, 30));
+    let holder = half_open_holder("-n", 4200, 30);
+    let mut command = testbed.in_apps(&holder[0]);
+    command.args(&holder[1..]);
     let mut holder = spawn_until_it_speaks(command, "the holder");
     let first = map_entries(redirector.pid(), "pending_orig_ds").len();
     assert_eq!(first, 4096, "records in the first table");

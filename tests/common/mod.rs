@@ -1111,13 +1111,11 @@ pub fn tc_programs(netns: &NetNs, device: &str) -> u32 {
     tcx_programs(netns, device)
 }
 
-/// The entries of the map `name` (as the kernel shortens it, to 15
-/// characters) that process `pid` holds, through bpftool.
-/// Arguments to `unshare` that run, in a network namespace of its own (and
-/// a user namespace too with `-Urn`), a listener on the proxy address that
-/// never accepts and `count` connections to 10.99.0.1:80 left half-open:
-/// each SYN keeps its redirect record while the kernel retries it. It
-/// prints "holding" once they are made, then waits `seconds`.
+/// `unshare` with the arguments that run, in a network namespace of its
+/// own (and a user namespace too with `-Urn`), a listener on the proxy
+/// address that never accepts and `count` connections to 10.99.0.1:80 left
+/// half-open: each SYN keeps its redirect record while the kernel retries
+/// it. It prints "holding" once they are made, then waits `seconds`.
 pub fn half_open_holder(namespaces: &str, count: usize, seconds: u32) -> Vec<String> {
     let script = format!(
         r#"
@@ -1144,7 +1142,7 @@ print("holding", flush=True)
 time.sleep({seconds})
 "#
     );
-    [namespaces, "--", PYTHON, "-c", &script]
+    ["unshare", namespaces, "--", PYTHON, "-c", &script]
         .map(String::from)
         .to_vec()
 }
@@ -1171,6 +1169,8 @@ pub fn spawn_until_it_speaks(mut command: Command, what: &str) -> Child {
     child
 }
 
+/// The entries of the map `name` (as the kernel shortens it, to 15
+/// characters) that process `pid` holds, through bpftool.
 pub fn map_entries(pid: u32, name: &str) -> Vec<serde_json::Value> {
     for entry in std::fs::read_dir(format!("/proc/{pid}/fdinfo"))
         .unwrap()
